@@ -1,0 +1,38 @@
+"""Command line: ``python -m wan_w4a4 <command> ...`` (also installed as ``wan-w4a4``).
+
+Sub-commands live in the modules that own the work; this file only dispatches, importing each
+module when its command is chosen so that ``--help`` stays fast and needs neither ComfyUI nor Triton.
+"""
+import argparse
+import importlib
+import logging
+import sys
+
+# command -> (module, one-line help). Each module exposes add_arguments(parser) and run(args) -> int.
+COMMANDS = {
+    "calibrate": ("wan_w4a4.calibration.cli", "build W4A4 states for the two Wan2.2 experts"),
+    "demo": ("wan_w4a4.minimodel.demo", "calibrate, quantize and sample the embedded mini model (CPU)"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="wan_w4a4", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError as e:  # a command whose module is not built yet still lists itself
+            p.set_defaults(_import_error=e)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "_import_error", None) is not None:
+        parser.error(f"command {args.command!r} is unavailable: {args._import_error}")
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
