@@ -35,9 +35,12 @@ Activations are quantized on the fly. Their 4-bit values are written for the GEM
 ``q * f`` (one byte per element): the int8 tensor cores consume it directly and the tensor is
 transient (read by one GEMM and freed).
 
-Rounding is specified to the bit so that the kernels reproduce the quantized activations exactly:
-fp32 throughout, true division (``div_rn``), ``round`` = round-half-to-even, products in the order
-written below.
+Rounding is specified to the bit so that the kernels reproduce the quantized activations exactly,
+on any device: fp32 throughout; the row scale is ``(rowmax * c) * fp32(1 / (qmax * fmax))``; the
+factor is ``ceil((amax_g / rowmax) * fmax)`` with a true division; values are
+``round(v * reciprocal(s * f))`` with ``round`` = half-to-even. (Reciprocal-multiply rather than
+division by a scalar: torch divides a CUDA tensor by a scalar that way and a CPU tensor exactly,
+so spelling it out is what makes CPU, CUDA and Triton agree.)
 """
 from __future__ import annotations
 
@@ -71,6 +74,12 @@ def check_k(k: int, what: str = "K") -> None:
 # Two-level quantization of rows (weights and activations)
 # ---------------------------------------------------------------------------------------------
 
+def inv_qf(unsigned: bool) -> torch.Tensor:
+    """fp32(1 / (qmax * fmax)): the row scale is rowmax * clip times this constant."""
+    _, qmax, fmax = _grid(unsigned)
+    return torch.tensor(1.0 / (qmax * fmax), dtype=torch.float32)
+
+
 def choose_grid(v: torch.Tensor, clip: torch.Tensor | float = 1.0, unsigned: bool = False):
     """Row scale and group factors for rows ``v`` [R, K] (fp32). Returns (scale [R] fp32, factor [R, G] uint8).
 
@@ -82,7 +91,7 @@ def choose_grid(v: torch.Tensor, clip: torch.Tensor | float = 1.0, unsigned: boo
     rmax = amax.amax(-1, keepdim=True)  # [R, 1]
     rmax = torch.where(rmax > 0, rmax, torch.ones_like(rmax))
     clip = torch.as_tensor(clip, dtype=torch.float32, device=v.device)
-    scale = (rmax * clip) / float(qmax * fmax)
+    scale = (rmax * clip) * inv_qf(unsigned)
     factor = torch.ceil((amax / rmax) * float(fmax)).clamp_(1, fmax)
     return scale.squeeze(-1), factor.to(torch.uint8)
 
@@ -91,7 +100,7 @@ def quantize_to_grid(v: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor,
     """4-bit values q (int8 [R, K]) of rows ``v`` on a given grid: clamp(round(v / (s * f)))."""
     qmin, qmax, _ = _grid(unsigned)
     step = scale.float()[:, None] * factor.float()  # [R, G]
-    q = torch.round(v.float().reshape(v.shape[0], -1, GROUP) / step[..., None])
+    q = torch.round(v.float().reshape(v.shape[0], -1, GROUP) * torch.reciprocal(step)[..., None])
     return q.clamp_(qmin, qmax).reshape(v.shape).to(torch.int8)
 
 

@@ -1,0 +1,220 @@
+"""W4A4 linear layer: speed against bf16 and fp8 on the GPU, and accuracy of the layout.
+
+    python benchmarks/bench_linear.py                 # speed + accuracy tables (CUDA)
+    python benchmarks/bench_linear.py --accuracy-only # accuracy table only (CPU is fine, slower)
+    python benchmarks/bench_linear.py --sweep         # also try every tile config (pick defaults)
+
+Speed: at M in {1024, 8192, 32760} tokens and the three Wan2.2-A14B shapes it times
+bf16 ``F.linear``, fp8 e4m3 ``torch._scaled_mm`` with row-wise scales (GEMM only, inputs already
+fp8: a lower bound for an fp8 layer) and our W4A4 layer end to end (quantize + GEMM + rank-32
+low-rank + bias), and prints TOP/s (2*M*K*N / time) and the ratio to bf16, plus bytes per weight.
+
+Accuracy: SQNR (dB) of the layer output against the bf16 layer, on activations with outlier
+channels, for the same SVDQuant preprocessing (smoothing alpha 0.5 + rank-32 low-rank branch, RTN):
+our two-level integer-factor layout (``i8g64``) versus SVDQuant's plain per-group-64 layout
+(int4 values, one float scale per group of 64, weights and activations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1].parent))  # allow running from a checkout
+try:
+    from wan_w4a4.kernels import numerics as nm
+except ImportError:  # the checkout folder is not named wan_w4a4: import it under that name
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("wan_w4a4", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["wan_w4a4"] = mod
+    spec.loader.exec_module(mod)
+    from wan_w4a4.kernels import numerics as nm
+
+SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]  # (K, N): attention/proj, ffn.0, ffn.2
+TOKENS = [1024, 8192, 32760]
+RANK = 32
+
+
+def weight_bytes_per_param(k, n, rank=RANK):
+    b = n * k // 2 + n * k // nm.GROUP + 4 * n + 4 * k + 2 * rank * (k + n) + 4 * n  # + clip (tiny)
+    return b / (n * k)
+
+
+# --------------------------------------------------------------------------------------------- accuracy
+
+def plain_g64_quant(v, unsigned=False):
+    """SVDQuant-style int4 with one float scale per group of 64 (absmax), simulated in fp32."""
+    qmin, qmax = (0, 15) if unsigned else (-8, 7)
+    g = v.float().reshape(v.shape[0], -1, 64)
+    s = g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
+    return (torch.round(g / s).clamp(qmin, qmax) * s).reshape(v.shape)
+
+
+def svdquant_prep(w, x, rank=RANK, alpha=0.5):
+    s = (x.abs().amax(0).clamp_min(1e-5) ** alpha / w.abs().amax(0).clamp_min(1e-5) ** (1 - alpha)).clamp_min(1e-5)
+    w_hat = w * s[None, :]
+    u, sv, vh = torch.linalg.svd(w_hat.double(), full_matrices=False)
+    l1 = (vh[:rank].T * sv[:rank]).float()  # [K, R]
+    l2 = u[:, :rank].T.float()  # [R, N]
+    return s, l1, l2
+
+
+def accuracy_table(device, m=2048, seed=0):
+    torch.manual_seed(seed)
+    rows = []
+    for k, n in SHAPES:
+        w = torch.randn(n, k, device=device) * 0.02
+        w[:, torch.randperm(k)[:8]] *= 4.0
+        x = torch.randn(m, k, device=device)
+        x = x * (torch.rand(m, 1, device=device) * 2 + 0.5)  # per-token range varies
+        x[:, torch.randperm(k)[:16]] *= 30.0  # outlier channels
+        unsigned = k == 13824
+        if unsigned:
+            x = F.gelu(x, approximate="tanh")
+        y_ref = x @ w.T
+        s, l1, l2 = svdquant_prep(w, x)
+        # ours
+        p = nm.from_float(w, smooth=s, lr_down=l1, lr_up=l2, act_unsigned=unsigned)
+        y_ours = nm.w4a4_linear(x, p, 0)
+        # plain per-group-64 with the same smoothing and low-rank branch
+        xh = x / s[None, :] if not unsigned else (x + nm.GELU_SHIFT) / s[None, :]
+        resid = w * s[None, :] - (l1.bfloat16().float() @ l2.bfloat16().float()).T
+        y_plain = plain_g64_quant(xh, unsigned) @ plain_g64_quant(resid).T + nm.low_rank(xh, p.lr_down, p.lr_up)
+        if unsigned:
+            w_eff = (plain_g64_quant(resid) + (p.lr_down.float() @ p.lr_up.float()).T) / s[None, :]
+            y_plain = y_plain - nm.GELU_SHIFT * w_eff.sum(1)[None, :]
+        rows.append(dict(K=k, N=n, unsigned=unsigned, sqnr_i8g64=nm.sqnr_db(y_ref, y_ours),
+                         sqnr_plain_g64=nm.sqnr_db(y_ref, y_plain)))
+    print(f"\nAccuracy (M={m}, SVDQuant prep: smoothing a=0.5, rank {RANK}, RTN; SQNR vs bf16 layer, dB)")
+    print(f"{'K x N':>14} {'act':>8} {'plain g64':>10} {'i8g64':>8} {'delta':>7}")
+    for r in rows:
+        print(f"{r['K']:>6} x {r['N']:<6} {'uint4' if r['unsigned'] else 'int4':>8} {r['sqnr_plain_g64']:>10.2f} "
+              f"{r['sqnr_i8g64']:>8.2f} {r['sqnr_i8g64'] - r['sqnr_plain_g64']:>+7.2f}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- speed
+
+def bench(fn, reps=None):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def make_random_layer(k, n, device):
+    w = torch.randn(n, k, device=device) * 0.02
+    l1 = torch.randn(k, RANK, device=device) * 0.02
+    l2 = torch.randn(RANK, n, device=device) * 0.02
+    p = nm.from_float(w, torch.randn(n, device=device), smooth=torch.rand(k, device=device) + 0.5,
+                      lr_down=l1, lr_up=l2, clip=torch.tensor([1.0, 0.9, 0.8, 0.7], device=device), num_bins=4)
+    return w.to(torch.bfloat16), p
+
+
+SWEEP = [  # expand path (int8 GEMM); BK is the K step
+    dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4),
+]
+
+
+def speed_table(sweep: bool):
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    dev = "cuda"
+    rows = []
+    for k, n in SHAPES:
+        w_bf16, p = make_random_layer(k, n, dev)
+        inv = p.inv_smooth()
+        bin_t = torch.tensor(1, device=dev)
+        bias = p.bias.to(torch.bfloat16)
+        w8f = w_bf16.to(torch.float8_e4m3fn)
+        sw8 = torch.rand(1, n, device=dev, dtype=torch.float32)
+        t_expand = bench(lambda: tw.expand_weight(p))
+        w8 = tw.expand_weight(p)
+        for m in TOKENS:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            flops = 2.0 * m * k * n
+            t_bf16 = bench(lambda: F.linear(x, w_bf16, bias))
+            x8 = x.to(torch.float8_e4m3fn)
+            sx8 = torch.rand(m, 1, device=dev, dtype=torch.float32)
+            try:
+                t_fp8 = bench(lambda: torch._scaled_mm(x8, w8f.T, scale_a=sx8, scale_b=sw8, bias=bias,
+                                                         out_dtype=torch.bfloat16))
+            except Exception as e:  # pragma: no cover - depends on the torch build
+                print(f"fp8 _scaled_mm unavailable: {e}")
+                t_fp8 = math.nan
+            t_quant = bench(lambda: tw.quantize(x, p, bin_t, inv))
+            t_quant16 = bench(lambda: tw.quantize(x, p, bin_t, inv, block_m=16))
+            print(f"   quantize: BLOCK_M 32 {t_quant:.3f} ms, BLOCK_M 16 {t_quant16:.3f} ms, "
+                  f"split {tw.quant_split(m, k, 256)}")
+            xq, sx, u = tw.quantize(x, p, bin_t, inv)
+            variants = {"fused-swar": lambda: tw.gemm(xq, sx, u, p, torch.bfloat16, path="fused")}
+            for cfg in (SWEEP if sweep else [tw.gemm_config(m)]):
+                for tma in (False, True):
+                    tag = f"i8{'-tma' if tma else ''} {cfg['BM']}x{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
+                    variants[tag] = (lambda cfg=cfg, tma=tma: tw.gemm(xq, sx, u, p, torch.bfloat16, config=cfg,
+                                                                       w8=w8, tma=tma))
+            times = {}
+            for tag, fn in variants.items():
+                try:
+                    times[tag] = bench(fn)
+                except Exception as e:  # out of shared memory etc.
+                    print(f"  {tag} failed: {type(e).__name__}: {str(e)[:160]}")
+            best_tag, t_gemm = min(((t, v) for t, v in times.items() if t != "fused-swar"), key=lambda kv: kv[1])
+            t_e2e = bench(lambda: tw.w4a4_linear(x, p, bin_t, inv_smooth=inv))
+            row = dict(M=m, K=k, N=n, bf16_ms=t_bf16, fp8_gemm_ms=t_fp8, w4a4_ms=t_e2e, quant_ms=t_quant,
+                       expand_ms=t_expand, gemm_best_ms=t_gemm, gemm_best=best_tag,
+                       fused_ms=times.get("fused-swar", math.nan), gemm_times=times,
+                       bf16_tops=flops / t_bf16 / 1e9, fp8_tops=flops / t_fp8 / 1e9,
+                       w4a4_tops=flops / t_e2e / 1e9, w4a4_vs_bf16=t_bf16 / t_e2e,
+                       fp8_vs_bf16=t_bf16 / t_fp8, gemm_best_tops=flops / t_gemm / 1e9,
+                       bytes_per_param=weight_bytes_per_param(k, n))
+            rows.append(row)
+            print(f"M={m:>6} K={k:>6} N={n:>6} | bf16 {row['bf16_tops']:6.0f} | fp8 {row['fp8_tops']:6.0f} "
+                  f"({row['fp8_vs_bf16']:.2f}x) | w4a4 {row['w4a4_tops']:6.0f} ({row['w4a4_vs_bf16']:.2f}x) "
+                  f"quant {t_quant:.3f} expand {t_expand:.3f} gemm {t_gemm:.3f} ms ({row['gemm_best_tops']:.0f}) "
+                  f"[{best_tag}] fused {row['fused_ms']:.3f} ms", flush=True)
+            if sweep:
+                print("   " + "; ".join(f"{t}: {flops / v / 1e9:.0f}" for t, v in sorted(times.items(), key=lambda kv: kv[1])))
+    name = torch.cuda.get_device_name()
+    print(f"\nSpeed on {name}, torch {torch.__version__}, triton {__import__('triton').__version__} "
+          f"(TOP/s = 2MKN / time; W4A4 = quantize + weight expand + GEMM + rank-{RANK} low-rank + bias)")
+    print(f"{'M':>6} {'K x N':>13} | {'bf16':>6} | {'fp8 GEMM':>8} {'x':>5} | {'W4A4':>6} {'x':>5} | "
+          f"{'quant':>6} {'expand':>6} {'GEMM':>6} {'fused':>6} ms | {'B/param':>7}")
+    for r in rows:
+        print(f"{r['M']:>6} {r['K']:>5} x {r['N']:<5} | {r['bf16_tops']:6.0f} | {r['fp8_tops']:8.0f} "
+              f"{r['fp8_vs_bf16']:5.2f} | {r['w4a4_tops']:6.0f} {r['w4a4_vs_bf16']:5.2f} | "
+              f"{r['quant_ms']:6.3f} {r['expand_ms']:6.3f} {r['gemm_best_ms']:6.3f} {r['fused_ms']:6.3f}    | "
+              f"{r['bytes_per_param']:7.3f}")
+    return dict(device=name, torch=torch.__version__, rows=rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--accuracy-only", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time every tile configuration")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    out = {"date": time.strftime("%Y-%m-%d")}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if not args.accuracy_only:
+        if dev != "cuda":
+            ap.error("the speed table needs a CUDA GPU (use --accuracy-only on CPU)")
+        out["speed"] = speed_table(args.sweep)
+    out["accuracy"] = accuracy_table(dev, m=2048 if dev == "cuda" else 256)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

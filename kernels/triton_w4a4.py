@@ -1,0 +1,452 @@
+"""Triton kernels for the ``i8g64`` W4A4 linear (CUDA; Hopper first). Same function as
+``numerics.w4a4_linear``; the layout and rounding rules are documented there.
+
+Launches per layer (kernels/README.md has the measurements behind this shape):
+
+1. ``_act_stats_kernel`` then ``_act_quant_kernel`` - activation quantization, split over K
+   chunks when there are few tokens so that every SM has work. Pass 1 smooths x, takes the
+   (partial) row maxima and the low-rank down projection u = bf16(bf16(x^) @ L1); pass 2 picks each
+   group's integer factor, rounds to 4-bit values and writes the int8 operand q * f. The clip ratio
+   is read on the device from ``clip[bin]``: switching bins is a one-element device write - no
+   recompilation, no host sync, capturable in a CUDA graph.
+2. ``_expand_kernel`` - the packed 4-bit weights become a transient int8 copy (q * f) of one layer
+   (~20-50 us; freed after the GEMM). Measured faster than unpacking inside the GEMM, whose
+   register-to-shared-memory round trip halves the tensor-core rate (``_gemm_fused_kernel``,
+   kept for comparison and for memory-starved callers).
+3. ``_gemm_i8_tma_kernel`` - int8 x int8 -> int32 over the whole K (exact) on the int8 tensor
+   cores, tiles fetched by TMA; the epilogue applies sx * sw, adds the low-rank up projection
+   (u @ L2, a small bf16 dot) and the bias, and stores in the input dtype.
+
+Notation: M tokens, K in, N out, R rank. Requires K % 128 == 0.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from . import numerics as nm
+
+log = logging.getLogger(__name__)
+
+try:  # Triton is optional: CPU installs and CI have none, and nothing here runs there.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+    tl = None
+
+
+
+def unsupported_reason(x: torch.Tensor, p: nm.W4A4Params) -> str | None:
+    """None when the Triton path can run this call, else why not (the dispatcher reports it)."""
+    if triton is None:
+        return "triton is not installed"
+    if not x.is_cuda:
+        return f"input is on {x.device.type}, the Triton kernels need CUDA"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "needs compute capability >= 8.0 (int8 tensor cores through tl.dot)"
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"input dtype {x.dtype} is not supported"
+    if p.in_features % nm.PACK_TILE:
+        return f"in_features {p.in_features} is not a multiple of {nm.PACK_TILE}"
+    if p.qweight.device != x.device:
+        return f"layer tensors are on {p.qweight.device}, input on {x.device}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(y):
+        # 1.5 * 2**23: adding and subtracting it rounds fp32 half-to-even (torch.round) for
+        # |y| < 2**22; portable (no libdevice), and exact for our clamped range.
+        return (y + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _act_stats_kernel(
+        x_ptr, inv_s_ptr, l1_ptr, rmax_part_ptr, u_part_ptr,
+        M, K, R, KC, stride_xm, shift,
+        BLOCK_M: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+    ):
+        """Pass 1 over one K chunk: partial row max of |x^| and partial low-rank projection x^ @ L1."""
+        pid_m = tl.program_id(0)
+        s = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        rk = tl.arange(0, BK)
+        rr = tl.arange(0, R_PAD)
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        u_acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+        for k0 in range(s * KC, tl.minimum(s * KC + KC, K), BK):
+            x = tl.load(x_rows + k0 + rk[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+            xh = (x + shift) * tl.load(inv_s_ptr + k0 + rk)[None, :]
+            rmax = tl.maximum(rmax, tl.max(tl.abs(xh), axis=1))
+            if HAS_LR:
+                l1 = tl.load(l1_ptr + (k0 + rk)[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
+                u_acc = tl.dot(xh.to(tl.bfloat16), l1, u_acc)
+        tl.store(rmax_part_ptr + s * M + rm, rmax, mask=m_mask)
+        if HAS_LR:
+            u_ptrs = u_part_ptr + (s * M + rm[:, None]).to(tl.int64) * R_PAD + rr[None, :]
+            tl.store(u_ptrs, u_acc, mask=m_mask[:, None])
+
+    @triton.jit
+    def _act_quant_kernel(
+        x_ptr, inv_s_ptr, clip_ptr, bin_ptr, rmax_part_ptr, u_part_ptr, xq_ptr, sx_ptr, u_ptr,
+        M, K, R, KC, S, stride_xm, shift, inv_qf,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, BLOCK_M: tl.constexpr,
+        GROUP: tl.constexpr, GPB: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+    ):
+        """Pass 2 over one K chunk: row scale from the partial maxima, group factors, 4-bit values,
+        and the int8 operand q * f. Chunk 0 also writes the row scales and u = bf16(sum of partials)."""
+        BK: tl.constexpr = GROUP * GPB
+        pid_m = tl.program_id(0)
+        s = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        rk = tl.arange(0, BK)
+        rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for i in range(0, S):  # max is order-independent: the result does not depend on the split
+            rmax = tl.maximum(rmax, tl.load(rmax_part_ptr + i * M + rm, mask=m_mask, other=0.0))
+        rmax = tl.where(rmax > 0.0, rmax, 1.0)
+        clip = tl.load(clip_ptr + tl.load(bin_ptr))
+        scale = (rmax * clip) * inv_qf
+        if s == 0:
+            tl.store(sx_ptr + rm, scale, mask=m_mask)
+            if HAS_LR:
+                rr = tl.arange(0, R_PAD)
+                u = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+                for i in range(0, S):
+                    u += tl.load(u_part_ptr + (i * M + rm[:, None]).to(tl.int64) * R_PAD + rr[None, :],
+                                 mask=m_mask[:, None], other=0.0)
+                tl.store(u_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], u.to(tl.bfloat16),
+                         mask=m_mask[:, None] & (rr[None, :] < R))
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        xq_rows = xq_ptr + rm[:, None].to(tl.int64) * K
+        for k0 in range(s * KC, tl.minimum(s * KC + KC, K), BK):
+            x = tl.load(x_rows + k0 + rk[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+            xh = (x + shift) * tl.load(inv_s_ptr + k0 + rk)[None, :]
+            xg = tl.reshape(xh, [BLOCK_M, GPB, GROUP])
+            amax = tl.max(tl.abs(xg), axis=2)  # [BLOCK_M, GPB]
+            f = tl.minimum(tl.maximum(tl.ceil(tl.math.div_rn(amax, rmax[:, None]) * FMAX), 1.0), FMAX * 1.0)
+            inv_step = tl.math.div_rn(1.0, scale[:, None] * f)
+            q = _round_half_even(xg * inv_step[:, :, None])
+            q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
+            qf = tl.reshape((q * f[:, :, None]).to(tl.int8), [BLOCK_M, BK])
+            tl.store(xq_rows + k0 + rk[None, :], qf, mask=m_mask[:, None])
+
+    @triton.jit
+    def _unpack_plain(p, f_lo, f_hi):
+        """[64, BN] bytes -> two int8 [64, BN] operands (u - 8) * f, with plain Triton ops."""
+        lo = ((p & 15).to(tl.int8) - 8) * f_lo[None, :].to(tl.int8)
+        hi = ((p >> 4).to(tl.int8) - 8) * f_hi[None, :].to(tl.int8)
+        return lo, hi
+
+    @triton.jit
+    def _unpack_swar(p, f_lo, f_hi):
+        """Same result as _unpack_plain, computed on whole 32-bit registers (4 bytes at a time).
+
+        Per register: u = nibbles (and/shift), v = u * f with one 32-bit multiply (u * f <= 240, no
+        carry between bytes), then v - 8f per byte without borrow:
+        ((v | 0x80..) - 8f) ^ (~v & 0x80..). Assumes the 4 bytes of a register are 4 consecutive K
+        of one column (the tile is K-contiguous), so they share one factor; the tests check it.
+        """
+        fl = tl.broadcast_to(f_lo[None, :], p.shape).to(tl.int8, bitcast=True)
+        fh = tl.broadcast_to(f_hi[None, :], p.shape).to(tl.int8, bitcast=True)
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 u, v, f, c, t;
+            and.b32 f, $3, 0xFF;
+            shl.b32 c, $3, 3;
+            and.b32 u, $2, 0x0F0F0F0F;
+            mul.lo.u32 v, u, f;
+            or.b32 t, v, 0x80808080;
+            sub.u32 t, t, c;
+            not.b32 u, v;
+            and.b32 u, u, 0x80808080;
+            xor.b32 $0, t, u;
+            and.b32 f, $4, 0xFF;
+            shl.b32 c, $4, 3;
+            shr.u32 u, $2, 4;
+            and.b32 u, u, 0x0F0F0F0F;
+            mul.lo.u32 v, u, f;
+            or.b32 t, v, 0x80808080;
+            sub.u32 t, t, c;
+            not.b32 u, v;
+            and.b32 u, u, 0x80808080;
+            xor.b32 $1, t, u;
+            }
+            """,
+            constraints="=r,=r,r,r,r",
+            args=[p.to(tl.int8, bitcast=True), fl, fh],
+            dtype=(tl.int8, tl.int8),
+            is_pure=True,
+            pack=4,
+        )
+        return lo, hi
+
+    @triton.jit
+    def _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr, stride_ym,
+                  R_PAD: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """y = (acc * sx) * sw + u @ L2 + bias, in the reference's order; masked store."""
+        m_mask = rm < M
+        n_mask = rn < N
+        rm_l = rm.to(tl.int64)
+        rn_l = rn.to(tl.int64)
+        sx = tl.load(sx_ptr + rm, mask=m_mask, other=0.0)
+        sw = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+        y = (acc.to(tl.float32) * sx[:, None]) * sw[None, :]
+        if HAS_LR:
+            rr = tl.arange(0, R_PAD)
+            u = tl.load(u_ptr + rm_l[:, None] * R + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
+            l2 = tl.load(l2_ptr + rr[:, None] * N + rn_l[None, :], mask=(rr[:, None] < R) & n_mask[None, :], other=0.0)
+            y += tl.dot(u, l2)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
+        tl.store(y_ptr + rm_l[:, None] * stride_ym + rn_l[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        # grouped ordering of output tiles so that GROUP_M row-blocks share weight tiles in L2
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _expand_kernel(qw_ptr, wf_ptr, w8_ptr, N, K, BN: tl.constexpr):
+        """4-bit weights -> transient int8 operand q * f [N, K] (one 128-wide K tile per program)."""
+        pid_n = tl.program_id(0)
+        kt = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rj = tl.arange(0, 64)
+        n_mask = rn < N
+        rn_l = rn.to(tl.int64)
+        p = tl.load(qw_ptr + rn_l[:, None] * (K // 2) + kt * 64 + rj[None, :], mask=n_mask[:, None], other=0)
+        f_lo = tl.load(wf_ptr + rn_l * (K // 64) + 2 * kt, mask=n_mask, other=0)
+        f_hi = tl.load(wf_ptr + rn_l * (K // 64) + 2 * kt + 1, mask=n_mask, other=0)
+        lo = ((p & 15).to(tl.int8) - 8) * f_lo[:, None].to(tl.int8)
+        hi = ((p >> 4).to(tl.int8) - 8) * f_hi[:, None].to(tl.int8)
+        out = w8_ptr + rn_l[:, None] * K + kt * 128 + rj[None, :]
+        tl.store(out, lo, mask=n_mask[:, None])
+        tl.store(out + 64, hi, mask=n_mask[:, None])
+
+    @triton.jit
+    def _gemm_i8_kernel(
+        a_ptr, b_ptr, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr,
+        M, N, K, R, stride_ym,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
+        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):
+        """int8 activations [M, K] x int8 weights [N, K] (both K-major) -> int32, then the epilogue."""
+        pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
+        b_ptrs = b_ptr + rn.to(tl.int64)[None, :] * K + rk[:, None]
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+        for k in range(0, K, BK):
+            a = tl.load(a_ptrs + k, mask=(rm < M)[:, None], other=0)
+            b = tl.load(b_ptrs + k, mask=(rn < N)[None, :], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr, stride_ym,
+                  R_PAD, HAS_LR, HAS_BIAS)
+
+    @triton.jit
+    def _gemm_i8_tma_kernel(
+        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr,
+        M, N, K, R, stride_ym,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
+        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):
+        """Same as _gemm_i8_kernel with tiles fetched by the Hopper tensor-memory accelerator."""
+        pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+        for k in range(0, K, BK):
+            a = a_desc.load([off_m, k])
+            b = b_desc.load([off_n, k])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rm = off_m + tl.arange(0, BM)
+        rn = off_n + tl.arange(0, BN)
+        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr, stride_ym,
+                  R_PAD, HAS_LR, HAS_BIAS)
+
+    @triton.jit
+    def _gemm_fused_kernel(
+        xq_ptr, sx_ptr, qw_ptr, wf_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr,
+        M, N, K, R, stride_ym,
+        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
+        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, SWAR: tl.constexpr,
+    ):
+        """GEMM that unpacks the 4-bit weights in registers (no int8 copy of the weights)."""
+        pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, 64)
+        m_mask = rm < M
+        n_mask = rn < N
+        x_ptrs = xq_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]  # [BM, 64]
+        w_ptrs = qw_ptr + rn.to(tl.int64)[None, :] * (K // 2) + rk[:, None]  # [64, BN], K-contiguous
+        f_ptrs = wf_ptr + rn.to(tl.int64) * (K // 64)
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+        for kt in range(0, K // 128):
+            xa = tl.load(x_ptrs + kt * 128, mask=m_mask[:, None], other=0)
+            xb = tl.load(x_ptrs + kt * 128 + 64, mask=m_mask[:, None], other=0)
+            p = tl.load(w_ptrs + kt * 64, mask=n_mask[None, :], other=0)
+            f_lo = tl.load(f_ptrs + 2 * kt, mask=n_mask, other=0)
+            f_hi = tl.load(f_ptrs + 2 * kt + 1, mask=n_mask, other=0)
+            if SWAR:
+                wl, wh = _unpack_swar(p, f_lo, f_hi)
+            else:
+                wl, wh = _unpack_plain(p, f_lo, f_hi)
+            acc = tl.dot(xa, wl, acc, out_dtype=tl.int32)
+            acc = tl.dot(xb, wh, acc, out_dtype=tl.int32)
+        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr, stride_ym,
+                  R_PAD, HAS_LR, HAS_BIAS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration. Chosen by benchmarks/bench_linear.py on the H100 (see kernels/README.md).
+# ---------------------------------------------------------------------------------------------
+
+def _rank_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r)) if r else 16
+
+
+# path -> per-M-bucket configuration; "expand" = int8 copy of the weights + int8 GEMM,
+# "fused" = unpack in the GEMM's registers. Chosen from benchmarks/bench_linear.py --sweep.
+def gemm_config(m: int, path: str = "expand") -> dict:
+    """Tile sizes by the number of tokens, from the H100 sweep in kernels/README.md."""
+    if path == "fused":
+        return dict(BM=128, BN=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if m <= 2048:  # few row blocks: narrow tiles so that every SM gets work
+        return dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if m < 16384:
+        return dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+QUANT_BLOCK_M = 32
+QUANT_GPB = 4  # groups of 64 per load in the quantize kernels (256 columns)
+QUANT_TARGET_PROGRAMS = 528  # ~4 per SM on an H100: split K until the grid has this many programs
+EXPAND_BN = 64
+
+
+def quant_split(m: int, k: int, bk: int, block_m: int = QUANT_BLOCK_M) -> tuple[int, int]:
+    """(number of K chunks S, chunk length KC): few rows -> split K so that every SM has work."""
+    row_blocks = triton.cdiv(m, block_m)
+    steps = k // bk
+    s = max(1, min(steps, triton.cdiv(QUANT_TARGET_PROGRAMS, row_blocks)))
+    kc = triton.cdiv(steps, s) * bk
+    return triton.cdiv(k, kc), kc
+
+
+def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, inv_smooth: torch.Tensor,
+             block_m: int = QUANT_BLOCK_M):
+    """Quantize activations: (xq int8 [M, K], sx fp32 [M], u bf16 [M, R] or None). Two launches."""
+    m, k = x2d.shape
+    r = p.rank
+    r_pad = _rank_pad(r)
+    qmin, qmax, fmax = nm.UNSIGNED if p.act_unsigned else nm.SIGNED
+    dev = x2d.device
+    gpb = QUANT_GPB if k % (nm.GROUP * QUANT_GPB) == 0 else 2  # K % 128 == 0 always holds
+    bk = nm.GROUP * gpb
+    n_split, kc = quant_split(m, k, bk, block_m)
+    xq = torch.empty((m, k), dtype=torch.int8, device=dev)
+    sx = torch.empty((m,), dtype=torch.float32, device=dev)
+    u = torch.empty((m, r), dtype=torch.bfloat16, device=dev) if r else sx
+    rmax_part = torch.empty((n_split, m), dtype=torch.float32, device=dev)
+    u_part = torch.empty((n_split, m, r_pad), dtype=torch.float32, device=dev) if r else sx
+    grid = (triton.cdiv(m, block_m), n_split)
+    _act_stats_kernel[grid](x2d, inv_smooth, p.lr_down if r else x2d, rmax_part, u_part,
+                            m, k, r, kc, x2d.stride(0), float(p.act_shift),
+                            BLOCK_M=block_m, BK=bk, R_PAD=r_pad, HAS_LR=bool(r), num_warps=4)
+    _act_quant_kernel[grid](x2d, inv_smooth, p.clip, bin_index, rmax_part, u_part, xq, sx, u,
+                            m, k, r, kc, n_split, x2d.stride(0), float(p.act_shift),
+                            float(nm.inv_qf(p.act_unsigned)),
+                            QMIN=qmin, QMAX=qmax, FMAX=fmax, BLOCK_M=block_m, GROUP=nm.GROUP, GPB=gpb,
+                            R_PAD=r_pad, HAS_LR=bool(r), num_warps=4)
+    return xq, sx, (u if r else None)
+
+
+def expand_weight(p: nm.W4A4Params) -> torch.Tensor:
+    """Transient int8 operand q * f [N, K] of the packed weights (freed after the GEMM)."""
+    n, k = p.out_features, p.in_features
+    w8 = torch.empty((n, k), dtype=torch.int8, device=p.qweight.device)
+    _expand_kernel[(triton.cdiv(n, EXPAND_BN), k // nm.PACK_TILE)](p.qweight, p.wfactor, w8, n, k, BN=EXPAND_BN)
+    return w8
+
+
+def _epilogue_args(sx, u, p):
+    r = p.rank
+    return (sx, p.wscale, u if r else sx, p.lr_up if r else sx, p.bias if p.bias is not None else sx)
+
+
+def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, path: str = "expand", swar: bool = True,
+         config: dict | None = None, w8: torch.Tensor | None = None, tma: bool = False):
+    """The GEMM + epilogue. ``path`` "expand" (int8 weight copy, then int8 GEMM) or "fused"."""
+    m, k = xq.shape
+    n, r = p.out_features, p.rank
+    cfg = dict(config or gemm_config(m, path))
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
+    meta = dict(BM=cfg["BM"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], R_PAD=_rank_pad(r), HAS_LR=bool(r),
+                HAS_BIAS=p.bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if path == "fused":
+        _gemm_fused_kernel[grid](xq, sx, p.qweight, p.wfactor, *_epilogue_args(sx, u, p)[1:], y,
+                                 m, n, k, r, y.stride(0), SWAR=swar, **meta)
+        return y
+    if w8 is None:
+        w8 = expand_weight(p)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        a_desc = TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]])
+        b_desc = TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]])
+        _gemm_i8_tma_kernel[grid](a_desc, b_desc, *_epilogue_args(sx, u, p), y, m, n, k, r, y.stride(0),
+                                  BK=cfg["BK"], **meta)
+    else:
+        _gemm_i8_kernel[grid](xq, w8, *_epilogue_args(sx, u, p), y, m, n, k, r, y.stride(0),
+                              BK=cfg["BK"], **meta)
+    return y
+
+
+@functools.lru_cache(maxsize=8)
+def _bin_tensor(index: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(index, dtype=torch.int64, device=device)
+
+
+def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, inv_smooth: torch.Tensor | None = None,
+                path: str = "expand", tma: bool = True) -> torch.Tensor:
+    """Triton forward with the signature of ``numerics.w4a4_linear``.
+
+    ``bin_index``: a 0-d int64 tensor on the input's device (no host sync; what the timestep hook
+    passes) or a Python int. ``inv_smooth``: 1 / smooth, cached by the caller to save a launch.
+    """
+    reason = unsupported_reason(x, p)
+    if reason:
+        raise RuntimeError(f"W4A4 Triton kernel cannot run: {reason}")
+    k = p.in_features
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, layer expects {k}")
+    if not isinstance(bin_index, torch.Tensor):
+        bin_index = _bin_tensor(int(bin_index), x.device)
+    x2d = x.reshape(-1, k)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    if inv_smooth is None:
+        inv_smooth = p.inv_smooth()
+    xq, sx, u = quantize(x2d, p, bin_index, inv_smooth)
+    y = gemm(xq, sx, u, p, x.dtype, path=path, tma=path == "expand" and tma)
+    return y.reshape(*x.shape[:-1], p.out_features)

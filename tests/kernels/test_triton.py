@@ -1,0 +1,143 @@
+"""Triton kernels against the torch reference (numerics.py). GPU only: skipped on CPU machines.
+
+What "the same function" means here, per stage:
+- quantized activations (int8 operand q * f and the per-token scales): bit-exact;
+- int32 accumulation: exact; the epilogue multiplies in the reference's order;
+- low-rank branch: bf16 operands with fp32 accumulation in another order -> a tolerance.
+So the outputs agree to a few bf16 ulps of the output: we require SQNR(ref, kernel) >= 45 dB and
+max |diff| <= 2e-2 * max |ref| per case (bf16 output rounding alone is ~2^-9 = 0.2 %).
+"""
+import pytest
+import torch
+
+from wan_w4a4.kernels import numerics as nm
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (GPU machines only)")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+from wan_w4a4.kernels import triton_w4a4 as tw  # noqa: E402  (after the skip: needs triton)
+
+DEV = "cuda"
+# Wan2.2 shapes scaled down by 20 / 27 (dim 5120 -> 256, ffn 13824 -> 640): K, N multiples of 128.
+SHAPES = [(256, 256), (256, 640), (640, 256)]
+
+
+def make_layer(k, n, *, rank=32, bins=3, unsigned=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    smooth = torch.rand(k, generator=g) + 0.5
+    l1 = torch.randn(k, rank, generator=g) * 0.1 if rank else None
+    l2 = torch.randn(rank, n, generator=g) * 0.1 if rank else None
+    clip = torch.linspace(1.0, 0.55, bins)
+    p = nm.from_float(w, torch.randn(n, generator=g), smooth=smooth, lr_down=l1, lr_up=l2,
+                      clip=clip, num_bins=bins, act_unsigned=unsigned)
+    return p.to(DEV)
+
+
+def make_input(m, k, *, unsigned=False, dtype=torch.bfloat16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, torch.randperm(k, generator=g)[:4]] *= 25.0  # outlier channels
+    if unsigned:
+        x = torch.nn.functional.gelu(x, approximate="tanh")
+    return x.to(dtype).to(DEV)
+
+
+def assert_close_output(ref, out):
+    assert torch.isfinite(out).all()
+    assert nm.sqnr_db(ref.float(), out.float()) >= 45.0
+    assert (ref.float() - out.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 37, 300, 1000])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_quantize_kernel_is_bit_exact(m, k, n, unsigned):
+    """Also covers the K-split path: few rows -> several K chunks (see triton_w4a4.quant_split)."""
+    p = make_layer(k, n, unsigned=unsigned)
+    x = make_input(m, k, unsigned=unsigned)
+    inv = p.inv_smooth()
+    for b in range(p.num_bins):
+        xq, sx, u = tw.quantize(x, p, torch.tensor(b, device=DEV), inv)
+        a_ref, s_ref = nm.quantize_activation(nm.smooth_input(x, p, inv), p.clip[b], unsigned)
+        assert torch.equal(sx, s_ref)
+        assert torch.equal(xq, a_ref)
+        u_ref = (nm.smooth_input(x, p, inv).to(torch.bfloat16).float() @ p.lr_down.float())
+        assert (u.float() - u_ref).abs().max() <= 1e-2 * u_ref.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 37, 1000, 4099])
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_matches_reference(m, k, n, unsigned, dtype):
+    p = make_layer(k, n, unsigned=unsigned)
+    x = make_input(m, k, unsigned=unsigned, dtype=dtype)
+    for b in range(p.num_bins):
+        out = tw.w4a4_linear(x, p, torch.tensor(b, device=DEV))
+        assert out.dtype == dtype and out.shape == (m, n)
+        assert_close_output(nm.w4a4_linear(x, p, b), out)
+
+
+@pytest.mark.parametrize("rank", [0, 16, 48, 96])
+def test_any_rank(rank):
+    """LoRAs widen the low-rank branch, so every rank must work (padded in the kernel)."""
+    p = make_layer(256, 640, rank=rank)
+    x = make_input(77, 256)
+    assert_close_output(nm.w4a4_linear(x, p, 1), tw.w4a4_linear(x, p, 1))
+
+
+@pytest.mark.parametrize("m", [1, 513])
+def test_all_gemm_paths_agree_exactly(m):
+    """expand (pointer and TMA loads), fused with SWAR unpack and fused with plain unpack compute the
+    same int32 sums and the same epilogue: with rank 0 their outputs are bit-identical. Against the
+    reference they differ only where Triton contracts (acc * sx) * sw + bias into one FMA: 1 ulp."""
+    p = make_layer(640, 256, rank=0)
+    x = make_input(m, 640)
+    xq, sx, _ = tw.quantize(x, p, torch.tensor(0, device=DEV), p.inv_smooth())
+    ref = nm.w4a4_linear(x.float(), p, 0)
+    assert torch.equal(tw.expand_weight(p), nm.int8_operand(nm.unpack_int4(p.qweight), p.wfactor))
+    outs = [tw.gemm(xq, sx, None, p, torch.float32),
+            tw.gemm(xq, sx, None, p, torch.float32, tma=True),
+            tw.gemm(xq, sx, None, p, torch.float32, path="fused", swar=True),
+            tw.gemm(xq, sx, None, p, torch.float32, path="fused", swar=False),
+            tw.gemm(xq, sx, None, p, torch.float32, config=dict(BM=64, BN=128, BK=128, GROUP_M=8,
+                                                                num_warps=4, num_stages=4))]
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    ulp = torch.finfo(torch.float32).eps * ref.abs().max()
+    assert (outs[0] - ref).abs().max() <= 2 * ulp
+
+
+def test_bin_switch_is_a_device_write_and_graph_capturable():
+    """Changing the bin changes the output, recompiles nothing, and works inside a CUDA graph."""
+    p = make_layer(256, 256)
+    x = make_input(64, 256)
+    bin_t = torch.zeros((), dtype=torch.int64, device=DEV)
+    tw.w4a4_linear(x, p, bin_t)  # compile
+    kernel = tw._gemm_i8_kernel
+    n_compiled = len(kernel.device_caches[0][0]) if hasattr(kernel, "device_caches") else None
+    graph = torch.cuda.CUDAGraph()
+    static_out = None
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_out = tw.w4a4_linear(x, p, bin_t)
+    outs = []
+    for b in range(p.num_bins):
+        bin_t.fill_(b)
+        graph.replay()
+        outs.append(static_out.clone())
+        assert_close_output(nm.w4a4_linear(x, p, b), outs[-1])
+    assert not torch.equal(outs[0], outs[-1])
+    if n_compiled is not None:
+        assert len(kernel.device_caches[0][0]) == n_compiled
+
+
+def test_unsupported_shapes_and_devices_say_why():
+    p = make_layer(256, 256)
+    assert "cpu" in tw.unsupported_reason(torch.zeros(2, 256), p.to("cpu"))
+    with pytest.raises(ValueError, match="features"):
+        tw.w4a4_linear(torch.zeros(2, 384, device=DEV, dtype=torch.bfloat16), p)
