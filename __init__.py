@@ -19,6 +19,6 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 WEB_DIRECTORY = None
 
 if "comfy.model_management" in sys.modules:  # we are being loaded by ComfyUI
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401,F811
+    from .nodes.registry import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401,F811
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

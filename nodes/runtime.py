@@ -1,0 +1,217 @@
+"""Start a ComfyUI source tree outside ComfyUI: for the tests, the demo, benchmarks and the
+calibration command line.
+
+ComfyUI is not a pip package; we locate its source tree (``find_comfyui``), put it on ``sys.path``
+and initialise it the way ``main.py`` does, minus the server (``init_comfyui``). Then node classes
+can be called directly, and ``load_pack_as_custom_node`` loads this repository through ComfyUI's
+own custom-node loader, so its ``NODE_CLASS_MAPPINGS`` are registered exactly as in a real install.
+
+Importing this module imports neither ``comfy`` nor ``torch``.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "COMFYUI_PATH"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# A test machine may have torch without torchvision (no CPU build for every torch); ComfyUI
+# imports it at module level only for model families Wan does not use.
+TORCHVISION_STUBS = ("torchvision", "torchvision.transforms", "torchvision.models")
+
+_state: dict = {}  # path, nodes: what init_comfyui did in this process
+
+
+class ComfyUINotFound(RuntimeError):
+    """No ComfyUI source tree was found; the message says where we looked and how to point at one."""
+
+
+def is_comfyui_tree(path) -> bool:
+    return path is not None and (Path(path) / "comfy" / "sd.py").is_file()
+
+
+def candidate_paths() -> list[Path]:
+    """Where ``find_comfyui`` looks, in order. An explicit ``COMFYUI_PATH`` is the only candidate."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return [Path(env).expanduser()]
+    # The pack normally sits in ComfyUI/custom_nodes/<pack>: any parent folder may be the tree.
+    return [*REPO_ROOT.parents, Path.home() / "ComfyUI"]
+
+
+def find_comfyui() -> Path | None:
+    """The ComfyUI source tree to use (a folder holding ``comfy/sd.py``), or None."""
+    for path in candidate_paths():
+        if is_comfyui_tree(path):
+            return path.resolve()
+    if os.environ.get(ENV_VAR):
+        logger.warning("%s=%s is not a ComfyUI source tree (no comfy/sd.py in it)",
+                       ENV_VAR, os.environ[ENV_VAR])
+    return None
+
+
+def not_found_message() -> str:
+    """One line: why no tree was found and how to point at one."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return (f"ComfyUI not found: {ENV_VAR}={env} has no comfy/sd.py; set it to the folder of a "
+                f"ComfyUI checkout (git clone https://github.com/comfyanonymous/ComfyUI)")
+    return (f"ComfyUI not found (looked in the pack's parent folders and ~/ComfyUI): set "
+            f"{ENV_VAR} to a ComfyUI checkout, or install the pack in ComfyUI/custom_nodes/")
+
+
+def install_torchvision_stub() -> bool:
+    """Registers empty ``torchvision`` modules when torchvision is not installed (test machines).
+
+    Returns True when the stubs were installed. With a real torchvision, does nothing.
+    """
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        return False
+    for name in TORCHVISION_STUBS:
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+        module.__wan_w4a4_stub__ = True
+        sys.modules[name] = module
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)
+    logger.info("torchvision is not installed: registered empty stand-ins (not needed by Wan)")
+    return True
+
+
+def _run(coro):
+    """``asyncio.run`` that also works when called from inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # the usual case: no loop running in this thread
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # called from async code
+        return pool.submit(asyncio.run, coro).result()
+
+
+def set_base_directory(base_directory) -> Path:
+    """Points ComfyUI's models/input/output/temp/user folders under ``base_directory``, as
+    ``--base-directory`` does, in a process where ComfyUI is already importable."""
+    import folder_paths
+
+    base = Path(base_directory).resolve()
+    old = Path(folder_paths.base_path)
+    for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
+        rebased = []
+        for p in paths:
+            try:
+                rebased.append(str(base / Path(p).relative_to(old)))
+            except ValueError:  # a path added by hand outside the old base: keep it
+                rebased.append(p)
+        folder_paths.folder_names_and_paths[name] = (rebased, exts)
+    folder_paths.base_path = str(base)
+    folder_paths.models_dir = str(base / "models")
+    for name in ("output", "input", "temp", "user"):  # some nodes list input/ at import time
+        (base / name).mkdir(parents=True, exist_ok=True)
+        getattr(folder_paths, f"set_{name}_directory")(str(base / name))
+    folder_paths.filename_list_cache.clear()
+    return base
+
+
+def init_comfyui(path=None, cpu: bool | None = None, base_directory=None):
+    """Imports and initialises ComfyUI in this process; returns its ``nodes`` module.
+
+    ``path``: the source tree (default ``find_comfyui()``). ``cpu``: force ComfyUI onto the CPU
+    (default: when CUDA is unavailable). ``base_directory``: where models/input/output live (default
+    the tree itself). Idempotent; a second call may change ``base_directory`` but not the tree.
+    """
+    root = Path(path).resolve() if path is not None else find_comfyui()
+    if root is None or not is_comfyui_tree(root):
+        raise ComfyUINotFound(not_found_message() if path is None
+                              else f"ComfyUI not found: {path} has no comfy/sd.py")
+    if _state:
+        if root != _state["path"]:
+            raise RuntimeError(f"ComfyUI from {_state['path']} is already initialised in this process; "
+                               f"cannot switch to {root}")
+        if base_directory is not None:
+            set_base_directory(base_directory)
+        return _state["nodes"]
+
+    install_torchvision_stub()
+    if str(root) in sys.path:
+        sys.path.remove(str(root))
+    sys.path.insert(0, str(root))
+    loaded = getattr(sys.modules.get("comfy"), "__file__", None)
+    if loaded and Path(loaded).resolve().parents[1] != root:
+        raise RuntimeError(f"a different ComfyUI is already imported from {loaded}; cannot use {root}")
+
+    from comfy.cli_args import args
+    if cpu is None:
+        import torch
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        if "comfy.model_management" in sys.modules and not args.cpu:
+            logger.warning("comfy.model_management was imported before init_comfyui(cpu=True): "
+                           "ComfyUI keeps the device it chose then")
+        args.cpu = True  # before comfy.model_management is imported, or it looks for a GPU driver
+
+    # main.py imports ComfyUI's `utils` package before `nodes`, which puts comfy/ first on sys.path
+    # (where comfy/utils.py would then shadow it and break comfy_extras/nodes_images.py).
+    import utils.extra_config  # noqa: F401
+    import nodes
+
+    if base_directory is not None:
+        set_base_directory(base_directory)
+    _run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    _state.update(path=root, nodes=nodes)
+    logger.info("ComfyUI %s initialised from %s (%d nodes, %s)", comfyui_version(), root,
+                len(nodes.NODE_CLASS_MAPPINGS), "cpu" if args.cpu else "auto device")
+    return nodes
+
+
+def comfyui_version() -> str:
+    try:
+        import comfyui_version as v
+        return v.__version__
+    except ImportError:
+        return "unknown"
+
+
+def load_custom_node(path, nodes_module=None) -> types.ModuleType:
+    """Loads a custom-node folder or file through ComfyUI's own loader (``nodes.load_custom_node``),
+    as ComfyUI does at start-up for ``custom_nodes/*``; returns the loaded module.
+
+    Raises RuntimeError if ComfyUI reports the import as failed. Idempotent per path.
+    """
+    nodes = nodes_module or _state.get("nodes") or init_comfyui()
+    path = Path(path).resolve()
+    # the sys.modules name that nodes.load_custom_node gives a file or a folder
+    name = str(path.with_suffix("")) if path.is_file() else str(path).replace(".", "_x_")
+    if name not in sys.modules:
+        if not _run(nodes.load_custom_node(str(path))):
+            sys.modules.pop(name, None)  # ComfyUI registers the module before running it
+            raise RuntimeError(f"ComfyUI failed to import {path} as a custom node (see the log above)")
+    return sys.modules[name]
+
+
+def load_pack_as_custom_node(nodes_module=None) -> types.ModuleType:
+    """Loads this repository into ComfyUI as ``custom_nodes/<pack>`` would be; registers its
+    ``NODE_CLASS_MAPPINGS`` in ``nodes.NODE_CLASS_MAPPINGS``. Returns the loaded package module."""
+    return load_custom_node(REPO_ROOT, nodes_module)
+
+
+def server_command(comfyui_path, *args: str) -> list[str]:
+    """The command that starts ComfyUI's ``main.py`` with ``args`` in a subprocess, with the
+    torchvision stand-in when torchvision is missing. Run it with ``cwd=comfyui_path``."""
+    root = str(Path(comfyui_path).resolve())
+    main = os.path.join(root, "main.py")
+    code = ("import runpy, sys; "
+            "from wan_w4a4.nodes.runtime import install_torchvision_stub; "
+            "install_torchvision_stub(); "
+            f"sys.path.insert(0, {root!r}); sys.argv[0] = {main!r}; "
+            f"runpy.run_path({main!r}, run_name='__main__')")
+    return [sys.executable, "-c", code, *args]

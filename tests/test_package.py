@@ -1,0 +1,60 @@
+"""The package's import contract: the math imports without ComfyUI and without Triton, and
+importing the package root (as tests and the command line do) never imports ComfyUI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# Makes the named top-level modules unimportable in a fresh interpreter, whether installed or not.
+BLOCKER = textwrap.dedent("""
+    import sys
+    BLOCKED = {blocked!r}
+    class _Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"{{name}} is blocked by this test", name=name)
+    sys.meta_path.insert(0, _Blocker())
+""")
+COMFY_MODULES = ("comfy", "comfy_extras", "comfy_api", "folder_paths", "nodes", "node_helpers")
+
+
+def run_python(code: str, blocked=(), tmp_path=None):
+    full = BLOCKER.format(blocked=set(blocked)) + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+
+
+def test_imports_without_comfyui_and_triton(tmp_path):
+    # One interpreter for all (each start imports torch): the math, the model shapes and the
+    # ComfyUI bootstrap itself must all import with comfy and triton absent.
+    r = run_python("""
+        import wan_w4a4.kernels, wan_w4a4.calibration
+        import wan_w4a4.kernels.numerics, wan_w4a4.minimodel.arch, wan_w4a4.nodes.runtime
+        leaked = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
+        assert not leaked, leaked
+    """, ("triton", *COMFY_MODULES), tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_root_import_does_not_import_comfy(tmp_path):
+    r = run_python("""
+        import wan_w4a4
+        assert "comfy" not in sys.modules and "comfy.model_management" not in sys.modules
+        assert wan_w4a4.NODE_CLASS_MAPPINGS == {}
+        assert "wan_w4a4.nodes.registry" not in sys.modules
+    """, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_help_without_comfyui_and_triton(tmp_path):
+    r = run_python("""
+        import runpy
+        sys.argv = ["wan_w4a4", "--help"]
+        try:
+            runpy.run_module("wan_w4a4", run_name="__main__")
+        except SystemExit as e:
+            assert e.code == 0, e.code
+    """, ("triton", *COMFY_MODULES), tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "calibrate" in r.stdout and "demo" in r.stdout
