@@ -130,7 +130,7 @@ if triton is not None:
             xh = (x + shift) * tl.load(inv_s_ptr + k0 + rk)[None, :]
             xg = tl.reshape(xh, [BLOCK_M, GPB, GROUP])
             amax = tl.max(tl.abs(xg), axis=2)  # [BLOCK_M, GPB]
-            f = tl.minimum(tl.maximum(tl.ceil(tl.math.div_rn(amax, rmax[:, None]) * FMAX), 1.0), FMAX * 1.0)
+            f = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(amax, rmax[:, None]) * FMAX), 1.0), FMAX * 1.0)
             inv_step = tl.math.div_rn(1.0, scale[:, None] * f)
             q = _round_half_even(xg * inv_step[:, :, None])
             q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
