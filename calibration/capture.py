@@ -1,0 +1,380 @@
+"""Capture of layer-input statistics during real two-expert Wan2.2 I2V sampling in ComfyUI.
+
+The models are ComfyUI MODELs (``ModelPatcher``); sampling goes through ComfyUI's own
+``comfy.sample.sample`` exactly as two chained ``KSamplerAdvanced`` nodes do in the stock Wan2.2
+I2V workflow: the high-noise expert from step 0 to the switch step (returning leftover noise),
+the low-noise expert from there to the end (adding no noise). The switch step is the first step
+whose model timestep t = model_sampling.timestep(sigma) is below ``config.boundary``.
+
+Hooks exist only while our own sampling call runs: a keyed APPLY_MODEL wrapper on a clone of the
+MODEL reads t of each call, picks the timestep bin, registers forward pre-hooks on the Linears and
+removes them in a ``finally`` when the call returns (or raises). cond and uncond are one batch with
+one timestep, so both count.
+
+Per *input group* (Linears that read the same tensor share one set of statistics):
+``self_attn.{q,k,v}`` read the same x, ``cross_attn.{k,v}`` the same text context (ComfyUI's
+``WanSelfAttention`` / ``WanT2VCrossAttention``); every other Linear is its own group. The hook sits
+on the first Linear of a group. Each group keeps (calibration/hessian.py):
+  - InputStats: the Hessian sum x x^T, sum x, per-channel min / max, count (on ``stats_device``);
+  - one RowReservoir per timestep bin (host memory, bf16) for the alpha and clip searches.
+With ``token_fraction < 1`` the Hessian and the reservoirs see a seeded random subset of each call's
+tokens, while min / max (smoothing) still see every token.
+
+``blocks_per_pass`` bounds memory: sampling is re-run once per subset of blocks (see
+:func:`block_passes`); the high expert's final latents (the low expert's start) are cached from
+the first pass, so each pass samples one expert only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import zlib
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from ..kernels import numerics
+from .config import BLOCK_LINEARS, UNSIGNED_LINEARS, CalibrationConfig, bin_of
+from .hessian import InputStats, RowReservoir
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEY = "wan_w4a4.calibration"
+# Linears of a block that read the same tensor (ComfyUI comfy/ldm/wan/model.py): one statistic each.
+INPUT_GROUP = {"self_attn.q": "self_attn.qkv", "self_attn.k": "self_attn.qkv", "self_attn.v": "self_attn.qkv",
+               "cross_attn.k": "cross_attn.kv", "cross_attn.v": "cross_attn.kv"}
+
+
+class CalibrationError(ValueError):
+    """Bad calibration input (no items, a model that is not Wan, NaN activations, ...)."""
+
+
+class CalibrationCancelled(RuntimeError):
+    """Raised when the cancel callable asks to stop; no state file is written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration items
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class CalibrationItem:
+    """One I2V sample: what ``WanImageToVideo`` produces, plus the noise seed.
+
+    positive / negative: ComfyUI CONDITIONING (``[[context, {"concat_latent_image": ...,
+    "concat_mask": ...}]]``); latent: the empty video latent [B, 16, T, H/8, W/8] (the "samples" of
+    its LATENT output); seed: the noise seed of the high-noise KSamplerAdvanced.
+    """
+
+    positive: list
+    negative: list
+    latent: torch.Tensor
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.latent, dict):
+            self.latent = self.latent["samples"]
+        if not isinstance(self.latent, torch.Tensor) or self.latent.ndim != 5:
+            raise CalibrationError("CalibrationItem.latent must be a video latent [B, C, T, H, W], got "
+                                   f"{getattr(self.latent, 'shape', type(self.latent).__name__)}")
+        for what, cond in (("positive", self.positive), ("negative", self.negative)):
+            if not isinstance(cond, (list, tuple)) or not cond:
+                raise CalibrationError(f"CalibrationItem.{what} must be a non-empty CONDITIONING list")
+
+
+def synthetic_items(n: int, *, frames: int = 5, height: int = 64, width: int = 64, text_tokens: int = 32,
+                    text_dim: int = 4096, latent_channels: int = 16, seed: int = 0) -> list[CalibrationItem]:
+    """``n`` random I2V items: N(0, 1) text context and start-image latent, the first latent frame
+    marked as given (as WanImageToVideo does for one start image). For smoke tests and for timing
+    at real shapes; real calibration should use real images and prompts."""
+    if n < 1:
+        raise CalibrationError(f"synthetic_items: n must be >= 1, got {n}")
+    t = (frames - 1) // 4 + 1
+    h, w = height // 8, width // 8
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        image = torch.randn(1, latent_channels, t, h, w, generator=g)
+        mask = torch.ones(1, 1, t, h, w)
+        mask[:, :, :1] = 0.0
+        extra = {"concat_latent_image": image, "concat_mask": mask}
+        pos = [[torch.randn(1, text_tokens, text_dim, generator=g), dict(extra)]]
+        neg = [[torch.randn(1, text_tokens, text_dim, generator=g), dict(extra)]]
+        items.append(CalibrationItem(pos, neg, torch.zeros(1, latent_channels, t, h, w), seed=seed + i))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: checks and the quantized layers
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    name: str  # relative to the diffusion model, e.g. "blocks.3.self_attn.q"
+    block: int
+    group: str  # input group, e.g. "blocks.3.self_attn.qkv"
+    in_features: int
+    out_features: int
+    unsigned: bool  # post-GELU input on the unsigned grid
+
+
+def diffusion_model(model, what: str = "model") -> torch.nn.Module:
+    """The WanModel inside a ComfyUI MODEL, or a CalibrationError that says what it is instead."""
+    inner = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if inner is None:
+        raise CalibrationError(f"{what} is not a ComfyUI MODEL (got {type(model).__name__}); "
+                               "pass the output of UNETLoader / comfy.sd.load_diffusion_model")
+    blocks = getattr(inner, "blocks", None)
+    ok = (type(inner).__name__ == "WanModel" or hasattr(inner, "head") and hasattr(inner, "text_embedding"))
+    if not ok or blocks is None or len(blocks) == 0:
+        raise CalibrationError(f"{what} is not a Wan model: its diffusion model is "
+                               f"{type(inner).__module__}.{type(inner).__name__}; W4A4 calibration "
+                               "supports Wan2.1/2.2 transformers (comfy.ldm.wan.model.WanModel)")
+    for name in BLOCK_LINEARS:
+        mod = _get(blocks[0], name)
+        if not isinstance(mod, torch.nn.Linear):
+            raise CalibrationError(f"{what} is not a Wan model: blocks.0.{name} is "
+                                   f"{type(mod).__name__}, expected a Linear")
+    return inner
+
+
+def _get(root: torch.nn.Module, name: str):
+    mod = root
+    for part in name.split("."):
+        mod = getattr(mod, part, None) if not part.isdigit() else (mod[int(part)] if mod is not None else None)
+        if mod is None:
+            return None
+    return mod
+
+
+def plan_layers(model, config: CalibrationConfig, what: str = "model") -> list[LayerSpec]:
+    """The Linears to quantize, block by block, minus the keep-list."""
+    inner = diffusion_model(model, what)
+    specs = []
+    for i, block in enumerate(inner.blocks):
+        for name in BLOCK_LINEARS:
+            full = f"blocks.{i}.{name}"
+            mod = _get(block, name)
+            if config.is_kept(full):
+                continue
+            numerics.check_k(mod.in_features, f"{what} {full}.in_features")
+            specs.append(LayerSpec(full, i, f"blocks.{i}.{INPUT_GROUP.get(name, name)}", mod.in_features,
+                                   mod.out_features, config.unsigned_ffn2 and name in UNSIGNED_LINEARS))
+    if not specs:
+        log.warning("%s: the keep-list keeps every block Linear in BF16; nothing to quantize", what)
+    return specs
+
+
+def block_passes(blocks: Sequence[int], blocks_per_pass: int | None) -> list[list[int]]:
+    blocks = sorted(set(blocks))
+    if not blocks_per_pass or blocks_per_pass >= len(blocks):
+        return [blocks] if blocks else []
+    return [blocks[i:i + blocks_per_pass] for i in range(0, len(blocks), blocks_per_pass)]
+
+
+def layer_weight(model, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of Linear ``name`` as the MODEL applies it, LoRA / weight patches included."""
+    mod = _get(model.model.diffusion_model, name)
+    w, b = mod.weight.detach(), None if mod.bias is None else mod.bias.detach()
+    key = f"diffusion_model.{name}.weight"
+    patches = getattr(model, "patches", {}).get(key)
+    if patches and key not in getattr(model, "backup", {}):  # patched in place only while loaded
+        import comfy.lora
+        w = comfy.lora.calculate_weight(patches, w.float().clone(), key)
+    return w, b
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics of one input group
+# ---------------------------------------------------------------------------------------------
+
+def _seed(*parts) -> int:
+    return zlib.crc32(":".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+class GroupStats:
+    """Statistics of one layer input of one expert (see module doc)."""
+
+    def __init__(self, key: str, k: int, config: CalibrationConfig, expert: str, device):
+        self.key, self.k, self.expert = key, k, expert
+        self.fraction = config.token_fraction
+        self.stats = InputStats(k, device=device, hessian=True)
+        # min / max over every token even when the Hessian sees a subset
+        self.range = InputStats(k, device=device, hessian=False) if self.fraction < 1.0 else None
+        self.reservoirs = [RowReservoir(k, config.rows_per_bin, _seed(config.seed, expert, key, b))
+                           for b in range(config.bins)]
+        self.gen = torch.Generator().manual_seed(_seed(config.seed, expert, key, "tokens"))
+        self.calls = [0] * config.bins
+
+    def observe(self, x: torch.Tensor, b: int) -> None:
+        x2 = x.detach().reshape(-1, self.k)
+        if self.range is not None:
+            self.range.update(x2)
+            n = max(1, math.ceil(self.fraction * x2.shape[0]))
+            idx = torch.randperm(x2.shape[0], generator=self.gen)[:n].sort().values
+            x2 = x2[idx.to(x2.device)]
+        self.stats.update(x2)
+        self.reservoirs[b].add(x2)
+        self.calls[b] += 1
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        return (self.range or self.stats).absmax
+
+    def absmax_shifted(self, shift: float) -> torch.Tensor:
+        return (self.range or self.stats).absmax_shifted(shift)
+
+    def hessian(self, shift: float = 0.0) -> torch.Tensor:
+        return self.stats.hessian(shift)
+
+    def rows(self, b: int) -> torch.Tensor:
+        return self.reservoirs[b].rows()
+
+    def merge(self, other: "GroupStats") -> "GroupStats":
+        """Add another capture of the same input (another GPU, another set of items)."""
+        self.stats.merge(other.stats)
+        if self.range is not None:
+            self.range.merge(other.range)
+        for mine, theirs in zip(self.reservoirs, other.reservoirs):
+            mine.merge(theirs)
+        self.calls = [a + c for a, c in zip(self.calls, other.calls)]
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks and sampling
+# ---------------------------------------------------------------------------------------------
+
+class ExpertCapture:
+    """Hooks one expert's Linears (of ``blocks``) during sampling and accumulates GroupStats."""
+
+    def __init__(self, model, expert: str, layers: Iterable[LayerSpec], config: CalibrationConfig,
+                 blocks: Iterable[int] | None = None, stats_device=None):
+        self.expert, self.config = expert, config
+        self.edges = config.edges(expert)
+        blocks = None if blocks is None else set(blocks)
+        self.layers = [s for s in layers if blocks is None or s.block in blocks]
+        inner = diffusion_model(model, f"the {expert}-noise model")
+        device = stats_device or config.stats_device or model.load_device
+        self.groups: dict[str, GroupStats] = {}
+        self._hook_modules: dict[str, torch.nn.Module] = {}
+        for s in self.layers:
+            if s.group not in self.groups:
+                self.groups[s.group] = GroupStats(s.group, s.in_features, config, expert, device)
+                self._hook_modules[s.group] = _get(inner, s.name)
+        self.timesteps: list[float] = []  # model timestep of every model call, in order
+        self._bin: int | None = None
+
+    def bin_label(self, b: int) -> str:
+        return f"{self.expert} expert, bin {b}: t in [{self.edges[b + 1]:g}, {self.edges[b]:g})"
+
+    def _hook(self, group: str):
+        def pre_hook(module, args):
+            if self._bin is None or not args:
+                return None
+            try:
+                self.groups[group].observe(args[0], self._bin)
+            except ValueError as e:
+                raise CalibrationError(f"non-finite activations at the input of {group} "
+                                       f"({self.bin_label(self._bin)}): {e}") from None
+            return None
+        return pre_hook
+
+    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                            transformer_options={}, **kwargs):
+        ms = executor.class_obj.model_sampling
+        ts = ms.timestep(t.float()).flatten()
+        tt = float(ts[0])
+        if ts.numel() > 1 and float(ts.max() - ts.min()) > 1e-3:
+            log.warning("one model call with several timesteps (%s); binning by the first", ts.tolist())
+        self.timesteps.append(tt)
+        self._bin = bin_of(tt, self.edges)
+        handles = [m.register_forward_pre_hook(self._hook(g)) for g, m in self._hook_modules.items()]
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            self._bin = None
+
+    def bin_rows(self) -> list[int]:
+        """Rows seen per bin (by any group; all groups of a block see the same calls)."""
+        if not self.groups:
+            return [0] * self.config.bins
+        g = next(iter(self.groups.values()))
+        return [r.seen for r in g.reservoirs]
+
+    def free(self) -> None:
+        self.groups.clear()
+        self._hook_modules.clear()
+
+
+def with_shift(model, shift: float | None):
+    """A clone with ModelSamplingSD3(shift) applied (what the workflow's ModelSamplingSD3 node does)."""
+    m = model.clone()
+    if shift is None:
+        return m
+    import comfy.model_sampling
+
+    class ModelSamplingAdvanced(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    ms = ModelSamplingAdvanced(model.model.model_config)
+    ms.set_parameters(shift=shift, multiplier=1000)
+    m.add_object_patch("model_sampling", ms)
+    return m
+
+
+def schedule(model, config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas [steps + 1], model timesteps [steps]) of the sampling schedule of ``model``."""
+    import comfy.samplers
+    ks = comfy.samplers.KSampler(model, steps=config.steps, device=model.load_device, sampler=config.sampler,
+                                 scheduler=config.scheduler, denoise=1.0, model_options=model.model_options)
+    sigmas = ks.sigmas.float().cpu()
+    ts = model.get_model_object("model_sampling").timestep(sigmas[:-1]).float().cpu()
+    return sigmas, ts
+
+
+def switch_step(timesteps: torch.Tensor, boundary: float) -> int:
+    """Number of steps the high-noise expert runs: those with t >= boundary."""
+    return int((timesteps >= boundary).sum())
+
+
+def sample_expert(model, item: CalibrationItem, latent: torch.Tensor, config: CalibrationConfig, expert: str,
+                  switch: int, step_callback: Callable | None = None) -> torch.Tensor:
+    """One KSamplerAdvanced call of the two-expert workflow; returns the output latent."""
+    import comfy.sample
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    if expert == "high":
+        noise = comfy.sample.prepare_noise(latent, item.seed)
+        kw = dict(disable_noise=False, start_step=0, last_step=switch, force_full_denoise=False)
+    else:
+        noise = torch.zeros(latent.size(), dtype=latent.dtype, layout=latent.layout, device="cpu")
+        kw = dict(disable_noise=True, start_step=switch, last_step=10000, force_full_denoise=True)
+
+    def callback(step, x0, x, total_steps):
+        if step_callback is not None:
+            step_callback()
+
+    return comfy.sample.sample(model, noise, config.steps, config.cfg, config.sampler, config.scheduler,
+                               item.positive, item.negative, latent, denoise=1.0, callback=callback,
+                               disable_pbar=True, seed=item.seed, **kw)
+
+
+def run_capture(model, expert: str, items: Sequence[CalibrationItem], latents: Sequence[torch.Tensor],
+                config: CalibrationConfig, capture: ExpertCapture | None, switch: int,
+                step_callback: Callable | None = None) -> list[torch.Tensor]:
+    """Sample every item with one expert, with ``capture`` hooked for the duration of each call.
+
+    ``model`` is the expert (already shifted, see :func:`with_shift`); ``latents`` its start latents.
+    Returns the output latents (for the high expert: the low expert's start).
+    """
+    m = model.clone()
+    if capture is not None:
+        import comfy.patcher_extension
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
+                               capture.apply_model_wrapper)
+    with torch.inference_mode():
+        return [sample_expert(m, item, lat, config, expert, switch, step_callback)
+                for item, lat in zip(items, latents)]

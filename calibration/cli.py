@@ -1,0 +1,212 @@
+"""``python -m wan_w4a4 calibrate``: build the two W4A4 states from two Wan2.2 expert checkpoints.
+
+Example::
+
+    python -m wan_w4a4 calibrate --high wan2.2_i2v_high_noise_14B_fp16.safetensors \\
+        --low wan2.2_i2v_low_noise_14B_fp16.safetensors --out states/ --items 2 \\
+        --frames 33 --height 480 --width 832 --blocks-per-pass 10 --token-fraction 0.25
+
+The checkpoints load through ComfyUI's own loader (``comfy.sd.load_diffusion_model``); ComfyUI is
+found as the tests find it (``COMFYUI_PATH``, the pack's parent folders, ``~/ComfyUI``) or given with
+``--comfyui``. Calibration items: ``--items N`` random I2V items (random start-image latent and text
+context: for smoke tests and timing; use the ComfyUI node with real images and prompts for a state
+you will ship).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import CalibrationConfig
+
+log = logging.getLogger(__name__)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _keep(text: str) -> tuple:
+    out = []
+    for v in text.split(","):
+        v = v.strip()
+        if v:
+            out.append(int(v) if v.isdigit() else v)
+    return tuple(out)
+
+
+def _bool(text: str) -> bool:
+    t = text.lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import CLIP_POLICIES, CalibrationConfig
+
+    d = CalibrationConfig()
+    io = p.add_argument_group("models and output")
+    io.add_argument("--high", required=True, type=Path, help="high-noise expert checkpoint (.safetensors)")
+    io.add_argument("--low", required=True, type=Path, help="low-noise expert checkpoint (.safetensors)")
+    io.add_argument("--out", required=True, type=Path, help="output folder for the states and the report")
+    io.add_argument("--name", default=d.name, help="file name stem: <name>_high.safetensors, ... (default %(default)s)")
+    io.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    io.add_argument("--comfyui", type=Path, default=None, help="ComfyUI source tree (default: auto-detect)")
+    io.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when a GPU is present")
+
+    it = p.add_argument_group("calibration items")
+    it.add_argument("--source", choices=("random", "minimodel"), default="random",
+                    help="random: random start-image latents and text contexts (timing, smoke tests); "
+                         "minimodel: the embedded mini model's procedural videos and captions (its 128x128 "
+                         "size; --height/--width/--text-tokens are ignored) (default %(default)s)")
+    it.add_argument("--items", type=int, default=2, help="number of items (default %(default)s)")
+    it.add_argument("--frames", type=int, default=33, help="video frames (default %(default)s)")
+    it.add_argument("--height", type=int, default=480, help="height in pixels (default %(default)s)")
+    it.add_argument("--width", type=int, default=832, help="width in pixels (default %(default)s)")
+    it.add_argument("--text-tokens", type=int, default=512, help="text context tokens (default %(default)s)")
+    it.add_argument("--item-seed", type=int, default=0, help="seed of the items and their noise")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", type=int, default=d.steps)
+    s.add_argument("--cfg", type=float, default=d.cfg)
+    s.add_argument("--shift", type=float, default=d.shift, help="ModelSamplingSD3 shift; 0 keeps the model's")
+    s.add_argument("--sampler", default=d.sampler)
+    s.add_argument("--scheduler", default=d.scheduler)
+    s.add_argument("--boundary", type=float, default=d.boundary, help="expert switch timestep (I2V 900, T2V 875)")
+    s.add_argument("--bins", type=int, default=d.bins, help="timestep bins per expert")
+
+    m = p.add_argument_group("method")
+    m.add_argument("--rank", type=int, default=d.rank)
+    m.add_argument("--alphas", type=_floats, default=d.alphas, help="smoothing grid, e.g. 0,0.25,0.5")
+    m.add_argument("--refine-low-rank", type=_bool, default=d.refine_low_rank, metavar="on|off")
+    m.add_argument("--gptq", type=_bool, default=d.gptq, metavar="on|off")
+    m.add_argument("--gptq-damp", type=float, default=d.gptq_damp)
+    m.add_argument("--gptq-block", type=int, default=d.gptq_block)
+    m.add_argument("--act-order", type=_bool, default=d.act_order, metavar="on|off")
+    m.add_argument("--unsigned-ffn2", type=_bool, default=d.unsigned_ffn2, metavar="on|off")
+    m.add_argument("--clip-grid", type=_floats, default=d.clip_grid, help="clip ratios, e.g. 1,0.9,0.8")
+    m.add_argument("--clip-policy", choices=CLIP_POLICIES, default=d.clip_policy)
+    m.add_argument("--keep", type=_keep, default=(), help="kept in BF16: block indices and/or name patterns, "
+                                                           "comma-separated (e.g. 0,39,*.ffn.2)")
+
+    r = p.add_argument_group("memory")
+    r.add_argument("--rows-per-bin", type=int, default=d.rows_per_bin)
+    r.add_argument("--token-fraction", type=float, default=d.token_fraction)
+    r.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
+    r.add_argument("--blocks-per-pass", type=int, default=None)
+    r.add_argument("--stats-device", default=None, help="where statistics live (default: the model's device)")
+    r.add_argument("--device", default=None, help="where the per-layer math runs (default: the model's device)")
+    r.add_argument("--seed", type=int, default=d.seed)
+
+
+def config_from_args(args) -> CalibrationConfig:
+    from .config import CalibrationConfig
+    return CalibrationConfig(
+        steps=args.steps, cfg=args.cfg, shift=args.shift or None, sampler=args.sampler, scheduler=args.scheduler,
+        boundary=args.boundary, bins=args.bins, rank=args.rank, alphas=args.alphas,
+        refine_low_rank=args.refine_low_rank, gptq=args.gptq, gptq_damp=args.gptq_damp,
+        gptq_block=args.gptq_block, act_order=args.act_order, unsigned_ffn2=args.unsigned_ffn2,
+        clip_grid=args.clip_grid, clip_policy=args.clip_policy, keep=args.keep, rows_per_bin=args.rows_per_bin,
+        token_fraction=args.token_fraction, eval_fraction=args.eval_fraction, blocks_per_pass=args.blocks_per_pass,
+        stats_device=args.stats_device, device=args.device, seed=args.seed, out_dir=str(args.out),
+        name=args.name, overwrite=args.overwrite)
+
+
+def minimodel_items(n: int, *, frames: int = 17, seed: int = 0) -> list:
+    """``n`` I2V items of the embedded mini model: a procedural scene's first frame and caption through
+    ComfyUI's own ``WanImageToVideo`` (minimodel/conditioning.py). Needs an initialised ComfyUI."""
+    from ..minimodel import conditioning, data
+    from .capture import CalibrationError, CalibrationItem
+
+    if n < 1:
+        raise CalibrationError(f"minimodel_items: n must be >= 1, got {n}")
+    if (frames - 1) % 4:
+        raise CalibrationError(f"--frames must be 1 + 4k for Wan's latent layout, got {frames}")
+    items = []
+    for i in range(n):
+        scene = data.sample_scene(seed + i)
+        first = data.render([scene], frames=1)[0, 0]  # [H, W, 3] in [0, 1]
+        positive, negative, latent = conditioning.i2v_conditioning(data.caption(scene), first, frames=frames)
+        items.append(CalibrationItem(positive, negative, latent["samples"], seed=seed + i))
+    return items
+
+
+class _Tqdm:
+    """progress(done, total, what) on a tqdm bar."""
+
+    def __init__(self):
+        from tqdm import tqdm
+        self.bar = tqdm(total=1, unit="step", dynamic_ncols=True, desc="calibrate")
+
+    def __call__(self, done, total, what=""):
+        self.bar.total = total
+        self.bar.n = done
+        if what:
+            self.bar.set_postfix_str(what, refresh=False)
+        self.bar.refresh()
+
+    def close(self):
+        self.bar.close()
+
+
+def run(args) -> int:
+    from .capture import CalibrationError, synthetic_items
+    from .pipeline import calibrate
+
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"calibrate: {e}", file=sys.stderr)
+        return 2
+    if args.items < 1:
+        print(f"calibrate: --items must be >= 1, got {args.items}", file=sys.stderr)
+        return 2
+    for what, path in (("--high", args.high), ("--low", args.low)):
+        if not path.is_file():
+            print(f"calibrate: {what} {path}: no such file", file=sys.stderr)
+            return 2
+    if not config.overwrite:
+        existing = [str(p) for p in (config.state_path("high"), config.state_path("low"), config.report_path)
+                    if p.exists()]
+        if existing:
+            print(f"calibrate: refusing to overwrite {', '.join(existing)} (pass --overwrite)", file=sys.stderr)
+            return 1
+
+    from ..nodes import runtime
+    try:
+        runtime.init_comfyui(args.comfyui, cpu=True if args.cpu else None)
+    except runtime.ComfyUINotFound as e:
+        print(f"calibrate: {e}", file=sys.stderr)
+        return 2
+    import comfy.sd
+
+    models = {}
+    for expert, path in (("high", args.high), ("low", args.low)):
+        log.info("loading the %s-noise expert from %s", expert, path)
+        models[expert] = comfy.sd.load_diffusion_model(str(path))
+    bar = _Tqdm()
+    try:
+        if args.source == "minimodel":
+            items = minimodel_items(args.items, frames=args.frames, seed=args.item_seed)
+        else:
+            text_dim = models["high"].model.diffusion_model.text_embedding[0].in_features
+            items = synthetic_items(args.items, frames=args.frames, height=args.height, width=args.width,
+                                    text_tokens=args.text_tokens, text_dim=text_dim, seed=args.item_seed)
+        result = calibrate(models["high"], models["low"], items, config, progress=bar)
+    except (CalibrationError, FileExistsError) as e:
+        print(f"calibrate: {e}", file=sys.stderr)
+        return 2 if isinstance(e, CalibrationError) else 1
+    finally:
+        bar.close()
+    print(f"high: {result.high}\nlow: {result.low}\nreport: {result.report}")
+    return 0

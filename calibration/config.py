@@ -1,0 +1,183 @@
+"""Calibration settings: one dataclass, validated on construction.
+
+The defaults follow the method this pack implements (arXiv 2605.27003 on top of SVDQuant,
+arXiv 2411.05007) and the stock Wan2.2 I2V A14B workflow (ComfyUI template
+``video_wan2_2_14B_i2v.json``: 20 steps, cfg 3.5, shift 8, euler/simple, expert switch at t = 900).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import re
+from pathlib import Path
+
+CLIP_POLICIES = ("per_bin", "per_expert", "global")
+EXPERTS = ("high", "low")
+# Model timesteps of a flow model after ModelSamplingSD3 run over [0, 1000] (timestep = 1000 * sigma).
+T_MAX = 1000.0
+# Official Wan2.2 expert boundaries (``boundary * num_train_timesteps`` in the Wan2.2 repository).
+I2V_BOUNDARY = 900.0
+
+# The Linears of a Wan block that this pack quantizes; everything outside the blocks (patch, text and
+# time embeddings, time projection, modulation, head) stays in BF16 (issue 4, stage 2).
+BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+                 "ffn.0", "ffn.2")
+# Linears fed by GELU-tanh: shifted by numerics.GELU_SHIFT onto the unsigned 4-bit grid (SVDQuant).
+UNSIGNED_LINEARS = ("ffn.2",)
+
+
+def _grid(start: float, stop: float, step: float) -> tuple[float, ...]:
+    n = int(round(abs(stop - start) / abs(step)))
+    return tuple(round(start + i * step, 6) for i in range(n + 1))
+
+
+DEFAULT_ALPHAS = _grid(0.0, 1.0, 0.1)
+DEFAULT_CLIPS = _grid(1.0, 0.5, -0.05)
+
+
+def bin_edges(expert: str, bins: int, boundary: float = I2V_BOUNDARY) -> tuple[float, ...]:
+    """Descending model-timestep edges of the ``bins`` equal intervals of one expert.
+
+    high: [1000, boundary], low: [boundary, 0], each cut into ``bins`` equal parts; bin i covers
+    [edges[i + 1], edges[i]) (see :func:`bin_of`).
+    """
+    if expert not in EXPERTS:
+        raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
+    hi, lo = (T_MAX, boundary) if expert == "high" else (boundary, 0.0)
+    return tuple(hi + (lo - hi) * i / bins for i in range(bins + 1))
+
+
+def bin_of(t: float, edges) -> int:
+    """The bin of model timestep ``t`` given descending ``edges`` (B + 1 values).
+
+    Bin i covers [edges[i + 1], edges[i]) - closed below, so that t = boundary belongs to the high
+    expert's last bin, matching "high expert for t >= boundary". Timesteps outside the range clamp to
+    the first or last bin.
+    """
+    b = len(edges) - 1
+    for i in range(b):
+        if t >= edges[i + 1]:
+            return i
+    return b - 1
+
+
+@dataclasses.dataclass
+class CalibrationConfig:
+    """Everything :func:`wan_w4a4.calibration.calibrate` needs besides the models and the items.
+
+    Sampling (capture runs the real two-expert I2V sampling through ComfyUI):
+      steps, cfg, shift (ModelSamplingSD3; None keeps the model's own), sampler, scheduler,
+      boundary (model timestep where the low-noise expert takes over; I2V 900, T2V 875).
+    Bins: ``bins`` equal intervals of model timestep per expert; each gets its own clip ratio.
+    Method: alphas (smoothing grid), rank (low-rank branch), refine_low_rank, gptq (+gptq_damp,
+      gptq_block, act_order; off = round to nearest), unsigned_ffn2, clip_grid, clip_policy.
+    Keep-list ``keep``: block indices (int) or fnmatch patterns on layer names relative to the
+      diffusion model (e.g. "blocks.0.*", "*.ffn.2"); matching Linears stay BF16.
+    Memory: rows_per_bin (per input, per bin reservoir), token_fraction (share of each call's tokens
+      that enter the Hessian and the reservoirs), blocks_per_pass (capture re-runs sampling for each
+      subset of blocks so that Hessians of all blocks never coexist; None = all at once),
+      stats_device (None = the model's device; "cpu" keeps statistics on the host), device (where
+      the per-layer math runs; None = the model's device).
+    Output: out_dir, name -> ``<out_dir>/<name>_high.safetensors``, ``..._low.safetensors``,
+      ``<name>_report.json``; overwrite must be set to replace existing files.
+    """
+
+    steps: int = 20
+    cfg: float = 3.5
+    shift: float | None = 8.0
+    sampler: str = "euler"
+    scheduler: str = "simple"
+    boundary: float = I2V_BOUNDARY
+    bins: int = 4
+
+    rank: int = 32
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    refine_low_rank: bool = False
+    gptq: bool = True
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    act_order: bool = True
+    unsigned_ffn2: bool = True
+    clip_grid: tuple[float, ...] = DEFAULT_CLIPS
+    clip_policy: str = "per_bin"
+    keep: tuple = ()
+
+    rows_per_bin: int = 1024
+    token_fraction: float = 1.0
+    eval_fraction: float = 0.125
+    blocks_per_pass: int | None = None
+    stats_device: str | None = None
+    device: str | None = None
+    seed: int = 0
+
+    out_dir: str = "."
+    name: str = "wan22_i2v"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"CalibrationConfig: {msg}")
+
+        need(isinstance(self.steps, int) and self.steps >= 2, f"steps must be an int >= 2, got {self.steps!r}")
+        need(self.cfg >= 0 and math.isfinite(self.cfg), f"cfg must be >= 0, got {self.cfg!r}")
+        need(self.shift is None or (self.shift > 0 and math.isfinite(self.shift)),
+             f"shift must be > 0 or None, got {self.shift!r}")
+        need(0.0 < self.boundary < T_MAX, f"boundary is a model timestep in (0, {T_MAX:g}), got {self.boundary!r} "
+             "(Wan2.2 I2V uses 900, T2V 875)")
+        need(isinstance(self.bins, int) and self.bins >= 1, f"bins must be an int >= 1, got {self.bins!r}")
+        need(isinstance(self.rank, int) and self.rank >= 0, f"rank must be an int >= 0, got {self.rank!r}")
+        self.alphas = tuple(float(a) for a in self.alphas)
+        need(len(self.alphas) > 0 and all(0.0 <= a <= 1.0 for a in self.alphas),
+             f"alphas must be a non-empty grid in [0, 1], got {self.alphas!r}")
+        self.clip_grid = tuple(float(c) for c in self.clip_grid)
+        need(len(self.clip_grid) > 0 and all(0.0 < c <= 1.0 for c in self.clip_grid),
+             f"clip_grid must be a non-empty grid in (0, 1], got {self.clip_grid!r}")
+        need(self.clip_policy in CLIP_POLICIES, f"clip_policy must be one of {CLIP_POLICIES}, got {self.clip_policy!r}")
+        need(self.gptq_damp > 0, f"gptq_damp must be > 0, got {self.gptq_damp!r}")
+        need(isinstance(self.gptq_block, int) and self.gptq_block >= 1, f"gptq_block must be >= 1, got {self.gptq_block!r}")
+        if isinstance(self.keep, (str, int)):
+            self.keep = (self.keep,)
+        self.keep = tuple(self.keep)
+        for k in self.keep:
+            need((isinstance(k, int) and not isinstance(k, bool) and k >= 0) or (isinstance(k, str) and k),
+                 f"keep entries are block indices (int >= 0) or name patterns (str), got {k!r}")
+        need(isinstance(self.rows_per_bin, int) and self.rows_per_bin >= 8,
+             f"rows_per_bin must be an int >= 8, got {self.rows_per_bin!r}")
+        need(0.0 < self.token_fraction <= 1.0, f"token_fraction must be in (0, 1], got {self.token_fraction!r}")
+        need(0.0 <= self.eval_fraction < 1.0, f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        need(self.blocks_per_pass is None or (isinstance(self.blocks_per_pass, int) and self.blocks_per_pass >= 1),
+             f"blocks_per_pass must be None or an int >= 1, got {self.blocks_per_pass!r}")
+        need(bool(self.name) and re.fullmatch(r"[\w.\-]+", self.name) is not None,
+             f"name must be a plain file-name stem, got {self.name!r}")
+        self.out_dir = str(self.out_dir)
+
+    # --- derived ----------------------------------------------------------------------------
+    def edges(self, expert: str) -> tuple[float, ...]:
+        return bin_edges(expert, self.bins, self.boundary)
+
+    def state_path(self, expert: str) -> Path:
+        if expert not in EXPERTS:
+            raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
+        return Path(self.out_dir) / f"{self.name}_{expert}.safetensors"
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.out_dir) / f"{self.name}_report.json"
+
+    def is_kept(self, name: str) -> bool:
+        """Whether the Linear ``name`` (e.g. "blocks.3.ffn.2") stays BF16 by the keep-list."""
+        m = re.match(r"blocks\.(\d+)\.", name)
+        block = int(m.group(1)) if m else None
+        for k in self.keep:
+            if isinstance(k, int):
+                if block == k:
+                    return True
+            elif fnmatch.fnmatchcase(name, k):
+                return True
+        return False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

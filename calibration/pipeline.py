@@ -1,0 +1,359 @@
+"""``calibrate``: capture statistics during real sampling, quantize layer by layer, write two states.
+
+Per layer (SVDQuant arXiv 2411.05007 with GPTQ, and the per-bin clip of arXiv 2605.27003)::
+
+    alpha search -> smoothing s -> low-rank L1 L2 (+ refinement) -> GPTQ on the residual in the
+    smoothed space (or RTN) -> unsigned grid for ffn.2 -> clip tables per bin -> W4A4Params
+
+Order of work and memory: for each expert, for each pass (a subset of blocks, see
+``CalibrationConfig.blocks_per_pass``), sampling runs over all items with hooks on that subset;
+then its layers are quantized one at a time and the pass's statistics are freed. The quantized
+layers (~0.56 byte per weight) stay on the host until both experts are done: the clip policy
+"global" needs both, and a cancelled run then leaves no file at all. The files are written at the
+end, each atomically (kernels/format.py), never over an existing file without ``overwrite``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..kernels import format as fmt
+from ..kernels import numerics
+from . import report as rpt
+from .capture import (CalibrationCancelled, CalibrationError, CalibrationItem, ExpertCapture, GroupStats,
+                      LayerSpec, block_passes, layer_weight, plan_layers, run_capture, schedule, switch_step,
+                      with_shift, _seed)
+from .clip import ClipEvaluator, search_clip
+from .config import EXPERTS, CalibrationConfig
+from .gptq import gptq_quantize, rtn_quantize
+from .hessian import smoothed_hessian
+from .lowrank import branch_weight, low_rank, refine_low_rank
+from .smoothing import search_alpha, smooth_scales
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    """Paths of the two states and the report, and the report itself."""
+
+    high: Path
+    low: Path
+    report: Path
+    data: dict
+
+    def __getitem__(self, key):  # result["high"], as the calibration API contract spells it
+        return getattr(self, key)
+
+    def as_dict(self) -> dict:
+        return {"high": self.high, "low": self.low, "report": self.report}
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer
+# ---------------------------------------------------------------------------------------------
+
+def _split_rows(rows: torch.Tensor, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit rows, held rows) of one bin's reservoir, by a seeded permutation."""
+    n = rows.shape[0]
+    n_eval = int(n * eval_fraction) if n >= 4 else 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return rows[perm[n_eval:]], rows[perm[:n_eval]]
+
+
+def _rel_err(x: torch.Tensor, p: numerics.W4A4Params, y_ref: torch.Tensor) -> float:
+    y = numerics.w4a4_linear(x, p, 0)
+    den = float(y_ref.double().square().sum())
+    return float((y.double() - y_ref.double()).square().sum()) / max(den, 1e-30)
+
+
+def quantize_layer(spec: LayerSpec, expert: str, w: torch.Tensor, bias: torch.Tensor | None, group: GroupStats,
+                   config: CalibrationConfig, device) -> tuple[numerics.W4A4Params, rpt.LayerRecord]:
+    """Calibrate one Linear from its input statistics. Returns the layer (clip all 1 for now: the
+    policy sets it once every bin and expert is known) and its record with the clip tables."""
+    t0 = time.perf_counter()
+    nb = config.bins
+    w = w.to(device, torch.float32)
+    b = None if bias is None else bias.to(device, torch.float32)
+    rank = min(config.rank, *w.shape)
+
+    unsigned = spec.unsigned
+    if unsigned and float(group.stats.xmin.min()) < -numerics.GELU_SHIFT - 1e-3:
+        log.warning("%s %s: input goes down to %.3g, below -GELU_SHIFT; not a GELU output, so the signed "
+                    "activation grid is used", expert, spec.name, float(group.stats.xmin.min()))
+        unsigned = False
+    shift = numerics.GELU_SHIFT if unsigned else 0.0
+
+    fit, held = [], []
+    for k in range(nb):
+        f, h = _split_rows(group.rows(k), config.eval_fraction, _seed(config.seed, expert, spec.group, k, "split"))
+        fit.append(f.to(device, torch.float32))
+        held.append(h.to(device, torch.float32))
+    x_fit = torch.cat(fit)
+    if x_fit.shape[0] == 0:
+        raise CalibrationError(f"{expert} expert, {spec.name}: no input rows were captured")
+
+    # 1. smoothing, alpha searched by the output error of the RTN W4A4 layer
+    absmax = group.absmax_shifted(shift).to(device)
+    if len(config.alphas) == 1:
+        alpha, s = config.alphas[0], smooth_scales(absmax, w, config.alphas[0])
+    else:
+        alpha, s = search_alpha(x_fit, w, absmax, rank=rank, alphas=config.alphas, unsigned=unsigned)
+    s = s.to(device)
+    w_hat = w * s[None, :]
+    h_hat = smoothed_hessian(group.hessian(shift).to(device), s)
+
+    # 2. low-rank branch
+    if config.refine_low_rank:
+        l1, l2 = refine_low_rank(w_hat, rank, hessian=h_hat)
+    else:
+        l1, l2 = low_rank(w_hat, rank)
+    resid = w_hat - branch_weight(l1, l2)
+
+    # 3. residual: GPTQ in the smoothed space (or RTN); keep whichever fits the rows better
+    def ref(x):  # the BF16 layer (its weights in fp32 arithmetic)
+        return x @ w.T if b is None else x @ w.T + b
+
+    y_fit = ref(x_fit)
+
+    def build(q):
+        return numerics.from_float(w, b, smooth=s, lr_down=l1, lr_up=l2, residual_q=q, num_bins=nb,
+                                   act_unsigned=unsigned)
+
+    p_rtn = build(rtn_quantize(resid))
+    err_rtn = _rel_err(x_fit, p_rtn, y_fit)
+    p, residual, err_gptq = p_rtn, "rtn", None
+    if config.gptq:
+        p_gptq = build(gptq_quantize(resid, h_hat, damp=config.gptq_damp, block=config.gptq_block,
+                                     act_order=config.act_order, unsigned=unsigned))
+        err_gptq = _rel_err(x_fit, p_gptq, y_fit)
+        if err_gptq <= err_rtn:
+            p, residual = p_gptq, "gptq"
+        else:
+            log.info("%s %s: GPTQ residual (%.3e) lost to RTN (%.3e) on the calibration rows; keeping RTN",
+                     expert, spec.name, err_gptq, err_rtn)
+    del h_hat, p_rtn
+
+    # 4. clip tables per bin: search on fit rows, evaluate on held rows; plain RTN W4A4 for the report
+    plain = numerics.from_float(w, b)
+    grid = config.clip_grid
+    clip_fit, clip_eval, ref_eval, plain_eval = [], [], [], []
+    for k in range(nb):
+        xf, xh = fit[k], held[k] if held[k].shape[0] else fit[k]  # no held rows: report on fit rows
+        if xf.shape[0] == 0:
+            clip_fit.append(None), clip_eval.append(None), ref_eval.append(0.0), plain_eval.append(0.0)
+            continue
+        _, errs = search_clip(xf, p, ref(xf), grid)
+        clip_fit.append([errs[float(c)] for c in grid])
+        yh = ref(xh)
+        ev = ClipEvaluator(xh, p, yh)
+        clip_eval.append([ev.error(float(c)) for c in grid])
+        ref_eval.append(float(yh.double().square().sum()))
+        plain_eval.append(float((numerics.w4a4_linear(xh, plain, 0).double() - yh.double()).square().sum()))
+
+    rec = rpt.LayerRecord(
+        name=spec.name, expert=expert, alpha=float(alpha), rank=rank, unsigned=unsigned, residual=residual,
+        err_rtn=err_rtn, err_gptq=err_gptq, clip_fit=clip_fit, clip_eval=clip_eval, ref_eval=ref_eval,
+        plain_eval=plain_eval, rows_fit=[f.shape[0] for f in fit], rows_eval=[h.shape[0] for h in held],
+        grid=tuple(grid), seconds=time.perf_counter() - t0)
+    return p.to("cpu"), rec
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------
+
+def _check_cancel(cancel):
+    if cancel is not None and cancel():
+        raise CalibrationCancelled("calibration cancelled; no state file was written")
+
+
+def _device(config: CalibrationConfig, model) -> torch.device:
+    return torch.device(config.device) if config.device else torch.device(model.load_device)
+
+
+def _free(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: CalibrationConfig,
+              progress: Progress | None = None, cancel: Callable[[], bool | None] | None = None) -> CalibrationResult:
+    """Calibrate both experts of a Wan2.2 I2V model and write their W4A4 states.
+
+    high_model / low_model: ComfyUI MODELs of the high-noise and low-noise experts (BF16, as loaded
+    by UNETLoader; without ModelSamplingSD3 - ``config.shift`` is applied here). items: the
+    calibration set (:class:`CalibrationItem`). progress(done, total, what): called as work
+    completes. cancel(): called between layers and at every sampling step; it may raise (ComfyUI's
+    ``throw_exception_if_processing_interrupted``) or return True to stop - either way no file is
+    written. Returns the paths of ``config.state_path("high")``, ``("low")`` and the report.
+    """
+    t_start = time.perf_counter()
+    items = list(items)
+    if not items:
+        raise CalibrationError("no calibration items: calibration needs at least one I2V item (start image "
+                               "latent + prompt conditioning); pass one or more CalibrationItem")
+    for i, it in enumerate(items):
+        if not isinstance(it, CalibrationItem):
+            raise CalibrationError(f"calibration item {i} is a {type(it).__name__}, expected CalibrationItem")
+    paths = {e: config.state_path(e) for e in EXPERTS}
+    paths["report"] = config.report_path
+    if not config.overwrite:
+        existing = [str(p) for p in paths.values() if p.exists()]
+        if existing:
+            raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (set overwrite / --overwrite, "
+                                  "or choose another output folder or name)")
+    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+
+    models = {"high": high_model, "low": low_model}
+    layers = {e: plan_layers(m, config, f"the {e}-noise model") for e, m in models.items()}
+    if not any(layers.values()):
+        raise CalibrationError("nothing to quantize: the keep-list keeps every block Linear in BF16")
+    if [s.name for s in layers["high"]] != [s.name for s in layers["low"]]:
+        log.warning("the two experts have different quantizable layers (architectures differ?)")
+
+    with torch.inference_mode():
+        shifted = {e: with_shift(m, config.shift) for e, m in models.items()}
+        sigmas, ts = schedule(shifted["high"], config)
+        switch = switch_step(ts, config.boundary)
+        if switch == 0 or switch == config.steps:
+            who = "high" if switch == 0 else "low"
+            raise CalibrationError(
+                f"the {who}-noise expert gets no sampling step: with steps={config.steps}, shift={config.shift}, "
+                f"scheduler={config.scheduler!r} the model timesteps are {[round(float(t), 1) for t in ts]} and "
+                f"the boundary is t={config.boundary:g}; change steps, shift or boundary")
+        log.info("schedule: %d steps, high expert for steps 0..%d (t >= %g), low expert for %d..%d",
+                 config.steps, switch - 1, config.boundary, switch, config.steps - 1)
+
+        passes = {e: block_passes([s.block for s in layers[e]], config.blocks_per_pass) for e in EXPERTS}
+        steps_of = {"high": switch, "low": config.steps - switch}
+        sampled_passes = {"high": max(1, len(passes["high"])), "low": len(passes["low"])}
+        total = sum(sampled_passes[e] * len(items) * steps_of[e] + len(layers[e]) for e in EXPERTS)
+        done = [0]
+
+        def tick(n=1, what=""):
+            done[0] += n
+            if progress is not None:
+                progress(min(done[0], total), total, what)
+
+        def on_step():
+            _check_cancel(cancel)
+            tick(1, "sampling")
+
+        records: dict[str, dict[str, rpt.LayerRecord]] = {e: {} for e in EXPERTS}
+        params: dict[str, dict[str, numerics.W4A4Params]] = {e: {} for e in EXPERTS}
+        info: dict[str, dict] = {}
+        latents = [it.latent for it in items]
+        for expert in EXPERTS:
+            model, m = models[expert], shifted[expert]
+            device = _device(config, model)
+            info[expert] = {"bin_edges": list(config.edges(expert)), "steps": steps_of[expert],
+                            "timesteps": [], "bin_rows": [0] * config.bins, "passes": passes[expert],
+                            "capture_s": [], "quantize_s": []}
+            out_latents = None
+            # the high expert samples even with nothing to capture: its output is the low expert's start
+            for pi, blocks in enumerate(passes[expert] or ([[]] if expert == "high" else [])):
+                cap = ExpertCapture(model, expert, layers[expert], config, blocks) if blocks else None
+                t0 = time.perf_counter()
+                outs = run_capture(m, expert, items, latents, config, cap, switch, on_step)
+                out_latents = out_latents or outs
+                if cap is None:
+                    continue
+                info[expert]["capture_s"].append(round(time.perf_counter() - t0, 3))
+                log.info("%s expert, pass %d/%d (blocks %d..%d): captured in %.1f s", expert, pi + 1,
+                         len(passes[expert]), blocks[0], blocks[-1], info[expert]["capture_s"][-1])
+                t0 = time.perf_counter()
+                if pi == 0:
+                    info[expert]["timesteps"] = [round(t, 3) for t in cap.timesteps]
+                    info[expert]["bin_rows"] = cap.bin_rows()
+                    _check_bins(expert, cap, config)
+                for spec in [s for s in layers[expert] if s.block in set(blocks)]:
+                    _check_cancel(cancel)
+                    w, b = layer_weight(model, spec.name)
+                    p, rec = quantize_layer(spec, expert, w, b, cap.groups[spec.group], config, device)
+                    params[expert][spec.name], records[expert][spec.name] = p, rec
+                    log.debug("%s %s: alpha %.2f, %s residual, %.2f s", expert, spec.name, rec.alpha,
+                              rec.residual, rec.seconds)
+                    tick(1, f"{expert} {spec.name}")
+                info[expert]["quantize_s"].append(round(time.perf_counter() - t0, 3))
+                cap.free()
+                del cap
+                _free(device)
+            if expert == "high":
+                latents = out_latents
+
+        notes = rpt.choose_clips(records, config.clip_grid, config.clip_policy)
+        for expert in EXPERTS:
+            info[expert]["empty_bin_fallback"] = {str(b): j for b, j in notes.get(expert, {}).items()}
+            for name, rec in records[expert].items():
+                params[expert][name].clip = torch.tensor(rec.clip, dtype=torch.float32)
+
+    info["resources"] = _resources(t_start, _device(config, high_model))
+    return _write_outputs(models, layers, params, records, info, config, paths)
+
+
+def _resources(t_start: float, device: torch.device) -> dict:
+    """Wall time so far and peak memory (what the real-size measurement records)."""
+    out = {"wall_s": round(time.perf_counter() - t_start, 3)}
+    try:
+        import resource
+        out["peak_host_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB
+    except (ImportError, OSError):
+        pass
+    if device.type == "cuda":
+        out["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out
+
+
+def _check_bins(expert: str, cap: ExpertCapture, config: CalibrationConfig) -> None:
+    rows = cap.bin_rows()
+    if sum(rows) == 0:
+        raise CalibrationError(f"the {expert}-noise expert received no samples (timesteps seen: {cap.timesteps})")
+    empty = [b for b, r in enumerate(rows) if r == 0]
+    if empty:
+        log.info("%s expert: timestep bins %s received no samples (edges %s, timesteps %s); they will take "
+                    "a neighbouring bin's clip ratio", expert, empty, [round(e, 2) for e in cap.edges],
+                    [round(t, 1) for t in sorted(set(cap.timesteps), reverse=True)])
+
+
+def _write_outputs(models, layers, params, records, info, config, paths) -> CalibrationResult:
+    data = rpt.build_report(config, records, info, {e: paths[e] for e in EXPERTS})
+    log.info("calibration summary:\n%s", rpt.table(records))
+    policy = config.clip_policy.replace("_", "-")
+    written = []
+    try:
+        for expert in EXPERTS:
+            if not params[expert]:
+                raise CalibrationError(f"the {expert}-noise expert has no quantized layer (keep-list?)")
+            weights = {f"{s.name}.weight": layer_weight(models[expert], s.name)[0] for s in layers[expert]}
+            meta = fmt.StateMeta(expert=expert, bin_edges=config.edges(expert), clip_policy=policy,
+                                 fingerprint=fmt.model_fingerprint(weights, params[expert].keys()),
+                                 report={"path": paths["report"].name})
+            fmt.save_state(paths[expert], params[expert], meta, overwrite=config.overwrite)
+            written.append(paths[expert])
+        rpt.write_json(paths["report"], data, overwrite=config.overwrite)
+    except BaseException:
+        if not config.overwrite:  # the files did not exist before: leave none of them behind
+            for p in written:
+                Path(p).unlink(missing_ok=True)
+        raise
+    for expert in EXPERTS:
+        d = data["experts"][expert]
+        log.info("%s expert: %d layers, pooled SQNR vs BF16 on held rows: RTN W4A4 %s dB -> %s dB; wrote %s",
+                 expert, len(params[expert]), _fmt_db(d["sqnr_rtn_db_pooled"]), _fmt_db(d["sqnr_after_db_pooled"]),
+                 paths[expert])
+    return CalibrationResult(high=paths["high"], low=paths["low"], report=paths["report"], data=data)
+
+
+def _fmt_db(x) -> str:
+    return f"{x:.2f}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)

@@ -1,0 +1,81 @@
+"""``python -m wan_w4a4 calibrate`` end to end on tiny checkpoints, in a subprocess (CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from wan_w4a4.kernels import format as fmt
+
+FAST_FLAGS = ["--items", "1", "--frames", "5", "--height", "32", "--width", "32", "--text-tokens", "8",
+              "--steps", "6", "--bins", "2", "--rank", "8", "--alphas", "0.5", "--clip-grid", "1,0.9,0.8",
+              "--rows-per-bin", "32", "--cpu"]
+
+
+def _run(args, comfyui, timeout=300):
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "wan_w4a4", "calibrate", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_needs_no_comfyui():
+    out = subprocess.run([sys.executable, "-m", "wan_w4a4", "calibrate", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--high", "--low", "--out", "--overwrite", "--clip-policy", "--blocks-per-pass", "--keep"):
+        assert flag in out.stdout
+
+
+@pytest.mark.comfyui
+def test_cli_end_to_end_and_refuses_overwrite(comfyui, tiny_wan_checkpoints, tmp_path):
+    ck = tiny_wan_checkpoints
+    args = ["--high", str(ck["high"]), "--low", str(ck["low"]), "--out", str(tmp_path), "--name", "tiny", *FAST_FLAGS]
+    out = _run(args, comfyui)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"high: {tmp_path / 'tiny_high.safetensors'}" in out.stdout
+    for expert in ("high", "low"):
+        layers, meta = fmt.load_state(tmp_path / f"tiny_{expert}.safetensors")
+        assert len(layers) == 20 and meta.expert == expert and meta.num_bins == 2
+    report = json.loads((tmp_path / "tiny_report.json").read_text())
+    assert report["config"]["rank"] == 8 and report["config"]["clip_grid"] == [1.0, 0.9, 0.8]
+    assert "calibrate: 100%" in out.stderr  # the tqdm bar
+
+    before = (tmp_path / "tiny_high.safetensors").stat().st_mtime_ns
+    again = _run(args, comfyui)
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr and "--overwrite" in again.stderr
+    assert (tmp_path / "tiny_high.safetensors").stat().st_mtime_ns == before
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    """Rejected before ComfyUI starts (in-process: nothing here reaches ComfyUI)."""
+    from wan_w4a4.__main__ import main
+    ck = tmp_path / "ck.safetensors"
+    ck.write_bytes(b"")
+    base = ["calibrate", "--low", str(ck), "--out", str(tmp_path / "out")]
+    assert main([*base, "--high", str(tmp_path / "missing.safetensors")]) == 2
+    assert "--high" in capsys.readouterr().err
+    assert main([*base, "--high", str(ck), "--bins", "0"]) == 2
+    assert "bins must be" in capsys.readouterr().err
+    assert main([*base, "--high", str(ck), "--items", "0"]) == 2
+    assert "--items must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse rejects an unknown policy
+        main([*base, "--high", str(ck), "--clip-policy", "per_layer"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.comfyui
+def test_minimodel_items_are_wan_i2v_items(comfy_nodes):
+    from wan_w4a4.calibration.cli import minimodel_items
+    items = minimodel_items(2, frames=5, seed=3)
+    assert [it.seed for it in items] == [3, 4]
+    for it in items:
+        assert it.latent.shape == (1, 16, 2, 16, 16)
+        extra = it.positive[0][1]
+        assert extra["concat_latent_image"].shape == (1, 16, 2, 16, 16)
+        assert extra["concat_mask"][0, 0, 0].max() == 0 and extra["concat_mask"][0, 0, 1].min() == 1
+        assert it.positive[0][0].shape[-1] == 4096
+    assert not torch.equal(items[0].positive[0][0], items[1].positive[0][0])  # different captions
