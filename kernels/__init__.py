@@ -1,0 +1,145 @@
+"""The W4A4 linear layer: one function, several backends.
+
+``w4a4_linear(x, params, bin_index)`` computes the function that ``numerics`` defines, on the first
+backend that can run the call:
+
+- ``"triton"`` (``triton_w4a4``): CUDA inputs, Triton installed, and the kernel accepts the shapes
+  (its ``unsupported_reason(x, params)`` returns None);
+- ``"reference"`` (``numerics.w4a4_linear``): eager torch, runs anywhere.
+
+The environment variable ``WAN_W4A4_BACKEND`` or the ``backend`` argument forces one; forcing a
+backend that cannot run raises :class:`BackendUnavailable` with its reason ("auto" or "" = choose).
+:func:`available_backends` lists, per backend, None or why it refuses (comfy-kitchen's habit).
+A CUDA input that falls back to the reference logs a warning with the reason, once per reason: the
+reference is orders of magnitude slower there (it does the integer product in float64).
+
+Importing this package does not import Triton: the Triton module is imported on the first call
+that could use it (a CUDA input), and its import failure is remembered as the reason.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import numerics
+from .numerics import W4A4Params
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "WAN_W4A4_BACKEND"
+PREFERENCE = ("triton", "reference")  # the order the default choice tries
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run this call (the message says why)."""
+
+
+_triton_import: tuple[object | None, str | None] | None = None  # (module, import error), once per process
+
+
+def _triton_module():
+    """The Triton backend module, or (None, why it failed to import). Imported once, lazily."""
+    global _triton_import
+    if _triton_import is None:
+        try:
+            _triton_import = (importlib.import_module(".triton_w4a4", __name__), None)
+        except Exception as e:  # ImportError, or a Triton/driver failure at import time
+            _triton_import = (None, f"kernels.triton_w4a4 failed to import: {type(e).__name__}: {e}")
+            log.debug("Triton backend unavailable: %s", _triton_import[1])
+    return _triton_import
+
+
+def _triton_device_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"needs a CUDA device, got {device.type}"
+    if not torch.cuda.is_available():
+        return "torch has no usable CUDA device"
+    return _triton_module()[1]
+
+
+def _triton_reason(x, params) -> str | None:
+    reason = _triton_device_reason(x.device)
+    if reason is None:
+        reason = _triton_module()[0].unsupported_reason(x, params)
+    return reason
+
+
+def _triton_fn() -> Callable:
+    return _triton_module()[0].w4a4_linear
+
+
+class _Backend(NamedTuple):
+    device_reason: Callable  # (device) -> None if it can run there, else why not
+    call_reason: Callable  # (x, params) -> None if it can run this call, else why not
+    function: Callable  # () -> the w4a4_linear(x, params, bin_index) to call (imports lazily)
+
+
+_BACKENDS = {
+    "reference": _Backend(lambda device: None, lambda x, params: None, lambda: numerics.w4a4_linear),
+    "triton": _Backend(_triton_device_reason, _triton_reason, _triton_fn),
+}
+BACKENDS = tuple(_BACKENDS)
+
+
+def _forced(backend: str | None) -> tuple[str | None, str]:
+    """(backend name or None for automatic, where the choice came from)."""
+    source = "the backend argument"
+    if backend is None:
+        backend, source = os.environ.get(ENV_VAR), f"${ENV_VAR}"
+    name = (backend or "").strip().lower()
+    if name in ("", "auto"):
+        return None, source
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown W4A4 backend {backend!r} (from {source}); choose one of "
+                         f"{', '.join(BACKENDS)} or 'auto'")
+    return name, source
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """Per backend: None when it can run on ``device``, else why not. Shape limits are per call."""
+    device = torch.device(device)
+    return {name: b.device_reason(device) for name, b in _BACKENDS.items()}
+
+
+def select_backend(x: torch.Tensor, params: W4A4Params, backend: str | None = None) -> str:
+    """The backend that :func:`w4a4_linear` will use for this call."""
+    name, source = _forced(backend)
+    if name is not None:
+        reason = _BACKENDS[name].call_reason(x, params)
+        if reason is not None:
+            raise BackendUnavailable(f"W4A4 backend {name!r} was forced by {source} but cannot run: {reason}")
+        return name
+    refusals = {}
+    for name in PREFERENCE:
+        refusals[name] = _BACKENDS[name].call_reason(x, params)
+        if refusals[name] is None:
+            break
+    else:
+        raise AssertionError(f"every W4A4 backend refused: {refusals}")  # the reference never does
+    if name == "reference" and x.device.type == "cuda":
+        why = "; ".join(f"{n}: {r}" for n, r in refusals.items() if r)
+        _warn_once(f"W4A4 layers on {x.device} run on the slow torch reference ({why})")
+    return name
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def w4a4_linear(x: torch.Tensor, params: W4A4Params, bin_index: int | torch.Tensor = 0,
+                backend: str | None = None) -> torch.Tensor:
+    """y = W4A4(x) as defined by ``numerics.w4a4_linear``, on the chosen backend."""
+    return _BACKENDS[select_backend(x, params, backend)].function()(x, params, bin_index)
+
+
+__all__ = ["BACKENDS", "BackendUnavailable", "ENV_VAR", "W4A4Params", "available_backends", "numerics",
+           "select_backend", "w4a4_linear"]

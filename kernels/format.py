@@ -1,0 +1,613 @@
+"""The on-disk W4A4 format: the one module that reads and writes it (safetensors only, never pickle).
+
+Two kinds of file, same layer encoding:
+
+- a **state** (``kind = "state"``) holds the W4A4 layers of ONE expert of a Wan2.2 model; the
+  BF16 model it was made from supplies everything else;
+- a **checkpoint** (``kind = "checkpoint"``) adds the model's other tensors (norms, modulation,
+  embeddings, head...) under their original keys, so that one file is the whole expert.
+
+Tensors, per quantized layer ``<layer>`` (the module path inside ComfyUI's WanModel, e.g.
+``blocks.0.self_attn.q``); shapes in the notation of ``numerics`` (N out, K in, G = K/64, R rank,
+B bins)::
+
+    <layer>.qweight  uint8    [N, K/2]  packed 4-bit residual (nibble layout: numerics doc)
+    <layer>.wscale   float32  [N]       residual row scale, finite > 0
+    <layer>.wfactor  uint8    [N, G]    residual group factor, 1..16 (weights are always signed)
+    <layer>.smooth   float32  [K]       smoothing divisor, finite > 0
+    <layer>.lr_down  bfloat16 [K, R]    low-rank L1 (R may be 0)
+    <layer>.lr_up    bfloat16 [R, N]    low-rank L2
+    <layer>.clip     float32  [B]       activation clip ratio per timestep bin, in (0, 1]
+    <layer>.bias     float32  [N]       optional
+
+Header (``__metadata__``, str -> str; JSON where structured)::
+
+    format          "wan-w4a4"           format_version  "1"
+    kind            "state" | "checkpoint"
+    scheme          "i8g64"              scheme_version  "1"      (numerics.SCHEME, SCHEME_VERSION)
+    bits            "4"                  group_size      "64"
+    expert          "high" | "low" | any non-empty string
+    num_bins        "B"
+    bin_edges       JSON list of B+1 model timesteps (Wan: t = 1000 * sigma), strictly DESCENDING,
+                    in the order a sampler meets them. Bin i is the interval edges[i+1] <= t < edges[i];
+                    t above edges[0] falls in bin 0, t below edges[B] in bin B-1 (see StateMeta.bin_index).
+                    Closed at the low end like the expert switch (Wan2.2 I2V: t >= 900 -> high expert).
+    clip_policy     "per-bin" | "per-expert" | "global" | "none"  (none: c = 1 everywhere)
+    fingerprint     model_fingerprint() of the BF16 expert the state was made from ("" = unknown)
+    producer        e.g. "wan_w4a4 0.1.0"
+    report          JSON object, free-form (e.g. {"path": "high.report.json"})
+    layers          JSON object, in the order save_state got them: layer -> {"in_features", "out_features", "rank",
+                    "act_unsigned", "act_shift", "bias", "crc32": {tensor: crc32 of its bytes}}
+    rest            (checkpoints only) JSON object: key -> crc32 of the non-quantized tensors
+    header_crc32    crc32 of the JSON of all other header entries (sorted keys): catches a corrupted
+                    free-form value (fingerprint, expert...) that would still parse
+
+Tensor names do not copy comfy-kitchen's ``svdquant_w4a4`` keys (``wscales``, ``proj_up``...) on
+purpose: their shapes and meaning differ (per-group scales [G, N], ``proj_up`` [N, R]), and a loader
+that recognised the names would misread the tensors.
+
+Loading checks the header, then every tensor's presence, dtype and shape from the safetensors header
+(before reading data), then the header's CRC32, then values and every tensor's CRC32 (``verify=False``
+skips the CRCs, about 4 GB/s of one core's time). Any problem raises :class:`W4A4FormatError` naming the
+file, the layer and the problem, with a hint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from . import numerics as nm
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "wan-w4a4"
+FORMAT_VERSION = 1
+SUFFIX = ".safetensors"
+KINDS = ("state", "checkpoint")
+BITS = 4
+# scheme -> newest version this code reads. A second scheme (native INT4 / NVFP4) adds a row here.
+SUPPORTED_SCHEMES = {nm.SCHEME: nm.SCHEME_VERSION}
+CLIP_POLICIES = ("per-bin", "per-expert", "global", "none")
+FIELDS = ("qweight", "wscale", "wfactor", "smooth", "lr_down", "lr_up", "clip", "bias")
+_HINT_RECREATE = "re-create the file with the calibration command, or download it again"
+
+
+def _default_producer() -> str:
+    from .. import __version__
+    return f"wan_w4a4 {__version__}"
+
+
+class W4A4FormatError(ValueError):
+    """A W4A4 file (or the layers about to be written to one) breaks the format.
+
+    ``file``, ``layer`` (None for file-level problems), ``problem`` and ``hint`` are kept as attributes.
+    """
+
+    def __init__(self, file, problem: str, layer: str | None = None, hint: str | None = None):
+        self.file, self.layer, self.problem, self.hint = str(file), layer, problem, hint
+        where = f"layer {layer!r}: " if layer is not None else ""
+        super().__init__(f"{self.file}: {where}{problem}" + (f" (hint: {hint})" if hint else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StateMeta:
+    """File-level metadata of a state or checkpoint (everything but the per-layer entries)."""
+
+    expert: str
+    bin_edges: tuple[float, ...]
+    fingerprint: str = ""
+    clip_policy: str = "per-bin"
+    producer: str = dataclasses.field(default_factory=_default_producer)
+    report: dict = dataclasses.field(default_factory=dict)
+    scheme: str = nm.SCHEME
+    scheme_version: int = nm.SCHEME_VERSION
+
+    def __post_init__(self):
+        if not isinstance(self.expert, str) or not self.expert.strip():
+            raise ValueError(f"expert must be a non-empty string such as 'high' or 'low', got {self.expert!r}")
+        try:
+            edges = tuple(float(e) for e in self.bin_edges)
+        except (TypeError, ValueError):
+            raise ValueError(f"bin_edges must be a sequence of numbers, got {self.bin_edges!r}") from None
+        if len(edges) < 2:
+            raise ValueError(f"bin_edges needs B+1 >= 2 timesteps, got {list(edges)}")
+        if not all(math.isfinite(e) and e >= 0 for e in edges):
+            raise ValueError(f"bin_edges must be finite timesteps >= 0, got {list(edges)}")
+        if any(a <= b for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"bin_edges must be strictly descending (sampling order, e.g. "
+                             f"[1000, 950, 900]), got {list(edges)}")
+        object.__setattr__(self, "bin_edges", edges)
+        if self.clip_policy not in CLIP_POLICIES:
+            raise ValueError(f"clip_policy {self.clip_policy!r} is not one of {CLIP_POLICIES}")
+        for name in ("fingerprint", "producer"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.report, dict):
+            raise ValueError(f"report must be a dict (JSON object), got {type(self.report).__name__}")
+        try:
+            json.dumps(self.report)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"report is not JSON-serialisable: {e}") from None
+        newest = SUPPORTED_SCHEMES.get(self.scheme)
+        if newest is None:
+            raise ValueError(f"scheme {self.scheme!r} is not supported (known: {sorted(SUPPORTED_SCHEMES)})")
+        if not isinstance(self.scheme_version, int) or not 1 <= self.scheme_version <= newest:
+            raise ValueError(f"scheme {self.scheme!r} version {self.scheme_version!r} is not supported "
+                             f"(this pack reads versions 1..{newest}; a newer file needs a newer ComfyUI-WanW4A4)")
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.bin_edges) - 1
+
+    def bin_index(self, t: float) -> int:
+        """The bin of model timestep ``t``: edges[i+1] <= t < edges[i], clamped to the first/last bin."""
+        for i, low in enumerate(self.bin_edges[1:]):
+            if t >= low:
+                return i
+        return self.num_bins - 1
+
+
+def _meta_header(meta: StateMeta, kind: str) -> dict[str, str]:
+    return {
+        "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "kind": kind,
+        "scheme": meta.scheme, "scheme_version": str(meta.scheme_version),
+        "bits": str(BITS), "group_size": str(nm.GROUP),
+        "expert": meta.expert, "num_bins": str(meta.num_bins), "bin_edges": json.dumps(list(meta.bin_edges)),
+        "clip_policy": meta.clip_policy, "fingerprint": meta.fingerprint, "producer": meta.producer,
+        "report": json.dumps(meta.report, sort_keys=True),
+    }
+
+
+class _Ctx:
+    """The file an operation is about, so that every error names it, and the generic fix to suggest."""
+
+    def __init__(self, path, writing: bool = False):
+        self.path = os.fspath(path)
+        self.fix = ("nothing was written; the layers break the numerics layout (a bug in the code that made them)"
+                    if writing else _HINT_RECREATE)
+
+    def error(self, problem: str, layer: str | None = None, hint: str | None = None) -> W4A4FormatError:
+        return W4A4FormatError(self.path, problem, layer, hint)
+
+
+def _parse_header(ctx: _Ctx, header: dict[str, str] | None, kind: str):
+    """Validate the file-level header. Returns (meta, layer entries dict, rest crc dict or None)."""
+    hint_kind = "this does not look like a W4A4 file (a plain model checkpoint?)"
+    if not header or header.get("format") != FORMAT_NAME:
+        got = None if not header else header.get("format")
+        raise ctx.error(f"header has format {got!r}, expected {FORMAT_NAME!r}", hint=hint_kind)
+
+    def integer(key):
+        try:
+            return int(header[key])
+        except KeyError:
+            raise ctx.error(f"header lacks {key!r}", hint=_HINT_RECREATE) from None
+        except ValueError:
+            raise ctx.error(f"header {key!r} = {header[key]!r} is not an integer", hint=_HINT_RECREATE) from None
+
+    def load_json(key, typ):
+        try:
+            value = json.loads(header[key])
+        except KeyError:
+            raise ctx.error(f"header lacks {key!r}", hint=_HINT_RECREATE) from None
+        except json.JSONDecodeError as e:
+            raise ctx.error(f"header {key!r} is not valid JSON ({e})", hint=_HINT_RECREATE) from None
+        if not isinstance(value, typ):
+            raise ctx.error(f"header {key!r} is a {type(value).__name__}, expected {typ.__name__}",
+                            hint=_HINT_RECREATE)
+        return value
+
+    version = integer("format_version")
+    if version > FORMAT_VERSION:
+        raise ctx.error(f"format_version {version} is newer than this pack reads ({FORMAT_VERSION})",
+                        hint="update ComfyUI-WanW4A4")
+    if version < 1:
+        raise ctx.error(f"format_version {version} is invalid", hint=_HINT_RECREATE)
+    file_kind = header.get("kind")
+    if file_kind != kind:
+        other = {"state": "load_state", "checkpoint": "load_checkpoint"}.get(file_kind)
+        raise ctx.error(f"file is a {file_kind!r}, expected a {kind!r}",
+                        hint=f"open it with {other}()" if other else _HINT_RECREATE)
+    for key, want in (("bits", BITS), ("group_size", nm.GROUP)):
+        if integer(key) != want:
+            raise ctx.error(f"header {key} = {header[key]}, this pack only reads {want}", hint="update ComfyUI-WanW4A4")
+    scheme = header.get("scheme")
+    newest = SUPPORTED_SCHEMES.get(scheme)
+    if newest is None:
+        raise ctx.error(f"scheme {scheme!r} is not supported (this pack reads {sorted(SUPPORTED_SCHEMES)})",
+                        hint="a newer ComfyUI-WanW4A4 may read it")
+    scheme_version = integer("scheme_version")
+    if scheme_version > newest:
+        raise ctx.error(f"scheme {scheme} version {scheme_version} is newer than this pack reads ({newest})",
+                        hint="update ComfyUI-WanW4A4")
+    num_bins = integer("num_bins")
+    edges, report = load_json("bin_edges", list), load_json("report", dict)
+    try:
+        meta = StateMeta(expert=header.get("expert", ""), bin_edges=edges, fingerprint=header.get("fingerprint", ""),
+                         clip_policy=header.get("clip_policy", ""), producer=header.get("producer", ""),
+                         report=report, scheme=scheme, scheme_version=scheme_version)
+    except ValueError as e:
+        raise ctx.error(f"header: {e}", hint=_HINT_RECREATE) from None
+    if meta.num_bins != num_bins:
+        raise ctx.error(f"header num_bins = {num_bins} but bin_edges has {meta.num_bins + 1} edges",
+                        hint=_HINT_RECREATE)
+    layers = load_json("layers", dict)
+    if not layers:
+        raise ctx.error("header lists no layers", hint=_HINT_RECREATE)
+    rest = load_json("rest", dict) if kind == "checkpoint" else None
+    return meta, layers, rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer checks (shared by save and load)
+# ---------------------------------------------------------------------------------------------
+
+# torch dtype -> the name safetensors uses in its header (what get_slice().get_dtype() returns)
+_DTYPE_NAMES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                torch.bool: "BOOL"}
+_FIELD_DTYPE = {"qweight": torch.uint8, "wscale": torch.float32, "wfactor": torch.uint8,
+                "smooth": torch.float32, "lr_down": torch.bfloat16, "lr_up": torch.bfloat16,
+                "clip": torch.float32, "bias": torch.float32}
+
+
+def _expected_shapes(entry: dict, num_bins: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    n, k, r = entry["out_features"], entry["in_features"], entry["rank"]
+    return {"qweight": ((n, k // 2), "(out_features, in_features/2)"), "wscale": ((n,), "(out_features,)"),
+            "wfactor": ((n, k // nm.GROUP), "(out_features, in_features/64)"), "smooth": ((k,), "(in_features,)"),
+            "lr_down": ((k, r), "(in_features, rank)"), "lr_up": ((r, n), "(rank, out_features)"),
+            "clip": ((num_bins,), "(num_bins,)"), "bias": ((n,), "(out_features,)")}
+
+
+def _check_entry(ctx: _Ctx, name: str, entry: Any) -> None:
+    """A header layer entry: types and the layout's constraints."""
+    if not isinstance(entry, dict):
+        raise ctx.error(f"layer entry is a {type(entry).__name__}, expected an object", name, ctx.fix)
+    for key in ("in_features", "out_features", "rank"):
+        v = entry.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "rank" else 1):
+            raise ctx.error(f"{key} = {v!r} is not a valid count", name, ctx.fix)
+    if entry["in_features"] % nm.PACK_TILE:
+        raise ctx.error(f"in_features = {entry['in_features']} is not a multiple of {nm.PACK_TILE} "
+                        f"(the {nm.SCHEME} layout packs K in tiles of {nm.PACK_TILE})", name,
+                        "leave this layer unquantized")
+    for key in ("act_unsigned", "bias"):
+        if not isinstance(entry.get(key), bool):
+            raise ctx.error(f"{key} = {entry.get(key)!r} is not a boolean", name, ctx.fix)
+    shift = entry.get("act_shift")
+    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not math.isfinite(shift):
+        raise ctx.error(f"act_shift = {shift!r} is not a finite number", name, ctx.fix)
+
+
+def _check_specs(ctx: _Ctx, name: str, entry: dict, specs: Mapping[str, tuple[str, tuple]], num_bins: int):
+    """Presence, dtype and shape of a layer's tensors; ``specs``: field -> (safetensors dtype, shape)."""
+    fields = [f for f in FIELDS if f != "bias" or entry["bias"]]
+    for field in fields:
+        if field not in specs:
+            raise ctx.error(f"tensor {name}.{field} is missing", name, ctx.fix)
+    extra = sorted(set(specs) - set(fields))
+    if extra:
+        raise ctx.error(f"unexpected tensor(s) {', '.join(f'{name}.{f}' for f in extra)}", name,
+                        "the header does not declare them; the file was edited or made by another tool")
+    for field, (shape, meaning) in _expected_shapes(entry, num_bins).items():
+        if field not in fields:
+            continue
+        dtype, got = specs[field]
+        want = _DTYPE_NAMES[_FIELD_DTYPE[field]]
+        if dtype != want:
+            raise ctx.error(f"{field} has dtype {dtype}, expected {want} ({_FIELD_DTYPE[field]})", name,
+                            ctx.fix)
+        if tuple(got) != shape:
+            raise ctx.error(f"{field} has shape {tuple(got)}, expected {shape} = {meaning}", name,
+                            "the tensors disagree with each other or with the header")
+
+
+def _check_values(ctx: _Ctx, name: str, t: Mapping[str, torch.Tensor], clip_policy: str) -> None:
+    """Value ranges that the kernels rely on (all small tensors; qweight has no invalid byte)."""
+    def bad(field, cond_ok, what):
+        if not bool(cond_ok):
+            raise ctx.error(f"{field} {what}", name, ctx.fix)
+
+    lo, hi = torch.aminmax(t["wfactor"]) if t["wfactor"].numel() else (1, 1)
+    bad("wfactor", 1 <= int(lo) and int(hi) <= nm.SIGNED[2], f"has values outside 1..{nm.SIGNED[2]}")
+    for field in ("wscale", "smooth"):
+        v = t[field]
+        bad(field, (torch.isfinite(v) & (v > 0)).all(), "has values that are not finite and > 0")
+    c = t["clip"]
+    bad("clip", (torch.isfinite(c) & (c > 0) & (c <= 1)).all(), f"has values outside (0, 1]: {c.tolist()}")
+    if clip_policy == "none":
+        bad("clip", (c == 1).all(), f"must be all 1 under clip_policy 'none', got {c.tolist()}")
+    elif clip_policy in ("per-expert", "global"):
+        bad("clip", (c == c[0]).all(), f"must be equal across bins under clip_policy {clip_policy!r}, got {c.tolist()}")
+    for field in ("lr_down", "lr_up", "bias"):
+        if field in t:
+            bad(field, torch.isfinite(t[field]).all(), "has non-finite values")
+
+
+def _crc32(t: torch.Tensor) -> int:
+    # The bytes safetensors stores: little-endian, C order.
+    return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _header_crc32(header: Mapping[str, str]) -> str:
+    body = {k: v for k, v in header.items() if k != "header_crc32"}
+    return str(zlib.crc32(json.dumps(body, sort_keys=True).encode()))
+
+
+def _check_suffix(ctx: _Ctx) -> None:
+    if not ctx.path.endswith(SUFFIX):
+        raise ctx.error(f"not a {SUFFIX} file", hint="W4A4 states are safetensors files; this pack reads and "
+                                                     "writes nothing else (and never unpickles)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+def _layer_tensors(ctx: _Ctx, name: str, p: nm.W4A4Params, meta: StateMeta) -> tuple[dict, dict]:
+    """Validate one layer for writing. Returns (entry for the header, field -> CPU tensor)."""
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ctx.error(f"invalid layer name {name!r}", hint="use the module path, e.g. 'blocks.0.self_attn.q'")
+    if not isinstance(p, nm.W4A4Params):
+        raise ctx.error(f"is a {type(p).__name__}, expected numerics.W4A4Params", name)
+    tensors = {f: getattr(p, f) for f in FIELDS if getattr(p, f) is not None}
+    for field, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise ctx.error(f"{field} is a {type(v).__name__}, expected a tensor", name)
+    qw, lr = p.qweight, p.lr_down
+    if qw.dim() != 2 or lr.dim() != 2:
+        raise ctx.error(f"qweight {tuple(qw.shape)} and lr_down {tuple(lr.shape)} must be 2-D", name)
+    if not isinstance(p.act_unsigned, bool):
+        raise ctx.error(f"act_unsigned = {p.act_unsigned!r} is not a boolean", name)
+    entry = {"in_features": qw.shape[1] * 2, "out_features": qw.shape[0], "rank": lr.shape[1],
+             "act_unsigned": p.act_unsigned, "act_shift": float(p.act_shift), "bias": p.bias is not None}
+    _check_entry(ctx, name, entry)
+    specs = {f: (_DTYPE_NAMES.get(v.dtype, str(v.dtype).replace("torch.", "")), tuple(v.shape))
+             for f, v in tensors.items()}
+    _check_specs(ctx, name, entry, specs, meta.num_bins)
+    tensors = {f: v.detach().to("cpu").contiguous() for f, v in tensors.items()}
+    _check_values(ctx, name, tensors, meta.clip_policy)
+    entry["crc32"] = {f: _crc32(v) for f, v in tensors.items()}
+    return entry, tensors
+
+
+def _write(path, tensors: dict[str, torch.Tensor], header: dict[str, str], overwrite: bool) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then os.replace."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(errno.EEXIST, "W4A4 file already exists (pass overwrite=True to replace it)", path)
+    # safetensors refuses tensors that share memory (e.g. q/k/v sharing one L1): give each its own copy.
+    seen = set()
+    for key, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        if v.numel() and ptr in seen:
+            tensors[key] = v.clone()
+        seen.add(ptr)
+    header = {**header, "header_crc32": _header_crc32(header)}
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if not overwrite and os.path.exists(path):  # appeared while we wrote
+            raise FileExistsError(errno.EEXIST, "W4A4 file already exists (pass overwrite=True to replace it)", path)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    log.info("wrote %s (%d tensors)", path, len(tensors))
+
+
+def _encode_layers(ctx: _Ctx, layers: Mapping[str, nm.W4A4Params], meta: StateMeta):
+    if not isinstance(meta, StateMeta):
+        raise TypeError(f"meta must be a StateMeta, got {type(meta).__name__}")
+    if not layers:
+        raise ctx.error("no layers to write", hint="a state holds at least one quantized layer")
+    entries, tensors = {}, {}
+    for name, p in layers.items():
+        entry, t = _layer_tensors(ctx, name, p, meta)
+        entries[name] = entry
+        for field, v in t.items():
+            key = f"{name}.{field}"
+            if key in tensors:
+                raise ctx.error(f"tensor name {key!r} is produced twice", name, "layer names collide")
+            tensors[key] = v
+    return entries, tensors
+
+
+def save_state(path, layers: Mapping[str, nm.W4A4Params], meta: StateMeta, *, overwrite: bool = False) -> None:
+    """Write the W4A4 layers of one expert. Validates everything first; never leaves a partial file."""
+    ctx = _Ctx(path, writing=True)
+    _check_suffix(ctx)
+    entries, tensors = _encode_layers(ctx, layers, meta)
+    header = _meta_header(meta, "state")
+    header["layers"] = json.dumps(entries)
+    _write(path, tensors, header, overwrite)
+
+
+def save_checkpoint(path, layers: Mapping[str, nm.W4A4Params], rest: Mapping[str, torch.Tensor], meta: StateMeta,
+                    *, overwrite: bool = False) -> None:
+    """A self-contained expert: the W4A4 layers plus the non-quantized tensors ``rest`` (original keys)."""
+    ctx = _Ctx(path, writing=True)
+    _check_suffix(ctx)
+    entries, tensors = _encode_layers(ctx, layers, meta)
+    rest_crc = {}
+    for key, v in rest.items():
+        layer, _, field = key.rpartition(".")
+        if not isinstance(v, torch.Tensor):
+            raise ctx.error(f"rest tensor {key!r} is a {type(v).__name__}, expected a tensor")
+        if key in tensors or (layer in entries and field in ("weight", "bias")):
+            raise ctx.error(f"rest tensor {key!r} belongs to a quantized layer", layer if layer in entries else None,
+                            "drop the float weight and bias of quantized layers from rest")
+        tensors[key] = v.detach().to("cpu").contiguous()
+        rest_crc[key] = _crc32(tensors[key])
+    header = _meta_header(meta, "checkpoint")
+    header["layers"] = json.dumps(entries)
+    header["rest"] = json.dumps(rest_crc)
+    _write(path, tensors, header, overwrite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+def _open(ctx: _Ctx):
+    from safetensors import safe_open
+
+    _check_suffix(ctx)
+    if not os.path.isfile(ctx.path):
+        raise FileNotFoundError(errno.ENOENT, "W4A4 file not found", ctx.path)
+    try:
+        return safe_open(ctx.path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors' own error type is not public API
+        raise ctx.error(f"cannot be read as safetensors ({e})", hint=f"the file is truncated or corrupt; "
+                                                                    f"{_HINT_RECREATE}") from e
+
+
+def _layer_specs(ctx: _Ctx, f, entries: dict, num_bins: int) -> dict[str, dict]:
+    """Check every layer's tensors from the safetensors header alone (no data read). layer -> field -> spec."""
+    by_layer: dict[str, dict] = {name: {} for name in entries}
+    for key in f.keys():
+        layer, _, field = key.rpartition(".")
+        if layer in by_layer and field in FIELDS:
+            sl = f.get_slice(key)
+            by_layer[layer][field] = (sl.get_dtype(), tuple(sl.get_shape()))
+    for name, entry in entries.items():
+        _check_entry(ctx, name, entry)
+        _check_specs(ctx, name, entry, by_layer[name], num_bins)
+    return by_layer
+
+
+def _read_rest(ctx: _Ctx, f, others: list[str], entries: dict, rest_crc: dict | None, verify: bool) -> dict:
+    """The non-quantized tensors of a checkpoint (``rest_crc`` None: a state, which must have none)."""
+    def owner(key):
+        layer = key.rpartition(".")[0]
+        return layer if layer in entries else None
+
+    if rest_crc is None:
+        if others:
+            more = f" (and {len(others) - 1} more)" if others[1:] else ""
+            raise ctx.error(f"unexpected tensor {others[0]!r}{more}", owner(others[0]),
+                            "a state holds only the W4A4 layers its header lists; is this a checkpoint?")
+        return {}
+    missing, extra = sorted(set(rest_crc) - set(others)), sorted(set(others) - set(rest_crc))
+    if missing or extra:
+        raise ctx.error(f"non-quantized tensors disagree with the header: missing {missing[:5]}, undeclared "
+                        f"{extra[:5]}", owner((missing or extra)[0]), _HINT_RECREATE)
+    rest = {}
+    for key in others:
+        if owner(key) is not None and key.endswith(".weight"):
+            raise ctx.error(f"holds both W4A4 tensors and the float weight {key!r}", owner(key), _HINT_RECREATE)
+        rest[key] = f.get_tensor(key)
+        if verify and _crc32(rest[key]) != rest_crc[key]:
+            raise ctx.error(f"tensor {key!r} is corrupt (CRC32 mismatch)", owner(key), _HINT_RECREATE)
+    return rest
+
+
+def _read_layer(ctx: _Ctx, f, name: str, entry: dict, fields, meta: StateMeta, verify: bool) -> nm.W4A4Params:
+    t = {field: f.get_tensor(f"{name}.{field}") for field in fields}
+    if verify:
+        crcs = entry.get("crc32")
+        if not isinstance(crcs, dict) or set(crcs) != set(t):
+            raise ctx.error("header lacks the CRC32 of every tensor", name, _HINT_RECREATE)
+        for field, v in t.items():
+            if _crc32(v) != crcs[field]:
+                raise ctx.error(f"tensor {name}.{field} is corrupt (CRC32 mismatch)", name, _HINT_RECREATE)
+    _check_values(ctx, name, t, meta.clip_policy)
+    return nm.W4A4Params(**t, act_unsigned=entry["act_unsigned"], act_shift=float(entry["act_shift"]))
+
+
+def _read(path, kind: str, device, verify: bool):
+    ctx = _Ctx(path)
+    with _open(ctx) as f:
+        header = f.metadata()
+        meta, entries, rest_crc = _parse_header(ctx, header, kind)
+        by_layer = _layer_specs(ctx, f, entries, meta.num_bins)
+        # after the structural checks, whose messages are more precise; before any data is trusted
+        if verify and header.get("header_crc32") != _header_crc32(header):
+            raise ctx.error("header is corrupt (header_crc32 mismatch)", hint=_HINT_RECREATE)
+        claimed = {f"{name}.{field}" for name, specs in by_layer.items() for field in specs}
+        rest = _read_rest(ctx, f, sorted(set(f.keys()) - claimed), entries, rest_crc, verify)
+        layers = {name: _read_layer(ctx, f, name, entry, by_layer[name], meta, verify)
+                  for name, entry in entries.items()}
+    if torch.device(device) != torch.device("cpu"):
+        layers = {name: p.to(device) for name, p in layers.items()}
+        rest = {key: v.to(device) for key, v in rest.items()}
+    log.info("read %s: %d W4A4 layers, expert %r, %d bins", ctx.path, len(layers), meta.expert, meta.num_bins)
+    return layers, rest, meta
+
+
+def load_state(path, device="cpu", *, verify: bool = True) -> tuple[dict[str, nm.W4A4Params], StateMeta]:
+    """Read and validate a state. ``verify`` checks the CRC32 of every tensor (about 4 GB/s on one core)."""
+    layers, _, meta = _read(path, "state", device, verify)
+    return layers, meta
+
+
+def load_checkpoint(path, device="cpu", *, verify: bool = True):
+    """Read and validate a checkpoint: (layers, rest tensors by original key, meta)."""
+    return _read(path, "checkpoint", device, verify)
+
+
+def read_meta(path, kind: str = "state") -> StateMeta:
+    """The validated file-level metadata, without reading tensors (e.g. to list states in a node)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    ctx = _Ctx(path)
+    with _open(ctx) as f:
+        return _parse_header(ctx, f.metadata(), kind)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Source-model fingerprint
+# ---------------------------------------------------------------------------------------------
+
+_FP_CHUNKS, _FP_CHUNK = 8, 32  # 256 values per layer, in 8 runs: a few pages of a memory-mapped file
+
+
+def model_fingerprint(weights: Mapping[str, torch.Tensor], layers: Iterable[str]) -> str:
+    """A short stable hash of the source model: names, shapes and a deterministic sample of values.
+
+    ``weights`` maps state-dict keys to the BF16 weights (``<layer>.weight``); only 256 values per
+    layer are read (8 evenly spaced runs of 32), so a memory-mapped or GPU-resident 14B model costs
+    milliseconds. Values are hashed as bfloat16, so fp32 copies of the same BF16 weights match.
+    Two experts of one model share names and shapes but not values, so their fingerprints differ.
+    """
+    h = hashlib.sha256(b"wan-w4a4 fingerprint v1\0")
+    for name in sorted(set(layers)):
+        key = f"{name}.weight"
+        if key not in weights:
+            raise KeyError(f"model_fingerprint: the model has no {key!r}; is it a Wan2.2 model with this layer?")
+        w = weights[key].detach()
+        flat = w.reshape(-1)
+        n = flat.numel()
+        if n <= _FP_CHUNKS * _FP_CHUNK:
+            sample = flat
+        else:
+            starts = [i * (n - _FP_CHUNK) // (_FP_CHUNKS - 1) for i in range(_FP_CHUNKS)]
+            sample = torch.cat([flat[s:s + _FP_CHUNK] for s in starts])
+        sample = sample.to(torch.bfloat16).cpu().view(torch.int16).numpy().astype("<i2")
+        h.update(f"{name}|{tuple(w.shape)}|".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,156 @@
+"""The backend dispatcher (kernels/__init__.py): default choice, forcing, refusals with reasons,
+and that Triton is imported only when a CUDA call could use it."""
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from wan_w4a4 import kernels
+from wan_w4a4.kernels import numerics as nm
+
+
+@pytest.fixture(autouse=True)
+def no_env_override(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+
+
+@pytest.fixture
+def layer():
+    g = torch.Generator().manual_seed(0)
+    return nm.from_float(torch.randn(64, 256, generator=g), torch.randn(64, generator=g),
+                         clip=torch.tensor([1.0, 0.7]), num_bins=2)
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    """A stand-in Triton backend on a pretend CUDA machine: records calls, refuses when told to."""
+    calls = []
+    mod = types.SimpleNamespace(refusal=None)
+    mod.unsupported_reason = lambda x, p: mod.refusal
+    mod.w4a4_linear = lambda x, p, b: calls.append((x, p, b)) or "triton-result"
+    mod.calls = calls
+    monkeypatch.setattr(kernels, "_triton_import", (mod, None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return mod
+
+
+def cuda_input():
+    # Only .device is read by the dispatcher; the fake backend never touches the data.
+    return types.SimpleNamespace(device=torch.device("cuda", 0), is_cuda=True)
+
+
+def test_import_does_not_import_triton():
+    code = ("import sys, torch\n"
+            "import wan_w4a4.kernels as k\n"
+            "from wan_w4a4.kernels import numerics as nm\n"
+            "assert 'triton' not in sys.modules and 'wan_w4a4.kernels.triton_w4a4' not in sys.modules\n"
+            "p = nm.from_float(torch.randn(8, 128))\n"
+            "k.w4a4_linear(torch.randn(2, 128), p)\n"
+            "k.available_backends('cpu')\n"
+            "assert 'triton' not in sys.modules, 'a CPU call imported triton'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cpu_uses_the_reference(layer):
+    x = torch.randn(5, 256)
+    assert kernels.select_backend(x, layer) == "reference"
+    assert torch.equal(kernels.w4a4_linear(x, layer, 1), nm.w4a4_linear(x, layer, 1))
+
+
+def test_available_backends_says_why():
+    cpu = kernels.available_backends("cpu")
+    assert set(cpu) == set(kernels.BACKENDS) == {"reference", "triton"}
+    assert cpu["reference"] is None
+    assert "CUDA" in cpu["triton"]
+
+
+@pytest.mark.parametrize("value", ["reference", "REFERENCE", " reference "])
+def test_force_reference(layer, value, monkeypatch):
+    x = torch.randn(3, 256)
+    assert kernels.select_backend(x, layer, backend=value) == "reference"
+    monkeypatch.setenv(kernels.ENV_VAR, value)
+    assert kernels.select_backend(x, layer) == "reference"
+
+
+def test_forcing_an_unavailable_backend_raises_with_the_reason(layer, monkeypatch):
+    x = torch.randn(3, 256)
+    with pytest.raises(kernels.BackendUnavailable, match="'triton' was forced by the backend argument.*CUDA"):
+        kernels.w4a4_linear(x, layer, backend="triton")
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    with pytest.raises(kernels.BackendUnavailable, match=r"\$WAN_W4A4_BACKEND.*CUDA"):
+        kernels.w4a4_linear(x, layer)
+
+
+def test_argument_overrides_environment(layer, monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    assert kernels.select_backend(torch.randn(3, 256), layer, backend="reference") == "reference"
+    assert kernels.select_backend(torch.randn(3, 256), layer, backend="auto") == "reference"
+
+
+def test_unknown_backend(layer, monkeypatch):
+    with pytest.raises(ValueError, match="unknown W4A4 backend 'cutlass'.*reference, triton"):
+        kernels.select_backend(torch.randn(3, 256), layer, backend="cutlass")
+    monkeypatch.setenv(kernels.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match=r"\$WAN_W4A4_BACKEND"):
+        kernels.select_backend(torch.randn(3, 256), layer)
+
+
+@pytest.mark.parametrize("value", ["", "auto", "Auto"])
+def test_auto_values(layer, value, monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, value)
+    assert kernels.select_backend(torch.randn(3, 256), layer) == "reference"
+
+
+def test_cuda_input_prefers_triton(layer, fake_triton):
+    x = cuda_input()
+    assert kernels.available_backends("cuda") == {"reference": None, "triton": None}
+    assert kernels.select_backend(x, layer) == "triton"
+    assert kernels.w4a4_linear(x, layer, 1) == "triton-result"
+    assert fake_triton.calls == [(x, layer, 1)]
+
+
+def test_cuda_input_falls_back_when_the_kernel_refuses(layer, fake_triton, caplog, monkeypatch):
+    monkeypatch.setattr(kernels, "_warned", set())
+    fake_triton.refusal = "in_features 200 is not a multiple of 128"
+    x = cuda_input()
+    assert kernels.select_backend(x, layer) == "reference"
+    assert kernels.select_backend(x, layer) == "reference"
+    warnings = [r for r in caplog.records if "slow torch reference" in r.getMessage()]
+    assert len(warnings) == 1 and "multiple of 128" in warnings[0].getMessage()  # said once, with why
+    with pytest.raises(kernels.BackendUnavailable, match="multiple of 128"):
+        kernels.select_backend(x, layer, backend="triton")
+    assert kernels.select_backend(x, layer, backend="reference") == "reference"
+
+
+def test_triton_module_that_fails_to_import(layer, monkeypatch):
+    monkeypatch.setattr(kernels, "_triton_import", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_import = kernels.importlib.import_module
+
+    def failing_import(name, package=None):
+        if name.endswith("triton_w4a4"):
+            raise ImportError("No module named 'triton'")
+        return real_import(name, package)
+
+    monkeypatch.setattr(kernels.importlib, "import_module", failing_import)
+    reason = kernels.available_backends("cuda")["triton"]
+    assert "failed to import" in reason and "No module named 'triton'" in reason
+    assert kernels.select_backend(cuda_input(), layer) == "reference"
+    with pytest.raises(kernels.BackendUnavailable, match="failed to import"):
+        kernels.select_backend(cuda_input(), layer, backend="triton")
+
+
+@pytest.mark.gpu
+def test_gpu_default_is_triton_and_matches_the_reference(layer):
+    # On the GPU machine: the real Triton module is chosen by default for a CUDA input.
+    # (Kernel accuracy is tests/kernels/test_triton.py's subject; this checks the wiring.)
+    p = layer.to("cuda")
+    x = torch.randn(37, 256, device="cuda").to(torch.bfloat16)
+    assert kernels.available_backends("cuda")["triton"] is None
+    assert kernels.select_backend(x, p) == "triton"
+    ref = kernels.w4a4_linear(x, p, 1, backend="reference")
+    out = kernels.w4a4_linear(x, p, torch.tensor(1, device="cuda"))
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert nm.sqnr_db(ref.float(), out.float()) >= 45.0  # test_triton.py's stated tolerance
