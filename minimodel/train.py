@@ -1,0 +1,634 @@
+"""Trains the mini Wan2.2-I2V model: two experts, as Wan2.2 trains its mixture of experts.
+
+    python -m wan_w4a4.minimodel.train --out DIR [--minutes M | --steps N | --phase-steps W,H,L]
+                                       [--device cuda] [--batch B] [--seed S]
+
+- Model: ComfyUI's own ``comfy.ldm.wan.model.WanModel`` with the Wan2.2-I2V layout (no ``img_emb``,
+  in_dim 36) and ``MINI`` shapes (dim 256 = 2 heads of 128, 4 blocks, ffn 768), initialised as
+  Wan initialises (``init_state_dict``).
+- Data: procedural videos (``data.py``), their normalised latents z, captions through the text map
+  (``text.py``), dropped to "" with probability 0.1 so that classifier-free guidance works.
+- Objective: flow matching as ComfyUI samples Wan (``conditioning.py``): x_t = sigma*eps +
+  (1-sigma)*z, input cat(x_t, mask, image latent), timestep 1000*sigma, target eps - z. Timesteps:
+  u uniform, sigma = shift*u / (1 + (shift-1)*u) with shift 8 (ComfyUI's ``ModelSamplingSD3``), u
+  restricted to the range of the phase.
+- Phases: a shared warm start on all timesteps, then two copies of it: the high-noise expert on
+  t >= 900 (sigma >= 0.9) and the low-noise expert on t < 900 (Wan2.2-I2V's boundary). AdamW,
+  linear warm-up then cosine decay per phase, gradient clipping, bf16 autocast on CUDA.
+- Budget: ``--minutes`` (default 7) is turned into step counts before training, from a short probe
+  of the speed; the counts are printed and logged, and ``--phase-steps W,H,L`` replays them.
+- Held-out: ``HELDOUT`` videos with seeds disjoint from training (``data.heldout_seeds``), fixed
+  noise and stratified timesteps per expert range; their loss is logged for the untrained model,
+  the warm start and each expert, and along training.
+
+Writes to ``--out``: ``high_noise.safetensors``, ``low_noise.safetensors`` (bf16, ComfyUI's Wan key
+names; ``UNETLoader`` detects them as Wan2.2-I2V), ``train_log.json``; then, when ComfyUI's sampler
+can be imported, ``strips.png`` and ``loss_curve.png`` (``pictures.py``, also runnable on its own).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import conditioning, data, text
+from .arch import TINY, WanArch, wan_state_dict_shapes
+from .sample import EMBEDDED_FILES as EXPERT_FILES
+
+logger = logging.getLogger(__name__)
+
+# The trained mini model: dim 256 (ComfyUI detects num_heads = dim // 128 = 2), 4 blocks, ffn 768:
+# 5.4 M parameters, 10.9 MB per expert in bf16.
+MINI = WanArch(dim=256, num_layers=4, ffn_dim=768)
+ARCHS = {"mini": MINI, "tiny": TINY}
+
+MAX_CHECKPOINT_BYTES = 15_000_000  # issue 6: each expert <= 15 MB
+SIGMA_MIN_U = 1e-3                  # ComfyUI's flow sigmas start at t = 1/1000
+HELDOUT_NOISE_SEED = 1234           # fixed noise for the held-out loss
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    out: Path
+    arch: WanArch = MINI
+    device: str = "cpu"
+    seed: int = 0
+    batch: int = 64
+    minutes: float | None = 7.0           # used when neither steps nor phase_steps is given
+    steps: int | None = None              # total optimizer steps, split by `fractions`
+    phase_steps: tuple[int, int, int] | None = None  # (warm, high, low), replays a plan exactly
+    fractions: tuple[float, float, float] = (0.3, 0.3, 0.4)
+    lr: float = 4e-4
+    weight_decay: float = 0.01
+    warmup: int = 100
+    grad_clip: float = 1.0
+    shift: float = 8.0
+    boundary: float = 0.9                  # sigma; Wan2.2-I2V: t = 900
+    caption_dropout: float = 0.1
+    frames: int = data.FRAMES
+    chunk: int = 2048                     # videos rendered at once (then served `reuse` times)
+    reuse: int = 4
+    render_batch: int = 128
+    heldout: int = 64
+    heldout_sigmas: int = 4               # per video and expert range (stratified)
+    eval_points: int = 8                  # held-out evaluations along each phase
+    log_every: int = 25
+    compile: bool = False
+    pictures: bool = True
+    overwrite: bool = False               # replace existing checkpoints/log in `out`
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.batch < 1 or self.chunk < self.batch or self.reuse < 1:
+            raise ValueError(f"need batch >= 1, chunk >= batch, reuse >= 1; got batch={self.batch}, "
+                             f"chunk={self.chunk}, reuse={self.reuse}")
+        if not 0 < self.boundary < 1:
+            raise ValueError(f"boundary is a sigma in (0, 1), got {self.boundary}")
+        if self.phase_steps is not None and (len(self.phase_steps) != 3 or min(self.phase_steps) < 0
+                                             or min(self.phase_steps[1:]) < 1):
+            raise ValueError(f"phase_steps must be three step counts (warm, high, low), got {self.phase_steps}")
+        if self.steps is not None and self.steps < 3:
+            raise ValueError(f"steps must be >= 3 (one per phase), got {self.steps}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError(f"minutes must be positive, got {self.minutes}")
+        if abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) <= 0:
+            raise ValueError(f"fractions must be three positive numbers summing to 1, got {self.fractions}")
+        data.latent_frames(self.frames)
+
+
+# ---- ComfyUI's WanModel ----------------------------------------------------------------------------
+def comfy_wan_modules():
+    """``(WanModel class, comfy.ops.disable_weight_init)`` from the ComfyUI tree that
+    ``runtime.find_comfyui`` finds. Imports only the model code (not ``nodes``, so neither the
+    server nor torchsde is needed)."""
+    if "comfy.ldm.wan.model" not in sys.modules:
+        from ..nodes import runtime
+
+        root = runtime.find_comfyui()
+        if root is None:
+            raise runtime.ComfyUINotFound(runtime.not_found_message())
+        runtime.install_torchvision_stub()
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        if "comfy.model_management" not in sys.modules and not torch.cuda.is_available():
+            from comfy.cli_args import args
+            args.cpu = True  # else comfy.model_management looks for a GPU driver
+    import comfy.ldm.wan.model
+    import comfy.ops
+    return comfy.ldm.wan.model.WanModel, comfy.ops.disable_weight_init
+
+
+def _tensor_seed(seed: int, key: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)
+
+
+def init_state_dict(arch: WanArch, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Wan's own initialisation (``WanModel.init_weights`` of Wan2.1/2.2), one seeded generator per
+    tensor: Linear weights xavier-uniform, patch embedding xavier on its flattened kernel, text and
+    time embeddings N(0, 0.02^2), output head zero, modulation N(0, 1/dim), biases 0, norm gains 1."""
+    out = {}
+    for key, shape in wan_state_dict_shapes(arch).items():
+        g = torch.Generator().manual_seed(_tensor_seed(seed, key))
+        if key.endswith("modulation"):
+            t = torch.randn(shape, generator=g) / math.sqrt(arch.dim)
+        elif key.endswith(".bias"):
+            t = torch.zeros(shape)
+        elif "norm" in key:
+            t = torch.ones(shape)
+        elif key == "head.head.weight":
+            t = torch.zeros(shape)
+        elif key.startswith(("text_embedding.", "time_embedding.")):
+            t = torch.randn(shape, generator=g) * 0.02
+        else:  # block Linears, time_projection, patch_embedding (fan over the flattened kernel)
+            fan_out, fan_in = shape[0], math.prod(shape[1:])
+            a = math.sqrt(6.0 / (fan_in + fan_out))
+            t = (torch.rand(shape, generator=g) * 2 - 1) * a
+        out[key] = t
+    return out
+
+
+def build_model(arch: WanArch, seed: int = 0, device="cpu") -> torch.nn.Module:
+    """ComfyUI's ``WanModel`` with the Wan2.2-I2V layout, fp32, initialised by ``init_state_dict``."""
+    WanModel, ops = comfy_wan_modules()
+    model = WanModel(model_type="t2v", patch_size=arch.patch_size, in_dim=arch.in_dim, dim=arch.dim,
+                     ffn_dim=arch.ffn_dim, freq_dim=arch.freq_dim, text_dim=arch.text_dim,
+                     out_dim=arch.out_dim, num_heads=arch.num_heads, num_layers=arch.num_layers,
+                     qk_norm=True, cross_attn_norm=True, eps=1e-6, image_model="wan2.1",
+                     device="cpu", dtype=torch.float32, operations=ops)
+    state = init_state_dict(arch, seed)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI's WanModel does not match the Wan2.2-I2V key list of {arch}: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device)
+
+
+def save_checkpoint(model: torch.nn.Module, path, arch: WanArch, metadata: dict) -> dict:
+    """Writes the model as a bf16 safetensors file with ComfyUI's Wan key names; returns
+    ``{"file", "bytes", "sha256"}``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    expected = set(wan_state_dict_shapes(arch))
+    if set(state) != expected:
+        raise RuntimeError(f"{path}: state dict keys differ from the Wan2.2-I2V layout: "
+                           f"extra {sorted(set(state) - expected)[:5]}, missing {sorted(expected - set(state))[:5]}")
+    meta = {"format": "pt", "wan_w4a4.arch": arch.to_json(),
+            **{f"wan_w4a4.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    size = path.stat().st_size
+    if size > MAX_CHECKPOINT_BYTES:
+        logger.warning("%s is %.1f MB, over the %.0f MB budget of issue 6", path, size / 1e6,
+                       MAX_CHECKPOINT_BYTES / 1e6)
+    return {"file": path.name, "bytes": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+# ---- timesteps -------------------------------------------------------------------------------------
+def shift_sigma(u, shift: float):
+    """ComfyUI's ``time_snr_shift``: sigma = shift*u / (1 + (shift-1)*u)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def unshift_sigma(sigma: float, shift: float) -> float:
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+def u_range(sigma_range: tuple[float, float], shift: float) -> tuple[float, float]:
+    lo, hi = sigma_range
+    return max(unshift_sigma(lo, shift), SIGMA_MIN_U), unshift_sigma(hi, shift)
+
+
+def phase_ranges(boundary: float) -> dict[str, tuple[float, float]]:
+    """Sigma range of each phase: the warm start sees all, the experts split at ``boundary``."""
+    return {"warm": (0.0, 1.0), "high": (boundary, 1.0), "low": (0.0, boundary)}
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def render_latents(scenes, frames: int, device, vae: data.LinearVideoVAE, render_batch: int = 128):
+    """Normalised latents z ``[N, 16, F, h, w]`` of ``scenes``, rendered ``render_batch`` at a time."""
+    parts = []
+    for i in range(0, len(scenes), render_batch):
+        parts.append(vae.encode_normalized(data.render(scenes[i:i + render_batch], frames, device=device)))
+    return torch.cat(parts)
+
+
+class VideoStream:
+    """Training videos: renders ``chunk`` fresh scenes (seeds from ``RandomState(seed)``, all below
+    ``data.TRAIN_SEED_LIMIT``) on the device, serves each ``reuse`` times in shuffled batches (with
+    fresh noise and timesteps each time), then renders the next chunk."""
+
+    def __init__(self, seed: int, cfg: TrainConfig, vae: data.LinearVideoVAE):
+        self.rng = np.random.RandomState(seed)
+        self.cfg, self.vae = cfg, vae
+        self.z = None
+        self.captions: list[str] = []
+        self.order: list[np.ndarray] = []
+        self.render_seconds = 0.0
+        self.videos = 0
+
+    def _refill(self):
+        t0 = time.perf_counter()
+        seeds = self.rng.randint(0, data.TRAIN_SEED_LIMIT, size=self.cfg.chunk)
+        scenes = [data.sample_scene(int(s)) for s in seeds]
+        self.captions = [data.caption(s) for s in scenes]
+        self.z = render_latents(scenes, self.cfg.frames, self.cfg.device, self.vae, self.cfg.render_batch)
+        n, b = self.cfg.chunk, self.cfg.batch
+        idx = np.concatenate([self.rng.permutation(n) for _ in range(self.cfg.reuse)])
+        self.order = [idx[i:i + b] for i in range(0, len(idx) - b + 1, b)][::-1]
+        if self.cfg.device != "cpu" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.render_seconds += time.perf_counter() - t0
+        self.videos += n
+
+    def next(self):
+        """``(z [B, 16, F, h, w], captions)``."""
+        if not self.order:
+            self._refill()
+        idx = self.order.pop()
+        return self.z[torch.from_numpy(idx).to(self.z.device)], [self.captions[i] for i in idx]
+
+
+def image_latent_from(z: torch.Tensor) -> torch.Tensor:
+    """What ``WanImageToVideo`` encodes for the first frame of the video of latent ``z``: latent
+    frame 0 of z and zeros (mid-grey frames encode to exactly 0). Equals
+    ``conditioning.image_latent(vae, pixels[:, 0])`` (tested)."""
+    img = torch.zeros_like(z)
+    img[:, :, :1] = z[:, :, :1]
+    return img
+
+
+def training_input(z, noise, sigma, mask):
+    """The 36-channel model input and the velocity target for latents ``z`` at ``sigma`` [B]."""
+    x_t = conditioning.noisy(z, noise, sigma)
+    return conditioning.model_input(x_t, image_latent_from(z), mask), noise - z
+
+
+# ---- held-out --------------------------------------------------------------------------------------
+class HeldOut:
+    """Fixed held-out videos (seeds ``data.heldout_seeds``), noise and per-range stratified sigmas."""
+
+    def __init__(self, cfg: TrainConfig, vae, encoder: text.TextEncoder):
+        scenes = [data.sample_scene(s) for s in data.heldout_seeds(cfg.heldout)]
+        self.cfg = cfg
+        self.z = render_latents(scenes, cfg.frames, cfg.device, vae, cfg.render_batch)
+        self.context = encoder.encode([data.caption(s) for s in scenes])
+        k = cfg.heldout_sigmas
+        g = torch.Generator().manual_seed(HELDOUT_NOISE_SEED)
+        self.noise = torch.randn((k, *self.z.shape), generator=g).to(self.z.device)
+        self.strata = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+        self.mask = conditioning.start_mask(self.z.shape[2], *self.z.shape[3:], device=self.z.device)
+
+    def sigmas(self, sigma_range) -> torch.Tensor:
+        u0, u1 = u_range(sigma_range, self.cfg.shift)
+        return shift_sigma(u0 + (u1 - u0) * self.strata, self.cfg.shift).float()
+
+    @torch.no_grad()
+    def loss(self, model, sigma_range) -> dict:
+        """``{"loss": mean MSE, "per_sigma": [[sigma, mse], ...]}`` over the held-out set."""
+        was_training = model.training
+        model.eval()
+        per = []
+        n, b = self.z.shape[0], self.cfg.batch
+        for j, sigma in enumerate(self.sigmas(sigma_range).tolist()):
+            total = 0.0
+            for i in range(0, n, b):
+                z = self.z[i:i + b]
+                s = torch.full((z.shape[0],), sigma, device=z.device)
+                x, target = training_input(z, self.noise[j, i:i + b], s, self.mask)
+                with _autocast(self.cfg.device):
+                    v = model(x, s * 1000.0, self.context[i:i + b])
+                total += torch.nn.functional.mse_loss(v.float(), target, reduction="sum").item()
+            per.append([round(sigma, 5), total / self.z[0].numel() / n])
+        model.train(was_training)
+        return {"loss": float(np.mean([p[1] for p in per])), "per_sigma": per}
+
+
+def _autocast(device: str):
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ---- training --------------------------------------------------------------------------------------
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over min(warmup, total/10) steps, then cosine decay to 10% of the peak."""
+    warm = max(1, min(cfg.warmup, total // 10))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    p = (step - warm) / max(1, total - warm)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    decay = [p for p in model.parameters() if p.ndim >= 2 and p.shape[0] != 1]
+    rest = [p for p in model.parameters() if not (p.ndim >= 2 and p.shape[0] != 1)]
+    kw = {"fused": True} if str(cfg.device).startswith("cuda") else {}
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99), **kw)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.vae = data.LinearVideoVAE()
+        self.encoder = text.TextEncoder(cfg.device)
+        self.rng = np.random.RandomState(cfg.seed + 17)          # caption dropout
+        self.gen = torch.Generator(cfg.device).manual_seed(cfg.seed + 29)  # noise and timesteps
+        self.stream = VideoStream(cfg.seed, cfg, self.vae)
+        lat_f = data.latent_frames(cfg.frames)
+        self.mask = conditioning.start_mask(lat_f, data.HEIGHT // data.SPATIAL, data.WIDTH // data.SPATIAL,
+                                            device=cfg.device)
+        self.tokens_per_sample = lat_f * (data.HEIGHT // 16) * (data.WIDTH // 16)
+        self.curve: list[dict] = []
+        self.heldout_curve: list[dict] = []
+        self.global_step = 0
+        self.t_start = time.perf_counter()
+
+    def step(self, model, opt, sigma_range, lr: float, forward=None) -> torch.Tensor:
+        """One optimizer step on a fresh batch; ``forward`` is ``model`` or its compiled version."""
+        cfg = self.cfg
+        z, caps = self.stream.next()
+        drop = self.rng.rand(len(caps)) < cfg.caption_dropout
+        ctx = self.encoder.encode(["" if d else c for d, c in zip(drop, caps)])
+        u0, u1 = u_range(sigma_range, cfg.shift)
+        u = u0 + (u1 - u0) * torch.rand(z.shape[0], generator=self.gen, device=z.device)
+        sigma = shift_sigma(u, cfg.shift)
+        noise = torch.randn(z.shape, generator=self.gen, device=z.device)
+        x, target = training_input(z, noise, sigma, self.mask)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with _autocast(cfg.device):
+            v = (forward or model)(x, sigma * 1000.0, ctx)
+        loss = torch.nn.functional.mse_loss(v.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        return loss.detach()
+
+    def probe(self, model, n: int = 12) -> dict:
+        """Seconds per training step (compute, on a throwaway copy) and per rendered video."""
+        cfg = self.cfg
+        m = copy.deepcopy(model)
+        opt = make_optimizer(m, cfg)
+        saved = (self.stream, self.rng.get_state(), self.gen.get_state())
+        self.stream = VideoStream(cfg.seed + 99991, dataclasses.replace(cfg, chunk=max(cfg.batch, min(cfg.chunk, 4 * cfg.batch)), reuse=n), self.vae)
+        self.stream.next()  # renders the probe's chunk (timed separately)
+        times = []
+        for i in range(n):
+            _sync(cfg.device)
+            t0 = time.perf_counter()
+            self.step(m, opt, (0.0, 1.0), cfg.lr * 0.1).item()
+            times.append(time.perf_counter() - t0)
+        render = self.stream.render_seconds / max(1, self.stream.videos)
+        self.stream, rng_state, gen_state = saved
+        self.rng.set_state(rng_state)
+        self.gen.set_state(gen_state)
+        step_s = float(np.median(times[max(1, n // 3):]))
+        del m, opt
+        return {"step_s": step_s, "render_s_per_video": render,
+                "effective_step_s": step_s + render * cfg.batch / cfg.reuse}
+
+    def run_phase(self, name, model, steps: int, sigma_range, heldout: HeldOut, eval_ranges: dict,
+                  forward=None):
+        cfg = self.cfg
+        if steps <= 0:
+            return
+        opt = make_optimizer(model, cfg)
+        every = max(1, steps // max(1, cfg.eval_points))
+        acc, n_acc = torch.zeros((), device=cfg.device), 0
+        t0 = time.perf_counter()
+        try:
+            from tqdm import tqdm
+            # a log file (not a terminal) gets a line every 15 s instead of a redraw every 0.1 s
+            bar = tqdm(total=steps, desc=f"{name:>4}", unit="step", dynamic_ncols=True,
+                       mininterval=0.5 if sys.stderr.isatty() else 15.0)
+        except ImportError:  # pragma: no cover
+            bar = None
+        for i in range(steps):
+            lr = lr_at(i, steps, cfg)
+            acc += self.step(model, opt, sigma_range, lr, forward)
+            n_acc += 1
+            self.global_step += 1
+            last = i == steps - 1
+            if n_acc == cfg.log_every or last:
+                loss = (acc / n_acc).item()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"{name} phase: training loss is {loss} at step {i}")
+                self.curve.append({"phase": name, "step": i + 1, "global_step": self.global_step,
+                                   "time_s": round(time.perf_counter() - self.t_start, 2),
+                                   "lr": lr, "loss": loss})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
+                acc.zero_()
+                n_acc = 0
+            if (i + 1) % every == 0 or last:
+                for rname, rng_ in eval_ranges.items():
+                    r = heldout.loss(model, rng_)
+                    self.heldout_curve.append({"phase": name, "step": i + 1, "global_step": self.global_step,
+                                               "range": rname, "loss": r["loss"]})
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        _sync(cfg.device)
+        dt = time.perf_counter() - t0
+        logger.info("%s phase: %d steps in %.1f s (%.2f steps/s, %.0f samples/s, %.0f tokens/s)", name, steps,
+                    dt, steps / dt, steps * cfg.batch / dt, steps * cfg.batch * self.tokens_per_sample / dt)
+        return {"steps": steps, "seconds": round(dt, 2), "steps_per_s": steps / dt,
+                "samples_per_s": steps * cfg.batch / dt,
+                "tokens_per_s": steps * cfg.batch * self.tokens_per_sample / dt}
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def plan_steps(cfg: TrainConfig, probe: dict | None, eval_s: float, spent_s: float) -> tuple[int, int, int]:
+    if cfg.phase_steps is not None:
+        return tuple(int(s) for s in cfg.phase_steps)
+    if cfg.steps is not None:
+        total = cfg.steps
+    else:
+        evals = cfg.eval_points * 4 + 4  # warm evaluates both ranges
+        budget = cfg.minutes * 60 - spent_s - evals * eval_s - 15  # 15 s: checkpoints and slack
+        total = max(3, int(budget / probe["effective_step_s"]))
+    w, h = (max(1, round(total * f)) for f in cfg.fractions[:2])
+    return w, h, max(1, total - w - h)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs the whole recipe; returns the log (also written to ``cfg.out / "train_log.json"``)."""
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+    existing = [cfg.out / f for f in [*EXPERT_FILES.values(), "train_log.json"] if (cfg.out / f).exists()]
+    if existing and not cfg.overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --force (TrainConfig.overwrite=True) to replace "
+                              f"it, or choose another --out")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    tr = Trainer(cfg)
+    model = build_model(cfg.arch, cfg.seed, cfg.device)
+    forward = torch.compile(model) if cfg.compile else model
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %s, %.2f M parameters; device %s; batch %d x %d tokens", cfg.arch, n_params / 1e6,
+                cfg.device, cfg.batch, tr.tokens_per_sample)
+    ranges = phase_ranges(cfg.boundary)
+    expert_ranges = {"high": ranges["high"], "low": ranges["low"]}
+
+    t0 = time.perf_counter()
+    heldout = HeldOut(cfg, tr.vae, tr.encoder)
+    untrained = {k: heldout.loss(model, r) for k, r in expert_ranges.items()}
+    _sync(cfg.device)
+    eval_s = (time.perf_counter() - t0) / 2
+    probe = None
+    if cfg.phase_steps is None and cfg.steps is None:
+        probe = tr.probe(model)
+        logger.info("probe: %.1f ms/step compute, %.2f ms/video render -> %.1f steps/s, %.0f samples/s",
+                    probe["step_s"] * 1e3, probe["render_s_per_video"] * 1e3, 1 / probe["effective_step_s"],
+                    cfg.batch / probe["effective_step_s"])
+    plan = plan_steps(cfg, probe, eval_s, time.perf_counter() - t_start)
+    logger.info("plan: warm start %d, high-noise %d, low-noise %d steps (replay with --phase-steps %s)",
+                *plan, ",".join(map(str, plan)))
+
+    phases = {}
+    phases["warm"] = tr.run_phase("warm", model, plan[0], ranges["warm"], heldout, expert_ranges, forward)
+    warm_loss = {k: heldout.loss(model, r) for k, r in expert_ranges.items()}
+    warm_state = copy.deepcopy(model.state_dict())
+    results, checkpoints = {}, {}
+    for name, steps in (("high", plan[1]), ("low", plan[2])):
+        model.load_state_dict(warm_state)
+        phases[name] = tr.run_phase(name, model, steps, ranges[name], heldout, {name: ranges[name]}, forward)
+        results[name] = heldout.loss(model, ranges[name])
+        meta = {"expert": f"{name}_noise", "boundary_t": round(cfg.boundary * 1000),
+                "sigma_range": list(ranges[name]), "shift": cfg.shift, "steps": {"warm": plan[0], name: steps},
+                "seed": cfg.seed, "made_by": "python -m wan_w4a4.minimodel.train"}
+        checkpoints[name] = save_checkpoint(model, cfg.out / EXPERT_FILES[name], cfg.arch, meta)
+    del warm_state
+
+    heldout_summary = {
+        name: {"untrained": untrained[name]["loss"], "warm_start": warm_loss[name]["loss"],
+               "trained": results[name]["loss"],
+               "ratio_trained_to_untrained": results[name]["loss"] / untrained[name]["loss"],
+               "per_sigma": {"untrained": untrained[name]["per_sigma"], "warm_start": warm_loss[name]["per_sigma"],
+                             "trained": results[name]["per_sigma"]}}
+        for name in expert_ranges}
+    log = {
+        "what": "mini Wan2.2-I2V two-expert model (issue 6), trained by wan_w4a4.minimodel.train",
+        "arch": dataclasses.asdict(cfg.arch), "parameters": n_params,
+        "config": {k: (str(v) if isinstance(v, Path) else (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v))
+                   for k, v in dataclasses.asdict(cfg).items()},
+        "replay": f"--phase-steps {','.join(map(str, plan))} --seed {cfg.seed} --batch {cfg.batch}",
+        "environment": {"device": _device_name(cfg.device), "torch": torch.__version__,
+                        "python": platform.python_version(), "comfyui": _comfyui_version()},
+        "plan": {"warm": plan[0], "high": plan[1], "low": plan[2]}, "probe": probe,
+        "phases": phases,
+        "data": {"videos_rendered": tr.stream.videos, "render_seconds": round(tr.stream.render_seconds, 2),
+                 "tokens_per_sample": tr.tokens_per_sample, "frames": cfg.frames,
+                 "latent_shape": list(heldout.z.shape[1:]), "heldout_seeds": [data.HELDOUT_SEED_BASE,
+                                                                             data.HELDOUT_SEED_BASE + cfg.heldout - 1]},
+        "heldout": heldout_summary,
+        "curve": tr.curve, "heldout_curve": tr.heldout_curve,
+        "checkpoints": checkpoints,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    (cfg.out / "train_log.json").write_text(json.dumps(log, indent=1))
+    for name, h in heldout_summary.items():
+        logger.info("held-out loss, %s-noise range: untrained %.4f, warm start %.4f, trained %.4f (x%.3f)",
+                    name, h["untrained"], h["warm_start"], h["trained"], h["ratio_trained_to_untrained"])
+    logger.info("wrote %s in %.1f s", ", ".join(str(cfg.out / f) for f in [*EXPERT_FILES.values(), "train_log.json"]),
+                log["wall_s"])
+    return log
+
+
+def _device_name(device) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or "cpu"
+
+
+def _comfyui_version() -> str:
+    from ..nodes import runtime
+    root = runtime.find_comfyui()
+    try:
+        text_ = (root / "comfyui_version.py").read_text()
+        return text_.split('"')[1]
+    except (OSError, IndexError, TypeError):
+        return "unknown"
+
+
+# ---- command line ----------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--out", required=True, type=Path, help="output folder for the checkpoints and log")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="training time budget (default 7): turned into step counts by a speed probe")
+    budget.add_argument("--steps", type=int, help="total optimizer steps, split 30/30/40 warm/high/low")
+    budget.add_argument("--phase-steps", help="W,H,L: steps of the warm start and each expert (replays a plan)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="mini")
+    p.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 4 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=data.FRAMES, help="pixel frames, 1 + 4k (default 17: 5 latent frames)")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--chunk", type=int, default=None, help="videos rendered at once (default 2048 on CUDA)")
+    p.add_argument("--reuse", type=int, default=None, help="passes over each rendered chunk (default 4 on CUDA)")
+    p.add_argument("--heldout", type=int, default=None, help="held-out videos (default 64 on CUDA, 8 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--no-pictures", action="store_true", help="skip strips.png / loss_curve.png")
+    p.add_argument("--force", action="store_true", help="replace checkpoints and log already in --out")
+
+
+def config_from_args(args) -> TrainConfig:
+    cuda = str(args.device).startswith("cuda")
+    batch = args.batch or (64 if cuda else 4)
+    minutes = args.minutes if args.minutes is not None else (None if (args.steps or args.phase_steps) else 7.0)
+    phase_steps = tuple(int(s) for s in args.phase_steps.split(",")) if args.phase_steps else None
+    return TrainConfig(
+        out=args.out, arch=ARCHS[args.arch], device=args.device, seed=args.seed, batch=batch,
+        minutes=minutes, steps=args.steps, phase_steps=phase_steps, lr=args.lr, frames=args.frames,
+        chunk=args.chunk or (2048 if cuda else batch), reuse=args.reuse or (4 if cuda else 1),
+        heldout=args.heldout or (64 if cuda else 8), compile=args.compile, pictures=not args.no_pictures,
+        overwrite=args.force)
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    train(cfg)
+    if cfg.pictures:
+        try:
+            from . import pictures
+            pictures.make_all(cfg.out)
+        except Exception as e:  # the sampler needs ComfyUI's `nodes` (and torchsde); pictures can be made later
+            logger.warning("pictures not made (%s: %s); make them with: python -m wan_w4a4.minimodel.pictures "
+                           "--dir %s", type(e).__name__, e, cfg.out)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m wan_w4a4.minimodel.train", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Training of the mini Wan2.2-I2V model (minimodel/train.py, conditioning.py, sample.py).
+
+The key test, ``test_training_input_equals_comfyuis_model_input``, runs ComfyUI's own
+WanImageToVideo -> ModelSamplingSD3 -> KSamplerAdvanced path and checks that the 36-channel input,
+timestep and context ComfyUI hands the Wan transformer are what training builds.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from wan_w4a4.minimodel import conditioning, data, text, train
+from wan_w4a4.minimodel.arch import TINY, wan_state_dict_shapes, write_wan_checkpoint
+
+FRAMES = 5  # 2 latent frames: keeps CPU tests fast
+
+
+# ---- pure functions ------------------------------------------------------------------------------
+def test_init_state_dict_is_wans_init_with_comfyui_keys():
+    sd = train.init_state_dict(TINY, seed=0)
+    shapes = wan_state_dict_shapes(TINY)
+    assert list(sd) == list(shapes) and all(tuple(sd[k].shape) == s for k, s in shapes.items())
+    assert (sd["head.head.weight"] == 0).all()
+    assert sd["text_embedding.0.weight"].std() == pytest.approx(0.02, rel=0.05)
+    a = math.sqrt(6 / (TINY.dim + TINY.dim))
+    w = sd["blocks.0.self_attn.q.weight"]
+    assert w.abs().max() <= a and w.abs().max() > 0.95 * a
+    assert sd["blocks.1.modulation"].std() == pytest.approx(TINY.dim ** -0.5, rel=0.1)
+    assert (sd["blocks.0.self_attn.norm_q.weight"] == 1).all() and (sd["blocks.0.ffn.0.bias"] == 0).all()
+    again = train.init_state_dict(TINY, seed=0)
+    assert all(torch.equal(v, again[k]) for k, v in sd.items())
+    assert not torch.equal(sd["blocks.0.ffn.0.weight"], train.init_state_dict(TINY, seed=1)["blocks.0.ffn.0.weight"])
+
+
+def test_timestep_ranges_split_at_the_boundary():
+    ranges = train.phase_ranges(0.9)
+    u = torch.linspace(0, 1, 1001)
+    for name, (lo, hi) in ranges.items():
+        u0, u1 = train.u_range((lo, hi), 8.0)
+        sig = train.shift_sigma(u0 + (u1 - u0) * u, 8.0)
+        assert sig.min() >= lo - 1e-6 and sig.max() <= hi + 1e-6
+        assert sig.min() > 0
+    assert train.shift_sigma(torch.tensor(train.u_range(ranges["high"], 8.0)[0]), 8.0) == pytest.approx(0.9)
+    assert train.unshift_sigma(0.9, 8.0) == pytest.approx(0.9 / 1.7)  # u >= 0.529: half of uniform u is high-noise
+
+
+def test_lr_schedule():
+    cfg = train.TrainConfig(out="x", minutes=None, steps=3)
+    lrs = [train.lr_at(i, 1000, cfg) for i in range(1000)]
+    assert lrs[0] == pytest.approx(cfg.lr / cfg.warmup) and max(lrs) == pytest.approx(cfg.lr)
+    assert lrs[-1] == pytest.approx(0.1 * cfg.lr, rel=0.01)
+    assert train.lr_at(0, 1, cfg) == pytest.approx(cfg.lr)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="chunk >= batch"):
+        train.TrainConfig(out="x", batch=8, chunk=4)
+    with pytest.raises(ValueError, match="phase_steps"):
+        train.TrainConfig(out="x", phase_steps=(5, 0, 5))
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        train.TrainConfig(out="x", frames=8)
+
+
+def test_training_image_latent_is_what_wanimagetovideo_encodes():
+    vae = data.LinearVideoVAE()
+    video = data.render([data.sample_scene(s) for s in (1, 2)], frames=FRAMES)
+    z = vae.encode_normalized(video)
+    assert torch.equal(train.image_latent_from(z), conditioning.image_latent(vae, video[:, 0], FRAMES))
+
+
+def test_training_input_layout():
+    z = torch.randn(2, 16, 2, 4, 4)
+    noise = torch.randn_like(z)
+    sigma = torch.tensor([0.95, 0.3])
+    mask = conditioning.start_mask(2, 4, 4)
+    x, target = train.training_input(z, noise, sigma, mask)
+    assert x.shape == (2, 36, 2, 4, 4)
+    torch.testing.assert_close(x[1, :16], 0.3 * noise[1] + 0.7 * z[1])
+    assert (x[:, 16:20, 0] == 1).all() and (x[:, 16:20, 1:] == 0).all()
+    assert torch.equal(x[:, 20:, 0], z[:, :, 0]) and (x[:, 20:, 1:] == 0).all()
+    assert torch.equal(target, noise - z)
+
+
+# ---- against the real ComfyUI --------------------------------------------------------------------
+@pytest.mark.comfyui
+def test_shift_is_comfyuis(comfy_nodes):
+    import comfy.model_sampling
+
+    u = torch.linspace(0, 1, 11)
+    torch.testing.assert_close(train.shift_sigma(u, 8.0), comfy.model_sampling.time_snr_shift(8.0, u))
+
+
+@pytest.mark.comfyui
+def test_training_input_equals_comfyuis_model_input(comfy_nodes, tmp_path):
+    """Runs the standard I2V graph (WanImageToVideo with our VAE and text map, ModelSamplingSD3,
+    KSamplerAdvanced with cfg, so cond and uncond) and compares what reaches the transformer with
+    the training-time construction."""
+    import comfy.samplers
+
+    from wan_w4a4.minimodel import sample
+
+    ckpt = write_wan_checkpoint(tmp_path / "tiny_wan.safetensors", TINY, seed=5)
+    model = sample.with_shift(sample.load_expert(ckpt), 8.0)
+    scene = data.sample_scene(data.heldout_seeds(1)[0])
+    cap = data.caption(scene)
+    video = data.render([scene], frames=FRAMES)[0]
+    positive, negative, latent = conditioning.i2v_conditioning(cap, video[0], FRAMES)
+
+    seen = []
+    dm = model.model.diffusion_model
+    handle = dm.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0].detach().clone(), args[1].detach().clone(),
+                                               kwargs["context"].detach().clone())), with_kwargs=True)
+    try:
+        steps = 3
+        comfy_nodes.KSamplerAdvanced().sample(model, "enable", 0, steps, 2.0, "euler", "simple", positive,
+                                              negative, latent, 0, steps, "disable")
+    finally:
+        handle.remove()
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
+
+    vae = data.LinearVideoVAE()
+    image_z = conditioning.image_latent(vae, video[0][None], FRAMES)
+    z = vae.encode_normalized(video[None])
+    assert torch.equal(train.image_latent_from(z), image_z)
+    mask = conditioning.start_mask(*image_z.shape[2:])
+    contexts = [text.encode_text(cap)[0], text.encode_text("")[0]]
+    rows = 0
+    for i, (x, t, ctx) in enumerate(seen):
+        atol = 1e-5 if x.dtype == torch.float32 else 1e-2
+        assert x.shape[1:] == (36, *image_z.shape[2:])
+        expected = conditioning.model_input(x[:, :16].float(), image_z.expand(x.shape[0], -1, -1, -1, -1), mask)
+        torch.testing.assert_close(x.float(), expected, atol=atol, rtol=0)
+        # training's own builder gives the same tensor from the same noisy latent
+        x_t = x[:, :16].float()
+        torch.testing.assert_close(
+            conditioning.model_input(x_t, train.image_latent_from(z).expand(x.shape[0], -1, -1, -1, -1), mask),
+            x.float(), atol=atol, rtol=0)
+        torch.testing.assert_close(t.float(), torch.full_like(t.float(), 1000 * sigmas[i].item()), atol=1e-3, rtol=0)
+        for row in ctx.float():
+            assert any(torch.allclose(row, c, atol=atol) for c in contexts)
+        rows += x.shape[0]
+    assert rows == 2 * steps  # every step saw cond and uncond
+
+
+@pytest.mark.comfyui
+def test_split_step_matches_the_template(comfy_nodes, tmp_path):
+    from wan_w4a4.minimodel import sample
+
+    ckpt = write_wan_checkpoint(tmp_path / "tiny_wan.safetensors", TINY, seed=6)
+    model = sample.with_shift(sample.load_expert(ckpt), 8.0)
+    assert sample.split_step(model, 20) == 10  # the Wan2.2 I2V template: 10 of 20 steps high-noise
+    assert sample.split_step(model, 4) == 2
+
+
+@pytest.mark.comfyui
+def test_three_step_training_writes_loadable_checkpoints(comfy_nodes, tmp_path):
+    from wan_w4a4.minimodel import sample
+
+    cfg = train.TrainConfig(out=tmp_path / "run", arch=TINY, batch=1, minutes=None, steps=3, frames=FRAMES,
+                            chunk=1, reuse=1, heldout=1, heldout_sigmas=1, eval_points=1, pictures=False)
+    log = train.train(cfg)
+    assert log["plan"] == {"warm": 1, "high": 1, "low": 1}
+    assert json.loads((cfg.out / "train_log.json").read_text())["plan"] == log["plan"]
+    assert all(math.isfinite(c["loss"]) for c in log["curve"]) and len(log["curve"]) == 3
+    for name in ("high", "low"):
+        h = log["heldout"][name]
+        assert all(math.isfinite(h[k]) for k in ("untrained", "warm_start", "trained"))
+    experts = {}
+    for name, fname in train.EXPERT_FILES.items():
+        path = cfg.out / fname
+        assert path.stat().st_size <= train.MAX_CHECKPOINT_BYTES
+        model = sample.load_expert(path)  # ComfyUI's UNETLoader
+        assert type(model.model.model_config).__name__ == "WAN21_T2V" and type(model.model).__name__ == "WAN21"
+        dm = model.model.diffusion_model
+        assert (dm.dim, dm.num_heads, dm.ffn_dim, len(dm.blocks), dm.in_dim) == (
+            TINY.dim, TINY.num_heads, TINY.ffn_dim, TINY.num_layers, TINY.in_dim)
+        from safetensors.torch import load_file
+        saved = load_file(str(path))
+        assert saved["head.head.weight"].dtype == torch.bfloat16
+        torch.testing.assert_close(dm.state_dict()["head.head.weight"].float(), saved["head.head.weight"].float())
+        experts[name] = model
+    # the two experts sample through the standard two-stage graph
+    scene = data.sample_scene(data.heldout_seeds(1)[0])
+    video = data.render([scene], frames=FRAMES)[0]
+    out = sample.generate(experts["high"], experts["low"], data.caption(scene), video[0], frames=FRAMES, steps=4)
+    assert out.shape == (1, 16, 2, 16, 16) and torch.isfinite(out).all()
+    assert data.LinearVideoVAE().latent_to_rgb(out).shape == (1, 2, 128, 128, 3)
