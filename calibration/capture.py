@@ -250,9 +250,9 @@ class ExpertCapture:
     """Hooks one expert's Linears (of ``blocks``) during sampling and accumulates GroupStats."""
 
     def __init__(self, model, expert: str, layers: Iterable[LayerSpec], config: CalibrationConfig,
-                 blocks: Iterable[int] | None = None, stats_device=None):
+                 blocks: Iterable[int] | None = None, stats_device=None, edges: Sequence[float] | None = None):
         self.expert, self.config = expert, config
-        self.edges = config.edges(expert)
+        self.edges = tuple(edges) if edges is not None else config.edges(expert)
         blocks = None if blocks is None else set(blocks)
         self.layers = [s for s in layers if blocks is None or s.block in blocks]
         inner = diffusion_model(model, f"the {expert}-noise model")

@@ -52,7 +52,7 @@ def _bool(text: str) -> bool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .config import CLIP_POLICIES, CalibrationConfig
+    from .config import BIN_SPACINGS, CLIP_POLICIES, CalibrationConfig
 
     d = CalibrationConfig()
     io = p.add_argument_group("models and output")
@@ -84,6 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--scheduler", default=d.scheduler)
     s.add_argument("--boundary", type=float, default=d.boundary, help="expert switch timestep (I2V 900, T2V 875)")
     s.add_argument("--bins", type=int, default=d.bins, help="timestep bins per expert")
+    s.add_argument("--bin-spacing", choices=BIN_SPACINGS, default=d.bin_spacing,
+                   help="uniform: equal intervals of t; steps: an equal share of the sampling steps per bin")
 
     m = p.add_argument_group("method")
     m.add_argument("--rank", type=int, default=d.rank)
@@ -113,7 +115,8 @@ def config_from_args(args) -> CalibrationConfig:
     from .config import CalibrationConfig
     return CalibrationConfig(
         steps=args.steps, cfg=args.cfg, shift=args.shift or None, sampler=args.sampler, scheduler=args.scheduler,
-        boundary=args.boundary, bins=args.bins, rank=args.rank, alphas=args.alphas,
+        boundary=args.boundary, bins=args.bins, bin_spacing=args.bin_spacing, rank=args.rank,
+        alphas=args.alphas,
         refine_low_rank=args.refine_low_rank, gptq=args.gptq, gptq_damp=args.gptq_damp,
         gptq_block=args.gptq_block, act_order=args.act_order, unsigned_ffn2=args.unsigned_ffn2,
         clip_grid=args.clip_grid, clip_policy=args.clip_policy, keep=args.keep, rows_per_bin=args.rows_per_bin,

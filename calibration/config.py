@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 CLIP_POLICIES = ("per_bin", "per_expert", "global")
+BIN_SPACINGS = ("uniform", "steps")
 EXPERTS = ("high", "low")
 # Model timesteps of a flow model after ModelSamplingSD3 run over [0, 1000] (timestep = 1000 * sigma).
 T_MAX = 1000.0
@@ -49,6 +50,24 @@ def bin_edges(expert: str, bins: int, boundary: float = I2V_BOUNDARY) -> tuple[f
     return tuple(hi + (lo - hi) * i / bins for i in range(bins + 1))
 
 
+def step_edges(expert: str, bins: int, timesteps, boundary: float = I2V_BOUNDARY) -> tuple[float, ...]:
+    """Edges that give each bin an equal share of the expert's sampling steps (``bin_spacing="steps"``).
+
+    ``timesteps``: the model timesteps this expert samples, in sampling order. The outer edges are
+    the expert's range as in :func:`bin_edges`; each inner edge lies halfway between the last step of
+    one bin and the first of the next. With fewer steps than bins, falls back to :func:`bin_edges`.
+    Why: with shift 8 the low-noise expert spends most steps near t = 900 (20 steps: 888 ... 296), so
+    equal intervals of t leave its lowest bin empty.
+    """
+    ts = sorted((float(t) for t in timesteps), reverse=True)
+    n = len(ts)
+    if n < bins:
+        return bin_edges(expert, bins, boundary)
+    hi, lo = (T_MAX, boundary) if expert == "high" else (boundary, 0.0)
+    cuts = [round(k * n / bins) for k in range(1, bins)]
+    return (hi, *[(ts[c - 1] + ts[c]) / 2.0 for c in cuts], lo)
+
+
 def bin_of(t: float, edges) -> int:
     """The bin of model timestep ``t`` given descending ``edges`` (B + 1 values).
 
@@ -70,7 +89,9 @@ class CalibrationConfig:
     Sampling (capture runs the real two-expert I2V sampling through ComfyUI):
       steps, cfg, shift (ModelSamplingSD3; None keeps the model's own), sampler, scheduler,
       boundary (model timestep where the low-noise expert takes over; I2V 900, T2V 875).
-    Bins: ``bins`` equal intervals of model timestep per expert; each gets its own clip ratio.
+    Bins: ``bins`` intervals of model timestep per expert, each with its own clip ratio; bin_spacing
+      "uniform" cuts the expert's range into equal intervals, "steps" gives each bin an equal share of
+      the sampling steps (:func:`step_edges`). The edges are stored in the states.
     Method: alphas (smoothing grid), rank (low-rank branch), refine_low_rank, gptq (+gptq_damp,
       gptq_block, act_order; off = round to nearest), unsigned_ffn2, clip_grid, clip_policy.
     Keep-list ``keep``: block indices (int) or fnmatch patterns on layer names relative to the
@@ -91,6 +112,7 @@ class CalibrationConfig:
     scheduler: str = "simple"
     boundary: float = I2V_BOUNDARY
     bins: int = 4
+    bin_spacing: str = "uniform"
 
     rank: int = 32
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
@@ -128,6 +150,7 @@ class CalibrationConfig:
         need(0.0 < self.boundary < T_MAX, f"boundary is a model timestep in (0, {T_MAX:g}), got {self.boundary!r} "
              "(Wan2.2 I2V uses 900, T2V 875)")
         need(isinstance(self.bins, int) and self.bins >= 1, f"bins must be an int >= 1, got {self.bins!r}")
+        need(self.bin_spacing in BIN_SPACINGS, f"bin_spacing must be one of {BIN_SPACINGS}, got {self.bin_spacing!r}")
         need(isinstance(self.rank, int) and self.rank >= 0, f"rank must be an int >= 0, got {self.rank!r}")
         self.alphas = tuple(float(a) for a in self.alphas)
         need(len(self.alphas) > 0 and all(0.0 <= a <= 1.0 for a in self.alphas),
@@ -137,7 +160,8 @@ class CalibrationConfig:
              f"clip_grid must be a non-empty grid in (0, 1], got {self.clip_grid!r}")
         need(self.clip_policy in CLIP_POLICIES, f"clip_policy must be one of {CLIP_POLICIES}, got {self.clip_policy!r}")
         need(self.gptq_damp > 0, f"gptq_damp must be > 0, got {self.gptq_damp!r}")
-        need(isinstance(self.gptq_block, int) and self.gptq_block >= 1, f"gptq_block must be >= 1, got {self.gptq_block!r}")
+        need(isinstance(self.gptq_block, int) and self.gptq_block >= 1,
+             f"gptq_block must be >= 1, got {self.gptq_block!r}")
         if isinstance(self.keep, (str, int)):
             self.keep = (self.keep,)
         self.keep = tuple(self.keep)
@@ -155,7 +179,11 @@ class CalibrationConfig:
         self.out_dir = str(self.out_dir)
 
     # --- derived ----------------------------------------------------------------------------
-    def edges(self, expert: str) -> tuple[float, ...]:
+    def edges(self, expert: str, timesteps=None) -> tuple[float, ...]:
+        """Bin edges of ``expert``; with bin_spacing "steps", ``timesteps`` (the expert's sampled
+        timesteps) place them."""
+        if self.bin_spacing == "steps" and timesteps is not None:
+            return step_edges(expert, self.bins, timesteps, self.boundary)
         return bin_edges(expert, self.bins, self.boundary)
 
     def state_path(self, expert: str) -> Path:

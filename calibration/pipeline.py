@@ -235,6 +235,8 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
         log.info("schedule: %d steps, high expert for steps 0..%d (t >= %g), low expert for %d..%d",
                  config.steps, switch - 1, config.boundary, switch, config.steps - 1)
 
+        edges = {"high": config.edges("high", ts[:switch].tolist()),
+                 "low": config.edges("low", ts[switch:].tolist())}
         passes = {e: block_passes([s.block for s in layers[e]], config.blocks_per_pass) for e in EXPERTS}
         steps_of = {"high": switch, "low": config.steps - switch}
         sampled_passes = {"high": max(1, len(passes["high"])), "low": len(passes["low"])}
@@ -257,13 +259,14 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
         for expert in EXPERTS:
             model, m = models[expert], shifted[expert]
             device = _device(config, model)
-            info[expert] = {"bin_edges": list(config.edges(expert)), "steps": steps_of[expert],
+            info[expert] = {"bin_edges": list(edges[expert]), "steps": steps_of[expert],
                             "timesteps": [], "bin_rows": [0] * config.bins, "passes": passes[expert],
                             "capture_s": [], "quantize_s": []}
             out_latents = None
             # the high expert samples even with nothing to capture: its output is the low expert's start
             for pi, blocks in enumerate(passes[expert] or ([[]] if expert == "high" else [])):
-                cap = ExpertCapture(model, expert, layers[expert], config, blocks) if blocks else None
+                cap = (ExpertCapture(model, expert, layers[expert], config, blocks, edges=edges[expert])
+                       if blocks else None)
                 t0 = time.perf_counter()
                 outs = run_capture(m, expert, items, latents, config, cap, switch, on_step)
                 out_latents = out_latents or outs
@@ -336,7 +339,7 @@ def _write_outputs(models, layers, params, records, info, config, paths) -> Cali
             if not params[expert]:
                 raise CalibrationError(f"the {expert}-noise expert has no quantized layer (keep-list?)")
             weights = {f"{s.name}.weight": layer_weight(models[expert], s.name)[0] for s in layers[expert]}
-            meta = fmt.StateMeta(expert=expert, bin_edges=config.edges(expert), clip_policy=policy,
+            meta = fmt.StateMeta(expert=expert, bin_edges=info[expert]["bin_edges"], clip_policy=policy,
                                  fingerprint=fmt.model_fingerprint(weights, params[expert].keys()),
                                  report={"path": paths["report"].name})
             fmt.save_state(paths[expert], params[expert], meta, overwrite=config.overwrite)

@@ -231,3 +231,21 @@ def test_config_defaults():
     assert cfg.edges("high") == (1000.0, 975.0, 950.0, 925.0, 900.0)
     assert cfg.edges("low") == (900.0, 675.0, 450.0, 225.0, 0.0)
     assert cfg.shift == 8.0 and cfg.rank == 32 and cfg.clip_policy == "per_bin"
+
+
+def test_step_spacing_fills_every_bin(models, tmp_path):
+    from wan_w4a4.calibration.config import bin_of, step_edges
+    low20 = [888.9, 867.5, 842.1, 811.6, 774.2, 727.3, 666.7, 585.4, 470.6, 296.3]  # 20 steps, shift 8
+    edges = step_edges("low", 4, low20)
+    assert edges[0] == 900.0 and edges[-1] == 0.0
+    counts = [sum(bin_of(t, edges) == b for t in low20) for b in range(4)]
+    assert counts == [2, 3, 3, 2]
+    assert [sum(bin_of(t, CalibrationConfig().edges("low")) == b for t in low20) for b in range(4)] == [6, 3, 1, 0]
+
+    cfg = CalibrationConfig(**{**FAST, "alphas": (0.5,)}, bin_spacing="steps", out_dir=str(tmp_path))
+    res = calibrate(models["high"], models["low"], _items(1), cfg)
+    report = json.loads(res["report"].read_text())
+    for expert in ("high", "low"):
+        info = report["experts"][expert]
+        assert all(r > 0 for r in info["bin_rows"]) and info["empty_bin_fallback"] == {}
+        assert list(fmt.read_meta(res[expert]).bin_edges) == info["bin_edges"]
