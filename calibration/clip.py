@@ -1,0 +1,117 @@
+"""Activation clip search: the ratio c that scales every activation group's range.
+
+The method paper (arXiv 2605.27003, "Timestep-Aware SVDQuant-GPTQ") picks, per layer, expert and
+timestep bin, the clip ratio from a grid by the layer's output MSE; numerics applies it as
+``s = c * rowmax / (qmax * fmax)`` (``numerics.choose_grid``), so c < 1 trades clipping the
+largest values for a finer step everywhere else - worth it for heavy-tailed activations.
+
+The search runs the exact W4A4 forward of numerics. Only the activation quantization depends on
+c, so :class:`ClipEvaluator` computes the rest once per set of rows (smoothing, the int8 weight
+operand, the low-rank branch) and each candidate costs one activation quantization and one
+integer GEMM. Policies (per bin, per expert, global) combine the per-bin error dicts of
+:func:`search_clip` by addition (:func:`combine_errors`, :func:`best_clip`): errors are sums of
+squares, so a pooled error is the sum of the bins' errors.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import numerics
+
+DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
+
+
+def _int_dot(a: torch.Tensor, wq: torch.Tensor, wq_f64: torch.Tensor | None) -> torch.Tensor:
+    """numerics.int_matmul(a, wq): the exact int32 dot of the int8 operands, as fp32.
+
+    On CUDA the int8 tensor cores (``torch._int_mm``) give the same integers far faster than the
+    fp64 GEMM of the reference; both sums are exact, so the fp32 results are identical.
+    """
+    m, k = a.shape
+    if a.is_cuda and m > 16 and k % 8 == 0 and wq.shape[0] % 8 == 0:
+        try:
+            return torch._int_mm(a, wq.T).float()
+        except RuntimeError:
+            pass
+    if wq_f64 is None:
+        return numerics.int_matmul(a, wq)
+    return (a.double() @ wq_f64.T).float()  # numerics.int_matmul with the weight converted once
+
+
+class ClipEvaluator:
+    """The W4A4 forward of one layer on fixed rows, for many clip ratios.
+
+    x_rows [T, K]: raw layer inputs (any float dtype; the output is cast to it, as
+    ``numerics.w4a4_linear`` does). p: the layer (its ``clip`` field is ignored). y_ref [T, N]:
+    the BF16 layer's output on the same rows, bias included.
+    """
+
+    def __init__(self, x_rows: torch.Tensor, p: numerics.W4A4Params, y_ref: torch.Tensor):
+        k, n = p.in_features, p.out_features
+        if x_rows.ndim != 2 or x_rows.shape[1] != k:
+            raise ValueError(f"clip search: x_rows must be [T, {k}], got {tuple(x_rows.shape)}")
+        if x_rows.shape[0] == 0:
+            raise ValueError("clip search: no input rows (a timestep bin that received no samples?); "
+                             "the caller must fall back to a neighbouring bin's ratio")
+        if tuple(y_ref.shape) != (x_rows.shape[0], n):
+            raise ValueError(f"clip search: y_ref must be [{x_rows.shape[0]}, {n}], got {tuple(y_ref.shape)}")
+        dev = p.qweight.device
+        x = x_rows.to(dev)
+        self.out_dtype = x.dtype
+        self.unsigned = p.act_unsigned
+        self.xh = numerics.smooth_input(x, p)
+        self.wq = numerics.int8_operand(numerics.unpack_int4(p.qweight), p.wfactor)
+        self.wq_f64 = None if dev.type == "cuda" else self.wq.double()
+        self.wscale = p.wscale.float()
+        # Added separately, in numerics' order (fp32 addition is not associative).
+        self.y_lr = numerics.low_rank(self.xh, p.lr_down, p.lr_up)
+        self.bias = None if p.bias is None else p.bias.float()
+        self.y_ref = y_ref.to(dev)
+
+    def output(self, c: float) -> torch.Tensor:
+        """numerics.w4a4_linear(x_rows, p with clip = c), bit for bit."""
+        a, sx = numerics.quantize_activation(self.xh, c, self.unsigned)
+        y = (_int_dot(a, self.wq, self.wq_f64) * sx[:, None]) * self.wscale[None, :]
+        y = y + self.y_lr
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(self.out_dtype)
+
+    def error(self, c: float) -> float:
+        """Sum of squared differences to y_ref (fp64)."""
+        return float((self.output(c).double() - self.y_ref.double()).square().sum())
+
+
+def clip_error(x_rows: torch.Tensor, p: numerics.W4A4Params, y_ref: torch.Tensor, c: float) -> float:
+    """Output error (sum of squares) of the W4A4 layer with clip ratio ``c`` on ``x_rows``
+    against ``y_ref`` (arXiv 2605.27003: layer output MSE). For several c, use :func:`search_clip`
+    or :class:`ClipEvaluator`, which do the c-independent work once."""
+    return ClipEvaluator(x_rows, p, y_ref).error(c)
+
+
+def best_clip(errors: dict[float, float]) -> float:
+    """The c with the smallest error; ties go to the larger c (less clipping)."""
+    if not errors:
+        raise ValueError("best_clip: no candidates")
+    return min(errors, key=lambda c: (errors[c], -c))
+
+
+def combine_errors(*errors: dict[float, float]) -> dict[float, float]:
+    """Pool per-bin error dicts (same grid) by addition: the error of one shared c over all rows."""
+    keys = set(errors[0])
+    if any(set(e) != keys for e in errors):
+        raise ValueError("combine_errors: the error dicts were computed on different grids")
+    return {c: sum(e[c] for e in errors) for c in errors[0]}
+
+
+def search_clip(x_rows: torch.Tensor, p: numerics.W4A4Params, y_ref: torch.Tensor, grid=DEFAULT_CLIP_GRID):
+    """Choose the activation clip ratio from ``grid`` by layer output error (arXiv 2605.27003).
+
+    Returns (best_c, {c: error}); the dict lets a caller pool bins or experts for the per-expert
+    and global policies (:func:`combine_errors`, then :func:`best_clip`).
+    """
+    if not grid:
+        raise ValueError("search_clip: empty grid")
+    ev = ClipEvaluator(x_rows, p, y_ref)
+    errors = {float(c): ev.error(float(c)) for c in grid}
+    return best_clip(errors), errors
