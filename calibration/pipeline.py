@@ -181,6 +181,15 @@ def _device(config: CalibrationConfig, model) -> torch.device:
     return torch.device(config.device) if config.device else torch.device(model.load_device)
 
 
+def _release_models(device):
+    """Unload the models ComfyUI holds on the GPU once the high expert is done, so that the low
+    expert and its statistics get the memory (ComfyUI reloads whatever is needed later)."""
+    if torch.device(device).type == "cuda":
+        import comfy.model_management
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+
+
 def _free(device):
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -294,6 +303,7 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
                 _free(device)
             if expert == "high":
                 latents = out_latents
+                _release_models(device)
 
         notes = rpt.choose_clips(records, config.clip_grid, config.clip_policy)
         for expert in EXPERTS:
