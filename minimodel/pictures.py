@@ -53,19 +53,35 @@ def strip_rows(high, low, seeds, *, steps: int = 20, cfg: float = 1.0, sample_se
     return rows
 
 
+def _wrap(draw, text_, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text_.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial) > width:
+            lines.append(line)
+            trial = word
+        line = trial
+    return lines + [line]
+
+
 def draw_strips(rows, path):
     """Writes the strips picture of ``strip_rows`` output to ``path``."""
     from PIL import Image, ImageDraw
 
-    text_h = 16
+    line_h = 13
     w = LABEL_W + rows[0][1].shape[0] * rows[0][1].shape[2]
     h_row = rows[0][1].shape[1]
-    canvas = Image.new("RGB", (w, len(rows) * (text_h + 2 * h_row + 6)), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    captions = [_wrap(measure, cap, w - 8) for cap, _, _ in rows]
+    height = sum(len(c) * line_h + 4 + 2 * h_row + 6 for c in captions)
+    canvas = Image.new("RGB", (w, height), "white")
     draw = ImageDraw.Draw(canvas)
     y = 0
-    for cap, ref, gen in rows:
-        draw.text((4, y + 2), cap, fill=(0, 0, 0))
-        y += text_h
+    for (cap, ref, gen), lines in zip(rows, captions):
+        for line in lines:
+            draw.text((4, y + 2), line, fill=(0, 0, 0))
+            y += line_h
+        y += 4
         for label, frames in (("ref", ref), ("gen", gen)):
             canvas.paste(_to_image(frames), (LABEL_W, y))
             draw.text((6, y + h_row // 2 - 6), label, fill=(0, 0, 0))

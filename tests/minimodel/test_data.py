@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -120,16 +121,16 @@ def test_bounce_grow_shrink():
 
 
 def test_spin_turns_clockwise_on_screen():
-    # A square turned by +angle in screen coordinates (y down) is turned clockwise as we see it:
-    # a marker at the shape's local +x then sits below the centre after a quarter turn.
-    sh = data.Shape("square", "red", "solid", "spins", "clockwise", 64.0, 64.0, 20.0, 0.0, 0.5 * torch.pi)
-    traj, _ = data.trajectories(_scene(sh), frames=5)
-    angle = traj[0, -1, 2]
-    assert angle == pytest.approx(0.5 * torch.pi)
-    lx, ly = 1.0, 0.0  # local +x
-    sx = torch.cos(torch.tensor(angle)) * lx - torch.sin(torch.tensor(angle)) * ly
-    sy = torch.sin(torch.tensor(angle)) * lx + torch.cos(torch.tensor(angle)) * ly
-    assert (sx.item(), sy.item()) == pytest.approx((0.0, 1.0), abs=1e-6)  # +x (right) went to +y (down)
+    # a triangle points up at angle 0; a clockwise quarter turn (as we see it) makes it point right
+    tri = data.Shape("triangle", "red", "solid", "spins", "clockwise", 64.0, 64.0, 24.0, 0.0, 0.5 * math.pi)
+    video = data.render([_scene(tri)], frames=5)[0]
+    ys, xs = torch.nonzero(_red_mask(video[0]), as_tuple=True)
+    assert 64 - ys.min().item() > 1.5 * (ys.max().item() - 64)      # apex up
+    ys, xs = torch.nonzero(_red_mask(video[-1]), as_tuple=True)
+    assert xs.max().item() - 64 > 1.5 * (64 - xs.min().item())      # apex right
+    ccw = dataclasses.replace(tri, direction="counterclockwise")
+    ys, xs = torch.nonzero(_red_mask(data.render([_scene(ccw)], frames=5)[0, -1]), as_tuple=True)
+    assert 64 - xs.min().item() > 1.5 * (xs.max().item() - 64)      # apex left
 
 
 # ---- the linear VAE ------------------------------------------------------------------------------
