@@ -222,6 +222,10 @@ class GroupStats:
     def absmax(self) -> torch.Tensor:
         return (self.range or self.stats).absmax
 
+    @property
+    def xmin(self) -> torch.Tensor:
+        return (self.range or self.stats).xmin
+
     def absmax_shifted(self, shift: float) -> torch.Tensor:
         return (self.range or self.stats).absmax_shifted(shift)
 

@@ -125,6 +125,17 @@ def config_from_args(args) -> CalibrationConfig:
         name=args.name, overwrite=args.overwrite)
 
 
+def _text_dim(path) -> int:
+    """The text context width of a Wan checkpoint, read from its safetensors header (4096 for Wan)."""
+    from safetensors import safe_open
+    from .capture import CalibrationError
+
+    with safe_open(str(path), framework="pt") as f:
+        if "text_embedding.0.weight" not in f.keys():
+            raise CalibrationError(f"{path}: not a Wan transformer checkpoint (no text_embedding.0.weight)")
+        return int(f.get_slice("text_embedding.0.weight").get_shape()[1])
+
+
 def minimodel_items(n: int, *, frames: int = 17, seed: int = 0) -> list:
     """``n`` I2V items of the embedded mini model: a procedural scene's first frame and caption through
     ComfyUI's own ``WanImageToVideo`` (minimodel/conditioning.py). Needs an initialised ComfyUI."""
@@ -193,19 +204,18 @@ def run(args) -> int:
         return 2
     import comfy.sd
 
-    models = {}
-    for expert, path in (("high", args.high), ("low", args.low)):
-        log.info("loading the %s-noise expert from %s", expert, path)
-        models[expert] = comfy.sd.load_diffusion_model(str(path))
+    def loader(path):  # loaded when its expert's turn comes: one BF16 expert in host memory at a time
+        return lambda: comfy.sd.load_diffusion_model(str(path))
+
     bar = _Tqdm()
     try:
         if args.source == "minimodel":
             items = minimodel_items(args.items, frames=args.frames, seed=args.item_seed)
         else:
-            text_dim = models["high"].model.diffusion_model.text_embedding[0].in_features
             items = synthetic_items(args.items, frames=args.frames, height=args.height, width=args.width,
-                                    text_tokens=args.text_tokens, text_dim=text_dim, seed=args.item_seed)
-        result = calibrate(models["high"], models["low"], items, config, progress=bar)
+                                    text_tokens=args.text_tokens, text_dim=_text_dim(args.high),
+                                    seed=args.item_seed)
+        result = calibrate(loader(args.high), loader(args.low), items, config, progress=bar)
     except (CalibrationError, FileExistsError) as e:
         print(f"calibrate: {e}", file=sys.stderr)
         return 2 if isinstance(e, CalibrationError) else 1

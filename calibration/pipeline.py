@@ -87,9 +87,9 @@ def quantize_layer(spec: LayerSpec, expert: str, w: torch.Tensor, bias: torch.Te
     rank = min(config.rank, *w.shape)
 
     unsigned = spec.unsigned
-    if unsigned and float(group.stats.xmin.min()) < -numerics.GELU_SHIFT - 1e-3:
+    if unsigned and float(group.xmin.min()) < -numerics.GELU_SHIFT - 1e-3:
         log.warning("%s %s: input goes down to %.3g, below -GELU_SHIFT; not a GELU output, so the signed "
-                    "activation grid is used", expert, spec.name, float(group.stats.xmin.min()))
+                    "activation grid is used", expert, spec.name, float(group.xmin.min()))
         unsigned = False
     shift = numerics.GELU_SHIFT if unsigned else 0.0
 
@@ -201,7 +201,9 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
     """Calibrate both experts of a Wan2.2 I2V model and write their W4A4 states.
 
     high_model / low_model: ComfyUI MODELs of the high-noise and low-noise experts (BF16, as loaded
-    by UNETLoader; without ModelSamplingSD3 - ``config.shift`` is applied here). items: the
+    by UNETLoader; without ModelSamplingSD3 - ``config.shift`` is applied here), or zero-argument
+    callables that load them: those are loaded when their expert's turn comes and dropped after it,
+    so that only one BF16 expert occupies host memory at a time (the command line does this). items: the
     calibration set (:class:`CalibrationItem`). progress(done, total, what): called as work
     completes. cancel(): called between layers and at every sampling step; it may raise (ComfyUI's
     ``throw_exception_if_processing_interrupted``) or return True to stop - either way no file is
@@ -225,14 +227,25 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)
 
     models = {"high": high_model, "low": low_model}
-    layers = {e: plan_layers(m, config, f"the {e}-noise model") for e, m in models.items()}
-    if not any(layers.values()):
+    # A zero-argument callable instead of a MODEL is loaded when its expert's turn comes and dropped
+    # after it: only one BF16 expert (26.7 GiB at 14B) is then in host memory at a time.
+    lazy = {e: callable(m) and not hasattr(m, "model") for e, m in models.items()}
+    layers = {e: plan_layers(m, config, f"the {e}-noise model") for e, m in models.items() if not lazy[e]}
+
+    def load(expert):
+        if lazy[expert] and not hasattr(models[expert], "model"):
+            log.info("loading the %s-noise expert", expert)
+            models[expert] = models[expert]()
+        if expert not in layers:
+            layers[expert] = plan_layers(models[expert], config, f"the {expert}-noise model")
+        return models[expert]
+
+    load("high")
+    if not layers["high"] and not lazy["low"] and not layers["low"]:
         raise CalibrationError("nothing to quantize: the keep-list keeps every block Linear in BF16")
-    if [s.name for s in layers["high"]] != [s.name for s in layers["low"]]:
-        log.warning("the two experts have different quantizable layers (architectures differ?)")
 
     with torch.inference_mode():
-        shifted = {e: with_shift(m, config.shift) for e, m in models.items()}
+        shifted = {"high": with_shift(models["high"], config.shift)}
         sigmas, ts = schedule(shifted["high"], config)
         switch = switch_step(ts, config.boundary)
         if switch == 0 or switch == config.steps:
@@ -246,34 +259,48 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
 
         edges = {"high": config.edges("high", ts[:switch].tolist()),
                  "low": config.edges("low", ts[switch:].tolist())}
-        passes = {e: block_passes([s.block for s in layers[e]], config.blocks_per_pass) for e in EXPERTS}
         steps_of = {"high": switch, "low": config.steps - switch}
-        sampled_passes = {"high": max(1, len(passes["high"])), "low": len(passes["low"])}
-        total = sum(sampled_passes[e] * len(items) * steps_of[e] + len(layers[e]) for e in EXPERTS)
-        done = [0]
+        done, total = [0], [0]
+
+        def plan_work(expert):  # passes and progress units of an expert (the low one known once loaded)
+            passes = block_passes([s.block for s in layers[expert]], config.blocks_per_pass)
+            n_sampled = max(1, len(passes)) if expert == "high" else len(passes)
+            return passes, n_sampled * len(items) * steps_of[expert] + len(layers[expert])
 
         def tick(n=1, what=""):
             done[0] += n
             if progress is not None:
-                progress(min(done[0], total), total, what)
+                progress(min(done[0], total[0]), total[0], what)
 
         def on_step():
             _check_cancel(cancel)
             tick(1, "sampling")
 
+        passes_high, work_high = plan_work("high")
+        total[0] = work_high + (plan_work("low")[1] if "low" in layers else work_high)  # estimate until loaded
         records: dict[str, dict[str, rpt.LayerRecord]] = {e: {} for e in EXPERTS}
         params: dict[str, dict[str, numerics.W4A4Params]] = {e: {} for e in EXPERTS}
         info: dict[str, dict] = {}
         latents = [it.latent for it in items]
+        device = _device(config, models["high"])
         for expert in EXPERTS:
-            model, m = models[expert], shifted[expert]
+            model = load(expert)
+            if expert == "low":
+                if not layers["high"] and not layers["low"]:
+                    raise CalibrationError("nothing to quantize: the keep-list keeps every block Linear in BF16")
+                if [s.name for s in layers["high"]] != [s.name for s in layers["low"]]:
+                    log.warning("the two experts have different quantizable layers (architectures differ?)")
+                total[0] = work_high + plan_work("low")[1]
+                shifted["low"] = with_shift(model, config.shift)
+            passes = plan_work(expert)[0]
+            m = shifted[expert]
             device = _device(config, model)
             info[expert] = {"bin_edges": list(edges[expert]), "steps": steps_of[expert],
-                            "timesteps": [], "bin_rows": [0] * config.bins, "passes": passes[expert],
+                            "timesteps": [], "bin_rows": [0] * config.bins, "passes": passes,
                             "capture_s": [], "quantize_s": []}
             out_latents = None
             # the high expert samples even with nothing to capture: its output is the low expert's start
-            for pi, blocks in enumerate(passes[expert] or ([[]] if expert == "high" else [])):
+            for pi, blocks in enumerate(passes or ([[]] if expert == "high" else [])):
                 cap = (ExpertCapture(model, expert, layers[expert], config, blocks, edges=edges[expert])
                        if blocks else None)
                 t0 = time.perf_counter()
@@ -283,7 +310,7 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
                     continue
                 info[expert]["capture_s"].append(round(time.perf_counter() - t0, 3))
                 log.info("%s expert, pass %d/%d (blocks %d..%d): captured in %.1f s", expert, pi + 1,
-                         len(passes[expert]), blocks[0], blocks[-1], info[expert]["capture_s"][-1])
+                         len(passes), blocks[0], blocks[-1], info[expert]["capture_s"][-1])
                 t0 = time.perf_counter()
                 if pi == 0:
                     info[expert]["timesteps"] = [round(t, 3) for t in cap.timesteps]
@@ -301,8 +328,12 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
                 cap.free()
                 del cap
                 _free(device)
+            info[expert]["fingerprint"] = _fingerprint(model, params[expert])
+            del m, model
             if expert == "high":
                 latents = out_latents
+                if lazy["high"]:  # we loaded it, we drop it
+                    models["high"] = shifted["high"] = None
                 _release_models(device)
 
         notes = rpt.choose_clips(records, config.clip_grid, config.clip_policy)
@@ -311,8 +342,16 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
             for name, rec in records[expert].items():
                 params[expert][name].clip = torch.tensor(rec.clip, dtype=torch.float32)
 
-    info["resources"] = _resources(t_start, _device(config, high_model))
-    return _write_outputs(models, layers, params, records, info, config, paths)
+    info["resources"] = _resources(t_start, device)
+    return _write_outputs(params, records, info, config, paths)
+
+
+def _fingerprint(model, layers: dict) -> str:
+    """format.model_fingerprint of the BF16 weights of the quantized layers ("" when none)."""
+    if not layers:
+        return ""
+    weights = {f"{name}.weight": layer_weight(model, name)[0] for name in layers}
+    return fmt.model_fingerprint(weights, layers.keys())
 
 
 def _resources(t_start: float, device: torch.device) -> dict:
@@ -339,7 +378,7 @@ def _check_bins(expert: str, cap: ExpertCapture, config: CalibrationConfig) -> N
                     [round(t, 1) for t in sorted(set(cap.timesteps), reverse=True)])
 
 
-def _write_outputs(models, layers, params, records, info, config, paths) -> CalibrationResult:
+def _write_outputs(params, records, info, config, paths) -> CalibrationResult:
     data = rpt.build_report(config, records, info, {e: paths[e] for e in EXPERTS})
     log.info("calibration summary:\n%s", rpt.table(records))
     policy = config.clip_policy.replace("_", "-")
@@ -348,10 +387,8 @@ def _write_outputs(models, layers, params, records, info, config, paths) -> Cali
         for expert in EXPERTS:
             if not params[expert]:
                 raise CalibrationError(f"the {expert}-noise expert has no quantized layer (keep-list?)")
-            weights = {f"{s.name}.weight": layer_weight(models[expert], s.name)[0] for s in layers[expert]}
             meta = fmt.StateMeta(expert=expert, bin_edges=info[expert]["bin_edges"], clip_policy=policy,
-                                 fingerprint=fmt.model_fingerprint(weights, params[expert].keys()),
-                                 report={"path": paths["report"].name})
+                                 fingerprint=info[expert]["fingerprint"], report={"path": paths["report"].name})
             fmt.save_state(paths[expert], params[expert], meta, overwrite=config.overwrite)
             written.append(paths[expert])
         rpt.write_json(paths["report"], data, overwrite=config.overwrite)

@@ -1,8 +1,10 @@
 """calibrate() end to end on tiny Wan2.2-shaped experts through the real ComfyUI (CPU)."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import weakref
 
 import pytest
 import torch
@@ -133,9 +135,24 @@ def test_empty_bin_takes_neighbours_ratio(calibrated):
     assert report["experts"]["low"]["layers"][0]["clip_source"] == ["searched", "bin 0"]
 
 
-def test_blocks_per_pass_gives_identical_states(calibrated, models, tmp_path):
+def test_blocks_per_pass_and_lazy_models_give_identical_states(calibrated, tiny_wan_checkpoints, tmp_path):
+    """One block per pass, and the experts given as loaders (loaded in turn, dropped after use)."""
+    import comfy.sd
+    loaded = []
+
+    def loader(expert):
+        def load():
+            if expert == "low":  # by now the high expert must be gone: one expert in memory at a time
+                gc.collect()
+                assert loaded[0][1]() is None, "the high expert is still referenced when the low one loads"
+            m = comfy.sd.load_diffusion_model(str(tiny_wan_checkpoints[expert]))
+            loaded.append((expert, weakref.ref(m.model)))
+            return m
+        return load
+
     cfg = CalibrationConfig(**FAST, out_dir=str(tmp_path), blocks_per_pass=1)
-    res = calibrate(models["high"], models["low"], _items(), cfg)
+    res = calibrate(loader("high"), loader("low"), _items(), cfg)
+    assert [e for e, _ in loaded] == ["high", "low"]
     for expert in ("high", "low"):
         a, _ = fmt.load_state(calibrated["result"][expert])
         b, _ = fmt.load_state(res[expert])
