@@ -86,6 +86,7 @@ class TrainConfig:
     heldout_sigmas: int = 4               # per video and expert range (stratified)
     eval_points: int = 8                  # held-out evaluations along each phase
     log_every: int = 25
+    probe_steps: int = 12                 # speed probe before planning a --minutes budget
     compile: bool = False
     pictures: bool = True
     overwrite: bool = False               # replace existing checkpoints/log in `out`
@@ -401,7 +402,7 @@ class Trainer:
         self.stream, rng_state, gen_state = saved
         self.rng.set_state(rng_state)
         self.gen.set_state(gen_state)
-        step_s = float(np.median(times[max(1, n // 3):]))
+        step_s = float(np.median(times[min(n - 1, max(1, n // 3)):]))
         del m, opt
         return {"step_s": step_s, "render_s_per_video": render,
                 "effective_step_s": step_s + render * cfg.batch / cfg.reuse}
@@ -493,17 +494,21 @@ def train(cfg: TrainConfig) -> dict:
     ranges = phase_ranges(cfg.boundary)
     expert_ranges = {"high": ranges["high"], "low": ranges["low"]}
 
-    t0 = time.perf_counter()
     heldout = HeldOut(cfg, tr.vae, tr.encoder)
     untrained = {k: heldout.loss(model, r) for k, r in expert_ranges.items()}
-    _sync(cfg.device)
-    eval_s = (time.perf_counter() - t0) / 2
-    probe = None
-    if cfg.phase_steps is None and cfg.steps is None:
-        probe = tr.probe(model)
-        logger.info("probe: %.1f ms/step compute, %.2f ms/video render -> %.1f steps/s, %.0f samples/s",
-                    probe["step_s"] * 1e3, probe["render_s_per_video"] * 1e3, 1 / probe["effective_step_s"],
-                    cfg.batch / probe["effective_step_s"])
+    probe, eval_s = None, 0.0
+    if cfg.phase_steps is None and cfg.steps is None:  # a time budget: measure, then plan
+        probe = tr.probe(model, cfg.probe_steps)
+        _sync(cfg.device)
+        t0 = time.perf_counter()  # one held-out evaluation, timed after the warm-up of the probe
+        heldout.loss(model, expert_ranges["high"])
+        _sync(cfg.device)
+        eval_s = probe["eval_s"] = time.perf_counter() - t0
+        logger.info("probe: %.1f ms/step compute, %.2f ms/video render -> %.1f steps/s, %.0f samples/s, "
+                    "%.0f k tokens/s; held-out evaluation %.2f s", probe["step_s"] * 1e3,
+                    probe["render_s_per_video"] * 1e3, 1 / probe["effective_step_s"],
+                    cfg.batch / probe["effective_step_s"],
+                    cfg.batch * tr.tokens_per_sample / probe["effective_step_s"] / 1e3, eval_s)
     plan = plan_steps(cfg, probe, eval_s, time.perf_counter() - t_start)
     logger.info("plan: warm start %d, high-noise %d, low-noise %d steps (replay with --phase-steps %s)",
                 *plan, ",".join(map(str, plan)))

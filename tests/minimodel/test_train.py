@@ -160,10 +160,14 @@ def test_split_step_matches_the_template(comfy_nodes, tmp_path):
 def test_three_step_training_writes_loadable_checkpoints(comfy_nodes, tmp_path):
     from wan_w4a4.minimodel import sample
 
-    cfg = train.TrainConfig(out=tmp_path / "run", arch=TINY, batch=1, minutes=None, steps=3, frames=FRAMES,
-                            chunk=1, reuse=1, heldout=1, heldout_sigmas=1, eval_points=1, pictures=False)
+    # a time budget too small for more than one step per phase: exercises the speed probe and the plan
+    cfg = train.TrainConfig(out=tmp_path / "run", arch=TINY, batch=1, minutes=0.01, frames=FRAMES, chunk=1,
+                            reuse=1, heldout=1, heldout_sigmas=1, eval_points=1, probe_steps=2, pictures=False)
     log = train.train(cfg)
     assert log["plan"] == {"warm": 1, "high": 1, "low": 1}
+    assert log["probe"]["step_s"] > 0 and log["probe"]["eval_s"] > 0
+    with pytest.raises(FileExistsError, match="--force"):
+        train.train(cfg)
     assert json.loads((cfg.out / "train_log.json").read_text())["plan"] == log["plan"]
     assert all(math.isfinite(c["loss"]) for c in log["curve"]) and len(log["curve"]) == 3
     for name in ("high", "low"):
@@ -189,3 +193,19 @@ def test_three_step_training_writes_loadable_checkpoints(comfy_nodes, tmp_path):
     out = sample.generate(experts["high"], experts["low"], data.caption(scene), video[0], frames=FRAMES, steps=4)
     assert out.shape == (1, 16, 2, 16, 16) and torch.isfinite(out).all()
     assert data.LinearVideoVAE().latent_to_rgb(out).shape == (1, 2, 128, 128, 3)
+
+
+def test_command_line_defaults():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    cfg = train.config_from_args(p.parse_args(["--out", "o", "--device", "cpu"]))
+    assert (cfg.minutes, cfg.steps, cfg.batch, cfg.chunk, cfg.reuse, cfg.arch) == (7.0, None, 4, 4, 1, train.MINI)
+    cfg = train.config_from_args(p.parse_args(["--out", "o", "--device", "cuda", "--phase-steps", "30,20,40"]))
+    assert (cfg.minutes, cfg.phase_steps, cfg.batch, cfg.chunk, cfg.reuse) == (None, (30, 20, 40), 64, 2048, 4)
+    assert train.plan_steps(cfg, None, 0.0, 0.0) == (30, 20, 40)
+    cfg = train.config_from_args(p.parse_args(["--out", "o", "--steps", "100", "--arch", "tiny"]))
+    assert train.plan_steps(cfg, None, 0.0, 0.0) == (30, 30, 40) and cfg.arch == TINY
+    with pytest.raises(SystemExit):
+        p.parse_args(["--out", "o", "--steps", "10", "--minutes", "3"])
