@@ -37,7 +37,8 @@ def _to_image(frames: torch.Tensor):
     return Image.fromarray((row.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8))
 
 
-def strip_rows(high, low, seeds, *, steps: int = 20, cfg: float = 1.0, sample_seed: int = 0):
+def strip_rows(high, low, seeds, *, steps: int = 20, cfg: float = 1.0, sample_seed: int = 0,
+               frames: int = data.FRAMES):
     """``[(caption, reference [F, H, W, 3], generated [F, H, W, 3])]`` for the scenes of ``seeds``."""
     from .sample import generate
 
@@ -46,7 +47,7 @@ def strip_rows(high, low, seeds, *, steps: int = 20, cfg: float = 1.0, sample_se
     for i, seed in enumerate(seeds):
         scene = data.sample_scene(seed)
         cap = data.caption(scene)
-        video = data.render([scene])[0]
+        video = data.render([scene], frames=frames)[0]
         reference = vae.decode_normalized(vae.encode_normalized(video))
         latent = generate(high, low, cap, video[0], frames=video.shape[0], steps=steps, seed=sample_seed + i, cfg=cfg)
         rows.append((cap, reference, vae.latent_to_rgb(latent)[0]))
@@ -210,13 +211,16 @@ def make_all(folder, n: int = 4, steps: int = 20, cfg: float = 1.0) -> list[Path
 
     folder = Path(folder)
     out = []
+    frames = data.FRAMES
     log_path = folder / "train_log.json"
     if log_path.is_file():
-        out.append(draw_loss_curve(json.loads(log_path.read_text()), folder / "loss_curve.png"))
+        log = json.loads(log_path.read_text())
+        frames = int(log.get("config", {}).get("frames", frames))  # the clip length it was trained on
+        out.append(draw_loss_curve(log, folder / "loss_curve.png"))
         if update_card(folder):
             out.append(folder / "README.md")
     high, low = (load_expert(folder / EXPERT_FILES[k]) for k in ("high", "low"))
-    rows = strip_rows(high, low, data.heldout_seeds(n), steps=steps, cfg=cfg)
+    rows = strip_rows(high, low, data.heldout_seeds(n), steps=steps, cfg=cfg, frames=frames)
     out.append(draw_strips(rows, folder / "strips.png"))
     logger.info("wrote %s", ", ".join(map(str, out)))
     return out

@@ -192,7 +192,24 @@ def test_three_step_training_writes_loadable_checkpoints(comfy_nodes, tmp_path):
     video = data.render([scene], frames=FRAMES)[0]
     out = sample.generate(experts["high"], experts["low"], data.caption(scene), video[0], frames=FRAMES, steps=4)
     assert out.shape == (1, 16, 2, 16, 16) and torch.isfinite(out).all()
-    assert data.LinearVideoVAE().latent_to_rgb(out).shape == (1, 2, 128, 128, 3)
+    vae = data.LinearVideoVAE()
+    assert vae.latent_to_rgb(out).shape == (1, 2, 128, 128, 3)
+
+    # the pictures and the card's results block
+    from PIL import Image
+
+    from wan_w4a4.minimodel import pictures
+
+    ref = vae.decode_normalized(vae.encode_normalized(video))
+    strips = pictures.draw_strips([(data.caption(scene), ref, vae.latent_to_rgb(out)[0])], cfg.out / "strips.png")
+    assert Image.open(strips).size[0] == pictures.LABEL_W + 2 * 128
+    curve = pictures.draw_loss_curve(log, cfg.out / "loss_curve.png")
+    assert Image.open(curve).size == (900, 420)
+    card = cfg.out / "README.md"
+    card.write_text(f"# card\n{pictures.CARD_BEGIN}\nold\n{pictures.CARD_END}\ntail\n")
+    assert pictures.update_card(cfg.out)
+    text_ = card.read_text()
+    assert "old" not in text_ and text_.endswith("tail\n") and "| high-noise | t >= 900 |" in text_
 
 
 def test_command_line_defaults():
