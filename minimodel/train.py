@@ -66,7 +66,7 @@ class TrainConfig:
     arch: WanArch = MINI
     device: str = "cpu"
     seed: int = 0
-    batch: int = 64
+    batch: int = 128
     minutes: float | None = 7.0           # used when neither steps nor phase_steps is given
     steps: int | None = None              # total optimizer steps, split by `fractions`
     phase_steps: tuple[int, int, int] | None = None  # (warm, high, low), replays a plan exactly
@@ -589,7 +589,7 @@ def add_arguments(p: argparse.ArgumentParser):
     budget.add_argument("--phase-steps", help="W,H,L: steps of the warm start and each expert (replays a plan)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", choices=sorted(ARCHS), default="mini")
-    p.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 4 on CPU")
+    p.add_argument("--batch", type=int, default=None, help="default 128 on CUDA, 4 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=data.FRAMES, help="pixel frames, 1 + 4k (default 17: 5 latent frames)")
     p.add_argument("--lr", type=float, default=4e-4)
@@ -603,7 +603,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def config_from_args(args) -> TrainConfig:
     cuda = str(args.device).startswith("cuda")
-    batch = args.batch or (64 if cuda else 4)
+    batch = args.batch or (128 if cuda else 4)
     minutes = args.minutes if args.minutes is not None else (None if (args.steps or args.phase_steps) else 7.0)
     phase_steps = tuple(int(s) for s in args.phase_steps.split(",")) if args.phase_steps else None
     return TrainConfig(
