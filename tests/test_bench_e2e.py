@@ -1,0 +1,76 @@
+"""Smoke test of benchmarks/bench_wan_e2e.py: the whole script (generation child, one child per
+configuration, report) on the tiny Wan arch, on the CPU, through a real ComfyUI.
+
+It checks the plumbing the GPU run relies on - files made and reused, both experts through the real
+two-expert graph, one model call per step with cond+uncond batched, the report's table and JSON -
+not any number (CPU timings of a tiny model mean nothing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wan_w4a4.nodes import runtime
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+SCRIPT = runtime.REPO_ROOT / "benchmarks" / "bench_wan_e2e.py"
+STEPS = 2  # shift 8: timesteps 1000 | 889 -> one high-noise step, one low-noise step
+
+
+def run_bench(comfyui: Path, workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), "--arch", "tiny", "--cpu", "--workdir", str(workdir),
+           "--comfyui", str(comfyui), "--steps", str(STEPS), "--text-tokens", "16", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_bench_e2e_tiny_cpu(comfyui, tmp_path):
+    out_json, md = tmp_path / "out.json", tmp_path / "RESULTS.md"
+    p = run_bench(comfyui, tmp_path / "work", "--config", "bf16,w4a4", "--memory", "default",
+                  "--json", str(out_json), "--results-md", str(md))
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+
+    data = json.loads(out_json.read_text())
+    gen = data["meta"]["generate"]
+    assert gen["bf16_generated"] and gen["w4a4_generated"] and gen["w4a4_layers"] == 20  # 2 blocks x 10
+    assert Path(gen["bf16_file"]).is_file() and Path(gen["w4a4_file"]).is_file()
+    assert data["meta"]["source_used"] == "file"
+    for cfg in ("bf16", "w4a4"):
+        res = data["results"][cfg]
+        assert "error" not in res, res.get("error")
+        assert res["split"] == 1 and res["latent"] == [1, 16, 2, 8, 8]
+        r = res["modes"]["default"]
+        assert r["output_finite"]
+        for stage in ("high", "low"):
+            steps = r["stages"][stage]["steps"]
+            assert len(steps) == 1, steps  # one step per expert
+            assert steps[0]["batches"] == [2]  # cfg > 1: cond and uncond in one batch
+            assert steps[0]["s"] > 0
+        assert r["stages"]["high"]["steps"][0]["t"] >= 900 > r["stages"]["low"]["steps"][0]["t"]
+        assert res["host_peak_rss_gib"] > 0
+    assert data["results"]["w4a4"]["loader"] == "WanW4A4LoadModel"
+    assert "WanW4A4LoadModel" in data["results"]["w4a4"]["load"]["high"]["how"]
+    text = md.read_text()
+    assert text.startswith("# End-to-end benchmark results")
+    assert "| bf16 | default |" in text and "| w4a4 | default |" in text
+
+    # A second run reuses the files and skips a configuration that the budget leaves no time for.
+    p = run_bench(comfyui, tmp_path / "work", "--config", "bf16", "--budget-s", "120", "--min-child-s", "1000",
+                  "--json", str(out_json), "--results-md", "none")
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["generate"]["bf16_generated"] is False, p.stdout[-3000:]
+    assert "skipped" in data["results"]["bf16"]
+    assert p.returncode == 1  # a configuration without result is a failure of the run
+
+
+def test_bench_e2e_rejects_bad_arguments(comfyui, tmp_path):
+    p = run_bench(comfyui, tmp_path, "--config", "int8")
+    assert p.returncode == 2 and "unknown configuration" in p.stderr
+    p = run_bench(comfyui, tmp_path, "--all", "--frames", "80")
+    assert p.returncode == 2 and "1 + 4k" in p.stderr
