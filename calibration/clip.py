@@ -21,8 +21,9 @@ from ..kernels import numerics
 DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
 
 
-def _int_dot(a: torch.Tensor, wq: torch.Tensor, wq_f64: torch.Tensor | None) -> torch.Tensor:
-    """numerics.int_matmul(a, wq): the exact int32 dot of the int8 operands, as fp32.
+def _int_dot(a: torch.Tensor, wq: torch.Tensor, wq_f64: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+    """numerics.int_matmul(a, wq, offset): the exact int32 sum of the int8 operands (plus the
+    unsigned offset term), as fp32 rounded once.
 
     On CUDA the int8 tensor cores (``torch._int_mm``) give the same integers far faster than the
     fp64 GEMM of the reference; both sums are exact, so the fp32 results are identical.
@@ -30,12 +31,18 @@ def _int_dot(a: torch.Tensor, wq: torch.Tensor, wq_f64: torch.Tensor | None) -> 
     m, k = a.shape
     if a.is_cuda and m > 16 and k % 8 == 0 and wq.shape[0] % 8 == 0:
         try:
-            return torch._int_mm(a, wq.T).float()
+            acc = torch._int_mm(a, wq.T)
+            if offset:
+                acc = acc + offset * wq.sum(1, dtype=torch.int32)[None, :]
+            return acc.float()
         except RuntimeError:
             pass
     if wq_f64 is None:
-        return numerics.int_matmul(a, wq)
-    return (a.double() @ wq_f64.T).float()  # numerics.int_matmul with the weight converted once
+        return numerics.int_matmul(a, wq, offset)
+    acc = a.double() @ wq_f64.T  # numerics.int_matmul with the weight converted once
+    if offset:
+        acc = acc + offset * wq_f64.sum(1)[None, :]
+    return acc.float()
 
 
 class ClipEvaluator:
@@ -71,7 +78,7 @@ class ClipEvaluator:
     def output(self, c: float) -> torch.Tensor:
         """numerics.w4a4_linear(x_rows, p with clip = c), bit for bit."""
         a, sx = numerics.quantize_activation(self.xh, c, self.unsigned)
-        y = (_int_dot(a, self.wq, self.wq_f64) * sx[:, None]) * self.wscale[None, :]
+        y = (_int_dot(a, self.wq, self.wq_f64, numerics.act_offset(self.unsigned)) * sx[:, None]) * self.wscale[None, :]
         y = y + self.y_lr
         if self.bias is not None:
             y = y + self.bias

@@ -11,8 +11,8 @@ The grid of numerics has two levels, and they are fixed at different times:
 - the row scale is fixed from the whole (initial) row before the loop (``numerics.choose_grid``);
 - the integer factor of a group of 64 is chosen when the loop first reaches a column of that
   group, from the group's *current* (error-updated) weights, by numerics' own rules: the factor
-  rule of ``choose_grid`` against the fixed row maximum, then ``refine_factors`` as numerics'
-  weight RTN (``quantize_weight_rows``) does. Every value is rounded by
+  rule of ``choose_grid`` against the fixed row maximum, as numerics' weight RTN
+  (``quantize_weight_rows``) does. Every value is rounded by
   ``numerics.quantize_to_grid``; nothing here re-implements a rounding rule, so a change of the
   grid in numerics carries over (and a diagonal Hessian reproduces numerics' RTN bit for bit).
 
@@ -38,9 +38,8 @@ _DAMP_RETRIES = 6  # damping x10 per retry: 1 % ... 1e4 %, then give up
 
 def rtn_quantize(w: torch.Tensor):
     """Round-to-nearest weights as ``numerics.from_float`` rounds them without GPTQ
-    (``numerics.quantize_weight_rows``; plain ``quantize_rows`` where numerics has no weight-specific
-    rule): (q int8 [N, K], scale fp32 [N], factor uint8 [N, G])."""
-    return getattr(numerics, "quantize_weight_rows", numerics.quantize_rows)(w.float())
+    (``numerics.quantize_weight_rows``): (q int8 [N, K], scale fp32 [N], factor uint8 [N, G])."""
+    return numerics.quantize_weight_rows(w.float())
 
 
 def _group_factor(cur: torch.Tensor, scale: torch.Tensor, rmax: torch.Tensor) -> torch.Tensor:
@@ -48,16 +47,12 @@ def _group_factor(cur: torch.Tensor, scale: torch.Tensor, rmax: torch.Tensor) ->
 
     ``choose_grid`` takes the row maximum from its input, so the group goes in beside a pad group
     holding ``rmax``: the row maximum seen is then max(rmax, amax of the group) - the fixed one,
-    unless error feedback pushed the group past it, where both give the largest factor. Then
-    ``refine_factors`` (numerics' weight rule, if it has one) against the fixed row ``scale``.
+    unless error feedback pushed the group past it, where both give the largest factor.
     """
     pad = torch.zeros_like(cur)
     pad[:, 0] = rmax
     _, f = numerics.choose_grid(torch.cat([cur, pad], dim=1))
     f = f[:, :1]
-    refine = getattr(numerics, "refine_factors", None)
-    if refine is not None:
-        f = refine(cur, scale, f)
     return f[:, 0]
 
 

@@ -21,13 +21,12 @@ floating-point work is one multiply by ``sx[m] * sw[n]`` in the epilogue - no re
 accumulator every 64 columns, which is what makes a plain per-group layout run at 0.25x bf16.
 
 - signed values q in [-8, 7], factors f in [1, 16]:   s = c * rowmax / (7 * 16)
-- unsigned values q in [0, 15], factors f in [1, 8]:  s = c * rowmax / (15 * 8)   (post-GELU inputs,
-  shifted by GELU_SHIFT so that they are >= 0; 15 * 8 = 120 keeps q * f a positive int8)
-- f_g = clamp(round(fmax * amax_g / rowmax), 1, fmax) for activations: the nearest factor (it may
-  clip a group's largest value slightly, which costs less than rounding the step up: measured
-  +0.36 dB on the layer output, kernels/README.md). Offline, weights refine each group's factor to
-  the one of {f - 1, f, f + 1} with the least squared error (``refine_factors``). With c < 1 every
-  group is clipped by the same ratio.
+- unsigned values q in [0, 15], factors f in [1, 16]: s = c * rowmax / (15 * 16)  (post-GELU inputs,
+  shifted by GELU_SHIFT so that they are >= 0). q * f reaches 240, so the int8 operand is
+  q * f - 128 and the accumulator gets back the exact int32 term 128 * sum_k w8[n, k].
+- f_g = clamp(round(fmax * amax_g / rowmax), 1, fmax), weights and activations alike: the nearest
+  factor (it may clip a group's largest value slightly, which costs less than rounding the step
+  up; kernels/README.md has the measurements). With c < 1 every group is clipped by the same ratio.
 
 Packed weight layout (``qweight``, uint8 [N, K // 2]): K is cut into tiles of 128; byte j (0..63)
 of a tile holds element k = j in its low nibble and k = j + 64 in its high nibble, each stored as
@@ -57,7 +56,8 @@ SCHEME_VERSION = 1
 GROUP = 64  # K elements per scale group
 PACK_TILE = 2 * GROUP  # K elements per packing tile (two groups share a byte)
 SIGNED = (-8, 7, 16)  # (qmin, qmax, fmax)
-UNSIGNED = (0, 15, 8)
+UNSIGNED = (0, 15, 16)
+UNSIGNED_OFFSET = 128  # unsigned activations are stored as q * f - 128 (see the module doc)
 # GELU-tanh has its minimum at about -0.16997; SVDQuant shifts post-GELU inputs by this
 # dyadic constant so that they are non-negative and can use the unsigned grid.
 GELU_SHIFT = 0.171875
@@ -99,32 +99,13 @@ def choose_grid(v: torch.Tensor, clip: torch.Tensor | float = 1.0, unsigned: boo
     return scale.squeeze(-1), factor.to(torch.uint8)
 
 
-def refine_factors(v: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor, unsigned: bool = False):
-    """Per group, the factor among {f - 1, f, f + 1} (within [1, fmax]) whose rounding error is least.
-
-    For weights, chosen offline (activations use the plain rule, which the kernels reproduce).
-    Returns uint8 [R, G]."""
-    qmin, qmax, fmax = _grid(unsigned)
-    g = v.float().reshape(v.shape[0], -1, GROUP)
-    best_f, best_e = None, None
-    for d in (0, -1, 1):  # 0 first: ties keep the plain rule's choice
-        f = (factor.float() + d).clamp(1, fmax)
-        step = scale.float()[:, None] * f
-        q = torch.round(g * torch.reciprocal(step)[..., None]).clamp(qmin, qmax)
-        err = ((q * step[..., None] - g) ** 2).sum(-1)
-        if best_e is None:
-            best_f, best_e = f, err
-        else:
-            better = err < best_e
-            best_f, best_e = torch.where(better, f, best_f), torch.where(better, err, best_e)
-    return best_f.to(torch.uint8)
-
-
 def quantize_weight_rows(w: torch.Tensor, clip=1.0):
-    """RTN weights on the grid with refined factors: (q int8 [N, K], scale fp32 [N], factor uint8 [N, G])."""
-    scale, factor = choose_grid(w, clip)
-    factor = refine_factors(w, scale, factor)
-    return quantize_to_grid(w, scale, factor), scale, factor
+    """Round-to-nearest weights (always signed): (q int8 [N, K], scale fp32 [N], factor uint8 [N, G]).
+
+    No per-group refinement by squared error: after smoothing, a group's largest weight often meets
+    an outlier activation channel, and clipping it costs more at the output than it saves in the
+    weight (measured: -2 dB on ffn.2); GPTQ, which sees the Hessian, is the way to do better."""
+    return quantize_rows(w, clip)
 
 
 def quantize_to_grid(v: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor, unsigned: bool = False):
@@ -141,9 +122,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor) -> to
     return (qf * scale.float()[:, None, None]).reshape(q.shape)
 
 
-def int8_operand(q: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """The int8 tensor-core operand ``q * f`` (exact: |q * f| <= 128, and -128 only as -8 * 16)."""
-    qf = q.to(torch.int16).reshape(q.shape[0], -1, GROUP) * factor.to(torch.int16)[..., None]
+def int8_operand(q: torch.Tensor, factor: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """The int8 tensor-core operand ``q * f - offset`` (exact: signed q * f is in [-128, 112];
+    unsigned q * f is in [0, 240] and is stored with offset 128)."""
+    qf = q.to(torch.int16).reshape(q.shape[0], -1, GROUP) * factor.to(torch.int16)[..., None] - offset
     return qf.reshape(q.shape).to(torch.int8)
 
 
@@ -247,10 +229,14 @@ def smooth_input(x2d: torch.Tensor, p: W4A4Params, inv_smooth: torch.Tensor | No
     return (x2d.float() + p.act_shift) * inv
 
 
+def act_offset(unsigned: bool) -> int:
+    return UNSIGNED_OFFSET if unsigned else 0
+
+
 def quantize_activation(xh: torch.Tensor, clip, unsigned: bool = False):
-    """Dynamic per-token quantization of x^ [M, K] -> (operand int8 [M, K] = q * f, scale fp32 [M])."""
+    """Dynamic per-token quantization of x^ [M, K] -> (operand int8 [M, K] = q * f - offset, scale fp32 [M])."""
     q, scale, factor = quantize_rows(xh, clip, unsigned)
-    return int8_operand(q, factor), scale
+    return int8_operand(q, factor, act_offset(unsigned)), scale
 
 
 def low_rank(xh: torch.Tensor, lr_down: torch.Tensor, lr_up: torch.Tensor) -> torch.Tensor:
@@ -261,9 +247,14 @@ def low_rank(xh: torch.Tensor, lr_down: torch.Tensor, lr_up: torch.Tensor) -> to
     return u.float() @ lr_up.float()
 
 
-def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int8 [M, K] x int8 [N, K]^T -> fp32 of the int32 sum (|sum| < 2^31 < 2^53, exact in fp64)."""
+def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Exact sum_k (a + offset)[m, k] * b[n, k] -> fp32, rounded once (as the kernels convert int32).
+
+    a int8 [M, K] (activation operand, stored minus ``offset``), b int8 [N, K]. |sum| < 2^31 < 2^53,
+    so the fp64 GEMM is exact."""
     acc = a.double() @ b.double().T
+    if offset:
+        acc = acc + offset * b.double().sum(1)[None, :]
     return acc.float()
 
 
@@ -277,7 +268,7 @@ def w4a4_linear(x: torch.Tensor, p: W4A4Params, bin_index: int | torch.Tensor = 
     clip = p.clip[bin_index]
     a, sx = quantize_activation(xh, clip, p.act_unsigned)
     wq = int8_operand(unpack_int4(p.qweight), p.wfactor)
-    y = (int_matmul(a, wq) * sx[:, None]) * p.wscale.float()[None, :]
+    y = (int_matmul(a, wq, act_offset(p.act_unsigned)) * sx[:, None]) * p.wscale.float()[None, :]
     y = y + low_rank(xh, p.lr_down, p.lr_up)
     if p.bias is not None:
         y = y + p.bias.float()

@@ -96,8 +96,9 @@ if triton is not None:
     def _act_quant_kernel(
         x_ptr, inv_s_ptr, clip_ptr, bin_ptr, rmax_part_ptr, u_part_ptr, xq_ptr, sx_ptr, u_ptr,
         M, K, R, KC, S, stride_xm, shift, inv_qf,
-        QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, BLOCK_M: tl.constexpr,
-        GROUP: tl.constexpr, GPB: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, OFFSET: tl.constexpr,
+        BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, R_PAD: tl.constexpr,
+        HAS_LR: tl.constexpr,
     ):
         """Pass 2 over one K chunk: row scale from the partial maxima, group factors, 4-bit values,
         and the int8 operand q * f. Chunk 0 also writes the row scales and u = bf16(sum of partials)."""
@@ -134,7 +135,7 @@ if triton is not None:
             inv_step = tl.math.div_rn(1.0, scale[:, None] * f)
             q = _round_half_even(xg * inv_step[:, :, None])
             q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
-            qf = tl.reshape((q * f[:, :, None]).to(tl.int8), [BLOCK_M, BK])
+            qf = tl.reshape((q * f[:, :, None] - OFFSET).to(tl.int8), [BLOCK_M, BK])
             tl.store(xq_rows + k0 + rk[None, :], qf, mask=m_mask[:, None])
 
     @triton.jit
@@ -189,13 +190,17 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr, stride_ym,
-                  R_PAD: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """y = (acc * sx) * sw + u @ L2 + bias, in the reference's order; masked store."""
+    def _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
+                  R_PAD: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr):
+        """y = ((acc + offset * wsum) * sx) * sw + u @ L2 + bias, in the reference's order; masked store.
+
+        The offset term restores unsigned activations stored as q * f - 128, exactly, in int32."""
         m_mask = rm < M
         n_mask = rn < N
         rm_l = rm.to(tl.int64)
         rn_l = rn.to(tl.int64)
+        if OFFSET != 0:
+            acc += OFFSET * tl.load(wsum_ptr + rn, mask=n_mask, other=0)[None, :]
         sx = tl.load(sx_ptr + rm, mask=m_mask, other=0.0)
         sw = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
         y = (acc.to(tl.float32) * sx[:, None]) * sw[None, :]
@@ -242,10 +247,10 @@ if triton is not None:
 
     @triton.jit
     def _gemm_i8_kernel(
-        a_ptr, b_ptr, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr,
+        a_ptr, b_ptr, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
         M, N, K, R, stride_ym,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
-        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr,
     ):
         """int8 activations [M, K] x int8 weights [N, K] (both K-major) -> int32, then the epilogue."""
         pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
@@ -259,15 +264,15 @@ if triton is not None:
             a = tl.load(a_ptrs + k, mask=(rm < M)[:, None], other=0)
             b = tl.load(b_ptrs + k, mask=(rn < N)[None, :], other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr, stride_ym,
-                  R_PAD, HAS_LR, HAS_BIAS)
+        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
+                  R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
     @triton.jit
     def _gemm_i8_tma_kernel(
-        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr,
+        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
         M, N, K, R, stride_ym,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
-        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr,
     ):
         """Same as _gemm_i8_kernel with tiles fetched by the Hopper tensor-memory accelerator."""
         pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
@@ -280,15 +285,15 @@ if triton is not None:
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         rm = off_m + tl.arange(0, BM)
         rn = off_n + tl.arange(0, BN)
-        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr, stride_ym,
-                  R_PAD, HAS_LR, HAS_BIAS)
+        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
+                  R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
     @triton.jit
     def _gemm_fused_kernel(
-        xq_ptr, sx_ptr, qw_ptr, wf_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr,
+        xq_ptr, sx_ptr, qw_ptr, wf_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
         M, N, K, R, stride_ym,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
-        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, SWAR: tl.constexpr,
+        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr, SWAR: tl.constexpr,
     ):
         """GEMM that unpacks the 4-bit weights in registers (no int8 copy of the weights)."""
         pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
@@ -313,8 +318,8 @@ if triton is not None:
                 wl, wh = _unpack_plain(p, f_lo, f_hi)
             acc = tl.dot(xa, wl, acc, out_dtype=tl.int32)
             acc = tl.dot(xb, wh, acc, out_dtype=tl.int32)
-        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, y_ptr, stride_ym,
-                  R_PAD, HAS_LR, HAS_BIAS)
+        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
+                  R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +381,8 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, inv_s
     _act_quant_kernel[grid](x2d, inv_smooth, p.clip, bin_index, rmax_part, u_part, xq, sx, u,
                             m, k, r, kc, n_split, x2d.stride(0), float(p.act_shift),
                             float(nm.inv_qf(p.act_unsigned)),
-                            QMIN=qmin, QMAX=qmax, FMAX=fmax, BLOCK_M=block_m, GROUP=nm.GROUP, GPB=gpb,
+                            QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned),
+                            BLOCK_M=block_m, GROUP=nm.GROUP, GPB=gpb,
                             R_PAD=r_pad, HAS_LR=bool(r), num_warps=4)
     return xq, sx, (u if r else None)
 
@@ -389,9 +395,10 @@ def expand_weight(p: nm.W4A4Params) -> torch.Tensor:
     return w8
 
 
-def _epilogue_args(sx, u, p):
+def _epilogue_args(sx, u, p, wsum):
     r = p.rank
-    return (sx, p.wscale, u if r else sx, p.lr_up if r else sx, p.bias if p.bias is not None else sx)
+    return (sx, p.wscale, u if r else sx, p.lr_up if r else sx, p.bias if p.bias is not None else sx,
+            wsum if wsum is not None else sx)
 
 
 def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, path: str = "expand", swar: bool = True,
@@ -402,22 +409,26 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, path: str = "expand", swar: 
     cfg = dict(config or gemm_config(m, path))
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
+    offset = nm.act_offset(p.act_unsigned)
     meta = dict(BM=cfg["BM"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], R_PAD=_rank_pad(r), HAS_LR=bool(r),
-                HAS_BIAS=p.bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                HAS_BIAS=p.bias is not None, OFFSET=offset, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
+    if w8 is None and (path != "fused" or offset):
+        w8 = expand_weight(p)
+    # sum_k w8[n, k] restores the unsigned activations' offset (int32, exact); tiny next to the GEMM
+    wsum = w8.sum(1, dtype=torch.int32) if offset else None
     if path == "fused":
-        _gemm_fused_kernel[grid](xq, sx, p.qweight, p.wfactor, *_epilogue_args(sx, u, p)[1:], y,
+        _gemm_fused_kernel[grid](xq, sx, p.qweight, p.wfactor, *_epilogue_args(sx, u, p, wsum)[1:], y,
                                  m, n, k, r, y.stride(0), SWAR=swar, **meta)
         return y
-    if w8 is None:
-        w8 = expand_weight(p)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         a_desc = TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]])
         b_desc = TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]])
-        _gemm_i8_tma_kernel[grid](a_desc, b_desc, *_epilogue_args(sx, u, p), y, m, n, k, r, y.stride(0),
+        _gemm_i8_tma_kernel[grid](a_desc, b_desc, *_epilogue_args(sx, u, p, wsum), y, m, n, k, r, y.stride(0),
                                   BK=cfg["BK"], **meta)
     else:
-        _gemm_i8_kernel[grid](xq, w8, *_epilogue_args(sx, u, p), y, m, n, k, r, y.stride(0),
+        _gemm_i8_kernel[grid](xq, w8, *_epilogue_args(sx, u, p, wsum), y, m, n, k, r, y.stride(0),
                               BK=cfg["BK"], **meta)
     return y
 

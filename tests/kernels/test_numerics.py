@@ -103,14 +103,21 @@ def test_value_ranges_and_int8_operand(unsigned, clip, seed):
     assert int(f.min()) >= 1 and int(f.max()) <= fmax
     assert torch.isfinite(s).all() and (s > 0).all()
     qg, fg = q.to(torch.int32).reshape(16, -1, nm.GROUP), f.to(torch.int32)[..., None]
-    exact = qg * fg
+    offset = nm.act_offset(unsigned)
+    exact = qg * fg - offset  # the stored operand: q * f, minus 128 for unsigned activations
     assert exact.max() <= 127 and exact.min() >= -128  # fits int8 ...
-    assert ((exact != -128) | ((qg == -8) & (fg == 16))).all()  # ... -128 only as -8 * 16
     if unsigned:
-        assert exact.max() <= 120 and exact.min() >= 0
-    operand = nm.int8_operand(q, f)
+        assert (qg * fg).max() <= 240 and (qg * fg).min() >= 0
+        assert exact.max() <= 112
+    else:
+        assert ((exact != -128) | ((qg == -8) & (fg == 16))).all()  # ... -128 only as -8 * 16
+    operand = nm.int8_operand(q, f, offset)
     assert operand.dtype == torch.int8
     assert torch.equal(operand.to(torch.int32), exact.reshape(16, -1))  # no overflow, no wrap-around
+    # the offset comes back exactly in the accumulation
+    w8 = torch.randint(-128, 113, (5, v.shape[1]), dtype=torch.int8, generator=g)
+    direct = (qg * fg).reshape(16, -1).double() @ w8.double().T
+    assert torch.equal(nm.int_matmul(operand, w8, offset), direct.float())
 
 
 def test_minus_128_only_as_minus_8_times_16():
@@ -205,38 +212,39 @@ def gaussian_case(seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_rtn_w4a4_sqnr_on_gaussian(seed):
-    # Measured 16.62 / 16.58 / 16.60 dB (seeds 0 1 2; round-to-nearest factors, refined for weights).
-    # Floor 16.2 dB. (With the former ceil factor rule: 15.86-15.91 dB.)
+    # Measured 16.30 / 16.29 / 16.29 dB (seeds 0 1 2; nearest factors). Floor 16.0 dB.
+    # (With the former ceil factor rule: 15.86-15.91 dB.)
     w, x = gaussian_case(seed)
     y = nm.w4a4_linear(x, nm.from_float(w))
-    assert nm.sqnr_db(x @ w.T, y) >= 16.2
+    assert nm.sqnr_db(x @ w.T, y) >= 16.0
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_two_level_grid_vs_plain_per_group_int4(seed):
     """Integer group factors against SVDQuant's plain per-group-64 absmax int4 (fp32 scale per group).
 
-    Issue 3 asks for at least plain - 0.5 dB. Measured (seeds 0 1 2), ours minus plain:
-    - the W4A4 linear, Gaussian: 16.58-16.62 vs 16.30-16.33 dB, +0.28 to +0.29 dB;
-    - the same with 8 outlier channels x30 in x: 13.85-14.28 vs 13.78-14.22 dB, +0.01 to +0.07 dB;
+    Issue 3 asks for at least plain - 0.5 dB. Measured (seeds 0 1 2; nearest factors on both
+    sides, no per-group refinement), ours minus plain:
+    - the W4A4 linear, Gaussian: 16.29-16.30 vs 16.30-16.33 dB, -0.01 to -0.03 dB;
+    - the same with 8 outlier channels x30 in x: -0.13 to -0.15 dB;
     - activations alone (the kernels' rule): -0.02 to -0.03 dB;
-    - weights alone (from_float: factors refined offline): +0.54 to +0.55 dB.
-    Rounding factors to nearest lets a group clip slightly, which beats plain absmax on MSE.
-    (The former ceil rule measured -0.42 to -0.49 dB on the linear; shared/FACTS.md's probe 0.8-1.2.)
-    Guards: linear >= plain + 0.15 dB (Gaussian) and >= plain - 0.1 dB (outliers); activations
-    >= plain - 0.1 dB; weights >= plain + 0.4 dB.
+    - weights alone (from_float): -0.02 to -0.03 dB.
+    (The first rule, ceil factors, measured -0.42 to -0.49 dB on the linear; an MSE-refined weight
+    rule measured +0.28 here but lost 2 dB on shifted post-GELU inputs, see kernels/README.md.)
+    Guards: the issue's bound on the linear (plain - 0.5 dB, Gaussian and outliers); activations
+    and weights alone each >= plain - 0.1 dB.
     """
     w, x = gaussian_case(seed)
     y = x @ w.T
     ours = nm.w4a4_linear(x, nm.from_float(w))
     plain = plain_group_qdq(x) @ plain_group_qdq(w).T
-    assert nm.sqnr_db(y, ours) >= nm.sqnr_db(y, plain) + 0.15
+    assert nm.sqnr_db(y, ours) >= nm.sqnr_db(y, plain) - 0.5
     xo = outlier_input(M, K, gen(seed + 100))
     yo = xo @ w.T
     plain_o = plain_group_qdq(xo) @ plain_group_qdq(w).T
-    assert nm.sqnr_db(yo, nm.w4a4_linear(xo, nm.from_float(w))) >= nm.sqnr_db(yo, plain_o) - 0.1
+    assert nm.sqnr_db(yo, nm.w4a4_linear(xo, nm.from_float(w))) >= nm.sqnr_db(yo, plain_o) - 0.5
     assert nm.sqnr_db(x, two_level_qdq(x)) >= nm.sqnr_db(x, plain_group_qdq(x)) - 0.1
-    assert nm.sqnr_db(w, nm.from_float(w).residual()) >= nm.sqnr_db(w, plain_group_qdq(w)) + 0.4
+    assert nm.sqnr_db(w, nm.from_float(w).residual()) >= nm.sqnr_db(w, plain_group_qdq(w)) - 0.1
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -255,8 +263,8 @@ def test_smoothing_recovers_outlier_channels(seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_unsigned_beats_signed_on_post_gelu_inputs(seed):
-    # x = gelu_tanh(2 z): signed 16.01-16.30 dB, unsigned (shifted by GELU_SHIFT) 17.78-18.04 dB
-    # (+1.71 to +1.77). Floors: unsigned >= 17.4 dB and >= signed + 1.4 dB.
+    # x = gelu_tanh(2 z): signed 16.01-16.15 dB, unsigned (shifted by GELU_SHIFT, 16 factor levels
+    # via the -128 offset) 17.70-17.80 dB (+1.65 to +1.69). Floors: unsigned >= 17.4 dB and >= signed + 1.4 dB.
     w, z = gaussian_case(seed)
     x = F.gelu(2 * z, approximate="tanh")
     y = x @ w.T
