@@ -884,6 +884,9 @@ def report_md(meta: dict, results: dict, calib: dict) -> str:
         lines += [table_md(results), ""]
     if calib:
         lines += [calib_md(calib), ""]
+    if meta.get("child_s"):
+        lines.append(f"Wall time per child process, s: {json.dumps(meta['child_s'])}; whole run {meta.get('wall_s')} s.")
+        lines.append("")
     lines.append(f"Command: `{' '.join(meta['argv'])}`; raw data: {args.json or '(no --json)'}.")
     return "\n".join(lines) + "\n"
 
@@ -1058,7 +1061,9 @@ def main(argv=None) -> int:
     need_w4a4 = "w4a4" in args.configs
     results, calib = {}, {}
     if need_bf16 or need_w4a4:
+        tc = time.monotonic()
         gen = run_child_gen(args, need_bf16, need_w4a4, deadline)
+        gen["child_s"] = round(time.monotonic() - tc, 1)
         meta["generate"] = gen
         if "error" in gen or "skipped" in gen:
             log.error("generating the experts failed: %s", gen.get("error") or gen.get("skipped"))
@@ -1066,11 +1071,16 @@ def main(argv=None) -> int:
                 results[c] = {"error": "no model files: " + (gen.get("error") or gen.get("skipped"))}
             args.configs = []
             args.calibrate = args.calibrate and not need_bf16
+    meta["child_s"] = {}
     for c in args.configs:
+        tc = time.monotonic()
         results[c] = run_child(args, "run", c, deadline)
+        meta["child_s"][c] = round(time.monotonic() - tc, 1)
         _checkpoint(args, meta, results, calib)
     if args.calibrate:
+        tc = time.monotonic()
         calib = run_child(args, "calibrate", None, deadline)
+        meta["child_s"]["calibrate"] = round(time.monotonic() - tc, 1)
     meta["finished"] = now_utc()
     meta["wall_s"] = round(time.monotonic() - t0, 1)
 
