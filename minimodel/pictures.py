@@ -116,7 +116,7 @@ def draw_loss_curve(log: dict, path, size=(900, 420)):
 
     d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
     for k in range(math.floor(lo), math.ceil(hi) + 1):
-        for m in (1, 2, 5):
+        for m in (1, 1.5, 2, 3, 5, 7):
             v = m * 10 ** k
             if lo <= math.log10(v) <= hi:
                 _, y = xy(0, v)
@@ -160,8 +160,8 @@ def results_markdown(log: dict) -> str:
              f"warm start {plan['warm']} steps, high-noise expert {plan['high']}, low-noise expert {plan['low']}, "
              f"batch {log['config']['batch']}, {log['data']['videos_rendered']} videos rendered.",
              f"Replay: `python -m wan_w4a4.minimodel.train --out DIR {log['replay']}`.", ""]
-    speed = [f"{k}: {v['steps_per_s']:.1f} steps/s, {v['samples_per_s']:.0f} samples/s, "
-             f"{v['tokens_per_s'] / 1e3:.0f} k tokens/s" for k, v in log["phases"].items() if v]
+    speed = [f"{k}: {v['steps_per_s']:.3g} steps/s, {v['samples_per_s']:.4g} samples/s, "
+             f"{v['tokens_per_s']:.4g} tokens/s" for k, v in log["phases"].items() if v]
     if speed:
         lines += ["Throughput: " + "; ".join(speed) + ".", ""]
     lines += ["Held-out velocity MSE (held-out seeds, fixed noise, "
@@ -173,11 +173,12 @@ def results_markdown(log: dict) -> str:
         h = log["heldout"][name]
         lines.append(f"| {name}-noise | {rng} | {h['untrained']:.4f} | {h['warm_start']:.4f} | {h['trained']:.4f} "
                      f"| {h['ratio_trained_to_untrained']:.3f} |")
-    lines += ["", "Per timestep (trained expert vs untrained):", "", "| sigma | t | untrained | trained |", "|---|---|---|---|"]
+    lines += ["", "Per timestep (the strata are uniform in u, as the steps of ComfyUI's simple schedule with shift 8):",
+              "", "| expert | sigma | t | untrained | warm start | trained |", "|---|---|---|---|---|---|"]
     for name in ("high", "low"):
         per = log["heldout"][name]["per_sigma"]
-        for (s, u), (_, t) in zip(per["untrained"], per["trained"]):
-            lines.append(f"| {s:.4f} | {1000 * s:.0f} | {u:.4f} | {t:.4f} |")
+        for (s, u), (_, w), (_, t) in zip(per["untrained"], per["warm_start"], per["trained"]):
+            lines.append(f"| {name} | {s:.4f} | {1000 * s:.0f} | {u:.4f} | {w:.4f} | {t:.4f} |")
     lines += ["", "| file | bytes | sha256 |", "|---|---|---|"]
     for c in log["checkpoints"].values():
         lines.append(f"| `{c['file']}` | {c['bytes']} | `{c['sha256'][:16]}…` |")

@@ -540,7 +540,11 @@ def train(cfg: TrainConfig) -> dict:
         "arch": dataclasses.asdict(cfg.arch), "parameters": n_params,
         "config": {k: (str(v) if isinstance(v, Path) else (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v))
                    for k, v in dataclasses.asdict(cfg).items()},
-        "replay": f"--phase-steps {','.join(map(str, plan))} --seed {cfg.seed} --batch {cfg.batch}",
+        "replay": " ".join([f"--arch {next((k for k, a in ARCHS.items() if a == cfg.arch), 'mini')}",
+                            f"--phase-steps {','.join(map(str, plan))}", f"--seed {cfg.seed}",
+                            f"--batch {cfg.batch}", f"--lr {cfg.lr:g}", f"--frames {cfg.frames}",
+                            f"--chunk {cfg.chunk}", f"--reuse {cfg.reuse}", f"--heldout {cfg.heldout}",
+                            f"--heldout-sigmas {cfg.heldout_sigmas}"]),
         "environment": {"device": _device_name(cfg.device), "torch": torch.__version__,
                         "python": platform.python_version(), "comfyui": _comfyui_version()},
         "plan": {"warm": plan[0], "high": plan[1], "low": plan[2]}, "probe": probe,
@@ -596,6 +600,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--chunk", type=int, default=None, help="videos rendered at once (default 2048 on CUDA)")
     p.add_argument("--reuse", type=int, default=None, help="passes over each rendered chunk (default 4 on CUDA)")
     p.add_argument("--heldout", type=int, default=None, help="held-out videos (default 64 on CUDA, 8 on CPU)")
+    p.add_argument("--heldout-sigmas", type=int, default=None,
+                   help="held-out timesteps per expert range, stratified in u (default 8 on CUDA, 4 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--no-pictures", action="store_true", help="skip strips.png / loss_curve.png")
     p.add_argument("--force", action="store_true", help="replace checkpoints and log already in --out")
@@ -610,7 +616,8 @@ def config_from_args(args) -> TrainConfig:
         out=args.out, arch=ARCHS[args.arch], device=args.device, seed=args.seed, batch=batch,
         minutes=minutes, steps=args.steps, phase_steps=phase_steps, lr=args.lr, frames=args.frames,
         chunk=args.chunk or (2048 if cuda else batch), reuse=args.reuse or (4 if cuda else 1),
-        heldout=args.heldout or (64 if cuda else 8), compile=args.compile, pictures=not args.no_pictures,
+        heldout=args.heldout or (64 if cuda else 8),
+        heldout_sigmas=args.heldout_sigmas or (8 if cuda else 4), compile=args.compile, pictures=not args.no_pictures,
         overwrite=args.force)
 
 
