@@ -1,0 +1,239 @@
+"""W4A4 states on ComfyUI models: validate, apply as ModelPatcher patches, load, save.
+
+- ``apply_w4a4_state(model, layers, meta)``: a clone of ``model`` whose quantized Linears are object
+  patches (``add_object_patch("diffusion_model.<layer>", W4A4Linear)``) plus the timestep hook.
+  ``model`` itself - and ``model.model``, which every clone shares - is never modified, and every
+  check runs before the clone is made.
+- ``load_w4a4_checkpoint(path)``: a self-contained checkpoint through ComfyUI's own
+  ``load_diffusion_model_state_dict`` with the W4A4 custom operations, so the BF16 weights of the
+  quantized layers never exist in memory.
+- ``checkpoint_tensors(model)``: what ``Save W4A4 checkpoint`` writes.
+
+The patched clone gets a fresh ``patches_uuid``: when it replaces a loaded clone of the same BF16
+model on the GPU (or the other way round), ComfyUI then unloads and reloads the weights instead of
+assuming they are in place - object patches of whole modules are otherwise left on the wrong device.
+Its ``size`` is corrected to the quantized size so that ComfyUI's memory planning sees what it loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import uuid
+
+import torch
+
+from ..kernels import format as fmt
+from ..kernels import numerics as nm
+from .hook import TimestepBinHook, attach_hook, get_hook
+from .ops import BinSelector, W4A4Linear, is_w4a4, layer_bytes, make_w4a4_ops, unclaimed
+
+log = logging.getLogger(__name__)
+
+ATTACHMENT = "wan_w4a4"  # ModelPatcher attachment key: the W4A4Info of a patched model
+PREFIX = "diffusion_model."
+
+
+class W4A4StateError(ValueError):
+    """A W4A4 state or checkpoint does not fit the model (or cannot be used); names file and problem."""
+
+    def __init__(self, source, problem: str, hint: str | None = None):
+        self.source, self.problem, self.hint = str(source), problem, hint
+        super().__init__(f"{self.source}: {problem}" + (f"\nHint: {hint}" if hint else ""))
+
+
+@dataclasses.dataclass
+class W4A4Info:
+    """What a patched model carries (attachment ``ATTACHMENT``): where its W4A4 layers came from."""
+
+    meta: fmt.StateMeta
+    source: str
+    layers: tuple[str, ...]  # module paths inside the diffusion model
+    kind: str  # "state" (object patches on a BF16 model) or "checkpoint" (loaded with custom ops)
+
+
+def w4a4_info(model) -> W4A4Info | None:
+    return model.get_attachment(ATTACHMENT)
+
+
+def w4a4_layers(model) -> dict[str, torch.nn.Module]:
+    """name -> W4A4 layer of a ModelPatcher, from its object patches and from the model itself."""
+    found = {}
+    for key, obj in model.object_patches.items():
+        if key.startswith(PREFIX) and is_w4a4(obj):
+            found[key[len(PREFIX):]] = obj
+    for name, m in model.model.diffusion_model.named_modules():
+        if is_w4a4(m) and PREFIX + name not in model.object_patches:
+            found[name] = m
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+def _original_weight(model, name: str, module) -> torch.Tensor:
+    """The unpatched weight of a Linear (a loaded LoRA'd model holds its original in ``backup``)."""
+    bk = model.backup.get(f"{PREFIX}{name}.weight")
+    return bk.weight if bk is not None else module.weight
+
+
+def _fingerprint_dtype_ok(w) -> bool:
+    return type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_state_fits(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMeta, source: str) -> int:
+    """Raise W4A4StateError unless ``layers`` can replace Linears of ``model``; returns the bytes
+    of the Linears they replace. Reads only shapes and a 256-value sample per layer."""
+    if w4a4_layers(model):
+        info = w4a4_info(model)
+        raise W4A4StateError(source, "this MODEL already has W4A4 layers"
+                             + (f" (from {info.source})" if info else ""),
+                             "connect the BF16 model from UNETLoader, not an already quantized one")
+    missing, not_linear, shapes, replaced, weights = [], [], [], 0, {}
+    for name, p in layers.items():
+        try:
+            m = model.get_model_object(PREFIX + name)
+        except AttributeError:
+            missing.append(name)
+            continue
+        w = getattr(m, "weight", None)
+        if not isinstance(m, torch.nn.Linear) or w is None:
+            not_linear.append(f"{name} ({type(m).__name__})")
+            continue
+        if tuple(w.shape) != (p.out_features, p.in_features):
+            shapes.append(f"{name}: state {p.out_features}x{p.in_features}, model {w.shape[0]}x{w.shape[1]}")
+            continue
+        replaced += sum(t.nelement() * t.element_size() for t in m.state_dict().values())
+        weights[f"{name}.weight"] = _original_weight(model, name, m)
+    other = "the state was made for another model architecture (e.g. Wan2.2 5B vs 14B, or a T2V model)"
+    if missing:
+        raise W4A4StateError(source, f"{len(missing)} of its {len(layers)} layers do not exist in this model "
+                             f"(first: {', '.join(missing[:3])})", other)
+    if not_linear:
+        raise W4A4StateError(source, f"these layers are not Linear layers in this model: {', '.join(not_linear[:3])}",
+                             other)
+    if shapes:
+        raise W4A4StateError(source, f"{len(shapes)} of its layers have other shapes than the model's "
+                             f"({'; '.join(shapes[:3])})", other)
+    if meta.fingerprint:
+        sample = next(iter(weights.values()))
+        if not _fingerprint_dtype_ok(sample):
+            log.warning("%s: cannot verify that this state belongs to this model: its weights are %s (%s); "
+                        "load the BF16 model with weight_dtype 'default' to have it checked", source,
+                        sample.dtype, type(sample).__name__)
+        else:
+            fp = fmt.model_fingerprint(weights, layers)
+            if fp != meta.fingerprint:
+                raise W4A4StateError(
+                    source, f"the state was calibrated on another model: it is for the {meta.expert!r} expert "
+                    f"with fingerprint {meta.fingerprint}, this MODEL's fingerprint is {fp}",
+                    f"connect it to the UNETLoader of the {meta.expert!r} expert it was made from "
+                    f"(high-noise and low-noise states are not interchangeable)")
+    return replaced
+
+
+# ---------------------------------------------------------------------------------------------
+# Apply / load
+# ---------------------------------------------------------------------------------------------
+
+def _hook_for(meta: fmt.StateMeta, source: str) -> tuple[TimestepBinHook, BinSelector]:
+    selector = BinSelector(meta.num_bins)
+    return TimestepBinHook(meta.expert, meta.bin_edges, selector, source=os.path.basename(source)), selector
+
+
+def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMeta, source: str = "W4A4 state"):
+    """A clone of ``model`` (a ModelPatcher of a BF16 Wan expert) running ``layers`` in W4A4.
+
+    Raises W4A4StateError (naming ``source``) before anything is cloned if the state does not fit.
+    """
+    replaced = check_state_fits(model, layers, meta, source)
+    hook, selector = _hook_for(meta, source)
+    modules = {name: W4A4Linear(p, name, selector) for name, p in layers.items()}
+    m = model.clone()
+    for name, module in modules.items():
+        m.add_object_patch(PREFIX + name, module)
+    attach_hook(m, hook)
+    m.set_attachments(ATTACHMENT, W4A4Info(meta, source, tuple(layers), "state"))
+    m.size = max(0, model.model_size() - replaced + sum(layer_bytes(x) for x in modules.values()))
+    m.patches_uuid = uuid.uuid4()  # see the module doc
+    log.info("%s: %d layers in W4A4 on a clone of the %r expert (%d bins), %.1f -> %.1f MB", source, len(modules),
+             meta.expert, meta.num_bins, model.model_size() / 2**20, m.size / 2**20)
+    return m
+
+
+def placeholder_state_dict(layers: dict[str, nm.W4A4Params], rest: dict[str, torch.Tensor]) -> dict:
+    """``rest`` plus a meta-device BF16 ``<layer>.weight`` per W4A4 layer: ComfyUI's model detection
+    and dtype choice read these shapes (``blocks.0.ffn.0.weight`` gives ffn_dim) exactly as from a
+    BF16 checkpoint; no memory is allocated for them."""
+    sd = dict(rest)
+    for name, p in layers.items():
+        sd[f"{name}.weight"] = torch.empty((p.out_features, p.in_features), dtype=torch.bfloat16, device="meta")
+    return sd
+
+
+def load_w4a4_checkpoint(path, model_options: dict | None = None):
+    """A ModelPatcher for a self-contained W4A4 checkpoint (see the module doc)."""
+    import comfy.sd
+
+    layers, rest, meta = fmt.load_checkpoint(path)
+    hook, selector = _hook_for(meta, path)
+    ops = make_w4a4_ops(layers, selector, source=os.path.basename(path))
+    sd = placeholder_state_dict(layers, rest)
+    del rest
+    options = dict(model_options or {})
+    options["custom_operations"] = ops
+    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+    if model is None:
+        raise W4A4StateError(path, "ComfyUI did not recognise the model in this checkpoint",
+                             "it should hold a Wan2.2 diffusion model; re-save it with Save W4A4 checkpoint")
+    left = unclaimed(ops)
+    if left:
+        raise W4A4StateError(path, f"{len(left)} W4A4 layers found no Linear in the detected model "
+                             f"(first: {', '.join(left[:3])})", "the checkpoint is damaged or for another model")
+    attach_hook(model, hook)
+    model.set_attachments(ATTACHMENT, W4A4Info(meta, str(path), tuple(layers), "checkpoint"))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_tensors(model) -> tuple[dict[str, nm.W4A4Params], dict[str, torch.Tensor], fmt.StateMeta]:
+    """(W4A4 layers, the other tensors under their keys, meta) of a patched model, on the CPU.
+
+    Weight patches on BF16 layers (a LoRA on the head, say) are baked in the way ComfyUI's own
+    save nodes do it (``load_models_gpu(..., force_patch_weights=True)``).
+    """
+    import comfy.model_management
+
+    info = w4a4_info(model)
+    quantized = w4a4_layers(model)
+    if info is None or not quantized:
+        raise W4A4StateError("Save W4A4 checkpoint", "this MODEL has no W4A4 layers",
+                             "connect the output of 'Apply W4A4 state' or 'Load W4A4 Wan2.2 model'")
+    on_quantized = sorted({k for k in model.patches if k.startswith(PREFIX)
+                           and k[len(PREFIX):].rpartition(".")[0] in quantized})
+    if on_quantized:
+        raise W4A4StateError("Save W4A4 checkpoint", f"weight patches (a LoRA?) target W4A4 layers, e.g. "
+                             f"{on_quantized[0]}; they cannot be saved into 4-bit weights",
+                             "save the checkpoint before applying the LoRA")
+    comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+    rest = {}
+    for key, t in model.model.diffusion_model.state_dict().items():
+        if key.rpartition(".")[0] in quantized:
+            continue
+        rest[key] = t.detach().to("cpu", copy=True)
+    layers = {name: m.w4a4_params(torch.device("cpu")) for name, m in quantized.items()}
+    return layers, rest, info.meta
+
+
+def save_w4a4_checkpoint(model, path, overwrite: bool = False) -> str:
+    layers, rest, meta = checkpoint_tensors(model)
+    fmt.save_checkpoint(path, layers, rest, meta, overwrite=overwrite)
+    return str(path)
+
+
+def hook_of(model) -> TimestepBinHook | None:
+    return get_hook(model)

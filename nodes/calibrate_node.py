@@ -1,0 +1,133 @@
+"""The "Calibrate W4A4 (Wan2.2 experts)" node: a thin wrapper around ``calibration.calibrate``.
+
+It samples the real two-expert I2V workflow with both BF16 experts, writes one state per expert
+into models/w4a4 (plus the JSON report), and returns both experts already patched with them.
+Progress goes to ComfyUI's progress bar; the Cancel button raises inside the calibration loop
+(``throw_exception_if_processing_interrupted``), which writes no file at all.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management
+import comfy.utils
+
+from ..calibration import CalibrationConfig, CalibrationItem, calibrate
+from ..calibration.config import CLIP_POLICIES, DEFAULT_ALPHAS, DEFAULT_CLIPS, I2V_BOUNDARY
+from ..kernels import format as fmt
+from . import apply as ap
+from . import paths
+
+log = logging.getLogger(__name__)
+
+
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    """'1, 0.95, 0.9' -> (1.0, 0.95, 0.9); a clear error naming the input otherwise."""
+    try:
+        values = tuple(float(v) for v in text.replace(";", ",").split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not a comma-separated list of numbers") from None
+    if not values:
+        raise ValueError(f"{what} is empty")
+    return values
+
+
+class CalibrateW4A4:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_high": ("MODEL", {"tooltip": "The high-noise expert, BF16, straight from UNETLoader "
+                                                "(no ModelSamplingSD3: 'shift' below is applied here)."}),
+            "model_low": ("MODEL", {"tooltip": "The low-noise expert, BF16, straight from UNETLoader."}),
+            "positive": ("CONDITIONING", {"tooltip": "Positive conditioning from WanImageToVideo (prompt + start image)."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative conditioning from WanImageToVideo."}),
+            "latent": ("LATENT", {"tooltip": "The video latent from WanImageToVideo; a batch calibrates on all of it."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                             "tooltip": "Noise seed of the first calibration run."}),
+            "runs": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
+                             "Sampling runs with seeds seed, seed+1, ...: more runs, more activation samples."}),
+            "steps": ("INT", {"default": 20, "min": 2, "max": 200, "tooltip": "Sampling steps of your workflow."}),
+            "cfg": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "CFG of your workflow."}),
+            "shift": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                                "tooltip": "ModelSamplingSD3 shift of your workflow."}),
+            "boundary": ("FLOAT", {"default": I2V_BOUNDARY, "min": 1.0, "max": 999.0, "step": 1.0, "tooltip":
+                                   "Model timestep where the low-noise expert takes over (Wan2.2 I2V: 900)."}),
+            "bins": ("INT", {"default": 4, "min": 1, "max": 32, "tooltip":
+                             "Timestep bins per expert; each gets its own activation clip ratio per layer."}),
+            "rank": ("INT", {"default": 32, "min": 0, "max": 256, "tooltip":
+                             "Rank of the BF16 low-rank branch (SVDQuant). 0 disables it."}),
+            "clip_grid": ("STRING", {"default": ", ".join(f"{c:g}" for c in DEFAULT_CLIPS), "tooltip":
+                                     "Candidate activation clip ratios, comma-separated, in (0, 1]."}),
+            "clip_policy": (list(CLIP_POLICIES), {"default": "per_bin", "tooltip":
+                            "per_bin: a ratio per layer and timestep bin (the paper); per_expert: one per "
+                            "layer and expert; global: one per layer for both experts."}),
+            "gptq": ("BOOLEAN", {"default": True, "tooltip": "GPTQ on the 4-bit residual (off: round to nearest)."}),
+            "name": ("STRING", {"default": "wan22_i2v_w4a4", "tooltip":
+                                "Output name: models/w4a4/<name>_high.safetensors, <name>_low.safetensors, "
+                                "<name>_report.json."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace existing files of that name."}),
+        }, "optional": {
+            "keep": ("STRING", {"default": "", "tooltip":
+                                "Layers to keep in BF16: block indices or name patterns, comma-separated "
+                                "(e.g. '0, 39, *.ffn.2')."}),
+            "rows_per_bin": ("INT", {"default": 1024, "min": 8, "max": 65536, "tooltip":
+                                     "Activation rows kept per layer input and bin for the searches."}),
+            "alphas": ("STRING", {"default": ", ".join(f"{a:g}" for a in DEFAULT_ALPHAS), "tooltip":
+                                  "Smoothing strengths searched per layer (SVDQuant alpha), comma-separated in "
+                                  "[0, 1]; fewer values calibrate faster."}),
+            "blocks_per_pass": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
+                                        "Blocks captured per sampling pass (0 = all at once; lower it if "
+                                        "calibration runs out of memory)."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "MODEL", "STRING")
+    RETURN_NAMES = ("model_high", "model_low", "report")
+    OUTPUT_TOOLTIPS = ("The high-noise expert patched with its new state.",
+                       "The low-noise expert patched with its new state.",
+                       "Where the states were written and the per-expert SQNR summary.")
+    FUNCTION = "calibrate"
+    OUTPUT_NODE = True
+    CATEGORY = "WanW4A4"
+    DESCRIPTION = ("Calibrates W4A4 states for both Wan2.2 experts on your own image and prompt: runs the "
+                   "two-expert sampling, collects activations per timestep bin, and quantizes every block "
+                   "Linear (smoothing, low-rank branch, GPTQ, per-bin clip search). Takes minutes to hours.")
+
+    def calibrate(self, model_high, model_low, positive, negative, latent, seed, runs, steps, cfg, shift, boundary,
+                  bins, rank, clip_grid, clip_policy, gptq, name, overwrite, keep="", rows_per_bin=1024,
+                  alphas="", blocks_per_pass=0):
+        keep_list = []
+        for k in (keep or "").split(","):
+            k = k.strip()
+            if k:
+                keep_list.append(int(k) if k.isdigit() else k)
+        out_dir = os.path.dirname(paths.output_path(f"{name}_high"))
+        config = CalibrationConfig(
+            steps=steps, cfg=cfg, shift=shift, boundary=boundary, bins=bins, rank=rank,
+            clip_grid=parse_floats(clip_grid, "clip_grid"), clip_policy=clip_policy, gptq=gptq,
+            alphas=parse_floats(alphas, "alphas") if (alphas or "").strip() else DEFAULT_ALPHAS,
+            keep=tuple(keep_list), rows_per_bin=rows_per_bin, blocks_per_pass=blocks_per_pass or None,
+            out_dir=out_dir, name=name, overwrite=overwrite, seed=seed)
+        items = [CalibrationItem(positive, negative, latent["samples"], seed=seed + i) for i in range(runs)]
+        pbar = comfy.utils.ProgressBar(1)
+
+        def progress(done, total, what):
+            pbar.update_absolute(done, total)
+
+        result = calibrate(model_high, model_low, items, config, progress=progress,
+                           cancel=comfy.model_management.throw_exception_if_processing_interrupted)
+        patched = []
+        for expert, model in (("high", model_high), ("low", model_low)):
+            path = str(result[expert])
+            layers, meta = fmt.load_state(path)
+            patched.append(ap.apply_w4a4_state(model, layers, meta, source=os.path.basename(path)))
+        lines = [f"states: {result.high}, {result.low}; report: {result.report}"]
+        for expert, d in result.data.get("experts", {}).items():
+            lines.append(f"{expert} expert: {len(d.get('layers', []))} layers, pooled layer-output SQNR vs BF16 "
+                         f"{d.get('sqnr_rtn_db_pooled')} dB (plain RTN W4A4) -> {d.get('sqnr_after_db_pooled')} dB")
+        text = "\n".join(lines)
+        return {"ui": {"text": [text]}, "result": (patched[0], patched[1], text)}
+
+
+NODE_CLASS_MAPPINGS = {"WanW4A4Calibrate": CalibrateW4A4}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanW4A4Calibrate": "Calibrate W4A4 (Wan2.2 experts)"}

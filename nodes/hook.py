@@ -1,0 +1,126 @@
+"""The timestep-aware hook: per model call, pick this expert's clip bin from the model timestep.
+
+A keyed ``WrappersMP.APPLY_MODEL`` wrapper (``comfy/patcher_extension.py``): it composes with other
+packs' wrappers, survives ``ModelPatcher.clone()`` and leaves the single
+``model_function_wrapper`` slot alone. Per call it
+
+1. reads sigma (``transformer_options["sigmas"]``, else the ``t`` argument - both are the sigma);
+   cond and uncond share one batch and one sigma, so one call has one timestep;
+2. turns it into the model timestep with the model's own ``model_sampling.timestep`` (after
+   ModelSamplingSD3's shift; Wan: t = 1000 sigma). Binning by timestep, not by step index, is what
+   keeps it right for any step count, scheduler, shift, denoise and expert split:
+   KSamplerAdvanced hands each expert a slice of the schedule, so step indices are local;
+3. finds the bin in the state's edges (``format.StateMeta.bin_index``: descending edges, closed at
+   the low end like the expert switch); a timestep outside the calibrated range gets the nearest
+   bin and one warning per sampling run;
+4. fills the model's ``BinSelector`` (one small device write) and records (expert, sigma, t, bin).
+
+Cost: one device-to-host read of sigma per model call (not per layer); the sampler itself reads
+sigmas on the host every step.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+import torch
+
+from .ops import BinSelector
+
+log = logging.getLogger(__name__)
+
+HOOK_KEY = "wan_w4a4.timestep_bins"  # wrapper/callback key on the ModelPatcher
+LOG_SIZE = 4096  # records kept per hook (a 40-step run with CFG makes 40): bounded, so memory stays flat
+
+
+@dataclasses.dataclass(frozen=True)
+class BinRecord:
+    """One model call as the hook saw it."""
+
+    run: int  # sampling runs of this model so far (ON_PRE_RUN count)
+    expert: str
+    sigma: float
+    t: float  # model timestep
+    bin: int
+    in_range: bool  # t within the calibrated edges
+    batch: int  # rows of the call (cond + uncond)
+
+
+class TimestepBinHook:
+    """The APPLY_MODEL wrapper of one patched model (one expert, one selector)."""
+
+    def __init__(self, expert: str, bin_edges, selector: BinSelector, source: str = ""):
+        edges = tuple(float(e) for e in bin_edges)
+        if len(edges) != selector.num_bins + 1:
+            raise ValueError(f"{len(edges)} bin edges for {selector.num_bins} bins")
+        if any(a <= b for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"bin edges must be strictly descending, got {list(edges)}")
+        self.expert = expert
+        self.edges = edges
+        self.selector = selector
+        self.source = source
+        self.records: collections.deque[BinRecord] = collections.deque(maxlen=LOG_SIZE)
+        self.run = 0
+        self._warned_run = -1
+
+    # No ``to`` method on purpose: ComfyUI calls ``.to(device)``/``.to(dtype)`` on wrappers that have
+    # one and stores what it returns (samplers.cast_to_load_options).
+
+    def bin_of(self, t: float) -> tuple[int, bool]:
+        """(bin, in calibrated range) for model timestep ``t``; same rule as StateMeta.bin_index."""
+        edges = self.edges
+        in_range = edges[-1] <= t <= edges[0]
+        for i, low in enumerate(edges[1:]):
+            if t >= low:
+                return i, in_range
+        return len(edges) - 2, in_range
+
+    def on_pre_run(self, patcher) -> None:
+        self.run += 1
+
+    def timestep_of(self, model, sigma: torch.Tensor) -> tuple[float, float]:
+        sigma = sigma.reshape(-1)[:1]
+        t = model.model_sampling.timestep(sigma)
+        return float(sigma.float().item()), float(t.float().item())
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                 **kwargs):
+        sigma = transformer_options.get("sigmas", None)
+        if not isinstance(sigma, torch.Tensor):
+            sigma = t
+        sigma_v, t_v = self.timestep_of(executor.class_obj, sigma)
+        b, in_range = self.bin_of(t_v)
+        if not in_range and self._warned_run != self.run:
+            self._warned_run = self.run
+            log.warning("W4A4 state %s (expert %r): model timestep %.1f (sigma %.4f) is outside its calibrated "
+                        "range %.1f..%.1f; using the nearest bin (%d). Check that the state is on the right "
+                        "expert and that the sampler's expert switch matches the calibration boundary. "
+                        "(Warned once per run.)", self.source or "?", self.expert, t_v, sigma_v,
+                        self.edges[-1], self.edges[0], b)
+        self.selector.set(b)
+        self.records.append(BinRecord(self.run, self.expert, sigma_v, t_v, b, in_range, int(x.shape[0])))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def __repr__(self):
+        return f"TimestepBinHook(expert={self.expert!r}, edges={list(self.edges)}, {self.selector})"
+
+
+def attach_hook(model, hook: TimestepBinHook) -> None:
+    """Register ``hook`` on a ModelPatcher (replacing an earlier W4A4 hook on the same patcher)."""
+    import comfy.patcher_extension as pe
+
+    model.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, HOOK_KEY)
+    model.remove_callbacks_with_key(pe.CallbacksMP.ON_PRE_RUN, HOOK_KEY)
+    model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, HOOK_KEY, hook)
+    model.add_callback_with_key(pe.CallbacksMP.ON_PRE_RUN, HOOK_KEY, hook.on_pre_run)
+
+
+def get_hook(model) -> TimestepBinHook | None:
+    """The W4A4 hook of a ModelPatcher (or of a clone of a patched one), if any."""
+    import comfy.patcher_extension as pe
+
+    # By key, not isinstance: inside ComfyUI the pack is imported under its folder name, and tests
+    # may hold the same classes imported as ``wan_w4a4``.
+    wrappers = model.get_wrappers(pe.WrappersMP.APPLY_MODEL, HOOK_KEY)
+    return wrappers[0] if wrappers else None

@@ -1,0 +1,245 @@
+"""W4A4 layers inside ComfyUI: the module that replaces a Wan Linear, the per-model bin selector,
+and the custom operations that build W4A4 layers straight from a self-contained checkpoint.
+
+Two ways in, one layer behaviour (``W4A4Core``):
+
+- ``W4A4Linear``: a leaf module holding one layer's ``numerics.W4A4Params`` tensors as its own
+  buffers. ``apply.py`` swaps it in with ``ModelPatcher.add_object_patch`` (applied on load,
+  reverted on unload; the BF16 model underneath is never touched).
+- ``make_w4a4_ops(layers, selector)``: a ``comfy.ops.manual_cast`` subclass for
+  ``load_diffusion_model_state_dict(..., {"custom_operations": ops})`` whose Linear becomes a W4A4
+  layer when its key has W4A4 tensors (the BF16 weight is never allocated) and is ComfyUI's usual
+  Linear otherwise - the ComfyUI-GGUF pattern.
+
+Memory management (``comfy/model_patcher.py``): ModelPatcher moves or offloads modules that have
+direct parameters or a ``comfy_cast_weights`` attribute. Both classes have the attribute, so in
+lowvram / partial loads ComfyUI may leave a W4A4 layer on the offload device; ``forward`` then
+copies that layer's tensors to the input's device for this call only (like ``cast_bias_weight``).
+
+The bin index: every W4A4 layer of one patched model shares a ``BinSelector``; the timestep hook
+(``hook.py``) sets it once per model call with an in-place fill of a 0-d int64 tensor, and each layer
+hands that device tensor to the kernel, which reads ``clip[bin]`` on the device: no host-device
+sync per layer.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+
+from .. import kernels
+from ..kernels import numerics as nm
+
+log = logging.getLogger(__name__)
+
+# W4A4Params fields that are tensors, in the order of the format module; bias may be None.
+TENSOR_FIELDS = ("qweight", "wscale", "wfactor", "smooth", "lr_down", "lr_up", "clip", "bias")
+
+
+class BinSelector:
+    """The current timestep bin of one patched model: a 0-d int64 tensor per device.
+
+    ``set(b)`` fills every device copy in place (an asynchronous device write, queued behind the
+    work already on the stream); ``index(device)`` returns the tensor the kernels read. ``value``
+    is the host-side copy, for logs and tests.
+    """
+
+    def __init__(self, num_bins: int):
+        if num_bins < 1:
+            raise ValueError(f"BinSelector needs at least one bin, got {num_bins}")
+        self.num_bins = int(num_bins)
+        self.value = 0
+        self._per_device: dict[torch.device, torch.Tensor] = {}
+
+    def set(self, b: int) -> None:
+        b = int(b)
+        if not 0 <= b < self.num_bins:
+            raise IndexError(f"bin {b} outside 0..{self.num_bins - 1}")
+        if b == self.value:
+            return
+        self.value = b
+        for t in self._per_device.values():
+            t.fill_(b)
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        t = self._per_device.get(device)
+        if t is None:
+            t = torch.full((), self.value, dtype=torch.int64, device=device)
+            self._per_device[device] = t
+        return t
+
+    def __repr__(self):
+        return f"BinSelector(bin={self.value} of {self.num_bins})"
+
+
+def _comfy_mm():
+    """comfy.model_management when running inside ComfyUI, else None (plain torch copies)."""
+    return sys.modules.get("comfy.model_management")
+
+
+def _tensors_to(tensors: dict, device: torch.device) -> dict:
+    """Copy a layer's tensors to ``device`` for one forward (lowvram: the module stays offloaded)."""
+    mm = _comfy_mm()
+    if mm is None:
+        return {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in tensors.items()}
+    stream = mm.get_offload_stream(device)
+    non_blocking = mm.device_supports_non_blocking(device)
+    out = {k: (mm.cast_to(v, device=device, non_blocking=non_blocking, stream=stream) if v is not None else None)
+           for k, v in tensors.items()}
+    mm.sync_stream(device, stream)
+    return out
+
+
+def _compiler_disable(fn):
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+class W4A4Core:
+    """Behaviour shared by ``W4A4Linear`` and the custom-ops Linear: holds the tensors of one
+    W4A4 layer as buffers named after the ``W4A4Params`` fields and runs the dispatcher."""
+
+    comfy_cast_weights = False  # lets ModelPatcher offload the layer in lowvram mode (see module doc)
+    w4a4_name: str = ""
+    bin_selector: BinSelector | None = None
+
+    def _install_w4a4(self, p: nm.W4A4Params, name: str = "", selector: BinSelector | None = None) -> None:
+        for field in TENSOR_FIELDS + ("weight",):
+            self._parameters.pop(field, None)
+            self._buffers.pop(field, None)
+            self.__dict__.pop(field, None)
+        for field in TENSOR_FIELDS:
+            self.register_buffer(field, getattr(p, field))
+        self.in_features, self.out_features = p.in_features, p.out_features
+        self.act_unsigned, self.act_shift = bool(p.act_unsigned), float(p.act_shift)
+        self.w4a4_name = name
+        self.bin_selector = selector
+        self.weight_function, self.bias_function = [], []
+
+    def w4a4_params(self, device: torch.device | None = None) -> nm.W4A4Params:
+        """This layer as ``W4A4Params`` (the module's own tensors, or copies on ``device``)."""
+        tensors = {f: getattr(self, f) for f in TENSOR_FIELDS}
+        if device is not None and self.qweight.device != device:
+            tensors = _tensors_to(tensors, device)
+        return nm.W4A4Params(**tensors, act_unsigned=self.act_unsigned, act_shift=self.act_shift)
+
+    @property
+    def num_bins(self) -> int:
+        return self.clip.shape[0]
+
+    # torch.compile (ComfyUI's TorchCompileModel node) compiles the rest of the model and calls this
+    # eagerly: the Triton kernels are already fused, and tracing the dispatcher would only add graph
+    # breaks and recompiles (checked on the CPU: same output with and without compile).
+    @_compiler_disable
+    def w4a4_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_function or self.bias_function:
+            # ModelPatcher routes weight patches (LoRA) of offloaded layers through these lists; a
+            # W4A4 layer has no dense weight to patch. See the pack's LoRA issue.
+            raise RuntimeError(f"W4A4 layer {self.w4a4_name or '?'}: ComfyUI tried to apply weight patches "
+                               f"(a LoRA?) to a 4-bit layer, which this version cannot do; remove the LoRA "
+                               f"node or place it on a BF16 model")
+        device = x.device
+        p = self.w4a4_params(device)
+        selector = self.bin_selector
+        index = selector.index(device) if selector is not None else 0
+        return kernels.w4a4_linear(x, p, index)
+
+    def w4a4_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lr_down.shape[1]}, "
+                f"bins={self.num_bins}, unsigned={self.act_unsigned}, bias={self.bias is not None}")
+
+
+class W4A4Linear(W4A4Core, torch.nn.Module):
+    """A Wan Linear replaced by its W4A4 form: ``y = w4a4_linear(x, params, bin)`` in x's dtype."""
+
+    def __init__(self, params: nm.W4A4Params, name: str = "", selector: BinSelector | None = None):
+        torch.nn.Module.__init__(self)
+        self._install_w4a4(params, name, selector)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w4a4_forward(x)
+
+    def extra_repr(self) -> str:
+        return self.w4a4_repr()
+
+
+def is_w4a4(module) -> bool:
+    # Duck-typed: inside ComfyUI the pack is imported under its folder name, and tests may import the
+    # same classes as ``wan_w4a4``; both copies' layers must be recognised.
+    return callable(getattr(module, "w4a4_params", None)) and getattr(module, "qweight", None) is not None
+
+
+def w4a4_modules(root: torch.nn.Module, prefix: str = "") -> dict[str, W4A4Core]:
+    """name -> W4A4 layer of a module tree (names relative to ``root``)."""
+    return {(prefix + n): m for n, m in root.named_modules() if is_w4a4(m)}
+
+
+def layer_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's saved tensors, as ``comfy.model_management.module_size`` counts them."""
+    return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
+
+
+def make_w4a4_ops(layers: dict[str, nm.W4A4Params], selector: BinSelector, source: str = "checkpoint"):
+    """Custom operations for ``load_diffusion_model_state_dict`` that build the W4A4 layers of
+    ``layers`` (module path inside the diffusion model -> params) without allocating their BF16 weights.
+
+    The layers are consumed as the state dict is loaded; ``unclaimed(ops)`` lists those that found
+    no Linear (a checkpoint for another architecture).
+    """
+    import comfy.ops
+
+    pending = dict(layers)
+
+    class W4A4Ops(comfy.ops.manual_cast):
+        class Linear(W4A4Core, comfy.ops.manual_cast.Linear):
+            comfy_cast_weights = True  # the manual_cast behaviour for the layers that stay BF16
+
+            def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+                # Like torch.nn.Linear, minus the allocation: the weight is created in
+                # _load_from_state_dict once we know whether this layer is quantized.
+                torch.nn.Module.__init__(self)
+                self.in_features, self.out_features = in_features, out_features
+                self._factory = {"device": device, "dtype": dtype}
+                self._has_bias = bias
+                self.weight = None
+                self.bias = None
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs):
+                name = prefix[:-1]
+                p = pending.pop(name, None)
+                if p is not None:
+                    if (p.out_features, p.in_features) != (self.out_features, self.in_features):
+                        error_msgs.append(f"{source}: W4A4 layer {name} is {p.out_features}x{p.in_features}, "
+                                          f"the model expects {self.out_features}x{self.in_features}")
+                        return
+                    self._install_w4a4(p, name, selector)
+                    self.comfy_cast_weights = False
+                    return
+                # A BF16 layer: exactly torch.nn.Linear's allocation and load.
+                self.weight = torch.nn.Parameter(torch.empty((self.out_features, self.in_features), **self._factory),
+                                                 requires_grad=False)
+                if self._has_bias:
+                    self.bias = torch.nn.Parameter(torch.empty(self.out_features, **self._factory),
+                                                   requires_grad=False)
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
+
+            def forward(self, *args, **kwargs):
+                if is_w4a4(self):
+                    return self.w4a4_forward(*args, **kwargs)
+                return super().forward(*args, **kwargs)
+
+            def extra_repr(self):
+                if is_w4a4(self):
+                    return self.w4a4_repr()
+                return super().extra_repr()
+
+    W4A4Ops.pending = pending
+    return W4A4Ops
+
+
+def unclaimed(ops) -> list[str]:
+    """Layers of ``make_w4a4_ops`` that no Linear of the loaded model took."""
+    return sorted(ops.pending)

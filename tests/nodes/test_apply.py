@@ -1,0 +1,167 @@
+"""Apply W4A4 state on the tiny experts in a real ComfyUI (CPU): output, hook log, model unchanged."""
+from __future__ import annotations
+
+import gc
+import logging
+import warnings
+
+import pytest
+import torch
+
+from wan_w4a4.kernels import numerics as nm
+from wan_w4a4.nodes.hook import HOOK_KEY
+
+from w4a4_testlib import BOUNDARY, EDGES, SEED
+
+pytestmark = pytest.mark.comfyui
+
+# RTN W4A4 (no smoothing, no low-rank branch) on a random tiny expert, 4 steps: the final latent
+# stays within this SQNR of the BF16 one. Measured ~29 dB (model-output level ~22 dB, see below);
+# the floors leave margin for other CPUs' float rounding, and a broken layer gives < 5 dB.
+LATENT_SQNR_FLOOR_DB = 20.0
+PREDICTION_SQNR_FLOOR_DB = 15.0
+
+
+def hook(model):
+    import comfy.patcher_extension as pe
+    (w,) = model.get_wrappers(pe.WrappersMP.APPLY_MODEL, HOOK_KEY)
+    return w
+
+
+def expected_calls(model, steps, scheduler, start, end, shift_edges):
+    """(t, bin) per sampling step of steps[start:end], from ComfyUI's own sigmas."""
+    import comfy.samplers
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)[start:end]
+    out = []
+    for s in sigmas.tolist():
+        t = float(ms.timestep(torch.tensor([s]))[0])
+        b = next((i for i, low in enumerate(shift_edges[1:]) if t >= low), len(shift_edges) - 2)
+        out.append((t, b))
+    return out
+
+
+def test_w4a4_close_to_bf16_and_not_identical(env):
+    bf16 = {e: env.shifted(env.unet(e)) for e in ("high", "low")}
+    w4a4 = {e: env.shifted(env.apply(env.unet(e), f"tiny_{e}.safetensors")) for e in ("high", "low")}
+    _, ref = env.two_expert(bf16["high"], bf16["low"])
+    _, out = env.two_expert(w4a4["high"], w4a4["low"])
+    assert torch.isfinite(out).all()
+    assert not torch.equal(out, ref), "W4A4 output is bit-identical to BF16: the patch did not take effect"
+    assert nm.sqnr_db(ref, out) > LATENT_SQNR_FLOOR_DB
+
+    # One model call at the first sigma, through the same ModelPatcher machinery.
+    import comfy.model_management
+    x = torch.randn(2, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([1.0, 1.0])
+    ctx = env.positive[0][0].repeat(2, 1, 1)
+    concat = torch.zeros(2, 20, 2, 8, 8)
+    preds = []
+    for m in (bf16["high"], w4a4["high"]):
+        comfy.model_management.load_models_gpu([m])
+        preds.append(m.model.apply_model(x, sigma, c_concat=concat, c_crossattn=ctx).float())
+    assert not torch.equal(preds[0], preds[1])
+    assert nm.sqnr_db(preds[0] - x, preds[1] - x) > PREDICTION_SQNR_FLOOR_DB
+
+
+def test_input_model_unchanged(env):
+    base = env.unet("high")
+    q = env.node("WanW4A4ApplyState").apply(base, "tiny_high.safetensors")[0]
+    assert q is not base and q.model is base.model  # a clone sharing the BF16 weights
+    assert not base.object_patches and not base.get_wrappers("apply_model", HOOK_KEY)
+    assert type(base.model.diffusion_model.blocks[0].self_attn.q).__name__ == "Linear"
+    assert sum(k.startswith("diffusion_model.blocks.") for k in q.object_patches) == 20
+    assert q.model_size() < base.model_size()
+
+
+@pytest.mark.parametrize("steps,scheduler,shift,cfg", [(4, "simple", 8.0, 3.5), (7, "beta", 5.0, 1.0)])
+def test_hook_log_matches_sigmas(env, steps, scheduler, shift, cfg):
+    high = env.shifted(env.apply(env.unet("high"), "tiny_high.safetensors"), shift)
+    low = env.shifted(env.apply(env.unet("low"), "tiny_low.safetensors"), shift)
+    import comfy.samplers
+    ms = high.get_model_object("model_sampling")
+    ts = ms.timestep(comfy.samplers.calculate_sigmas(ms, scheduler, steps)[:-1])
+    split = int((ts >= BOUNDARY).sum())
+    assert 0 < split < steps
+    hh, hl = hook(high), hook(low)
+    hh.records.clear(), hl.records.clear()
+    env.two_expert(high, low, steps=steps, cfg=cfg, scheduler=scheduler, split=split)
+
+    batch = 1 if cfg == 1.0 else 2  # cfg 1 skips the uncond pass; otherwise cond+uncond in one batch
+    for h, expert, start, end in ((hh, "high", 0, split), (hl, "low", split, steps)):
+        want = expected_calls(high, steps, scheduler, start, end, EDGES[expert])
+        got = [(r.t, r.bin) for r in h.records]
+        assert [r.expert for r in h.records] == [expert] * len(want)
+        assert [b for _, b in got] == [b for _, b in want], (expert, got, want)
+        assert [t for t, _ in got] == pytest.approx([t for t, _ in want], abs=1e-3)
+        assert all(r.in_range and r.batch == batch for r in h.records)
+    assert hh.selector is not hl.selector
+
+
+def test_out_of_range_uses_nearest_bin_and_warns_once(env, caplog):
+    high = env.shifted(env.apply(env.unet("high"), "tiny_high.safetensors"))
+    low = env.shifted(env.unet("low"))
+    h = hook(high)
+    h.records.clear()
+    # The high expert runs 3 of 4 steps (t = 1000, 960, 889): the last is below its range [900, 1000].
+    with caplog.at_level(logging.WARNING):
+        env.two_expert(high, low, steps=4, split=3)
+    assert [round(r.t) for r in h.records] == [1000, 960, 889]
+    assert [r.bin for r in h.records] == [0, 1, 3]
+    assert [r.in_range for r in h.records] == [True, True, False]
+    warnings = [r for r in caplog.records if "outside its calibrated range" in r.getMessage()]
+    assert len(warnings) == 1 and "tiny_high.safetensors" in warnings[0].getMessage()
+
+
+def test_alongside_another_wrapper(env):
+    import comfy.patcher_extension as pe
+    seen = []
+
+    def other(executor, x, t, *args, **kwargs):
+        seen.append(float(t[0]))
+        return executor(x, t, *args, **kwargs)
+
+    high = env.apply(env.unet("high"), "tiny_high.safetensors")
+    high = high.clone()
+    high.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "another_pack", other)
+    high = env.shifted(high)
+    hook(high).records.clear()
+    env.two_expert(high, env.shifted(env.unet("low")), steps=2)
+    assert len(seen) == len(hook(high).records) == 1
+    assert [r.sigma for r in hook(high).records] == pytest.approx(seen)
+
+
+def test_second_run_does_not_grow_memory(env):
+    high = env.shifted(env.apply(env.unet("high"), "tiny_high.safetensors"))
+    low = env.shifted(env.apply(env.unet("low"), "tiny_low.safetensors"))
+
+    def held():
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+            warnings.simplefilter("ignore")
+            return sum(o.nelement() * o.element_size() for o in gc.get_objects()
+                       if isinstance(o, torch.Tensor) and o.device.type == "cpu" and not o.is_meta)
+
+    env.two_expert(high, low, steps=2)
+    first = held()
+    env.two_expert(high, low, steps=2)
+    assert held() <= first + 64 * 1024, "held tensors grew between identical runs"
+    assert len(hook(high).records) == 2 and hook(high).run == 2
+
+
+def test_partial_denoise_bins_by_timestep(env):
+    """KSampler with denoise 0.5 (a video-to-video pass): the schedule starts mid-way, and the
+    bins still follow the timesteps actually sampled."""
+    import comfy.samplers
+    low = env.shifted(env.apply(env.unet("low"), "tiny_low.safetensors"))
+    h = hook(low)
+    h.records.clear()
+    steps, denoise = 3, 0.5
+    env.nodes.KSampler().sample(low, SEED, steps, 3.5, "euler", "simple", env.positive, env.negative, env.latent,
+                                denoise=denoise)
+    ms = low.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "simple", int(steps / denoise))[-(steps + 1):-1]
+    want = [float(ms.timestep(s[None])[0]) for s in sigmas]
+    assert [r.t for r in h.records] == pytest.approx(want, abs=1e-3)
+    assert [r.bin for r in h.records] == [next(i for i, lo in enumerate(EDGES["low"][1:]) if t >= lo) for t in want]
+    assert max(want) < BOUNDARY  # denoise 0.5 at shift 8 starts below the expert boundary
