@@ -16,7 +16,10 @@ from wan_w4a4.kernels import format as fmt
 from wan_w4a4.kernels import numerics
 
 # Small grids keep a run at a few seconds; the method is the default one otherwise.
-FAST = dict(steps=6, bins=2, rank=8, alphas=(0.25, 0.5, 0.75), clip_grid=(1.0, 0.9, 0.8, 0.7), rows_per_bin=64)
+# bin_spacing "uniform" on purpose: 6 steps at shift 8 leave the low expert's bin [450, 0) empty,
+# which exercises the empty-bin fallback (the default, "steps", avoids empty bins).
+FAST = dict(steps=6, bins=2, rank=8, alphas=(0.25, 0.5, 0.75), clip_grid=(1.0, 0.9, 0.8, 0.7), rows_per_bin=64,
+            bin_spacing="uniform")
 
 
 @pytest.fixture(autouse=True)
@@ -259,7 +262,7 @@ def test_step_spacing_fills_every_bin(models, tmp_path):
     assert counts == [2, 3, 3, 2]
     assert [sum(bin_of(t, CalibrationConfig().edges("low")) == b for t in low20) for b in range(4)] == [6, 3, 1, 0]
 
-    cfg = CalibrationConfig(**{**FAST, "alphas": (0.5,)}, bin_spacing="steps", out_dir=str(tmp_path))
+    cfg = CalibrationConfig(**{**FAST, "alphas": (0.5,), "bin_spacing": "steps"}, out_dir=str(tmp_path))
     res = calibrate(models["high"], models["low"], _items(1), cfg)
     report = json.loads(res["report"].read_text())
     for expert in ("high", "low"):
