@@ -25,7 +25,7 @@ import torch
 
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
-from .hook import TimestepBinHook, attach_hook, get_hook
+from .hook import HOOK_KEY, TimestepBinHook, attach_hook, get_hook
 from .ops import BinSelector, W4A4Linear, is_w4a4, layer_bytes, make_w4a4_ops, unclaimed
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,27 @@ def check_state_fits(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
 # Apply / load
 # ---------------------------------------------------------------------------------------------
 
+def _callbacks():
+    import comfy.patcher_extension
+    return comfy.patcher_extension.CallbacksMP
+
+
+def refuse_weight_patches(patcher, *args) -> None:
+    """ON_LOAD check: weight patches (LoRAs) registered for layers that run in W4A4.
+
+    ModelPatcher applies weight patches through module parameters; a W4A4 layer has none, so in a
+    full load they would be skipped without a word and the LoRA silently lost. Refuse instead.
+    """
+    info = w4a4_info(patcher)
+    if info is None or not patcher.patches:
+        return
+    names = set(info.layers)
+    hit = sorted(k for k in patcher.patches if k.startswith(PREFIX) and k[len(PREFIX):].rpartition(".")[0] in names)
+    if hit:
+        raise W4A4StateError(info.source, f"{len(hit)} weight patches (a LoRA?) target layers that run in W4A4, "
+                             f"e.g. {hit[0]}; this version cannot apply them to 4-bit layers",
+                             "remove the LoRA from this expert, or run it on the BF16 model without 'Apply W4A4 state'")
+
 def _hook_for(meta: fmt.StateMeta, source: str) -> tuple[TimestepBinHook, BinSelector]:
     selector = BinSelector(meta.num_bins)
     return TimestepBinHook(meta.expert, meta.bin_edges, selector, source=os.path.basename(source)), selector
@@ -154,6 +175,7 @@ def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
     for name, module in modules.items():
         m.add_object_patch(PREFIX + name, module)
     attach_hook(m, hook)
+    m.add_callback_with_key(_callbacks().ON_LOAD, HOOK_KEY, refuse_weight_patches)
     m.set_attachments(ATTACHMENT, W4A4Info(meta, source, tuple(layers), "state"))
     m.size = max(0, model.model_size() - replaced + sum(layer_bytes(x) for x in modules.values()))
     m.patches_uuid = uuid.uuid4()  # see the module doc

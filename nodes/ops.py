@@ -117,6 +117,15 @@ class W4A4Core:
         self.bin_selector = selector
         self.weight_function, self.bias_function = [], []
 
+    def __getattr__(self, name):
+        # ModelPatcher reaches a LoRA'd weight as ``getattr(layer, "weight")`` (get_key_weight): say
+        # why there is none instead of torch's bare "has no attribute". Still an AttributeError, so
+        # hasattr() stays False.
+        if name == "weight" and "qweight" in self.__dict__.get("_buffers", {}):
+            raise AttributeError(f"W4A4 layer {self.w4a4_name or '?'} has no BF16 weight: weight patches such as "
+                                 f"LoRAs cannot be applied to 4-bit layers by this version of ComfyUI-WanW4A4")
+        return super().__getattr__(name)
+
     def w4a4_params(self, device: torch.device | None = None) -> nm.W4A4Params:
         """This layer as ``W4A4Params`` (the module's own tensors, or copies on ``device``)."""
         tensors = {f: getattr(self, f) for f in TENSOR_FIELDS}

@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 # Small enough for a CPU test: 4 steps (2 per expert), 2 bins, no low-rank branch, one alpha, two clips.
 FAST = dict(seed=0, runs=1, steps=4, cfg=3.5, shift=8.0, boundary=900.0, bins=2, rank=0,
-            clip_grid="1.0, 0.8", clip_policy="per_bin", gptq=False, rows_per_bin=64, alphas="0.5")
+            clip_grid="1.0, 0.8", clip_policy="per_bin", gptq=False, rows_per_bin=16, alphas="0.5")
 
 
 def test_calibrate_writes_states_and_returns_patched_models(env):
