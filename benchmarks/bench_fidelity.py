@@ -69,6 +69,16 @@ def parse_args(argv=None):
     return a
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -94,7 +104,7 @@ def main(argv=None) -> int:
     from wan_w4a4.nodes.apply import apply_w4a4_state
 
     device = mm.get_torch_device()
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     tag = a.tag or ("cpu_quick" if a.quick else f"{device.type}_k{a.k}")
     a.out.mkdir(parents=True, exist_ok=True)
     outputs = {k: a.out / f"{k}_{tag}.{ext}" for k, ext in
@@ -231,7 +241,7 @@ def markdown(doc: dict, default_bins: int) -> str:
         f"{s['steps']} euler steps (shift 8, cfg 1, expert switch at t = 900), {s['resolution']}. "
         f"One calibration: {s['calib_items']} training-range scenes (seeds {s['calib_item_seeds']}), "
         f"{s['calib_steps']} steps, {s['max_bins']} bins per expert, {s['rows_per_bin']} rows per bin, rank "
-        f"{s['rank']} ({s['calibration_s']} s); total {s['total_s']} s.",
+        f"{s['rank']} ({s['calibration_s']} s); total {s['total_s']} s. Command: `{doc.get('command', '?')}`.",
         "",
         "All metrics are against the BF16 model on the same pairs and seeds. PSNR / SSIM: videos decoded by the "
         "linear VAE (one picture per latent frame). Latent rel.: ||z_q - z|| / ||z||. Velocity SQNR: per call, the "

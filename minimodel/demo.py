@@ -127,9 +127,11 @@ def _run(args) -> int:
     print(f"[1/4] loading the mini model's experts from {paths['high'].parent}")
     high, low = sample.load_expert(paths["high"]), sample.load_expert(paths["low"])
 
-    items = minimodel_items(s["items"], seed=args.item_seed)
     heldout = data.heldout_seeds(s["pairs"])
-    assert not {it.seed for it in items} & set(heldout)  # training seeds < 2e9 <= held-out seeds
+    if not 0 <= args.item_seed <= data.TRAIN_SEED_LIMIT - s["items"]:
+        return _fail(f"--item-seed must keep the calibration scenes in the training range [0, "
+                     f"{data.TRAIN_SEED_LIMIT}), away from the held-out seeds ({heldout[0]}...)")
+    items = minimodel_items(s["items"], seed=args.item_seed)
     print(f"[2/4] calibrating on {len(items)} training-range scene(s) (seeds {args.item_seed}.."
           f"{args.item_seed + len(items) - 1}), {config.steps} steps, {config.bins} bins per expert")
     bar = _Tqdm()

@@ -400,8 +400,9 @@ def draw_activation_ranges(ranges: dict, path, boundary: float = 900.0) -> None:
         draw.text((ox + ml, oy + 4), lin, fill="black", font=font)
         for tick in all_t[::max(1, len(all_t) // 5)]:
             draw.text((X(tick) - 8, y0 + 3), f"{tick:.0f}", fill=(60, 60, 60), font=font)
-        for v in (lo, hi):
-            draw.text((ox + 2, Y(10 ** v) - 6), f"{10 ** v:.3g}", fill=(60, 60, 60), font=font)
+        for v in (lo, hi):  # right-aligned against this panel's axis
+            label = f"{10 ** v:.3g}"
+            draw.text((x0 - 3 - draw.textlength(label, font=font), Y(10 ** v) - 6), label, fill=(60, 60, 60), font=font)
         for name, pts in sorted(series.items()):
             block = int(name.split(".")[1])
             color = TYPE_COLORS[block % len(TYPE_COLORS)]
