@@ -26,18 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1].parent))  # allow running from a checkout
-try:
-    from wan_w4a4.kernels import numerics as nm
-except ImportError:  # the checkout folder is not named wan_w4a4: import it under that name
-    import importlib.util
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("wan_w4a4", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["wan_w4a4"] = mod
-    spec.loader.exec_module(mod)
-    from wan_w4a4.kernels import numerics as nm
+import _checkout  # noqa: F401,E402  (makes ``import wan_w4a4`` work from a checkout)
+from wan_w4a4.kernels import numerics as nm  # noqa: E402
 
 SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]  # (K, N): attention/proj, ffn.0, ffn.2
 TOKENS = [1024, 8192, 32760]

@@ -70,17 +70,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1].parent))  # allow running from a checkout
-try:
-    import wan_w4a4  # noqa: F401
-except ImportError:  # the checkout folder is not named wan_w4a4: import it under that name
-    _root = Path(__file__).resolve().parents[1]
-    _spec = importlib.util.spec_from_file_location("wan_w4a4", _root / "__init__.py",
-                                                   submodule_search_locations=[str(_root)])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["wan_w4a4"] = _mod
-    _spec.loader.exec_module(_mod)
-
+import _checkout  # noqa: F401,E402  (makes ``import wan_w4a4`` work from a checkout)
 
 
 class _LazyArch:
