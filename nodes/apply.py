@@ -9,6 +9,10 @@
   quantized layers never exist in memory.
 - ``checkpoint_tensors(model)``: what ``Save W4A4 checkpoint`` writes.
 
+Both kinds of W4A4 model carry two keyed ModelPatcher callbacks (key ``hook.HOOK_KEY``) that let
+ComfyUI's LoRA nodes reach the W4A4 layers: ON_LOAD folds the loading patcher's LoRA patches into the
+layers' low-rank branch, ON_DETACH drops them again (``lora.py``).
+
 The patched clone gets a fresh ``patches_uuid``: when it replaces a loaded clone of the same BF16
 model on the GPU (or the other way round), ComfyUI then unloads and reloads the weights instead of
 assuming they are in place - object patches of whole modules are otherwise left on the wrong device.
@@ -25,6 +29,7 @@ import torch
 
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
+from . import lora
 from .hook import HOOK_KEY, TimestepBinHook, attach_hook, get_hook
 from .ops import BinSelector, W4A4Linear, is_w4a4, layer_bytes, make_w4a4_ops, unclaimed
 
@@ -142,21 +147,29 @@ def _callbacks():
     return comfy.patcher_extension.CallbacksMP
 
 
-def refuse_weight_patches(patcher, *args) -> None:
-    """ON_LOAD check: weight patches (LoRAs) registered for layers that run in W4A4.
+def fold_weight_patches(patcher, *args) -> None:
+    """ON_LOAD: fold the patcher's LoRA patches on W4A4 layers into their low-rank branch (``lora.py``).
 
-    ModelPatcher applies weight patches through module parameters; a W4A4 layer has none, so in a
-    full load they would be skipped without a word and the LoRA silently lost. Refuse instead.
+    ModelPatcher applies weight patches through module parameters; a W4A4 layer has none, so without
+    this a LoRA on it would be skipped without a word. Patches that cannot be folded exactly stop the
+    load with an error naming the layer and patch type.
     """
     info = w4a4_info(patcher)
-    if info is None or not patcher.patches:
-        return
-    names = set(info.layers)
-    hit = sorted(k for k in patcher.patches if k.startswith(PREFIX) and k[len(PREFIX):].rpartition(".")[0] in names)
-    if hit:
-        raise W4A4StateError(info.source, f"{len(hit)} weight patches (a LoRA?) target layers that run in W4A4, "
-                             f"e.g. {hit[0]}; this version cannot apply them to 4-bit layers",
-                             "remove the LoRA from this expert, or run it on the BF16 model without 'Apply W4A4 state'")
+    lora.install_folds(patcher, source=info.source if info is not None else "W4A4 model")
+
+
+def clear_folded_patches(patcher, unpatch_all=True, *args) -> None:
+    """ON_DETACH: an unpatched model's W4A4 layers are the plain quantized ones again."""
+    if unpatch_all:
+        lora.clear_folds(w4a4_layers(patcher).values())
+
+
+def _add_lora_callbacks(model) -> None:
+    cb = _callbacks()
+    for kind, fn in ((cb.ON_LOAD, fold_weight_patches), (cb.ON_DETACH, clear_folded_patches)):
+        model.remove_callbacks_with_key(kind, HOOK_KEY)
+        model.add_callback_with_key(kind, HOOK_KEY, fn)
+
 
 def _hook_for(meta: fmt.StateMeta, source: str) -> tuple[TimestepBinHook, BinSelector]:
     selector = BinSelector(meta.num_bins)
@@ -175,7 +188,7 @@ def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
     for name, module in modules.items():
         m.add_object_patch(PREFIX + name, module)
     attach_hook(m, hook)
-    m.add_callback_with_key(_callbacks().ON_LOAD, HOOK_KEY, refuse_weight_patches)
+    _add_lora_callbacks(m)
     m.set_attachments(ATTACHMENT, W4A4Info(meta, source, tuple(layers), "state"))
     m.size = max(0, model.model_size() - replaced + sum(layer_bytes(x) for x in modules.values()))
     m.patches_uuid = uuid.uuid4()  # see the module doc
@@ -214,6 +227,7 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None):
         raise W4A4StateError(path, f"{len(left)} W4A4 layers found no Linear in the detected model "
                              f"(first: {', '.join(left[:3])})", "the checkpoint is damaged or for another model")
     attach_hook(model, hook)
+    _add_lora_callbacks(model)
     model.set_attachments(ATTACHMENT, W4A4Info(meta, str(path), tuple(layers), "checkpoint"))
     return model
 
@@ -247,7 +261,7 @@ def checkpoint_tensors(model) -> tuple[dict[str, nm.W4A4Params], dict[str, torch
         if key.rpartition(".")[0] in quantized:
             continue
         rest[key] = t.detach().to("cpu", copy=True)
-    layers = {name: m.w4a4_params(torch.device("cpu")) for name, m in quantized.items()}
+    layers = {name: m.w4a4_params(torch.device("cpu"), with_lora=False) for name, m in quantized.items()}
     return layers, rest, info.meta
 
 

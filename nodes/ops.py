@@ -16,6 +16,13 @@ direct parameters or a ``comfy_cast_weights`` attribute. Both classes have the a
 lowvram / partial loads ComfyUI may leave a W4A4 layer on the offload device; ``forward`` then
 copies that layer's tensors to the input's device for this call only (like ``cast_bias_weight``).
 
+LoRAs (``lora.py``): ComfyUI's LoRA patches on a W4A4 layer are folded, exactly, into extra rank of the
+BF16 low-rank branch, held as non-persistent buffers ``lora_down``/``lora_up``/``lora_bias`` next to the
+layer's own tensors (the 4-bit weights are never touched) and joined to the branch in ``w4a4_params``.
+For ComfyUI's LoRA key mapping (``comfy.lora.model_lora_keys_unet`` and ``ModelPatcher.add_patches``
+read ``model.state_dict()`` keys) a W4A4 layer lists an empty ``weight`` entry in its state dict, and
+``layer.weight`` is a ``NoDenseWeight`` stand-in that explains itself when used as a tensor.
+
 The bin index: every W4A4 layer of one patched model shares a ``BinSelector``; the timestep hook
 (``hook.py``) sets it once per model call with an in-place fill of a 0-d int64 tensor, and each layer
 hands that device tensor to the kernel, which reads ``clip[bin]`` on the device: no host-device
@@ -35,6 +42,32 @@ log = logging.getLogger(__name__)
 
 # W4A4Params fields that are tensors, in the order of the format module; bias may be None.
 TENSOR_FIELDS = ("qweight", "wscale", "wfactor", "smooth", "lr_down", "lr_up", "clip", "bias")
+# The folded LoRA of a layer (non-persistent buffers, None when no LoRA): extra columns of lr_down
+# (bf16 [K, r]), extra rows of lr_up (bf16 [r, N]) and a bias delta (fp32 [N]).
+LORA_FIELDS = ("lora_down", "lora_up", "lora_bias")
+# The state-dict entry ``<layer>.weight`` of a W4A4 layer: no bytes (module sizes stay right), only the
+# key, which ComfyUI's LoRA key mapping and ``add_patches`` look for.
+_WEIGHT_KEY_PLACEHOLDER = torch.empty(0, dtype=torch.bfloat16)
+
+
+class NoDenseWeight:
+    """``layer.weight`` of a W4A4 layer. ComfyUI's ``get_key_weight`` reads ``getattr(layer, "weight")``
+    when it registers a LoRA for offloaded (lowvram) layers; the LoRA itself reaches the layer through
+    ``lora.py``. Anything that uses it as a tensor gets an error that says why there is none."""
+
+    __slots__ = ("layer", "shape")
+
+    def __init__(self, layer: str, shape: tuple[int, int]):
+        self.layer, self.shape = layer, tuple(shape)
+
+    def __getattr__(self, name):
+        raise AttributeError(
+            f"W4A4 layer {self.layer or '?'} has no BF16 weight (something asked for weight.{name}): its LoRAs "
+            f"are folded into the low-rank branch at load time, but weights cannot be baked into 4-bit layers "
+            f"(save nodes, force_patch_weights, hook LoRAs, model merging)")
+
+    def __repr__(self):
+        return f"NoDenseWeight({self.layer!r}, shape={self.shape})"
 
 
 class BinSelector:
@@ -116,22 +149,74 @@ class W4A4Core:
         self.w4a4_name = name
         self.bin_selector = selector
         self.weight_function, self.bias_function = [], []
+        self.set_lora(None, None, None, None)
 
     def __getattr__(self, name):
-        # ModelPatcher reaches a LoRA'd weight as ``getattr(layer, "weight")`` (get_key_weight): say
-        # why there is none instead of torch's bare "has no attribute". Still an AttributeError, so
-        # hasattr() stays False.
         if name == "weight" and "qweight" in self.__dict__.get("_buffers", {}):
-            raise AttributeError(f"W4A4 layer {self.w4a4_name or '?'} has no BF16 weight: weight patches such as "
-                                 f"LoRAs cannot be applied to 4-bit layers by this version of ComfyUI-WanW4A4")
+            return NoDenseWeight(self.w4a4_name, (self.out_features, self.in_features))
         return super().__getattr__(name)
 
-    def w4a4_params(self, device: torch.device | None = None) -> nm.W4A4Params:
-        """This layer as ``W4A4Params`` (the module's own tensors, or copies on ``device``)."""
-        tensors = {f: getattr(self, f) for f in TENSOR_FIELDS}
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if is_w4a4(self):
+            destination[prefix + "weight"] = _WEIGHT_KEY_PLACEHOLDER
+
+    # --- the folded LoRA (lora.py computes it; ModelPatcher callbacks install and clear it) ---------
+
+    lora_tag = None  # what the installed fold was computed for (the ModelPatcher's patches_uuid)
+
+    def set_lora(self, down: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None, tag) -> None:
+        """Install a folded LoRA (or clear it with Nones). Non-persistent buffers: they move with the
+        module (``.to``, ComfyUI's offloading) and are never saved."""
+        if (down is None) != (up is None):
+            raise ValueError("lora_down and lora_up go together")
+        if down is not None and (down.shape[0] != self.in_features or up.shape != (down.shape[1], self.out_features)
+                                 or down.dtype != torch.bfloat16 or up.dtype != torch.bfloat16):
+            raise ValueError(f"W4A4 layer {self.w4a4_name}: LoRA factors {tuple(down.shape)} {down.dtype} / "
+                             f"{tuple(up.shape)} {up.dtype} do not fit a {self.out_features}x{self.in_features} layer")
+        if bias is not None and (bias.shape != (self.out_features,) or bias.dtype != torch.float32):
+            raise ValueError(f"W4A4 layer {self.w4a4_name}: LoRA bias delta {tuple(bias.shape)} {bias.dtype}")
+        for field, t in zip(LORA_FIELDS, (down, up, bias)):
+            self.register_buffer(field, t, persistent=False)
+        self.lora_tag = tag
+
+    def clear_lora(self) -> None:
+        self.set_lora(None, None, None, None)
+
+    @property
+    def lora_rank(self) -> int:
+        return 0 if self.lora_down is None else self.lora_down.shape[1]
+
+    def w4a4_params(self, device: torch.device | None = None, with_lora: bool = True) -> nm.W4A4Params:
+        """This layer as ``W4A4Params`` (the module's own tensors, or copies on ``device``); with its
+        folded LoRA joined to the low-rank branch and bias unless ``with_lora`` is False."""
+        fields = TENSOR_FIELDS
+        if with_lora and (self.lora_down is not None or self.lora_bias is not None):
+            fields = fields + LORA_FIELDS
+        tensors = {f: getattr(self, f) for f in fields}
         if device is not None and self.qweight.device != device:
             tensors = _tensors_to(tensors, device)
+        down, up, dbias = (tensors.pop(f, None) for f in LORA_FIELDS)
+        if down is not None:
+            # Transient copies (a few MB per layer): the module keeps base and LoRA apart, so that its
+            # extra memory is the LoRA's own size and unpatching restores the base bit for bit.
+            tensors["lr_down"] = torch.cat([tensors["lr_down"], down], dim=1)
+            tensors["lr_up"] = torch.cat([tensors["lr_up"], up], dim=0)
+        if dbias is not None:
+            tensors["bias"] = dbias if tensors["bias"] is None else tensors["bias"] + dbias
         return nm.W4A4Params(**tensors, act_unsigned=self.act_unsigned, act_shift=self.act_shift)
+
+    def _check_weight_functions(self) -> None:
+        """ModelPatcher puts a ``LowVramPatch`` for this layer's own weight/bias keys into
+        ``weight_function``/``bias_function`` when it offloads the layer (lowvram); those patches are
+        the ones ``lora.py`` folded, so they are skipped here. Anything else cannot run on 4-bit weights."""
+        own = (f"diffusion_model.{self.w4a4_name}.weight", f"diffusion_model.{self.w4a4_name}.bias")
+        other = [f for f in list(self.weight_function) + list(self.bias_function) if getattr(f, "key", None) not in own]
+        if other:
+            raise RuntimeError(f"W4A4 layer {self.w4a4_name or '?'}: ComfyUI attached weight functions "
+                               f"({', '.join(type(f).__name__ for f in other[:3])}) that need a dense weight, "
+                               f"which a 4-bit layer does not have; LoRAs reach W4A4 layers by folding, "
+                               f"other weight wrappers are not supported")
 
     @property
     def num_bins(self) -> int:
@@ -143,11 +228,7 @@ class W4A4Core:
     @_compiler_disable
     def w4a4_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_function or self.bias_function:
-            # ModelPatcher routes weight patches (LoRA) of offloaded layers through these lists; a
-            # W4A4 layer has no dense weight to patch. See the pack's LoRA issue.
-            raise RuntimeError(f"W4A4 layer {self.w4a4_name or '?'}: ComfyUI tried to apply weight patches "
-                               f"(a LoRA?) to a 4-bit layer, which this version cannot do; remove the LoRA "
-                               f"node or place it on a BF16 model")
+            self._check_weight_functions()
         device = x.device
         p = self.w4a4_params(device)
         selector = self.bin_selector
@@ -155,7 +236,8 @@ class W4A4Core:
         return kernels.w4a4_linear(x, p, index)
 
     def w4a4_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lr_down.shape[1]}, "
+        lora = f", lora_rank={self.lora_rank}" if self.lora_rank else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lr_down.shape[1]}{lora}, "
                 f"bins={self.num_bins}, unsigned={self.act_unsigned}, bias={self.bias is not None}")
 
 
