@@ -62,13 +62,19 @@ def w4a4_info(model) -> W4A4Info | None:
 
 
 def w4a4_layers(model) -> dict[str, torch.nn.Module]:
-    """name -> W4A4 layer of a ModelPatcher, from its object patches and from the model itself."""
+    """name -> W4A4 layer of a ModelPatcher, from its object patches and from the model itself.
+
+    Clones share one model: while another clone is loaded, *its* W4A4 object patches sit in the
+    shared modules, with the originals in ``object_patches_backup`` (shared by all clones). Such a
+    module is not this patcher's: only W4A4 modules the model was built with (a checkpoint loaded
+    with custom operations) count."""
     found = {}
     for key, obj in model.object_patches.items():
         if key.startswith(PREFIX) and is_w4a4(obj):
             found[key[len(PREFIX):]] = obj
     for name, m in model.model.diffusion_model.named_modules():
-        if is_w4a4(m) and PREFIX + name not in model.object_patches:
+        key = PREFIX + name
+        if is_w4a4(m) and key not in model.object_patches and key not in model.object_patches_backup:
             found[name] = m
     return found
 

@@ -74,6 +74,27 @@ def test_input_model_unchanged(env):
     assert q.model_size() < base.model_size()
 
 
+def test_apply_again_while_another_w4a4_clone_is_loaded(env):
+    """Two states on one UNETLoader output (a state changed between runs, or BF16 and W4A4 side by
+    side): while the first W4A4 clone is loaded its layers sit in the shared modules, and the second
+    Apply must not take them for its own and refuse."""
+    import comfy.model_management
+    base = env.unet("high")
+    apply = env.node("WanW4A4ApplyState").apply
+    first = apply(base, "tiny_high.safetensors")[0]
+    comfy.model_management.load_models_gpu([first])
+    try:
+        assert type(base.model.diffusion_model.blocks[0].self_attn.q).__name__ != "Linear"  # patched in place
+        second = apply(base, "tiny_high.safetensors")[0]
+        assert sum(k.startswith("diffusion_model.blocks.") for k in second.object_patches) == 20
+        with pytest.raises(Exception, match="already has W4A4 layers"):
+            apply(first, "tiny_high.safetensors")  # a W4A4 model itself is still refused
+        comfy.model_management.load_models_gpu([second])
+    finally:
+        comfy.model_management.unload_all_models()
+    assert type(base.model.diffusion_model.blocks[0].self_attn.q).__name__ == "Linear"
+
+
 @pytest.mark.parametrize("steps,scheduler,shift,cfg", [(4, "simple", 8.0, 3.5), (5, "beta", 5.0, 1.0)])
 def test_hook_log_matches_sigmas(env, steps, scheduler, shift, cfg):
     high = env.shifted(env.apply(env.unet("high"), "tiny_high.safetensors"), shift)
