@@ -33,8 +33,13 @@ def load_expert(path, weight_dtype: str = "default"):
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    folder_paths.add_model_folder_path("diffusion_models", str(path.parent))
+    # UNETLoader takes a file *name*: put this folder first, so that a same-named file in another
+    # registered folder (the embedded high_noise.safetensors, say) does not answer instead.
+    folder_paths.add_model_folder_path("diffusion_models", str(path.parent), is_default=True)
     folder_paths.filename_list_cache.pop("diffusion_models", None)
+    resolved = folder_paths.get_full_path("diffusion_models", path.name)
+    if resolved is None or Path(resolved).resolve() != path:
+        raise RuntimeError(f"ComfyUI resolves {path.name!r} to {resolved}, not {path}")
     return nodes.UNETLoader().load_unet(path.name, weight_dtype)[0]
 
 
