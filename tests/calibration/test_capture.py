@@ -18,13 +18,6 @@ from wan_w4a4.kernels import format as fmt
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is faster and immune to other processes competing for the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

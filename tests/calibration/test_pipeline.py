@@ -22,12 +22,6 @@ FAST = dict(steps=6, bins=2, rank=8, alphas=(0.25, 0.5, 0.75), clip_grid=(1.0, 0
             bin_spacing="uniform")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _items(n=2):
