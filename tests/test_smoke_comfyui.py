@@ -14,6 +14,8 @@ import torch
 from wan_w4a4.minimodel.arch import TINY
 from wan_w4a4.nodes import runtime
 
+from api_graphs import two_expert_graph
+
 pytestmark = pytest.mark.comfyui
 
 TEST_NODES_FILE = Path(__file__).parent / "comfy_custom_nodes" / "wan_w4a4_test_nodes.py"
@@ -105,22 +107,9 @@ def test_headless_server_runs_two_expert_graph(comfy_server, wan_checkpoint_fact
     info = comfy_server.request("/object_info/KSamplerAdvanced")
     assert "KSamplerAdvanced" in info
 
-    sampler = {"noise_seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
-               "scheduler": "simple", "positive": ["1", 0], "negative": ["1", 1]}
-    graph = {
-        "1": {"class_type": "WanW4A4TestI2VConditioning",
-              "inputs": {"seed": SEED, "width": WIDTH, "height": HEIGHT, "length": LENGTH, "text_tokens": 16}},
-        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan_high.safetensors", "weight_dtype": "default"}},
-        "3": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan_low.safetensors", "weight_dtype": "default"}},
-        "4": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["2", 0], "shift": SHIFT}},
-        "5": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["3", 0], "shift": SHIFT}},
-        # 4 steps at shift 8: timesteps 1000, 960 | 889, 727 -> the high expert takes 2 (t >= 900)
-        "6": {"class_type": "KSamplerAdvanced", "inputs": {**sampler, "model": ["4", 0], "add_noise": "enable",
-              "latent_image": ["1", 2], "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}},
-        "7": {"class_type": "KSamplerAdvanced", "inputs": {**sampler, "model": ["5", 0], "add_noise": "disable",
-              "latent_image": ["6", 0], "start_at_step": 2, "end_at_step": 10000, "return_with_leftover_noise": "disable"}},
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "smoke"}},
-    }
+    # 4 steps at shift 8: timesteps 1000, 960 | 889, 727 -> the high expert takes 2 (t >= 900)
+    graph = two_expert_graph("smoke", width=WIDTH, height=HEIGHT, length=LENGTH, seed=SEED, steps=STEPS,
+                             cfg=CFG, shift=SHIFT, split=2)
     entry = comfy_server.run_prompt(graph)
 
     # ComfyUI lists each custom node it imported as "<time> seconds[ (IMPORT FAILED)]: <path>"

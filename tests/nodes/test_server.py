@@ -12,6 +12,8 @@ import torch
 from wan_w4a4.kernels import numerics as nm
 from wan_w4a4.nodes.runtime import REPO_ROOT
 
+from api_graphs import two_expert_graph
+
 pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
@@ -20,23 +22,8 @@ STEPS, CFG, SHIFT, SEED = 4, 3.5, 8.0, 7
 
 
 def graph(w4a4: bool) -> dict:
-    sampler = {"noise_seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": "euler", "scheduler": "simple",
-               "positive": ["1", 0], "negative": ["1", 1]}
-    g = {
-        "1": {"class_type": "WanW4A4TestI2VConditioning",
-              "inputs": {"seed": SEED, "width": 64, "height": 64, "length": 5, "text_tokens": 16}},
-        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan_high.safetensors", "weight_dtype": "default"}},
-        "3": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan_low.safetensors", "weight_dtype": "default"}},
-        "4": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["2", 0], "shift": SHIFT}},
-        "5": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["3", 0], "shift": SHIFT}},
-        # 4 steps at shift 8: t = 1000, 960 | 889, 727 -> the high expert takes 2 (t >= 900)
-        "6": {"class_type": "KSamplerAdvanced", "inputs": {**sampler, "model": ["4", 0], "add_noise": "enable",
-              "latent_image": ["1", 2], "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}},
-        "7": {"class_type": "KSamplerAdvanced", "inputs": {**sampler, "model": ["5", 0], "add_noise": "disable",
-              "latent_image": ["6", 0], "start_at_step": 2, "end_at_step": 10000,
-              "return_with_leftover_noise": "disable"}},
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "w4a4" if w4a4 else "bf16"}},
-    }
+    # 4 steps at shift 8: t = 1000, 960 | 889, 727 -> the high expert takes 2 (t >= 900)
+    g = two_expert_graph("w4a4" if w4a4 else "bf16", seed=SEED, steps=STEPS, cfg=CFG, shift=SHIFT, split=2)
     if w4a4:
         g["10"] = {"class_type": "WanW4A4ApplyState", "inputs": {"model": ["2", 0], "state_name": "tiny_high.safetensors"}}
         g["11"] = {"class_type": "WanW4A4ApplyState", "inputs": {"model": ["3", 0], "state_name": "tiny_low.safetensors"}}
