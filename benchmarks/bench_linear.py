@@ -34,7 +34,8 @@ TOKENS = [1024, 8192, 32760]
 RANK = 32
 
 
-def weight_bytes_per_param(k, n, rank=RANK):
+def weight_bytes_per_param(k, n, rank=None):
+    rank = RANK if rank is None else rank
     b = n * k // 2 + n * k // nm.GROUP + 4 * n + 4 * k + 2 * rank * (k + n) + 4 * n  # + clip (tiny)
     return b / (n * k)
 
@@ -49,7 +50,8 @@ def plain_g64_quant(v, unsigned=False):
     return (torch.round(g / s).clamp(qmin, qmax) * s).reshape(v.shape)
 
 
-def svdquant_prep(w, x, rank=RANK, alpha=0.5):
+def svdquant_prep(w, x, rank=None, alpha=0.5):
+    rank = RANK if rank is None else rank
     s = (x.abs().amax(0).clamp_min(1e-5) ** alpha / w.abs().amax(0).clamp_min(1e-5) ** (1 - alpha)).clamp_min(1e-5)
     w_hat = w * s[None, :]
     u, sv, vh = torch.linalg.svd(w_hat.double(), full_matrices=False)
@@ -190,18 +192,24 @@ def speed_table(sweep: bool):
 
 
 def main(argv=None):
+    global RANK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--accuracy-only", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time every tile configuration")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--rank", type=int, default=RANK,
+                    help="low-rank branch rank (32 = SVDQuant's; 96 = 32 + a folded rank-64 LoRA)")
+    ap.add_argument("--speed-only", action="store_true", help="skip the accuracy table")
     args = ap.parse_args(argv)
-    out = {"date": time.strftime("%Y-%m-%d")}
+    RANK = args.rank
+    out = {"date": time.strftime("%Y-%m-%d"), "rank": args.rank}
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.accuracy_only:
         if dev != "cuda":
             ap.error("the speed table needs a CUDA GPU (use --accuracy-only on CPU)")
         out["speed"] = speed_table(args.sweep)
-    out["accuracy"] = accuracy_table(dev, m=2048 if dev == "cuda" else 256)
+    if not args.speed_only:
+        out["accuracy"] = accuracy_table(dev, m=2048 if dev == "cuda" else 256)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
 
