@@ -34,7 +34,7 @@ offset binary u = q + 8. A kernel that loads a [BN, 64] byte tile therefore gets
 tiles - one per group, one factor each - with two masks and no shuffles. Requires K % 128 == 0.
 
 Activations are quantized on the fly. Their 4-bit values are written for the GEMM as the int8
-``q * f`` (one byte per element): the int8 tensor cores consume it directly and the tensor is
+``q * f`` (``q * f - 128`` for unsigned inputs; one byte per element): the int8 tensor cores consume it directly and the tensor is
 transient (read by one GEMM and freed).
 
 Rounding is specified to the bit so that the kernels reproduce the quantized activations exactly,

@@ -6,7 +6,8 @@ Launches per layer (kernels/README.md has the measurements behind this shape):
 1. ``_act_stats_kernel`` then ``_act_quant_kernel`` - activation quantization, split over K
    chunks when there are few tokens so that every SM has work. Pass 1 smooths x, takes the
    (partial) row maxima and the low-rank down projection u = bf16(bf16(x^) @ L1); pass 2 picks each
-   group's integer factor, rounds to 4-bit values and writes the int8 operand q * f. The clip ratio
+   group's integer factor, rounds to 4-bit values and writes the int8 operand q * f (minus 128 for
+   unsigned inputs, restored exactly in the GEMM's epilogue). The clip ratio
    is read on the device from ``clip[bin]``: switching bins is a one-element device write - no
    recompilation, no host sync, capturable in a CUDA graph.
 2. ``_expand_kernel`` - the packed 4-bit weights become a transient int8 copy (q * f) of one layer
@@ -101,7 +102,7 @@ if triton is not None:
         HAS_LR: tl.constexpr,
     ):
         """Pass 2 over one K chunk: row scale from the partial maxima, group factors, 4-bit values,
-        and the int8 operand q * f. Chunk 0 also writes the row scales and u = bf16(sum of partials)."""
+        and the int8 operand q * f - OFFSET. Chunk 0 also writes the row scales and u = bf16(sum of partials)."""
         BK: tl.constexpr = GROUP * GPB
         pid_m = tl.program_id(0)
         s = tl.program_id(1)
