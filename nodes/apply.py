@@ -29,7 +29,7 @@ import torch
 
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
-from . import lora
+from . import chunking, lora
 from .hook import HOOK_KEY, TimestepBinHook, attach_hook, get_hook
 from .ops import BinSelector, W4A4Linear, is_w4a4, layer_bytes, make_w4a4_ops, unclaimed
 
@@ -182,11 +182,15 @@ def _hook_for(meta: fmt.StateMeta, source: str) -> tuple[TimestepBinHook, BinSel
     return TimestepBinHook(meta.expert, meta.bin_edges, selector, source=os.path.basename(source)), selector
 
 
-def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMeta, source: str = "W4A4 state"):
-    """A clone of ``model`` (a ModelPatcher of a BF16 Wan expert) running ``layers`` in W4A4.
+def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMeta, source: str = "W4A4 state",
+                     cond_batch: str = "auto"):
+    """A clone of ``model`` (a ModelPatcher of a BF16 Wan expert) running ``layers`` in W4A4, with
+    the cond-batch policy ``cond_batch`` (``chunking.attach_split``).
 
     Raises W4A4StateError (naming ``source``) before anything is cloned if the state does not fit.
     """
+    if cond_batch not in chunking.MODES:
+        raise ValueError(f"cond_batch {cond_batch!r}: choose one of {', '.join(chunking.MODES)}")
     replaced = check_state_fits(model, layers, meta, source)
     hook, selector = _hook_for(meta, source)
     modules = {name: W4A4Linear(p, name, selector) for name, p in layers.items()}
@@ -194,6 +198,7 @@ def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
     for name, module in modules.items():
         m.add_object_patch(PREFIX + name, module)
     attach_hook(m, hook)
+    chunking.attach_split(m, cond_batch)
     _add_lora_callbacks(m)
     m.set_attachments(ATTACHMENT, W4A4Info(meta, source, tuple(layers), "state"))
     m.size = max(0, model.model_size() - replaced + sum(layer_bytes(x) for x in modules.values()))
@@ -213,7 +218,7 @@ def placeholder_state_dict(layers: dict[str, nm.W4A4Params], rest: dict[str, tor
     return sd
 
 
-def load_w4a4_checkpoint(path, model_options: dict | None = None):
+def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: str = "auto"):
     """A ModelPatcher for a self-contained W4A4 checkpoint (see the module doc)."""
     import comfy.sd
 
@@ -233,6 +238,7 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None):
         raise W4A4StateError(path, f"{len(left)} W4A4 layers found no Linear in the detected model "
                              f"(first: {', '.join(left[:3])})", "the checkpoint is damaged or for another model")
     attach_hook(model, hook)
+    chunking.attach_split(model, cond_batch)
     _add_lora_callbacks(model)
     model.set_attachments(ATTACHMENT, W4A4Info(meta, str(path), tuple(layers), "checkpoint"))
     return model

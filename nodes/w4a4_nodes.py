@@ -12,6 +12,7 @@ import torch
 
 from ..kernels import format as fmt
 from . import apply as ap
+from . import chunking
 from . import inspect as insp
 from . import paths
 
@@ -21,6 +22,12 @@ CATEGORY = "WanW4A4"
 NONE = "(none)"
 
 paths.register()
+
+COND_BATCH = (list(chunking.MODES), {
+    "default": "auto", "advanced": True,
+    "tooltip": "How a CFG step's cond and uncond reach the model. auto: one at a time when a call would "
+               "exceed 32k tokens (480p x 81 and up), which halves activation memory at the same speed; "
+               "batched: ComfyUI's default (both in one call); split: always one at a time."})
 
 
 def _load_state(name: str):
@@ -46,7 +53,7 @@ class ApplyW4A4State:
             "state_name": (paths.list_files("state"), {
                 "tooltip": "A W4A4 state calibrated for THIS expert (high-noise or low-noise), from "
                            "models/w4a4/. The state is checked against the model before use."}),
-        }}
+        }, "optional": {"cond_batch": COND_BATCH}}
 
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -58,9 +65,9 @@ class ApplyW4A4State:
                    "the model's Linears (SVDQuant low-rank branch + GPTQ residual), and each sampling step "
                    "uses the activation clip ratios of its timestep bin.")
 
-    def apply(self, model, state_name):
+    def apply(self, model, state_name, cond_batch="auto"):
         path, layers, meta = _load_state(state_name)
-        return (ap.apply_w4a4_state(model, layers, meta, source=os.path.basename(path)),)
+        return (ap.apply_w4a4_state(model, layers, meta, source=os.path.basename(path), cond_batch=cond_batch),)
 
 
 class LoadW4A4Model:
@@ -72,7 +79,7 @@ class LoadW4A4Model:
             "ckpt_name": (paths.list_files("checkpoint"), {
                 "tooltip": "A self-contained W4A4 Wan2.2 expert (made by 'Save W4A4 checkpoint') from "
                            "models/w4a4/. Replaces UNETLoader; memory is about the quantized size."}),
-        }}
+        }, "optional": {"cond_batch": COND_BATCH}}
 
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -81,10 +88,10 @@ class LoadW4A4Model:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads a Wan2.2 expert saved as one W4A4 file (4-bit block Linears + the BF16 rest)."
 
-    def load(self, ckpt_name):
+    def load(self, ckpt_name, cond_batch="auto"):
         path = paths.resolve(ckpt_name)
         try:
-            return (ap.load_w4a4_checkpoint(path),)
+            return (ap.load_w4a4_checkpoint(path, cond_batch=cond_batch),)
         except fmt.W4A4FormatError as e:
             if "expected a 'checkpoint'" in e.problem:
                 raise ap.W4A4StateError(ckpt_name, "this is a W4A4 state (quantized layers only), not a "
