@@ -97,15 +97,24 @@ def arch_of(name: str):
     return {"real": warch.WAN22_I2V_A14B, "tiny": warch.TINY}[name]
 # (width, height) in pixels; latent = /8. 480p and 720p are Wan2.2's 832x480 and 1280x720.
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 64)}
+# cond_batch: how a CFG step reaches the model (nodes/chunking.py): "batched" is ComfyUI's default (cond
+# and uncond in one call), "auto" runs them one at a time above 32k tokens (the W4A4 loader's default).
 CONFIGS = {
-    "bf16": {"loader": "UNETLoader", "weight_dtype": "default"},
-    "fp8": {"loader": "UNETLoader", "weight_dtype": "fp8_e4m3fn"},
-    "fp8_fast": {"loader": "UNETLoader", "weight_dtype": "fp8_e4m3fn_fast"},
-    "w4a4": {"loader": "WanW4A4LoadModel", "weight_dtype": "w4a4 checkpoint"},
+    "bf16": {"loader": "UNETLoader", "weight_dtype": "default", "cond_batch": "batched"},
+    "fp8": {"loader": "UNETLoader", "weight_dtype": "fp8_e4m3fn", "cond_batch": "batched"},
+    "fp8_fast": {"loader": "UNETLoader", "weight_dtype": "fp8_e4m3fn_fast", "cond_batch": "batched"},
+    "w4a4": {"loader": "WanW4A4LoadModel", "weight_dtype": "w4a4 checkpoint", "cond_batch": "auto"},
+    # references: the same cond/uncond split on BF16 (like for like), W4A4 without it
+    "bf16_split": {"loader": "UNETLoader", "weight_dtype": "default", "cond_batch": "auto"},
+    "w4a4_batched": {"loader": "WanW4A4LoadModel", "weight_dtype": "w4a4 checkpoint", "cond_batch": "batched"},
+    # issue 8: a rank-64 LoRA on every block Linear of both experts, through LoraLoaderModelOnly
+    "w4a4_lora": {"loader": "WanW4A4LoadModel", "weight_dtype": "w4a4 checkpoint", "cond_batch": "auto",
+                  "lora_rank": 64},
 }
 # --all: BF16, W4A4 and ComfyUI's fp8 weights with its fast fp8 matmul (issue 7); plain "fp8" (same bytes,
-# bf16 compute) only on request. Most important first: a budget cut drops the last.
+# bf16 compute) and the references only on request. Most important first: a budget cut drops the last.
 ALL_ORDER = ("bf16", "w4a4", "fp8_fast")
+LORA_RANK = 64
 MODES = ("default", "one-expert")
 BOUNDARY_SIGMA = 0.9  # Wan2.2 I2V: the high-noise expert while t = 1000 sigma >= 900
 SHIFT, CFG, SAMPLER, SCHEDULER = 8.0, 3.5, "euler", "simple"
@@ -144,7 +153,24 @@ def latent_shape(args) -> tuple[int, ...]:
 
 def file_names(args) -> dict:
     tag = f"wan_bench_{args.arch}_s{args.seed}"
-    return {"bf16": f"{tag}_bf16.safetensors", "w4a4": f"{tag}_w4a4.safetensors"}
+    return {"bf16": f"{tag}_bf16.safetensors", "w4a4": f"{tag}_w4a4.safetensors",
+            "lora": f"{tag}_r{LORA_RANK}_lora.safetensors"}
+
+
+def is_w4a4(config: str) -> bool:
+    return CONFIGS[config]["loader"] == "WanW4A4LoadModel"
+
+
+def lora_shapes(arch) -> dict[str, tuple[int, int]]:
+    """(out, in) of every block Linear: what the benchmark's LoRA targets."""
+    d, f = arch.dim, arch.ffn_dim
+    per = {n: (d, d) for n in warch.BLOCK_LINEARS}
+    per.update({"ffn.0": (f, d), "ffn.2": (d, f)})
+    return {f"blocks.{i}.{n}": s for i in range(arch.num_layers) for n, s in per.items()}
+
+
+def bytes_lora_bf16(arch, rank: int = LORA_RANK) -> int:
+    return sum(rank * (n + k) * 2 for n, k in lora_shapes(arch).values())
 
 
 def base_dir(args) -> Path:
@@ -237,7 +263,38 @@ def _file_tag(path: Path) -> dict | None:
         return None
 
 
-def generate_files(args, need_bf16_file: bool, need_w4a4: bool) -> dict:
+def write_lora(args, path: Path) -> dict:
+    """A rank-LORA_RANK LoRA on every block Linear (lightx2v key names, alpha = rank), bf16, random
+    factors of small norm; reused when the file carries this arch and seed."""
+    import torch
+    from safetensors.torch import save_file
+
+    arch, device = arch_of(args.arch), _device(args)
+    want = {"wan_w4a4.arch": arch.to_json(), "bench": BENCH_TAG, "seed": str(args.seed), "rank": str(LORA_RANK)}
+    meta = _file_tag(path)
+    if meta is not None and all(meta.get(k) == v for k, v in want.items()):
+        return {"lora_file": str(path), "lora_generated": False, "lora_gib": gib(os.path.getsize(path))}
+    t0 = time.perf_counter()
+    g = torch.Generator(device=device).manual_seed(args.seed + 77)
+    tensors = {}
+    for name, (n, k) in lora_shapes(arch).items():
+        up = torch.randn((n, LORA_RANK), generator=g, device=device) * 0.01
+        down = torch.randn((LORA_RANK, k), generator=g, device=device) * 0.01
+        tensors[f"diffusion_model.{name}.lora_up.weight"] = up.to(torch.bfloat16).cpu()
+        tensors[f"diffusion_model.{name}.lora_down.weight"] = down.to(torch.bfloat16).cpu()
+        tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(float(LORA_RANK))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=want)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"lora_file": str(path), "lora_generated": True, "lora_gib": gib(os.path.getsize(path)),
+            "lora_s": round(time.perf_counter() - t0, 2)}
+
+
+def generate_files(args, need_bf16_file: bool, need_w4a4: bool, need_lora: bool = False) -> dict:
     """Writes the BF16 file and/or the W4A4 checkpoint (one pass over the tensors); reuses files that
     carry this arch and seed. Returns what was done, with timings."""
     import struct
@@ -263,6 +320,8 @@ def generate_files(args, need_bf16_file: bool, need_w4a4: bool) -> dict:
         do_w4a4 = not (rep.get("bench") == BENCH_TAG and rep.get("arch") == arch.to_json()
                        and rep.get("seed") == args.seed and rep.get("rank") == W4A4_RANK)
     out.update(bf16_generated=do_bf16, w4a4_generated=do_w4a4)
+    if need_lora:
+        out.update(write_lora(args, base / "models" / "loras" / names["lora"]))
     if not (do_bf16 or do_w4a4):
         log.info("reusing %s", ", ".join(p for p in (out["bf16_file"], out["w4a4_file"]) if p))
         return out
@@ -348,6 +407,7 @@ class StepTimer:
         self.calls: list[dict] = []
         self.mode = self.stage = None
         self.resident: dict = {}
+        self.folded: dict = {}  # (mode, stage) -> W4A4 layers with a folded LoRA, at the stage's first call
         self.device_used_max = 0  # bytes, total - free as the driver sees it (what nvidia-smi shows)
 
     def sample_device_used(self):
@@ -380,6 +440,7 @@ class StepTimer:
             key = (self.mode, self.stage)
             if key not in self.resident:
                 self.resident[key] = self.resident_now()
+                self.folded[key] = folded_lora_layers(executor.class_obj.diffusion_model)
             self._sync()
             alloc0 = torch.cuda.memory_allocated() if self.cuda else None
             t0 = time.perf_counter()
@@ -407,6 +468,12 @@ class StepTimer:
                 s["batches"].append(c["batch"])
                 s["warmup"] = s["warmup"] or c["first_of_process"]
         return list(steps.values())
+
+
+def folded_lora_layers(dm) -> dict:
+    """{"layers": W4A4 layers with a folded LoRA, "rank": their LoRA ranks} of a diffusion model."""
+    ranks = [m.lora_rank for m in dm.modules() if getattr(m, "lora_rank", 0)]
+    return {"layers": len(ranks), "ranks": sorted(set(ranks))}
 
 
 def conditioning(args, arch):
@@ -495,14 +562,14 @@ def run_config(args, result: dict) -> dict:
     loads = {}
     experts = {}
     with torch.inference_mode():  # as ComfyUI's executor runs every node
-        if name == "w4a4":
+        if is_w4a4(name):
             runtime.load_pack_as_custom_node(nodes)
             loader = nodes.NODE_CLASS_MAPPINGS["WanW4A4LoadModel"]()
         for i, expert in enumerate(("high", "low")):
             t0 = time.perf_counter()
-            if name == "w4a4":
-                experts[expert] = loader.load(names["w4a4"])[0]
-                how = f"WanW4A4LoadModel('{names['w4a4']}')"
+            if is_w4a4(name):
+                experts[expert] = loader.load(names["w4a4"], spec["cond_batch"])[0]
+                how = f"WanW4A4LoadModel('{names['w4a4']}', cond_batch='{spec['cond_batch']}')"
             elif args.source == "file":
                 experts[expert] = nodes.UNETLoader().load_unet(names["bf16"], spec["weight_dtype"])[0]
                 how = f"UNETLoader('{names['bf16']}', '{spec['weight_dtype']}')"
@@ -516,6 +583,14 @@ def run_config(args, result: dict) -> dict:
                 experts[expert] = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts)
                 del sd
                 how = f"load_diffusion_model_state_dict(in-memory random state dict, {opts or 'bf16'})"
+            if not is_w4a4(name) and spec["cond_batch"] != "batched":
+                from wan_w4a4.nodes import chunking
+                chunking.attach_split(experts[expert], spec["cond_batch"])
+                how += f" + cond_batch '{spec['cond_batch']}' (the pack's APPLY_MODEL wrapper)"
+            if spec.get("lora_rank"):
+                experts[expert] = nodes.LoraLoaderModelOnly().load_lora_model_only(experts[expert], names["lora"],
+                                                                                   1.0)[0]
+                how += f" -> LoraLoaderModelOnly('{names['lora']}', 1.0)"
             dm = experts[expert].model.diffusion_model
             w = next(dm.parameters(), None)
             loads[expert] = {"s": round(time.perf_counter() - t0, 2), "how": how,
@@ -525,6 +600,10 @@ def run_config(args, result: dict) -> dict:
             log.info("%s: %s expert loaded in %.1f s (%s, %.2f GiB)", name, expert, loads[expert]["s"], how,
                      loads[expert]["model_size_gib"])
     result["load"] = loads
+    if spec.get("lora_rank"):
+        result["lora"] = {"rank": spec["lora_rank"], "file": names["lora"],
+                          "bf16_gib_per_expert": gib(bytes_lora_bf16(arch, spec["lora_rank"])),
+                          "patches_per_expert": {e: len(m.patches) for e, m in experts.items()}}
     result["load_peak_alloc_gib"] = gib(torch.cuda.max_memory_allocated()) if cuda else None
 
     bases = {e: m.model for e, m in experts.items()}
@@ -581,6 +660,7 @@ def run_config(args, result: dict) -> dict:
                     "wall_s": round(time.perf_counter() - t0, 3), "steps": steps,
                     "step_s_median": round(statistics.median(warm), 4) if warm else None,
                     "resident_during": timer.resident.get((mode, stage), []),
+                    "lora_folded": timer.folded.get((mode, stage)),
                     "peak_alloc_so_far_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
                     "alloc_after_gib": gib(torch.cuda.memory_allocated()) if cuda else None,
                 }
@@ -633,17 +713,25 @@ def run_calibration(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     names = file_names(args)
     path = base_dir(args) / "models" / "diffusion_models" / names["bf16"]
-    models = {}
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for i, e in enumerate(("high", "low")):
-            if args.source == "file":
-                models[e] = comfy.sd.load_diffusion_model(str(path))
-            else:
-                sd = random_state_dict(arch, args.seed + 1 + i, torch.device("cuda" if cuda else "cpu"))
-                models[e] = comfy.sd.load_diffusion_model_state_dict(sd)
-                del sd
-    load_s = time.perf_counter() - t0
+    load_times = []
+
+    def loader(i: int):
+        """The expert, loaded when calibration gets to it and dropped after it, as the CLI does
+        (``calibration/cli.py``): one BF16 expert in host memory at a time."""
+        def load():
+            t = time.perf_counter()
+            with torch.inference_mode():
+                if args.source == "file":
+                    m = comfy.sd.load_diffusion_model(str(path))
+                else:
+                    sd = random_state_dict(arch, args.seed + 1 + i, torch.device("cuda" if cuda else "cpu"))
+                    m = comfy.sd.load_diffusion_model_state_dict(sd)
+                    del sd
+            load_times.append(time.perf_counter() - t)
+            return m
+        return load
+
+    models = {e: loader(i) for i, e in enumerate(("high", "low"))}
     w, h = RESOLUTIONS[args.calib_res]
     items = synthetic_items(args.calib_items, frames=args.calib_frames, height=h, width=w,
                             text_tokens=args.text_tokens, text_dim=arch.text_dim, seed=args.seed)
@@ -658,6 +746,7 @@ def run_calibration(args) -> dict:
     t0 = time.perf_counter()
     res = calibrate(models["high"], models["low"], items, config)
     cal_s = time.perf_counter() - t0
+    load_s = sum(load_times)  # inside cal_s: the experts load when their turn comes
     out = {"items": args.calib_items, "frames": args.calib_frames, "res": args.calib_res, "steps": args.calib_steps,
            "blocks_calibrated": nblocks, "blocks_total": arch.num_layers, "blocks_per_pass": bpp,
            "token_fraction": args.calib_token_fraction, "load_s": round(load_s, 2), "calibrate_s": round(cal_s, 2),
@@ -684,6 +773,7 @@ def run_calibration(args) -> dict:
                              "quantize_s_per_layer": None if per_layer is None else round(per_layer, 3),
                              "extrapolated_40_blocks_s": round(est, 1)}
     out["extrapolated_total_s"] = round(est_total + load_s, 1)
+    out["loading"] = "lazy, one expert at a time (as calibration/cli.py); load_s is part of calibrate_s"
     out["extrapolation"] = (f"measured capture time per pass x ceil({arch.num_layers}/{full_bpp}) passes + measured "
                             f"quantize time per layer x {arch.num_layers * len(warch.BLOCK_LINEARS)} layers, per expert, "
                             f"+ loading; a pass over more blocks than measured costs more hook work than the measured "
@@ -809,6 +899,77 @@ def table_md(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _mode_row(results: dict, config: str, mode: str) -> dict | None:
+    return next((r for r in summary_rows({config: results[config]}) if r["mode"] == mode and "peak_alloc" in r),
+                None) if config in results else None
+
+
+def _steps_ratio(a: dict, b: dict) -> str:
+    parts = []
+    for st in ("step_high", "step_low"):
+        r = _ratio(a.get(st), b.get(st))
+        parts.append("–" if r is None else f"{r:.3f}×")
+    return " / ".join(parts)
+
+
+def targets_md(results: dict) -> str:
+    """Issue 7's targets (W4A4 vs BF16, per memory mode) and the reference comparisons: the cond/uncond
+    split on each side, and issue 8's LoRA cost."""
+    def g(x):  # GiB
+        return "–" if x is None else f"{x:.2f}"
+
+    def pct(r):
+        return "–" if r is None else f"{r:.1%}"
+
+    lines = []
+    for mode in MODES:
+        w, b = _mode_row(results, "w4a4", mode), _mode_row(results, "bf16", mode)
+        if not (w and b):
+            continue
+        pr = _ratio(w["peak_alloc"], b["peak_alloc"])
+        rr = _ratio(w["peak_reserved"], b["peak_reserved"])
+        verdict = "no GPU" if pr is None else ("met" if pr <= 0.35 else f"missed by {pr - 0.35:.1%} of BF16")
+        lines.append(f"- **{mode}**: W4A4 peak GPU allocated {g(w['peak_alloc'])} GiB = **{pct(pr)} of BF16** "
+                     f"(target ≤ 35 %: {verdict}), reserved {pct(rr)}; step time high / low {_steps_ratio(w, b)} of BF16 (target ≤ 1.0×, aim 0.8×).")
+        bs = _mode_row(results, "bf16_split", mode)
+        if bs:
+            lines.append(f"  - like for like, against BF16 with the same cond/uncond split: {g(w['peak_alloc'])} / "
+                         f"{g(bs['peak_alloc'])} GiB = {pct(_ratio(w['peak_alloc'], bs['peak_alloc']))}; "
+                         f"steps {_steps_ratio(w, bs)}.")
+        f8 = _mode_row(results, "fp8_fast", mode)
+        if f8:
+            lines.append(f"  - against ComfyUI's fp8_e4m3fn_fast: memory {pct(_ratio(w['peak_alloc'], f8['peak_alloc']))}, "
+                         f"steps {_steps_ratio(w, f8)}.")
+    for mode in MODES:
+        for a, b, what in (("bf16_split", "bf16", "the cond/uncond split on BF16"),
+                           ("w4a4", "w4a4_batched", "the cond/uncond split on W4A4 (split vs batched)")):
+            ra, rb = _mode_row(results, a, mode), _mode_row(results, b, mode)
+            if ra and rb:
+                d = None if ra["peak_alloc"] is None else ra["peak_alloc"] - rb["peak_alloc"]
+                lines.append(f"- {mode}, {what}: peak allocated {g(rb['peak_alloc'])} → {g(ra['peak_alloc'])} GiB "
+                             f"({'–' if d is None else f'{d:+.2f}'}); steps {_steps_ratio(ra, rb)}.")
+    for mode in MODES:
+        lo, w = _mode_row(results, "w4a4_lora", mode), _mode_row(results, "w4a4", mode)
+        if not (lo and w):
+            continue
+        info = results["w4a4_lora"].get("lora", {})
+        per = info.get("bf16_gib_per_expert") or 0.0
+        stages = results["w4a4_lora"]["modes"][mode]["stages"]
+        folded = {st: (stages[st].get("lora_folded") or {}) for st in ("high", "low")}
+        n_res = sum(1 for x in stages["low"]["resident_during"] if x.get("device") != "cpu"
+                    and (x.get("loaded_gib") or 0) > 0 and x["model"] in ("high", "low")) or 1
+        extra = None if lo["peak_alloc"] is None else lo["peak_alloc"] - w["peak_alloc"]
+        verdict = "no GPU" if extra is None else ("met" if extra <= n_res * per else "missed")
+        lines.append(f"- {mode}, rank-{info.get('rank')} LoRA on every block Linear (issue 8): peak allocated "
+                     f"{g(w['peak_alloc'])} → {g(lo['peak_alloc'])} GiB ({'–' if extra is None else f'{extra:+.2f}'} GiB; "
+                     f"the LoRA is {per:.2f} GiB in BF16 per expert, {n_res} expert(s) resident: bound "
+                     f"{n_res * per:.2f} GiB, {verdict}); steps {_steps_ratio(lo, w)} of W4A4 without "
+                     f"LoRA (target within 1.05×); layers folded at the first call, high / low: "
+                     f"{folded['high'].get('layers')} / {folded['low'].get('layers')} (ranks "
+                     f"{folded['high'].get('ranks')}).")
+    return ("Against the targets:\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def calib_md(c: dict) -> str:
     if not c:
         return ""
@@ -872,6 +1033,9 @@ def report_md(meta: dict, results: dict, calib: dict) -> str:
         lines.append("")
     if results:
         lines += [table_md(results), ""]
+        t = targets_md(results)
+        if t:
+            lines += [t, ""]
     if calib:
         lines += [calib_md(calib), ""]
     if meta.get("child_s"):
@@ -958,6 +1122,7 @@ def parse_args(argv=None):
     p.add_argument("--_child-out", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_need-bf16", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_need-w4a4", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_need-lora", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     tiny = args.arch == "tiny"
@@ -999,7 +1164,7 @@ def child_main(args) -> int:
     out = {}
     try:
         if args._child == "gen":
-            out = generate_files(args, args._need_bf16, args._need_w4a4)
+            out = generate_files(args, args._need_bf16, args._need_w4a4, args._need_lora)
         elif args._child == "run":
             run_config(args, out)
         else:
@@ -1047,12 +1212,13 @@ def main(argv=None) -> int:
                      if k in ("arch", "res", "frames", "steps", "text_tokens", "json", "configs", "memory", "seed")}}
     log.info("experts from: %s (%s)", source, note)
 
-    need_bf16 = source == "file" and (any(c != "w4a4" for c in args.configs) or args.calibrate)
-    need_w4a4 = "w4a4" in args.configs
+    need_bf16 = source == "file" and (any(not is_w4a4(c) for c in args.configs) or args.calibrate)
+    need_w4a4 = any(is_w4a4(c) for c in args.configs)
+    need_lora = any(CONFIGS[c].get("lora_rank") for c in args.configs)
     results, calib = {}, {}
-    if need_bf16 or need_w4a4:
+    if need_bf16 or need_w4a4 or need_lora:
         tc = time.monotonic()
-        gen = run_child_gen(args, need_bf16, need_w4a4, deadline)
+        gen = run_child_gen(args, need_bf16, need_w4a4, need_lora, deadline)
         gen["child_s"] = round(time.monotonic() - tc, 1)
         meta["generate"] = gen
         if "error" in gen or "skipped" in gen:
@@ -1109,9 +1275,9 @@ def report_from(args) -> int:
     return 0
 
 
-def run_child_gen(args, need_bf16: bool, need_w4a4: bool, deadline) -> dict:
-    saved = (args._need_bf16, args._need_w4a4)
-    args._need_bf16, args._need_w4a4 = need_bf16, need_w4a4
+def run_child_gen(args, need_bf16: bool, need_w4a4: bool, need_lora: bool, deadline) -> dict:
+    saved = (args._need_bf16, args._need_w4a4, args._need_lora)
+    args._need_bf16, args._need_w4a4, args._need_lora = need_bf16, need_w4a4, need_lora
     try:
         out_json = Path(args.workdir) / "child_gen.json"
         out_json.unlink(missing_ok=True)
@@ -1120,6 +1286,8 @@ def run_child_gen(args, need_bf16: bool, need_w4a4: bool, deadline) -> dict:
             cmd.append("--_need-bf16")
         if need_w4a4:
             cmd.append("--_need-w4a4")
+        if need_lora:
+            cmd.append("--_need-lora")
         timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
         log.info("== generating the experts (BF16 file: %s, W4A4 checkpoint: %s)", need_bf16, need_w4a4)
         try:
@@ -1131,7 +1299,7 @@ def run_child_gen(args, need_bf16: bool, need_w4a4: bool, deadline) -> dict:
             res.setdefault("error", f"exit code {rc}")
         return res
     finally:
-        args._need_bf16, args._need_w4a4 = saved
+        args._need_bf16, args._need_w4a4, args._need_lora = saved
 
 
 def _checkpoint(args, meta, results, calib) -> None:

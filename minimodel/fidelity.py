@@ -183,8 +183,8 @@ def rtn_layers(model, names, num_bins: int = 1) -> dict[str, nm.W4A4Params]:
     from ..calibration.capture import layer_weight
     out = {}
     for name in names:
-        w, b = layer_weight(model, name)
-        out[name] = nm.from_float(w.float(), None if b is None else b.float(), num_bins=num_bins)
+        w, b = layer_weight(model, name)  # on the model's device (the GPU once ComfyUI loaded it)
+        out[name] = nm.from_float(w.float().cpu(), None if b is None else b.float().cpu(), num_bins=num_bins)
     return out
 
 
@@ -194,8 +194,8 @@ def svdq_rtn_layers(model, calibrated: dict[str, nm.W4A4Params], num_bins: int =
     from ..calibration.capture import layer_weight
     out = {}
     for name, p in calibrated.items():
-        w, b = layer_weight(model, name)
-        out[name] = nm.from_float(w.float(), None if b is None else b.float(), smooth=p.smooth,
+        w, b = layer_weight(model, name)  # the calibrated tensors are on the CPU: quantize there
+        out[name] = nm.from_float(w.float().cpu(), None if b is None else b.float().cpu(), smooth=p.smooth,
                                   lr_down=p.lr_down, lr_up=p.lr_up, num_bins=num_bins,
                                   act_unsigned=p.act_unsigned)
     return out

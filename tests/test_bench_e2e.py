@@ -74,3 +74,25 @@ def test_bench_e2e_rejects_bad_arguments(comfyui, tmp_path):
     assert p.returncode == 2 and "unknown configuration" in p.stderr
     p = run_bench(comfyui, tmp_path, "--all", "--frames", "80")
     assert p.returncode == 2 and "1 + 4k" in p.stderr
+
+
+def test_bench_e2e_lora_and_split_configs(comfyui, tmp_path):
+    """Issue 8's LoRA configuration (a generated rank-64 LoRA through LoraLoaderModelOnly, folded into
+    every W4A4 layer) and the cond/uncond-split reference on BF16 run and reach the report."""
+    out_json, md = tmp_path / "out.json", tmp_path / "RESULTS.md"
+    p = run_bench(comfyui, tmp_path / "work", "--config", "w4a4,w4a4_lora,bf16_split", "--memory", "one-expert",
+                  "--json", str(out_json), "--results-md", str(md))
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    data = json.loads(out_json.read_text())
+    gen = data["meta"]["generate"]
+    assert gen["lora_generated"] and Path(gen["lora_file"]).is_file()
+    lo = data["results"]["w4a4_lora"]
+    assert "LoraLoaderModelOnly" in lo["load"]["high"]["how"]
+    assert lo["lora"]["rank"] == 64 and lo["lora"]["patches_per_expert"] == {"high": 20, "low": 20}  # 2 blocks x 10
+    for stage in ("high", "low"):
+        assert lo["modes"]["one-expert"]["stages"][stage]["lora_folded"] == {"layers": 20, "ranks": [64]}
+    plain = data["results"]["w4a4"]["modes"]["one-expert"]["stages"]["high"]["lora_folded"]
+    assert plain == {"layers": 0, "ranks": []}
+    assert "cond_batch 'auto'" in data["results"]["bf16_split"]["load"]["high"]["how"]
+    text = md.read_text()
+    assert "rank-64 LoRA on every block Linear (issue 8)" in text
