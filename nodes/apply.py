@@ -189,8 +189,7 @@ def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
 
     Raises W4A4StateError (naming ``source``) before anything is cloned if the state does not fit.
     """
-    if cond_batch not in chunking.MODES:
-        raise ValueError(f"cond_batch {cond_batch!r}: choose one of {', '.join(chunking.MODES)}")
+    chunking.check_mode(cond_batch)
     replaced = check_state_fits(model, layers, meta, source)
     hook, selector = _hook_for(meta, source)
     modules = {name: W4A4Linear(p, name, selector) for name, p in layers.items()}
@@ -221,6 +220,8 @@ def placeholder_state_dict(layers: dict[str, nm.W4A4Params], rest: dict[str, tor
 def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: str = "auto"):
     """A ModelPatcher for a self-contained W4A4 checkpoint (see the module doc)."""
     import comfy.sd
+
+    chunking.check_mode(cond_batch)  # before reading gigabytes
 
     layers, rest, meta = fmt.load_checkpoint(path)
     hook, selector = _hook_for(meta, path)

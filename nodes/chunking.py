@@ -18,12 +18,9 @@ per-chunk lists, and leaves calls with ControlNet inputs, calls of one chunk and
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
-
-log = logging.getLogger(__name__)
 
 SPLIT_KEY = "wan_w4a4.cond_split"  # wrapper key on the ModelPatcher
 # Split only above this many tokens per call: 480p x 81 with CFG (65 520) splits, 480p x 33 (28 080)
@@ -87,14 +84,19 @@ class CondBatchSplit:
         return f"CondBatchSplit(min_tokens={self.min_tokens})"
 
 
+def check_mode(mode: str) -> None:
+    """Raise ValueError unless ``mode`` is a cond-batch policy (callers check before loading anything)."""
+    if mode not in MODES:
+        raise ValueError(f"cond_batch {mode!r}: choose one of {', '.join(MODES)}")
+
+
 def attach_split(model, mode: str = "auto") -> None:
     """Set the cond-batch policy of a ModelPatcher: ``auto`` (split calls of more than
     DEFAULT_MIN_TOKENS tokens), ``split`` (always split batched conds) or ``batched`` (ComfyUI's
     default: no wrapper)."""
     import comfy.patcher_extension as pe
 
-    if mode not in MODES:
-        raise ValueError(f"cond batch mode {mode!r}: choose one of {', '.join(MODES)}")
+    check_mode(mode)
     model.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, SPLIT_KEY)
     if mode == "batched":
         return
