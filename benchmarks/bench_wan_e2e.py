@@ -401,9 +401,11 @@ class StepTimer:
     """Keyed APPLY_MODEL wrapper: times every model call (cuda.synchronize before and after) and
     records, on the first call of each stage, which experts ComfyUI holds on the GPU."""
 
-    def __init__(self, cuda: bool, bases: dict):
+    def __init__(self, cuda: bool, bases: dict, profile_at: tuple | None = None):
         self.cuda = cuda
         self.bases = bases  # expert -> BaseModel, to name ComfyUI's loaded models
+        self.profile_at = profile_at  # (mode, stage) whose first model call runs under torch.profiler
+        self.profile: dict | None = None
         self.calls: list[dict] = []
         self.mode = self.stage = None
         self.resident: dict = {}
@@ -443,17 +445,25 @@ class StepTimer:
                 self.folded[key] = folded_lora_layers(executor.class_obj.diffusion_model)
             self._sync()
             alloc0 = torch.cuda.memory_allocated() if self.cuda else None
+            prof = None
+            if self.cuda and key == self.profile_at and self.profile is None and self.calls:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                prof.__enter__()
             t0 = time.perf_counter()
             out = executor(*args, **kwargs)
             self._sync()
             dt = time.perf_counter() - t0
+            if prof is not None:
+                prof.__exit__(None, None, None)
+                self.profile = {"mode": self.mode, "stage": self.stage, "expert": expert, "batch": int(x.shape[0]),
+                                "wall_s": round(dt, 4), **kernel_profile(prof)}
             self.sample_device_used()
             sigma = float(t.reshape(-1)[0])
             self.calls.append({"mode": self.mode, "stage": self.stage, "expert": expert, "sigma": round(sigma, 5),
                                "t": round(float(executor.class_obj.model_sampling.timestep(t).reshape(-1)[0]), 2),
                                "batch": int(x.shape[0]), "tokens": int(math.prod(x.shape[2:]) // 4),
                                "s": round(dt, 4), "alloc_before_gib": gib(alloc0),
-                               "first_of_process": not self.calls})
+                               "first_of_process": not self.calls, "profiled": prof is not None})
             return out
         return wrap
 
@@ -466,8 +476,53 @@ class StepTimer:
                                                   "warmup": False})
                 s["s"] = round(s["s"] + c["s"], 4)
                 s["batches"].append(c["batch"])
-                s["warmup"] = s["warmup"] or c["first_of_process"]
+                # profiled calls run slower (kernel tracing): left out of the step times like the warm-up
+                s["warmup"] = s["warmup"] or c["first_of_process"] or c.get("profiled", False)
         return list(steps.values())
+
+
+# Kernel families of one model call, by kernel name (first match wins). W4A4: the pack's Triton kernels
+# (kernels/triton_w4a4.py); attention: PyTorch SDPA's flash / cuDNN / memory-efficient kernels; dense
+# GEMM: cuBLAS / CUTLASS (nvjet, sm90 xmma), which is every BF16 or FP8 Linear of ComfyUI.
+KERNEL_FAMILIES = (
+    ("W4A4 quantize (Triton)", ("_act_stats_kernel", "_act_quant_kernel")),
+    ("W4A4 GEMM (Triton)", ("_gemm_i8", "_gemm_fused", "_expand_kernel")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("dense GEMM (cuBLAS/CUTLASS)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "cublas")),
+    ("norm / elementwise / copies", ("elementwise", "vectorized", "reduce", "norm", "copy", "memcpy", "memset",
+                                     "cat", "index", "softmax")),
+)
+
+
+def kernel_family(name: str) -> str:
+    low = name.lower()
+    for family, needles in KERNEL_FAMILIES:
+        if any(n in low for n in needles):
+            return family
+    return "other"
+
+
+def kernel_profile(prof, top: int = 15) -> dict:
+    """GPU time of one profiled call: total, per kernel family, and the top kernels (self device time)."""
+    kernels = []
+    for e in prof.key_averages():
+        t_us = getattr(e, "self_device_time_total", None)
+        if t_us is None:
+            t_us = getattr(e, "self_cuda_time_total", 0)
+        if t_us and getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type):
+            kernels.append({"name": e.key, "calls": int(e.count), "ms": round(t_us / 1000, 3)})
+    total = sum(k["ms"] for k in kernels) or 1.0
+    families: dict = {}
+    for k in kernels:
+        f = families.setdefault(kernel_family(k["name"]), {"ms": 0.0, "calls": 0})
+        f["ms"] += k["ms"]
+        f["calls"] += k["calls"]
+    kernels.sort(key=lambda k: -k["ms"])
+    return {"gpu_ms": round(total, 2),
+            "families": {f: {"ms": round(v["ms"], 2), "share": round(v["ms"] / total, 4), "calls": v["calls"]}
+                         for f, v in sorted(families.items(), key=lambda kv: -kv[1]["ms"])},
+            "top": [{**k, "family": kernel_family(k["name"]), "share": round(k["ms"] / total, 4)}
+                    for k in kernels[:top]]}
 
 
 def folded_lora_layers(dm) -> dict:
@@ -607,7 +662,8 @@ def run_config(args, result: dict) -> dict:
     result["load_peak_alloc_gib"] = gib(torch.cuda.max_memory_allocated()) if cuda else None
 
     bases = {e: m.model for e, m in experts.items()}
-    timer = StepTimer(cuda, bases)
+    # --profile: the first model call of the low stage in the last memory mode (a warm, late call)
+    timer = StepTimer(cuda, bases, profile_at=(modes[-1], "low") if args.profile else None)
     shifted = {}
     shift_node = nodes.NODE_CLASS_MAPPINGS["ModelSamplingSD3"]()
     for e, m in experts.items():
@@ -685,6 +741,8 @@ def run_config(args, result: dict) -> dict:
         log.info("%s / %s: sampling %.1f s, peak allocated %s GiB, reserved %s GiB, resident in low stage: %s",
                  name, mode, r["sampling_s"], r["peak_alloc_gib"], r["peak_reserved_gib"], low_res)
     result["calls"] = timer.calls
+    if args.profile:
+        result["profile"] = timer.profile or {"error": "no model call was profiled (CPU run, or no warm call)"}
     result["host_peak_rss_gib"] = host_peak_rss_gib()
     result["wall_s"] = round(time.perf_counter() - t_start, 2)
     return result
@@ -803,6 +861,8 @@ def child_cmd(args, kind: str, out_json: Path, config: str | None = None) -> lis
         cmd += ["--comfyui", str(args.comfyui)]
     if args.cpu:
         cmd.append("--cpu")
+    if args.profile:
+        cmd.append("--profile")
     if config:
         cmd += ["--config", config]
     return cmd
@@ -990,6 +1050,33 @@ def calib_md(c: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_md(results: dict) -> str:
+    """GPU time of one profiled model call per configuration: kernel families side by side, top kernels."""
+    prof = {c: r["profile"] for c, r in results.items() if isinstance(r.get("profile"), dict)
+            and "families" in r["profile"]}
+    if not prof:
+        return ""
+    any_p = next(iter(prof.values()))
+    fams = [f for f, _ in KERNEL_FAMILIES] + ["other"]
+    lines = [f"Profile of one model call ({any_p['mode']} mode, first call of the {any_p['stage']} stage, batch "
+             f"{any_p['batch']}; torch.profiler, CUDA kernels' self time; that call is not in the step times):", "",
+             "| kernel family | " + " | ".join(f"{c} ms (share)" for c in prof) + " |",
+             "|---|" + "---|" * len(prof)]
+    for f in fams:
+        cells = [prof[c]["families"].get(f) for c in prof]
+        if any(cells):
+            lines.append(f"| {f} | " + " | ".join(f"{x['ms']:.1f} ({100 * x['share']:.1f} %)" if x else "–"
+                                                  for x in cells) + " |")
+    lines.append("| **all kernels** | " + " | ".join(f"**{prof[c]['gpu_ms']:.1f}**" for c in prof) + " |")
+    lines.append("| call wall time | " + " | ".join(f"{1000 * prof[c]['wall_s']:.1f}" for c in prof) + " |")
+    for c, p in prof.items():
+        lines += ["", f"Top kernels, {c}:", "", "| kernel | family | calls | ms | share |", "|---|---|---|---|---|"]
+        for k in p["top"][:10]:
+            name = k["name"] if len(k["name"]) <= 90 else k["name"][:87] + "..."
+            lines.append(f"| `{name}` | {k['family']} | {k['calls']} | {k['ms']:.1f} | {100 * k['share']:.1f} % |")
+    return "\n".join(lines) + "\n"
+
+
 def report_md(meta: dict, results: dict, calib: dict) -> str:
     args = argparse.Namespace(**meta["args"])
     env = next((r["env"] for r in list(results.values()) + [calib or {}] if isinstance(r, dict) and "env" in r), {})
@@ -1034,6 +1121,9 @@ def report_md(meta: dict, results: dict, calib: dict) -> str:
     if results:
         lines += [table_md(results), ""]
         t = targets_md(results)
+        if t:
+            lines += [t, ""]
+        t = profile_md(results)
         if t:
             lines += [t, ""]
     if calib:
@@ -1103,6 +1193,9 @@ def parse_args(argv=None):
                    help="total wall-clock budget; children that would start with less than --min-child-s left are "
                         "skipped and a running child is stopped at the budget")
     p.add_argument("--min-child-s", type=float, default=45.0)
+    p.add_argument("--profile", action="store_true",
+                   help="profile one model call per configuration (torch.profiler, CUDA kernels): GPU time per "
+                        "kernel family and the top kernels; that call is left out of the step times")
     c = p.add_argument_group("calibration timing")
     c.add_argument("--calibrate", action="store_true", help="also time calibration of both experts")
     c.add_argument("--calib-items", type=int, default=2)

@@ -67,11 +67,14 @@ if triton is not None:
 
     @triton.jit
     def _act_stats_kernel(
-        x_ptr, inv_s_ptr, l1_ptr, rmax_part_ptr, u_part_ptr,
+        x_ptr, inv_s_ptr, l1_ptr, rmax_part_ptr, u_part_ptr, u_ptr,
         M, K, R, KC, stride_xm, shift,
         BLOCK_M: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+        DIRECT_U: tl.constexpr,
     ):
-        """Pass 1 over one K chunk: partial row max of |x^| and partial low-rank projection x^ @ L1."""
+        """Pass 1 over one K chunk: partial row max of |x^| and partial low-rank projection x^ @ L1.
+        DIRECT_U (one chunk, the large-M case): the projection is whole, so u = bf16(x^ @ L1) is written
+        here and the fp32 partials [M, R_PAD] - 4x the bytes of u at rank 96 - are never allocated."""
         pid_m = tl.program_id(0)
         s = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -90,8 +93,12 @@ if triton is not None:
                 u_acc = tl.dot(xh.to(tl.bfloat16), l1, u_acc)
         tl.store(rmax_part_ptr + s * M + rm, rmax, mask=m_mask)
         if HAS_LR:
-            u_ptrs = u_part_ptr + (s * M + rm[:, None]).to(tl.int64) * R_PAD + rr[None, :]
-            tl.store(u_ptrs, u_acc, mask=m_mask[:, None])
+            if DIRECT_U:
+                tl.store(u_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], u_acc.to(tl.bfloat16),
+                         mask=m_mask[:, None] & (rr[None, :] < R))
+            else:
+                u_ptrs = u_part_ptr + (s * M + rm[:, None]).to(tl.int64) * R_PAD + rr[None, :]
+                tl.store(u_ptrs, u_acc, mask=m_mask[:, None])
 
     @triton.jit
     def _act_quant_kernel(
@@ -102,7 +109,8 @@ if triton is not None:
         HAS_LR: tl.constexpr,
     ):
         """Pass 2 over one K chunk: row scale from the partial maxima, group factors, 4-bit values,
-        and the int8 operand q * f - OFFSET. Chunk 0 also writes the row scales and u = bf16(sum of partials)."""
+        and the int8 operand q * f - OFFSET. Chunk 0 also writes the row scales and, when HAS_LR (pass 1
+        left partials), u = bf16(sum of partials)."""
         BK: tl.constexpr = GROUP * GPB
         pid_m = tl.program_id(0)
         s = tl.program_id(1)
@@ -374,17 +382,19 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, inv_s
     sx = torch.empty((m,), dtype=torch.float32, device=dev)
     u = torch.empty((m, r), dtype=torch.bfloat16, device=dev) if r else sx
     rmax_part = torch.empty((n_split, m), dtype=torch.float32, device=dev)
-    u_part = torch.empty((n_split, m, r_pad), dtype=torch.float32, device=dev) if r else sx
+    # One chunk: pass 1 writes u itself (bf16(0 + p) == bf16(p), the same values as summing one partial).
+    direct_u = n_split == 1
+    u_part = torch.empty((n_split, m, r_pad), dtype=torch.float32, device=dev) if r and not direct_u else sx
     grid = (triton.cdiv(m, block_m), n_split)
-    _act_stats_kernel[grid](x2d, inv_smooth, p.lr_down if r else x2d, rmax_part, u_part,
+    _act_stats_kernel[grid](x2d, inv_smooth, p.lr_down if r else x2d, rmax_part, u_part, u,
                             m, k, r, kc, x2d.stride(0), float(p.act_shift),
-                            BLOCK_M=block_m, BK=bk, R_PAD=r_pad, HAS_LR=bool(r), num_warps=4)
+                            BLOCK_M=block_m, BK=bk, R_PAD=r_pad, HAS_LR=bool(r), DIRECT_U=direct_u, num_warps=4)
     _act_quant_kernel[grid](x2d, inv_smooth, p.clip, bin_index, rmax_part, u_part, xq, sx, u,
                             m, k, r, kc, n_split, x2d.stride(0), float(p.act_shift),
                             float(nm.inv_qf(p.act_unsigned)),
                             QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned),
                             BLOCK_M=block_m, GROUP=nm.GROUP, GPB=gpb,
-                            R_PAD=r_pad, HAS_LR=bool(r), num_warps=4)
+                            R_PAD=r_pad, HAS_LR=bool(r) and not direct_u, num_warps=4)
     return xq, sx, (u if r else None)
 
 

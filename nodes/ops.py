@@ -17,8 +17,11 @@ lowvram / partial loads ComfyUI may leave a W4A4 layer on the offload device; ``
 copies that layer's tensors to the input's device for this call only (like ``cast_bias_weight``).
 
 LoRAs (``lora.py``): ComfyUI's LoRA patches on a W4A4 layer are folded, exactly, into extra rank of the
-BF16 low-rank branch, held as non-persistent buffers ``lora_down``/``lora_up``/``lora_bias`` next to the
-layer's own tensors (the 4-bit weights are never touched) and joined to the branch in ``w4a4_params``.
+BF16 low-rank branch (the 4-bit weights are never touched). While a LoRA is installed the layer's
+``lr_down``/``lr_up`` buffers *are* the joined factors [L1 | A'] / [L2 ; B'], its first ``base_rank``
+columns / rows the layer's own: the extra GPU memory is the LoRA's own size, with no per-call copy.
+Clearing copies the base back out, bit for bit; the state dict and ``w4a4_params(with_lora=False)``
+show the base only. A bias delta stays apart in the non-persistent buffer ``lora_bias``.
 For ComfyUI's LoRA key mapping (``comfy.lora.model_lora_keys_unet`` and ``ModelPatcher.add_patches``
 read ``model.state_dict()`` keys) a W4A4 layer lists an empty ``weight`` entry in its state dict, and
 ``layer.weight`` is a ``NoDenseWeight`` stand-in that explains itself when used as a tensor.
@@ -42,9 +45,6 @@ log = logging.getLogger(__name__)
 
 # W4A4Params fields that are tensors, in the order of the format module; bias may be None.
 TENSOR_FIELDS = ("qweight", "wscale", "wfactor", "smooth", "lr_down", "lr_up", "clip", "bias")
-# The folded LoRA of a layer (non-persistent buffers, None when no LoRA): extra columns of lr_down
-# (bf16 [K, r]), extra rows of lr_up (bf16 [r, N]) and a bias delta (fp32 [N]).
-LORA_FIELDS = ("lora_down", "lora_up", "lora_bias")
 # The state-dict entry ``<layer>.weight`` of a W4A4 layer: no bytes (module sizes stay right), only the
 # key, which ComfyUI's LoRA key mapping and ``add_patches`` look for.
 _WEIGHT_KEY_PLACEHOLDER = torch.empty(0, dtype=torch.bfloat16)
@@ -149,7 +149,9 @@ class W4A4Core:
         self.w4a4_name = name
         self.bin_selector = selector
         self.weight_function, self.bias_function = [], []
-        self.set_lora(None, None, None, None)
+        self.base_rank = p.rank
+        self.register_buffer("lora_bias", None, persistent=False)
+        self.lora_tag = None
 
     def __getattr__(self, name):
         if name == "weight" and "qweight" in self.__dict__.get("_buffers", {}):
@@ -160,14 +162,21 @@ class W4A4Core:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if is_w4a4(self):
             destination[prefix + "weight"] = _WEIGHT_KEY_PLACEHOLDER
+            if self.lora_rank:  # the layer's own branch (views, no copy): a LoRA is not part of the layer
+                destination[prefix + "lr_down"] = destination[prefix + "lr_down"][:, :self.base_rank]
+                destination[prefix + "lr_up"] = destination[prefix + "lr_up"][:self.base_rank]
 
     # --- the folded LoRA (lora.py computes it; ModelPatcher callbacks install and clear it) ---------
 
     lora_tag = None  # what the installed fold was computed for (the ModelPatcher's patches_uuid)
+    base_rank = 0  # columns of lr_down (rows of lr_up) that are the layer's own low-rank branch
 
     def set_lora(self, down: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None, tag) -> None:
-        """Install a folded LoRA (or clear it with Nones). Non-persistent buffers: they move with the
-        module (``.to``, ComfyUI's offloading) and are never saved."""
+        """Install a folded LoRA (or clear it with Nones), replacing the one installed.
+
+        The factors are joined to the branch once, here, rather than per call: the layer then holds
+        the base branch once (inside the joined buffers) and forwards allocate nothing extra. The
+        buffers move with the module (``.to``, ComfyUI's offloading); the bias delta is never saved."""
         if (down is None) != (up is None):
             raise ValueError("lora_down and lora_up go together")
         if down is not None and (down.shape[0] != self.in_features or up.shape != (down.shape[1], self.out_features)
@@ -176,8 +185,18 @@ class W4A4Core:
                              f"{tuple(up.shape)} {up.dtype} do not fit a {self.out_features}x{self.in_features} layer")
         if bias is not None and (bias.shape != (self.out_features,) or bias.dtype != torch.float32):
             raise ValueError(f"W4A4 layer {self.w4a4_name}: LoRA bias delta {tuple(bias.shape)} {bias.dtype}")
-        for field, t in zip(LORA_FIELDS, (down, up, bias)):
-            self.register_buffer(field, t, persistent=False)
+        r = self.base_rank
+        if down is not None or self.lora_rank:
+            l1, l2 = self.lr_down[:, :r], self.lr_up[:r]
+            if down is None:
+                # clone, not contiguous(): lr_up[:r] is already contiguous and would keep the joined storage
+                l1, l2 = l1.clone(memory_format=torch.contiguous_format), l2.clone()
+            else:
+                l1 = torch.cat([l1, down.to(l1.device)], dim=1)
+                l2 = torch.cat([l2, up.to(l2.device)], dim=0)
+            # Replace (never write into) the buffers: a state's own tensors may be shared with this module.
+            self._buffers["lr_down"], self._buffers["lr_up"] = l1, l2
+        self._buffers["lora_bias"] = bias
         self.lora_tag = tag
 
     def clear_lora(self) -> None:
@@ -185,23 +204,32 @@ class W4A4Core:
 
     @property
     def lora_rank(self) -> int:
-        return 0 if self.lora_down is None else self.lora_down.shape[1]
+        lr = self.__dict__.get("_buffers", {}).get("lr_down")  # None on a custom-ops Linear kept in BF16
+        return 0 if lr is None else lr.shape[1] - self.base_rank
+
+    @property
+    def lora_down(self) -> torch.Tensor | None:
+        """The installed LoRA's columns of lr_down (a view), or None."""
+        return self.lr_down[:, self.base_rank:] if self.lora_rank else None
+
+    @property
+    def lora_up(self) -> torch.Tensor | None:
+        """The installed LoRA's rows of lr_up (a view), or None."""
+        return self.lr_up[self.base_rank:] if self.lora_rank else None
 
     def w4a4_params(self, device: torch.device | None = None, with_lora: bool = True) -> nm.W4A4Params:
         """This layer as ``W4A4Params`` (the module's own tensors, or copies on ``device``); with its
-        folded LoRA joined to the low-rank branch and bias unless ``with_lora`` is False."""
-        fields = TENSOR_FIELDS
-        if with_lora and (self.lora_down is not None or self.lora_bias is not None):
-            fields = fields + LORA_FIELDS
-        tensors = {f: getattr(self, f) for f in fields}
+        folded LoRA (already in the branch; its bias delta added here) unless ``with_lora`` is False."""
+        tensors = {f: getattr(self, f) for f in TENSOR_FIELDS}
+        dbias = self.lora_bias if with_lora else None
+        if not with_lora and self.lora_rank:
+            tensors["lr_down"] = tensors["lr_down"][:, :self.base_rank].contiguous()
+            tensors["lr_up"] = tensors["lr_up"][:self.base_rank].contiguous()
+        if dbias is not None:
+            tensors["lora_bias"] = dbias
         if device is not None and self.qweight.device != device:
             tensors = _tensors_to(tensors, device)
-        down, up, dbias = (tensors.pop(f, None) for f in LORA_FIELDS)
-        if down is not None:
-            # Transient copies (a few MB per layer): the module keeps base and LoRA apart, so that its
-            # extra memory is the LoRA's own size and unpatching restores the base bit for bit.
-            tensors["lr_down"] = torch.cat([tensors["lr_down"], down], dim=1)
-            tensors["lr_up"] = torch.cat([tensors["lr_up"], up], dim=0)
+        dbias = tensors.pop("lora_bias", None)
         if dbias is not None:
             tensors["bias"] = dbias if tensors["bias"] is None else tensors["bias"] + dbias
         return nm.W4A4Params(**tensors, act_unsigned=self.act_unsigned, act_shift=self.act_shift)

@@ -96,3 +96,52 @@ def test_bench_e2e_lora_and_split_configs(comfyui, tmp_path):
     assert "cond_batch 'auto'" in data["results"]["bf16_split"]["load"]["high"]["how"]
     text = md.read_text()
     assert "rank-64 LoRA on every block Linear (issue 8)" in text
+
+
+def _bench_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_wan_e2e_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return mod
+
+
+class _Event:
+    def __init__(self, key, us, count, device="DeviceType.CUDA"):
+        self.key, self.self_device_time_total, self.count, self.device_type = key, us, count, device
+
+
+class _Prof:
+    def __init__(self, events):
+        self.events = events
+
+    def key_averages(self):
+        return self.events
+
+
+def test_profile_summary_and_report():
+    """--profile's summary of one call (families, shares, top kernels) and its report table, from a
+    profiler-shaped input: the GPU run fills them from torch.profiler (no GPU here)."""
+    bench = _bench_module()
+    assert bench.kernel_family("_gemm_i8_tma_kernel") == "W4A4 GEMM (Triton)"
+    assert bench.kernel_family("_act_quant_kernel") == "W4A4 quantize (Triton)"
+    assert bench.kernel_family("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
+    assert bench.kernel_family("nvjet_tst_192x192_64x3_2x1_v_bz_coopA_TNT") == "dense GEMM (cuBLAS/CUTLASS)"
+    assert bench.kernel_family("void at::native::vectorized_elementwise_kernel<4>") == "norm / elementwise / copies"
+    assert bench.kernel_family("some_kernel") == "other"
+    prof = _Prof([_Event("void pytorch_flash::flash_fwd_kernel<x>", 600_000, 40),
+                  _Event("_gemm_i8_tma_kernel", 250_000, 400), _Event("_act_quant_kernel", 100_000, 400),
+                  _Event("void at::native::vectorized_elementwise_kernel<4>", 50_000, 900),
+                  _Event("aten::mm", 999_000, 3, device="DeviceType.CPU")])  # CPU-side op: not a kernel
+    p = bench.kernel_profile(prof)
+    assert p["gpu_ms"] == 1000.0
+    assert p["families"]["attention"] == {"ms": 600.0, "share": 0.6, "calls": 40}
+    assert [k["name"] for k in p["top"]][:2] == ["void pytorch_flash::flash_fwd_kernel<x>", "_gemm_i8_tma_kernel"]
+    p.update(mode="one-expert", stage="low", expert="low", batch=1, wall_s=1.05)
+    md = bench.profile_md({"w4a4": {"profile": p}, "bf16": {"profile": {"error": "none"}}})
+    assert "| attention | 600.0 (60.0 %) |" in md and "| **all kernels** | **1000.0** |" in md
+    assert "| call wall time | 1050.0 |" in md and "Top kernels, w4a4" in md and "bf16" not in md

@@ -53,10 +53,11 @@ def assert_close_output(ref, out):
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
-@pytest.mark.parametrize("m", [1, 37, 300, 1000])
+@pytest.mark.parametrize("m", [1, 37, 300, 1000, 17000])
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_quantize_kernel_is_bit_exact(m, k, n, unsigned):
-    """Also covers the K-split path: few rows -> several K chunks (see triton_w4a4.quant_split)."""
+    """Covers both ways u is made (see triton_w4a4.quant_split): few rows -> several K chunks summed
+    in pass 2; one chunk (K = 256, or 17000 rows) -> written by pass 1."""
     p = make_layer(k, n, unsigned=unsigned)
     x = make_input(m, k, unsigned=unsigned)
     inv = p.inv_smooth()
@@ -80,6 +81,30 @@ def test_linear_matches_reference(m, k, n, unsigned, dtype):
         out = tw.w4a4_linear(x, p, torch.tensor(b, device=DEV))
         assert out.dtype == dtype and out.shape == (m, n)
         assert_close_output(nm.w4a4_linear(x, p, b), out)
+
+
+@pytest.mark.parametrize("rank", [32, 96])
+def test_quantize_allocates_only_its_outputs_when_k_is_not_split(rank):
+    """At video sizes (tens of thousands of tokens) K is one chunk: the quantizer must then allocate
+    its outputs and row maxima only, not fp32 partial projections ([M, R_PAD] fp32, 10 MB here at
+    rank 96, padded to 128) - that transient is what a LoRA's extra rank would add to the peak."""
+    m, k = 20000, 640
+    p = make_layer(k, 256, rank=rank)
+    x = make_input(m, k)
+    inv, b = p.inv_smooth(), torch.tensor(1, device=DEV)
+    assert tw.quant_split(m, k, nm.GROUP * 2)[0] == 1
+    tw.quantize(x, p, b, inv)  # compile outside the measured call
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    xq, sx, u = tw.quantize(x, p, b, inv)
+    torch.cuda.synchronize()
+    outputs = m * k + 4 * m + 2 * m * rank + 4 * m  # xq int8, sx fp32, u bf16, row maxima fp32 [1, M]
+    assert torch.cuda.max_memory_allocated() - base <= outputs + 4 * 512  # the allocator's 512-byte rounding
+    a_ref, s_ref = nm.quantize_activation(nm.smooth_input(x, p, inv), p.clip[1], False)
+    assert torch.equal(xq, a_ref) and torch.equal(sx, s_ref)
+    u_ref = nm.smooth_input(x, p, inv).to(torch.bfloat16).float() @ p.lr_down.float()
+    assert (u.float() - u_ref).abs().max() <= 1e-2 * u_ref.abs().max() + 1e-3
 
 
 @pytest.mark.parametrize("rank", [0, 16, 48, 96])

@@ -262,6 +262,48 @@ def test_fold_layer_equals_w4a4_plus_delta(comfy_nodes, unsigned):
     assert lora_mod.fold_layer(layer, "blocks.0.ffn.2", [(0.0, _lora_adapter(up1, down1), 1.0, None, None)], []) is None
 
 
+def _storage_bytes(module) -> int:
+    """Bytes the module's tensors hold (each storage once): what it costs on its device."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in module.buffers()}
+    return sum(storages.values())
+
+
+def test_fold_is_held_once_and_cleared_bit_for_bit(comfy_nodes):
+    """The layer holds base + LoRA once (joined buffers, no separate copy), forwards use those buffers
+    without a per-call copy, and the base comes back bit for bit in storages of its own size; the
+    state's tensors shared with the module are never written into."""
+    n, k = 192, 256
+    p, g = _random_layer(n, k, True, seed=5)
+    originals = {f: getattr(p, f).clone() for f in ("lr_down", "lr_up", "bias")}
+    layer = W4A4Linear(p, "blocks.0.ffn.2")
+    before = _storage_bytes(layer)
+    up1, down1 = _factors(n, k, 4, seed=21)
+    fold = lora_mod.fold_layer(layer, "blocks.0.ffn.2", [(1.0, _lora_adapter(up1, down1), 1.0, None, None)], [])
+    layer.set_lora(fold.down, fold.up, fold.bias, tag="a")
+    assert layer.lora_rank == 4 and layer.base_rank == 8
+    assert _storage_bytes(layer) - before == fold.nbytes()  # exactly the LoRA's own size
+    q = layer.w4a4_params()
+    assert q.lr_down is layer.lr_down and q.lr_up is layer.lr_up  # no per-call concatenation
+    assert torch.equal(layer.lora_down, fold.down) and torch.equal(layer.lora_up, fold.up)
+    # what is saved or exported is the layer without the LoRA
+    sd = layer.state_dict()
+    assert torch.equal(sd["lr_down"], p.lr_down) and torch.equal(sd["lr_up"], p.lr_up) and "lora_bias" not in sd
+    base = layer.w4a4_params(with_lora=False)
+    assert all(torch.equal(getattr(base, f), getattr(p, f)) for f in ("lr_down", "lr_up", "bias"))
+    assert base.lr_down.is_contiguous()
+    # another fold replaces the first (not stacked on it)
+    up2, down2 = _factors(n, k, 16, seed=22)
+    fold2 = lora_mod.fold_layer(layer, "blocks.0.ffn.2", [(0.5, _lora_adapter(up2, down2), 1.0, None, None)], [])
+    layer.set_lora(fold2.down, fold2.up, fold2.bias, tag="b")
+    assert layer.lora_rank == 16 and torch.equal(layer.lr_down[:, :8], p.lr_down)
+    assert _storage_bytes(layer) - before == fold2.nbytes()
+    layer.clear_lora()
+    assert layer.lora_rank == 0 and layer.lora_down is None and layer.lora_bias is None
+    assert torch.equal(layer.lr_down, p.lr_down) and torch.equal(layer.lr_up, p.lr_up)
+    assert layer.lr_down.is_contiguous() and _storage_bytes(layer) == before
+    assert all(torch.equal(getattr(p, f), t) for f, t in originals.items())
+
+
 def test_fold_layer_refuses_what_cannot_be_exact(comfy_nodes):
     p, _ = _random_layer(128, 128, False, seed=5)
     layer = W4A4Linear(p, "blocks.1.cross_attn.k")
