@@ -80,8 +80,8 @@ def test_bench_e2e_lora_and_split_configs(comfyui, tmp_path):
     """Issue 8's LoRA configuration (a generated rank-64 LoRA through LoraLoaderModelOnly, folded into
     every W4A4 layer) and the cond/uncond-split reference on BF16 run and reach the report."""
     out_json, md = tmp_path / "out.json", tmp_path / "RESULTS.md"
-    p = run_bench(comfyui, tmp_path / "work", "--config", "w4a4,w4a4_lora,bf16_split", "--memory", "one-expert",
-                  "--json", str(out_json), "--results-md", str(md))
+    p = run_bench(comfyui, tmp_path / "work", "--config", "w4a4,w4a4_lora,bf16_split,fp8_fast_eval", "--memory",
+                  "one-expert", "--profile", "--json", str(out_json), "--results-md", str(md))
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
     data = json.loads(out_json.read_text())
     gen = data["meta"]["generate"]
@@ -94,6 +94,11 @@ def test_bench_e2e_lora_and_split_configs(comfyui, tmp_path):
     plain = data["results"]["w4a4"]["modes"]["one-expert"]["stages"]["high"]["lora_folded"]
     assert plain == {"layers": 0, "ranks": []}
     assert "cond_batch 'auto'" in data["results"]["bf16_split"]["load"]["high"]["how"]
+    # ComfyUI leaves Wan in training mode (which turns fp8_e4m3fn_fast's fp8 matmul off); the eval reference does not
+    assert data["results"]["bf16_split"]["load"]["high"]["training_mode"] is True
+    f8e = data["results"]["fp8_fast_eval"]["load"]
+    assert all(v["training_mode"] is False and v["how"].endswith("diffusion_model.eval()") for v in f8e.values())
+    assert "error" in data["results"]["w4a4"]["profile"]  # --profile on the CPU: said, not faked
     text = md.read_text()
     assert "rank-64 LoRA on every block Linear (issue 8)" in text
 

@@ -147,7 +147,8 @@ def test_gpu_default_is_triton_and_matches_the_reference(layer):
     # On the GPU machine: the real Triton module is chosen by default for a CUDA input.
     # (Kernel accuracy is tests/kernels/test_triton.py's subject; this checks the wiring.)
     p = layer.to("cuda")
-    x = torch.randn(37, 256, device="cuda").to(torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(37, 256, device="cuda", generator=g).to(torch.bfloat16)
     assert kernels.available_backends("cuda")["triton"] is None
     assert kernels.select_backend(x, p) == "triton"
     ref = kernels.w4a4_linear(x, p, 1, backend="reference")
