@@ -191,10 +191,14 @@ def install_folds(patcher, source: str = "W4A4") -> dict[str, LayerFold | None]:
         bp = patcher.patches.get(f"{PREFIX}{name}.bias", [])
         plan[name] = fold_layer(m, name, wp, bp, source) if (wp or bp) else None
     for name, fold in plan.items():
+        m = modules[name]
         if fold is None:
-            modules[name].set_lora(None, None, None, tag)
+            m.set_lora(None, None, None, tag)
         else:
-            modules[name].set_lora(fold.down, fold.up, fold.bias, tag)
+            m.set_lora(fold.down, fold.up, fold.bias, tag)
+            # The layer copied the factors into its joined branch: keep views of those, so that the
+            # plan does not hold a second copy of the whole LoRA on the GPU until the load ends.
+            fold.down, fold.up = m.lora_down, m.lora_up
     folded = {n: f for n, f in plan.items() if f is not None}
     if folded:
         log.info("%s: LoRA folded into %d W4A4 layers (%d patches, +%d rank max, %.1f MB)", source, len(folded),

@@ -304,6 +304,26 @@ def test_fold_is_held_once_and_cleared_bit_for_bit(comfy_nodes):
     assert all(torch.equal(getattr(p, f), t) for f, t in originals.items())
 
 
+def test_install_folds_keeps_no_second_copy(comfy_nodes):
+    """install_folds returns its plan, but the plan's factors are views of the layers' joined buffers:
+    the whole LoRA is not held twice on the device while a model loads."""
+    import types
+    n, k = 192, 256
+    p, _ = _random_layer(n, k, False, seed=7)
+    root = torch.nn.Module()
+    root.blocks = torch.nn.ModuleList([torch.nn.Module()])
+    root.blocks[0].ffn = torch.nn.ModuleList([W4A4Linear(p, "blocks.0.ffn.0")])
+    up, down = _factors(n, k, 4, seed=31)
+    patcher = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=root), patches_uuid="u1",
+                                    patches={"diffusion_model.blocks.0.ffn.0.weight":
+                                             [(1.0, _lora_adapter(up, down), 1.0, None, None)]})
+    plan = lora_mod.install_folds(patcher)
+    layer, fold = root.blocks[0].ffn[0], plan["blocks.0.ffn.0"]
+    assert layer.lora_rank == 4 and fold.rank == 4
+    assert fold.down.untyped_storage().data_ptr() == layer.lr_down.untyped_storage().data_ptr()
+    assert fold.up.untyped_storage().data_ptr() == layer.lr_up.untyped_storage().data_ptr()
+
+
 def test_fold_layer_refuses_what_cannot_be_exact(comfy_nodes):
     p, _ = _random_layer(128, 128, False, seed=5)
     layer = W4A4Linear(p, "blocks.1.cross_attn.k")
