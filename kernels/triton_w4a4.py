@@ -107,11 +107,11 @@ if triton is not None:
         M, K, R, KC, S, stride_xm, shift, inv_qf,
         QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, OFFSET: tl.constexpr,
         BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, R_PAD: tl.constexpr,
-        HAS_LR: tl.constexpr,
+        SUM_U: tl.constexpr,
     ):
         """Pass 2 over one K chunk: row scale from the partial maxima, group factors, 4-bit values,
-        and the int8 operand q * f - OFFSET. Chunk 0 also writes the row scales and, when HAS_LR (pass 1
-        left partials), u = bf16(sum of partials)."""
+        and the int8 operand q * f - OFFSET. Chunk 0 also writes the row scales and, when SUM_U (pass 1
+        left fp32 partials of the low-rank input), u = bf16(sum of partials)."""
         BK: tl.constexpr = GROUP * GPB
         pid_m = tl.program_id(0)
         s = tl.program_id(1)
@@ -126,7 +126,7 @@ if triton is not None:
         scale = (rmax * clip) * inv_qf
         if s == 0:
             tl.store(sx_ptr + rm, scale, mask=m_mask)
-            if HAS_LR:
+            if SUM_U:
                 rr = tl.arange(0, R_PAD)
                 u = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
                 for i in range(0, S):
@@ -395,7 +395,7 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, inv_s
                             float(nm.inv_qf(p.act_unsigned)),
                             QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned),
                             BLOCK_M=block_m, GROUP=nm.GROUP, GPB=gpb,
-                            R_PAD=r_pad, HAS_LR=bool(r) and not direct_u, num_warps=4,
+                            R_PAD=r_pad, SUM_U=bool(r) and not direct_u, num_warps=4,
                             # No fma contraction: round(v * inv) must round the product before the
                             # rounding trick adds 1.5 * 2**23, as torch does; fused, about one value in
                             # a few million lands on the other side of a tie (seen at 17000 x 256).

@@ -221,12 +221,11 @@ class W4A4Core:
         """This layer as ``W4A4Params`` (the module's own tensors, or copies on ``device``); with its
         folded LoRA (already in the branch; its bias delta added here) unless ``with_lora`` is False."""
         tensors = {f: getattr(self, f) for f in TENSOR_FIELDS}
-        dbias = self.lora_bias if with_lora else None
-        if not with_lora and self.lora_rank:
+        if with_lora:
+            tensors["lora_bias"] = self.lora_bias  # may be None; copied to ``device`` with the rest
+        elif self.lora_rank:
             tensors["lr_down"] = tensors["lr_down"][:, :self.base_rank].contiguous()
             tensors["lr_up"] = tensors["lr_up"][:self.base_rank].contiguous()
-        if dbias is not None:
-            tensors["lora_bias"] = dbias
         if device is not None and self.qweight.device != device:
             tensors = _tensors_to(tensors, device)
         dbias = tensors.pop("lora_bias", None)
