@@ -14,7 +14,8 @@ shifted (unsigned, post-GELU) layers the bias gets - shift * dW 1, computed from
 branch applies so that the two cancel. The 4-bit weights are untouched; the result equals
 W4A4(x) + dW x up to the bf16 rounding of the factors and of the branch's inputs (c goes into the
 down factor, which is rounded anyway, so a bf16 LoRA's up factor is kept exactly). Several LoRAs stack
-as more columns. Bias patches (the ``diff_b`` of lightx2v LoRAs) are added to the bias in fp32.
+as more columns. Bias patches (the ``diff_b`` of lightx2v LoRAs) are added to the bias in fp32; the layer
+holds the sum as its bias, its own bias kept on the host until the LoRA goes (``ops.W4A4Core.set_lora``).
 
 How it reaches the layer: ``LoraLoader``/``LoraLoaderModelOnly`` register their patches on the
 ModelPatcher as usual (all key formats ComfyUI maps for Wan). ModelPatcher cannot apply them to a
@@ -117,15 +118,20 @@ def _check_plain(source: str, key: str, entry) -> None:
         raise _unsupported(source, key, patch_type(v), "it carries a weight function")
 
 
-def fold_layer(module, name: str, weight_patches, bias_patches, source: str = "W4A4") -> LayerFold | None:
-    """The fold of one W4A4 layer's patches (ModelPatcher entries ``(strength, value, strength_model,
-    offset, function)`` for ``<layer>.weight`` and ``<layer>.bias``), on the layer's device, or None
-    when nothing contributes (no patches, or all of strength 0)."""
+@dataclasses.dataclass
+class _Parts:
+    """One layer's checked patches, before any tensor math: (c, up, down) per LoRA, scaled bias diffs."""
+
+    loras: list
+    biases: list
+
+
+def _check_layer(module, name: str, weight_patches, bias_patches, source: str) -> _Parts | None:
+    """Check one W4A4 layer's patches (raising ``W4A4LoraError`` for any that cannot fold) and pick the
+    contributing ones, without computing anything; None when nothing contributes."""
     n, k = module.out_features, module.in_features
-    dev = module.qweight.device
     wkey, bkey = f"{PREFIX}{name}.weight", f"{PREFIX}{name}.bias"
-    s = module.smooth.float()
-    downs, ups = [], []
+    loras, biases = [], []
     for entry in weight_patches:
         _check_plain(source, wkey, entry)
         strength, v = entry[0], entry[1]
@@ -143,10 +149,7 @@ def fold_layer(module, name: str, weight_patches, bias_patches, source: str = "W
                       source, wkey, tuple(up.shape), tuple(down.shape), n, k)
             continue
         r = down.shape[0]
-        c = float(strength) * (float(alpha) / r if alpha is not None else 1.0)
-        downs.append((down.to(dev, torch.float32) * (c * s)[None, :]).T)  # [K, r]: c A diag(s)
-        ups.append(up.to(dev, torch.float32).T)  # [r, N]: B^T (exact for a bf16/fp16 LoRA)
-    bias = None
+        loras.append((float(strength) * (float(alpha) / r if alpha is not None else 1.0), up, down))
     for entry in bias_patches:
         _check_plain(source, bkey, entry)
         strength, v = entry[0], entry[1]
@@ -159,14 +162,24 @@ def fold_layer(module, name: str, weight_patches, bias_patches, source: str = "W
             log.warning("%s: bias diff for %s has shape %s, the layer has %d outputs; not applied",
                         source, bkey, tuple(diff.shape), n)
             continue
-        d = float(strength) * diff.to(dev, torch.float32)
+        biases.append((float(strength), diff))
+    return _Parts(loras, biases) if (loras or biases) else None
+
+
+def _fold_parts(module, parts: _Parts) -> LayerFold:
+    """The fold of checked patches, on the layer's device."""
+    dev = module.qweight.device
+    s = module.smooth.float()
+    bias = None
+    for strength, diff in parts.biases:
+        d = strength * diff.to(dev, torch.float32)
         bias = d if bias is None else bias + d
-    if not downs and bias is None:
-        return None
     down_t = up_t = None
-    if downs:
-        down_t = torch.cat(downs, dim=1).to(torch.bfloat16).contiguous()
-        up_t = torch.cat(ups, dim=0).to(torch.bfloat16).contiguous()
+    if parts.loras:
+        # c A diag(s) as [K, r] and B^T as [r, N] (exact for a bf16/fp16 LoRA)
+        down_t = torch.cat([(down.to(dev, torch.float32) * (c * s)[None, :]).T for c, _, down in parts.loras],
+                           dim=1).to(torch.bfloat16).contiguous()
+        up_t = torch.cat([up.to(dev, torch.float32).T for _, up, _ in parts.loras], dim=0).to(torch.bfloat16).contiguous()
         if module.act_shift:
             # The branch sees x^ = (x + shift) / s, so for x = 0 it adds (shift / s) @ L1' @ L2'; cancel
             # that with the factors as rounded (fp64 product, the kernels' inv_s).
@@ -174,7 +187,15 @@ def fold_layer(module, name: str, weight_patches, bias_patches, source: str = "W
             corr = -(up_t.double().T @ (down_t.double().T @ x0))
             corr = corr.float()
             bias = corr if bias is None else bias + corr
-    return LayerFold(down_t, up_t, bias, len(downs))
+    return LayerFold(down_t, up_t, bias, len(parts.loras))
+
+
+def fold_layer(module, name: str, weight_patches, bias_patches, source: str = "W4A4") -> LayerFold | None:
+    """The fold of one W4A4 layer's patches (ModelPatcher entries ``(strength, value, strength_model,
+    offset, function)`` for ``<layer>.weight`` and ``<layer>.bias``), on the layer's device, or None
+    when nothing contributes (no patches, or all of strength 0)."""
+    parts = _check_layer(module, name, weight_patches, bias_patches, source)
+    return None if parts is None else _fold_parts(module, parts)
 
 
 def install_folds(patcher, source: str = "W4A4") -> dict[str, LayerFold | None]:
@@ -183,22 +204,27 @@ def install_folds(patcher, source: str = "W4A4") -> dict[str, LayerFold | None]:
     kept. Every layer is checked before any is changed. Returns name -> fold for the layers it set."""
     modules = w4a4_modules(patcher.model.diffusion_model)
     tag = patcher.patches_uuid
-    plan = {}
+    checked = {}
     for name, m in modules.items():
         if m.lora_tag is not None and m.lora_tag == tag:
             continue
         wp = patcher.patches.get(f"{PREFIX}{name}.weight", [])
         bp = patcher.patches.get(f"{PREFIX}{name}.bias", [])
-        plan[name] = fold_layer(m, name, wp, bp, source) if (wp or bp) else None
-    for name, fold in plan.items():
+        checked[name] = _check_layer(m, name, wp, bp, source) if (wp or bp) else None
+    # Then fold and install one layer at a time: the device holds at most one layer's fold next to the
+    # joined buffers, never a second copy of the whole LoRA while the model loads.
+    plan = {}
+    for name, parts in checked.items():
         m = modules[name]
-        if fold is None:
+        if parts is None:
             m.set_lora(None, None, None, tag)
-        else:
-            m.set_lora(fold.down, fold.up, fold.bias, tag)
-            # The layer copied the factors into its joined branch: keep views of those, so that the
-            # plan does not hold a second copy of the whole LoRA on the GPU until the load ends.
-            fold.down, fold.up = m.lora_down, m.lora_up
+            plan[name] = None
+            continue
+        fold = _fold_parts(m, parts)
+        m.set_lora(fold.down, fold.up, fold.bias, tag)
+        # The layer copied the factors into its joined branch: the plan keeps views of those.
+        fold.down, fold.up = m.lora_down, m.lora_up
+        plan[name] = fold
     folded = {n: f for n, f in plan.items() if f is not None}
     if folded:
         log.info("%s: LoRA folded into %d W4A4 layers (%d patches, +%d rank max, %.1f MB)", source, len(folded),
@@ -210,7 +236,7 @@ def install_folds(patcher, source: str = "W4A4") -> dict[str, LayerFold | None]:
 def clear_folds(modules) -> None:
     """Drop the folded LoRAs of W4A4 layers (the plain quantized layers, bit for bit)."""
     for m in modules:
-        if m.lora_tag is not None or m.lora_down is not None or m.lora_bias is not None:
+        if m.lora_tag is not None or m.lora_down is not None or m.lora_bias_on:
             m.clear_lora()
 
 

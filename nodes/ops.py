@@ -21,7 +21,9 @@ BF16 low-rank branch (the 4-bit weights are never touched). While a LoRA is inst
 ``lr_down``/``lr_up`` buffers *are* the joined factors [L1 | A'] / [L2 ; B'], its first ``base_rank``
 columns / rows the layer's own: the extra GPU memory is the LoRA's own size, with no per-call copy.
 Clearing copies the base back out, bit for bit; the state dict and ``w4a4_params(with_lora=False)``
-show the base only. A bias delta stays apart in the non-persistent buffer ``lora_bias``.
+show the base only. A bias delta (LoRA ``diff_b``, the shift correction) is added to the ``bias`` buffer
+once; the layer's own bias is backed up on the host meanwhile, as ComfyUI backs up the weights it
+patches on the offload device, so that the device holds one bias per layer.
 For ComfyUI's LoRA key mapping (``comfy.lora.model_lora_keys_unet`` and ``ModelPatcher.add_patches``
 read ``model.state_dict()`` keys) a W4A4 layer lists an empty ``weight`` entry in its state dict, and
 ``layer.weight`` is a ``NoDenseWeight`` stand-in that explains itself when used as a tensor.
@@ -150,8 +152,8 @@ class W4A4Core:
         self.bin_selector = selector
         self.weight_function, self.bias_function = [], []
         self.base_rank = p.rank
-        self.register_buffer("lora_bias", None, persistent=False)
         self.lora_tag = None
+        self.lora_bias_on, self._base_bias = False, None
 
     def __getattr__(self, name):
         if name == "weight" and "qweight" in self.__dict__.get("_buffers", {}):
@@ -165,18 +167,26 @@ class W4A4Core:
             if self.lora_rank:  # the layer's own branch (views, no copy): a LoRA is not part of the layer
                 destination[prefix + "lr_down"] = destination[prefix + "lr_down"][:, :self.base_rank]
                 destination[prefix + "lr_up"] = destination[prefix + "lr_up"][:self.base_rank]
+            if self.lora_bias_on:
+                destination.pop(prefix + "bias", None)
+                if self._base_bias is not None:
+                    destination[prefix + "bias"] = self._base_bias
 
     # --- the folded LoRA (lora.py computes it; ModelPatcher callbacks install and clear it) ---------
 
     lora_tag = None  # what the installed fold was computed for (the ModelPatcher's patches_uuid)
     base_rank = 0  # columns of lr_down (rows of lr_up) that are the layer's own low-rank branch
+    lora_bias_on = False  # the ``bias`` buffer includes a LoRA's bias delta; the own bias is _base_bias
+    _base_bias = None  # the layer's own bias (host copy) while lora_bias_on; None if it has no bias
 
     def set_lora(self, down: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None, tag) -> None:
         """Install a folded LoRA (or clear it with Nones), replacing the one installed.
 
         The factors are joined to the branch once, here, rather than per call: the layer then holds
         the base branch once (inside the joined buffers) and forwards allocate nothing extra. The
-        buffers move with the module (``.to``, ComfyUI's offloading); the bias delta is never saved."""
+        buffers move with the module (``.to``, ComfyUI's offloading). A bias delta (fp32 [N]) is added
+        to the ``bias`` buffer once; the own bias waits on the host (a plain attribute, so module moves
+        leave it there) and comes back, bit for bit, when the delta goes. Neither delta is ever saved."""
         if (down is None) != (up is None):
             raise ValueError("lora_down and lora_up go together")
         if down is not None and (down.shape[0] != self.in_features or up.shape != (down.shape[1], self.out_features)
@@ -196,11 +206,25 @@ class W4A4Core:
                 l2 = torch.cat([l2, up.to(l2.device)], dim=0)
             # Replace (never write into) the buffers: a state's own tensors may be shared with this module.
             self._buffers["lr_down"], self._buffers["lr_up"] = l1, l2
-        self._buffers["lora_bias"] = bias
+        if bias is not None or self.lora_bias_on:
+            own, dev = self.own_bias(), self.qweight.device
+            if bias is None:
+                self._buffers["bias"] = None if own is None else own.to(dev)
+                self.lora_bias_on, self._base_bias = False, None
+            else:
+                # The same fp32 sum the reference adds (numerics: y + bias); the own bias goes to the
+                # host, so the device holds one bias of this layer, not two.
+                bias = bias.to(dev)
+                self._buffers["bias"] = bias if own is None else own.to(dev) + bias
+                self.lora_bias_on, self._base_bias = True, None if own is None else own.to("cpu")
         self.lora_tag = tag
 
     def clear_lora(self) -> None:
         self.set_lora(None, None, None, None)
+
+    def own_bias(self) -> torch.Tensor | None:
+        """The layer's own bias, without a LoRA's delta (on the host while a delta is installed)."""
+        return self._base_bias if self.lora_bias_on else self.bias
 
     @property
     def lora_rank(self) -> int:
@@ -219,18 +243,16 @@ class W4A4Core:
 
     def w4a4_params(self, device: torch.device | None = None, with_lora: bool = True) -> nm.W4A4Params:
         """This layer as ``W4A4Params`` (the module's own tensors, or copies on ``device``); with its
-        folded LoRA (already in the branch; its bias delta added here) unless ``with_lora`` is False."""
+        folded LoRA (already in the branch and the bias) unless ``with_lora`` is False."""
         tensors = {f: getattr(self, f) for f in TENSOR_FIELDS}
-        if with_lora:
-            tensors["lora_bias"] = self.lora_bias  # may be None; copied to ``device`` with the rest
-        elif self.lora_rank:
-            tensors["lr_down"] = tensors["lr_down"][:, :self.base_rank].contiguous()
-            tensors["lr_up"] = tensors["lr_up"][:self.base_rank].contiguous()
+        if not with_lora:
+            if self.lora_rank:
+                tensors["lr_down"] = tensors["lr_down"][:, :self.base_rank].contiguous()
+                tensors["lr_up"] = tensors["lr_up"][:self.base_rank].contiguous()
+            own = self.own_bias()
+            tensors["bias"] = None if own is None else own.to(self.qweight.device)
         if device is not None and self.qweight.device != device:
             tensors = _tensors_to(tensors, device)
-        dbias = tensors.pop("lora_bias", None)
-        if dbias is not None:
-            tensors["bias"] = dbias if tensors["bias"] is None else tensors["bias"] + dbias
         return nm.W4A4Params(**tensors, act_unsigned=self.act_unsigned, act_shift=self.act_shift)
 
     def _check_weight_functions(self) -> None:

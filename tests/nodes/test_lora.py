@@ -281,13 +281,17 @@ def test_fold_is_held_once_and_cleared_bit_for_bit(comfy_nodes):
     fold = lora_mod.fold_layer(layer, "blocks.0.ffn.2", [(1.0, _lora_adapter(up1, down1), 1.0, None, None)], [])
     layer.set_lora(fold.down, fold.up, fold.bias, tag="a")
     assert layer.lora_rank == 4 and layer.base_rank == 8
-    assert _storage_bytes(layer) - before == fold.nbytes()  # exactly the LoRA's own size
+    # exactly the LoRA's own factors: the shift correction went into the bias, which stays one tensor
+    assert fold.bias is not None and _storage_bytes(layer) - before == fold.down.nbytes + fold.up.nbytes
+    assert layer.lora_bias_on and torch.equal(layer.bias, p.bias + fold.bias)
+    assert torch.equal(layer.own_bias(), p.bias) and layer.own_bias().device.type == "cpu"
     q = layer.w4a4_params()
     assert q.lr_down is layer.lr_down and q.lr_up is layer.lr_up  # no per-call concatenation
     assert torch.equal(layer.lora_down, fold.down) and torch.equal(layer.lora_up, fold.up)
     # what is saved or exported is the layer without the LoRA
     sd = layer.state_dict()
-    assert torch.equal(sd["lr_down"], p.lr_down) and torch.equal(sd["lr_up"], p.lr_up) and "lora_bias" not in sd
+    assert torch.equal(sd["lr_down"], p.lr_down) and torch.equal(sd["lr_up"], p.lr_up)
+    assert torch.equal(sd["bias"], p.bias) and set(sd) == set(W4A4Linear(p, "x").state_dict())
     base = layer.w4a4_params(with_lora=False)
     assert all(torch.equal(getattr(base, f), getattr(p, f)) for f in ("lr_down", "lr_up", "bias"))
     assert base.lr_down.is_contiguous()
@@ -296,11 +300,13 @@ def test_fold_is_held_once_and_cleared_bit_for_bit(comfy_nodes):
     fold2 = lora_mod.fold_layer(layer, "blocks.0.ffn.2", [(0.5, _lora_adapter(up2, down2), 1.0, None, None)], [])
     layer.set_lora(fold2.down, fold2.up, fold2.bias, tag="b")
     assert layer.lora_rank == 16 and torch.equal(layer.lr_down[:, :8], p.lr_down)
-    assert _storage_bytes(layer) - before == fold2.nbytes()
+    assert _storage_bytes(layer) - before == fold2.down.nbytes + fold2.up.nbytes
+    assert torch.equal(layer.bias, p.bias + fold2.bias)  # the delta of the new fold, on the own bias
     layer.clear_lora()
-    assert layer.lora_rank == 0 and layer.lora_down is None and layer.lora_bias is None
+    assert layer.lora_rank == 0 and layer.lora_down is None and not layer.lora_bias_on
     assert torch.equal(layer.lr_down, p.lr_down) and torch.equal(layer.lr_up, p.lr_up)
     assert layer.lr_down.is_contiguous() and _storage_bytes(layer) == before
+    assert torch.equal(layer.bias, p.bias) and layer.own_bias() is layer.bias
     assert all(torch.equal(getattr(p, f), t) for f, t in originals.items())
 
 
@@ -322,6 +328,47 @@ def test_install_folds_keeps_no_second_copy(comfy_nodes):
     assert layer.lora_rank == 4 and fold.rank == 4
     assert fold.down.untyped_storage().data_ptr() == layer.lr_down.untyped_storage().data_ptr()
     assert fold.up.untyped_storage().data_ptr() == layer.lr_up.untyped_storage().data_ptr()
+
+
+def test_install_folds_one_layer_at_a_time(comfy_nodes, monkeypatch):
+    """After every layer is checked, each layer's fold is computed and installed before the next one's
+    is computed: the device never holds the folds of all layers next to the joined buffers (at real size
+    that would be a second 0.57 GiB at load)."""
+    import types
+    import weakref
+    n, k = 192, 256
+    root = torch.nn.Module()
+    root.blocks = torch.nn.ModuleList([torch.nn.Module()])
+    root.blocks[0].ffn = torch.nn.ModuleList([W4A4Linear(_random_layer(n, k, False, seed=8 + i)[0],
+                                                         f"blocks.0.ffn.{i}") for i in range(3)])
+    names = [f"blocks.0.ffn.{i}" for i in range(3)]
+    patches = {f"diffusion_model.{name}.weight": [(1.0, _lora_adapter(*_factors(n, k, 4, seed=40 + i)), 1.0, None, None)]
+               for i, name in enumerate(names)}
+    patcher = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=root), patches_uuid="u2",
+                                    patches=patches)
+    seen, computed = [], []
+    real = lora_mod._fold_parts
+
+    def spy(module, parts):
+        # what was computed for earlier layers is installed, and no longer held apart
+        seen.append(([layer.lora_rank for layer in root.blocks[0].ffn],
+                     [ref() is None for pair in computed for ref in pair]))
+        fold = real(module, parts)
+        computed.append((weakref.ref(fold.down), weakref.ref(fold.up)))
+        return fold
+
+    monkeypatch.setattr(lora_mod, "_fold_parts", spy)
+    plan = lora_mod.install_folds(patcher)
+    assert [ranks for ranks, _ in seen] == [[0, 0, 0], [4, 0, 0], [4, 4, 0]]
+    assert all(all(dead) for _, dead in seen)
+    assert all(plan[name].rank == 4 for name in names)
+    # a patch that cannot fold, on the last layer, stops the install before any layer changes
+    lora_mod.clear_folds(root.blocks[0].ffn)
+    patches[f"diffusion_model.{names[2]}.weight"].append((1.0, ("diff", (torch.zeros(n, k),)), 1.0, None, None))
+    patcher.patches_uuid = "u3"
+    with pytest.raises(lora_mod.W4A4LoraError, match=f"diff weight patch to W4A4 layer {names[2]}"):
+        lora_mod.install_folds(patcher)
+    assert [layer.lora_rank for layer in root.blocks[0].ffn] == [0, 0, 0]
 
 
 def test_fold_layer_refuses_what_cannot_be_exact(comfy_nodes):
@@ -386,8 +433,10 @@ def test_w4a4_lora_as_close_to_bf16_lora_as_without(lenv, caplog):
     from safetensors.torch import load_file
     diff_b = load_file(str(env.models_dir / "loras" / "wan_lora_a.safetensors"))[
         "diffusion_model.blocks.0.self_attn.q.diff_b"]
-    assert torch.equal(layers["blocks.0.self_attn.q"].lora_bias, diff_b.float())
-    assert layers["blocks.0.self_attn.k"].lora_bias is None  # signed layer, no diff_b: no bias change
+    q_layer = layers["blocks.0.self_attn.q"]
+    assert q_layer.lora_bias_on and torch.equal(q_layer.bias, q_layer.own_bias().to(q_layer.bias.device)
+                                                 + diff_b.float().to(q_layer.bias.device))
+    assert not layers["blocks.0.self_attn.k"].lora_bias_on  # signed layer, no diff_b: no bias change
 
 
 def test_before_and_after_apply_and_checkpoint(lenv):
@@ -471,7 +520,7 @@ def test_unpatch_restores_the_plain_model_without_reloading(lenv):
     assert layer.lora_rank == RANK_B and not torch.equal(p_l, plain)
     # back to the model without the LoRA node: same module objects, no state file read, bit for bit
     assert torch.equal(predict(q), plain)
-    assert layer.lora_rank == 0 and layer.lora_bias is None and layer_of(q) is layer
+    assert layer.lora_rank == 0 and not layer.lora_bias_on and layer_of(q) is layer
     assert torch.equal(layer.qweight, qweight) and torch.equal(layer.lr_down, lr_down)
     # and again with the LoRA (cached per patch set), then a full unload
     assert torch.equal(predict(lq), p_l)
@@ -536,3 +585,35 @@ def test_dense_weight_stand_in(lenv):
     assert type(w).__name__ == NoDenseWeight.__name__ and w.shape == (layer.out_features, layer.in_features)
     with pytest.raises(AttributeError, match="blocks.0.self_attn.q has no BF16 weight"):
         w.to(torch.float32)
+
+
+@pytest.mark.gpu
+def test_fold_on_gpu_keeps_one_bias_on_the_device(comfy_nodes):
+    """On CUDA (Triton kernels) a folded layer computes the reference's W4A4+LoRA; the own bias waits on
+    the host, the device holds the joined factors and one bias, and clearing brings the device bias
+    back bit for bit."""
+    n, k = 384, 640
+    p, g = _random_layer(n, k, True, seed=7)
+    x = torch.nn.functional.gelu(torch.randn(300, k, generator=g) * 2, approximate="tanh").to(torch.bfloat16)
+    layer = W4A4Linear(p, "blocks.0.ffn.2").cuda()
+    base_out = layer(x.cuda())
+    up1, down1 = _factors(n, k, 16, seed=31)
+    db = torch.randn(n, generator=g).to(torch.bfloat16)
+    fold = lora_mod.fold_layer(layer, "blocks.0.ffn.2", [(0.7, _lora_adapter(up1, down1), 1.0, None, None)],
+                               [(1.0, ("diff", (db,)), 1.0, None, None)])
+    assert fold.down.is_cuda and fold.bias.is_cuda
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    layer.set_lora(fold.down, fold.up, fold.bias, tag="g")
+    del fold
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before <= (k + n) * 16 * 2 + 4 * 512  # factors only, no 2nd bias
+    assert layer.bias.is_cuda and layer.own_bias().device.type == "cpu" and torch.equal(layer.own_bias(), p.bias)
+    out = layer(x.cuda())
+    ref = nm.w4a4_linear(x.float(), layer.w4a4_params(torch.device("cpu")), 0)  # the reference, same params
+    kernel_db = nm.sqnr_db(ref, out.float().cpu())
+    lora_db = nm.sqnr_db(ref, nm.w4a4_linear(x.float(), p, 0))  # how far the LoRA moves the output
+    assert kernel_db >= 40 and lora_db < kernel_db - 10, (kernel_db, lora_db)
+    layer.clear_lora()
+    assert layer.bias.is_cuda and torch.equal(layer.bias.cpu(), p.bias) and not layer.lora_bias_on
+    assert torch.equal(layer(x.cuda()), base_out)
