@@ -18,6 +18,11 @@ Launches per layer (kernels/README.md has the measurements behind this shape):
    cores, tiles fetched by TMA; the epilogue applies sx * sw, adds the low-rank up projection
    (u @ L2, a small bf16 dot) and the bias, and stores in the input dtype.
 
+At video sizes steps 1 and 3 run in passes over the token rows (``pass_rows``): the int8
+activations, their scales and u are then held for one pass of rows, not for all tokens, while the
+expanded weights and the output are made once. Each row's result depends only on its own row and the launch
+configuration, which every pass takes from the whole call: the passes give the same bits as one.
+
 Notation: M tokens, K in, N out, R rank. Requires K % 128 == 0.
 """
 from __future__ import annotations
@@ -368,17 +373,43 @@ def quant_split(m: int, k: int, bk: int, block_m: int = QUANT_BLOCK_M) -> tuple[
     return triton.cdiv(k, kc), kc
 
 
+# Bytes of per-pass activation operands (int8 activations, scales, u) a W4A4 linear may hold at once.
+# At 480p x 81 (32 760 tokens) one pass over Wan's ffn.2 (K = 13 824) would hold 453 MB next to the
+# 905 MB GELU output it reads; in passes of ~8 K rows the model's peak drops by that difference, and a
+# LoRA's extra rank widens u without raising it. Passes are GEMM row tiles of 9+ waves on an H100
+# (see kernels/README.md for the cost).
+PASS_BYTES = 128 << 20
+PASS_ROW_TILE = 256  # the largest BM of gemm_config: passes end on row-tile boundaries
+
+
+def pass_rows(m: int, k: int, r: int, budget: int = PASS_BYTES) -> int:
+    """Rows per quantize + GEMM pass: all ``m`` when their operands fit ``budget``, else the fewest
+    equal passes that do, rounded up to whole row tiles."""
+    per_row = k + 4 + 2 * r  # xq int8 [K], sx fp32, u bf16 [R]
+    if m * per_row <= budget:
+        return m
+    n_pass = -(-m * per_row // budget)
+    rows = -(-m // n_pass)
+    return -(-rows // PASS_ROW_TILE) * PASS_ROW_TILE  # (plain integers: tested without Triton)
+
+
+def _quant_bk(k: int) -> int:
+    gpb = QUANT_GPB if k % (nm.GROUP * QUANT_GPB) == 0 else 2  # K % 128 == 0 always holds
+    return nm.GROUP * gpb
+
+
 def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, inv_smooth: torch.Tensor,
-             block_m: int = QUANT_BLOCK_M):
-    """Quantize activations: (xq int8 [M, K], sx fp32 [M], u bf16 [M, R] or None). Two launches."""
+             block_m: int = QUANT_BLOCK_M, split: tuple[int, int] | None = None):
+    """Quantize activations: (xq int8 [M, K], sx fp32 [M], u bf16 [M, R] or None). Two launches.
+    ``split``: ``quant_split`` of the whole call when this is one pass of its rows (same bits)."""
     m, k = x2d.shape
     r = p.rank
     r_pad = _rank_pad(r)
     qmin, qmax, fmax = nm.UNSIGNED if p.act_unsigned else nm.SIGNED
     dev = x2d.device
-    gpb = QUANT_GPB if k % (nm.GROUP * QUANT_GPB) == 0 else 2  # K % 128 == 0 always holds
-    bk = nm.GROUP * gpb
-    n_split, kc = quant_split(m, k, bk, block_m)
+    bk = _quant_bk(k)
+    gpb = bk // nm.GROUP
+    n_split, kc = split or quant_split(m, k, bk, block_m)
     xq = torch.empty((m, k), dtype=torch.int8, device=dev)
     sx = torch.empty((m,), dtype=torch.float32, device=dev)
     u = torch.empty((m, r), dtype=torch.bfloat16, device=dev) if r else sx
@@ -418,12 +449,20 @@ def _epilogue_args(sx, u, p, wsum):
 
 
 def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, path: str = "expand", swar: bool = True,
-         config: dict | None = None, w8: torch.Tensor | None = None, tma: bool = False):
-    """The GEMM + epilogue. ``path`` "expand" (int8 weight copy, then int8 GEMM) or "fused"."""
+         config: dict | None = None, w8: torch.Tensor | None = None, tma: bool = False,
+         wsum: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """The GEMM + epilogue. ``path`` "expand" (int8 weight copy, then int8 GEMM) or "fused".
+    ``w8``/``wsum``: the expanded weights and their row sums when several passes share them;
+    ``out``: a contiguous [M, N] tensor (rows of the whole call's output) to write into."""
     m, k = xq.shape
     n, r = p.out_features, p.rank
     cfg = dict(config or gemm_config(m, path))
-    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if out is None:
+        y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"gemm out: {tuple(out.shape)} {out.dtype}, expected contiguous ({m}, {n}) {out_dtype}")
+    else:
+        y = out
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
     offset = nm.act_offset(p.act_unsigned)
     meta = dict(BM=cfg["BM"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], R_PAD=_rank_pad(r), HAS_LR=bool(r),
@@ -432,7 +471,8 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, path: str = "expand", swar: 
     if w8 is None and (path != "fused" or offset):
         w8 = expand_weight(p)
     # sum_k w8[n, k] restores the unsigned activations' offset (int32, exact); tiny next to the GEMM
-    wsum = w8.sum(1, dtype=torch.int32) if offset else None
+    if offset and wsum is None:
+        wsum = w8.sum(1, dtype=torch.int32)
     if path == "fused":
         _gemm_fused_kernel[grid](xq, sx, p.qweight, p.wfactor, *_epilogue_args(sx, u, p, wsum)[1:], y,
                                  m, n, k, r, y.stride(0), SWAR=swar, **meta)
@@ -455,11 +495,12 @@ def _bin_tensor(index: int, device: torch.device) -> torch.Tensor:
 
 
 def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, inv_smooth: torch.Tensor | None = None,
-                path: str = "expand", tma: bool = True) -> torch.Tensor:
+                path: str = "expand", tma: bool = True, pass_bytes: int | None = None) -> torch.Tensor:
     """Triton forward with the signature of ``numerics.w4a4_linear``.
 
     ``bin_index``: a 0-d int64 tensor on the input's device (no host sync; what the timestep hook
     passes) or a Python int. ``inv_smooth``: 1 / smooth, cached by the caller to save a launch.
+    ``pass_bytes``: the per-pass budget of ``pass_rows`` (default ``PASS_BYTES``).
     """
     reason = unsupported_reason(x, p)
     if reason:
@@ -474,6 +515,23 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, inv_smooth: t
         x2d = x2d.contiguous()
     if inv_smooth is None:
         inv_smooth = p.inv_smooth()
-    xq, sx, u = quantize(x2d, p, bin_index, inv_smooth)
-    y = gemm(xq, sx, u, p, x.dtype, path=path, tma=path == "expand" and tma)
+    m = x2d.shape[0]
+    rows = pass_rows(m, k, p.rank) if pass_bytes is None else pass_rows(m, k, p.rank, pass_bytes)
+    tma = path == "expand" and tma
+    if rows >= m:
+        xq, sx, u = quantize(x2d, p, bin_index, inv_smooth)
+        y = gemm(xq, sx, u, p, x.dtype, path=path, tma=tma)
+        return y.reshape(*x.shape[:-1], p.out_features)
+    # Passes over the rows with the whole call's launch configuration (same bits as one pass).
+    split = quant_split(m, k, _quant_bk(k))
+    config = gemm_config(m, path)
+    offset = nm.act_offset(p.act_unsigned)
+    w8 = expand_weight(p) if (path != "fused" or offset) else None
+    wsum = w8.sum(1, dtype=torch.int32) if offset else None
+    y = torch.empty((m, p.out_features), dtype=x.dtype, device=x.device)
+    for start in range(0, m, rows):
+        xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, inv_smooth, split=split)
+        gemm(xq, sx, u, p, x.dtype, path=path, tma=tma, config=config, w8=w8, wsum=wsum,
+             out=y[start:start + rows])
+        del xq, sx, u  # before the next pass allocates its own
     return y.reshape(*x.shape[:-1], p.out_features)

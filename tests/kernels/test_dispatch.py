@@ -155,3 +155,22 @@ def test_gpu_default_is_triton_and_matches_the_reference(layer):
     out = kernels.w4a4_linear(x, p, torch.tensor(1, device="cuda"))
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert nm.sqnr_db(ref.float(), out.float()) >= 45.0  # test_triton.py's stated tolerance
+
+
+@pytest.mark.parametrize("m,k,r", [(32760, 13824, 32), (32760, 13824, 96), (32760, 5120, 32), (75600, 13824, 96),
+                                   (1000, 5120, 32), (4096, 13824, 0)])
+def test_row_passes_fit_the_budget_in_whole_tiles(m, k, r):
+    """The Triton linear's passes (kernels/triton_w4a4.py, pure arithmetic, checked here without a GPU):
+    one pass while the operands fit, else the fewest equal passes of whole row tiles that fit."""
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    budget, per_row = tw.PASS_BYTES, k + 4 + 2 * r
+    rows = tw.pass_rows(m, k, r)
+    if m * per_row <= budget:
+        assert rows == m
+        return
+    n_pass = -(-m // rows)
+    assert rows % tw.PASS_ROW_TILE == 0 and rows < m
+    assert rows * per_row <= budget + tw.PASS_ROW_TILE * per_row  # rounding up by less than a tile
+    assert n_pass <= -(-m * per_row // budget)  # no more passes than the budget needs
+    # a LoRA's wider u never makes a pass hold more than the budget allows
+    assert tw.pass_rows(m, k, r + 64) * (per_row + 128) <= budget + tw.PASS_ROW_TILE * (per_row + 128)

@@ -107,6 +107,56 @@ def test_quantize_allocates_only_its_outputs_when_k_is_not_split(rank):
     assert (u.float() - u_ref).abs().max() <= 1e-2 * u_ref.abs().max() + 1e-3
 
 
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("rank", [0, 32, 96])
+@pytest.mark.parametrize("m,k", [(5000, 640), (20000, 640)])  # quantizer split over K in 3, and not
+@pytest.mark.parametrize("path,tma", [("expand", True), ("expand", False), ("fused", False)])
+def test_row_passes_give_the_same_bits(m, k, unsigned, rank, path, tma):
+    """A call in passes over its rows (a small budget forces 4-6, the last one ragged) is the one-pass
+    call bit for bit: every pass takes the whole call's quantizer split and GEMM tiles."""
+    p = make_layer(k, 384, unsigned=unsigned, rank=rank)
+    x = make_input(m, k, unsigned=unsigned)
+    budget = m * (k + 4 + 2 * rank) // 5
+    rows = tw.pass_rows(m, k, rank, budget)
+    assert rows % tw.PASS_ROW_TILE == 0 and 4 <= -(-m // rows) <= 6 and m % rows
+    b = torch.tensor(1, device=DEV)
+    one = tw.w4a4_linear(x, p, b, path=path, tma=tma, pass_bytes=1 << 40)
+    passes = tw.w4a4_linear(x, p, b, path=path, tma=tma, pass_bytes=budget)
+    assert torch.equal(passes, one)
+    if rank == 32 and path == "expand" and tma:
+        assert_close_output(nm.w4a4_linear(x, p, 1), passes)
+
+
+def test_row_passes_bound_the_activation_operands():
+    """What a call holds beyond its output and expanded weights is one pass of activation operands:
+    at video sizes this is what keeps a LoRA's wider u (and K-wide int8 activations) out of the peak."""
+    m, k, n, rank = 20000, 2560, 256, 96
+    p = make_layer(k, n, rank=rank)
+    x = make_input(m, k)
+    b = torch.tensor(0, device=DEV)
+    budget = 8 << 20
+    rows = tw.pass_rows(m, k, rank, budget)
+    inv = p.inv_smooth()
+    peaks = {}
+    for name, nbytes in (("one", 1 << 40), ("passes", budget)):
+        tw.w4a4_linear(x, p, b, inv_smooth=inv, pass_bytes=nbytes)  # compile outside the measured call
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        y = tw.w4a4_linear(x, p, b, inv_smooth=inv, pass_bytes=nbytes)
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+        del y
+    fixed = m * n * 2 + n * k  # output bf16, expanded weights int8
+    one_pass = rows * (k + 4 + 2 * rank) + 4 * rows  # xq, sx, u; row maxima fp32 (K is one chunk)
+    print(f"\npeak beyond inputs: one pass {peaks['one'] / 2**20:.1f} MiB, passes of {rows} rows "
+          f"{peaks['passes'] / 2**20:.1f} MiB (bound {(fixed + one_pass) / 2**20:.1f} MiB)")
+    # The native caching allocator counts a reused block it does not split (a remainder under 1 MiB) as
+    # allocated: up to 1 MiB over each request, for the two large operands of a pass (xq, u).
+    assert peaks["passes"] <= fixed + one_pass + 2 * 2**20
+    assert peaks["one"] - peaks["passes"] >= (m - rows) * k  # the int8 activations of all but one pass
+
+
 @pytest.mark.parametrize("rank", [0, 16, 48, 96])
 def test_any_rank(rank):
     """LoRAs widen the low-rank branch, so every rank must work (padded in the kernel)."""
