@@ -150,3 +150,22 @@ def test_profile_summary_and_report():
     md = bench.profile_md({"w4a4": {"profile": p}, "bf16": {"profile": {"error": "none"}}})
     assert "| attention | 600.0 (60.0 %) |" in md and "| **all kernels** | **1000.0** |" in md
     assert "| call wall time | 1050.0 |" in md and "Top kernels, w4a4" in md and "bf16" not in md
+
+
+def test_lora_cost_verdict_uses_exact_bytes():
+    """Issue 8's bound is about the LoRA's own size (0.571 GiB), so GiB to 3 decimals (+-1 MiB) cannot
+    decide it: with exact bytes recorded the verdict uses them; older runs keep the GiB comparison."""
+    bench = _bench_module()
+    data = json.loads((SCRIPT.parent / "results" / "e2e_h100_2026-11-21_lora_profile.json").read_text())
+    results = data["results"]
+    old = bench.targets_md(results)
+    assert "+0.580 GiB" in old and "bound 0.571 GiB, missed" in old  # the H100 run before exact bytes
+    per = bench.bytes_lora_bf16(bench.arch_of("real"), 64)
+    assert per == 40 * 64 * 2 * (8 * (5120 + 5120) + 2 * (5120 + 13824))  # 400 block Linears, bf16
+    results["w4a4_lora"]["lora"]["bf16_bytes_per_expert"] = per
+    base = 11_403_000_000
+    results["w4a4"]["modes"]["one-expert"]["peak_alloc_bytes"] = base
+    for extra, want in ((per, "bound 585.0 MiB, met"), (per + 3 * 2**20, "missed by 3.0 MiB")):
+        results["w4a4_lora"]["modes"]["one-expert"]["peak_alloc_bytes"] = base + extra
+        text = bench.targets_md(results)
+        assert want in text and f"{extra / 2**20:+.1f} MiB" in text, text
