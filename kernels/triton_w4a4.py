@@ -20,8 +20,9 @@ Launches per layer (kernels/README.md has the measurements behind this shape):
 
 At video sizes steps 1 and 3 run in passes over the token rows (``pass_rows``): the int8
 activations, their scales and u are then held for one pass of rows, not for all tokens, while the
-expanded weights and the output are made once. Each row's result depends only on its own row and the launch
-configuration, which every pass takes from the whole call: the passes give the same bits as one.
+expanded weights and the output are made once. Each row's result depends only on its own row and
+the launch configuration, which every pass takes from the whole call: the passes give the same bits
+as one.
 
 Notation: M tokens, K in, N out, R rank. Requires K % 128 == 0.
 """
@@ -375,9 +376,9 @@ def quant_split(m: int, k: int, bk: int, block_m: int = QUANT_BLOCK_M) -> tuple[
 
 # Bytes of per-pass activation operands (int8 activations, scales, u) a W4A4 linear may hold at once.
 # At 480p x 81 (32 760 tokens) one pass over Wan's ffn.2 (K = 13 824) would hold 453 MB next to the
-# 905 MB GELU output it reads; in passes of ~8 K rows the model's peak drops by that difference, and a
-# LoRA's extra rank widens u without raising it. Passes are GEMM row tiles of 9+ waves on an H100
-# (see kernels/README.md for the cost).
+# 905 MB GELU output it reads; in four passes it holds 113 MB, so a linear is no longer where a step
+# peaks and a LoRA's wider u does not raise that peak. Passes are GEMM row tiles of 9+ waves on an
+# H100: step time unchanged (kernels/README.md).
 PASS_BYTES = 128 << 20
 PASS_ROW_TILE = 256  # the largest BM of gemm_config: passes end on row-tile boundaries
 
@@ -516,7 +517,7 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, inv_smooth: t
     if inv_smooth is None:
         inv_smooth = p.inv_smooth()
     m = x2d.shape[0]
-    rows = pass_rows(m, k, p.rank) if pass_bytes is None else pass_rows(m, k, p.rank, pass_bytes)
+    rows = pass_rows(m, k, p.rank, PASS_BYTES if pass_bytes is None else pass_bytes)
     tma = path == "expand" and tma
     if rows >= m:
         xq, sx, u = quantize(x2d, p, bin_index, inv_smooth)
