@@ -28,6 +28,7 @@ can be imported, ``strips.png`` and ``loss_curve.png`` (``pictures.py``, also ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -121,7 +122,7 @@ def comfy_wan_modules():
         root = runtime.find_comfyui()
         if root is None:
             raise runtime.ComfyUINotFound(runtime.not_found_message())
-        runtime.install_torchvision_stub()
+        runtime.install_stand_ins()
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
         if "comfy.model_management" not in sys.modules and not torch.cuda.is_available():
@@ -321,6 +322,30 @@ class HeldOut:
         return {"loss": float(np.mean([p[1] for p in per])), "per_sigma": per}
 
 
+@contextlib.contextmanager
+def comfy_in_training():
+    """Sets ``comfy.model_management.in_training`` for a forward that will be back-propagated.
+
+    Newer ComfyUI (0.33) runs Wan's rope through a comfy-kitchen op that has no backward unless this
+    flag is True (``comfy/ldm/flux/math.py`` ``apply_rope1``); 0.3.64 has no such flag and ignores
+    it. The previous value is restored (the attribute is removed again where it did not exist).
+    """
+    mm = sys.modules.get("comfy.model_management")
+    if mm is None:  # ComfyUI's model code not imported: nothing reads the flag
+        yield
+        return
+    missing = object()
+    was = getattr(mm, "in_training", missing)
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        if was is missing:
+            del mm.in_training
+        else:
+            mm.in_training = was
+
+
 def _autocast(device: str):
     if str(device).startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -375,7 +400,7 @@ class Trainer:
         x, target = training_input(z, noise, sigma, self.mask)
         for group in opt.param_groups:
             group["lr"] = lr
-        with _autocast(cfg.device):
+        with comfy_in_training(), _autocast(cfg.device):
             v = (forward or model)(x, sigma * 1000.0, ctx)
         loss = torch.nn.functional.mse_loss(v.float(), target)
         opt.zero_grad(set_to_none=True)

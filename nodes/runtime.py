@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib.machinery
-import importlib.util
 import logging
 import os
 import sys
 import types
 from pathlib import Path
 
+from .stand_ins import install_stand_ins
+
+install_torchvision_stub = install_stand_ins  # its earlier name
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "COMFYUI_PATH"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# A test machine may have torch without torchvision (no CPU build for every torch); ComfyUI
-# imports it at module level only for model families Wan does not use.
-TORCHVISION_STUBS = ("torchvision", "torchvision.transforms", "torchvision.models")
-
 _state: dict = {}  # path, nodes: what init_comfyui did in this process
 
 
@@ -69,25 +67,6 @@ def not_found_message() -> str:
             f"{ENV_VAR} to a ComfyUI checkout, or install the pack in ComfyUI/custom_nodes/")
 
 
-def install_torchvision_stub() -> bool:
-    """Registers empty ``torchvision`` modules when torchvision is not installed (test machines).
-
-    Returns True when the stubs were installed. With a real torchvision, does nothing.
-    """
-    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
-        return False
-    for name in TORCHVISION_STUBS:
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
-        module.__wan_w4a4_stub__ = True
-        sys.modules[name] = module
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(sys.modules[parent], child, module)
-    logger.info("torchvision is not installed: registered empty stand-ins (not needed by Wan)")
-    return True
-
-
 def _run(coro):
     """``asyncio.run`` that also works when called from inside a running event loop."""
     try:
@@ -122,12 +101,14 @@ def set_base_directory(base_directory) -> Path:
     return base
 
 
-def init_comfyui(path=None, cpu: bool | None = None, base_directory=None):
+def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynamic_vram: bool = False):
     """Imports and initialises ComfyUI in this process; returns its ``nodes`` module.
 
     ``path``: the source tree (default ``find_comfyui()``). ``cpu``: force ComfyUI onto the CPU
     (default: when CUDA is unavailable). ``base_directory``: where models/input/output live (default
-    the tree itself). Idempotent; a second call may change ``base_directory`` but not the tree.
+    the tree itself). ``dynamic_vram``: turn on ComfyUI's dynamic VRAM as its ``main.py`` does by default
+    on NVIDIA GPUs (``enable_dynamic_vram``); without it, a library use of ComfyUI runs the legacy
+    ModelPatcher. Idempotent; a second call may change ``base_directory`` but not the tree.
     """
     root = Path(path).resolve() if path is not None else find_comfyui()
     if root is None or not is_comfyui_tree(root):
@@ -141,7 +122,7 @@ def init_comfyui(path=None, cpu: bool | None = None, base_directory=None):
             set_base_directory(base_directory)
         return _state["nodes"]
 
-    install_torchvision_stub()
+    install_stand_ins()  # torchvision, torchaudio: only where they do not import
     if str(root) in sys.path:
         sys.path.remove(str(root))
     sys.path.insert(0, str(root))
@@ -159,10 +140,14 @@ def init_comfyui(path=None, cpu: bool | None = None, base_directory=None):
                            "ComfyUI keeps the device it chose then")
         args.cpu = True  # before comfy.model_management is imported, or it looks for a GPU driver
 
+    aimdo = _aimdo_control() if dynamic_vram and not cpu else None
     # main.py imports ComfyUI's `utils` package before `nodes`, which puts comfy/ first on sys.path
     # (where comfy/utils.py would then shadow it and break comfy_extras/nodes_images.py).
     import utils.extra_config  # noqa: F401
     import nodes
+
+    if dynamic_vram:
+        enable_dynamic_vram(aimdo)
 
     if base_directory is not None:
         set_base_directory(base_directory)
@@ -171,6 +156,54 @@ def init_comfyui(path=None, cpu: bool | None = None, base_directory=None):
     logger.info("ComfyUI %s initialised from %s (%d nodes, %s)", comfyui_version(), root,
                 len(nodes.NODE_CLASS_MAPPINGS), "cpu" if args.cpu else "auto device")
     return nodes
+
+
+def _aimdo_control():
+    """comfy-aimdo's control module, initialised as main.py does before CUDA starts; None without it."""
+    try:
+        import comfy_aimdo.control as control
+    except ImportError:
+        return None
+    for kwargs in ({"simple_vram_headroom": None, "nvml_pressure": True}, {"simple_vram_headroom": None}, {}):
+        try:  # main.py accepts three protocols of comfy-aimdo's init, newest first
+            control.init(**kwargs)
+            return control
+        except TypeError:
+            continue
+    return None
+
+
+def enable_dynamic_vram(control=None) -> bool:
+    """Switch this process's ComfyUI to dynamic VRAM the way ``main.py`` does when ``enables_dynamic_vram``
+    (ComfyUI 0.33: on by default for NVIDIA): comfy-aimdo's devices, ``ModelPatcherDynamic`` as the core
+    patcher and ``memory_management.aimdo_enabled``. Feature-detected: False (and nothing changed) where
+    this ComfyUI or machine has none of it."""
+    import comfy.model_management as mm
+    import comfy.model_patcher as mp
+
+    memory = sys.modules.get("comfy.memory_management")
+    if control is None or memory is None or not hasattr(mp, "ModelPatcherDynamic") or not mm.is_nvidia():
+        logger.warning("dynamic VRAM was asked for, but this ComfyUI or machine has none; legacy ModelPatcher")
+        return False
+    from comfy.cli_args import args
+    devices = mm.get_all_torch_devices()
+    try:
+        ok = control.init_devices((d.index, int(getattr(args, "vram_headroom", 0) * 1024 ** 3)) for d in devices)
+    except TypeError:  # comfy-aimdo 0.4.9 protocol, as main.py handles it
+        ok = control.init_devices(d.index for d in devices)
+    if not ok:
+        logger.warning("comfy-aimdo did not initialise: legacy ModelPatcher")
+        return False
+    mp.CoreModelPatcher = mp.ModelPatcherDynamic
+    memory.aimdo_enabled = True
+    logger.info("dynamic VRAM (comfy-aimdo) enabled, as ComfyUI's main.py does")
+    return True
+
+
+def dynamic_vram_enabled() -> bool:
+    """Whether this process's ComfyUI streams weights with dynamic VRAM (False before it is imported)."""
+    memory = sys.modules.get("comfy.memory_management")
+    return bool(getattr(memory, "aimdo_enabled", False))
 
 
 def comfyui_version() -> str:
@@ -205,13 +238,15 @@ def load_pack_as_custom_node(nodes_module=None) -> types.ModuleType:
 
 
 def server_command(comfyui_path, *args: str) -> list[str]:
-    """The command that starts ComfyUI's ``main.py`` with ``args`` in a subprocess, with the
-    torchvision stand-in when torchvision is missing. Run it with ``cwd=comfyui_path``."""
+    """The command that starts ComfyUI's ``main.py`` with ``args`` in a subprocess, with stand-ins
+    for torchvision and torchaudio where they are not installed (``stand_ins.install_stand_ins``; torch
+    itself must not be imported before main.py chooses its CUDA allocator). Run it
+    with ``cwd=comfyui_path``."""
     root = str(Path(comfyui_path).resolve())
     main = os.path.join(root, "main.py")
     code = ("import runpy, sys; "
-            "from wan_w4a4.nodes.runtime import install_torchvision_stub; "
-            "install_torchvision_stub(); "
+            "from wan_w4a4.nodes.stand_ins import install_stand_ins; "
+            "install_stand_ins(try_import=False); "
             f"sys.path.insert(0, {root!r}); sys.argv[0] = {main!r}; "
             f"runpy.run_path({main!r}, run_name='__main__')")
     return [sys.executable, "-c", code, *args]

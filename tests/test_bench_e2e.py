@@ -94,13 +94,22 @@ def test_bench_e2e_lora_and_split_configs(comfyui, tmp_path):
     plain = data["results"]["w4a4"]["modes"]["one-expert"]["stages"]["high"]["lora_folded"]
     assert plain == {"layers": 0, "ranks": []}
     assert "cond_batch 'auto'" in data["results"]["bf16_split"]["load"]["high"]["how"]
-    # ComfyUI leaves Wan in training mode (which turns fp8_e4m3fn_fast's fp8 matmul off); the eval reference does not
-    assert data["results"]["bf16_split"]["load"]["high"]["training_mode"] is True
+    # ComfyUI up to 0.3.64 leaves Wan in training mode (which turns its fp8_e4m3fn_fast's fp8 matmul off); later
+    # ComfyUI (0.33) puts every diffusion model in eval mode. The eval reference is in eval mode on both.
+    split = data["results"]["bf16_split"]
+    assert split["load"]["high"]["training_mode"] is leaves_wan_in_training_mode(split["env"]["comfyui"])
     f8e = data["results"]["fp8_fast_eval"]["load"]
     assert all(v["training_mode"] is False and v["how"].endswith("diffusion_model.eval()") for v in f8e.values())
     assert "error" in data["results"]["w4a4"]["profile"]  # --profile on the CPU: said, not faked
     text = md.read_text()
     assert "rank-64 LoRA on every block Linear (issue 8)" in text
+
+
+def leaves_wan_in_training_mode(comfyui_version: str) -> bool:
+    """Whether that ComfyUI leaves a loaded Wan model in training mode: 0.3.64 does (its ``BaseModel``
+    calls ``eval()`` for a few other models only); later ComfyUI (0.33) puts every diffusion model in eval mode."""
+    version = tuple(int(p) for p in comfyui_version.split(".")[:3])  # "unknown" fails here, loudly
+    return version <= (0, 3, 64)
 
 
 def _bench_module():

@@ -92,8 +92,7 @@ def check_workflow(wf: dict, object_info: dict, name: str) -> None:
         t = n["type"]
         assert t in UI_ONLY or t in object_info, f"{name}: node {n['id']} has unknown type {t!r}"
         if t in object_info and n.get("mode", 0) != 4:
-            spec = object_info[t]
-            assert len(n.get("outputs", [])) == len(spec["output"]), f"{name}: node {n['id']} ({t}) outputs"
+            check_outputs(n, object_info[t], name)
     links = {l[0]: l for l in wf["links"]}
     assert len(links) == len(wf["links"]), f"{name}: duplicate link ids"
     for lid, o, os_, t, ts, typ in wf["links"]:
@@ -113,7 +112,22 @@ def check_workflow(wf: dict, object_info: dict, name: str) -> None:
                 assert links[lid][1] == n["id"], f"{name}: node {n['id']} output link {lid}"
 
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+def check_outputs(n: dict, spec: dict, name: str) -> None:
+    """A node's output slots against the running ComfyUI's definition. One workflow serves several
+    ComfyUI versions, and nodes gain outputs (SaveVideo's VIDEO and PreviewAny's STRING in 0.33): the
+    slots the definition has must agree in type, the slots it lacks must be unlinked; slots the
+    workflow lacks are added by the frontend when it loads the workflow."""
+    outs, types = n.get("outputs", []), spec["output"]
+    for i, (o, typ) in enumerate(zip(outs, types)):
+        typ = "COMBO" if isinstance(typ, list) else typ
+        assert o["type"] in ("*", typ) or typ == "*", (
+            f"{name}: node {n['id']} ({n['type']}) output {i}: {o['type']} != {typ}")
+    extra = outs[len(types):]
+    assert not any(o.get("links") for o in extra), (
+        f"{name}: node {n['id']} ({n['type']}) links outputs {[o['name'] for o in extra]} this ComfyUI does not have")
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COMFY_DYNAMICCOMBO_V3"}
 FILE_INPUTS = {"unet_name", "clip_name", "vae_name", "image", "state_name", "ckpt_name", "lora_name"}
 
 
@@ -139,6 +153,8 @@ def ui_to_api(wf: dict, object_info: dict) -> dict:
                 if nodes[src[1]].get("mode", 0) == 0:
                     inputs[name] = [str(src[1]), src[2]]
             if is_widget:
+                if not values and name in spec.get("optional", {}):
+                    continue  # an optional widget newer than the workflow (CreateVideo's bit_depth): its default
                 value = values.pop(0)
                 if name not in linked:
                     inputs[name] = value
