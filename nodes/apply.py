@@ -134,8 +134,12 @@ def check_state_fits(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
                         "load the BF16 model with weight_dtype 'default' to have it checked", source,
                         sample.dtype, type(sample).__name__)
         else:
-            fp = fmt.model_fingerprint(weights, layers)
-            if fp != meta.fingerprint:
+            fp = fmt.model_fingerprint_like(meta.fingerprint, weights, layers)
+            if fp != meta.fingerprint and sample.dtype == torch.float16 and fmt.fingerprint_version(fp) == 1:
+                # an older state's fingerprint; fp16 copies of BF16 weights do not always reproduce it
+                log.warning("%s: cannot verify that this state belongs to this model: ComfyUI holds its "
+                            "weights in fp16 and the state has a version-1 fingerprint", source)
+            elif fp != meta.fingerprint:
                 raise W4A4StateError(
                     source, f"the state was calibrated on another model: it is for the {meta.expert!r} expert "
                     f"with fingerprint {meta.fingerprint}, this MODEL's fingerprint is {fp}",
@@ -179,7 +183,8 @@ def _add_lora_callbacks(model) -> None:
 
 def _hook_for(meta: fmt.StateMeta, source: str) -> tuple[TimestepBinHook, BinSelector]:
     selector = BinSelector(meta.num_bins)
-    return TimestepBinHook(meta.expert, meta.bin_edges, selector, source=os.path.basename(source)), selector
+    return TimestepBinHook(meta.expert, meta.bin_edges, selector, source=os.path.basename(source),
+                           handover=meta.handover), selector
 
 
 def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMeta, source: str = "W4A4 state",
@@ -252,11 +257,11 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: st
 def checkpoint_tensors(model) -> tuple[dict[str, nm.W4A4Params], dict[str, torch.Tensor], fmt.StateMeta]:
     """(W4A4 layers, the other tensors under their keys, meta) of a patched model, on the CPU.
 
-    Weight patches on BF16 layers (a LoRA on the head, say) are baked in the way ComfyUI's own
-    save nodes do it (``load_models_gpu(..., force_patch_weights=True)``).
+    Weight patches on BF16 layers (a LoRA on the head, say) are baked in as ComfyUI computes them
+    (``comfy.lora.calculate_weight`` on the unpatched weight, rounded back with the same stochastic
+    rounding and seed as ``ModelPatcher.patch_weight_to_device``). The model is not loaded for this:
+    ComfyUI 0.33's dynamic VRAM refuses ``force_patch_weights``, and the CPU copies are what is saved.
     """
-    import comfy.model_management
-
     info = w4a4_info(model)
     quantized = w4a4_layers(model)
     if info is None or not quantized:
@@ -268,14 +273,29 @@ def checkpoint_tensors(model) -> tuple[dict[str, nm.W4A4Params], dict[str, torch
         raise W4A4StateError("Save W4A4 checkpoint", f"weight patches (a LoRA?) target W4A4 layers, e.g. "
                              f"{on_quantized[0]}; they cannot be saved into 4-bit weights",
                              "save the checkpoint before applying the LoRA")
-    comfy.model_management.load_models_gpu([model], force_patch_weights=True)
     rest = {}
     for key, t in model.model.diffusion_model.state_dict().items():
         if key.rpartition(".")[0] in quantized:
             continue
-        rest[key] = t.detach().to("cpu", copy=True)
+        rest[key] = _patched_tensor(model, PREFIX + key, t)
     layers = {name: m.w4a4_params(torch.device("cpu"), with_lora=False) for name, m in quantized.items()}
     return layers, rest, info.meta
+
+
+def _patched_tensor(model, key: str, t: torch.Tensor) -> torch.Tensor:
+    """The CPU tensor of ``key`` with the patcher's weight patches applied, as ComfyUI applies them."""
+    import comfy.float
+    import comfy.lora
+    import comfy.model_patcher
+    import comfy.utils
+
+    bk = model.backup.get(key)  # a loaded model holds its patched weight in place, the original here
+    base = (bk.weight if bk is not None else t).detach()
+    if key not in model.patches:
+        return base.to("cpu", copy=True)
+    out = comfy.lora.calculate_weight(model.patches[key], base.to("cpu", torch.float32, copy=True), key)
+    to_seed = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed  # moved in 0.33
+    return comfy.float.stochastic_rounding(out, base.dtype, seed=to_seed(key))
 
 
 def save_w4a4_checkpoint(model, path, overwrite: bool = False) -> str:

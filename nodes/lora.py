@@ -204,6 +204,10 @@ def install_folds(patcher, source: str = "W4A4") -> dict[str, LayerFold | None]:
     kept. Every layer is checked before any is changed. Returns name -> fold for the layers it set."""
     modules = w4a4_modules(patcher.model.diffusion_model)
     tag = patcher.patches_uuid
+    # Under ComfyUI's dynamic VRAM the layers' own tensors stay on the host and are streamed per call;
+    # the fold is kept where the layer runs (``ops.W4A4Core.set_lora``).
+    dynamic = getattr(patcher, "is_dynamic", lambda: False)()
+    device = patcher.load_device if dynamic else None
     checked = {}
     for name, m in modules.items():
         if m.lora_tag is not None and m.lora_tag == tag:
@@ -221,7 +225,7 @@ def install_folds(patcher, source: str = "W4A4") -> dict[str, LayerFold | None]:
             plan[name] = None
             continue
         fold = _fold_parts(m, parts)
-        m.set_lora(fold.down, fold.up, fold.bias, tag)
+        m.set_lora(fold.down, fold.up, fold.bias, tag, device=device)
         # The layer copied the factors into its joined branch: the plan keeps views of those.
         fold.down, fold.up = m.lora_down, m.lora_up
         plan[name] = fold

@@ -42,6 +42,7 @@ import torch
 
 from .. import kernels
 from ..kernels import numerics as nm
+from . import quant_layout as ql
 
 log = logging.getLogger(__name__)
 
@@ -131,21 +132,58 @@ def _compiler_disable(fn):
     return disable(fn) if disable is not None else fn
 
 
+def _lowvram_slot(attr: str):
+    """``weight_lowvram_function``/``bias_lowvram_function``: ComfyUI's dynamic loader hangs a LoRA's
+    ``LowVramPatch`` there (``ModelPatcherDynamic.load``) and ``cast_bias_weight`` would then dequantize,
+    patch and re-quantize the weight. On a W4A4 layer the LoRA is folded instead (``lora.py``), so the
+    slot stays empty there; on a BF16 layer of the custom operations it works as usual."""
+    key = "_w4a4_" + attr
+
+    def get(self):
+        return self.__dict__.get(key)
+
+    def set_(self, value):
+        self.__dict__[key] = None if is_w4a4(self) else value
+
+    return property(get, set_)
+
+
 class W4A4Core:
-    """Behaviour shared by ``W4A4Linear`` and the custom-ops Linear: holds the tensors of one
-    W4A4 layer as buffers named after the ``W4A4Params`` fields and runs the dispatcher."""
+    """Behaviour shared by ``W4A4Linear`` and the custom-ops Linear: holds the tensors of one W4A4 layer
+    and runs the dispatcher.
+
+    Two ways to hold them, chosen once per layer by feature detection (``quant_layout.available``):
+
+    - *quantized-tensor* (ComfyUI with ``comfy.quant_ops``): ``weight`` is a QuantizedTensor of the
+      static tensors, ``bias`` the fp32 bias and ``clip`` the clip table, all three plain attributes
+      (no parameters, no buffers), so ComfyUI's loaders neither patch them as dense weights nor keep
+      them in its shared buffer backups; its dynamic VRAM streams ``weight`` and ``bias`` like its own
+      quantized formats. A folded LoRA lives beside them (``_lora``), on the device the layer runs on.
+    - *buffers* (ComfyUI 0.3.64): every ``numerics.W4A4Params`` field is a buffer and ``weight`` is a
+      ``NoDenseWeight``; a folded LoRA is joined into the ``lr_down``/``lr_up`` buffers.
+
+    Either way ``state_dict()`` lists the same keys (the params fields plus an empty ``weight``).
+    """
 
     comfy_cast_weights = False  # lets ModelPatcher offload the layer in lowvram mode (see module doc)
     w4a4_name: str = ""
     bin_selector: BinSelector | None = None
+    w4a4_qt = False  # quantized-tensor storage (see the class doc)
+
+    weight_lowvram_function = _lowvram_slot("weight_lowvram_function")
+    bias_lowvram_function = _lowvram_slot("bias_lowvram_function")
 
     def _install_w4a4(self, p: nm.W4A4Params, name: str = "", selector: BinSelector | None = None) -> None:
         for field in TENSOR_FIELDS + ("weight",):
             self._parameters.pop(field, None)
             self._buffers.pop(field, None)
             self.__dict__.pop(field, None)
-        for field in TENSOR_FIELDS:
-            self.register_buffer(field, getattr(p, field))
+        self.w4a4_qt = ql.available()
+        if self.w4a4_qt:
+            self.__dict__.update(weight=ql.from_params(p), bias=p.bias, clip=p.clip)
+        else:
+            for field in TENSOR_FIELDS:
+                self.register_buffer(field, getattr(p, field))
         self.in_features, self.out_features = p.in_features, p.out_features
         self.act_unsigned, self.act_shift = bool(p.act_unsigned), float(p.act_shift)
         self.w4a4_name = name
@@ -154,23 +192,52 @@ class W4A4Core:
         self.base_rank = p.rank
         self.lora_tag = None
         self.lora_bias_on, self._base_bias = False, None
+        self._lora = None  # quantized-tensor storage: (down [K, r], up [r, N]) or None
+        self._lora_bias = None  # quantized-tensor storage: fp32 bias delta [N] or None
+        self._on_device = {}  # quantized-tensor storage: clip table copies per device
 
     def __getattr__(self, name):
-        if name == "weight" and "qweight" in self.__dict__.get("_buffers", {}):
+        d = self.__dict__
+        if name in ql.STATIC_FIELDS and ql.is_w4a4_weight(d.get("weight")):
+            return ql.static_tensors(d["weight"])[name]
+        if name == "weight" and "qweight" in d.get("_buffers", {}):
             return NoDenseWeight(self.w4a4_name, (self.out_features, self.in_features))
         return super().__getattr__(name)
+
+    def _own_tensors(self) -> dict[str, torch.Tensor | None]:
+        """The layer's own tensors under the ``numerics.W4A4Params`` field names (without a LoRA)."""
+        if self.w4a4_qt:
+            return {**ql.static_tensors(self.weight), "clip": self.clip, "bias": self.bias}
+        t = {f: getattr(self, f) for f in TENSOR_FIELDS}
+        if self.lora_rank:  # the layer's own branch (views, no copy): a LoRA is not part of the layer
+            t["lr_down"], t["lr_up"] = t["lr_down"][:, :self.base_rank], t["lr_up"][:self.base_rank]
+        if self.lora_bias_on:
+            t["bias"] = self._base_bias
+        return t
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if is_w4a4(self):
+            for field, t in self._own_tensors().items():
+                destination.pop(prefix + field, None)
+                if t is not None:
+                    destination[prefix + field] = t if keep_vars else t.detach()
             destination[prefix + "weight"] = _WEIGHT_KEY_PLACEHOLDER
-            if self.lora_rank:  # the layer's own branch (views, no copy): a LoRA is not part of the layer
-                destination[prefix + "lr_down"] = destination[prefix + "lr_down"][:, :self.base_rank]
-                destination[prefix + "lr_up"] = destination[prefix + "lr_up"][:self.base_rank]
-            if self.lora_bias_on:
-                destination.pop(prefix + "bias", None)
-                if self._base_bias is not None:
-                    destination[prefix + "bias"] = self._base_bias
+
+    def _apply(self, fn, *args, **kwargs):
+        # Module.to / cuda / cpu move parameters and buffers; the quantized-tensor storage keeps its
+        # tensors as plain attributes, which must move with the module (ComfyUI's non-dynamic loaders
+        # move whole modules).
+        out = super()._apply(fn, *args, **kwargs)
+        if self.w4a4_qt:
+            d = self.__dict__
+            for key in ("weight", "bias", "clip", "_lora_bias"):
+                if isinstance(d.get(key), torch.Tensor):
+                    d[key] = fn(d[key])
+            if d.get("_lora") is not None:
+                d["_lora"] = tuple(fn(t) for t in d["_lora"])
+            d["_on_device"] = {}
+        return out
 
     # --- the folded LoRA (lora.py computes it; ModelPatcher callbacks install and clear it) ---------
 
@@ -179,14 +246,19 @@ class W4A4Core:
     lora_bias_on = False  # the ``bias`` buffer includes a LoRA's bias delta; the own bias is _base_bias
     _base_bias = None  # the layer's own bias (host copy) while lora_bias_on; None if it has no bias
 
-    def set_lora(self, down: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None, tag) -> None:
+    def set_lora(self, down: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None, tag,
+                 device: torch.device | None = None) -> None:
         """Install a folded LoRA (or clear it with Nones), replacing the one installed.
 
-        The factors are joined to the branch once, here, rather than per call: the layer then holds
-        the base branch once (inside the joined buffers) and forwards allocate nothing extra. The
-        buffers move with the module (``.to``, ComfyUI's offloading). A bias delta (fp32 [N]) is added
-        to the ``bias`` buffer once; the own bias waits on the host (a plain attribute, so module moves
-        leave it there) and comes back, bit for bit, when the delta goes. Neither delta is ever saved."""
+        Buffers storage: the factors are joined to the branch once, here, rather than per call: the
+        layer then holds the base branch once (inside the joined buffers) and forwards allocate nothing
+        extra. The buffers move with the module (``.to``, ComfyUI's offloading). A bias delta (fp32 [N])
+        is added to the ``bias`` buffer once; the own bias waits on the host (a plain attribute, so module
+        moves leave it there) and comes back, bit for bit, when the delta goes. Neither delta is ever saved.
+
+        Quantized-tensor storage: the static tensors may be streamed by ComfyUI (their resident copy is
+        never refreshed), so the fold is kept beside them, on ``device`` (the device the layer runs on;
+        default: where its weight is), and joined to the branch per call (``w4a4_params``)."""
         if (down is None) != (up is None):
             raise ValueError("lora_down and lora_up go together")
         if down is not None and (down.shape[0] != self.in_features or up.shape != (down.shape[1], self.out_features)
@@ -195,6 +267,13 @@ class W4A4Core:
                              f"{tuple(up.shape)} {up.dtype} do not fit a {self.out_features}x{self.in_features} layer")
         if bias is not None and (bias.shape != (self.out_features,) or bias.dtype != torch.float32):
             raise ValueError(f"W4A4 layer {self.w4a4_name}: LoRA bias delta {tuple(bias.shape)} {bias.dtype}")
+        if self.w4a4_qt:
+            dev = device if device is not None else self.weight.device
+            self._lora = None if down is None else (down.to(dev), up.to(dev))
+            self._lora_bias = None if bias is None else bias.to(dev)
+            self.lora_bias_on = bias is not None
+            self.lora_tag = tag
+            return
         r = self.base_rank
         if down is not None or self.lora_rank:
             l1, l2 = self.lr_down[:, :r], self.lr_up[:r]
@@ -224,26 +303,65 @@ class W4A4Core:
 
     def own_bias(self) -> torch.Tensor | None:
         """The layer's own bias, without a LoRA's delta (on the host while a delta is installed)."""
+        if self.w4a4_qt:
+            return self.bias
         return self._base_bias if self.lora_bias_on else self.bias
 
     @property
     def lora_rank(self) -> int:
+        if self.w4a4_qt:
+            return 0 if self._lora is None else self._lora[0].shape[1]
         lr = self.__dict__.get("_buffers", {}).get("lr_down")  # None on a custom-ops Linear kept in BF16
         return 0 if lr is None else lr.shape[1] - self.base_rank
 
     @property
     def lora_down(self) -> torch.Tensor | None:
-        """The installed LoRA's columns of lr_down (a view), or None."""
+        """The installed LoRA's down factor [K, r] (a view), or None."""
+        if self.w4a4_qt:
+            return None if self._lora is None else self._lora[0]
         return self.lr_down[:, self.base_rank:] if self.lora_rank else None
 
     @property
     def lora_up(self) -> torch.Tensor | None:
-        """The installed LoRA's rows of lr_up (a view), or None."""
+        """The installed LoRA's up factor [r, N] (a view), or None."""
+        if self.w4a4_qt:
+            return None if self._lora is None else self._lora[1]
         return self.lr_up[self.base_rank:] if self.lora_rank else None
+
+    def _joined(self, t: dict, device: torch.device) -> dict:
+        """Quantized-tensor storage: ``t`` (the own tensors, on ``device``) with the folded LoRA joined in:
+        the same [L1 | A'] / [L2 ; B'] and own + delta bias that the buffers storage holds."""
+        if self._lora is not None:
+            down, up = (x.to(device, non_blocking=True) for x in self._lora)
+            t["lr_down"] = torch.cat([t["lr_down"], down], dim=1)
+            t["lr_up"] = torch.cat([t["lr_up"], up], dim=0)
+        if self._lora_bias is not None:
+            delta = self._lora_bias.to(device, non_blocking=True)
+            t["bias"] = delta if t["bias"] is None else t["bias"].to(device) + delta
+        return t
+
+    def _clip_on(self, device: torch.device) -> torch.Tensor:
+        clip = self.clip
+        if clip.device == device:
+            return clip
+        cached = self._on_device.get(device)
+        if cached is None or cached[0] is not clip:
+            cached = (clip, clip.to(device))
+            self._on_device[device] = cached
+        return cached[1]
 
     def w4a4_params(self, device: torch.device | None = None, with_lora: bool = True) -> nm.W4A4Params:
         """This layer as ``W4A4Params`` (the module's own tensors, or copies on ``device``); with its
-        folded LoRA (already in the branch and the bias) unless ``with_lora`` is False."""
+        folded LoRA (joined into the branch and the bias) unless ``with_lora`` is False."""
+        if self.w4a4_qt:
+            tensors = self._own_tensors()
+            if device is not None and self.weight.device != device:
+                tensors = _tensors_to(tensors, device)
+            dev = tensors["qweight"].device
+            tensors["clip"] = self._clip_on(dev)
+            if with_lora:
+                tensors = self._joined(tensors, dev)
+            return nm.W4A4Params(**tensors, act_unsigned=self.act_unsigned, act_shift=self.act_shift)
         tensors = {f: getattr(self, f) for f in TENSOR_FIELDS}
         if not with_lora:
             if self.lora_rank:
@@ -271,6 +389,10 @@ class W4A4Core:
     def num_bins(self) -> int:
         return self.clip.shape[0]
 
+    def _streamed(self, device: torch.device) -> bool:
+        """ComfyUI's dynamic VRAM holds this layer (a virtual VRAM range ``_v``) and must bring it to ``device``."""
+        return self.w4a4_qt and hasattr(self, "_v") and device.type != "cpu" and self.weight.device != device
+
     # torch.compile (ComfyUI's TorchCompileModel node) compiles the rest of the model and calls this
     # eagerly: the Triton kernels are already fused, and tracing the dispatcher would only add graph
     # breaks and recompiles (checked on the CPU: same output with and without compile).
@@ -279,15 +401,30 @@ class W4A4Core:
         if self.weight_function or self.bias_function:
             self._check_weight_functions()
         device = x.device
-        p = self.w4a4_params(device)
         selector = self.bin_selector
         index = selector.index(device) if selector is not None else 0
-        return kernels.w4a4_linear(x, p, index)
+        if not self._streamed(device):
+            return kernels.w4a4_linear(x, self.w4a4_params(device), index)
+        # Dynamic VRAM: ComfyUI faults the weight and bias into VRAM (or a cast buffer) and hands them back
+        # as they are stored: the weight's own dtype keeps it quantized, the bias's keeps it fp32.
+        import comfy.ops
+
+        bias_dtype = self.bias.dtype if self.bias is not None else None
+        weight, bias, stream = comfy.ops.cast_bias_weight(self, x, dtype=self.weight.dtype, device=device,
+                                                          bias_dtype=bias_dtype, offloadable=True)
+        try:
+            tensors = {**ql.static_tensors(weight), "clip": self._clip_on(device), "bias": bias}
+            p = nm.W4A4Params(**self._joined(tensors, device), act_unsigned=self.act_unsigned,
+                              act_shift=self.act_shift)
+            return kernels.w4a4_linear(x, p, index)
+        finally:
+            comfy.ops.uncast_bias_weight(self, weight, bias, stream)
 
     def w4a4_repr(self) -> str:
         lora = f", lora_rank={self.lora_rank}" if self.lora_rank else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lr_down.shape[1]}{lora}, "
-                f"bins={self.num_bins}, unsigned={self.act_unsigned}, bias={self.bias is not None}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.base_rank}{lora}, "
+                f"bins={self.num_bins}, unsigned={self.act_unsigned}, bias={self.own_bias() is not None}"
+                + (", storage=QuantizedTensor" if self.w4a4_qt else ""))
 
 
 class W4A4Linear(W4A4Core, torch.nn.Module):

@@ -2,8 +2,9 @@
 
 ComfyUI is located by ``wan_w4a4.nodes.runtime.find_comfyui`` (``COMFYUI_PATH``, the pack's parent
 folders, ``~/ComfyUI``). Without one, every test that needs it is skipped with a reason starting
-"ComfyUI not found" (``.ci/run`` counts those). Tests marked ``gpu`` are skipped without CUDA and
-Triton.
+"ComfyUI not found" (``.ci/run`` fails when any is). Tests marked ``gpu`` are skipped without CUDA
+and Triton. Where torchvision or torchaudio does not import, ``runtime.init_comfyui`` and
+``runtime.server_command`` put stand-ins in their place (``runtime.install_stand_ins``).
 """
 from __future__ import annotations
 
@@ -138,11 +139,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def comfy_server(comfyui, tmp_path):
-    """A headless ComfyUI server on a free loopback port, CPU only, with a private base directory
-    whose custom_nodes/ holds this pack (a symlink, loaded the real way) and the test-only nodes
-    of tests/comfy_custom_nodes. Stopped after the test."""
+@contextlib.contextmanager
+def start_server(comfyui, tmp_path: Path, *flags: str, cpu: bool = True):
+    """A headless ComfyUI server (``main.py``, the real launcher) on a free loopback port, with a
+    private base directory whose custom_nodes/ holds this pack (a symlink, loaded the real way) and the
+    test-only nodes of tests/comfy_custom_nodes; ``cpu`` adds ``--cpu``, ``flags`` go to main.py as
+    they are. Stopped on exit."""
     base = tmp_path / "comfy"
     custom = base / "custom_nodes"
     custom.mkdir(parents=True)
@@ -154,9 +156,9 @@ def comfy_server(comfyui, tmp_path):
     frontend.mkdir()
     port = _free_port()
     cmd = runtime.server_command(
-        comfyui, "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-        "--disable-auto-launch", "--disable-api-nodes", "--front-end-root", str(frontend),
-        "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}")
+        comfyui, *(("--cpu",) if cpu else ()), "--listen", "127.0.0.1", "--port", str(port),
+        "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes", "--front-end-root",
+        str(frontend), "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}", *flags)
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT,
@@ -183,3 +185,17 @@ def comfy_server(comfyui, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=15)
+
+
+@pytest.fixture
+def comfy_server(comfyui, tmp_path):
+    """A headless CPU ComfyUI server (``start_server``), stopped after the test."""
+    with start_server(comfyui, tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def start_comfy_server(comfyui):
+    """``start(tmp_path, *flags, cpu=True)``: a context manager starting ``start_server`` (GPU tests pass
+    ``cpu=False`` to run ComfyUI as its launcher would on the GPU)."""
+    return lambda tmp_path, *flags, cpu=True: start_server(comfyui, tmp_path, *flags, cpu=cpu)

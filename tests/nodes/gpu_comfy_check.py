@@ -32,7 +32,7 @@ LATENT = (1, 16, 3, 16, 16)  # 3 latent frames of 128 x 128 pixels: 192 tokens
 def boot():
     from wan_w4a4.nodes import runtime
     root = runtime.find_comfyui()
-    runtime.install_torchvision_stub()
+    runtime.install_stand_ins()
     sys.path.insert(0, str(root))
     from comfy.cli_args import args
     args.cpu = not torch.cuda.is_available()  # CPU: a dry run of the logic only
@@ -173,11 +173,21 @@ def main(out_path=None):
     concat = torch.zeros(2, 20, *LATENT[2:], device=DEV)
     mm.load_models_gpu([m])
     full = m.model.apply_model(xin, sigma, c_concat=concat, c_crossattn=ctx).float()
-    settle()
-    m.patch_model(device_to=DEV, lowvram_model_memory=int(0.4 * m.model_size()))
     layers = [mod for mod in m.model.diffusion_model.modules() if is_w4a4(mod)]
-    res["lowvram_w4a4_layers_on_cpu"] = sum(mod.qweight.device.type == "cpu" for mod in layers)
     res["lowvram_w4a4_layers_total"] = len(layers)
+    # ComfyUI's partial-load planning differs between versions (0.33 also reserves room for the next
+    # modules' transfers): the smallest budget, of a few, that leaves some W4A4 layers on the CPU and
+    # moves others is the partial load to check.
+    tried = {}
+    for fraction in (0.4, 0.55, 0.7, 0.85):
+        settle()
+        m.patch_model(device_to=DEV, lowvram_model_memory=int(fraction * m.model_size()))
+        on_cpu = tried[fraction] = sum(mod.qweight.device.type == "cpu" for mod in layers)
+        if 0 < on_cpu < len(layers) or fraction == 0.85:
+            break
+        m.unpatch_model(device_to=m.offload_device)
+    res["lowvram_budget_fraction"], res["lowvram_on_cpu_by_fraction"] = fraction, tried
+    res["lowvram_w4a4_layers_on_cpu"] = on_cpu
     partial = m.model.apply_model(xin, sigma, c_concat=concat, c_crossattn=ctx).float()
     res["lowvram_output_equal"] = bool(torch.equal(full, partial))
     m.unpatch_model(device_to=m.offload_device)

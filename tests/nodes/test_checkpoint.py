@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from wan_w4a4.nodes.quant_layout import no_dense_weight
+
 pytestmark = pytest.mark.comfyui
 
 
@@ -26,7 +28,7 @@ def test_save_load_round_trip_matches_apply(env):
 
     # The quantized Linears were built from the W4A4 tensors; no BF16 weight was ever allocated.
     q = loaded["high"].model.diffusion_model.blocks[0].ffn[2]
-    assert q.qweight.dtype == torch.uint8 and not isinstance(getattr(q, "weight", None), torch.Tensor)
+    assert q.qweight.dtype == torch.uint8 and no_dense_weight(q)
     assert q.act_unsigned
     assert loaded["high"].model.diffusion_model.head.head.weight.shape == (64, 256)  # BF16 rest loaded
     assert loaded["high"].model_size() == high.model_size()

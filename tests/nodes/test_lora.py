@@ -18,6 +18,7 @@ from wan_w4a4.kernels import format as fmt
 from wan_w4a4.kernels import numerics as nm
 from wan_w4a4.nodes import apply as apply_mod
 from wan_w4a4.nodes import lora as lora_mod
+from wan_w4a4.nodes import quant_layout
 from wan_w4a4.nodes.ops import NoDenseWeight, W4A4Linear, is_w4a4
 
 from w4a4_testlib import CLIPS, EDGES, quantizable_linears_of
@@ -262,16 +263,26 @@ def test_fold_layer_equals_w4a4_plus_delta(comfy_nodes, unsigned):
     assert lora_mod.fold_layer(layer, "blocks.0.ffn.2", [(0.0, _lora_adapter(up1, down1), 1.0, None, None)], []) is None
 
 
+def _held(module) -> list[torch.Tensor]:
+    """The tensors a W4A4 layer holds: its buffers, or (quantized-tensor storage) the static tensors,
+    bias, clip table and the fold kept beside them."""
+    if not module.w4a4_qt:
+        return list(module.buffers())
+    held = [*quant_layout.static_tensors(module.weight).values(), module.clip, module.bias, module._lora_bias]
+    return [t for t in held + list(module._lora or ()) if t is not None]
+
+
 def _storage_bytes(module) -> int:
     """Bytes the module's tensors hold (each storage once): what it costs on its device."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in module.buffers()}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _held(module)}
     return sum(storages.values())
 
 
 def test_fold_is_held_once_and_cleared_bit_for_bit(comfy_nodes):
-    """The layer holds base + LoRA once (joined buffers, no separate copy), forwards use those buffers
-    without a per-call copy, and the base comes back bit for bit in storages of its own size; the
-    state's tensors shared with the module are never written into."""
+    """The layer holds base + LoRA once and the base comes back bit for bit in storages of its own size;
+    the state's tensors shared with the module are never written into. Buffers storage: joined buffers,
+    no per-call copy. Quantized-tensor storage (ComfyUI 0.33): the fold beside the untouched static
+    tensors, joined per call into exactly the same params."""
     n, k = 192, 256
     p, g = _random_layer(n, k, True, seed=5)
     originals = {f: getattr(p, f).clone() for f in ("lr_down", "lr_up", "bias")}
@@ -281,12 +292,20 @@ def test_fold_is_held_once_and_cleared_bit_for_bit(comfy_nodes):
     fold = lora_mod.fold_layer(layer, "blocks.0.ffn.2", [(1.0, _lora_adapter(up1, down1), 1.0, None, None)], [])
     layer.set_lora(fold.down, fold.up, fold.bias, tag="a")
     assert layer.lora_rank == 4 and layer.base_rank == 8
+    qt = layer.w4a4_qt
     # exactly the LoRA's own factors: the shift correction went into the bias, which stays one tensor
-    assert fold.bias is not None and _storage_bytes(layer) - before == fold.down.nbytes + fold.up.nbytes
-    assert layer.lora_bias_on and torch.equal(layer.bias, p.bias + fold.bias)
-    assert torch.equal(layer.own_bias(), p.bias) and layer.own_bias().device.type == "cpu"
+    # (quantized-tensor storage: the delta is held apart, the own bias untouched)
+    extra = fold.bias.nbytes if qt else 0
+    assert fold.bias is not None and _storage_bytes(layer) - before == fold.down.nbytes + fold.up.nbytes + extra
     q = layer.w4a4_params()
-    assert q.lr_down is layer.lr_down and q.lr_up is layer.lr_up  # no per-call concatenation
+    assert layer.lora_bias_on and torch.equal(q.bias, p.bias + fold.bias)
+    assert torch.equal(layer.own_bias(), p.bias) and layer.own_bias().device.type == "cpu"
+    if qt:  # joined per call: the same tensors the buffers storage holds
+        assert torch.equal(q.lr_down, torch.cat([p.lr_down, fold.down], 1))
+        assert torch.equal(q.lr_up, torch.cat([p.lr_up, fold.up], 0))
+        assert torch.equal(layer.lr_down, p.lr_down) and torch.equal(layer.bias, p.bias)
+    else:
+        assert q.lr_down is layer.lr_down and q.lr_up is layer.lr_up  # no per-call concatenation
     assert torch.equal(layer.lora_down, fold.down) and torch.equal(layer.lora_up, fold.up)
     # what is saved or exported is the layer without the LoRA
     sd = layer.state_dict()
@@ -300,8 +319,8 @@ def test_fold_is_held_once_and_cleared_bit_for_bit(comfy_nodes):
     fold2 = lora_mod.fold_layer(layer, "blocks.0.ffn.2", [(0.5, _lora_adapter(up2, down2), 1.0, None, None)], [])
     layer.set_lora(fold2.down, fold2.up, fold2.bias, tag="b")
     assert layer.lora_rank == 16 and torch.equal(layer.lr_down[:, :8], p.lr_down)
-    assert _storage_bytes(layer) - before == fold2.down.nbytes + fold2.up.nbytes
-    assert torch.equal(layer.bias, p.bias + fold2.bias)  # the delta of the new fold, on the own bias
+    assert _storage_bytes(layer) - before == fold2.down.nbytes + fold2.up.nbytes + extra
+    assert torch.equal(layer.w4a4_params().bias, p.bias + fold2.bias)  # the new fold's delta, on the own bias
     layer.clear_lora()
     assert layer.lora_rank == 0 and layer.lora_down is None and not layer.lora_bias_on
     assert torch.equal(layer.lr_down, p.lr_down) and torch.equal(layer.lr_up, p.lr_up)
@@ -326,8 +345,8 @@ def test_install_folds_keeps_no_second_copy(comfy_nodes):
     plan = lora_mod.install_folds(patcher)
     layer, fold = root.blocks[0].ffn[0], plan["blocks.0.ffn.0"]
     assert layer.lora_rank == 4 and fold.rank == 4
-    assert fold.down.untyped_storage().data_ptr() == layer.lr_down.untyped_storage().data_ptr()
-    assert fold.up.untyped_storage().data_ptr() == layer.lr_up.untyped_storage().data_ptr()
+    assert fold.down.untyped_storage().data_ptr() == layer.lora_down.untyped_storage().data_ptr()
+    assert fold.up.untyped_storage().data_ptr() == layer.lora_up.untyped_storage().data_ptr()
 
 
 def test_install_folds_one_layer_at_a_time(comfy_nodes, monkeypatch):
@@ -349,10 +368,14 @@ def test_install_folds_one_layer_at_a_time(comfy_nodes, monkeypatch):
     seen, computed = [], []
     real = lora_mod._fold_parts
 
+    def held_by_a_layer(t) -> bool:
+        return any(t is x for layer in root.blocks[0].ffn for x in (layer.lora_down, layer.lora_up))
+
     def spy(module, parts):
-        # what was computed for earlier layers is installed, and no longer held apart
+        # what was computed for earlier layers is installed, and no longer held apart (the buffers
+        # storage copied it into the joined buffers; the quantized-tensor storage holds those tensors)
         seen.append(([layer.lora_rank for layer in root.blocks[0].ffn],
-                     [ref() is None for pair in computed for ref in pair]))
+                     [ref() is None or held_by_a_layer(ref()) for pair in computed for ref in pair]))
         fold = real(module, parts)
         computed.append((weakref.ref(fold.down), weakref.ref(fold.up)))
         return fold
@@ -434,8 +457,9 @@ def test_w4a4_lora_as_close_to_bf16_lora_as_without(lenv, caplog):
     diff_b = load_file(str(env.models_dir / "loras" / "wan_lora_a.safetensors"))[
         "diffusion_model.blocks.0.self_attn.q.diff_b"]
     q_layer = layers["blocks.0.self_attn.q"]
-    assert q_layer.lora_bias_on and torch.equal(q_layer.bias, q_layer.own_bias().to(q_layer.bias.device)
-                                                 + diff_b.float().to(q_layer.bias.device))
+    joined_bias = q_layer.w4a4_params().bias
+    assert q_layer.lora_bias_on and torch.equal(joined_bias, q_layer.own_bias().to(joined_bias.device)
+                                                 + diff_b.float().to(joined_bias.device))
     assert not layers["blocks.0.self_attn.k"].lora_bias_on  # signed layer, no diff_b: no bias change
 
 
@@ -578,9 +602,18 @@ def test_unfoldable_patch_stops_with_a_clear_error(lenv):
 
 
 def test_dense_weight_stand_in(lenv):
+    """``layer.weight`` answers ComfyUI's shape/dtype questions and refuses to become a dense weight."""
     env = lenv
     layer = layer_of(w4a4(env, "high"))
     w = layer.weight
+    if layer.w4a4_qt:  # ComfyUI 0.33: a QuantizedTensor of this pack's layout, the logical bf16 [N, K] weight
+        assert quant_layout.is_w4a4_weight(w) and w.shape == (layer.out_features, layer.in_features)
+        assert w.dtype == torch.bfloat16 and w.nbytes == layer.qweight.nbytes
+        with pytest.raises(NotImplementedError, match="W4A4 weights are made by calibration"):
+            w.requantize_from_float(torch.zeros(w.shape))  # what ComfyUI would do to bake a LoRA in
+        # the weight-only effective weight is what kitchen's fallback ops see
+        assert torch.equal(w.dequantize(), layer.w4a4_params().effective_weight().to(torch.bfloat16))
+        return
     # by name: inside ComfyUI the pack is imported under its folder name (another class object)
     assert type(w).__name__ == NoDenseWeight.__name__ and w.shape == (layer.out_features, layer.in_features)
     with pytest.raises(AttributeError, match="blocks.0.self_attn.q has no BF16 weight"):
@@ -607,8 +640,10 @@ def test_fold_on_gpu_keeps_one_bias_on_the_device(comfy_nodes):
     layer.set_lora(fold.down, fold.up, fold.bias, tag="g")
     del fold
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() - before <= (k + n) * 16 * 2 + 4 * 512  # factors only, no 2nd bias
-    assert layer.bias.is_cuda and layer.own_bias().device.type == "cpu" and torch.equal(layer.own_bias(), p.bias)
+    extra = n * 4 if layer.w4a4_qt else 0  # quantized-tensor storage: the fp32 delta is held apart
+    assert torch.cuda.memory_allocated() - before <= (k + n) * 16 * 2 + extra + 4 * 512  # factors only, no 2nd bias
+    own_dev = "cuda" if layer.w4a4_qt else "cpu"  # buffers storage: the own bias waits on the host
+    assert layer.bias.is_cuda and layer.own_bias().device.type == own_dev and torch.equal(layer.own_bias().cpu(), p.bias)
     out = layer(x.cuda())
     ref = nm.w4a4_linear(x.float(), layer.w4a4_params(torch.device("cpu")), 0)  # the reference, same params
     kernel_db = nm.sqnr_db(ref, out.float().cpu())
