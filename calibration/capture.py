@@ -3,8 +3,9 @@
 The models are ComfyUI MODELs (``ModelPatcher``); sampling goes through ComfyUI's own
 ``comfy.sample.sample`` exactly as two chained ``KSamplerAdvanced`` nodes do in the stock Wan2.2
 I2V workflow: the high-noise expert from step 0 to the switch step (returning leftover noise),
-the low-noise expert from there to the end (adding no noise). The switch step is the first step
-whose model timestep t = model_sampling.timestep(sigma) is below ``config.boundary``.
+the low-noise expert from there to the end (adding no noise). The switch step is
+``config.handover_step`` when set (the workflow's own hand-over), else the first step whose model
+timestep t = model_sampling.timestep(sigma) is below ``config.boundary`` (:func:`handover`).
 
 Hooks exist only while our own sampling call runs: a keyed APPLY_MODEL wrapper on a clone of the
 MODEL reads t of each call, picks the timestep bin, registers forward pre-hooks on the Linears and
@@ -343,6 +344,24 @@ def schedule(model, config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tens
 def switch_step(timesteps: torch.Tensor, boundary: float) -> int:
     """Number of steps the high-noise expert runs: those with t >= boundary."""
     return int((timesteps >= boundary).sum())
+
+
+def handover(timesteps: torch.Tensor, config: CalibrationConfig) -> tuple[int, float]:
+    """(steps the high-noise expert runs, the model timestep between the two experts' bins).
+
+    ``timesteps``: the model timesteps of every step, from :func:`schedule`. By boundary (no
+    ``config.handover_step``): the steps with t >= ``config.boundary``, and that boundary. By step N:
+    steps 0..N-1, and the midpoint of the timesteps of steps N-1 and N. Why the midpoint: every
+    timestep the high expert runs is then >= it and every one the low expert runs below it (as
+    with a boundary, see ``config.bin_of``), with half a step of margin on each side for the float
+    rounding of sigma on another device; it is also where ``config.step_edges`` puts inner edges.
+    """
+    if config.handover_step is None:
+        return switch_step(timesteps, config.boundary), config.boundary
+    n, ts = config.handover_step, [float(t) for t in timesteps]
+    if not 0 < n < len(ts):
+        raise CalibrationError(f"hand-over step {n} is outside the schedule's {len(ts)} steps")
+    return n, (ts[n - 1] + ts[n]) / 2.0
 
 
 def sample_expert(model, item: CalibrationItem, latent: torch.Tensor, config: CalibrationConfig, expert: str,

@@ -1,10 +1,12 @@
 """``python -m wan_w4a4 calibrate``: build the two W4A4 states from two Wan2.2 expert checkpoints.
 
-Example::
+Example (the sampling of ComfyUI's current Wan2.2 14B I2V template: 20 steps, shift 5, hand-over
+after step 10)::
 
     python -m wan_w4a4 calibrate --high wan2.2_i2v_high_noise_14B_fp16.safetensors \\
         --low wan2.2_i2v_low_noise_14B_fp16.safetensors --out states/ --items 2 \\
-        --frames 33 --height 480 --width 832 --blocks-per-pass 10 --token-fraction 0.25
+        --frames 33 --height 480 --width 832 --blocks-per-pass 10 --token-fraction 0.25 \\
+        --steps 20 --shift 5 --handover-step 10
 
 The checkpoints load through ComfyUI's own loader (``comfy.sd.load_diffusion_model``); ComfyUI is
 found as the tests find it (``COMFYUI_PATH``, the pack's parent folders, ``~/ComfyUI``) or given with
@@ -82,7 +84,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shift", type=float, default=d.shift, help="ModelSamplingSD3 shift; 0 keeps the model's")
     s.add_argument("--sampler", default=d.sampler)
     s.add_argument("--scheduler", default=d.scheduler)
-    s.add_argument("--boundary", type=float, default=d.boundary, help="expert switch timestep (I2V 900, T2V 875)")
+    ho = s.add_mutually_exclusive_group()
+    ho.add_argument("--boundary", type=float, default=d.boundary,
+                    help="hand over at this model timestep: the high-noise expert runs the steps with t >= it "
+                         "(Wan2.2 I2V 900, T2V 875; default %(default)s)")
+    ho.add_argument("--handover-step", type=int, default=None, metavar="N",
+                    help="hand over by step instead, as your workflow does: the high-noise expert runs steps "
+                         "0..N-1 (its KSamplerAdvanced's end_at_step = N), the low-noise one the rest. ComfyUI's "
+                         "Wan2.2 14B I2V template: --steps 20 --shift 5 --handover-step 10 (its states also cover the "
+                         "template's 4-step LoRA sampling: t = 1000, 937 | 833, 625)")
     s.add_argument("--bins", type=int, default=d.bins, help="timestep bins per expert")
     s.add_argument("--bin-spacing", choices=BIN_SPACINGS, default=d.bin_spacing,
                    help="uniform: equal intervals of t; steps: an equal share of the sampling steps per bin")
@@ -115,8 +125,8 @@ def config_from_args(args) -> CalibrationConfig:
     from .config import CalibrationConfig
     return CalibrationConfig(
         steps=args.steps, cfg=args.cfg, shift=args.shift or None, sampler=args.sampler, scheduler=args.scheduler,
-        boundary=args.boundary, bins=args.bins, bin_spacing=args.bin_spacing, rank=args.rank,
-        alphas=args.alphas,
+        boundary=args.boundary, handover_step=args.handover_step, bins=args.bins, bin_spacing=args.bin_spacing,
+        rank=args.rank, alphas=args.alphas,
         refine_low_rank=args.refine_low_rank, gptq=args.gptq, gptq_damp=args.gptq_damp,
         gptq_block=args.gptq_block, act_order=args.act_order, unsigned_ffn2=args.unsigned_ffn2,
         clip_grid=args.clip_grid, clip_policy=args.clip_policy, keep=args.keep, rows_per_bin=args.rows_per_bin,

@@ -1,8 +1,11 @@
 """Calibration settings: one dataclass, validated on construction.
 
 The defaults follow the method this pack implements (arXiv 2605.27003 on top of SVDQuant,
-arXiv 2411.05007) and the stock Wan2.2 I2V A14B workflow (ComfyUI template
-``video_wan2_2_14B_i2v.json``: 20 steps, cfg 3.5, shift 8, euler/simple, expert switch at t = 900).
+arXiv 2411.05007) and the earlier revision of ComfyUI's Wan2.2 I2V A14B template
+(``video_wan2_2_14B_i2v.json``: 20 steps, cfg 3.5, shift 8, euler/simple), whose hand-over at step 10
+coincides with the Wan2.2 expert switch at t = 900. The current template uses shift 5 and still hands
+over at step 10 of 20, so the high expert's last steps run at t ~ 882 and 859, below 900: calibrate it
+with ``handover_step=10, shift=5`` (example_workflows/wan22_i2v_w4a4_calibrate.json does).
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def bin_edges(expert: str, bins: int, boundary: float = I2V_BOUNDARY) -> tuple[f
     """Descending model-timestep edges of the ``bins`` equal intervals of one expert.
 
     high: [1000, boundary], low: [boundary, 0], each cut into ``bins`` equal parts; bin i covers
-    [edges[i + 1], edges[i]) (see :func:`bin_of`).
+    [edges[i + 1], edges[i]) (see :func:`bin_of`). ``boundary`` is the model timestep between the
+    experts: the configured one, or the one a hand-over step gives (``capture.handover``).
     """
     if expert not in EXPERTS:
         raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
@@ -87,8 +91,14 @@ class CalibrationConfig:
     """Everything :func:`wan_w4a4.calibration.calibrate` needs besides the models and the items.
 
     Sampling (capture runs the real two-expert I2V sampling through ComfyUI):
-      steps, cfg, shift (ModelSamplingSD3; None keeps the model's own), sampler, scheduler,
-      boundary (model timestep where the low-noise expert takes over; I2V 900, T2V 875).
+      steps, cfg, shift (ModelSamplingSD3; None keeps the model's own), sampler, scheduler, and the
+      hand-over between the experts, one of:
+      - handover_step None (default): by ``boundary``, the model timestep where the low-noise expert
+        takes over (I2V 900, T2V 875): the high expert runs the steps with t >= boundary;
+      - handover_step N: by step, as a workflow whose high-noise KSamplerAdvanced ends at step N (and
+        the low-noise one starts there): the high expert runs steps 0..N-1 whatever their timesteps.
+        The bins then split halfway between the timesteps of steps N-1 and N (``capture.handover``),
+        so each expert's bins cover exactly the timesteps it runs at.
     Bins: ``bins`` intervals of model timestep per expert, each with its own clip ratio; bin_spacing
       "uniform" cuts the expert's range into equal intervals, "steps" gives each bin an equal share of
       the sampling steps (:func:`step_edges`). The edges are stored in the states.
@@ -111,6 +121,7 @@ class CalibrationConfig:
     sampler: str = "euler"
     scheduler: str = "simple"
     boundary: float = I2V_BOUNDARY
+    handover_step: int | None = None  # None: hand over at ``boundary``; N: after N steps of the high expert
     bins: int = 4
     bin_spacing: str = "steps"  # equal steps per bin: "uniform" t leaves the low expert's last bin empty at 20 steps, shift 8
 
@@ -149,6 +160,10 @@ class CalibrationConfig:
              f"shift must be > 0 or None, got {self.shift!r}")
         need(0.0 < self.boundary < T_MAX, f"boundary is a model timestep in (0, {T_MAX:g}), got {self.boundary!r} "
              "(Wan2.2 I2V uses 900, T2V 875)")
+        need(self.handover_step is None or (isinstance(self.handover_step, int) and not isinstance(
+            self.handover_step, bool) and 1 <= self.handover_step < self.steps),
+             f"handover_step must be None (hand over at the boundary) or a step in 1..steps-1 = 1..{self.steps - 1} "
+             f"(the high-noise sampler's end_at_step), got {self.handover_step!r}")
         need(isinstance(self.bins, int) and self.bins >= 1, f"bins must be an int >= 1, got {self.bins!r}")
         need(self.bin_spacing in BIN_SPACINGS, f"bin_spacing must be one of {BIN_SPACINGS}, got {self.bin_spacing!r}")
         need(isinstance(self.rank, int) and self.rank >= 0, f"rank must be an int >= 0, got {self.rank!r}")
@@ -179,12 +194,14 @@ class CalibrationConfig:
         self.out_dir = str(self.out_dir)
 
     # --- derived ----------------------------------------------------------------------------
-    def edges(self, expert: str, timesteps=None) -> tuple[float, ...]:
+    def edges(self, expert: str, timesteps=None, boundary: float | None = None) -> tuple[float, ...]:
         """Bin edges of ``expert``; with bin_spacing "steps", ``timesteps`` (the expert's sampled
-        timesteps) place them."""
+        timesteps) place them. ``boundary``: the timestep between the experts (default: ``self.boundary``;
+        with a hand-over step, the one ``capture.handover`` derives from the schedule)."""
+        boundary = self.boundary if boundary is None else boundary
         if self.bin_spacing == "steps" and timesteps is not None:
-            return step_edges(expert, self.bins, timesteps, self.boundary)
-        return bin_edges(expert, self.bins, self.boundary)
+            return step_edges(expert, self.bins, timesteps, boundary)
+        return bin_edges(expert, self.bins, boundary)
 
     def state_path(self, expert: str) -> Path:
         if expert not in EXPERTS:

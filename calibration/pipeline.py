@@ -28,7 +28,7 @@ from ..kernels import format as fmt
 from ..kernels import numerics
 from . import report as rpt
 from .capture import (CalibrationCancelled, CalibrationError, CalibrationItem, ExpertCapture, GroupStats,
-                      LayerSpec, block_passes, layer_weight, plan_layers, run_capture, schedule, switch_step,
+                      LayerSpec, block_passes, handover, layer_weight, plan_layers, run_capture, schedule,
                       with_shift, _seed)
 from .clip import ClipEvaluator, search_clip
 from .config import EXPERTS, CalibrationConfig
@@ -247,18 +247,20 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
     with torch.inference_mode():
         shifted = {"high": with_shift(models["high"], config.shift)}
         sigmas, ts = schedule(shifted["high"], config)
-        switch = switch_step(ts, config.boundary)
+        switch, boundary = handover(ts, config)
         if switch == 0 or switch == config.steps:
             who = "high" if switch == 0 else "low"
             raise CalibrationError(
                 f"the {who}-noise expert gets no sampling step: with steps={config.steps}, shift={config.shift}, "
                 f"scheduler={config.scheduler!r} the model timesteps are {[round(float(t), 1) for t in ts]} and "
-                f"the boundary is t={config.boundary:g}; change steps, shift or boundary")
-        log.info("schedule: %d steps, high expert for steps 0..%d (t >= %g), low expert for %d..%d",
-                 config.steps, switch - 1, config.boundary, switch, config.steps - 1)
+                f"the boundary is t={config.boundary:g}; change steps, shift or boundary, or hand over by step")
+        log.info("schedule: %d steps, high expert for steps 0..%d (t %.1f..%.1f), low expert for %d..%d "
+                 "(t %.1f..%.1f); bins split at t = %.1f", config.steps, switch - 1, float(ts[0]),
+                 float(ts[switch - 1]), switch, config.steps - 1, float(ts[switch]), float(ts[-1]), boundary)
 
-        edges = {"high": config.edges("high", ts[:switch].tolist()),
-                 "low": config.edges("low", ts[switch:].tolist())}
+        edges = {"high": config.edges("high", ts[:switch].tolist(), boundary),
+                 "low": config.edges("low", ts[switch:].tolist(), boundary)}
+        sampling = handover_meta(config, switch, boundary)
         steps_of = {"high": switch, "low": config.steps - switch}
         done, total = [0], [0]
 
@@ -295,7 +297,7 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
             passes = plan_work(expert)[0]
             m = shifted[expert]
             device = _device(config, model)
-            info[expert] = {"bin_edges": list(edges[expert]), "steps": steps_of[expert],
+            info[expert] = {"bin_edges": list(edges[expert]), "steps": steps_of[expert], "handover": sampling,
                             "timesteps": [], "bin_rows": [0] * config.bins, "passes": passes,
                             "capture_s": [], "quantize_s": []}
             out_latents = None
@@ -346,6 +348,14 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
     return _write_outputs(params, records, info, config, paths)
 
 
+def handover_meta(config: CalibrationConfig, switch: int, boundary: float) -> dict:
+    """The sampling the bins were made for, as the state records it (format.StateMeta.handover):
+    what the hook's out-of-range warning quotes, and what a workflow must match."""
+    return {"by": "boundary" if config.handover_step is None else "step", "boundary": round(float(boundary), 3),
+            "high_steps": switch, "steps": config.steps, "shift": config.shift, "sampler": config.sampler,
+            "scheduler": config.scheduler}
+
+
 def _fingerprint(model, layers: dict) -> str:
     """format.model_fingerprint of the BF16 weights of the quantized layers ("" when none)."""
     if not layers:
@@ -388,7 +398,8 @@ def _write_outputs(params, records, info, config, paths) -> CalibrationResult:
             if not params[expert]:
                 raise CalibrationError(f"the {expert}-noise expert has no quantized layer (keep-list?)")
             meta = fmt.StateMeta(expert=expert, bin_edges=info[expert]["bin_edges"], clip_policy=policy,
-                                 fingerprint=info[expert]["fingerprint"], report={"path": paths["report"].name})
+                                 fingerprint=info[expert]["fingerprint"], report={"path": paths["report"].name},
+                                 handover=info[expert]["handover"])
             fmt.save_state(paths[expert], params[expert], meta, overwrite=config.overwrite)
             written.append(paths[expert])
         rpt.write_json(paths["report"], data, overwrite=config.overwrite)

@@ -11,6 +11,7 @@ import logging
 import os
 
 import comfy.model_management
+import comfy.samplers
 import comfy.utils
 
 from ..calibration import CalibrationConfig, CalibrationItem, calibrate
@@ -33,6 +34,16 @@ def parse_floats(text: str, what: str) -> tuple[float, ...]:
     return values
 
 
+HANDOVERS = ("boundary", "step")
+
+
+def handover_step_of(handover: str, step: int) -> int | None:
+    """The node's hand-over widgets as CalibrationConfig.handover_step (None: by boundary)."""
+    if handover not in HANDOVERS:
+        raise ValueError(f"handover must be one of {HANDOVERS}, got {handover!r}")
+    return int(step) if handover == "step" else None
+
+
 class CalibrateW4A4:
     @classmethod
     def INPUT_TYPES(cls):
@@ -52,7 +63,8 @@ class CalibrateW4A4:
             "shift": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
                                 "tooltip": "ModelSamplingSD3 shift of your workflow."}),
             "boundary": ("FLOAT", {"default": I2V_BOUNDARY, "min": 1.0, "max": 999.0, "step": 1.0, "tooltip":
-                                   "Model timestep where the low-noise expert takes over (Wan2.2 I2V: 900)."}),
+                                   "With handover 'boundary': the model timestep where the low-noise expert "
+                                   "takes over (Wan2.2 I2V: 900). Ignored with handover 'step'."}),
             "bins": ("INT", {"default": 4, "min": 1, "max": 32, "tooltip":
                              "Timestep bins per expert; each gets its own activation clip ratio per layer."}),
             "rank": ("INT", {"default": 32, "min": 0, "max": 256, "tooltip":
@@ -79,6 +91,21 @@ class CalibrateW4A4:
             "blocks_per_pass": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
                                         "Blocks captured per sampling pass (0 = all at once; lower it if "
                                         "calibration runs out of memory)."}),
+            # Optional and last, so that workflows saved before them keep their widget values.
+            "handover": (list(HANDOVERS), {"default": "boundary", "tooltip":
+                         "How your workflow hands over from the high-noise to the low-noise expert. boundary: "
+                         "at the model timestep 'boundary'. step: after 'handover_step' steps, as two "
+                         "KSamplerAdvanced do (the high one's end_at_step). Each expert's timestep bins then "
+                         "cover exactly the timesteps it runs at. ComfyUI's Wan2.2 14B I2V template: step 10 "
+                         "of 20 at shift 5."}),
+            "handover_step": ("INT", {"default": 10, "min": 1, "max": 199, "tooltip":
+                                      "With handover 'step': the step where the low-noise expert takes over "
+                                      "(the high-noise KSamplerAdvanced's end_at_step)."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler", "tooltip":
+                             "Sampler of your workflow."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "simple", "tooltip":
+                          "Scheduler of your workflow (with shift and steps, it decides the timesteps each "
+                          "expert runs at)."}),
         }}
 
     RETURN_TYPES = ("MODEL", "MODEL", "STRING")
@@ -95,7 +122,8 @@ class CalibrateW4A4:
 
     def calibrate(self, model_high, model_low, positive, negative, latent, seed, runs, steps, cfg, shift, boundary,
                   bins, rank, clip_grid, clip_policy, gptq, name, overwrite, keep="", rows_per_bin=1024,
-                  alphas="", blocks_per_pass=0):
+                  alphas="", blocks_per_pass=0, handover="boundary", handover_step=10, sampler_name="euler",
+                  scheduler="simple"):
         keep_list = []
         for k in (keep or "").split(","):
             k = k.strip()
@@ -103,7 +131,8 @@ class CalibrateW4A4:
                 keep_list.append(int(k) if k.isdigit() else k)
         out_dir = os.path.dirname(paths.output_path(f"{name}_high"))
         config = CalibrationConfig(
-            steps=steps, cfg=cfg, shift=shift, boundary=boundary, bins=bins, rank=rank,
+            steps=steps, cfg=cfg, shift=shift, sampler=sampler_name, scheduler=scheduler, boundary=boundary,
+            handover_step=handover_step_of(handover, handover_step), bins=bins, rank=rank,
             clip_grid=parse_floats(clip_grid, "clip_grid"), clip_policy=clip_policy, gptq=gptq,
             alphas=parse_floats(alphas, "alphas") if (alphas or "").strip() else DEFAULT_ALPHAS,
             keep=tuple(keep_list), rows_per_bin=rows_per_bin, blocks_per_pass=blocks_per_pass or None,
@@ -116,12 +145,14 @@ class CalibrateW4A4:
 
         result = calibrate(model_high, model_low, items, config, progress=progress,
                            cancel=comfy.model_management.throw_exception_if_processing_interrupted)
-        patched = []
+        patched, covers = [], []
         for expert, model in (("high", model_high), ("low", model_low)):
             path = str(result[expert])
             layers, meta = fmt.load_state(path)
             patched.append(ap.apply_w4a4_state(model, layers, meta, source=os.path.basename(path)))
-        lines = [f"states: {result.high}, {result.low}; report: {result.report}"]
+            covers.append(f"{expert} t {meta.bin_edges[0]:.1f}..{meta.bin_edges[-1]:.1f}")
+        lines = [f"states: {result.high}, {result.low}; report: {result.report}",
+                 f"calibrated for: {fmt.handover_text(meta.handover)}; bins cover {', '.join(covers)}"]
         for expert, d in result.data.get("experts", {}).items():
             lines.append(f"{expert} expert: {len(d.get('layers', []))} layers, pooled layer-output SQNR vs BF16 "
                          f"{d.get('sqnr_rtn_db_pooled')} dB (plain RTN W4A4) -> {d.get('sqnr_after_db_pooled')} dB")

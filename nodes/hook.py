@@ -12,7 +12,8 @@ packs' wrappers, survives ``ModelPatcher.clone()`` and leaves the single
    KSamplerAdvanced hands each expert a slice of the schedule, so step indices are local;
 3. finds the bin in the state's edges (``format.StateMeta.bin_index``: descending edges, closed at
    the low end like the expert switch); a timestep outside the calibrated range gets the nearest
-   bin and one warning per sampling run;
+   bin and one warning per sampling run (:func:`out_of_range_message`: which step and timestep, what
+   the state covers and was calibrated for, and how to fix it);
 4. fills the model's ``BinSelector`` (one small device write) and records (expert, sigma, t, bin).
 
 Cost: one device-to-host read of sigma per model call (not per layer); the sampler itself reads
@@ -26,6 +27,7 @@ import logging
 
 import torch
 
+from ..kernels.format import handover_text
 from .ops import BinSelector
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class BinRecord:
 class TimestepBinHook:
     """The APPLY_MODEL wrapper of one patched model (one expert, one selector)."""
 
-    def __init__(self, expert: str, bin_edges, selector: BinSelector, source: str = ""):
+    def __init__(self, expert: str, bin_edges, selector: BinSelector, source: str = "", handover: dict | None = None):
         edges = tuple(float(e) for e in bin_edges)
         if len(edges) != selector.num_bins + 1:
             raise ValueError(f"{len(edges)} bin edges for {selector.num_bins} bins")
@@ -60,6 +62,7 @@ class TimestepBinHook:
         self.edges = edges
         self.selector = selector
         self.source = source
+        self.handover = dict(handover or {})  # the state's StateMeta.handover: quoted when a run leaves the range
         self.records: collections.deque[BinRecord] = collections.deque(maxlen=LOG_SIZE)
         self.run = 0
         self._warned_run = -1
@@ -93,17 +96,45 @@ class TimestepBinHook:
         b, in_range = self.bin_of(t_v)
         if not in_range and self._warned_run != self.run:
             self._warned_run = self.run
-            log.warning("W4A4 state %s (expert %r): model timestep %.1f (sigma %.4f) is outside its calibrated "
-                        "range %.1f..%.1f; using the nearest bin (%d). Check that the state is on the right "
-                        "expert and that the sampler's expert switch matches the calibration boundary. "
-                        "(Warned once per run.)", self.source or "?", self.expert, t_v, sigma_v,
-                        self.edges[-1], self.edges[0], b)
+            step = step_of(sigma_v, transformer_options.get("sample_sigmas", None))
+            log.warning("%s", out_of_range_message(self.source, self.expert, t_v, sigma_v, step, self.edges, b,
+                                                   self.handover))
         self.selector.set(b)
         self.records.append(BinRecord(self.run, self.expert, sigma_v, t_v, b, in_range, int(x.shape[0])))
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     def __repr__(self):
         return f"TimestepBinHook(expert={self.expert!r}, edges={list(self.edges)}, {self.selector})"
+
+
+def step_of(sigma: float, sample_sigmas) -> tuple[int, int] | None:
+    """(index, count) of the step at ``sigma`` among the steps this sampler runs, or None if unknown.
+
+    ``sample_sigmas`` is ComfyUI's ``transformer_options["sample_sigmas"]``: the schedule slice the
+    sampler was given, so for a KSamplerAdvanced the index counts from its start_at_step.
+    """
+    if not isinstance(sample_sigmas, torch.Tensor) or sample_sigmas.numel() < 2:
+        return None
+    s = sample_sigmas.detach().reshape(-1)[:-1].float().cpu()
+    return int((s - sigma).abs().argmin()), s.numel()
+
+
+def out_of_range_message(source: str, expert: str, t: float, sigma: float, step, edges, b: int,
+                         handover: dict) -> str:
+    """The warning for a model call outside a state's calibrated timesteps: where, what the state
+    covers, what it was calibrated for, and the fix."""
+    where = (f"step {step[0]} (0-based) of the {step[1]} steps this sampler runs with it"
+             if step is not None else "a sampling step")
+    made_for = handover_text(handover)
+    made_for = f"; calibrated for: {made_for}" if made_for else ""
+    return (f"W4A4 state {source or '?'} (expert {expert!r}): {where} is at model timestep {t:.1f} (sigma "
+            f"{sigma:.4f}), outside its calibrated range t {edges[-1]:.1f}..{edges[0]:.1f}{made_for}. It uses the "
+            f"nearest bin ({b}), whose clip ratios were not calibrated for this timestep. Fix: re-calibrate the "
+            f"states with this workflow's hand-over (Calibrate node: handover 'step', handover_step = the "
+            f"high-noise KSamplerAdvanced's end_at_step, and the workflow's steps, shift and scheduler; CLI: "
+            f"python -m wan_w4a4 calibrate --steps S --shift X --handover-step N), or move the workflow's expert "
+            f"switch into the calibrated range; also check that the state is on the right expert. "
+            f"(Warned once per run.)")
 
 
 def attach_hook(model, hook: TimestepBinHook) -> None:

@@ -86,6 +86,8 @@ def summary(panel: Panel) -> str:
     lines = [f"{panel.title}",
              f"  {len(panel.layers)} W4A4 layers, {m.num_bins} timestep bins (edges t = {edges}), "
              f"clip policy {m.clip_policy}, fingerprint {m.fingerprint or '-'}, made by {m.producer or '?'}"]
+    if m.handover:
+        lines.append(f"  calibrated for: {fmt.handover_text(m.handover)}")
     for b in range(m.num_bins):
         col = c[:, b]
         lines.append(f"  bin {b} (t {m.bin_edges[b]:g}..{m.bin_edges[b + 1]:g}): clip mean {col.mean():.3f}, "

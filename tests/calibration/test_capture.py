@@ -182,3 +182,47 @@ def test_block_passes():
     assert C.block_passes([0, 1, 2, 3, 4], None) == [[0, 1, 2, 3, 4]]
     assert C.block_passes([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
     assert C.block_passes([], 2) == []
+
+
+# The sampling of example_workflows/wan22_i2v_14b_w4a4.json (ComfyUI's current Wan2.2 14B I2V template,
+# shift 5): 20 steps handed over after step 10, and the 4-step lightx2v LoRA path handed over after step 2.
+@pytest.mark.parametrize("steps,step,high_ts,low_ts", [
+    (20, 10, [1000.0, 989.6, 978.3, 965.9, 952.4, 937.5, 921.1, 902.8, 882.4, 859.4],
+     [833.3, 803.6, 769.2, 729.2, 681.8, 625.0, 555.6, 468.8, 357.1, 208.3]),
+    (4, 2, [1000.0, 937.5], [833.3, 625.0]),
+])
+def test_handover_by_step_bins_cover_each_experts_timesteps(comfy_nodes, high_model, steps, step, high_ts, low_ts):
+    from wan_w4a4.nodes.hook import TimestepBinHook
+    from wan_w4a4.nodes.ops import BinSelector
+
+    cfg = CalibrationConfig(steps=steps, shift=5.0, handover_step=step)
+    _, ts = C.schedule(C.with_shift(high_model, cfg.shift), cfg)
+    # the timesteps calibration samples at are the workflow's: ModelSamplingSD3(5) + KSampler's schedule
+    (wf,) = comfy_nodes.NODE_CLASS_MAPPINGS["ModelSamplingSD3"]().patch(high_model, 5.0)
+    import comfy.samplers
+    ms = wf.get_model_object("model_sampling")
+    assert torch.equal(ts, ms.timestep(comfy.samplers.calculate_sigmas(ms, "simple", steps)[:-1]).float())
+    assert [round(float(t), 1) for t in ts] == high_ts + low_ts
+
+    switch, boundary = C.handover(ts, cfg)
+    assert switch == step and low_ts[0] < boundary < high_ts[-1]
+    for expert, run in (("high", ts[:switch]), ("low", ts[switch:])):
+        edges = cfg.edges(expert, run.tolist(), boundary)
+        hook = TimestepBinHook(expert, edges, BinSelector(cfg.bins))
+        assert all(hook.bin_of(float(t))[1] for t in run), (expert, edges, run)  # in range: no warning
+        assert edges[0] == (1000.0 if expert == "high" else boundary)
+        assert edges[-1] == (boundary if expert == "high" else 0.0)
+
+    # the boundary rule (default, t >= 900) hands over earlier when shift 5 puts step 8 below 900:
+    # a workflow handing over at step 10 would then run the high expert outside its bins
+    assert C.handover(ts, CalibrationConfig(steps=steps, shift=5.0)) == (sum(t >= 900 for t in high_ts), 900.0)
+    if steps == 20:
+        assert C.switch_step(ts, 900.0) == 8
+
+
+def test_handover_step_is_validated():
+    with pytest.raises(ValueError, match=r"handover_step must be None .* 1\.\.19"):
+        CalibrationConfig(steps=20, handover_step=20)
+    with pytest.raises(ValueError, match="handover_step"):
+        CalibrationConfig(steps=20, handover_step=0)
+    assert CalibrationConfig(steps=20, handover_step=19).handover_step == 19

@@ -26,20 +26,25 @@ def test_help_needs_no_comfyui():
     out = subprocess.run([sys.executable, "-m", "wan_w4a4", "calibrate", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for flag in ("--high", "--low", "--out", "--overwrite", "--clip-policy", "--blocks-per-pass", "--keep"):
+    for flag in ("--high", "--low", "--out", "--overwrite", "--clip-policy", "--blocks-per-pass", "--keep",
+                 "--boundary", "--handover-step"):
         assert flag in out.stdout
 
 
 @pytest.mark.comfyui
 def test_cli_end_to_end_and_refuses_overwrite(comfyui, tiny_wan_checkpoints, tmp_path):
     ck = tiny_wan_checkpoints
-    args = ["--high", str(ck["high"]), "--low", str(ck["low"]), "--out", str(tmp_path), "--name", "tiny", *FAST_FLAGS]
+    # hand-over by step: 4 of 6 at shift 8 (t = 1000, 975.7, 941.3, 888.9 | 800.5, 616.0), where t >= 900 gives 3
+    args = ["--high", str(ck["high"]), "--low", str(ck["low"]), "--out", str(tmp_path), "--name", "tiny", *FAST_FLAGS,
+            "--handover-step", "4"]
     out = _run(args, comfyui)
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"high: {tmp_path / 'tiny_high.safetensors'}" in out.stdout
     for expert in ("high", "low"):
         layers, meta = fmt.load_state(tmp_path / f"tiny_{expert}.safetensors")
         assert len(layers) == 20 and meta.expert == expert and meta.num_bins == 2
+        assert (meta.handover["by"], meta.handover["high_steps"], meta.handover["steps"]) == ("step", 4, 6)
+        assert 800.5 < meta.bin_edges[-1 if expert == "high" else 0] < 888.9
     report = json.loads((tmp_path / "tiny_report.json").read_text())
     assert report["config"]["rank"] == 8 and report["config"]["clip_grid"] == [1.0, 0.9, 0.8]
     assert "calibrate: 100%" in out.stderr  # the tqdm bar
@@ -64,7 +69,24 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "--items must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse rejects an unknown policy
         main([*base, "--high", str(ck), "--clip-policy", "per_layer"])
+    assert main([*base, "--high", str(ck), "--steps", "20", "--handover-step", "20"]) == 2
+    assert "handover_step must be None (hand over at the boundary) or a step in 1..steps-1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one hand-over: a boundary or a step, not both
+        main([*base, "--high", str(ck), "--boundary", "875", "--handover-step", "10"])
+    assert "not allowed with argument" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_handover_option_reaches_the_config(tmp_path):
+    import argparse
+    from wan_w4a4.calibration.cli import add_arguments, config_from_args
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["--high", "h", "--low", "l", "--out", str(tmp_path)]
+    by_step = config_from_args(p.parse_args([*base, "--steps", "20", "--shift", "5", "--handover-step", "10"]))
+    assert (by_step.handover_step, by_step.steps, by_step.shift, by_step.scheduler) == (10, 20, 5.0, "simple")
+    by_t = config_from_args(p.parse_args([*base, "--boundary", "875"]))
+    assert (by_t.handover_step, by_t.boundary) == (None, 875.0)
 
 
 @pytest.mark.comfyui

@@ -232,7 +232,8 @@ def test_refuses_to_overwrite(models, tmp_path):
 @pytest.mark.parametrize("bad", [dict(steps=1), dict(boundary=1000), dict(bins=0), dict(alphas=()),
                                  dict(alphas=(1.5,)), dict(clip_grid=(1.2,)), dict(clip_policy="per_layer"),
                                  dict(keep=(-1,)), dict(token_fraction=0), dict(blocks_per_pass=0),
-                                 dict(name="a/b"), dict(rank=-1), dict(gptq_damp=0)])
+                                 dict(name="a/b"), dict(rank=-1), dict(gptq_damp=0), dict(handover_step=20),
+                                 dict(handover_step=0), dict(handover_step=True)])
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="CalibrationConfig"):
         CalibrationConfig(**bad)
@@ -245,6 +246,7 @@ def test_config_defaults():
     assert cfg.edges("high") == (1000.0, 975.0, 950.0, 925.0, 900.0)
     assert cfg.edges("low") == (900.0, 675.0, 450.0, 225.0, 0.0)
     assert cfg.shift == 8.0 and cfg.rank == 32 and cfg.clip_policy == "per_bin"
+    assert cfg.handover_step is None and cfg.boundary == 900.0  # hand-over by boundary unless asked
 
 
 def test_step_spacing_fills_every_bin(models, tmp_path):
@@ -263,3 +265,29 @@ def test_step_spacing_fills_every_bin(models, tmp_path):
         info = report["experts"][expert]
         assert all(r > 0 for r in info["bin_rows"]) and info["empty_bin_fallback"] == {}
         assert list(fmt.read_meta(res[expert]).bin_edges) == info["bin_edges"]
+
+
+def test_handover_by_step_bins_cover_the_timesteps_each_expert_ran(models, tmp_path):
+    """Calibrated with a workflow's hand-over step (4 of 6 at shift 5, where t >= 900 would give 3):
+    capture samples with that split, the states record it, and each state's bins cover every timestep
+    its expert ran at (the hook's in-range rule: no out-of-range warning for that workflow)."""
+    from wan_w4a4.nodes.hook import TimestepBinHook
+    from wan_w4a4.nodes.ops import BinSelector
+
+    cfg = CalibrationConfig(**{**FAST, "alphas": (0.5,), "bin_spacing": "steps"}, shift=5.0, handover_step=4,
+                            out_dir=str(tmp_path))
+    res = calibrate(models["high"], models["low"], _items(1), cfg)
+    report = json.loads(res["report"].read_text())
+    ran = {e: report["experts"][e]["timesteps"] for e in ("high", "low")}
+    # ComfyUI's "simple" schedule at shift 5 (sigmas from its 1000-entry table), one call per step (cfg > 1)
+    assert [round(t, 1) for t in ran["high"]] == [1000.0, 961.7, 909.2, 833.3]
+    assert [round(t, 1) for t in ran["low"]] == [714.9, 500.6]
+    for expert in ("high", "low"):
+        meta = fmt.read_meta(res[expert])
+        assert meta.handover == {"by": "step", "boundary": pytest.approx((833.333 + 714.897) / 2, abs=1e-2),
+                                 "high_steps": 4, "steps": 6, "shift": 5.0, "sampler": "euler",
+                                 "scheduler": "simple"}
+        hook = TimestepBinHook(expert, meta.bin_edges, BinSelector(meta.num_bins))
+        assert all(hook.bin_of(t)[1] for t in ran[expert]), (expert, meta.bin_edges, ran[expert])
+        assert report["experts"][expert]["steps"] == len(ran[expert])
+        assert report["experts"][expert]["handover"] == meta.handover

@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 
+from wan_w4a4.nodes.quant_layout import no_dense_weight
+
 from wan_w4a4.kernels import numerics as nm
 from wan_w4a4.nodes.hook import HOOK_KEY
 
@@ -132,6 +134,22 @@ def test_out_of_range_uses_nearest_bin_and_warns_once(env, caplog):
     assert [r.in_range for r in h.records] == [True, True, False]
     warnings = [r for r in caplog.records if "outside its calibrated range" in r.getMessage()]
     assert len(warnings) == 1 and "tiny_high.safetensors" in warnings[0].getMessage()
+    msg = warnings[0].getMessage()  # where, what the state covers, and the fix
+    assert "step 2 (0-based) of the 3 steps this sampler runs with it is at model timestep 888.9" in msg
+    assert "calibrated range t 900.0..1000.0" in msg and "nearest bin (3)" in msg
+    assert "re-calibrate the states with this workflow's hand-over" in msg and "--handover-step N" in msg
+    assert "calibrated for:" not in msg  # this state records no hand-over (made without calibration)
+
+
+def test_out_of_range_message_quotes_the_calibrated_handover():
+    from wan_w4a4.nodes.hook import out_of_range_message
+    handover = {"by": "boundary", "boundary": 900.0, "high_steps": 8, "steps": 20, "shift": 5.0, "sampler": "euler",
+                "scheduler": "simple"}
+    msg = out_of_range_message("s_high.safetensors", "high", 859.375, 0.859375, (9, 10), (1000.0, 950.0, 900.0), 1,
+                               handover)
+    assert "step 9 (0-based) of the 10 steps" in msg and "model timestep 859.4 (sigma 0.8594)" in msg
+    assert "calibrated for: expert switch at t = 900 (step 8 of 20), shift 5, euler/simple" in msg
+    assert "a sampling step is at" in out_of_range_message("s", "low", 1.0, 0.001, None, (900.0, 0.0), 0, {})
 
 
 def test_alongside_another_wrapper(env):
@@ -193,7 +211,7 @@ def test_weight_patch_on_w4a4_layer_fails_clearly(env):
     silently dropped (ModelPatcher patches parameters, and a W4A4 layer has none). LoRAs fold: test_lora.py."""
     q = env.apply(env.unet("high"), "tiny_high.safetensors")
     layer = q.object_patches["diffusion_model.blocks.0.self_attn.q"]
-    assert not isinstance(getattr(layer, "weight", None), torch.Tensor) and layer.qweight.dtype == torch.uint8
+    assert no_dense_weight(layer) and layer.qweight.dtype == torch.uint8
     lora = q.clone()
     assert lora.add_patches({"diffusion_model.blocks.0.self_attn.q.weight": ("diff", (torch.zeros(256, 256),))})
     with pytest.raises(ValueError, match="cannot apply a diff weight patch to W4A4 layer blocks.0.self_attn.q"):

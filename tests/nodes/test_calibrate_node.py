@@ -56,3 +56,28 @@ def test_cancel_leaves_no_file(env):
     assert len(ticks) >= 2
     assert not list(env.w4a4_dir.glob("calib_cancel*")), "a cancelled calibration left files behind"
     assert not list(env.w4a4_dir.glob(".calib_cancel*")), "a cancelled calibration left temporary files"
+
+
+def test_handover_by_step_covers_the_workflows_timesteps(env, caplog):
+    """handover 'step': a workflow handing over after step 3 of 4 at shift 8 runs the high expert at
+    t = 1000, 960, 889, below the 900 the default boundary would calibrate it for. The states made
+    with that hand-over cover every timestep each expert runs at, so sampling it warns of nothing."""
+    import logging
+    from wan_w4a4.nodes.hook import get_hook
+
+    spec = env.node("WanW4A4Calibrate").INPUT_TYPES()["optional"]
+    assert spec["handover"][0] == ["boundary", "step"] and spec["handover"][1]["default"] == "boundary"
+    assert "simple" in spec["scheduler"][0] and "euler" in spec["sampler_name"][0]
+    out = env.node("WanW4A4Calibrate").calibrate(
+        env.unet("high"), env.unet("low"), env.positive, env.negative, env.latent, name="calib_step",
+        overwrite=True, **{**FAST, "handover": "step", "handover_step": 3, "scheduler": "simple"})
+    high, low, report = out["result"]
+    assert "calibrated for: hand-over at step 3 of 4" in report and "shift 8" in report
+    hooks = [get_hook(high), get_hook(low)]
+    for h in hooks:
+        h.records.clear()
+    with caplog.at_level(logging.WARNING):
+        env.two_expert(env.shifted(high), env.shifted(low), steps=4, split=3)
+    assert [round(r.t) for r in hooks[0].records] == [1000, 960, 889] and len(hooks[1].records) == 1
+    assert all(r.in_range for h in hooks for r in h.records)
+    assert not [r for r in caplog.records if "outside its calibrated range" in r.getMessage()]
