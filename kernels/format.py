@@ -36,6 +36,11 @@ Header (``__metadata__``, str -> str; JSON where structured)::
     fingerprint     model_fingerprint() of the BF16 expert the state was made from ("" = unknown)
     producer        e.g. "wan_w4a4 0.1.0"
     report          JSON object, free-form (e.g. {"path": "high.report.json"})
+    handover        optional JSON object: the two-expert sampling the bins were calibrated for (calibration
+                    writes {"by": "boundary" | "step", "boundary", "high_steps", "steps", "shift", "sampler",
+                    "scheduler"}; see handover_text). Absent in files written before it existed, and in
+                    states made without calibration; readers that do not know it ignore it, so the format
+                    version is unchanged
     layers          JSON object, in the order save_state got them: layer -> {"in_features", "out_features", "rank",
                     "act_unsigned", "act_shift", "bias", "crc32": {tensor: crc32 of its bytes}}
     rest            (checkpoints only) JSON object: key -> crc32 of the non-quantized tensors
@@ -116,6 +121,7 @@ class StateMeta:
     report: dict = dataclasses.field(default_factory=dict)
     scheme: str = nm.SCHEME
     scheme_version: int = nm.SCHEME_VERSION
+    handover: dict = dataclasses.field(default_factory=dict)  # {} = not recorded
 
     def __post_init__(self):
         if not isinstance(self.expert, str) or not self.expert.strip():
@@ -137,12 +143,14 @@ class StateMeta:
         for name in ("fingerprint", "producer"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
-        if not isinstance(self.report, dict):
-            raise ValueError(f"report must be a dict (JSON object), got {type(self.report).__name__}")
-        try:
-            json.dumps(self.report)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"report is not JSON-serialisable: {e}") from None
+        for name in ("report", "handover"):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} must be a dict (JSON object), got {type(value).__name__}")
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{name} is not JSON-serialisable: {e}") from None
         newest = SUPPORTED_SCHEMES.get(self.scheme)
         if newest is None:
             raise ValueError(f"scheme {self.scheme!r} is not supported (known: {sorted(SUPPORTED_SCHEMES)})")
@@ -162,8 +170,27 @@ class StateMeta:
         return self.num_bins - 1
 
 
+def handover_text(handover: dict) -> str:
+    """One line saying which sampling a state was calibrated for ("" when the file does not record it)."""
+    if not handover:
+        return ""
+    h = handover
+    try:
+        if h.get("by") == "step":
+            bits = [f"hand-over at step {h['high_steps']} of {h['steps']} (bins split at t = {h['boundary']:.1f})"]
+        else:
+            bits = [f"expert switch at t = {h['boundary']:g} (step {h['high_steps']} of {h['steps']})"]
+        if h.get("shift") is not None:
+            bits.append(f"shift {h['shift']:g}")
+        if h.get("sampler") or h.get("scheduler"):
+            bits.append(f"{h.get('sampler')}/{h.get('scheduler')}")
+    except (KeyError, TypeError, ValueError):  # a free-form header entry: show it as it is rather than fail
+        return json.dumps(h, sort_keys=True)
+    return ", ".join(bits)
+
+
 def _meta_header(meta: StateMeta, kind: str) -> dict[str, str]:
-    return {
+    header = {
         "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "kind": kind,
         "scheme": meta.scheme, "scheme_version": str(meta.scheme_version),
         "bits": str(BITS), "group_size": str(nm.GROUP),
@@ -171,6 +198,9 @@ def _meta_header(meta: StateMeta, kind: str) -> dict[str, str]:
         "clip_policy": meta.clip_policy, "fingerprint": meta.fingerprint, "producer": meta.producer,
         "report": json.dumps(meta.report, sort_keys=True),
     }
+    if meta.handover:  # only when known: files without it stay byte-identical to what older versions wrote
+        header["handover"] = json.dumps(meta.handover, sort_keys=True)
+    return header
 
 
 class _Ctx:
@@ -237,10 +267,11 @@ def _parse_header(ctx: _Ctx, header: dict[str, str] | None, kind: str):
                         hint="update ComfyUI-WanW4A4")
     num_bins = integer("num_bins")
     edges, report = load_json("bin_edges", list), load_json("report", dict)
+    handover = load_json("handover", dict) if "handover" in header else {}
     try:
         meta = StateMeta(expert=header.get("expert", ""), bin_edges=edges, fingerprint=header.get("fingerprint", ""),
                          clip_policy=header.get("clip_policy", ""), producer=header.get("producer", ""),
-                         report=report, scheme=scheme, scheme_version=scheme_version)
+                         report=report, scheme=scheme, scheme_version=scheme_version, handover=handover)
     except ValueError as e:
         raise ctx.error(f"header: {e}", hint=_HINT_RECREATE) from None
     if meta.num_bins != num_bins:
@@ -586,15 +617,25 @@ def read_meta(path, kind: str = "state") -> StateMeta:
 _FP_CHUNKS, _FP_CHUNK = 8, 32  # 256 values per layer, in 8 runs: a few pages of a memory-mapped file
 
 
-def model_fingerprint(weights: Mapping[str, torch.Tensor], layers: Iterable[str]) -> str:
+FINGERPRINT_V2 = "v2-"  # prefix of today's fingerprints; a bare 16-hex fingerprint is version 1
+
+
+def model_fingerprint(weights: Mapping[str, torch.Tensor], layers: Iterable[str], version: int = 2) -> str:
     """A short stable hash of the source model: names, shapes and a deterministic sample of values.
 
     ``weights`` maps state-dict keys to the BF16 weights (``<layer>.weight``); only 256 values per
     layer are read (8 evenly spaced runs of 32), so a memory-mapped or GPU-resident 14B model costs
-    milliseconds. Values are hashed as bfloat16, so fp32 copies of the same BF16 weights match.
-    Two experts of one model share names and shapes but not values, so their fingerprints differ.
+    milliseconds. Two experts of one model share names and shapes but not values, so their
+    fingerprints differ.
+
+    Version 2 (``"v2-"`` + 16 hex digits) hashes each value as bf16(fp16(x)): the same for a BF16
+    weight and for the fp16 or fp32 copy ComfyUI may hold of it (it runs Wan in fp16 where the GPU
+    prefers that, and fp16 rounds BF16 values below 2^-14). Version 1 (16 hex digits, older states)
+    hashed bf16(x), which an fp16 copy does not always reproduce.
     """
-    h = hashlib.sha256(b"wan-w4a4 fingerprint v1\0")
+    if version not in (1, 2):
+        raise ValueError(f"model_fingerprint: unknown version {version}")
+    h = hashlib.sha256(f"wan-w4a4 fingerprint v{version}\0".encode())
     for name in sorted(set(layers)):
         key = f"{name}.weight"
         if key not in weights:
@@ -607,7 +648,20 @@ def model_fingerprint(weights: Mapping[str, torch.Tensor], layers: Iterable[str]
         else:
             starts = [i * (n - _FP_CHUNK) // (_FP_CHUNKS - 1) for i in range(_FP_CHUNKS)]
             sample = torch.cat([flat[s:s + _FP_CHUNK] for s in starts])
+        if version == 2:
+            sample = sample.float().to(torch.float16)
         sample = sample.to(torch.bfloat16).cpu().view(torch.int16).numpy().astype("<i2")
         h.update(f"{name}|{tuple(w.shape)}|".encode())
         h.update(sample.tobytes())
-    return h.hexdigest()[:16]
+    digest = h.hexdigest()[:16]
+    return FINGERPRINT_V2 + digest if version == 2 else digest
+
+
+def fingerprint_version(fingerprint: str) -> int:
+    """The version of a stored fingerprint (see ``model_fingerprint``)."""
+    return 2 if fingerprint.startswith(FINGERPRINT_V2) else 1
+
+
+def model_fingerprint_like(fingerprint: str, weights: Mapping[str, torch.Tensor], layers: Iterable[str]) -> str:
+    """The model's fingerprint in the version of a stored one, to compare the two."""
+    return model_fingerprint(weights, layers, version=fingerprint_version(fingerprint))

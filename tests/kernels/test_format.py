@@ -420,6 +420,8 @@ def test_extra_tensor(state, key, layer, fragment):
     ({"expert": ""}, "expert must be a non-empty string", "re-create"),
     ({"layers": "{}"}, "header lists no layers", "re-create"),
     ({"report": "[]"}, "'report' is a list, expected dict", "re-create"),
+    ({"handover": "[10]"}, "'handover' is a list, expected dict", "re-create"),
+    ({"handover": "{"}, "'handover' is not valid JSON", "re-create"),
 ])
 def test_bad_header(state, changes, fragment, hint):
     path, _ = state
@@ -470,6 +472,7 @@ def test_header_layer_entry_disagrees(state, field, value, fragment):
     ({"clip_policy": "best"}, "clip_policy"),
     ({"report": {"x": object()}}, "JSON"),
     ({"report": "r.json"}, "dict"),
+    ({"handover": [10]}, "handover must be a dict"),
     ({"scheme": "nvfp4"}, "not supported"),
     ({"scheme_version": 2}, "newer ComfyUI-WanW4A4"),
 ])
@@ -477,6 +480,32 @@ def test_state_meta_validates_on_construction(kw, fragment):
     args = {"expert": "low", "bin_edges": [900, 450, 0], **kw}
     with pytest.raises(ValueError, match=fragment.replace("+", r"\+")):
         fmt.StateMeta(**args)
+
+
+HANDOVER = {"by": "step", "boundary": 846.354, "high_steps": 10, "steps": 20, "shift": 5.0, "sampler": "euler",
+            "scheduler": "simple"}
+
+
+def test_handover_round_trips_and_older_files_still_load(tmp_path):
+    """The optional ``handover`` header entry: kept through states and checkpoints; a file without it
+    (everything written before it existed) loads with {} and its header is unchanged."""
+    meta = make_meta(handover=HANDOVER)
+    fmt.save_state(tmp_path / "s.safetensors", make_layers(), meta)
+    assert fmt.load_state(tmp_path / "s.safetensors")[1] == meta and fmt.read_meta(tmp_path / "s.safetensors") == meta
+    assert json.loads(read_raw(tmp_path / "s.safetensors")[1]["handover"]) == HANDOVER
+    assert read_raw(tmp_path / "s.safetensors")[1]["format_version"] == "1"
+    fmt.save_checkpoint(tmp_path / "c.safetensors", make_layers(), {"head.head.weight": torch.zeros(4, 4)}, meta)
+    assert fmt.load_checkpoint(tmp_path / "c.safetensors")[2].handover == HANDOVER
+    old = make_state_file(tmp_path, "old.safetensors")
+    assert "handover" not in read_raw(old)[1] and fmt.read_meta(old).handover == {}
+
+
+def test_handover_text():
+    assert fmt.handover_text({}) == ""
+    assert fmt.handover_text(HANDOVER) == "hand-over at step 10 of 20 (bins split at t = 846.4), shift 5, euler/simple"
+    by_t = {**HANDOVER, "by": "boundary", "boundary": 900.0, "high_steps": 10, "shift": 8.0}
+    assert fmt.handover_text(by_t) == "expert switch at t = 900 (step 10 of 20), shift 8, euler/simple"
+    assert fmt.handover_text({"by": "step"}) == '{"by": "step"}'  # free-form JSON from a file: shown, never raises
 
 
 def test_bin_index_follows_the_documented_intervals():
@@ -510,9 +539,26 @@ def layer_names(sd):
 def test_fingerprint_is_stable_and_short():
     sd = fake_model(0)
     fp = fmt.model_fingerprint(sd, layer_names(sd))
-    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert fp.startswith("v2-") and len(fp) == 19 and int(fp[3:], 16) >= 0 and fmt.fingerprint_version(fp) == 2
     assert fmt.model_fingerprint(fake_model(0), reversed(layer_names(sd))) == fp  # order-free
     assert fmt.model_fingerprint({k: v.float() for k, v in sd.items()}, layer_names(sd)) == fp  # fp32 copy
+
+
+def test_fingerprint_matches_an_fp16_copy():
+    """ComfyUI holds Wan in fp16 where the GPU prefers it: the fp16 copy of BF16 weights must match (found
+    on the H200 with --disable-dynamic-vram: tiny values, below fp16's normal range, round). Version 1
+    does not always; a state with a version-1 fingerprint is compared in version 1."""
+    sd = fake_model(0)
+    sd["blocks.0.self_attn.q.weight"][0, :64] = torch.logspace(-12, -3, 64).to(torch.bfloat16)  # fp16 subnormals
+    half = {k: v.to(torch.float16) for k, v in sd.items()}
+    names = layer_names(sd)
+    assert fmt.model_fingerprint(half, names) == fmt.model_fingerprint(sd, names)
+    assert fmt.model_fingerprint(half, names, version=1) != fmt.model_fingerprint(sd, names, version=1)
+    old = fmt.model_fingerprint(sd, names, version=1)
+    assert fmt.fingerprint_version(old) == 1 and fmt.model_fingerprint_like(old, sd, names) == old
+
+
+PINNED_V2 = "v2-2dea1c6439067487"  # today's states
 
 
 def test_fingerprint_is_pinned():
@@ -521,7 +567,9 @@ def test_fingerprint_is_pinned():
         return ((torch.arange(n * k) * 7 + offset) % 251 - 125).reshape(n, k).to(torch.bfloat16)
     sd = {"blocks.0.self_attn.q.weight": ramp(256, 256, 0), "blocks.0.ffn.2.weight": ramp(256, 640, 3),
           "blocks.0.ffn.0.weight": ramp(4, 8, 5)}  # smaller than the sample: hashed whole
-    assert fmt.model_fingerprint(sd, ["blocks.0.self_attn.q", "blocks.0.ffn.2", "blocks.0.ffn.0"]) == "acaec21395dbfd8a"
+    names = ["blocks.0.self_attn.q", "blocks.0.ffn.2", "blocks.0.ffn.0"]
+    assert fmt.model_fingerprint(sd, names, version=1) == "acaec21395dbfd8a"  # states made before v2
+    assert fmt.model_fingerprint(sd, names) == PINNED_V2
 
 
 def test_fingerprint_tells_models_apart():
