@@ -18,7 +18,8 @@ Configurations (one child process each, so that peak GPU memory and host RSS are
   bf16      UNETLoader, weight_dtype "default"
   fp8       UNETLoader, weight_dtype "fp8_e4m3fn" (fp8 storage, bf16 compute)
   fp8_fast  UNETLoader, weight_dtype "fp8_e4m3fn_fast" (fp8 matmuls where the GPU has them - but see
-            fp8_fast_eval: ComfyUI 0.3.64 leaves Wan in training mode, which turns them off)
+            fp8_fast_eval: ComfyUI 0.3.64 leaves Wan in training mode, which turns them off there;
+            ComfyUI 0.33 runs them, in eval mode)
   w4a4      the pack's "Load W4A4 Wan2.2 model" node on a W4A4 checkpoint made by the pack from the
             same BF16 weights (RTN-grade: numerics.from_float per block Linear, rank-32 branch from a
             randomized SVD, clip 1; format.save_checkpoint). The other tensors stay BF16.
@@ -104,10 +105,12 @@ CONFIGS = {
     "bf16": {"loader": "UNETLoader", "weight_dtype": "default", "cond_batch": "batched"},
     "fp8": {"loader": "UNETLoader", "weight_dtype": "fp8_e4m3fn", "cond_batch": "batched"},
     "fp8_fast": {"loader": "UNETLoader", "weight_dtype": "fp8_e4m3fn_fast", "cond_batch": "batched"},
-    # ComfyUI 0.3.64 leaves Wan's diffusion model in training mode (nn.Module's default; model_base
-    # calls eval() for a few other models only), and fp8_ops.Linear runs its fp8 matmul only when
-    # ``not self.training``: so fp8_e4m3fn_fast computes in 16 bit for Wan. This reference switches
-    # the model to eval mode after loading, to show what the fp8 matmul itself would give.
+    # ComfyUI 0.3.64 leaves Wan's diffusion model in training mode (nn.Module's default; its model_base
+    # calls eval() for a few other models only), and its fp8_ops.Linear runs the fp8 matmul only when
+    # ``not self.training``: so there fp8_e4m3fn_fast computes in 16 bit for Wan. This reference switches
+    # the model to eval mode after loading, to show what the fp8 matmul itself would give. ComfyUI 0.33
+    # puts every diffusion model in eval mode (and its fp8_ops.Linear no longer looks at the mode), so
+    # there fp8_fast already runs the fp8 matmul and fp8_fast_eval is the same as fp8_fast.
     "fp8_fast_eval": {"loader": "UNETLoader", "weight_dtype": "fp8_e4m3fn_fast", "cond_batch": "batched",
                       "eval": True},
     "w4a4": {"loader": "WanW4A4LoadModel", "weight_dtype": "w4a4 checkpoint", "cond_batch": "auto"},
@@ -563,6 +566,7 @@ def env_info(cuda: bool) -> dict:
     try:
         from wan_w4a4.nodes import runtime
         info["comfyui"] = runtime.comfyui_version()
+        info["dynamic_vram"] = runtime.dynamic_vram_enabled()
     except Exception:  # noqa: BLE001
         pass
     try:
@@ -613,7 +617,8 @@ def run_config(args, result: dict) -> dict:
     name, spec = args.config, CONFIGS[args.config]
     arch = arch_of(args.arch)
     cuda = torch.cuda.is_available() and not args.cpu
-    nodes = runtime.init_comfyui(args.comfyui, cpu=not cuda, base_directory=base_dir(args))
+    nodes = runtime.init_comfyui(args.comfyui, cpu=not cuda, base_directory=base_dir(args),
+                                 dynamic_vram=args.dynamic_vram)
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
     import comfy.sd
@@ -666,7 +671,7 @@ def run_config(args, result: dict) -> dict:
             loads[expert] = {"s": round(time.perf_counter() - t0, 2), "how": how,
                              "created_on": str(w.device) if w is not None else "?",
                              "model_size_gib": gib(experts[expert].model_size()),
-                             "training_mode": dm.training,  # fp8_e4m3fn_fast's fp8 matmul needs False
+                             "training_mode": dm.training,  # 0.3.64's fp8_e4m3fn_fast fp8 matmul needs False
                              "host_rss_gib": host_rss_gib()}
             log.info("%s: %s expert loaded in %.1f s (%s, %.2f GiB)", name, expert, loads[expert]["s"], how,
                      loads[expert]["model_size_gib"])
@@ -882,6 +887,8 @@ def child_cmd(args, kind: str, out_json: Path, config: str | None = None) -> lis
         cmd.append("--cpu")
     if args.profile:
         cmd.append("--profile")
+    if args.dynamic_vram:
+        cmd.append("--dynamic-vram")
     if config:
         cmd += ["--config", config]
     return cmd
@@ -1161,7 +1168,11 @@ def report_md(meta: dict, results: dict, calib: dict) -> str:
               "- Allocator: PyTorch's native caching allocator (ComfyUI used as a library; its main.py would pick "
               "`cudaMallocAsync`). Its allocated bytes count a reused block it does not split (a remainder under "
               "1 MiB) whole, so differences of a few tens of MiB between runs are allocator noise; reserved and "
-              "driver-level numbers differ between the two allocators.")]
+              "driver-level numbers differ between the two allocators."),
+            *(["- Dynamic VRAM (comfy-aimdo) on, as ComfyUI 0.33's main.py sets it: the weights it streams live in "
+               "its own virtual VRAM, outside PyTorch's allocator, so peak allocated/reserved leave them out and "
+               "'GPU used, driver' is the column to compare (the targets below read peak allocated)."]
+              if env.get("dynamic_vram") else [])]
     lines.append("")
     if gen:
         lines.append(f"- Files: {json.dumps({k: v for k, v in gen.items() if k != 'device'})}")
@@ -1239,6 +1250,10 @@ def parse_args(argv=None):
                    help="generated models and scratch (default $WAN_BENCH_DIR or <repo>/build/bench_e2e)")
     p.add_argument("--comfyui", type=Path, default=None, help="ComfyUI tree (default: COMFYUI_PATH / auto-detect)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
+    p.add_argument("--dynamic-vram", action="store_true",
+                   help="turn on ComfyUI's dynamic VRAM (comfy-aimdo) as its main.py does by default on NVIDIA "
+                        "(ComfyUI 0.33+; runtime.init_comfyui); weights it streams live outside PyTorch's "
+                        "allocator, so compare the device-level 'used' column")
     p.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--results-md", default=None,
                    help="markdown file to append to (default benchmarks/RESULTS.md for --arch real, none for tiny); 'none'")

@@ -222,8 +222,16 @@ def placeholder_state_dict(layers: dict[str, nm.W4A4Params], rest: dict[str, tor
     return sd
 
 
-def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: str = "auto"):
-    """A ModelPatcher for a self-contained W4A4 checkpoint (see the module doc)."""
+def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: str = "auto",
+                         disable_dynamic: bool = False):
+    """A ModelPatcher for a self-contained W4A4 checkpoint (see the module doc).
+
+    ``disable_dynamic``: a plain ModelPatcher even where ComfyUI streams with dynamic VRAM. ComfyUI
+    0.33 asks a model's ``cached_patcher_init`` factory for one when it needs a non-dynamic copy
+    (TorchCompileModel, hook LoRAs, multi-GPU; ``ModelPatcher.clone``): the loaded model carries this
+    function as that factory, as ComfyUI's own loaders do."""
+    import inspect
+
     import comfy.sd
 
     chunking.check_mode(cond_batch)  # before reading gigabytes
@@ -235,7 +243,9 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: st
     del rest
     options = dict(model_options or {})
     options["custom_operations"] = ops
-    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+    load = comfy.sd.load_diffusion_model_state_dict
+    dynamic_arg = "disable_dynamic" in inspect.signature(load).parameters  # ComfyUI 0.33+
+    model = load(sd, model_options=options, **({"disable_dynamic": disable_dynamic} if dynamic_arg else {}))
     if model is None:
         raise W4A4StateError(path, "ComfyUI did not recognise the model in this checkpoint",
                              "it should hold a Wan2.2 diffusion model; re-save it with Save W4A4 checkpoint")
@@ -247,6 +257,8 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: st
     chunking.attach_split(model, cond_batch)
     _add_lora_callbacks(model)
     model.set_attachments(ATTACHMENT, W4A4Info(meta, str(path), tuple(layers), "checkpoint"))
+    if hasattr(model, "cached_patcher_init"):
+        model.cached_patcher_init = (load_w4a4_checkpoint, (str(path), model_options, cond_batch))
     return model
 
 

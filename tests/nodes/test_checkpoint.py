@@ -60,3 +60,39 @@ def test_inspect_heatmap_and_summary(env):
     assert "bin 3 (t 925..900): clip mean 0.850" in text
     (only_high,) = env.node("WanW4A4InspectState").inspect("tiny_high.safetensors", "(none)")["result"][:1]
     assert only_high.shape[1] < image.shape[1]
+
+
+def test_non_dynamic_copy_of_a_checkpoint_model(env):
+    """ComfyUI 0.33 makes a non-dynamic copy of a model from its ``cached_patcher_init`` factory
+    (TorchCompileModel, hook LoRAs, multi-GPU). A loaded W4A4 checkpoint carries one: the copy is a
+    fresh model with the same layers, and samples bit for bit like the original."""
+    high = env.apply(env.unet("high"), "tiny_high.safetensors")
+    env.node("WanW4A4SaveCheckpoint").save(high, "copy/tiny_high_ck", True)
+    (ck,) = env.node("WanW4A4LoadModel").load("copy/tiny_high_ck.safetensors")
+    if not hasattr(ck, "cached_patcher_init"):
+        assert not hasattr(env.unet("high"), "cached_patcher_init")  # ComfyUI 0.3.64: no such protocol
+        return
+    factory, args = ck.cached_patcher_init[:2]
+    fresh = factory(*args, disable_dynamic=True)
+    assert fresh.model is not ck.model and type(fresh).__name__ == "ModelPatcher"
+    copy = ck.clone(force_deepcopy=True)  # what clone(disable_dynamic=True) does under dynamic VRAM
+    assert copy.model is not ck.model
+    _, ref = env.two_expert(env.shifted(ck), env.shifted(env.apply(env.unet("low"), "tiny_low.safetensors")), steps=2)
+    _, out = env.two_expert(env.shifted(copy), env.shifted(env.apply(env.unet("low"), "tiny_low.safetensors")), steps=2)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.slow
+def test_torch_compile_model_node_on_w4a4(env):
+    """ComfyUI's TorchCompileModel on both kinds of W4A4 model: the W4A4 layers run eagerly inside the
+    compiled model (``ops.W4A4Core.w4a4_forward``), with the same output as without compile."""
+    compile_node = env.nodes.NODE_CLASS_MAPPINGS["TorchCompileModel"]  # a V3 node in both versions
+    low = env.shifted(env.apply(env.unet("low"), "tiny_low.safetensors"))
+    high = env.apply(env.unet("high"), "tiny_high.safetensors")
+    env.node("WanW4A4SaveCheckpoint").save(high, "compile/tiny_high_ck", True)
+    (ck,) = env.node("WanW4A4LoadModel").load("compile/tiny_high_ck.safetensors")
+    for model in (high, ck):
+        _, ref = env.two_expert(env.shifted(model), low, steps=2)
+        (compiled,) = compile_node.execute(model, "inductor").result
+        _, out = env.two_expert(env.shifted(compiled), low, steps=2)
+        assert torch.allclose(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item()), (out - ref).abs().max()

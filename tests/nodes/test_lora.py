@@ -652,3 +652,44 @@ def test_fold_on_gpu_keeps_one_bias_on_the_device(comfy_nodes):
     layer.clear_lora()
     assert layer.bias.is_cuda and torch.equal(layer.bias.cpu(), p.bias) and not layer.lora_bias_on
     assert torch.equal(layer(x.cuda()), base_out)
+
+
+def test_save_bakes_lora_on_bf16_layers_as_comfyui_does(lenv):
+    """Save W4A4 checkpoint with a LoRA only on the BF16 head: the saved head is ComfyUI's own patched
+    weight (calculate_weight + its stochastic rounding), computed without loading the model (ComfyUI
+    0.33's dynamic VRAM refuses force_patch_weights); the quantized layers are saved as they are."""
+    import comfy.lora
+    env = lenv
+    q = w4a4(env, "high")
+    m = q.clone()
+    key = "diffusion_model.head.head.weight"
+    lora = with_lora(env, env.unet("high"), "wan_lora_a.safetensors")
+    assert m.add_patches({key: lora.patches[key][0][1]}, 1.0) == [key]
+    env.node("WanW4A4SaveCheckpoint").save(m, "lora_test/head_lora_ck", True)
+    from safetensors.torch import load_file
+    saved = load_file(str(env.models_dir / "w4a4" / "lora_test" / "head_lora_ck.safetensors"))
+    base = q.model.diffusion_model.state_dict()["head.head.weight"]
+    want = comfy.lora.calculate_weight(m.patches[key], base.float().clone(), key)
+    got = saved["head.head.weight"]
+    assert got.dtype == base.dtype and not torch.equal(got, base)
+    assert (got.float() - want).abs().max() <= want.abs().max() * 2 ** -7  # bf16 rounding of the sum
+    assert torch.equal(saved["blocks.0.self_attn.q.qweight"], layer_of(q).qweight)
+
+
+def test_lowvram_slots_stay_empty_on_w4a4_layers_only(lenv):
+    """ComfyUI's dynamic loader hangs a LoRA's LowVramPatch on ``<param>_lowvram_function`` (it would
+    re-quantize the weight per cast); a W4A4 layer keeps that slot empty, its LoRA is folded. A BF16
+    layer of the same custom operations keeps what ComfyUI puts there."""
+    env = lenv
+    env.node("WanW4A4SaveCheckpoint").save(w4a4(env, "high"), "lora_test/slots_ck", True)
+    (ck,) = env.node("WanW4A4LoadModel").load("lora_test/slots_ck.safetensors")
+    q_layer = ck.model.diffusion_model.blocks[0].self_attn.q
+    head = ck.model.diffusion_model.head.head  # kept BF16 by the custom operations
+    assert is_w4a4(q_layer) and not is_w4a4(head)
+    marker = object()
+    for layer in (q_layer, head):
+        layer.weight_lowvram_function = marker
+        layer.bias_lowvram_function = marker
+    assert q_layer.weight_lowvram_function is None and q_layer.bias_lowvram_function is None
+    assert head.weight_lowvram_function is marker and head.bias_lowvram_function is marker
+    head.weight_lowvram_function = head.bias_lowvram_function = None
