@@ -167,3 +167,31 @@ def _has_quant_ops() -> bool:
     from wan_w4a4.nodes.runtime import find_comfyui
     root = find_comfyui()
     return root is not None and (Path(root) / "comfy" / "quant_ops.py").is_file()
+
+
+def test_calibrate_node_in_main_py_on_gpu(start_comfy_server, gpu_models, tmp_path):
+    """The Calibrate node through 0.33's real launcher (dynamic VRAM on by default): it captures on the
+    streamed BF16 experts, writes both states and hands back W4A4 models that sample in the same prompt
+    (on 0.33 this failed right after capture before W4A4 weights became QuantizedTensors)."""
+    with start_comfy_server(tmp_path / "calibrate", cpu=False) as server:
+        for f in gpu_models.glob("gpu_wan_*.safetensors"):
+            shutil.copy(f, server.models_dir / "diffusion_models")
+        bf16 = dict(_prompts())["bf16"]
+        g = two_expert_graph("calibrated", seed=7, high="gpu_wan_high.safetensors", low="gpu_wan_low.safetensors",
+                             **GRAPH)
+        g["20"] = {"class_type": "WanW4A4Calibrate", "inputs": {
+            "model_high": ["2", 0], "model_low": ["3", 0], "positive": ["1", 0], "negative": ["1", 1],
+            "latent": ["1", 2], "seed": 0, "runs": 1, "steps": GRAPH["steps"], "cfg": GRAPH["cfg"],
+            "shift": GRAPH["shift"], "boundary": 900.0, "bins": 2, "rank": 8, "clip_grid": "1, 0.9",
+            "clip_policy": "per_bin", "gptq": True, "name": "gpu_cal", "overwrite": True, "rows_per_bin": 64,
+            "alphas": "0.5"}}
+        g["4"]["inputs"]["model"], g["5"]["inputs"]["model"] = ["20", 0], ["20", 1]
+        calibrated = _saved(server, server.run_prompt(g, timeout=600))
+        ref = _saved(server, server.run_prompt(bf16, timeout=600))
+        log = server.log()
+    assert all((server.models_dir / "w4a4" / f"gpu_cal_{e}.safetensors").is_file() for e in ("high", "low"))
+    if _has_quant_ops():
+        assert "DynamicVRAM support detected and enabled" in log
+    db = nm.sqnr_db(ref.float(), calibrated.float())
+    print(f"calibrated W4A4 vs BF16: {db:.1f} dB")
+    assert db > W4A4_VS_BF16_FLOOR_DB and not torch.equal(ref, calibrated)
