@@ -133,11 +133,31 @@ def diffusion_model(model, what: str = "model") -> torch.nn.Module:
                                f"{type(inner).__module__}.{type(inner).__name__}; W4A4 calibration "
                                "supports Wan2.1/2.2 transformers (comfy.ldm.wan.model.WanModel)")
     for name in BLOCK_LINEARS:
-        mod = _get(blocks[0], name)
+        mod = bf16_module(model, f"blocks.0.{name}")
         if not isinstance(mod, torch.nn.Linear):
             raise CalibrationError(f"{what} is not a Wan model: blocks.0.{name} is "
                                    f"{type(mod).__name__}, expected a Linear")
     return inner
+
+
+PREFIX = "diffusion_model."  # of the keys of a ModelPatcher's object and weight patches
+
+
+def bf16_module(model, name: str) -> torch.nn.Module | None:
+    """Module ``name`` (e.g. "blocks.3.self_attn.q") of this MODEL, not another clone's stand-in for it.
+
+    Clones share one model: while another clone is loaded (an Apply W4A4 clone after its workflow
+    ran), its object patches - W4A4 layers - sit in the shared module tree, the originals in
+    ``object_patches_backup`` (nodes/apply.py ``w4a4_layers``). ``ModelPatcher.get_model_object``
+    looks there, and ComfyUI puts those originals back in the tree when it loads a clone without
+    such patches (``unpatch_model``), as the calibration's sampling clones are: hooks on them fire."""
+    get = getattr(model, "get_model_object", None)
+    if get is None:  # not a ModelPatcher (diffusion_model says what it is)
+        return _get(model.model.diffusion_model, name)
+    try:
+        return get(PREFIX + name)
+    except AttributeError:
+        return None
 
 
 def _get(root: torch.nn.Module, name: str):
@@ -153,10 +173,10 @@ def plan_layers(model, config: CalibrationConfig, what: str = "model") -> list[L
     """The Linears to quantize, block by block, minus the keep-list."""
     inner = diffusion_model(model, what)
     specs = []
-    for i, block in enumerate(inner.blocks):
+    for i in range(len(inner.blocks)):
         for name in BLOCK_LINEARS:
             full = f"blocks.{i}.{name}"
-            mod = _get(block, name)
+            mod = bf16_module(model, full)
             if config.is_kept(full):
                 continue
             numerics.check_k(mod.in_features, f"{what} {full}.in_features")
@@ -175,15 +195,34 @@ def block_passes(blocks: Sequence[int], blocks_per_pass: int | None) -> list[lis
 
 
 def layer_weight(model, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of Linear ``name`` as the MODEL applies it, LoRA / weight patches included."""
-    mod = _get(model.model.diffusion_model, name)
-    w, b = mod.weight.detach(), None if mod.bias is None else mod.bias.detach()
-    key = f"diffusion_model.{name}.weight"
-    patches = getattr(model, "patches", {}).get(key)
-    if patches and key not in getattr(model, "backup", {}):  # patched in place only while loaded
-        import comfy.lora
-        w = comfy.lora.calculate_weight(patches, w.float().clone(), key)
-    return w, b
+    """(weight, bias) of the BF16 Linear ``name`` without weight patches: while a clone with weight
+    patches is loaded, the tree holds the patched weight in place and ``backup`` (shared by all
+    clones) the original - the weight nodes/apply.py fingerprints (``_original_weight``). The
+    calibration refuses experts whose quantized layers carry patches (:func:`check_no_weight_patches`)."""
+    mod = bf16_module(model, name)
+    bk = getattr(model, "backup", {}).get(f"{PREFIX}{name}.weight")
+    w = (bk.weight if bk is not None else mod.weight).detach()
+    return w, None if mod.bias is None else mod.bias.detach()
+
+
+def weight_patches_on(model, specs: Iterable[LayerSpec]) -> list[str]:
+    """Keys of ``model``'s weight patches (a LoRA, ...) on the Linears ``specs``, sorted."""
+    names = {s.name for s in specs}
+    return sorted(k for k, v in getattr(model, "patches", {}).items()
+                  if v and k.startswith(PREFIX) and k[len(PREFIX):].rpartition(".")[0] in names)
+
+
+def check_no_weight_patches(model, specs: Sequence[LayerSpec], what: str = "model") -> None:
+    """Refuse, before any work, an expert whose layers to quantize carry weight patches: a state holds
+    the quantized plain weights and is checked against them (nodes/apply.py fingerprints the
+    unpatched weights), so a LoRA before Calibrate would be neither in the state nor accepted by it."""
+    keys = weight_patches_on(model, specs)
+    if keys:
+        raise CalibrationError(
+            f"{what} carries weight patches (a LoRA?) on {len(keys)} weights of the layers to quantize, "
+            f"e.g. {keys[0]}; W4A4 states are calibrated on the plain BF16 expert. Connect the Calibrate "
+            "node straight to UNETLoader and add the LoRA after 'Apply W4A4 state' (LoRAs on W4A4 layers "
+            "are folded into them exactly), or keep those layers in BF16 (keep)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,14 +299,14 @@ class ExpertCapture:
         self.edges = tuple(edges) if edges is not None else config.edges(expert)
         blocks = None if blocks is None else set(blocks)
         self.layers = [s for s in layers if blocks is None or s.block in blocks]
-        inner = diffusion_model(model, f"the {expert}-noise model")
+        diffusion_model(model, f"the {expert}-noise model")
         device = stats_device or config.stats_device or model.load_device
         self.groups: dict[str, GroupStats] = {}
         self._hook_modules: dict[str, torch.nn.Module] = {}
         for s in self.layers:
             if s.group not in self.groups:
                 self.groups[s.group] = GroupStats(s.group, s.in_features, config, expert, device)
-                self._hook_modules[s.group] = _get(inner, s.name)
+                self._hook_modules[s.group] = bf16_module(model, s.name)
         self.timesteps: list[float] = []  # model timestep of every model call, in order
         self._bin: int | None = None
 

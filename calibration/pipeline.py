@@ -28,8 +28,8 @@ from ..kernels import format as fmt
 from ..kernels import numerics
 from . import report as rpt
 from .capture import (CalibrationCancelled, CalibrationError, CalibrationItem, ExpertCapture, GroupStats,
-                      LayerSpec, block_passes, handover, layer_weight, plan_layers, run_capture, schedule,
-                      with_shift, _seed)
+                      LayerSpec, block_passes, check_no_weight_patches, handover, layer_weight, plan_layers,
+                      run_capture, schedule, with_shift, _seed)
 from .clip import ClipEvaluator, search_clip
 from .config import EXPERTS, CalibrationConfig
 from .gptq import gptq_quantize, rtn_quantize
@@ -230,14 +230,14 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
     # A zero-argument callable instead of a MODEL is loaded when its expert's turn comes and dropped
     # after it: only one BF16 expert (26.7 GiB at 14B) is then in host memory at a time.
     lazy = {e: callable(m) and not hasattr(m, "model") for e, m in models.items()}
-    layers = {e: plan_layers(m, config, f"the {e}-noise model") for e, m in models.items() if not lazy[e]}
+    layers = {e: _plan(m, config, e) for e, m in models.items() if not lazy[e]}
 
     def load(expert):
         if lazy[expert] and not hasattr(models[expert], "model"):
             log.info("loading the %s-noise expert", expert)
             models[expert] = models[expert]()
         if expert not in layers:
-            layers[expert] = plan_layers(models[expert], config, f"the {expert}-noise model")
+            layers[expert] = _plan(models[expert], config, expert)
         return models[expert]
 
     load("high")
@@ -346,6 +346,14 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
 
     info["resources"] = _resources(t_start, device)
     return _write_outputs(params, records, info, config, paths)
+
+
+def _plan(model, config: CalibrationConfig, expert: str) -> list[LayerSpec]:
+    """The layers of an expert to quantize; refuses weight patches on them (before any sampling)."""
+    what = f"the {expert}-noise model"
+    specs = plan_layers(model, config, what)
+    check_no_weight_patches(model, specs, what)
+    return specs
 
 
 def handover_meta(config: CalibrationConfig, switch: int, boundary: float) -> dict:

@@ -81,3 +81,61 @@ def test_handover_by_step_covers_the_workflows_timesteps(env, caplog):
     assert [round(r.t) for r in hooks[0].records] == [1000, 960, 889] and len(hooks[1].records) == 1
     assert all(r.in_range for h in hooks for r in h.records)
     assert not [r for r in caplog.records if "outside its calibrated range" in r.getMessage()]
+
+
+def test_calibrate_after_apply_on_the_same_cached_experts(env):
+    """A server run caches UNETLoader's MODELs: a W4A4 workflow (Apply + sampling) on them leaves its
+    clone loaded, with its W4A4 layers in the model every clone shares. Calibrating those same BF16
+    experts afterwards must see and run the BF16 Linears (and so give the state of a fresh load)."""
+    from wan_w4a4.kernels import format as fmt
+
+    high, low = env.unet("high"), env.unet("low")
+    env.two_expert(env.shifted(env.apply(high, "tiny_high.safetensors")),
+                   env.shifted(env.apply(low, "tiny_low.safetensors")), steps=2)
+    node = env.node("WanW4A4Calibrate")
+    node.calibrate(high, low, env.positive, env.negative, env.latent, name="calib_after_apply", overwrite=True,
+                   **FAST)
+    node.calibrate(env.unet("high"), env.unet("low"), env.positive, env.negative, env.latent,
+                   name="calib_fresh", overwrite=True, **FAST)
+    for expert in ("high", "low"):
+        after, meta_after = fmt.load_state(str(env.w4a4_dir / f"calib_after_apply_{expert}.safetensors"))
+        fresh, meta_fresh = fmt.load_state(str(env.w4a4_dir / f"calib_fresh_{expert}.safetensors"))
+        assert meta_after.fingerprint == meta_fresh.fingerprint
+        for name, p in fresh.items():
+            assert torch.equal(after[name].qweight, p.qweight), f"{expert} {name}"
+
+
+def _calibrate_counting_progress(env, high, low, name):
+    """Run the node; returns (the exception it raised, progress updates before it)."""
+    import comfy.utils
+
+    ticks = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: ticks.append(value))
+    try:
+        with pytest.raises(Exception) as info:
+            env.node("WanW4A4Calibrate").calibrate(high, low, env.positive, env.negative, env.latent, name=name,
+                                                   overwrite=False, **FAST)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    return info.value, ticks
+
+
+def test_expert_with_a_lora_is_refused_before_any_work(env):
+    """A LoRA before Calibrate: the state would hold the plain weights while sampling saw the LoRA'd ones,
+    and Apply checks the plain ones. Refused before any sampling, naming the expert and a patched layer;
+    no file is written."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    n, k = env.unet("high").model.diffusion_model.blocks[0].self_attn.q.weight.shape
+    loras = env.models_dir / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(n, 4, generator=g) * 0.1,
+               "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, k, generator=g) * 0.1},
+              str(loras / "calib_lora.safetensors"))
+    (low,) = env.nodes.LoraLoaderModelOnly().load_lora_model_only(env.unet("low"), "calib_lora.safetensors", 1.0)
+    err, ticks = _calibrate_counting_progress(env, env.unet("high"), low, "calib_lora")
+    assert "the low-noise model carries weight patches" in str(err), err
+    assert "diffusion_model.blocks.0.self_attn.q.weight" in str(err) and "Apply W4A4 state" in str(err)
+    assert ticks == [], "the patched expert was refused only after the calibration had started"
+    assert not list(env.w4a4_dir.glob("*calib_lora*"))
