@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import os
 import re
 from pathlib import Path
 
@@ -28,6 +29,14 @@ I2V_BOUNDARY = 900.0
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                  "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
                  "ffn.0", "ffn.2")
+# One file name may have at most NAME_MAX bytes (Linux ext4 / xfs / btrfs / tmpfs). Each output file is
+# written under a temporary name in the same folder first: kernels/format.py (states) and report.py
+# (the report) use ".<file name>.<8 random characters>.tmp" (tempfile.mkstemp), 14 bytes more; the
+# pattern format.py moves to, ".<file name>.w4a4-tmp-<pid>-<8 hex>", takes 20 + up to 7 pid digits
+# (Linux pid_max <= 2**22). The larger of the two bounds the names here.
+NAME_MAX = 255
+TEMP_NAME_EXTRA = 27
+
 # Linears fed by GELU-tanh: shifted by numerics.GELU_SHIFT onto the unsigned 4-bit grid (SVDQuant).
 UNSIGNED_LINEARS = ("ffn.2",)
 
@@ -84,6 +93,25 @@ def bin_of(t: float, edges) -> int:
         if t >= edges[i + 1]:
             return i
     return b - 1
+
+
+def output_names(name: str) -> dict[str, str]:
+    """The file names a calibration named ``name`` writes: "high", "low" (states) and "report"."""
+    return {**{e: f"{name}_{e}.safetensors" for e in EXPERTS}, "report": f"{name}_report.json"}
+
+
+def name_length_problem(name: str) -> str | None:
+    """Why ``name`` is too long for the files it names (None if it is not): the longest of them,
+    under its temporary name, must fit NAME_MAX bytes."""
+    longest = max(output_names(name).values(), key=lambda f: len(os.fsencode(f)))
+    size = len(os.fsencode(longest)) + TEMP_NAME_EXTRA
+    if size <= NAME_MAX:
+        return None
+    n = len(os.fsencode(name))
+    return (f"name is too long: it has {n} bytes, and '<name>{longest[len(name):]}' takes {size} bytes under its "
+            f"temporary name "
+            f"while it is written, more than the file-system limit of {NAME_MAX} bytes per file name; "
+            f"use a name of at most {n - (size - NAME_MAX)} bytes")
 
 
 @dataclasses.dataclass
@@ -191,6 +219,8 @@ class CalibrationConfig:
              f"blocks_per_pass must be None or an int >= 1, got {self.blocks_per_pass!r}")
         need(bool(self.name) and re.fullmatch(r"[\w.\-]+", self.name) is not None,
              f"name must be a plain file-name stem, got {self.name!r}")
+        problem = name_length_problem(self.name)
+        need(problem is None, problem)
         self.out_dir = str(self.out_dir)
 
     # --- derived ----------------------------------------------------------------------------
@@ -206,11 +236,11 @@ class CalibrationConfig:
     def state_path(self, expert: str) -> Path:
         if expert not in EXPERTS:
             raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
-        return Path(self.out_dir) / f"{self.name}_{expert}.safetensors"
+        return Path(self.out_dir) / output_names(self.name)[expert]
 
     @property
     def report_path(self) -> Path:
-        return Path(self.out_dir) / f"{self.name}_report.json"
+        return Path(self.out_dir) / output_names(self.name)["report"]
 
     def is_kept(self, name: str) -> bool:
         """Whether the Linear ``name`` (e.g. "blocks.3.ffn.2") stays BF16 by the keep-list."""

@@ -120,6 +120,16 @@ def _calibrate_counting_progress(env, high, low, name):
     return info.value, ticks
 
 
+def test_too_long_name_is_refused_before_any_work(env):
+    """230 characters: a legal file name stem whose temporary file name (while writing) passes 255 bytes.
+    Refused at once, saying the limit and the name's size; no sampling step, no file."""
+    name = "n" * 230
+    err, ticks = _calibrate_counting_progress(env, env.unet("high"), env.unet("low"), name)
+    assert isinstance(err, ValueError) and "255 bytes" in str(err) and "it has 230 bytes" in str(err), err
+    assert ticks == [], "the name was refused only after the calibration had started"
+    assert not list(env.w4a4_dir.glob(f"*{name}*"))
+
+
 def test_expert_with_a_lora_is_refused_before_any_work(env):
     """A LoRA before Calibrate: the state would hold the plain weights while sampling saw the LoRA'd ones,
     and Apply checks the plain ones. Refused before any sampling, naming the expert and a patched layer;
