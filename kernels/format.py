@@ -51,10 +51,19 @@ Tensor names do not copy comfy-kitchen's ``svdquant_w4a4`` keys (``wscales``, ``
 purpose: their shapes and meaning differ (per-group scales [G, N], ``proj_up`` [N, R]), and a loader
 that recognised the names would misread the tensors.
 
-Loading checks the header, then every tensor's presence, dtype and shape from the safetensors header
-(before reading data), then the header's CRC32, then values and every tensor's CRC32 (``verify=False``
-skips the CRCs, about 4 GB/s of one core's time). Any problem raises :class:`W4A4FormatError` naming the
-file, the layer and the problem, with a hint.
+Loading reads the file through one open handle (``_File``; a concurrent replace cannot mix two files)
+and checks, before reading any tensor data: the safetensors header itself (a JSON object; every tensor's
+dtype, shape and offsets, which must tile the data section to the end of the file), the W4A4 header,
+every tensor's presence, dtype and shape, the header's CRC32, and that no tensor is undeclared. Then
+values (non-finite ones refused, also in a checkpoint's other tensors) and every tensor's CRC32
+(``verify=False`` skips the CRCs, about 4 GB/s of one core's time). ``read_layout`` stops before the
+data, so that a node can hold a file against the model first. Any problem raises
+:class:`W4A4FormatError` naming the file, the layer and the problem, with a hint.
+
+Writing goes to ``.<name>.w4a4-tmp-<pid>-<random>`` beside the target, then publishes it: os.replace
+with ``overwrite``, otherwise os.link, which fails if the name exists, also when another process took
+it meanwhile. Temporary files left by killed writers are removed once stale (``is_stale_temp``) when
+their folder is next written or listed.
 """
 from __future__ import annotations
 
@@ -65,7 +74,11 @@ import json
 import logging
 import math
 import os
-import tempfile
+import re
+import secrets
+import stat
+import struct
+import time
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -249,10 +262,12 @@ def _parse_header(ctx: _Ctx, header: dict[str, str] | None, kind: str):
     if version < 1:
         raise ctx.error(f"format_version {version} is invalid", hint=_HINT_RECREATE)
     file_kind = header.get("kind")
+    if file_kind not in KINDS:  # not "a checkpoint" to one reader and "a state" to the other: say what it is
+        problem = "header lacks 'kind'" if file_kind is None else f"header kind {file_kind!r} is unknown"
+        raise ctx.error(f"{problem}: neither a W4A4 state nor a W4A4 checkpoint", hint=_HINT_RECREATE)
     if file_kind != kind:
-        other = {"state": "load_state", "checkpoint": "load_checkpoint"}.get(file_kind)
-        raise ctx.error(f"file is a {file_kind!r}, expected a {kind!r}",
-                        hint=f"open it with {other}()" if other else _HINT_RECREATE)
+        other = {"state": "load_state", "checkpoint": "load_checkpoint"}[file_kind]
+        raise ctx.error(f"file is a {file_kind!r}, expected a {kind!r}", hint=f"open it with {other}()")
     for key, want in (("bits", BITS), ("group_size", nm.GROUP)):
         if integer(key) != want:
             raise ctx.error(f"header {key} = {header[key]}, this pack only reads {want}", hint="update ComfyUI-WanW4A4")
@@ -417,13 +432,113 @@ def _layer_tensors(ctx: _Ctx, name: str, p: nm.W4A4Params, meta: StateMeta) -> t
     return entry, tensors
 
 
+# Temporary files: ".<name>.w4a4-tmp-<pid>-<random>" beside the target, so that a writer killed mid-save
+# leaves a file that says what it is and who made it (TEMP_RE); ``remove_stale_temps`` deletes them later.
+TEMP_MARK = ".w4a4-tmp-"
+TEMP_RE = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(\d+)-[0-9a-f]+$")
+# what versions before TEMP_MARK left (tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")): no pid in the name
+_LEGACY_TEMP_RE = re.compile(r"^\..+\.safetensors\.[0-9a-z_]{8}\.tmp$")
+STALE_TEMP_AGE_S = 24 * 3600
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` exists on this machine (None: cannot tell)."""
+    if pid <= 0:
+        return None  # os.kill(0, ...) would signal our own process group
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except (OSError, OverflowError):
+        return None
+    return True
+
+
+def is_stale_temp(name: str, mtime: float, now: float, pid_alive=_pid_alive) -> bool:
+    """The one rule for leftover temporary files: a W4A4 temp file older than STALE_TEMP_AGE_S whose
+    writer is not alive (or cannot be told: an old-style name without a pid, a pid we cannot query)."""
+    m = TEMP_RE.match(name)
+    if m is None and not _LEGACY_TEMP_RE.match(name):
+        return False
+    if now - mtime < STALE_TEMP_AGE_S:
+        return False
+    return m is None or pid_alive(int(m.group(1))) is not True
+
+
+def remove_stale_temps(folder, now: float | None = None) -> list[str]:
+    """Delete the stale temporary files (``is_stale_temp``) directly in ``folder``; returns their paths.
+    Never fails: cleaning up must not stop the listing or the write that triggered it."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if not entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                continue
+            if is_stale_temp(entry.name, entry.stat(follow_symlinks=False).st_mtime, now):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+                log.warning("removed %s: a temporary file left by an interrupted W4A4 save", entry.path)
+        except OSError:  # gone meanwhile (another cleaner), or not ours to delete
+            continue
+    return removed
+
+
+def _temp_path(path: str) -> str:
+    """A new, empty temporary file beside ``path`` (created with O_EXCL: never shared with another writer)."""
+    folder, base = os.path.split(path)
+    while True:
+        tmp = os.path.join(folder, f".{base}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _exists_error(path: str) -> FileExistsError:
+    return FileExistsError(errno.EEXIST, "W4A4 file already exists (pass overwrite=True to replace it)", path)
+
+
+def _publish(tmp: str, path: str, overwrite: bool) -> None:
+    """Give the finished ``tmp`` the name ``path``. Without ``overwrite`` this is one atomic step that
+    fails if ``path`` exists, also when another process published it a moment ago (a check followed
+    by os.replace would let both succeed, the second silently replacing the first)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _exists_error(path) from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # a file system without hard links: reserve the name with O_EXCL, then replace the empty
+        # reservation (a reader in between sees an empty file, which it refuses as truncated)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            raise _exists_error(path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def _write(path, tensors: dict[str, torch.Tensor], header: dict[str, str], overwrite: bool) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then os.replace."""
+    """Write atomically: a temporary file in the same folder, fsync, then publish it (``_publish``)."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
-    if not overwrite and os.path.exists(path):
-        raise FileExistsError(errno.EEXIST, "W4A4 file already exists (pass overwrite=True to replace it)", path)
+    folder = os.path.dirname(os.path.abspath(path))
+    remove_stale_temps(folder)
+    if not overwrite and os.path.lexists(path):  # early, before the work; _publish decides for sure
+        raise _exists_error(path)
     # safetensors refuses tensors that share memory (e.g. q/k/v sharing one L1): give each its own copy.
     seen = set()
     for key, v in tensors.items():
@@ -432,16 +547,17 @@ def _write(path, tensors: dict[str, torch.Tensor], header: dict[str, str], overw
             tensors[key] = v.clone()
         seen.add(ptr)
     header = {**header, "header_crc32": _header_crc32(header)}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    tmp = _temp_path(path)
     try:
-        save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if not overwrite and os.path.exists(path):  # appeared while we wrote
-            raise FileExistsError(errno.EEXIST, "W4A4 file already exists (pass overwrite=True to replace it)", path)
-        os.replace(tmp, path)
+        try:
+            save_file(tensors, tmp, metadata=header)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as e:  # safetensors reports a full disk as its own error type, not as OSError
+            code = getattr(e, "errno", None) or errno.EIO
+            raise OSError(code, f"cannot write the W4A4 file {path}: {getattr(e, 'strerror', None) or e} "
+                                f"(nothing was written)", path) from e
+        _publish(tmp, path, overwrite)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -504,35 +620,167 @@ def save_checkpoint(path, layers: Mapping[str, nm.W4A4Params], rest: Mapping[str
 # Reading
 # ---------------------------------------------------------------------------------------------
 
-def _open(ctx: _Ctx):
-    from safetensors import safe_open
+# safetensors' dtype names -> torch dtypes this reader can return
+_ST_DTYPES = {name: dt for dt, name in _DTYPE_NAMES.items()}
+_ST_DTYPES.update({n: getattr(torch, t) for n, t in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                                                      ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"))
+                   if hasattr(torch, t)})
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor as the safetensors header declares it; ``begin`` is its offset in the data section."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    nbytes: int
+
+
+class _File:
+    """A safetensors file read through ONE open handle: a concurrent os.replace of the path can never
+    mix two files (safetensors' own reader re-opens the path for tensor data). The constructor checks
+    the whole header - JSON object, metadata, every tensor's dtype, shape and offsets, and that the
+    offsets tile the data section exactly to the end of the file - before any tensor byte is read."""
+
+    def __init__(self, ctx: _Ctx):
+        self.ctx = ctx
+        try:
+            fd = os.open(ctx.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # FIFO: no hang
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "W4A4 file not found", ctx.path) from None
+        except OSError as e:
+            raise ctx.error(f"cannot be opened ({e.strerror or e})", hint=_HINT_RECREATE) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ctx.error("is not a regular file (a FIFO, device or folder?)",
+                                hint="put the W4A4 .safetensors file itself in the folder")
+        except BaseException:
+            os.close(fd)
+            raise
+        self.stat = st
+        self.fh = os.fdopen(fd, "rb", buffering=0)
+        try:
+            self._parse(st.st_size)
+        except BaseException:
+            self.fh.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def replaced(self) -> bool:
+        """Whether the path now names another file than the one we read (replaced meanwhile)."""
+        try:
+            now = os.stat(self.ctx.path)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (self.stat.st_dev, self.stat.st_ino)
+
+    def _bad(self, problem: str, hint: str = f"the file is truncated or corrupt; {_HINT_RECREATE}"):
+        return self.ctx.error(f"cannot be read as safetensors: {problem}", hint=hint)
+
+    def _read_exact(self, offset: int, n: int, out=None) -> memoryview:
+        buf = memoryview(bytearray(n) if out is None else out).cast("B")
+        self.fh.seek(offset)
+        got = 0
+        while got < n:
+            k = self.fh.readinto(buf[got:])
+            if not k:
+                raise self._bad(f"ends at byte {offset + got}, {n - got} bytes before its data does "
+                                f"(it shrank while being read?)")
+            got += k
+        return buf
+
+    def _parse(self, size: int) -> None:
+        if size < 8:
+            raise self._bad(f"is {size} bytes long, too short for a safetensors file")
+        (n,) = struct.unpack("<Q", bytes(self._read_exact(0, 8)))
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise self._bad(f"header claims {n} bytes, but the file has {size - 8} after the length field"
+                            + (f" and safetensors allows at most {MAX_HEADER_BYTES}" if n > MAX_HEADER_BYTES else ""))
+        try:
+            header = json.loads(bytes(self._read_exact(8, n)).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise self._bad(f"header is not valid JSON ({type(e).__name__})") from None
+        if not isinstance(header, dict):
+            raise self._bad(f"header is a JSON {type(header).__name__}, expected an object")
+        meta = header.pop("__metadata__", None)
+        if meta is not None and not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                                      for k, v in meta.items())):
+            raise self._bad("header __metadata__ is not an object of strings")
+        self.meta: dict[str, str] | None = meta
+        self.data_start, data_size = 8 + n, size - 8 - n
+        self.specs: dict[str, TensorSpec] = {}
+        for key, entry in header.items():
+            self.specs[key] = self._spec(key, entry)
+        end = 0
+        for key, spec in sorted(self.specs.items(), key=lambda kv: (kv[1].begin, kv[1].nbytes)):
+            if spec.begin != end:
+                raise self._bad(f"tensor {key!r} starts at data byte {spec.begin}, expected {end} "
+                                f"(tensors overlap or leave a gap)")
+            end += spec.nbytes
+        if end != data_size:
+            raise self._bad(f"the header declares {end} bytes of tensor data, the file holds {data_size}")
+
+    def _spec(self, key: str, entry) -> TensorSpec:
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if not isinstance(entry, dict):
+            raise self._bad(f"tensor {key!r}: header entry is a {type(entry).__name__}, expected an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _ST_DTYPES:
+            raise self._bad(f"tensor {key!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(is_int(d) for d in shape):
+            raise self._bad(f"tensor {key!r} has invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
+            raise self._bad(f"tensor {key!r} has invalid data_offsets {offsets!r}")
+        nbytes = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise self._bad(f"tensor {key!r}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
+                            f"its {dtype} shape {shape} needs {nbytes}")
+        return TensorSpec(dtype, tuple(shape), offsets[0], nbytes)
+
+    def keys(self) -> list[str]:
+        return list(self.specs)
+
+    def metadata(self) -> dict[str, str] | None:
+        return self.meta
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        spec = self.specs[key]
+        raw = torch.empty(spec.nbytes, dtype=torch.uint8)
+        if spec.nbytes:
+            self._read_exact(self.data_start + spec.begin, spec.nbytes, raw.numpy())
+        return raw.view(_ST_DTYPES[spec.dtype]).reshape(spec.shape)  # safetensors stores little-endian
+
+
+def _open(ctx: _Ctx) -> _File:
     _check_suffix(ctx)
-    if not os.path.isfile(ctx.path):
-        raise FileNotFoundError(errno.ENOENT, "W4A4 file not found", ctx.path)
-    try:
-        return safe_open(ctx.path, framework="pt", device="cpu")
-    except Exception as e:  # safetensors' own error type is not public API
-        raise ctx.error(f"cannot be read as safetensors ({e})", hint=f"the file is truncated or corrupt; "
-                                                                    f"{_HINT_RECREATE}") from e
+    return _File(ctx)
 
 
-def _layer_specs(ctx: _Ctx, f, entries: dict, num_bins: int) -> dict[str, dict]:
+def _layer_specs(ctx: _Ctx, f: _File, entries: dict, num_bins: int) -> dict[str, dict]:
     """Check every layer's tensors from the safetensors header alone (no data read). layer -> field -> spec."""
     by_layer: dict[str, dict] = {name: {} for name in entries}
-    for key in f.keys():
+    for key, spec in f.specs.items():
         layer, _, field = key.rpartition(".")
         if layer in by_layer and field in FIELDS:
-            sl = f.get_slice(key)
-            by_layer[layer][field] = (sl.get_dtype(), tuple(sl.get_shape()))
+            by_layer[layer][field] = (spec.dtype, spec.shape)
     for name, entry in entries.items():
         _check_entry(ctx, name, entry)
         _check_specs(ctx, name, entry, by_layer[name], num_bins)
     return by_layer
 
 
-def _read_rest(ctx: _Ctx, f, others: list[str], entries: dict, rest_crc: dict | None, verify: bool) -> dict:
-    """The non-quantized tensors of a checkpoint (``rest_crc`` None: a state, which must have none)."""
+def _check_rest(ctx: _Ctx, others: list[str], entries: dict, rest_crc: dict | None) -> None:
+    """The tensors that are no W4A4 layer's must be exactly the header's ``rest`` (a state: none)."""
     def owner(key):
         layer = key.rpartition(".")[0]
         return layer if layer in entries else None
@@ -542,22 +790,31 @@ def _read_rest(ctx: _Ctx, f, others: list[str], entries: dict, rest_crc: dict | 
             more = f" (and {len(others) - 1} more)" if others[1:] else ""
             raise ctx.error(f"unexpected tensor {others[0]!r}{more}", owner(others[0]),
                             "a state holds only the W4A4 layers its header lists; is this a checkpoint?")
-        return {}
+        return
     missing, extra = sorted(set(rest_crc) - set(others)), sorted(set(others) - set(rest_crc))
     if missing or extra:
         raise ctx.error(f"non-quantized tensors disagree with the header: missing {missing[:5]}, undeclared "
                         f"{extra[:5]}", owner((missing or extra)[0]), _HINT_RECREATE)
-    rest = {}
     for key in others:
         if owner(key) is not None and key.endswith(".weight"):
             raise ctx.error(f"holds both W4A4 tensors and the float weight {key!r}", owner(key), _HINT_RECREATE)
+
+
+def _read_rest(ctx: _Ctx, f: _File, others: list[str], entries: dict, rest_crc: dict | None, verify: bool) -> dict:
+    """The non-quantized tensors of a checkpoint (checked by ``_check_rest`` first)."""
+    rest = {}
+    for key in others:
+        owner = key.rpartition(".")[0] if key.rpartition(".")[0] in entries else None
         rest[key] = f.get_tensor(key)
         if verify and _crc32(rest[key]) != rest_crc[key]:
-            raise ctx.error(f"tensor {key!r} is corrupt (CRC32 mismatch)", owner(key), _HINT_RECREATE)
+            raise ctx.error(f"tensor {key!r} is corrupt (CRC32 mismatch)", owner, _HINT_RECREATE)
+        if rest[key].is_floating_point() and not bool(torch.isfinite(rest[key]).all()):
+            # a NaN norm or embedding gives NaN videos without another word
+            raise ctx.error(f"tensor {key!r} has non-finite values (NaN or inf)", owner, _HINT_RECREATE)
     return rest
 
 
-def _read_layer(ctx: _Ctx, f, name: str, entry: dict, fields, meta: StateMeta, verify: bool) -> nm.W4A4Params:
+def _read_layer(ctx: _Ctx, f: _File, name: str, entry: dict, fields, meta: StateMeta, verify: bool) -> nm.W4A4Params:
     t = {field: f.get_tensor(f"{name}.{field}") for field in fields}
     if verify:
         crcs = entry.get("crc32")
@@ -570,19 +827,51 @@ def _read_layer(ctx: _Ctx, f, name: str, entry: dict, fields, meta: StateMeta, v
     return nm.W4A4Params(**t, act_unsigned=entry["act_unsigned"], act_shift=float(entry["act_shift"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Everything a file's header says, checked, before any tensor data is read."""
+
+    meta: StateMeta
+    entries: dict
+    by_layer: dict  # layer -> field -> (dtype, shape)
+    others: list    # the non-quantized tensors (checkpoints)
+    rest_crc: dict | None
+
+
+def _check_layout(ctx: _Ctx, f: _File, kind: str, verify: bool) -> _Layout:
+    header = f.metadata()
+    meta, entries, rest_crc = _parse_header(ctx, header, kind)
+    by_layer = _layer_specs(ctx, f, entries, meta.num_bins)
+    # after the structural checks, whose messages are more precise; before any data is trusted
+    if verify and header.get("header_crc32") != _header_crc32(header):
+        raise ctx.error("header is corrupt (header_crc32 mismatch)", hint=_HINT_RECREATE)
+    claimed = {f"{name}.{field}" for name, specs in by_layer.items() for field in specs}
+    others = sorted(set(f.keys()) - claimed)
+    _check_rest(ctx, others, entries, rest_crc)
+    return _Layout(meta, entries, by_layer, others, rest_crc)
+
+
+def _read_once(ctx: _Ctx, f: _File, kind: str, verify: bool):
+    lay = _check_layout(ctx, f, kind, verify)
+    rest = _read_rest(ctx, f, lay.others, lay.entries, lay.rest_crc, verify)
+    layers = {name: _read_layer(ctx, f, name, entry, lay.by_layer[name], lay.meta, verify)
+              for name, entry in lay.entries.items()}
+    return layers, rest, lay.meta
+
+
 def _read(path, kind: str, device, verify: bool):
     ctx = _Ctx(path)
-    with _open(ctx) as f:
-        header = f.metadata()
-        meta, entries, rest_crc = _parse_header(ctx, header, kind)
-        by_layer = _layer_specs(ctx, f, entries, meta.num_bins)
-        # after the structural checks, whose messages are more precise; before any data is trusted
-        if verify and header.get("header_crc32") != _header_crc32(header):
-            raise ctx.error("header is corrupt (header_crc32 mismatch)", hint=_HINT_RECREATE)
-        claimed = {f"{name}.{field}" for name, specs in by_layer.items() for field in specs}
-        rest = _read_rest(ctx, f, sorted(set(f.keys()) - claimed), entries, rest_crc, verify)
-        layers = {name: _read_layer(ctx, f, name, entry, by_layer[name], meta, verify)
-                  for name, entry in entries.items()}
+    for attempt in (1, 2):
+        with _open(ctx) as f:
+            try:
+                layers, rest, meta = _read_once(ctx, f, kind, verify)
+                break
+            except W4A4FormatError as e:
+                # One handle cannot mix two files, but a writer that rewrites in place can change the bytes
+                # under it. When the path now names another file, that file was replaced: read the new one.
+                if attempt == 2 or "CRC32 mismatch" not in e.problem or not f.replaced():
+                    raise
+                log.info("%s changed while being read; reading it again", ctx.path)
     if torch.device(device) != torch.device("cpu"):
         layers = {name: p.to(device) for name, p in layers.items()}
         rest = {key: v.to(device) for key, v in rest.items()}
@@ -608,6 +897,59 @@ def read_meta(path, kind: str = "state") -> StateMeta:
     ctx = _Ctx(path)
     with _open(ctx) as f:
         return _parse_header(ctx, f.metadata(), kind)[0]
+
+
+def read_header(path) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of ``path`` ({} if none) after the structural checks of the
+    whole safetensors header; no W4A4 checks, no tensor data read (e.g. to tell the kinds apart)."""
+    ctx = _Ctx(path)
+    with _open(ctx) as f:
+        return dict(f.metadata() or {})
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """A W4A4 layer's size as its file's header declares it (what ``check_state_fits`` compares)."""
+
+    out_features: int
+    in_features: int
+    rank: int
+
+
+def read_layout(path, kind: str = "state") -> tuple[StateMeta, dict[str, LayerShape]]:
+    """(meta, layer -> LayerShape) from the header alone, after every check a load makes before reading
+    data: so that a file is held against the model before gigabytes of it are read."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    ctx = _Ctx(path)
+    with _open(ctx) as f:
+        lay = _check_layout(ctx, f, kind, verify=True)
+    shapes = {}
+    for name, e in lay.entries.items():
+        if e["rank"] > min(e["in_features"], e["out_features"]):  # no low-rank branch is wider than the layer
+            raise ctx.error(f"rank = {e['rank']} exceeds min(in_features, out_features) = "
+                            f"{min(e['in_features'], e['out_features'])}", name, _HINT_RECREATE)
+        shapes[name] = LayerShape(e["out_features"], e["in_features"], e["rank"])
+    return lay.meta, shapes
+
+
+def read_clips(path, kind: str = "state") -> tuple[StateMeta, dict[str, torch.Tensor]]:
+    """(meta, layer -> clip table [num_bins]) reading only the small clip tensors (for Inspect)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    ctx = _Ctx(path)
+    with _open(ctx) as f:
+        lay = _check_layout(ctx, f, kind, verify=True)
+        clips = {}
+        for name, entry in lay.entries.items():
+            c = f.get_tensor(f"{name}.clip")
+            crcs = entry.get("crc32")
+            if not isinstance(crcs, dict) or crcs.get("clip") != _crc32(c):
+                raise ctx.error(f"tensor {name}.clip is corrupt (CRC32 mismatch or missing)", name, _HINT_RECREATE)
+            if not bool((torch.isfinite(c) & (c > 0) & (c <= 1)).all()):
+                raise ctx.error(f"clip has values outside (0, 1]: {c.tolist()}", name, _HINT_RECREATE)
+            clips[name] = c
+    return lay.meta, clips
 
 
 # ---------------------------------------------------------------------------------------------
