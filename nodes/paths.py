@@ -7,11 +7,9 @@ a name that escapes them (``..``, an absolute path, a link out) is refused.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import struct
 
 import folder_paths
 
@@ -19,7 +17,6 @@ log = logging.getLogger(__name__)
 
 FOLDER = "w4a4"
 EXTENSIONS = {".safetensors"}
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
 def register() -> None:
@@ -47,42 +44,66 @@ def _inside(path: str, folder: str) -> bool:
 _kind_cache: dict[str, tuple[tuple[int, int], str | None]] = {}
 
 
+def header_kind(path: str) -> tuple[str | None, str]:
+    """(the header's ``kind``, "") of a W4A4 file, or (None, why it is not one). Reads the header only,
+    through the format module's checks, and never raises: one bad file must not break the listing."""
+    from ..kernels import format as fmt
+
+    try:
+        meta = fmt.read_header(path)
+    except Exception as e:  # noqa: BLE001 - any reason at all means "not listed", with the reason logged
+        return None, str(e)
+    if meta.get("format") != fmt.FORMAT_NAME:
+        return None, f"not a W4A4 file (header format {meta.get('format')!r})"
+    if meta.get("kind") not in fmt.KINDS:
+        return None, f"header kind {meta.get('kind')!r} is neither 'state' nor 'checkpoint'"
+    return meta["kind"], ""
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(path: str, why: str) -> None:
+    if (path, why) not in _warned:
+        _warned.add((path, why))
+        log.warning("W4A4 folder: skipping %s", why if path in why else f"{path}: {why}")
+
+
 def file_kind(path: str) -> str | None:
-    """The header's ``kind`` ("state", "checkpoint"), or None if the file is not a readable W4A4 file."""
+    """The header's ``kind`` ("state", "checkpoint"), or None if the file is not a readable W4A4 file
+    (logged once per file version, with the reason). Cached by mtime and size."""
     try:
         st = os.stat(path)
-    except OSError:
+    except OSError as e:  # a dangling link, say
+        _warn_once(path, e.strerror or str(e))
         return None
     stamp = (st.st_mtime_ns, st.st_size)
     hit = _kind_cache.get(path)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    kind = None
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if 0 < n <= _MAX_HEADER:
-                meta = json.loads(f.read(n)).get("__metadata__") or {}
-                if meta.get("format") == "wan-w4a4":
-                    kind = meta.get("kind")
-    except (OSError, ValueError, struct.error):
-        kind = None
+    kind, why = header_kind(path)
+    if kind is None:
+        _warn_once(path, why)
     _kind_cache[path] = (stamp, kind)
     return kind
 
 
 def list_files(kind: str | None = None) -> list[str]:
-    """Names (relative to the folder) of the W4A4 files of ``kind``; files whose header cannot be read
-    are listed under every kind, so that choosing one shows the reason it cannot be used."""
+    """Names (relative to the folder) of the readable W4A4 files of ``kind`` (None: of both kinds).
+    Files whose header cannot be read are left out and logged once each, by name: a broken file must
+    not take the nodes that list the folder off the server. Stale temporary files of interrupted saves
+    are removed on the way (``format.remove_stale_temps``)."""
+    from ..kernels import format as fmt
+
     register()
-    names = folder_paths.get_filename_list(FOLDER)
-    if kind is None:
-        return names
+    for folder in folders():
+        for sub, _, _ in os.walk(folder):
+            fmt.remove_stale_temps(sub)
     out = []
-    for name in names:
+    for name in folder_paths.get_filename_list(FOLDER):
         path = folder_paths.get_full_path(FOLDER, name)
         k = file_kind(path) if path else None
-        if k is None or k == kind:
+        if k is not None and (kind is None or k == kind):
             out.append(name)
     return out
 
