@@ -40,40 +40,46 @@ class Panel:
 
 
 def read_panel(path: str, kind: str | None = None) -> Panel:
-    """Header + clip ratios of a state or checkpoint file (validated by the format module)."""
-    from safetensors import safe_open
-
+    """Header + clip ratios of a state or checkpoint file, validated by the format module: any problem
+    is a W4A4FormatError naming the file (and the layer) rather than a KeyError or a numpy error."""
     if kind is None:
-        from .paths import file_kind
-        kind = file_kind(path) or "state"
-    meta = fmt.read_meta(path, kind)
-    with safe_open(path, framework="pt", device="cpu") as f:
-        entries = json.loads(f.metadata()["layers"])
-        layers = list(entries)
-        clips = np.stack([f.get_tensor(f"{name}.clip").float().numpy() for name in layers])
+        kind = fmt.read_header(path).get("kind")
+        if kind not in fmt.KINDS:
+            kind = "state"  # the format's own check then says what the header's kind is
+    meta, table = fmt.read_clips(path, kind)
+    layers = list(table)
+    clips = np.stack([table[name].float().numpy() for name in layers])
     panel = Panel(f"{meta.expert} expert - {os.path.basename(path)}", meta, layers, clips)
     panel.sqnr_db, panel.sqnr_rtn_db = _report_sqnr(path, meta)
     return panel
 
 
+_MAX_REPORT_BYTES = 64 * 2**20  # a calibration report is a few hundred kB even for 14B
+
+
 def _report_sqnr(path: str, meta: fmt.StateMeta):
+    """Per-layer SQNR from the calibration report beside the state; (None, None) - logged - when it is
+    missing or malformed: the report is optional, the heatmap does not need it."""
     name = meta.report.get("path") if isinstance(meta.report, dict) else None
     if not name:
         return None, None
     report = os.path.join(os.path.dirname(path), os.path.basename(str(name)))
-    try:
-        with open(report) as f:
-            data = json.load(f)
-        layers = data["experts"][meta.expert]["layers"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.info("%s: no per-layer errors (report %s unreadable: %s)", path, report, e)
-        return None, None
 
     def num(x):
         return float(x) if isinstance(x, (int, float)) else (math.inf if x == "inf" else math.nan)
 
-    return ({r["name"]: num(r.get("sqnr_after_db")) for r in layers},
-            {r["name"]: num(r.get("sqnr_rtn_db")) for r in layers})
+    try:
+        if not os.path.isfile(report) or os.path.getsize(report) > _MAX_REPORT_BYTES:  # a FIFO would hang open()
+            raise ValueError("not a regular file of at most 64 MiB")
+        with open(report) as f:
+            data = json.load(f)
+        rows = data["experts"][meta.expert]["layers"]
+        return ({r["name"]: num(r.get("sqnr_after_db")) for r in rows},
+                {r["name"]: num(r.get("sqnr_rtn_db")) for r in rows})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        log.warning("%s: no per-layer errors shown: report %s is unreadable (%s: %s)", path, report,
+                    type(e).__name__, e)
+        return None, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,15 +30,28 @@ COND_BATCH = (list(chunking.MODES), {
                "batched: ComfyUI's default (both in one call); split: always one at a time."})
 
 
-def _load_state(name: str):
+def _other_kind(e: fmt.W4A4FormatError, name: str, want: str) -> ap.W4A4StateError | None:
+    """The node-level error for a W4A4 file of the other kind (None: ``e`` is about something else)."""
+    if want == "state" and e.problem.startswith("file is a 'checkpoint'"):
+        return ap.W4A4StateError(name, "this is a self-contained W4A4 checkpoint, not a state",
+                                 "load it with 'Load W4A4 Wan2.2 model' instead of applying it")
+    if want == "checkpoint" and e.problem.startswith("file is a 'state'"):
+        return ap.W4A4StateError(name, "this is a W4A4 state (quantized layers only), not a self-contained "
+                                 "checkpoint", "load the BF16 expert with UNETLoader and add 'Apply W4A4 state'")
+    return None
+
+
+def _load_state(name: str, model=None):
+    """(path, layers, meta) of state ``name``; with ``model``, its header is first held against the model
+    (layer names, shapes, fingerprint), so that a state for another model is refused before its data is read."""
     path = paths.resolve(name)
     try:
+        if model is not None:
+            meta, shapes = fmt.read_layout(path, "state")
+            ap.check_state_fits(model, shapes, meta, os.path.basename(path))
         layers, meta = fmt.load_state(path)
     except fmt.W4A4FormatError as e:
-        if "expected a 'state'" in e.problem:
-            raise ap.W4A4StateError(name, "this is a self-contained W4A4 checkpoint, not a state",
-                                    "load it with 'Load W4A4 Wan2.2 model' instead of applying it") from None
-        raise
+        raise (_other_kind(e, name, "state") or e) from None
     return path, layers, meta
 
 
@@ -66,7 +79,7 @@ class ApplyW4A4State:
                    "uses the activation clip ratios of its timestep bin.")
 
     def apply(self, model, state_name, cond_batch="auto"):
-        path, layers, meta = _load_state(state_name)
+        path, layers, meta = _load_state(state_name, model)
         return (ap.apply_w4a4_state(model, layers, meta, source=os.path.basename(path), cond_batch=cond_batch),)
 
 
@@ -93,11 +106,7 @@ class LoadW4A4Model:
         try:
             return (ap.load_w4a4_checkpoint(path, cond_batch=cond_batch),)
         except fmt.W4A4FormatError as e:
-            if "expected a 'checkpoint'" in e.problem:
-                raise ap.W4A4StateError(ckpt_name, "this is a W4A4 state (quantized layers only), not a "
-                                        "self-contained checkpoint",
-                                        "load the BF16 expert with UNETLoader and add 'Apply W4A4 state'") from None
-            raise
+            raise (_other_kind(e, ckpt_name, "checkpoint") or e) from None
 
 
 class SaveW4A4Checkpoint:
