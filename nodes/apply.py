@@ -245,7 +245,15 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: st
     options["custom_operations"] = ops
     load = comfy.sd.load_diffusion_model_state_dict
     dynamic_arg = "disable_dynamic" in inspect.signature(load).parameters  # ComfyUI 0.33+
-    model = load(sd, model_options=options, **({"disable_dynamic": disable_dynamic} if dynamic_arg else {}))
+    try:
+        model = load(sd, model_options=options, **({"disable_dynamic": disable_dynamic} if dynamic_arg else {}))
+    except (KeyError, RuntimeError, ValueError, IndexError) as e:
+        # ComfyUI's model detection indexes the state dict (KeyError: the missing key) and load_state_dict
+        # names the mismatched tensor (RuntimeError): pass that on with the file's name
+        what = f"missing tensor {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
+        raise W4A4StateError(path, f"ComfyUI cannot build the model from the checkpoint's non-quantized "
+                             f"tensors ({what})", "the checkpoint is damaged or for another model; "
+                             "re-save it with Save W4A4 checkpoint") from e
     if model is None:
         raise W4A4StateError(path, "ComfyUI did not recognise the model in this checkpoint",
                              "it should hold a Wan2.2 diffusion model; re-save it with Save W4A4 checkpoint")
