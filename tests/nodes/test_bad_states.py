@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import pickle
 import struct
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from wan_w4a4.kernels import format as fmt
 from wan_w4a4.kernels import numerics as nm
@@ -35,6 +37,17 @@ def assert_unchanged(model, before):
     after = snapshot(model)
     assert after[0] == before[0] and after[1] == before[1] and after[2] == before[2] == "Linear"
     assert torch.equal(after[3], before[3]) and after[4] == before[4]
+
+
+def _nan_header(good, name, clip):
+    data = good.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8:8 + n])["__metadata__"]
+    layers = json.loads(meta["layers"])
+    layers[name]["crc32"]["clip"] = fmt._crc32(clip)
+    meta["layers"] = json.dumps(layers)
+    meta["header_crc32"] = fmt._header_crc32(meta)
+    return meta
 
 
 def bad_files(env, tmp_name):
@@ -77,6 +90,30 @@ def bad_files(env, tmp_name):
     layers["blocks.5.ffn.0"] = layers["blocks.0.self_attn.q"]
     fmt.save_state(d / f"{tmp_name}_layers.safetensors", layers, meta, overwrite=True)
     cases["other architecture"] = (f"{tmp_name}_layers.safetensors", ["_layers", "blocks.5.ffn.0", "do not exist"])
+
+    # an 11-byte file whose header is valid JSON but not an object
+    (d / f"{tmp_name}_list.safetensors").write_bytes(struct.pack("<Q", 3) + b"[1]")
+    cases["non-object header"] = (f"{tmp_name}_list.safetensors", ["_list", "header is a JSON list"])
+
+    # a pickle renamed .safetensors: never unpickled
+    (d / f"{tmp_name}_pickle.safetensors").write_bytes(pickle.dumps({"qweight": [0] * 64}))
+    cases["pickle"] = (f"{tmp_name}_pickle.safetensors", ["_pickle", "cannot be read as safetensors"])
+
+    # a kind that is neither "state" nor "checkpoint"
+    def unknown_kind(m):
+        m["kind"] = "lora"
+        m["header_crc32"] = fmt._header_crc32(m)
+    rewrite_header(good, d / f"{tmp_name}_kind.safetensors", unknown_kind)
+    cases["unknown kind"] = (f"{tmp_name}_kind.safetensors", ["_kind", "neither a W4A4 state nor a W4A4 checkpoint"])
+
+    # a NaN clip table, its CRC made consistent (the value check must catch it)
+    layers, meta = fmt.load_state(good)
+    name = next(iter(layers))
+    layers[name].clip.fill_(float("nan"))
+    save_file({f"{n}.{f}": getattr(p, f) for n, p in layers.items() for f in fmt.FIELDS
+               if getattr(p, f) is not None}, str(d / f"{tmp_name}_nan.safetensors"),
+              metadata=_nan_header(good, name, layers[name].clip))
+    cases["NaN clip table"] = (f"{tmp_name}_nan.safetensors", ["_nan", "clip has values outside (0, 1]"])
 
     # same names, other shapes
     w = torch.randn(512, 256) * 0.02
