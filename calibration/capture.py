@@ -194,14 +194,20 @@ def block_passes(blocks: Sequence[int], blocks_per_pass: int | None) -> list[lis
     return [blocks[i:i + blocks_per_pass] for i in range(0, len(blocks), blocks_per_pass)]
 
 
+def unpatched(model, key: str, current: torch.Tensor) -> torch.Tensor:
+    """The tensor ``key`` (a ModelPatcher key, "diffusion_model.<...>") without weight patches, given the
+    one now in the tree: while a clone with weight patches is loaded, the tree holds the patched tensor
+    in place and ``backup`` (shared by all clones) the original."""
+    bk = getattr(model, "backup", {}).get(key)
+    return bk.weight if bk is not None else current
+
+
 def layer_weight(model, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of the BF16 Linear ``name`` without weight patches: while a clone with weight
-    patches is loaded, the tree holds the patched weight in place and ``backup`` (shared by all
-    clones) the original - the weight nodes/apply.py fingerprints (``_original_weight``). The
-    calibration refuses experts whose quantized layers carry patches (:func:`check_no_weight_patches`)."""
+    """(weight, bias) of the BF16 Linear ``name`` without weight patches: the weight calibration
+    fingerprints and nodes/apply.py checks. The calibration refuses experts whose quantized layers
+    carry patches (:func:`check_no_weight_patches`)."""
     mod = bf16_module(model, name)
-    bk = getattr(model, "backup", {}).get(f"{PREFIX}{name}.weight")
-    w = (bk.weight if bk is not None else mod.weight).detach()
+    w = unpatched(model, f"{PREFIX}{name}.weight", mod.weight).detach()
     return w, None if mod.bias is None else mod.bias.detach()
 
 

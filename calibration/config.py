@@ -16,6 +16,8 @@ import os
 import re
 from pathlib import Path
 
+from ..kernels import format as fmt
+
 CLIP_POLICIES = ("per_bin", "per_expert", "global")
 BIN_SPACINGS = ("uniform", "steps")
 EXPERTS = ("high", "low")
@@ -29,13 +31,11 @@ I2V_BOUNDARY = 900.0
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                  "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
                  "ffn.0", "ffn.2")
-# One file name may have at most NAME_MAX bytes (Linux ext4 / xfs / btrfs / tmpfs). Each output file is
-# written under a temporary name in the same folder first: kernels/format.py (states) and report.py
-# (the report) use ".<file name>.<8 random characters>.tmp" (tempfile.mkstemp), 14 bytes more; the
-# pattern format.py moves to, ".<file name>.w4a4-tmp-<pid>-<8 hex>", takes 20 + up to 7 pid digits
-# (Linux pid_max <= 2**22). The larger of the two bounds the names here.
+# One file name may have at most NAME_MAX bytes (Linux ext4 / xfs / btrfs / tmpfs). Each output file (the
+# states and the report) is written under a temporary name in the same folder first, which adds up to
+# format.TEMP_NAME_MAX_EXTRA bytes (format.temp_name).
 NAME_MAX = 255
-TEMP_NAME_EXTRA = 27
+TEMP_NAME_EXTRA = fmt.TEMP_NAME_MAX_EXTRA
 
 # Linears fed by GELU-tanh: shifted by numerics.GELU_SHIFT onto the unsigned 4-bit grid (SVDQuant).
 UNSIGNED_LINEARS = ("ffn.2",)

@@ -14,9 +14,9 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from ..kernels import format as fmt
 
 log = logging.getLogger(__name__)
 
@@ -148,17 +148,8 @@ def build_report(config, records: dict[str, dict[str, LayerRecord]], experts_inf
 def write_json(path, data: dict, overwrite: bool = False) -> Path:
     """Atomic write (temp file in the same folder + rename); refuses to replace without ``overwrite``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(data, indent=1, allow_nan=False) + "\n"  # before anything is written: NaN fails here
+    fmt.write_bytes(path, text.encode(), overwrite=overwrite)
     return path
 
 

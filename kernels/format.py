@@ -437,7 +437,7 @@ def _layer_tensors(ctx: _Ctx, name: str, p: nm.W4A4Params, meta: StateMeta) -> t
 TEMP_MARK = ".w4a4-tmp-"
 TEMP_RE = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(\d+)-[0-9a-f]+$")
 # what versions before TEMP_MARK left (tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")): no pid in the name
-_LEGACY_TEMP_RE = re.compile(r"^\..+\.safetensors\.[0-9a-z_]{8}\.tmp$")
+_LEGACY_TEMP_RE = re.compile(r"^\..+\.(safetensors|json)\.[0-9a-z_]{8}\.tmp$")
 STALE_TEMP_AGE_S = 24 * 3600
 
 
@@ -489,11 +489,22 @@ def remove_stale_temps(folder, now: float | None = None) -> list[str]:
     return removed
 
 
+def temp_name(base: str, pid: int | None = None, token: str | None = None) -> str:
+    """The temporary file name under which ``base`` is written (``TEMP_RE``)."""
+    pid = os.getpid() if pid is None else pid
+    return f".{base}{TEMP_MARK}{pid}-{secrets.token_hex(4) if token is None else token}"
+
+
+# The most bytes ``temp_name`` adds to a file name (a pid of 7 digits: Linux's largest pid_max is
+# 4194304); names that must fit the file system's NAME_MAX with it check against this.
+TEMP_NAME_MAX_EXTRA = len(os.fsencode(temp_name("", 4194304, "0" * 8)))
+
+
 def _temp_path(path: str) -> str:
     """A new, empty temporary file beside ``path`` (created with O_EXCL: never shared with another writer)."""
     folder, base = os.path.split(path)
     while True:
-        tmp = os.path.join(folder, f".{base}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+        tmp = os.path.join(folder, temp_name(base))
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
             return tmp
@@ -565,6 +576,32 @@ def _write(path, tensors: dict[str, torch.Tensor], header: dict[str, str], overw
             pass
         raise
     log.info("wrote %s (%d tensors)", path, len(tensors))
+
+
+def write_bytes(path, data: bytes, overwrite: bool = False) -> None:
+    """Write a small file (a calibration report) the way ``_write`` writes a W4A4 file: a temporary file
+    beside it, fsync, then ``_publish`` (no replace between processes without ``overwrite``)."""
+    path = os.fspath(path)
+    remove_stale_temps(os.path.dirname(os.path.abspath(path)))
+    if not overwrite and os.path.lexists(path):
+        raise _exists_error(path)
+    tmp = _temp_path(path)
+    try:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise OSError(e.errno or errno.EIO, f"cannot write {path}: {e.strerror or e} (nothing was written)",
+                          path) from e
+        _publish(tmp, path, overwrite)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _encode_layers(ctx: _Ctx, layers: Mapping[str, nm.W4A4Params], meta: StateMeta):

@@ -27,6 +27,7 @@ import uuid
 
 import torch
 
+from ..calibration import capture
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
 from . import chunking, lora
@@ -83,12 +84,6 @@ def w4a4_layers(model) -> dict[str, torch.nn.Module]:
 # Validation
 # ---------------------------------------------------------------------------------------------
 
-def _original_weight(model, name: str, module) -> torch.Tensor:
-    """The unpatched weight of a Linear (a loaded LoRA'd model holds its original in ``backup``)."""
-    bk = model.backup.get(f"{PREFIX}{name}.weight")
-    return bk.weight if bk is not None else module.weight
-
-
 def _fingerprint_dtype_ok(w) -> bool:
     return type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
@@ -116,7 +111,7 @@ def check_state_fits(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
             shapes.append(f"{name}: state {p.out_features}x{p.in_features}, model {w.shape[0]}x{w.shape[1]}")
             continue
         replaced += sum(t.nelement() * t.element_size() for t in m.state_dict().values())
-        weights[f"{name}.weight"] = _original_weight(model, name, m)
+        weights[f"{name}.weight"] = capture.layer_weight(model, name)[0]  # as calibration fingerprinted it
     other = "the state was made for another model architecture (e.g. Wan2.2 5B vs 14B, or a T2V model)"
     if missing:
         raise W4A4StateError(source, f"{len(missing)} of its {len(layers)} layers do not exist in this model "
@@ -309,8 +304,7 @@ def _patched_tensor(model, key: str, t: torch.Tensor) -> torch.Tensor:
     import comfy.model_patcher
     import comfy.utils
 
-    bk = model.backup.get(key)  # a loaded model holds its patched weight in place, the original here
-    base = (bk.weight if bk is not None else t).detach()
+    base = capture.unpatched(model, key, t).detach()
     if key not in model.patches:
         return base.to("cpu", copy=True)
     out = comfy.lora.calculate_weight(model.patches[key], base.to("cpu", torch.float32, copy=True), key)
