@@ -118,6 +118,11 @@ class W4A4FormatError(ValueError):
         super().__init__(f"{self.file}: {where}{problem}" + (f" (hint: {hint})" if hint else ""))
 
 
+class W4A4CorruptTensorError(W4A4FormatError):
+    """A tensor's bytes do not match the CRC32 its header records (``_read`` reads again once if the file
+    was replaced meanwhile)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Metadata
 # ---------------------------------------------------------------------------------------------
@@ -844,7 +849,7 @@ def _read_rest(ctx: _Ctx, f: _File, others: list[str], entries: dict, rest_crc: 
         owner = key.rpartition(".")[0] if key.rpartition(".")[0] in entries else None
         rest[key] = f.get_tensor(key)
         if verify and _crc32(rest[key]) != rest_crc[key]:
-            raise ctx.error(f"tensor {key!r} is corrupt (CRC32 mismatch)", owner, _HINT_RECREATE)
+            raise W4A4CorruptTensorError(ctx.path, f"tensor {key!r} is corrupt (CRC32 mismatch)", owner, _HINT_RECREATE)
         if rest[key].is_floating_point() and not bool(torch.isfinite(rest[key]).all()):
             # a NaN norm or embedding gives NaN videos without another word
             raise ctx.error(f"tensor {key!r} has non-finite values (NaN or inf)", owner, _HINT_RECREATE)
@@ -859,7 +864,8 @@ def _read_layer(ctx: _Ctx, f: _File, name: str, entry: dict, fields, meta: State
             raise ctx.error("header lacks the CRC32 of every tensor", name, _HINT_RECREATE)
         for field, v in t.items():
             if _crc32(v) != crcs[field]:
-                raise ctx.error(f"tensor {name}.{field} is corrupt (CRC32 mismatch)", name, _HINT_RECREATE)
+                raise W4A4CorruptTensorError(ctx.path, f"tensor {name}.{field} is corrupt (CRC32 mismatch)", name,
+                                             _HINT_RECREATE)
     _check_values(ctx, name, t, meta.clip_policy)
     return nm.W4A4Params(**t, act_unsigned=entry["act_unsigned"], act_shift=float(entry["act_shift"]))
 
@@ -903,10 +909,10 @@ def _read(path, kind: str, device, verify: bool):
             try:
                 layers, rest, meta = _read_once(ctx, f, kind, verify)
                 break
-            except W4A4FormatError as e:
+            except W4A4CorruptTensorError:
                 # One handle cannot mix two files, but a writer that rewrites in place can change the bytes
                 # under it. When the path now names another file, that file was replaced: read the new one.
-                if attempt == 2 or "CRC32 mismatch" not in e.problem or not f.replaced():
+                if attempt == 2 or not f.replaced():
                     raise
                 log.info("%s changed while being read; reading it again", ctx.path)
     if torch.device(device) != torch.device("cpu"):

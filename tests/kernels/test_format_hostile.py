@@ -333,3 +333,48 @@ def test_loads_racing_a_replace_read_one_whole_file(tmp_path):
     assert writer.returncode == 0, err
     assert int(out) > 20 and loads > 20, (out, loads)
     assert not failures, f"{len(failures)} of {loads + len(failures)} loads failed, e.g. {failures[0]}"
+
+
+def _rewrite_in_place_on_first_data_read(monkeypatch, path, then_replace_with=None):
+    """While the first tensor is read, flip its bytes in the file being read (a writer rewriting in place)
+    and, if given, replace the path with another file (the writer's os.replace)."""
+    real = fmt._File._read_exact
+    done = []
+
+    def spy(self, offset, n, out=None):
+        if not done and offset >= getattr(self, "data_start", 1 << 62):
+            done.append(offset)
+            with open(path, "r+b") as f:  # the same inode the reader holds open
+                f.seek(offset)
+                chunk = f.read(n)
+                f.seek(offset)
+                f.write(bytes(b ^ 0xFF for b in chunk))
+            if then_replace_with is not None:
+                os.replace(then_replace_with, path)
+        return real(self, offset, n, out)
+
+    monkeypatch.setattr(fmt._File, "_read_exact", spy)
+    return done
+
+
+def test_crc_mismatch_on_a_replaced_file_reads_the_new_file(tmp_path, monkeypatch):
+    """A file rewritten in place and then replaced while being read: the CRC check catches the mixed
+    bytes, the path now names another file, and the one re-read returns that file whole."""
+    target, new = tmp_path / "s.safetensors", tmp_path / "new.safetensors"
+    fmt.save_state(target, make_layers(seed=1), make_meta())
+    lb = make_layers(seed=2)
+    fmt.save_state(new, lb, make_meta())
+    done = _rewrite_in_place_on_first_data_read(monkeypatch, target, then_replace_with=new)
+    layers, _ = fmt.load_state(target)
+    assert done and not new.exists()
+    assert_same_layers(lb, layers)
+
+
+def test_crc_mismatch_in_an_unreplaced_file_is_an_error(tmp_path, monkeypatch):
+    """The same corruption without a replace is no race: no second read, an error naming the tensor."""
+    target = tmp_path / "s.safetensors"
+    fmt.save_state(target, make_layers(seed=1), make_meta())
+    done = _rewrite_in_place_on_first_data_read(monkeypatch, target)
+    with pytest.raises(fmt.W4A4CorruptTensorError, match="CRC32 mismatch") as info:
+        fmt.load_state(target)
+    assert done and str(target) in str(info.value)
