@@ -337,6 +337,9 @@ def _check_entry(ctx: _Ctx, name: str, entry: Any) -> None:
         raise ctx.error(f"in_features = {entry['in_features']} is not a multiple of {nm.PACK_TILE} "
                         f"(the {nm.SCHEME} layout packs K in tiles of {nm.PACK_TILE})", name,
                         "leave this layer unquantized")
+    if entry["rank"] > min(entry["in_features"], entry["out_features"]):  # no branch is wider than its layer
+        raise ctx.error(f"rank = {entry['rank']} exceeds min(in_features, out_features) = "
+                        f"{min(entry['in_features'], entry['out_features'])}", name, ctx.fix)
     for key in ("act_unsigned", "bias"):
         if not isinstance(entry.get(key), bool):
             raise ctx.error(f"{key} = {entry.get(key)!r} is not a boolean", name, ctx.fix)
@@ -969,9 +972,6 @@ def read_layout(path, kind: str = "state") -> tuple[StateMeta, dict[str, LayerSh
         lay = _check_layout(ctx, f, kind, verify=True)
     shapes = {}
     for name, e in lay.entries.items():
-        if e["rank"] > min(e["in_features"], e["out_features"]):  # no low-rank branch is wider than the layer
-            raise ctx.error(f"rank = {e['rank']} exceeds min(in_features, out_features) = "
-                            f"{min(e['in_features'], e['out_features'])}", name, _HINT_RECREATE)
         shapes[name] = LayerShape(e["out_features"], e["in_features"], e["rank"])
     return lay.meta, shapes
 

@@ -52,9 +52,16 @@ def run_w4a4_graph(comfy_server, wan_checkpoint_factory, env):
         dst.mkdir(exist_ok=True)
         shutil.copy(env.w4a4_dir / f"tiny_{expert}.safetensors", dst)
 
+    # A file whose header is valid JSON but not an object: listed by name, it once made both nodes vanish
+    # from /object_info. It is left out of the lists (and logged), the real states stay.
+    hostile = comfy_server.models_dir / "w4a4" / "hostile.safetensors"
+    hostile.write_bytes(len(b"[1]").to_bytes(8, "little") + b"[1]")
     info = comfy_server.request("/object_info/WanW4A4ApplyState")["WanW4A4ApplyState"]
     assert info["category"] == "WanW4A4" and info["display_name"] == "Apply W4A4 state"
     assert "tiny_high.safetensors" in info["input"]["required"]["state_name"][0]
+    assert "hostile.safetensors" not in info["input"]["required"]["state_name"][0]
+    load = comfy_server.request("/object_info/WanW4A4LoadModel")["WanW4A4LoadModel"]
+    assert "hostile.safetensors" not in load["input"]["required"]["ckpt_name"][0]
 
     w4a4 = comfy_server.run_prompt(graph(True))
     bf16 = comfy_server.run_prompt(graph(False))
