@@ -67,11 +67,22 @@ def not_found_message() -> str:
             f"{ENV_VAR} to a ComfyUI checkout, or install the pack in ComfyUI/custom_nodes/")
 
 
-def _run(coro):
-    """``asyncio.run`` that also works when called from inside a running event loop."""
+def _loop_running() -> bool:
+    """Whether this thread is inside a running event loop."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # the usual case: no loop running in this thread
+        return False
+    return True
+
+
+def _run(coro):
+    """``asyncio.run`` that also works when called from inside a running event loop.
+
+    The coroutine runs outside any ``except`` block: run inside one, every exception or traceback it
+    logs (ComfyUI logs one per optional import that fails while loading its nodes) would carry
+    "During handling of the above exception ... no running event loop" from the probe."""
+    if not _loop_running():
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # called from async code
         return pool.submit(asyncio.run, coro).result()
