@@ -37,6 +37,28 @@ def parse_floats(text: str, what: str) -> tuple[float, ...]:
 HANDOVERS = ("boundary", "step")
 
 
+def seed_control_options() -> dict:
+    """The seed widget's start mode, where this ComfyUI lets a node declare one: ``fixed``, so that
+    each Run does not recalibrate with a new seed.
+
+    ComfyUI 0.33's own seed widgets declare it (``control_after_generate=io.ControlAfterGenerate.fixed``,
+    sent to the frontend as the string "fixed"). ComfyUI 0.3.64's ``io`` has no ``ControlAfterGenerate``:
+    there the option is a bool and its frontend's node schema accepts only a bool, so a string would make
+    the node definition invalid; there the frontend's default for an input named ``seed`` stays."""
+    try:
+        from comfy_api.latest import _io as io
+    except ImportError:
+        return {}
+    mode = getattr(io, "ControlAfterGenerate", None)
+    return {"control_after_generate": mode.fixed.value} if mode is not None else {}
+
+
+def db_text(value) -> str:
+    """A dB figure of the report (a float, or "inf"/"-inf"/None where the JSON keeps no finite number)
+    as the node shows it: two decimals."""
+    return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
+
+
 def handover_step_of(handover: str, step: int) -> int | None:
     """The node's hand-over widgets as CalibrationConfig.handover_step (None: by boundary)."""
     if handover not in HANDOVERS:
@@ -54,7 +76,7 @@ class CalibrateW4A4:
             "positive": ("CONDITIONING", {"tooltip": "Positive conditioning from WanImageToVideo (prompt + start image)."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative conditioning from WanImageToVideo."}),
             "latent": ("LATENT", {"tooltip": "The video latent from WanImageToVideo; a batch calibrates on all of it."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, **seed_control_options(),
                              "tooltip": "Noise seed of the first calibration run."}),
             "runs": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
                              "Sampling runs with seeds seed, seed+1, ...: more runs, more activation samples."}),
@@ -155,7 +177,8 @@ class CalibrateW4A4:
                  f"calibrated for: {fmt.handover_text(meta.handover)}; bins cover {', '.join(covers)}"]
         for expert, d in result.data.get("experts", {}).items():
             lines.append(f"{expert} expert: {len(d.get('layers', []))} layers, pooled layer-output SQNR vs BF16 "
-                         f"{d.get('sqnr_rtn_db_pooled')} dB (plain RTN W4A4) -> {d.get('sqnr_after_db_pooled')} dB")
+                         f"{db_text(d.get('sqnr_rtn_db_pooled'))} dB (plain RTN W4A4) -> "
+                         f"{db_text(d.get('sqnr_after_db_pooled'))} dB")
         text = "\n".join(lines)
         return {"ui": {"text": [text]}, "result": (patched[0], patched[1], text)}
 

@@ -2,6 +2,8 @@
 Cancel (ComfyUI's interrupt flag, as the UI's button sets it) stops it with no file left behind."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -21,6 +23,8 @@ def test_calibrate_writes_states_and_returns_patched_models(env):
         assert (env.w4a4_dir / f"calib_ok_{expert}.safetensors").is_file()
     assert (env.w4a4_dir / "calib_ok_report.json").is_file()
     assert "high expert: 20 layers" in report and "low expert: 20 layers" in report
+    figures = re.findall(r"(\S+) dB", report)
+    assert len(figures) == 4 and all(re.fullmatch(r"-?\d+\.\d\d|-?inf|None", f) for f in figures), report
     assert "calib_ok_high.safetensors" in env.node("WanW4A4ApplyState").INPUT_TYPES()["required"]["state_name"][0]
     # The returned models are the experts in W4A4 and sample.
     assert sum(k.startswith("diffusion_model.blocks.") for k in high.object_patches) == 20
@@ -149,3 +153,19 @@ def test_expert_with_a_lora_is_refused_before_any_work(env):
     assert "diffusion_model.blocks.0.self_attn.q.weight" in str(err) and "Apply W4A4 state" in str(err)
     assert ticks == [], "the patched expert was refused only after the calibration had started"
     assert not list(env.w4a4_dir.glob("*calib_lora*"))
+
+
+def test_seed_starts_fixed_where_comfyui_lets_a_node_declare_it(env):
+    # A fresh Calibrate node must not randomize its seed after each Run (each Run would recalibrate).
+    from comfy_api.latest import _io as io
+    seed = env.node("WanW4A4Calibrate").INPUT_TYPES()["required"]["seed"][1]
+    if hasattr(io, "ControlAfterGenerate"):  # ComfyUI 0.33
+        assert seed["control_after_generate"] == "fixed"
+    else:  # ComfyUI 0.3.64: only a bool is valid there; its frontend's default for "seed" stays
+        assert "control_after_generate" not in seed
+
+
+def test_report_figures_have_two_decimals(env):
+    from wan_w4a4.nodes.calibrate_node import db_text
+    assert db_text(18.287869647479194) == "18.29" and db_text(-3) == "-3.00"
+    assert db_text("inf") == "inf" and db_text(None) == "None"
