@@ -15,17 +15,43 @@ COMMANDS = {
 }
 
 
-def main(argv=None) -> int:
+def default_text(default) -> str:
+    """An option's default as its value is typed: on/off for booleans, tuples as comma-separated lists."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) or "none"
+    return str(default)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless its help text already says it or it has none
+    (None, a switch that is off until given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is argparse.SUPPRESS or action.nargs == 0:
+            return text
+        return f"{text} (default: {default_text(default).replace('%', '%%')})"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wan_w4a4", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         try:
             importlib.import_module(module).add_arguments(p)
         except ImportError as e:  # a command whose module is not built yet still lists itself
             p.set_defaults(_import_error=e)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

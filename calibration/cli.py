@@ -17,6 +17,7 @@ you will ship).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -53,7 +54,37 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
 
 
+RANDOM_FRAMES = 33  # --source random: a short clip of Wan's 1 + 4k layout, for timing and smoke tests
+
+
+def frames_for(source: str, frames: int | None) -> int:
+    """--frames as given, else the source's own length: the mini model's training length
+    (``minimodel.data.FRAMES``) for ``minimodel``, ``RANDOM_FRAMES`` for ``random``."""
+    if frames is not None:
+        return frames
+    if source == "minimodel":
+        from ..minimodel import data
+        return data.FRAMES
+    return RANDOM_FRAMES
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's CPU threads set to ``n`` (None: left as they are) for the block, restored after it, so
+    that in-process callers (tests, notebooks) keep their own setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..minimodel.data import FRAMES as MINI_FRAMES
     from .config import BIN_SPACINGS, CLIP_POLICIES, CalibrationConfig
 
     d = CalibrationConfig()
@@ -65,6 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--overwrite", action="store_true", help="replace existing output files")
     io.add_argument("--comfyui", type=Path, default=None, help="ComfyUI source tree (default: auto-detect)")
     io.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when a GPU is present")
+    io.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's own choice)")
 
     it = p.add_argument_group("calibration items")
     it.add_argument("--source", choices=("random", "minimodel"), default="random",
@@ -72,18 +105,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "minimodel: the embedded mini model's procedural videos and captions (its 128x128 "
                          "size; --height/--width/--text-tokens are ignored) (default %(default)s)")
     it.add_argument("--items", type=int, default=2, help="number of items (default %(default)s)")
-    it.add_argument("--frames", type=int, default=33, help="video frames (default %(default)s)")
+    it.add_argument("--frames", type=int, default=None,
+                    help=f"video frames, 1 + 4k (default: {RANDOM_FRAMES} with --source random; with --source "
+                         f"minimodel {MINI_FRAMES}, the mini model's training length)")
     it.add_argument("--height", type=int, default=480, help="height in pixels (default %(default)s)")
     it.add_argument("--width", type=int, default=832, help="width in pixels (default %(default)s)")
     it.add_argument("--text-tokens", type=int, default=512, help="text context tokens (default %(default)s)")
     it.add_argument("--item-seed", type=int, default=0, help="seed of the items and their noise")
 
     s = p.add_argument_group("sampling")
-    s.add_argument("--steps", type=int, default=d.steps)
-    s.add_argument("--cfg", type=float, default=d.cfg)
+    s.add_argument("--steps", type=int, default=d.steps, help="sampling steps of your workflow")
+    s.add_argument("--cfg", type=float, default=d.cfg, help="CFG of your workflow")
     s.add_argument("--shift", type=float, default=d.shift, help="ModelSamplingSD3 shift; 0 keeps the model's")
-    s.add_argument("--sampler", default=d.sampler)
-    s.add_argument("--scheduler", default=d.scheduler)
+    s.add_argument("--sampler", default=d.sampler, help="ComfyUI sampler name of your workflow")
+    s.add_argument("--scheduler", default=d.scheduler, help="ComfyUI scheduler name of your workflow")
     ho = s.add_mutually_exclusive_group()
     ho.add_argument("--boundary", type=float, default=d.boundary,
                     help="hand over at this model timestep: the high-noise expert runs the steps with t >= it "
@@ -98,27 +133,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="uniform: equal intervals of t; steps: an equal share of the sampling steps per bin")
 
     m = p.add_argument_group("method")
-    m.add_argument("--rank", type=int, default=d.rank)
-    m.add_argument("--alphas", type=_floats, default=d.alphas, help="smoothing grid, e.g. 0,0.25,0.5")
-    m.add_argument("--refine-low-rank", type=_bool, default=d.refine_low_rank, metavar="on|off")
-    m.add_argument("--gptq", type=_bool, default=d.gptq, metavar="on|off")
-    m.add_argument("--gptq-damp", type=float, default=d.gptq_damp)
-    m.add_argument("--gptq-block", type=int, default=d.gptq_block)
-    m.add_argument("--act-order", type=_bool, default=d.act_order, metavar="on|off")
-    m.add_argument("--unsigned-ffn2", type=_bool, default=d.unsigned_ffn2, metavar="on|off")
-    m.add_argument("--clip-grid", type=_floats, default=d.clip_grid, help="clip ratios, e.g. 1,0.9,0.8")
-    m.add_argument("--clip-policy", choices=CLIP_POLICIES, default=d.clip_policy)
+    m.add_argument("--rank", type=int, default=d.rank, help="rank of the BF16 low-rank branch (SVDQuant); 0: none")
+    m.add_argument("--alphas", type=_floats, default=d.alphas, help="smoothing strengths searched per layer, "
+                   "comma-separated in [0, 1]")
+    m.add_argument("--refine-low-rank", type=_bool, default=d.refine_low_rank, metavar="on|off",
+                   help="refine the low-rank branch to fit what the 4-bit residual cannot represent "
+                        "(deepcompressor's iteration)")
+    m.add_argument("--gptq", type=_bool, default=d.gptq, metavar="on|off",
+                   help="GPTQ on the 4-bit residual (off: round to nearest)")
+    m.add_argument("--gptq-damp", type=float, default=d.gptq_damp,
+                   help="GPTQ damping, as a fraction of the Hessian's mean diagonal")
+    m.add_argument("--gptq-block", type=int, default=d.gptq_block, help="GPTQ block size (columns per update)")
+    m.add_argument("--act-order", type=_bool, default=d.act_order, metavar="on|off",
+                   help="GPTQ in order of decreasing Hessian diagonal")
+    m.add_argument("--unsigned-ffn2", type=_bool, default=d.unsigned_ffn2, metavar="on|off",
+                   help="unsigned 4-bit activations for ffn.2 (its input is post-GELU)")
+    m.add_argument("--clip-grid", type=_floats, default=d.clip_grid,
+                   help="candidate activation clip ratios, comma-separated in (0, 1]")
+    m.add_argument("--clip-policy", choices=CLIP_POLICIES, default=d.clip_policy,
+                   help="per_bin: a ratio per layer and timestep bin; per_expert: one per layer and expert; "
+                        "global: one per layer for both experts")
     m.add_argument("--keep", type=_keep, default=(), help="kept in BF16: block indices and/or name patterns, "
                                                            "comma-separated (e.g. 0,39,*.ffn.2)")
 
     r = p.add_argument_group("memory")
-    r.add_argument("--rows-per-bin", type=int, default=d.rows_per_bin)
-    r.add_argument("--token-fraction", type=float, default=d.token_fraction)
-    r.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
-    r.add_argument("--blocks-per-pass", type=int, default=None)
+    r.add_argument("--rows-per-bin", type=int, default=d.rows_per_bin,
+                   help="activation rows kept per layer input and bin for the searches")
+    r.add_argument("--token-fraction", type=float, default=d.token_fraction,
+                   help="fraction of each call's tokens sampled into the statistics")
+    r.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
+                   help="fraction of the kept rows held out to measure the report's SQNR")
+    r.add_argument("--blocks-per-pass", type=int, default=None,
+                   help="blocks captured per sampling pass (default: all at once; lower it if memory runs out)")
     r.add_argument("--stats-device", default=None, help="where statistics live (default: the model's device)")
     r.add_argument("--device", default=None, help="where the per-layer math runs (default: the model's device)")
-    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration's own random choices")
 
 
 def config_from_args(args) -> CalibrationConfig:
@@ -184,6 +233,11 @@ class _Tqdm:
 
 
 def run(args) -> int:
+    with torch_threads(getattr(args, "threads", None)):
+        return _run(args)
+
+
+def _run(args) -> int:
     from .capture import CalibrationError, synthetic_items
     from .pipeline import calibrate
 
@@ -219,10 +273,11 @@ def run(args) -> int:
 
     bar = _Tqdm()
     try:
+        frames = frames_for(args.source, args.frames)
         if args.source == "minimodel":
-            items = minimodel_items(args.items, frames=args.frames, seed=args.item_seed)
+            items = minimodel_items(args.items, frames=frames, seed=args.item_seed)
         else:
-            items = synthetic_items(args.items, frames=args.frames, height=args.height, width=args.width,
+            items = synthetic_items(args.items, frames=frames, height=args.height, width=args.width,
                                     text_tokens=args.text_tokens, text_dim=_text_dim(args.high),
                                     seed=args.item_seed)
         result = calibrate(loader(args.high), loader(args.low), items, config, progress=bar)

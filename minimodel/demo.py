@@ -46,24 +46,24 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder (default ./%(default)s)")
+    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--comfyui", type=Path, default=None, help="ComfyUI source tree (default: COMFYUI_PATH, "
                    "the pack's parent folders, ~/ComfyUI)")
     p.add_argument("--quick", action="store_true", help="tiny budget (1 item, 2+2 steps, 1 pair; for tests)")
-    p.add_argument("--items", type=int, default=2, help="calibration items (training-range scenes) (default 2)")
+    p.add_argument("--items", type=int, default=2, help="calibration items (training-range scenes)")
     p.add_argument("--item-seed", type=int, default=0, help="first scene seed of the calibration items")
-    p.add_argument("--calib-steps", type=int, default=8, help="sampling steps during calibration (default 8)")
-    p.add_argument("--steps", type=int, default=12, help="sampling steps of the compared videos (default 12)")
-    p.add_argument("--pairs", type=int, default=2, help="held-out (start frame, caption) pairs (default 2)")
+    p.add_argument("--calib-steps", type=int, default=8, help="sampling steps during calibration")
+    p.add_argument("--steps", type=int, default=12, help="sampling steps of the compared videos")
+    p.add_argument("--pairs", type=int, default=2, help="held-out (start frame, caption) pairs")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the first pair (pair i: seed + i)")
-    p.add_argument("--bins", type=int, default=4, help="timestep bins per expert (default 4)")
-    p.add_argument("--rank", type=int, default=32, help="low-rank branch rank (default 32)")
-    p.add_argument("--rows-per-bin", type=int, default=1024, help="calibration rows kept per bin (default 1024)")
+    p.add_argument("--bins", type=int, default=4, help="timestep bins per expert")
+    p.add_argument("--rank", type=int, default=32, help="low-rank branch rank")
+    p.add_argument("--rows-per-bin", type=int, default=1024, help="calibration rows kept per bin")
     p.add_argument("--alphas", type=_floats, default=None, help="smoothing grid (default: the pack's)")
     p.add_argument("--clip-grid", type=_floats, default=None, help="clip ratio grid (default: the pack's)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: these layers are "
-                   "small, and on a busy 2-core machine 2 threads measured 5x slower than 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 by default: these layers "
+                   "are small, and on a busy 2-core machine 2 threads measured 5x slower than 1)")
 
 
 def _settings(args) -> dict:
@@ -80,14 +80,10 @@ def _fail(msg: str, code: int = 2) -> int:
 
 
 def run(args) -> int:
-    import torch
+    from ..calibration.cli import torch_threads
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, args.threads))
-    try:
+    with torch_threads(args.threads):  # restored after: in-process callers keep their own setting
         return _run(args)
-    finally:  # in-process callers (tests, notebooks) keep their own setting
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> int:
@@ -216,7 +212,9 @@ def _finite(o):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wan_w4a4.minimodel.demo", description=__doc__.splitlines()[0])
+    from ..__main__ import HelpFormatter
+    p = argparse.ArgumentParser(prog="python -m wan_w4a4.minimodel.demo", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     add_arguments(p)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return run(p.parse_args(argv))

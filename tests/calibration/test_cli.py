@@ -101,3 +101,47 @@ def test_minimodel_items_are_wan_i2v_items(comfy_nodes):
         assert extra["concat_mask"][0, 0, 0].max() == 0 and extra["concat_mask"][0, 0, 1].min() == 1
         assert it.positive[0][0].shape[-1] == 4096
     assert not torch.equal(items[0].positive[0][0], items[1].positive[0][0])  # different captions
+
+
+def _subparsers():
+    import argparse
+    from wan_w4a4.__main__ import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_option_has_help_and_shows_its_default():
+    for command in ("calibrate", "demo"):
+        p = _subparsers()[command]
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{command} {action.option_strings}: no help text"
+            if action.default is not None and action.nargs != 0:  # a value with a default: say it
+                assert "default" in formatter._get_help_string(action), f"{command} {action.option_strings}"
+    calibrate_help = " ".join(_subparsers()["calibrate"].format_help().split())
+    assert "(default: on)" in calibrate_help and "(default: 0,0.1,0.2" in calibrate_help
+
+
+def test_frames_default_follows_the_source():
+    from wan_w4a4.calibration.cli import RANDOM_FRAMES, frames_for
+    from wan_w4a4.minimodel import data
+    args = _subparsers()["calibrate"].parse_args(["--high", "h", "--low", "l", "--out", "o", "--source", "minimodel"])
+    assert args.frames is None and frames_for(args.source, args.frames) == data.FRAMES == 17
+    assert frames_for("random", None) == RANDOM_FRAMES == 33
+    assert frames_for("minimodel", 5) == 5
+
+
+@pytest.mark.parametrize("command,module", [("calibrate", "wan_w4a4.calibration.cli"),
+                                            ("demo", "wan_w4a4.minimodel.demo")])
+def test_threads_option_sets_torch_threads_for_the_run(command, module, monkeypatch, tmp_path):
+    import importlib
+    from wan_w4a4.__main__ import main
+    seen = []
+    monkeypatch.setattr(importlib.import_module(module), "_run", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    extra = ["--high", "h", "--low", "l", "--out", str(tmp_path)] if command == "calibrate" else []
+    assert main([command, *extra, "--threads", "3"]) == 0
+    assert seen == [3] and torch.get_num_threads() == before
