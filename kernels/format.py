@@ -67,6 +67,7 @@ their folder is next written or listed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -549,32 +550,22 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
     os.unlink(tmp)
 
 
-def _write(path, tensors: dict[str, torch.Tensor], header: dict[str, str], overwrite: bool) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then publish it (``_publish``)."""
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    remove_stale_temps(folder)
+def _atomic_write(path: str, fill, overwrite: bool, what: str) -> None:
+    """The one way files are written here: stale temporary files cleaned, a named temporary file beside
+    ``path`` filled by ``fill(tmp)`` and fsynced, then ``_publish`` (no replace between processes without
+    ``overwrite``); on any failure the temporary file goes and ``path`` is untouched."""
+    remove_stale_temps(os.path.dirname(os.path.abspath(path)))
     if not overwrite and os.path.lexists(path):  # early, before the work; _publish decides for sure
         raise _exists_error(path)
-    # safetensors refuses tensors that share memory (e.g. q/k/v sharing one L1): give each its own copy.
-    seen = set()
-    for key, v in tensors.items():
-        ptr = v.untyped_storage().data_ptr()
-        if v.numel() and ptr in seen:
-            tensors[key] = v.clone()
-        seen.add(ptr)
-    header = {**header, "header_crc32": _header_crc32(header)}
     tmp = _temp_path(path)
     try:
         try:
-            save_file(tensors, tmp, metadata=header)
+            fill(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         except Exception as e:  # safetensors reports a full disk as its own error type, not as OSError
             code = getattr(e, "errno", None) or errno.EIO
-            raise OSError(code, f"cannot write the W4A4 file {path}: {getattr(e, 'strerror', None) or e} "
+            raise OSError(code, f"cannot write {what} {path}: {getattr(e, 'strerror', None) or e} "
                                 f"(nothing was written)", path) from e
         _publish(tmp, path, overwrite)
     except BaseException:
@@ -583,33 +574,32 @@ def _write(path, tensors: dict[str, torch.Tensor], header: dict[str, str], overw
         except FileNotFoundError:
             pass
         raise
+
+
+def _write(path, tensors: dict[str, torch.Tensor], header: dict[str, str], overwrite: bool) -> None:
+    """Write a W4A4 file atomically (``_atomic_write``)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    # safetensors refuses tensors that share memory (e.g. q/k/v sharing one L1): give each its own copy.
+    seen = set()
+    for key, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        if v.numel() and ptr in seen:
+            tensors[key] = v.clone()
+        seen.add(ptr)
+    header = {**header, "header_crc32": _header_crc32(header)}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), overwrite, "the W4A4 file")
     log.info("wrote %s (%d tensors)", path, len(tensors))
 
 
 def write_bytes(path, data: bytes, overwrite: bool = False) -> None:
-    """Write a small file (a calibration report) the way ``_write`` writes a W4A4 file: a temporary file
-    beside it, fsync, then ``_publish`` (no replace between processes without ``overwrite``)."""
-    path = os.fspath(path)
-    remove_stale_temps(os.path.dirname(os.path.abspath(path)))
-    if not overwrite and os.path.lexists(path):
-        raise _exists_error(path)
-    tmp = _temp_path(path)
-    try:
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise OSError(e.errno or errno.EIO, f"cannot write {path}: {e.strerror or e} (nothing was written)",
-                          path) from e
-        _publish(tmp, path, overwrite)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write a small file (a calibration report) as W4A4 files are written (``_atomic_write``)."""
+    def fill(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic_write(os.fspath(path), fill, overwrite, "the file")
 
 
 def _encode_layers(ctx: _Ctx, layers: Mapping[str, nm.W4A4Params], meta: StateMeta):
@@ -962,14 +952,21 @@ class LayerShape:
     rank: int
 
 
-def read_layout(path, kind: str = "state") -> tuple[StateMeta, dict[str, LayerShape]]:
-    """(meta, layer -> LayerShape) from the header alone, after every check a load makes before reading
-    data: so that a file is held against the model before gigabytes of it are read."""
+@contextlib.contextmanager
+def _checked(path, kind: str):
+    """(ctx, open file, layout) of ``path`` after every header check a load makes, before any data."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     ctx = _Ctx(path)
     with _open(ctx) as f:
-        lay = _check_layout(ctx, f, kind, verify=True)
+        yield ctx, f, _check_layout(ctx, f, kind, verify=True)
+
+
+def read_layout(path, kind: str = "state") -> tuple[StateMeta, dict[str, LayerShape]]:
+    """(meta, layer -> LayerShape) from the header alone, after every check a load makes before reading
+    data: so that a file is held against the model before gigabytes of it are read."""
+    with _checked(path, kind) as (_, _f, lay):
+        pass
     shapes = {}
     for name, e in lay.entries.items():
         shapes[name] = LayerShape(e["out_features"], e["in_features"], e["rank"])
@@ -978,11 +975,7 @@ def read_layout(path, kind: str = "state") -> tuple[StateMeta, dict[str, LayerSh
 
 def read_clips(path, kind: str = "state") -> tuple[StateMeta, dict[str, torch.Tensor]]:
     """(meta, layer -> clip table [num_bins]) reading only the small clip tensors (for Inspect)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    ctx = _Ctx(path)
-    with _open(ctx) as f:
-        lay = _check_layout(ctx, f, kind, verify=True)
+    with _checked(path, kind) as (ctx, f, lay):
         clips = {}
         for name, entry in lay.entries.items():
             c = f.get_tensor(f"{name}.clip")
