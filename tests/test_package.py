@@ -58,3 +58,36 @@ def test_cli_help_without_comfyui_and_triton(tmp_path):
     """, ("triton", *COMFY_MODULES), tmp_path)
     assert r.returncode == 0, r.stderr
     assert "calibrate" in r.stdout and "demo" in r.stdout
+
+
+def _pyproject() -> dict:
+    import pytest
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from pathlib import Path
+    return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+
+
+def test_registry_metadata():
+    """What ComfyUI-Manager and the Comfy Registry read from pyproject.toml (comfy-cli's config_parser
+    reads [project].name as the node id, [project.urls] Repository/Documentation/Issues, [tool.comfy])."""
+    from pathlib import Path
+    meta = _pyproject()
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    assert "comfyui" not in project["name"].lower()  # the registry advises against it in node ids
+    repo = "https://github.com/wan-w4a4/ComfyUI-WanW4A4"
+    assert project["urls"] == {"Repository": repo, "Documentation": repo + "#readme", "Issues": repo + "/issues"}
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"]
+    license_text = (Path(__file__).resolve().parents[1] / "LICENSE").read_text()
+    assert project["license"] == {"text": "Apache-2.0"}
+    assert "Apache License\n                           Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+
+
+def test_example_workflows_name_this_node_id():
+    """The workflows' cnr_id (the registry node id the frontend records per node) is [project].name."""
+    import json
+    from pathlib import Path
+    name = _pyproject()["project"]["name"]
+    for path in (Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"):
+        ids = {n.get("properties", {}).get("cnr_id") for n in json.loads(path.read_text())["nodes"]}
+        assert ids - {"comfy-core", None} == {name}, (path.name, ids)
