@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -37,13 +38,65 @@ def is_comfyui_tree(path) -> bool:
     return path is not None and (Path(path) / "comfy" / "sd.py").is_file()
 
 
+# Where .ci/run unpacks the ComfyUI source tarballs of ../shared/comfyui/ (one folder per version,
+# the tarball's sha256 in ``.unpacked``); ``unpack_shared_comfyui`` does the same for the demo and CLI.
+UNPACKED = REPO_ROOT / ".comfy"
+SHARED_TARBALLS = REPO_ROOT.parent / "shared" / "comfyui"
+_TARBALL_RE = re.compile(r"^comfyui-(\d+(?:\.\d+)*)\.tar\.gz$")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split("."))
+
+
+def unpacked_trees(root: Path = UNPACKED) -> list[Path]:
+    """ComfyUI trees unpacked under ``root`` (``<root>/<version>/<top>``), newest version first."""
+    found = []
+    for stamp in root.glob("*/.unpacked"):
+        for tree in stamp.parent.iterdir():
+            if is_comfyui_tree(tree) and re.fullmatch(r"\d+(?:\.\d+)*", stamp.parent.name):
+                found.append((_version_key(stamp.parent.name), tree))
+    return [tree for _, tree in sorted(found, reverse=True)]
+
+
 def candidate_paths() -> list[Path]:
     """Where ``find_comfyui`` looks, in order. An explicit ``COMFYUI_PATH`` is the only candidate."""
     env = os.environ.get(ENV_VAR)
     if env:
         return [Path(env).expanduser()]
-    # The pack normally sits in ComfyUI/custom_nodes/<pack>: any parent folder may be the tree.
-    return [*REPO_ROOT.parents, Path.home() / "ComfyUI"]
+    # The pack normally sits in ComfyUI/custom_nodes/<pack>: any parent folder may be the tree; then
+    # ~/ComfyUI, then the trees the tests unpacked.
+    return [*REPO_ROOT.parents, Path.home() / "ComfyUI", *unpacked_trees()]
+
+
+def unpack_shared_comfyui(tarballs: Path = SHARED_TARBALLS, root: Path = UNPACKED) -> Path | None:
+    """Unpack the newest ``comfyui-<version>.tar.gz`` of ``tarballs`` into ``root/<version>/`` as .ci/run
+    does (a temporary folder renamed into place, the tarball's sha256 in ``.unpacked``); returns its tree,
+    or None when there is no tarball. Lets the demo and the CLI run on a machine with only those."""
+    import hashlib
+    import shutil
+    import tarfile
+
+    found = sorted(((_version_key(m.group(1)), m.group(1), p) for p in tarballs.glob("comfyui-*.tar.gz")
+                    if (m := _TARBALL_RE.match(p.name))), reverse=True)
+    if not found:
+        return None
+    _, version, tarball = found[0]
+    dest = root / version
+    trees = [t for t in dest.iterdir() if is_comfyui_tree(t)] if (dest / ".unpacked").is_file() else []
+    if trees:
+        return trees[0]
+    logger.info("unpacking ComfyUI %s from %s into %s", version, tarball, dest)
+    tmp = root / f"{version}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp, filter="data")  # no links or paths outside tmp
+    (tmp / ".unpacked").write_text(hashlib.sha256(tarball.read_bytes()).hexdigest() + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    trees = [t for t in dest.iterdir() if is_comfyui_tree(t)]
+    return trees[0] if trees else None
 
 
 def find_comfyui() -> Path | None:
@@ -55,6 +108,14 @@ def find_comfyui() -> Path | None:
         logger.warning("%s=%s is not a ComfyUI source tree (no comfy/sd.py in it)",
                        ENV_VAR, os.environ[ENV_VAR])
     return None
+
+
+def _shared_tree() -> Path | None:
+    """Without COMFYUI_PATH: the newest tree of ../shared/comfyui/, unpacked (see unpack_shared_comfyui)."""
+    if os.environ.get(ENV_VAR):
+        return None
+    tree = unpack_shared_comfyui()
+    return tree.resolve() if tree is not None else None
 
 
 def not_found_message() -> str:
@@ -121,7 +182,7 @@ def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynami
     on NVIDIA GPUs (``enable_dynamic_vram``); without it, a library use of ComfyUI runs the legacy
     ModelPatcher. Idempotent; a second call may change ``base_directory`` but not the tree.
     """
-    root = Path(path).resolve() if path is not None else find_comfyui()
+    root = Path(path).resolve() if path is not None else (find_comfyui() or _shared_tree())
     if root is None or not is_comfyui_tree(root):
         raise ComfyUINotFound(not_found_message() if path is None
                               else f"ComfyUI not found: {path} has no comfy/sd.py")
