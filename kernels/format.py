@@ -119,6 +119,15 @@ class W4A4FormatError(ValueError):
         super().__init__(f"{self.file}: {where}{problem}" + (f" (hint: {hint})" if hint else ""))
 
 
+class W4A4WrongKindError(W4A4FormatError):
+    """A W4A4 file of the other kind (a state where a checkpoint was asked for, or the reverse); ``found``
+    is the kind the file is."""
+
+    def __init__(self, file, problem: str, found: str, hint: str | None = None):
+        super().__init__(file, problem, hint=hint)
+        self.found = found
+
+
 class W4A4CorruptTensorError(W4A4FormatError):
     """A tensor's bytes do not match the CRC32 its header records (``_read`` reads again once if the file
     was replaced meanwhile)."""
@@ -273,7 +282,8 @@ def _parse_header(ctx: _Ctx, header: dict[str, str] | None, kind: str):
         raise ctx.error(f"{problem}: neither a W4A4 state nor a W4A4 checkpoint", hint=_HINT_RECREATE)
     if file_kind != kind:
         other = {"state": "load_state", "checkpoint": "load_checkpoint"}[file_kind]
-        raise ctx.error(f"file is a {file_kind!r}, expected a {kind!r}", hint=f"open it with {other}()")
+        raise W4A4WrongKindError(ctx.path, f"file is a {file_kind!r}, expected a {kind!r}", file_kind,
+                                 hint=f"open it with {other}()")
     for key, want in (("bits", BITS), ("group_size", nm.GROUP)):
         if integer(key) != want:
             raise ctx.error(f"header {key} = {header[key]}, this pack only reads {want}", hint="update ComfyUI-WanW4A4")

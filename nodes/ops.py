@@ -340,6 +340,14 @@ class W4A4Core:
             t["bias"] = delta if t["bias"] is None else t["bias"].to(device) + delta
         return t
 
+    def _qt_params(self, tensors: dict, device: torch.device, with_lora: bool = True) -> nm.W4A4Params:
+        """Quantized-tensor storage: ``W4A4Params`` from the static tensors and bias on ``device``, with the
+        clip table there and (``with_lora``) the folded LoRA joined in."""
+        tensors = {**tensors, "clip": self._clip_on(device)}
+        if with_lora:
+            tensors = self._joined(tensors, device)
+        return nm.W4A4Params(**tensors, act_unsigned=self.act_unsigned, act_shift=self.act_shift)
+
     def _clip_on(self, device: torch.device) -> torch.Tensor:
         clip = self.clip
         if clip.device == device:
@@ -355,13 +363,10 @@ class W4A4Core:
         folded LoRA (joined into the branch and the bias) unless ``with_lora`` is False."""
         if self.w4a4_qt:
             tensors = self._own_tensors()
+            del tensors["clip"]  # _qt_params takes the cached copy on the device
             if device is not None and self.weight.device != device:
                 tensors = _tensors_to(tensors, device)
-            dev = tensors["qweight"].device
-            tensors["clip"] = self._clip_on(dev)
-            if with_lora:
-                tensors = self._joined(tensors, dev)
-            return nm.W4A4Params(**tensors, act_unsigned=self.act_unsigned, act_shift=self.act_shift)
+            return self._qt_params(tensors, tensors["qweight"].device, with_lora)
         tensors = {f: getattr(self, f) for f in TENSOR_FIELDS}
         if not with_lora:
             if self.lora_rank:
@@ -413,10 +418,7 @@ class W4A4Core:
         weight, bias, stream = comfy.ops.cast_bias_weight(self, x, dtype=self.weight.dtype, device=device,
                                                           bias_dtype=bias_dtype, offloadable=True)
         try:
-            tensors = {**ql.static_tensors(weight), "clip": self._clip_on(device), "bias": bias}
-            p = nm.W4A4Params(**self._joined(tensors, device), act_unsigned=self.act_unsigned,
-                              act_shift=self.act_shift)
-            return kernels.w4a4_linear(x, p, index)
+            return kernels.w4a4_linear(x, self._qt_params({**ql.static_tensors(weight), "bias": bias}, device), index)
         finally:
             comfy.ops.uncast_bias_weight(self, weight, bias, stream)
 

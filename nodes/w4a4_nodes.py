@@ -32,10 +32,11 @@ COND_BATCH = (list(chunking.MODES), {
 
 def _other_kind(e: fmt.W4A4FormatError, name: str, want: str) -> ap.W4A4StateError | None:
     """The node-level error for a W4A4 file of the other kind (None: ``e`` is about something else)."""
-    if want == "state" and e.problem.startswith("file is a 'checkpoint'"):
+    found = getattr(e, "found", None)  # format.W4A4WrongKindError
+    if want == "state" and found == "checkpoint":
         return ap.W4A4StateError(name, "this is a self-contained W4A4 checkpoint, not a state",
                                  "load it with 'Load W4A4 Wan2.2 model' instead of applying it")
-    if want == "checkpoint" and e.problem.startswith("file is a 'state'"):
+    if want == "checkpoint" and found == "state":
         return ap.W4A4StateError(name, "this is a W4A4 state (quantized layers only), not a self-contained "
                                  "checkpoint", "load the BF16 expert with UNETLoader and add 'Apply W4A4 state'")
     return None
