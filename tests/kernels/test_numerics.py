@@ -64,15 +64,36 @@ def test_every_byte_unpacks_and_repacks():
     assert torch.equal(nm.pack_int4(nm.unpack_int4(packed)), packed)
 
 
-def test_pack_layout_is_the_documented_tile_layout():
-    # Byte j of a 128-wide K tile holds k = j (low nibble) and k = j + 64 (high nibble), offset binary.
-    k = 256
-    q = ((torch.arange(k) * 7) % 16 - 8).to(torch.int8)[None]  # distinct values around the tile
-    packed = nm.pack_int4(q)[0]
-    for t in range(k // nm.PACK_TILE):
-        for j in (0, 1, 37, 63):
-            lo, hi = int(q[0, 128 * t + j]) + 8, int(q[0, 128 * t + 64 + j]) + 8
-            assert int(packed[64 * t + j]) == lo | (hi << 4)
+def test_pack_layout_known_byte():
+    # Worked example of the documented layout: q[k=0] = 1 and q[k=64] = 2 share byte 0 of the first
+    # tile, k = 0 in the low nibble and k = 64 in the high one, each as u = q + 8: 0x9 | 0xA << 4 = 0xA9.
+    # Every other byte holds two zeros: 0x88. A swapped nibble order would give 0x9A.
+    q = torch.zeros(1, nm.PACK_TILE, dtype=torch.int8)
+    q[0, 0], q[0, 64] = 1, 2
+    packed = nm.pack_int4(q)
+    want = torch.full((1, 64), 0x88, dtype=torch.uint8)
+    want[0, 0] = 0xA9
+    assert torch.equal(packed, want)
+    assert torch.equal(nm.unpack_int4(want), q)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pack_layout_is_the_documented_tile_layout(seed):
+    # Byte j of 128-wide K tile t holds k = 128 t + j (low nibble) and k = 128 t + 64 + j (high nibble),
+    # offset binary. Random codes: no period in k, so the two nibbles of a byte differ (checked), and
+    # neither a swapped nibble order nor a wrong tile stride can pass. The oracle is written out per
+    # element here, independently of pack_int4's reshapes.
+    n, k = 3, 384
+    q = torch.randint(-8, 8, (n, k), generator=gen(seed), dtype=torch.int8)
+    assert (q[:, :64] != q[:, 64:128]).float().mean() > 0.8  # the nibbles of most bytes differ
+    want = torch.empty(n, k // 2, dtype=torch.uint8)
+    for r in range(n):
+        for t in range(k // nm.PACK_TILE):
+            for j in range(nm.GROUP):
+                lo, hi = int(q[r, 128 * t + j]) + 8, int(q[r, 128 * t + 64 + j]) + 8
+                want[r, 64 * t + j] = lo | (hi << 4)
+    assert torch.equal(nm.pack_int4(q), want)
+    assert torch.equal(nm.unpack_int4(want), q)
 
 
 def test_pack_rejects_bad_input():

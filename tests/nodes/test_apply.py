@@ -216,3 +216,56 @@ def test_weight_patch_on_w4a4_layer_fails_clearly(env):
     assert lora.add_patches({"diffusion_model.blocks.0.self_attn.q.weight": ("diff", (torch.zeros(256, 256),))})
     with pytest.raises(ValueError, match="cannot apply a diff weight patch to W4A4 layer blocks.0.self_attn.q"):
         env.two_expert(env.shifted(lora), env.shifted(env.unet("low")), steps=2)
+
+
+def sigma_at(ms, t: float, direction: float = 0.0) -> torch.Tensor:
+    """A float32 sigma [1] whose model timestep (ComfyUI's own ``model_sampling.timestep``) is exactly
+    ``t``; with ``direction`` +1 / -1, the next float32 sigma above / below that one."""
+    s = torch.tensor([t / 1000.0], dtype=torch.float32)
+    for _ in range(16):
+        got = float(ms.timestep(s)[0])
+        if got == t:
+            break
+        s = torch.nextafter(s, torch.tensor([1.0 if got < t else 0.0]))
+    else:
+        raise AssertionError(f"no float32 sigma has model timestep exactly {t}")
+    if direction:
+        s = torch.nextafter(s, torch.tensor([2.0 if direction > 0 else 0.0]))
+    return s
+
+
+def test_hook_bins_timesteps_on_and_beside_each_edge(env):
+    """The bin rule at its edges, through the hook Apply attached (sigma -> ComfyUI's model timestep ->
+    bin -> selector): bin i is edges[i+1] <= t < edges[i], closed at the low end like the expert switch
+    (t >= 900 -> high expert). A timestep exactly on an inner edge falls in the bin above it, one float32
+    step of sigma higher too, one step lower in the next bin; outside [900, 1000] it clamps and says so.
+    The expected bins are written out by hand (EDGES["high"] = 1000, 975, 950, 925, 900)."""
+    model = env.shifted(env.apply(env.unet("high"), "tiny_high.safetensors"))
+    h = hook(model)
+    assert h.edges == (1000.0, 975.0, 950.0, 925.0, 900.0)
+    ms = model.get_model_object("model_sampling")
+
+    class Executor:  # what ComfyUI's WrapperExecutor gives an APPLY_MODEL wrapper
+        class_obj = type("Model", (), {"model_sampling": ms})()
+
+        def __call__(self, x, t, *args, **kwargs):
+            return "ran"
+
+    cases = [  # (edge, side, bin, in calibrated range)
+        (1000.0, +1, 0, False), (1000.0, 0, 0, True), (1000.0, -1, 0, True),
+        (975.0, +1, 0, True), (975.0, 0, 0, True), (975.0, -1, 1, True),
+        (950.0, +1, 1, True), (950.0, 0, 1, True), (950.0, -1, 2, True),
+        (925.0, +1, 2, True), (925.0, 0, 2, True), (925.0, -1, 3, True),
+        (900.0, +1, 3, True), (900.0, 0, 3, True), (900.0, -1, 3, False),
+    ]
+    x = torch.zeros(2, 16, 1, 2, 2)
+    got = []
+    for edge, side, want, _ in cases:
+        sigma = sigma_at(ms, edge, side)
+        h.selector.set((want + 1) % h.selector.num_bins)  # another bin before the call: the hook must set it
+        assert h(Executor(), x, sigma, transformer_options={"sigmas": sigma}) == "ran"
+        rec = h.records[-1]
+        assert rec.t == edge if side == 0 else (rec.t > edge if side > 0 else rec.t < edge), (edge, side, rec.t)
+        assert h.selector.value == rec.bin
+        got.append((edge, side, rec.bin, rec.in_range))
+    assert got == cases
