@@ -9,10 +9,12 @@
 5. samples held-out (start frame, caption) pairs with fixed seeds through the standard two-expert
    graph in BF16 and in W4A4 and prints one table row: PSNR / SSIM of the W4A4 video against the BF16
    video, latent relative error, mean velocity SQNR (``minimodel/fidelity.py``), and the memory of the
-   quantized Linears against BF16;
-6. writes ``demo.png`` (reference / BF16 / W4A4 frame strips per pair), ``demo.json`` (the numbers)
-   and the two states with their calibration report into ``--out`` (default ``./wan_w4a4_demo``),
-   refusing to replace existing files unless ``--overwrite``.
+   quantized Linears against BF16; then one line per pair: PSNR / SSIM of BF16 and W4A4 against the
+   reference (the held-out video through the linear VAE) and of W4A4 against BF16;
+6. writes ``demo.png`` (per pair: labelled reference / BF16 / W4A4 frame rows with those per-pair
+   numbers, ``pictures.draw_comparison``), ``demo.json`` (the numbers) and the two states with their
+   calibration report into ``--out`` (default ``./wan_w4a4_demo``), refusing to replace existing files
+   unless ``--overwrite``.
 
 On CPU the model runs in fp32 with the checkpoints' BF16 weights ("BF16" below means these weights
 unquantized); W4A4 layers run the eager reference numerics (``kernels/numerics.py``).
@@ -20,6 +22,7 @@ unquantized); W4A4 layers run the eager reference numerics (``kernels/numerics.p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -33,9 +36,10 @@ DEFAULT_OUT = "wan_w4a4_demo"
 STATE_NAME = "mini_w4a4"
 FILES = ("demo.png", "demo.json", f"{STATE_NAME}_high.safetensors", f"{STATE_NAME}_low.safetensors",
          f"{STATE_NAME}_report.json")
+ROW_LABELS = {"reference": "reference", "bf16": "BF16", "w4a4": "W4A4"}  # video key -> figure row label
 # --quick: the smallest run that still exercises every stage (the test uses it).
-QUICK = dict(items=1, calib_steps=4, steps=4, pairs=1, bins=2, rows_per_bin=128,
-             alphas=(0.25, 0.5, 0.75), clip_grid=(1.0, 0.9, 0.8, 0.7))
+QUICK = {"items": 1, "calib_steps": 4, "steps": 4, "pairs": 1, "bins": 2, "rows_per_bin": 128,
+         "alphas": (0.25, 0.5, 0.75), "clip_grid": (1.0, 0.9, 0.8, 0.7)}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -79,6 +83,26 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
+class DemoError(Exception):
+    """A problem with the demo's input or environment; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass
+class Comparison:
+    """What ``compare`` measured: ``rows`` (one dict per pair, as saved in ``demo.json``), ``videos`` (per
+    pair: "reference", "bf16", "w4a4" -> ``[F, H, W, 3]`` in [0, 1]), ``summary``, the states' paths and
+    the seconds spent starting and calibrating."""
+    rows: list
+    videos: list
+    summary: dict
+    states: dict
+    t_cal: float
+
+
 def run(args) -> int:
     from ..calibration.cli import torch_threads
 
@@ -88,45 +112,113 @@ def run(args) -> int:
 
 def _run(args) -> int:
     t_start = time.perf_counter()
-    s = _settings(args)
-    for k in ("items", "pairs"):
-        if s[k] < 1:
-            return _fail(f"--{k} must be >= 1, got {s[k]}")
     out = Path(args.out)
     existing = [str(out / f) for f in FILES if (out / f).exists()]
     if existing and not args.overwrite:
         return _fail(f"refusing to overwrite {', '.join(existing)} (pass --overwrite or choose another --out)", 1)
+    try:
+        c = compare(args)
+    except DemoError as e:
+        return _fail(str(e), e.code)
+    s, rows, summary = _settings(args), c.rows, c.summary
+    w_bytes, b_bytes = summary["w4a4_bytes"], summary["bf16_bytes"]
+    print("[4/4] results (W4A4 vs BF16 on held-out pairs; memory: the quantized Linears of both experts)")
+    head = "| pairs | steps | PSNR (dB) | SSIM | latent rel. err | velocity SQNR (dB) | W4A4 / BF16 bytes |"
+    print(head)
+    print("|" + "|".join("---" for _ in range(7)) + "|")
+    print(f"| {len(rows)} | {s['steps']} | {summary['psnr_db']:.2f} | {summary['ssim']:.4f} | "
+          f"{summary['latent_rel_err']:.4f} | {summary['velocity_sqnr_db']:.2f} | "
+          f"{w_bytes / 2**20:.2f} MiB / {b_bytes / 2**20:.2f} MiB = {summary['memory_ratio']:.3f} |")
+    for line in pair_lines(rows):
+        print(line)
+
+    from . import pictures
+
+    out.mkdir(parents=True, exist_ok=True)
+    pictures.draw_comparison(figure_pairs(c), out / "demo.png", title=figure_title(len(rows), s["steps"]))
+    doc = {"what": "wan_w4a4 demo: mini Wan2.2-I2V, W4A4 vs BF16 on held-out pairs (CPU)",
+           "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+                        "rank": args.rank, "seed": args.seed, "cfg": 1.0, "threads": args.threads,
+                        "quick": bool(args.quick)},
+           "summary": summary, "pairs": rows, "states": c.states,
+           "startup_and_calibration_s": round(c.t_cal, 2), "total_s": round(time.perf_counter() - t_start, 2)}
+    tmp = out / ".demo.json.tmp"
+    tmp.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+    tmp.replace(out / "demo.json")
+    print(f"wrote {out / 'demo.png'}, {out / 'demo.json'} and the W4A4 states {Path(c.states['high']).name}, "
+          f"{Path(c.states['low']).name} ({doc['total_s']:.0f} s in all; start-up and calibration {c.t_cal:.0f} s)")
+    if not all(math.isfinite(v) for v in (summary["psnr_db"], summary["ssim"], summary["latent_rel_err"])):
+        return _fail("non-finite metrics (see demo.json)", 1)
+    return 0
+
+
+def figure_title(pairs: int, steps: int) -> str:
+    return (f"wan_w4a4 demo: the mini Wan2.2-I2V model in BF16 and in W4A4, {pairs} held-out "
+            f"(start frame, caption) pair{'s' * (pairs > 1)}, {steps} sampling steps, same noise")
+
+
+def pair_lines(rows: list) -> list[str]:
+    """One printed line per pair, with the numbers (and the words) the figure shows."""
+    from .pictures import metric_text
+
+    return [f"pair {i + 1} (held-out seed {r['scene_seed']}): "
+            + "; ".join(f"{name.replace('_vs_', ' vs ').replace('bf16', 'BF16').replace('w4a4', 'W4A4')} "
+                        f"{metric_text(r['metrics'][name])}" for name in r["metrics"])
+            for i, r in enumerate(rows)]
+
+
+def figure_pairs(c: Comparison) -> list:
+    """``pictures.draw_comparison``'s input: per pair its caption and the three labelled rows."""
+    from .pictures import metric_notes
+
+    pairs = []
+    for r, v in zip(c.rows, c.videos):
+        notes = metric_notes(r["metrics"])
+        pairs.append((f"held-out seed {r['scene_seed']}: {r['caption']}",
+                      [(label, notes[label], v[key]) for key, label in ROW_LABELS.items()]))
+    return pairs
+
+
+def compare(args) -> Comparison:
+    """Steps 1-5 of the module doc (no file is written but the calibrated states in ``args.out``);
+    raises ``DemoError`` for bad settings or a missing ComfyUI."""
+    t_start = time.perf_counter()
+    s = _settings(args)
+    for k in ("items", "pairs"):
+        if s[k] < 1:
+            raise DemoError(f"--{k} must be >= 1, got {s[k]}")
+    out = Path(args.out)
 
     from ..nodes import runtime
     try:
         runtime.init_comfyui(args.comfyui, cpu=True)
     except runtime.ComfyUINotFound as e:
-        return _fail(f"{e}")
+        raise DemoError(f"{e}") from None
 
     from tqdm import tqdm
+
     from ..calibration import CalibrationConfig, calibrate
     from ..calibration.cli import _Tqdm, minimodel_items
+    from ..calibration.config import DEFAULT_ALPHAS, DEFAULT_CLIPS
     from ..kernels import format as fmt
     from ..nodes.apply import apply_w4a4_state
     from . import data, fidelity, sample
-
-    from ..calibration.config import DEFAULT_ALPHAS, DEFAULT_CLIPS
     try:
         config = CalibrationConfig(steps=s["calib_steps"], cfg=1.0, bins=s["bins"], bin_spacing="steps",
                                    rank=args.rank, rows_per_bin=s["rows_per_bin"],
                                    alphas=s["alphas"] or DEFAULT_ALPHAS, clip_grid=s["clip_grid"] or DEFAULT_CLIPS,
                                    out_dir=str(out), name=STATE_NAME, overwrite=args.overwrite)
     except ValueError as e:
-        return _fail(str(e))
+        raise DemoError(str(e)) from None
 
+    heldout = data.heldout_seeds(s["pairs"])
+    if not 0 <= args.item_seed <= data.TRAIN_SEED_LIMIT - s["items"]:
+        raise DemoError(f"--item-seed must keep the calibration scenes in the training range [0, "
+                        f"{data.TRAIN_SEED_LIMIT}), away from the held-out seeds ({heldout[0]}...)")
     paths = sample.embedded_checkpoints()
     print(f"[1/4] loading the mini model's experts from {paths['high'].parent}")
     high, low = sample.load_expert(paths["high"]), sample.load_expert(paths["low"])
 
-    heldout = data.heldout_seeds(s["pairs"])
-    if not 0 <= args.item_seed <= data.TRAIN_SEED_LIMIT - s["items"]:
-        return _fail(f"--item-seed must keep the calibration scenes in the training range [0, "
-                     f"{data.TRAIN_SEED_LIMIT}), away from the held-out seeds ({heldout[0]}...)")
     items = minimodel_items(s["items"], seed=args.item_seed)
     print(f"[2/4] calibrating on {len(items)} training-range scene(s) (seeds {args.item_seed}.."
           f"{args.item_seed + len(items) - 1}), {config.steps} steps, {config.bins} bins per expert")
@@ -145,7 +237,7 @@ def _run(args) -> int:
 
     print(f"[3/4] sampling {len(heldout)} held-out pair(s) in BF16 and W4A4, {s['steps']} steps each")
     vae = data.LinearVideoVAE()
-    rows, pics = [], []
+    rows, videos = [], []
     for i, scene_seed in enumerate(tqdm(heldout, desc="pairs", unit="pair")):
         scene = data.sample_scene(scene_seed)
         cap = data.caption(scene)
@@ -156,48 +248,29 @@ def _run(args) -> int:
         rq = {e: fidelity.CallRecorder(reference=rec[e].calls) for e in ("high", "low")}
         z_q = sample.generate(rq["high"].attach(q["high"]), rq["low"].attach(q["low"]), cap, video[0],
                               steps=s["steps"], seed=args.seed + i)
-        v_bf, v_q = vae.latent_to_rgb(z_bf)[0], vae.latent_to_rgb(z_q)[0]
+        v = {"reference": vae.decode_normalized(vae.encode_normalized(video)),
+             "bf16": vae.latent_to_rgb(z_bf)[0], "w4a4": vae.latent_to_rgb(z_q)[0]}
         sq = [c.sqnr for e in ("high", "low") for c in rq[e].calls]
         rows.append({"scene_seed": scene_seed, "noise_seed": args.seed + i, "caption": cap,
-                     "psnr_db": fidelity.psnr(v_bf, v_q), "ssim": fidelity.ssim(v_bf, v_q),
+                     "metrics": fidelity.video_metrics(v),
                      "latent_rel_err": fidelity.rel_err(vae.from_raw(z_bf), vae.from_raw(z_q)),
                      "velocity_sqnr_db_mean": sum(sq) / len(sq),
                      "velocity_sqnr_db_per_call": [(round(c.t, 2), c.sqnr) for e in ("high", "low")
                                                    for c in rq[e].calls]})
-        reference = vae.decode_normalized(vae.encode_normalized(video))
-        pics.append((f"held-out seed {scene_seed}: {cap}",
-                     [("reference", reference), ("BF16", v_bf), ("W4A4", v_q)]))
+        videos.append(v)
 
-    def mean(key):
-        return sum(r[key] for r in rows) / len(rows)
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values)
 
-    summary = {"psnr_db": mean("psnr_db"), "ssim": mean("ssim"), "latent_rel_err": mean("latent_rel_err"),
-               "velocity_sqnr_db": mean("velocity_sqnr_db_mean"), "w4a4_bytes": w_bytes, "bf16_bytes": b_bytes,
-               "memory_ratio": w_bytes / b_bytes}
-    print("[4/4] results (W4A4 vs BF16 on held-out pairs; memory: the quantized Linears of both experts)")
-    head = "| pairs | steps | PSNR (dB) | SSIM | latent rel. err | velocity SQNR (dB) | W4A4 / BF16 bytes |"
-    print(head)
-    print("|" + "|".join("---" for _ in range(7)) + "|")
-    print(f"| {len(rows)} | {s['steps']} | {summary['psnr_db']:.2f} | {summary['ssim']:.4f} | "
-          f"{summary['latent_rel_err']:.4f} | {summary['velocity_sqnr_db']:.2f} | "
-          f"{w_bytes / 2**20:.2f} MiB / {b_bytes / 2**20:.2f} MiB = {summary['memory_ratio']:.3f} |")
-
-    out.mkdir(parents=True, exist_ok=True)
-    fidelity.draw_comparison(pics, out / "demo.png")
-    doc = {"what": "wan_w4a4 demo: mini Wan2.2-I2V, W4A4 vs BF16 on held-out pairs (CPU)",
-           "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
-                        "rank": args.rank, "seed": args.seed, "cfg": 1.0, "threads": args.threads,
-                        "quick": bool(args.quick)},
-           "summary": summary, "pairs": rows, "states": {e: str(getattr(result, e)) for e in ("high", "low")},
-           "startup_and_calibration_s": round(t_cal, 2), "total_s": round(time.perf_counter() - t_start, 2)}
-    tmp = out / ".demo.json.tmp"
-    tmp.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
-    tmp.replace(out / "demo.json")
-    print(f"wrote {out / 'demo.png'}, {out / 'demo.json'} and the W4A4 states {result.high.name}, "
-          f"{result.low.name} ({doc['total_s']:.0f} s in all; start-up and calibration {t_cal:.0f} s)")
-    if not all(math.isfinite(v) for v in (summary["psnr_db"], summary["ssim"], summary["latent_rel_err"])):
-        return _fail("non-finite metrics (see demo.json)", 1)
-    return 0
+    vs_bf16 = [r["metrics"]["w4a4_vs_bf16"] for r in rows]
+    summary = {"psnr_db": mean(m["psnr_db"] for m in vs_bf16), "ssim": mean(m["ssim"] for m in vs_bf16),
+               "latent_rel_err": mean(r["latent_rel_err"] for r in rows),
+               "velocity_sqnr_db": mean(r["velocity_sqnr_db_mean"] for r in rows),
+               **{name: {k: mean(r["metrics"][name][k] for r in rows) for k in ("psnr_db", "ssim")}
+                  for name in ("bf16_vs_reference", "w4a4_vs_reference")},
+               "w4a4_bytes": w_bytes, "bf16_bytes": b_bytes, "memory_ratio": w_bytes / b_bytes}
+    return Comparison(rows, videos, summary, {e: str(getattr(result, e)) for e in ("high", "low")}, t_cal)
 
 
 def _finite(o):

@@ -1,5 +1,6 @@
 """Measuring W4A4 against BF16 on the mini model: metrics, per-call recorders, the W4A4 variants of the
-fidelity benchmark, and the pictures. Used by ``minimodel/demo.py`` and ``benchmarks/bench_fidelity.py``.
+fidelity benchmark, and its pictures (the demo's figure is ``pictures.draw_comparison``). Used by
+``minimodel/demo.py`` and ``benchmarks/bench_fidelity.py``.
 
 Metrics (videos decoded by the mini model's linear VAE, ``data.LinearVideoVAE.latent_to_rgb``, one
 picture per latent frame, [F, H, W, 3] in [0, 1]):
@@ -49,24 +50,47 @@ def psnr(ref: torch.Tensor, test: torch.Tensor) -> float:
 
 
 def _gauss(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """The 1-D Gaussian weights (summing to 1) whose outer product is SSIM's 11 x 11 window."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
+    return g / g.sum()
+
+
+def _window_mean(x: torch.Tensor) -> torch.Tensor:
+    """Gaussian-weighted mean of every 11 x 11 window that fits in ``x`` [N, 1, H, W]: the 2-D window
+    is separable, so a column pass then a row pass (a 2-D float64 convolution took seconds per video
+    on a CPU)."""
+    g = _gauss()
+    return F.conv2d(F.conv2d(x, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
 
 
 def ssim(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """Mean SSIM of two ``[..., H, W, 3]`` pictures or videos in [0, 1] (module doc)."""
+    """Mean SSIM of two ``[..., H, W, 3]`` pictures or videos in [0, 1] (module doc); the window is
+    only placed where it fits (as Wang et al.'s reference code, ``filter2(..., 'valid')``)."""
+    if ref.shape != test.shape or ref.ndim < 3 or min(ref.shape[-3:-1]) < 11:
+        raise ValueError(f"ssim needs two [..., H, W, C] tensors of one shape with H, W >= 11 (the 11 x 11 "
+                         f"window), got {tuple(ref.shape)} and {tuple(test.shape)}")
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     a = ref.double().reshape(-1, *ref.shape[-3:]).permute(0, 3, 1, 2).reshape(-1, 1, *ref.shape[-3:-1])
     b = test.double().reshape(-1, *test.shape[-3:]).permute(0, 3, 1, 2).reshape(-1, 1, *test.shape[-3:-1])
-    w = _gauss()
-    mu_a, mu_b = F.conv2d(a, w), F.conv2d(b, w)
-    saa = F.conv2d(a * a, w) - mu_a ** 2
-    sbb = F.conv2d(b * b, w) - mu_b ** 2
-    sab = F.conv2d(a * b, w) - mu_a * mu_b
+    mu_a, mu_b = _window_mean(a), _window_mean(b)
+    saa = _window_mean(a * a) - mu_a ** 2
+    sbb = _window_mean(b * b) - mu_b ** 2
+    sab = _window_mean(a * b) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
     return float(s.mean())
+
+
+COMPARISONS = (("bf16_vs_reference", "reference", "bf16"), ("w4a4_vs_reference", "reference", "w4a4"),
+               ("w4a4_vs_bf16", "bf16", "w4a4"))
+
+
+def video_metrics(videos: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """PSNR (dB) and SSIM of each pair of ``COMPARISONS`` (name, against, tested) among ``videos``
+    ("reference", "bf16", "w4a4": ``[F, H, W, 3]`` in [0, 1]). The demo prints, saves and draws
+    these very numbers."""
+    return {name: {"psnr_db": psnr(videos[a], videos[b]), "ssim": ssim(videos[a], videos[b])}
+            for name, a, b in COMPARISONS}
 
 
 def rel_err(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -310,50 +334,6 @@ def _font(size: int = 12):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
         return ImageFont.load_default()
-
-
-def _row_image(frames: torch.Tensor):
-    from PIL import Image
-    import numpy as np
-    row = torch.cat(list(frames.float().cpu()), dim=1)
-    return Image.fromarray((row.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8))
-
-
-def draw_comparison(rows, path) -> None:
-    """``rows``: [(title, [(label, frames [F, H, W, 3]), ...]), ...] -> one PNG with a label column."""
-    from PIL import Image, ImageDraw
-    label_w, line_h = 70, 14
-    f0 = rows[0][1][0][1]
-    w = label_w + f0.shape[0] * f0.shape[2]
-    font = _font(11)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def wrap(text):
-        lines, line = [], ""
-        for word in text.split():
-            trial = f"{line} {word}".strip()
-            if line and measure.textlength(trial, font=font) > w - 8:
-                lines.append(line)
-                trial = word
-            line = trial
-        return lines + [line]
-
-    titles = [wrap(title) for title, _ in rows]
-    h = sum(len(t) * line_h + 4 + len(strips) * f0.shape[1] + 6 for t, (_, strips) in zip(titles, rows))
-    canvas = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(canvas)
-    y = 0
-    for lines, (_, strips) in zip(titles, rows):
-        for line in lines:
-            draw.text((4, y + 2), line, fill="black", font=font)
-            y += line_h
-        y += 4
-        for label, frames in strips:
-            canvas.paste(_row_image(frames), (label_w, y))
-            draw.text((4, y + frames.shape[1] // 2 - 6), label, fill="black", font=font)
-            y += frames.shape[1]
-        y += 6
-    canvas.save(path)
 
 
 TYPE_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]

@@ -21,27 +21,95 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data
+from . import data, sample
 
 logger = logging.getLogger(__name__)
 
 LABEL_W = 46
+MIN_FRAME_PX = 96  # frames smaller than this are enlarged (nearest-neighbour) in the comparison figure
+BITMAP_PX = 11     # height of Pillow's bitmap default font, the fallback of ``Pen``
 PHASE_COLORS = {"warm": (110, 110, 110), "high": (200, 40, 40), "low": (30, 80, 200)}
 
 
-def _to_image(frames: torch.Tensor):
-    """``[F, H, W, 3]`` in [0, 1] -> one PIL image, frames side by side."""
+def frames_image(frames: torch.Tensor, scale: int = 1):
+    """``[F, H, W, 3]`` in [0, 1] -> one PIL image, frames side by side, each pixel ``scale`` x ``scale``
+    (nearest-neighbour: the pixels the model made, not a smoothed guess)."""
     from PIL import Image
 
     row = torch.cat(list(frames.float().cpu()), dim=1)
-    return Image.fromarray((row.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8))
+    img = Image.fromarray((row.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8))
+    return img if scale == 1 else img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def upscale_factor(height: int, min_px: int = MIN_FRAME_PX) -> int:
+    """Whole factor that makes a frame of ``height`` pixels at least ``min_px`` tall."""
+    return max(1, math.ceil(min_px / height))
+
+
+class Pen:
+    """Text at a pixel size with Pillow's built-in font: the scalable one (``ImageFont.load_default(size=)``,
+    Pillow >= 10.1 with FreeType), else the fixed bitmap font (about ``BITMAP_PX`` tall) enlarged by a
+    whole factor with nearest-neighbour, so that labels stay legible on any Pillow."""
+
+    def __init__(self, scalable: bool | None = None):
+        from PIL import ImageFont
+
+        if scalable is None:
+            try:
+                scalable = isinstance(ImageFont.load_default(size=BITMAP_PX), ImageFont.FreeTypeFont)
+            except TypeError:  # Pillow < 10.1: no size argument
+                scalable = False
+        self.scalable = scalable
+        self._fonts: dict[int, object] = {}
+
+    def font(self, size: int):
+        from PIL import ImageFont
+
+        key = size if self.scalable else 0
+        if key not in self._fonts:
+            self._fonts[key] = (ImageFont.load_default(size=size) if self.scalable
+                                else getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)())
+        return self._fonts[key]
+
+    def factor(self, size: int) -> int:
+        return 1 if self.scalable else max(1, round(size / BITMAP_PX))
+
+    def width(self, text_: str, size: int) -> int:
+        return math.ceil(self.font(size).getbbox(text_)[2] * self.factor(size)) if text_ else 0
+
+    @staticmethod
+    def line_height(size: int) -> int:
+        return round(size * 1.3)
+
+    def draw(self, canvas, xy, text_: str, size: int, fill=(0, 0, 0)) -> None:
+        from PIL import Image, ImageDraw
+
+        x, y = int(xy[0]), int(xy[1])
+        if self.scalable:
+            ImageDraw.Draw(canvas).text((x, y), text_, fill=fill, font=self.font(size))
+            return
+        k, font = self.factor(size), self.font(size)
+        _, _, right, bottom = font.getbbox(text_)
+        mask = Image.new("L", (max(1, right), max(1, bottom)))
+        ImageDraw.Draw(mask).text((0, 0), text_, fill=255, font=font)
+        mask = mask.resize((mask.width * k, mask.height * k), Image.NEAREST)
+        canvas.paste(fill, (x, y, x + mask.width, y + mask.height), mask)
+
+    def wrap(self, text_: str, size: int, width: int) -> list[str]:
+        """``text_`` broken at spaces into lines no wider than ``width`` (a longer single word stays whole)."""
+        lines, line = [], ""
+        for word in text_.split():
+            trial = f"{line} {word}".strip()
+            if line and self.width(trial, size) > width:
+                lines.append(line)
+                trial = word
+            line = trial
+        return lines + [line]
 
 
 def strip_rows(high, low, seeds, *, steps: int = 20, cfg: float = 1.0, sample_seed: int = 0,
                frames: int = data.FRAMES):
     """``[(caption, reference [F, H, W, 3], generated [F, H, W, 3])]`` for the scenes of ``seeds``."""
-    from .sample import generate
-
     vae = data.LinearVideoVAE()
     rows = []
     for i, seed in enumerate(seeds):
@@ -49,7 +117,7 @@ def strip_rows(high, low, seeds, *, steps: int = 20, cfg: float = 1.0, sample_se
         cap = data.caption(scene)
         video = data.render([scene], frames=frames)[0]
         reference = vae.decode_normalized(vae.encode_normalized(video))
-        latent = generate(high, low, cap, video[0], frames=video.shape[0], steps=steps, seed=sample_seed + i, cfg=cfg)
+        latent = sample.generate(high, low, cap, video[0], frames=video.shape[0], steps=steps, seed=sample_seed + i, cfg=cfg)
         rows.append((cap, reference, vae.latent_to_rgb(latent)[0]))
     return rows
 
@@ -84,10 +152,99 @@ def draw_strips(rows, path):
             y += line_h
         y += 4
         for label, frames in (("ref", ref), ("gen", gen)):
-            canvas.paste(_to_image(frames), (LABEL_W, y))
+            canvas.paste(frames_image(frames), (LABEL_W, y))
             draw.text((6, y + h_row // 2 - 6), label, fill=(0, 0, 0))
             y += h_row
         y += 6
+    canvas.save(path)
+    return Path(path)
+
+
+TITLE_PX, CAPTION_PX, LABEL_PX, NOTE_PX = 20, 17, 20, 14  # text sizes of the comparison figure, in pixels
+FRAME_GAP = 4
+LEGEND = ("PSNR in dB (higher is closer, inf = identical) and SSIM (Wang et al. 2004: 11 x 11 Gaussian window, "
+          "sigma 1.5, K1 0.01, K2 0.03; 1 = identical) of each video against the one named, over all its frames. "
+          "reference: the held-out video through the mini model's linear VAE (encode + decode), the best any "
+          "generation can look. BF16: the checkpoints' weights unquantized; W4A4: 4-bit weights and activations. "
+          "One picture per latent frame (frame k: pixel frames 4k-3..4k).")
+
+
+def metric_text(m: dict) -> str:
+    return f"PSNR {m['psnr_db']:.2f} dB, SSIM {m['ssim']:.4f}"
+
+
+def metric_notes(metrics: dict) -> dict[str, list[str]]:
+    """The lines under each row label of the comparison figure, from ``fidelity.video_metrics``
+    (the demo prints the same lines)."""
+    return {"reference": ["held-out video through", "the linear VAE"],
+            "BF16": ["vs reference:", metric_text(metrics["bf16_vs_reference"])],
+            "W4A4": ["vs reference:", metric_text(metrics["w4a4_vs_reference"]),
+                     "vs BF16:", metric_text(metrics["w4a4_vs_bf16"])]}
+
+
+def column_labels(frames: int) -> list[str]:
+    return ["frame 0 (start)"] + [f"frame {i}" for i in range(1, frames)]
+
+
+def comparison_layout(pairs, *, title: str, legend: str, pen: Pen):
+    """``(size, ops)``: the canvas size and the drawing operations of ``draw_comparison`` — ("text", x, y,
+    text, px) and ("frame", x, y, frame [H, W, 3], scale) — so that the layout can be checked without
+    reading pixels."""
+    f0 = pairs[0][1][0][2]
+    nf, fh, fw = f0.shape[:3]
+    k = upscale_factor(fh)
+    cell = fw * k + FRAME_GAP
+    pad = 10
+    label_w = 2 * pad + max(max(pen.width(label, LABEL_PX), *(pen.width(n, NOTE_PX) for n in notes))
+                            for _, rows in pairs for label, notes, _ in rows)
+    w = label_w + nf * cell + pad
+    ops, y = [], pad
+    for line in pen.wrap(title, TITLE_PX, w - 2 * pad):
+        ops.append(("text", pad, y, line, TITLE_PX))
+        y += pen.line_height(TITLE_PX)
+    for line in pen.wrap(legend, NOTE_PX, w - 2 * pad):
+        ops.append(("text", pad, y, line, NOTE_PX))
+        y += pen.line_height(NOTE_PX)
+    for caption, rows in pairs:
+        y += pad
+        for line in pen.wrap(caption, CAPTION_PX, w - 2 * pad):
+            ops.append(("text", pad, y, line, CAPTION_PX))
+            y += pen.line_height(CAPTION_PX)
+        for i, label in enumerate(column_labels(nf)):
+            ops.append(("text", label_w + i * cell + (cell - FRAME_GAP - pen.width(label, NOTE_PX)) // 2, y,
+                        label, NOTE_PX))
+        y += pen.line_height(NOTE_PX)
+        for label, notes, frames in rows:
+            if tuple(frames.shape) != tuple(f0.shape):
+                raise ValueError(f"row {label!r} of {caption!r}: frames {tuple(frames.shape)}, the first row "
+                                 f"has {tuple(f0.shape)}")
+            ty = y + 4
+            ops.append(("text", pad, ty, label, LABEL_PX))
+            ty += pen.line_height(LABEL_PX)
+            for n in notes:
+                ops.append(("text", pad, ty, n, NOTE_PX))
+                ty += pen.line_height(NOTE_PX)
+            for i, frame in enumerate(frames):
+                ops.append(("frame", label_w + i * cell, y, frame, k))
+            y = max(y + fh * k, ty) + FRAME_GAP
+    return (w, y + pad), ops
+
+
+def draw_comparison(pairs, path, *, title: str, legend: str = LEGEND, pen: Pen | None = None) -> Path:
+    """Writes the demo's figure to ``path``: ``title`` and ``legend`` on top, then per pair its caption,
+    the column labels and one row per video (label, note lines such as ``metric_notes``, the frames,
+    enlarged to ``MIN_FRAME_PX`` if smaller). ``pairs``: [(caption, [(label, notes, frames [F, H, W, 3]),
+    ...]), ...]."""
+    from PIL import Image
+
+    pen = pen or Pen()
+    size, ops = comparison_layout(pairs, title=title, legend=legend, pen=pen)
+    canvas = Image.new("RGB", size, "white")
+    for kind, x, y, what, arg in ops:
+        if kind == "text":
+            pen.draw(canvas, (x, y), what, arg)
+        else:
+            canvas.paste(frames_image(what[None], arg), (x, y))
     canvas.save(path)
     return Path(path)
 
@@ -156,17 +313,17 @@ CARD_BEGIN, CARD_END = "<!-- results:begin -->", "<!-- results:end -->"
 def results_markdown(log: dict) -> str:
     """The card's results section, from ``train_log.json``."""
     env, plan = log["environment"], log["plan"]
-    lines = [f"Trained on {env['device']} (torch {env['torch']}, ComfyUI {env['comfyui']}) in {log['wall_s']:.0f} s: "
-             f"warm start {plan['warm']} steps, high-noise expert {plan['high']}, low-noise expert {plan['low']}, "
-             f"batch {log['config']['batch']}, {log['data']['videos_rendered']} videos rendered.",
+    lines = [(f"Trained on {env['device']} (torch {env['torch']}, ComfyUI {env['comfyui']}) in {log['wall_s']:.0f} s: "
+              f"warm start {plan['warm']} steps, high-noise expert {plan['high']}, low-noise expert {plan['low']}, "
+              f"batch {log['config']['batch']}, {log['data']['videos_rendered']} videos rendered."),
              f"Replay: `python -m wan_w4a4.minimodel.train --out DIR {log['replay']}`.", ""]
     speed = [f"{k}: {v['steps_per_s']:.3g} steps/s, {v['samples_per_s']:.4g} samples/s, "
              f"{v['tokens_per_s']:.4g} tokens/s" for k, v in log["phases"].items() if v]
     if speed:
         lines += ["Throughput: " + "; ".join(speed) + ".", ""]
-    lines += ["Held-out velocity MSE (held-out seeds, fixed noise, "
-              f"{log['config']['heldout_sigmas']} stratified timesteps per range; untrained = the initialisation, "
-              "whose zero output head predicts v = 0):", "",
+    lines += [("Held-out velocity MSE (held-out seeds, fixed noise, "
+               f"{log['config']['heldout_sigmas']} stratified timesteps per range; untrained = the initialisation, "
+               "whose zero output head predicts v = 0):"), "",
               "| expert | timesteps | untrained | warm start | trained | trained / untrained |",
               "|---|---|---|---|---|---|"]
     for name, rng in (("high", "t >= 900"), ("low", "t < 900")):
@@ -207,9 +364,6 @@ def update_card(folder) -> bool:
 def make_all(folder, n: int = 4, steps: int = 20, cfg: float = 1.0) -> list[Path]:
     """Writes ``loss_curve.png`` and ``strips.png`` into ``folder`` (which holds the checkpoints
     and ``train_log.json``) and refreshes the results block of its ``README.md``, if any."""
-    from .sample import load_expert
-    from .train import EXPERT_FILES
-
     folder = Path(folder)
     out = []
     frames = data.FRAMES
@@ -220,7 +374,7 @@ def make_all(folder, n: int = 4, steps: int = 20, cfg: float = 1.0) -> list[Path
         out.append(draw_loss_curve(log, folder / "loss_curve.png"))
         if update_card(folder):
             out.append(folder / "README.md")
-    high, low = (load_expert(folder / EXPERT_FILES[k]) for k in ("high", "low"))
+    high, low = (sample.load_expert(folder / sample.EMBEDDED_FILES[k]) for k in ("high", "low"))
     rows = strip_rows(high, low, data.heldout_seeds(n), steps=steps, cfg=cfg, frames=frames)
     out.append(draw_strips(rows, folder / "strips.png"))
     logger.info("wrote %s", ", ".join(map(str, out)))

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import conditioning, data, text
+from . import conditioning, data, pictures, text
 from .arch import TINY, WanArch, wan_state_dict_shapes
 from .sample import EMBEDDED_FILES as EXPERT_FILES
 
@@ -651,9 +651,8 @@ def run(args) -> int:
     train(cfg)
     if cfg.pictures:
         try:
-            from . import pictures
             pictures.make_all(cfg.out)
-        except Exception as e:  # the sampler needs ComfyUI's `nodes` (and torchsde); pictures can be made later
+        except Exception as e:  # noqa: BLE001 - the sampler needs ComfyUI's `nodes` (and torchsde); pictures can be made later
             logger.warning("pictures not made (%s: %s); make them with: python -m wan_w4a4.minimodel.pictures "
                            "--dir %s", type(e).__name__, e, cfg.out)
     return 0

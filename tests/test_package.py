@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 # Makes the named top-level modules unimportable in a fresh interpreter, whether installed or not.
 BLOCKER = textwrap.dedent("""
     import sys
@@ -21,7 +23,7 @@ COMFY_MODULES = ("comfy", "comfy_extras", "comfy_api", "folder_paths", "nodes", 
 
 def run_python(code: str, blocked=(), tmp_path=None):
     full = BLOCKER.format(blocked=set(blocked)) + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-c", full], check=False, capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
 
 
@@ -91,3 +93,48 @@ def test_example_workflows_name_this_node_id():
     for path in (Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"):
         ids = {n.get("properties", {}).get("cnr_id") for n in json.loads(path.read_text())["nodes"]}
         assert ids - {"comfy-core", None} == {name}, (path.name, ids)
+
+
+def test_registry_icon_and_banner_are_files_here():
+    """Icon and Banner are raw URLs of the Repository's main branch that name PNGs in this checkout:
+    a square icon and a wide banner."""
+    from pathlib import Path
+
+    Image = pytest.importorskip("PIL.Image")
+    meta = _pyproject()
+    repo, comfy = meta["project"]["urls"]["Repository"], meta["tool"]["comfy"]
+    raw = repo.replace("https://github.com/", "https://raw.githubusercontent.com/", 1) + "/main/"
+    root = Path(__file__).resolve().parents[1]
+    sizes = {}
+    for key in ("Icon", "Banner"):
+        url = comfy[key]
+        assert url.startswith(raw), (key, url)
+        path = root / url[len(raw):]
+        assert path.resolve().is_relative_to(root) and path.is_file(), (key, url)
+        with Image.open(path) as img:
+            assert img.format == "PNG", (key, img.format)
+            sizes[key] = img.size
+    (iw, ih), (bw, bh) = sizes["Icon"], sizes["Banner"]
+    assert iw == ih >= 200, sizes
+    assert bw >= 3 * bh and bw >= 1000, sizes
+
+
+def test_every_example_workflow_has_a_jpeg_thumbnail():
+    """The frontend's template browser shows example_workflows/<name>.jpg for <name>.json."""
+    from pathlib import Path
+
+    Image = pytest.importorskip("PIL.Image")
+    folder = Path(__file__).resolve().parents[1] / "example_workflows"
+    workflows = sorted(folder.glob("*.json"))
+    assert len(workflows) >= 3
+    for wf in workflows:
+        thumb = wf.with_suffix(".jpg")
+        assert thumb.is_file(), f"{thumb.name} missing (python docs/make_pictures.py makes it)"
+        data = thumb.read_bytes()
+        assert data[:3] == b"\xff\xd8\xff" and data.endswith(b"\xff\xd9"), thumb.name  # JPEG SOI ... EOI
+        assert 5_000 < len(data) < 100_000, (thumb.name, len(data))
+        with Image.open(thumb) as img:
+            assert img.format == "JPEG" and img.mode == "RGB", thumb.name
+            img.load()  # decodes: a truncated file fails here
+            w, h = img.size
+            assert 256 <= w <= 1024 and 256 <= h <= 1024 and 0.5 <= w / h <= 2, (thumb.name, img.size)

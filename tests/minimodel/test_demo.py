@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
-
 from wan_w4a4.__main__ import main
-from wan_w4a4.minimodel import demo, fidelity
+from wan_w4a4.minimodel import demo, fidelity, pictures
 
 
 def test_metrics_basics():
@@ -27,6 +27,107 @@ def test_metrics_basics():
     assert 20 < fidelity.psnr(a, b) < 30  # noise std 0.05 -> ~26 dB before clamping
     assert 0 < fidelity.ssim(a, b) < 1
     assert fidelity.rel_err(a, a) == 0 and fidelity.rel_err(a, b) > 0
+
+
+def ssim_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang et al. 2004 written out window by window (no convolution, no scipy): 2-D arrays in [0, 1],
+    11 x 11 Gaussian weights with sigma 1.5 summing to 1, every window position that fits."""
+    r = np.arange(11) - 5
+    g = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * 1.5 ** 2))
+    g /= g.sum()
+    c1, c2 = (0.01 * 1) ** 2, (0.03 * 1) ** 2
+    vals = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            a, b = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            ma, mb = (g * a).sum(), (g * b).sum()
+            va, vb = (g * (a - ma) ** 2).sum(), (g * (b - mb) ** 2).sum()
+            cov = (g * (a - ma) * (b - mb)).sum()
+            vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    return float(np.mean(vals))
+
+
+def test_ssim_against_hand_values():
+    # constant pictures: zero variances, so SSIM = (2ab + C1) / (a^2 + b^2 + C1) everywhere
+    a, b = torch.full((1, 16, 16, 3), 0.5), torch.full((1, 16, 16, 3), 0.25)
+    assert fidelity.ssim(a, b) == pytest.approx((2 * 0.5 * 0.25 + 1e-4) / (0.5 ** 2 + 0.25 ** 2 + 1e-4), abs=1e-12)
+    # textured pictures (two frames, three channels, not square): the windowed sums by hand
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 19, 23, 3, generator=g, dtype=torch.float64)
+    y = (0.7 * x + 0.2 * torch.rand(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    by_hand = np.mean([ssim_by_hand(x[f, :, :, c].numpy(), y[f, :, :, c].numpy()) for f in range(2) for c in range(3)])
+    assert fidelity.ssim(x, y) == pytest.approx(by_hand, abs=1e-10)
+    assert 0.2 < by_hand < 0.95  # a case that is neither identical nor unrelated
+    with pytest.raises(ValueError, match="11 x 11"):
+        fidelity.ssim(x[:, :10], y[:, :10])
+    with pytest.raises(ValueError, match="one shape"):
+        fidelity.ssim(x, y[:1])
+
+
+def test_video_metrics_pairs_the_right_videos():
+    g = torch.Generator().manual_seed(2)
+    ref = torch.rand(2, 16, 16, 3, generator=g)
+    bf16 = (ref + 0.05 * torch.randn(ref.shape, generator=g)).clamp(0, 1)
+    m = fidelity.video_metrics({"reference": ref, "bf16": bf16, "w4a4": ref.clone()})
+    assert list(m) == [name for name, _, _ in fidelity.COMPARISONS]
+    assert m["w4a4_vs_reference"] == {"psnr_db": math.inf, "ssim": pytest.approx(1.0, abs=1e-12)}
+    assert m["bf16_vs_reference"]["psnr_db"] == pytest.approx(fidelity.psnr(ref, bf16))
+    assert m["w4a4_vs_bf16"] == m["bf16_vs_reference"]  # w4a4 is the reference here
+    assert m["bf16_vs_reference"]["ssim"] == pytest.approx(fidelity.ssim(ref, bf16)) and m["bf16_vs_reference"]["ssim"] < 0.99
+
+
+def _fake_comparison(frames=2, size=24):
+    g = torch.Generator().manual_seed(3)
+    v = {k: torch.rand(frames, size, size, 3, generator=g) for k in demo.ROW_LABELS}
+    row = {"scene_seed": 3000000000, "caption": "a red disc", "metrics": fidelity.video_metrics(v)}
+    return demo.Comparison([row], [v], {}, {}, 0.0)
+
+
+def test_figure_shows_the_printed_numbers(tmp_path):
+    """The figure's labels and numbers are the demo's printed ones, from the same row dicts, and the
+    text is drawn large enough to read (tiny frames are enlarged)."""
+    from PIL import Image
+
+    c = _fake_comparison()
+    m = c.rows[0]["metrics"]
+    pen = pictures.Pen()
+    size, ops = pictures.comparison_layout(demo.figure_pairs(c), title="t", legend=pictures.LEGEND, pen=pen)
+    texts = [o[3] for o in ops if o[0] == "text"]
+    for label in ("reference", "BF16", "W4A4", "frame 0 (start)", "frame 1"):
+        assert label in texts
+    notes = pictures.metric_notes(m)
+    assert notes["W4A4"][-1] == pictures.metric_text(m["w4a4_vs_bf16"]) in texts
+    assert pictures.metric_text(m["bf16_vs_reference"]) in texts
+    line = demo.pair_lines(c.rows)[0]
+    for name in ("bf16_vs_reference", "w4a4_vs_reference", "w4a4_vs_bf16"):
+        assert pictures.metric_text(m[name]) in line
+    scales = {o[4] for o in ops if o[0] == "frame"}
+    assert scales == {4}  # 24 px frames drawn at 96 px
+    path = pictures.draw_comparison(demo.figure_pairs(c), tmp_path / "f.png", title="t", pen=pen)
+    img = Image.open(path)
+    assert img.size == size
+    # the "W4A4" row label: dark pixels at least 12 px tall where the layout put it
+    x, y = next((o[1], o[2]) for o in ops if o[0] == "text" and o[3] == "W4A4")
+    dark = np.asarray(img.convert("L").crop((x, y, x + 80, y + 30))) < 128
+    rows_with_ink = np.flatnonzero(dark.any(axis=1))
+    assert rows_with_ink.size and rows_with_ink[-1] - rows_with_ink[0] >= 12
+    bad = _fake_comparison()
+    bad.videos[0]["w4a4"] = bad.videos[0]["w4a4"][:1]
+    with pytest.raises(ValueError, match="'W4A4'"):
+        pictures.comparison_layout(demo.figure_pairs(bad), title="t", legend="", pen=pen)
+
+
+def test_pen_bitmap_fallback_is_enlarged():
+    """Without Pillow's scalable font, text is the bitmap font enlarged by a whole factor."""
+    from PIL import Image
+
+    pen = pictures.Pen(scalable=False)
+    assert pen.factor(pictures.LABEL_PX) == 2 and pen.factor(pictures.NOTE_PX) == 1
+    img = Image.new("RGB", (200, 60), "white")
+    pen.draw(img, (5, 5), "W4A4", pictures.LABEL_PX)
+    dark = np.asarray(img.convert("L")) < 128
+    ys, xs = np.nonzero(dark)
+    assert ys.max() - ys.min() >= 12 and xs.max() - xs.min() + 1 <= pen.width("W4A4", pictures.LABEL_PX)
 
 
 def test_demo_refuses_missing_comfyui(tmp_path, monkeypatch, capsys):
@@ -49,8 +150,17 @@ def test_demo_quick_end_to_end(comfy_nodes, tmp_path, capsys):
     psnr, ssim, rel, vsqnr = (float(c) for c in cells[2:6])
     assert all(math.isfinite(x) for x in (psnr, ssim, rel, vsqnr))
 
-    s = json.loads((out / "demo.json").read_text())["summary"]
+    doc = json.loads((out / "demo.json").read_text())
+    s = doc["summary"]
     assert s["psnr_db"] == pytest.approx(psnr, abs=0.01)
+    # the per-pair lines (the figure's numbers) are printed from the saved rows
+    assert demo.pair_lines(doc["pairs"])[0] in printed.splitlines()
+    m = doc["pairs"][0]["metrics"]
+    assert m["w4a4_vs_bf16"] == {"psnr_db": s["psnr_db"], "ssim": s["ssim"]}  # one pair: its mean
+    # BF16 and W4A4 are both far from the reference (4 steps), and about equally far
+    for name in ("bf16_vs_reference", "w4a4_vs_reference"):
+        assert 10 < m[name]["psnr_db"] < m["w4a4_vs_bf16"]["psnr_db"] and 0.3 < m[name]["ssim"] < 0.95
+    assert abs(m["bf16_vs_reference"]["psnr_db"] - m["w4a4_vs_reference"]["psnr_db"]) < 1.5
     # W4A4 differs from BF16 ...
     assert s["latent_rel_err"] > 1e-3 and s["psnr_db"] < 60
     # ... but stays close (measured 0.159 / 31.7 dB / 0.913 / 20.8 dB)
