@@ -30,7 +30,7 @@ import torch
 from ..calibration import capture
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
-from . import chunking, lora
+from . import chunking, ffn, lora
 from .hook import HOOK_KEY, TimestepBinHook, attach_hook, get_hook
 from .ops import BinSelector, W4A4Linear, is_w4a4, layer_bytes, make_w4a4_ops, unclaimed
 
@@ -196,6 +196,7 @@ def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
     m = model.clone()
     for name, module in modules.items():
         m.add_object_patch(PREFIX + name, module)
+    ffn.attach_inplace_gelu(m, layers)
     attach_hook(m, hook)
     chunking.attach_split(m, cond_batch)
     _add_lora_callbacks(m)
@@ -258,6 +259,7 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: st
                              f"(first: {', '.join(left[:3])})", "the checkpoint is damaged or for another model")
     attach_hook(model, hook)
     chunking.attach_split(model, cond_batch)
+    ffn.attach_inplace_gelu(model, layers)
     _add_lora_callbacks(model)
     model.set_attachments(ATTACHMENT, W4A4Info(meta, str(path), tuple(layers), "checkpoint"))
     if hasattr(model, "cached_patcher_init"):

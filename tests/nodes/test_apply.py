@@ -72,7 +72,8 @@ def test_input_model_unchanged(env):
     assert q is not base and q.model is base.model  # a clone sharing the BF16 weights
     assert not base.object_patches and not base.get_wrappers("apply_model", HOOK_KEY)
     assert type(base.model.diffusion_model.blocks[0].self_attn.q).__name__ == "Linear"
-    assert sum(k.startswith("diffusion_model.blocks.") for k in q.object_patches) == 20
+    layers = [k for k in q.object_patches if k.startswith("diffusion_model.blocks.") and not k.endswith(".ffn")]
+    assert len(layers) == 20  # + one in-place-GELU FFN per block (nodes/ffn.py, tests/nodes/test_ffn.py)
     assert q.model_size() < base.model_size()
 
 
@@ -88,7 +89,7 @@ def test_apply_again_while_another_w4a4_clone_is_loaded(env):
     try:
         assert type(base.model.diffusion_model.blocks[0].self_attn.q).__name__ != "Linear"  # patched in place
         second = apply(base, "tiny_high.safetensors")[0]
-        assert sum(k.startswith("diffusion_model.blocks.") for k in second.object_patches) == 20
+        assert sum(k.startswith("diffusion_model.blocks.") and not k.endswith(".ffn") for k in second.object_patches) == 20
         with pytest.raises(Exception, match="already has W4A4 layers"):
             apply(first, "tiny_high.safetensors")  # a W4A4 model itself is still refused
         comfy.model_management.load_models_gpu([second])
