@@ -1,7 +1,9 @@
-# Device-only stand-in for PyAV: see benchmarks/device/setup.sh.
-# Device-only stand-in for PyAV (bench runs carry no av wheel: the 64 MiB limit). ComfyUI 0.33's
+# Device-only stand-in for PyAV (see benchmarks/device/setup.sh: no av wheel within the 64 MiB carry). ComfyUI 0.33's
 # comfy_api imports av at module level for video I/O, which the model benchmark never calls.
-import importlib.abc, importlib.machinery, sys, types
+import importlib.abc
+import importlib.machinery
+import sys
+import types
 
 class _Any(type):
     def __getattr__(cls, name):
@@ -18,7 +20,9 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if name == "av" or name.startswith("av."):
             return importlib.machinery.ModuleSpec(name, self, is_package=True)
     def create_module(self, spec):
-        m = _Mod(spec.name); m.__path__ = []; return m
+        m = _Mod(spec.name)
+        m.__path__ = []
+        return m
     def exec_module(self, module):
         pass
 
