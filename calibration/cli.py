@@ -11,8 +11,12 @@ after step 10)::
 The checkpoints load through ComfyUI's own loader (``comfy.sd.load_diffusion_model``); ComfyUI is
 found as the tests find it (``COMFYUI_PATH``, the pack's parent folders, ``~/ComfyUI``) or given with
 ``--comfyui``. Calibration items: ``--items N`` random I2V items (random start-image latent and text
-context: for smoke tests and timing; use the ComfyUI node with real images and prompts for a state
-you will ship).
+context: for smoke tests and timing), or ``--set DIR``: a calibration set of start images and prompts
+(calibration/dataset.py), encoded as ComfyUI's Wan2.2 I2V template encodes one pair: the text encoder
+given with ``--text-encoder`` (loaded as CLIPLoader type "wan" loads it), the VAE given with ``--vae``
+(as VAELoader loads it), CLIPTextEncode and WanImageToVideo at ``--width``/``--height``/``--frames``.
+With ``--source minimodel`` the mini model's text map and linear VAE stand in for them (no download).
+The set is parsed and every image decoded before any model loads.
 """
 from __future__ import annotations
 
@@ -111,7 +115,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     it.add_argument("--height", type=int, default=480, help="height in pixels (default %(default)s)")
     it.add_argument("--width", type=int, default=832, help="width in pixels (default %(default)s)")
     it.add_argument("--text-tokens", type=int, default=512, help="text context tokens (default %(default)s)")
-    it.add_argument("--item-seed", type=int, default=0, help="seed of the items and their noise")
+    it.add_argument("--item-seed", type=int, default=0, help="seed of the items and their noise (with --set: "
+                                                               "item i without a seed of its own gets seed + i)")
+    it.add_argument("--set", type=Path, default=None, metavar="DIR",
+                    help="calibrate on a calibration set: start images (png/jpg/webp) + prompts.txt (one prompt "
+                         "per image, in sorted file-name order) or prompts.jsonl ({\"image\", \"prompt\", "
+                         "\"negative\", \"seed\"} per line), encoded with --text-encoder and --vae at "
+                         "--width/--height/--frames (with --source minimodel: with the mini model's text map and "
+                         "linear VAE); --items is then the set's size")
+    it.add_argument("--text-encoder", type=Path, default=None, metavar="FILE",
+                    help="with --set: Wan's umT5 text encoder (.safetensors), loaded as CLIPLoader type 'wan'")
+    it.add_argument("--vae", type=Path, default=None, metavar="FILE",
+                    help="with --set: Wan's VAE (.safetensors), loaded as VAELoader loads it")
+    it.add_argument("--negative", default=None, metavar="TEXT",
+                    help="with --set: the negative prompt of items without one (default: the Wan2.2 I2V "
+                         "template's)")
 
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=d.steps, help="sampling steps of your workflow")
@@ -187,10 +205,11 @@ def config_from_args(args) -> CalibrationConfig:
 def _text_dim(path) -> int:
     """The text context width of a Wan checkpoint, read from its safetensors header (4096 for Wan)."""
     from safetensors import safe_open
+
     from .capture import CalibrationError
 
     with safe_open(str(path), framework="pt") as f:
-        if "text_embedding.0.weight" not in f.keys():
+        if "text_embedding.0.weight" not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
             raise CalibrationError(f"{path}: not a Wan transformer checkpoint (no text_embedding.0.weight)")
         return int(f.get_slice("text_embedding.0.weight").get_shape()[1])
 
@@ -214,12 +233,101 @@ def minimodel_items(n: int, *, frames: int = 17, seed: int = 0) -> list:
     return items
 
 
+def _safetensors_file(path: Path, what: str) -> None:
+    """A text encoder or VAE file that ComfyUI will read as safetensors (never as a pickle), with a
+    readable header."""
+    from safetensors import safe_open
+
+    from .dataset import CalibrationSetError
+
+    if not path.is_file():
+        raise CalibrationSetError(f"{what} {path}: no such file")
+    if not path.name.lower().endswith(".safetensors"):
+        raise CalibrationSetError(f"{what} {path}: not a .safetensors file (other formats are pickles, "
+                                  "which are not loaded)")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
+        raise CalibrationSetError(f"{what} {path}: not a valid safetensors file ({e})") from None
+
+
+def check_set_args(args):
+    """``(CalibrationSet, EncodeSize)`` of ``--set``, checked before anything loads: the encoder files,
+    the size, the prompts file and every image (decoded once)."""
+    from .dataset import CalibrationSetError, EncodeSize, check_images, load_set
+
+    if args.source == "minimodel":
+        given = [w for w, v in (("--text-encoder", args.text_encoder), ("--vae", args.vae)) if v is not None]
+        if given:
+            raise CalibrationSetError(f"{' and '.join(given)}: not used with --source minimodel (the mini model's "
+                                      "text map and linear VAE encode the set)")
+    else:
+        for what, path in (("--text-encoder", args.text_encoder), ("--vae", args.vae)):
+            if path is None:
+                raise CalibrationSetError(f"--set needs {what} (Wan's umT5 text encoder and VAE .safetensors), or "
+                                          "--source minimodel for the mini model's stand-ins")
+            _safetensors_file(path, what)
+    size = EncodeSize(width=args.width, height=args.height, length=frames_for(args.source, args.frames))
+    cset = load_set(args.set, negative=args.negative, seed=args.item_seed)
+    check_images(cset)
+    return cset, size
+
+
+def _load_by_node(node_cls, folder: str, path: Path, name_input: str, **inputs):
+    """A model file loaded by ComfyUI's own loader node (CLIPLoader, VAELoader), which takes a name
+    in one of its model folders: the file's folder is put first among that folder's paths."""
+    import folder_paths
+
+    from .dataset import CalibrationSetError, run_node
+
+    path = path.resolve()
+    folder_paths.add_model_folder_path(folder, str(path.parent), is_default=True)
+    found = folder_paths.get_full_path(folder, path.name)
+    if found is None or Path(found).resolve() != path:
+        raise CalibrationSetError(f"{path}: ComfyUI's {folder} folders resolve {path.name!r} to {found}")
+    return run_node(node_cls, **{name_input: path.name}, **inputs)[0]
+
+
+def set_items(args, cset, size) -> list:
+    """The CalibrationItems of a checked calibration set (``check_set_args``), encoded through
+    ComfyUI's nodes (calibration/dataset.py); the encoders are released before calibration loads
+    the experts. Needs an initialised ComfyUI."""
+    import gc
+
+    import comfy.model_management
+    import folder_paths
+
+    from .dataset import encode_set
+
+    # LoadImage reads only from ComfyUI's input directory: in this process, that is the set's folder.
+    folder_paths.set_input_directory(str(cset.folder.resolve()))
+    if args.source == "minimodel":
+        from ..minimodel import data
+        from ..minimodel.text_clip import MiniCLIP
+        clip, vae = MiniCLIP(), data.LinearVideoVAE()
+    else:
+        import nodes
+        clip = _load_by_node(nodes.CLIPLoader, "text_encoders", args.text_encoder, "clip_name", type="wan")
+        vae = _load_by_node(nodes.VAELoader, "vae", args.vae, "vae_name")
+    bar = _Tqdm(desc="encode set", unit="item")
+    try:
+        items = encode_set(cset, clip, vae, size, progress=bar)
+    finally:
+        bar.close()
+        del clip, vae
+        gc.collect()
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+    return items
+
+
 class _Tqdm:
     """progress(done, total, what) on a tqdm bar."""
 
-    def __init__(self):
+    def __init__(self, desc: str = "calibrate", unit: str = "step"):
         from tqdm import tqdm
-        self.bar = tqdm(total=1, unit="step", dynamic_ncols=True, desc="calibrate")
+        self.bar = tqdm(total=1, unit=unit, dynamic_ncols=True, desc=desc)
 
     def __call__(self, done, total, what=""):
         self.bar.total = total
@@ -259,6 +367,16 @@ def _run(args) -> int:
         if existing:
             print(f"calibrate: refusing to overwrite {', '.join(existing)} (pass --overwrite)", file=sys.stderr)
             return 1
+    cset = size = None
+    if args.set is not None:
+        try:
+            cset, size = check_set_args(args)
+        except CalibrationError as e:
+            print(f"calibrate: {e}", file=sys.stderr)
+            return 2
+    elif args.text_encoder is not None or args.vae is not None or args.negative is not None:
+        print("calibrate: --text-encoder, --vae and --negative are for --set", file=sys.stderr)
+        return 2
 
     from ..nodes import runtime
     try:
@@ -271,20 +389,25 @@ def _run(args) -> int:
     def loader(path):  # loaded when its expert's turn comes: one BF16 expert in host memory at a time
         return lambda: comfy.sd.load_diffusion_model(str(path))
 
-    bar = _Tqdm()
+    bar = None
     try:
         frames = frames_for(args.source, args.frames)
-        if args.source == "minimodel":
+        if cset is not None:
+            items = set_items(args, cset, size)
+            print(f"calibration set {cset.source}: {len(items)} items")
+        elif args.source == "minimodel":
             items = minimodel_items(args.items, frames=frames, seed=args.item_seed)
         else:
             items = synthetic_items(args.items, frames=frames, height=args.height, width=args.width,
                                     text_tokens=args.text_tokens, text_dim=_text_dim(args.high),
                                     seed=args.item_seed)
+        bar = _Tqdm()
         result = calibrate(loader(args.high), loader(args.low), items, config, progress=bar)
     except (CalibrationError, FileExistsError) as e:
         print(f"calibrate: {e}", file=sys.stderr)
         return 2 if isinstance(e, CalibrationError) else 1
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     print(f"high: {result.high}\nlow: {result.low}\nreport: {result.report}")
     return 0

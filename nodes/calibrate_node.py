@@ -15,7 +15,12 @@ import comfy.samplers
 import comfy.utils
 
 from ..calibration import CalibrationConfig, CalibrationItem, calibrate
-from ..calibration.config import CLIP_POLICIES, DEFAULT_ALPHAS, DEFAULT_CLIPS, I2V_BOUNDARY
+from ..calibration.config import (
+    CLIP_POLICIES,
+    DEFAULT_ALPHAS,
+    DEFAULT_CLIPS,
+    I2V_BOUNDARY,
+)
 from ..kernels import format as fmt
 from . import apply as ap
 from . import paths
@@ -66,6 +71,33 @@ def handover_step_of(handover: str, step: int) -> int | None:
     return int(step) if handover == "step" else None
 
 
+IMAGE_INPUTS = {
+    "positive": ("CONDITIONING", {"tooltip": "Positive conditioning from WanImageToVideo (prompt + start image). "
+                                             "Needed unless calibration_set is connected."}),
+    "negative": ("CONDITIONING", {"tooltip": "Negative conditioning from WanImageToVideo."}),
+    "latent": ("LATENT", {"tooltip": "The video latent from WanImageToVideo; a batch calibrates on all of it."}),
+}
+
+
+def calibration_items(positive, negative, latent, seed: int, runs: int, calibration_set=None) -> list:
+    """The items the node calibrates on: the calibration set when connected, else ``runs`` runs of the
+    one (positive, negative, latent) with seeds seed, seed+1, ..."""
+    single = [v is not None for v in (positive, negative, latent)]
+    if calibration_set is not None:
+        if any(single):
+            log.info("Calibrate W4A4: both a calibration_set (%d items) and positive/negative/latent are "
+                     "connected; calibrating on the calibration_set", len(calibration_set))
+        if not calibration_set or not all(isinstance(i, CalibrationItem) for i in calibration_set):
+            raise ValueError("calibration_set must be the output of 'W4A4 Calibration Set' (a non-empty list of "
+                             "calibration items)")
+        return list(calibration_set)
+    if not all(single):
+        missing = [n for n, ok in zip(IMAGE_INPUTS, single) if not ok]
+        raise ValueError(f"Calibrate W4A4: connect {', '.join(missing)} (from WanImageToVideo), or a "
+                         "calibration_set from 'W4A4 Calibration Set'")
+    return [CalibrationItem(positive, negative, latent["samples"], seed=seed + i) for i in range(runs)]
+
+
 class CalibrateW4A4:
     @classmethod
     def INPUT_TYPES(cls):
@@ -73,13 +105,12 @@ class CalibrateW4A4:
             "model_high": ("MODEL", {"tooltip": "The high-noise expert, BF16, straight from UNETLoader "
                                                 "(no ModelSamplingSD3: 'shift' below is applied here)."}),
             "model_low": ("MODEL", {"tooltip": "The low-noise expert, BF16, straight from UNETLoader."}),
-            "positive": ("CONDITIONING", {"tooltip": "Positive conditioning from WanImageToVideo (prompt + start image)."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative conditioning from WanImageToVideo."}),
-            "latent": ("LATENT", {"tooltip": "The video latent from WanImageToVideo; a batch calibrates on all of it."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, **seed_control_options(),
-                             "tooltip": "Noise seed of the first calibration run."}),
+                             "tooltip": "Noise seed of the first calibration run (with a calibration_set: "
+                                        "the seed of the calibration's own random choices; the items carry theirs)."}),
             "runs": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
-                             "Sampling runs with seeds seed, seed+1, ...: more runs, more activation samples."}),
+                             "Sampling runs with seeds seed, seed+1, ...: more runs, more activation samples. "
+                             "Not used with a calibration_set (one run per item)."}),
             "steps": ("INT", {"default": 20, "min": 2, "max": 200, "tooltip": "Sampling steps of your workflow."}),
             "cfg": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "CFG of your workflow."}),
             "shift": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
@@ -102,6 +133,10 @@ class CalibrateW4A4:
                                 "<name>_report.json."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace existing files of that name."}),
         }, "optional": {
+            # Optional since calibration_set can replace them; non-widget inputs, so the widget values of
+            # saved workflows and their input slots (model_high, model_low, positive, negative, latent) keep
+            # their order.
+            **IMAGE_INPUTS,
             "keep": ("STRING", {"default": "", "tooltip":
                                 "Layers to keep in BF16: block indices or name patterns, comma-separated "
                                 "(e.g. '0, 39, *.ffn.2')."}),
@@ -128,6 +163,11 @@ class CalibrateW4A4:
             "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "simple", "tooltip":
                           "Scheduler of your workflow (with shift and steps, it decides the timesteps each "
                           "expert runs at)."}),
+            # Last, so that saved workflows keep their widget values.
+            "calibration_set": ("W4A4_CALIBRATION_SET", {"tooltip":
+                                "N start images and prompts from 'W4A4 Calibration Set': when connected, "
+                                "calibration runs on all of them (one sampling run per item, each with its "
+                                "seed) instead of positive / negative / latent and runs."}),
         }}
 
     RETURN_TYPES = ("MODEL", "MODEL", "STRING")
@@ -138,14 +178,15 @@ class CalibrateW4A4:
     FUNCTION = "calibrate"
     OUTPUT_NODE = True
     CATEGORY = "WanW4A4"
-    DESCRIPTION = ("Calibrates W4A4 states for both Wan2.2 experts on your own image and prompt: runs the "
+    DESCRIPTION = ("Calibrates W4A4 states for both Wan2.2 experts on your own image and prompt (or the N "
+                   "pairs of a 'W4A4 Calibration Set'): runs the "
                    "two-expert sampling, collects activations per timestep bin, and quantizes every block "
                    "Linear (smoothing, low-rank branch, GPTQ, per-bin clip search). Takes minutes to hours.")
 
-    def calibrate(self, model_high, model_low, positive, negative, latent, seed, runs, steps, cfg, shift, boundary,
-                  bins, rank, clip_grid, clip_policy, gptq, name, overwrite, keep="", rows_per_bin=1024,
-                  alphas="", blocks_per_pass=0, handover="boundary", handover_step=10, sampler_name="euler",
-                  scheduler="simple"):
+    def calibrate(self, model_high, model_low, positive=None, negative=None, latent=None, *, seed, runs, steps,
+                  cfg, shift, boundary, bins, rank, clip_grid, clip_policy, gptq, name, overwrite, keep="",
+                  rows_per_bin=1024, alphas="", blocks_per_pass=0, handover="boundary", handover_step=10,
+                  sampler_name="euler", scheduler="simple", calibration_set=None):
         keep_list = []
         for k in (keep or "").split(","):
             k = k.strip()
@@ -159,7 +200,7 @@ class CalibrateW4A4:
             alphas=parse_floats(alphas, "alphas") if (alphas or "").strip() else DEFAULT_ALPHAS,
             keep=tuple(keep_list), rows_per_bin=rows_per_bin, blocks_per_pass=blocks_per_pass or None,
             out_dir=out_dir, name=name, overwrite=overwrite, seed=seed)
-        items = [CalibrationItem(positive, negative, latent["samples"], seed=seed + i) for i in range(runs)]
+        items = calibration_items(positive, negative, latent, seed, runs, calibration_set)
         pbar = comfy.utils.ProgressBar(1)
 
         def progress(done, total, what):
@@ -174,6 +215,8 @@ class CalibrateW4A4:
             patched.append(ap.apply_w4a4_state(model, layers, meta, source=os.path.basename(path)))
             covers.append(f"{expert} t {meta.bin_edges[0]:.1f}..{meta.bin_edges[-1]:.1f}")
         lines = [f"states: {result.high}, {result.low}; report: {result.report}",
+                 f"calibrated on {len(items)} item(s)" + (" of the calibration set" if calibration_set is not None
+                                                           else ""),
                  f"calibrated for: {fmt.handover_text(meta.handover)}; bins cover {', '.join(covers)}"]
         for expert, d in result.data.get("experts", {}).items():
             lines.append(f"{expert} expert: {len(d.get('layers', []))} layers, pooled layer-output SQNR vs BF16 "

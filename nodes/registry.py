@@ -3,11 +3,11 @@
 Imported by the repository root's ``__init__.py`` only when ``comfy`` is already loaded, so node
 modules imported from here may ``import comfy`` at module level.
 """
-from . import calibrate_node, mini_nodes, w4a4_nodes
+from . import calibrate_node, calibration_set_node, mini_nodes, w4a4_nodes
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-for _module in (w4a4_nodes, calibrate_node, mini_nodes):
+for _module in (w4a4_nodes, calibrate_node, calibration_set_node, mini_nodes):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
