@@ -21,7 +21,7 @@ from ..kernels import numerics
 DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
 
 
-def _int_dot(a: torch.Tensor, wq: torch.Tensor, wq_f64: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+def _int_dot(a: torch.Tensor, wq: torch.Tensor, offset: int = 0, wq_f64: torch.Tensor | None = None) -> torch.Tensor:
     """numerics.int_matmul(a, wq, offset): the exact int32 sum of the int8 operands (plus the
     unsigned offset term), as fp32 rounded once.
 
@@ -37,12 +37,7 @@ def _int_dot(a: torch.Tensor, wq: torch.Tensor, wq_f64: torch.Tensor | None, off
             return acc.float()
         except RuntimeError:
             pass
-    if wq_f64 is None:
-        return numerics.int_matmul(a, wq, offset)
-    acc = a.double() @ wq_f64.T  # numerics.int_matmul with the weight converted once
-    if offset:
-        acc = acc + offset * wq_f64.sum(1)[None, :]
-    return acc.float()
+    return numerics.int_matmul(a, wq, offset, wq_f64)
 
 
 class ClipEvaluator:
@@ -70,30 +65,23 @@ class ClipEvaluator:
         self.wq = numerics.int8_operand(numerics.unpack_int4(p.qweight), p.wfactor)
         self.wq_f64 = None if dev.type == "cuda" else self.wq.double()
         self.wscale = p.wscale.float()
-        # Added separately, in numerics' order (fp32 addition is not associative).
         self.y_lr = numerics.low_rank(self.xh, p.lr_down, p.lr_up)
         self.bias = None if p.bias is None else p.bias.float()
         self.y_ref = y_ref.to(dev)
 
+    def _matmul(self, a: torch.Tensor, wq: torch.Tensor, offset: int) -> torch.Tensor:
+        return _int_dot(a, wq, offset, self.wq_f64)
+
     def output(self, c: float) -> torch.Tensor:
-        """numerics.w4a4_linear(x_rows, p with clip = c), bit for bit."""
-        a, sx = numerics.quantize_activation(self.xh, c, self.unsigned)
-        y = (_int_dot(a, self.wq, self.wq_f64, numerics.act_offset(self.unsigned)) * sx[:, None]) * self.wscale[None, :]
-        y = y + self.y_lr
-        if self.bias is not None:
-            y = y + self.bias
+        """numerics.w4a4_linear(x_rows, p with clip = c), bit for bit: numerics' forward on the
+        c-independent parts computed once."""
+        y = numerics.forward_smoothed(self.xh, c, self.wq, self.wscale, self.y_lr, self.bias, self.unsigned,
+                                      matmul=self._matmul)
         return y.to(self.out_dtype)
 
     def error(self, c: float) -> float:
-        """Sum of squared differences to y_ref (fp64)."""
+        """Sum of squared differences to y_ref (fp64): the layer output error of arXiv 2605.27003."""
         return float((self.output(c).double() - self.y_ref.double()).square().sum())
-
-
-def clip_error(x_rows: torch.Tensor, p: numerics.W4A4Params, y_ref: torch.Tensor, c: float) -> float:
-    """Output error (sum of squares) of the W4A4 layer with clip ratio ``c`` on ``x_rows``
-    against ``y_ref`` (arXiv 2605.27003: layer output MSE). For several c, use :func:`search_clip`
-    or :class:`ClipEvaluator`, which do the c-independent work once."""
-    return ClipEvaluator(x_rows, p, y_ref).error(c)
 
 
 def best_clip(errors: dict[float, float]) -> float:

@@ -17,8 +17,16 @@ import re
 from pathlib import Path
 
 from ..kernels import format as fmt
+from ..kernels.numerics import bin_of  # noqa: F401  (the bin rule, defined there; capture imports it from here)
+# The search grids' defaults (DEFAULT_ALPHAS, DEFAULT_CLIPS) are the calibration steps' own.
+from .clip import DEFAULT_CLIP_GRID as DEFAULT_CLIPS
+from .smoothing import DEFAULT_ALPHAS
 
-CLIP_POLICIES = ("per_bin", "per_expert", "global")
+# The clip policies calibration offers, as the CLI and the node spell them (underscores), each mapped to
+# the name a state's header records (format.CLIP_POLICIES, hyphens; its "none" is for states made
+# without calibration). Look a header name up here rather than respelling it.
+CLIP_POLICY_HEADER = {p.replace("-", "_"): p for p in fmt.CLIP_POLICIES if p != "none"}
+CLIP_POLICIES = tuple(CLIP_POLICY_HEADER)
 BIN_SPACINGS = ("uniform", "steps")
 EXPERTS = ("high", "low")
 # Model timesteps of a flow model after ModelSamplingSD3 run over [0, 1000] (timestep = 1000 * sigma).
@@ -39,15 +47,6 @@ TEMP_NAME_EXTRA = fmt.TEMP_NAME_MAX_EXTRA
 
 # Linears fed by GELU-tanh: shifted by numerics.GELU_SHIFT onto the unsigned 4-bit grid (SVDQuant).
 UNSIGNED_LINEARS = ("ffn.2",)
-
-
-def _grid(start: float, stop: float, step: float) -> tuple[float, ...]:
-    n = int(round(abs(stop - start) / abs(step)))
-    return tuple(round(start + i * step, 6) for i in range(n + 1))
-
-
-DEFAULT_ALPHAS = _grid(0.0, 1.0, 0.1)
-DEFAULT_CLIPS = _grid(1.0, 0.5, -0.05)
 
 
 def bin_edges(expert: str, bins: int, boundary: float = I2V_BOUNDARY) -> tuple[float, ...]:
@@ -79,20 +78,6 @@ def step_edges(expert: str, bins: int, timesteps, boundary: float = I2V_BOUNDARY
     hi, lo = (T_MAX, boundary) if expert == "high" else (boundary, 0.0)
     cuts = [round(k * n / bins) for k in range(1, bins)]
     return (hi, *[(ts[c - 1] + ts[c]) / 2.0 for c in cuts], lo)
-
-
-def bin_of(t: float, edges) -> int:
-    """The bin of model timestep ``t`` given descending ``edges`` (B + 1 values).
-
-    Bin i covers [edges[i + 1], edges[i]) - closed below, so that t = boundary belongs to the high
-    expert's last bin, matching "high expert for t >= boundary". Timesteps outside the range clamp to
-    the first or last bin.
-    """
-    b = len(edges) - 1
-    for i in range(b):
-        if t >= edges[i + 1]:
-            return i
-    return b - 1
 
 
 def output_names(name: str) -> dict[str, str]:

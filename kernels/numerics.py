@@ -247,15 +247,31 @@ def low_rank(xh: torch.Tensor, lr_down: torch.Tensor, lr_up: torch.Tensor) -> to
     return u.float() @ lr_up.float()
 
 
-def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0, b64: torch.Tensor | None = None) -> torch.Tensor:
     """Exact sum_k (a + offset)[m, k] * b[n, k] -> fp32, rounded once (as the kernels convert int32).
 
     a int8 [M, K] (activation operand, stored minus ``offset``), b int8 [N, K]. |sum| < 2^31 < 2^53,
-    so the fp64 GEMM is exact."""
-    acc = a.double() @ b.double().T
+    so the fp64 GEMM is exact. ``b64``: ``b.double()``, for a caller that multiplies by one b many times."""
+    b64 = b.double() if b64 is None else b64
+    acc = a.double() @ b64.T
     if offset:
-        acc = acc + offset * b.double().sum(1)[None, :]
+        acc = acc + offset * b64.sum(1)[None, :]
     return acc.float()
+
+
+def forward_smoothed(xh: torch.Tensor, clip, wq: torch.Tensor, wscale: torch.Tensor, y_lr: torch.Tensor,
+                     bias: torch.Tensor | None, unsigned: bool, matmul=int_matmul) -> torch.Tensor:
+    """y = (Qa(x^; c) @ Qw^T) * sx * sw + y_lr + bias, fp32 [M, N], from the smoothed input x^ [M, K] and the
+    layer's parts that do not depend on c: the int8 weight operand ``wq`` (:func:`int8_operand`), the row
+    scales and the low-rank output y_lr (:func:`low_rank`). The forward's formula, written once; the order
+    of the fp32 operations is part of it (the kernels' epilogue follows it). ``matmul``: a function with
+    :func:`int_matmul`'s arguments and exact result (the clip search passes the int8 tensor cores')."""
+    a, sx = quantize_activation(xh, clip, unsigned)
+    y = (matmul(a, wq, act_offset(unsigned)) * sx[:, None]) * wscale.float()[None, :]
+    y = y + y_lr
+    if bias is not None:
+        y = y + bias.float()
+    return y
 
 
 def w4a4_linear(x: torch.Tensor, p: W4A4Params, bin_index: int | torch.Tensor = 0) -> torch.Tensor:
@@ -263,16 +279,33 @@ def w4a4_linear(x: torch.Tensor, p: W4A4Params, bin_index: int | torch.Tensor = 
     k, n = p.in_features, p.out_features
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {k}")
-    x2d = x.reshape(-1, k)
-    xh = smooth_input(x2d, p)
-    clip = p.clip[bin_index]
-    a, sx = quantize_activation(xh, clip, p.act_unsigned)
+    xh = smooth_input(x.reshape(-1, k), p)
     wq = int8_operand(unpack_int4(p.qweight), p.wfactor)
-    y = (int_matmul(a, wq, act_offset(p.act_unsigned)) * sx[:, None]) * p.wscale.float()[None, :]
-    y = y + low_rank(xh, p.lr_down, p.lr_up)
-    if p.bias is not None:
-        y = y + p.bias.float()
+    y = forward_smoothed(xh, p.clip[bin_index], wq, p.wscale, low_rank(xh, p.lr_down, p.lr_up), p.bias,
+                         p.act_unsigned)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestep bins: which clip ratio c[bin] a call uses
+# ---------------------------------------------------------------------------------------------
+
+def bin_of(t: float, edges) -> int:
+    """The bin of model timestep ``t`` given B + 1 strictly descending ``edges``: the one definition of
+    the rule that calibration (``capture``), the state format (``StateMeta.bin_index``) and the sampling
+    hook (``nodes/hook.py``) use.
+
+    Bin i covers edges[i+1] <= t < edges[i]: closed at the low end, so that t = boundary falls in the
+    high expert's last bin, matching Wan2.2's "high expert for t >= boundary". A t above edges[0] gets
+    bin 0 and one below edges[B] bin B - 1 (the nearest bin).
+    """
+    b = len(edges) - 1
+    if b < 1:
+        raise ValueError(f"bin_of needs B + 1 >= 2 edges, got {list(edges)}")
+    for i in range(b):
+        if t >= edges[i + 1]:
+            return i
+    return b - 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ packs' wrappers, survives ``ModelPatcher.clone()`` and leaves the single
    ModelSamplingSD3's shift; Wan: t = 1000 sigma). Binning by timestep, not by step index, is what
    keeps it right for any step count, scheduler, shift, denoise and expert split:
    KSamplerAdvanced hands each expert a slice of the schedule, so step indices are local;
-3. finds the bin in the state's edges (``format.StateMeta.bin_index``: descending edges, closed at
-   the low end like the expert switch); a timestep outside the calibrated range gets the nearest
+3. finds the bin in the state's edges (``numerics.bin_of``: descending edges, closed at the low end
+   like the expert switch); a timestep outside the calibrated range gets the nearest
    bin and one warning per sampling run (:func:`out_of_range_message`: which step and timestep, what
    the state covers and was calibrated for, and how to fix it);
 4. fills the model's ``BinSelector`` (one small device write) and records (expert, sigma, t, bin).
@@ -27,6 +27,7 @@ import logging
 
 import torch
 
+from ..kernels import numerics as nm
 from ..kernels.format import handover_text
 from .ops import BinSelector
 
@@ -71,13 +72,8 @@ class TimestepBinHook:
     # one and stores what it returns (samplers.cast_to_load_options).
 
     def bin_of(self, t: float) -> tuple[int, bool]:
-        """(bin, in calibrated range) for model timestep ``t``; same rule as StateMeta.bin_index."""
-        edges = self.edges
-        in_range = edges[-1] <= t <= edges[0]
-        for i, low in enumerate(edges[1:]):
-            if t >= low:
-                return i, in_range
-        return len(edges) - 2, in_range
+        """(bin, in calibrated range) for model timestep ``t``; the bin by ``numerics.bin_of``."""
+        return nm.bin_of(t, self.edges), self.edges[-1] <= t <= self.edges[0]
 
     def on_pre_run(self, patcher) -> None:
         self.run += 1

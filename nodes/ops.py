@@ -41,13 +41,14 @@ import sys
 import torch
 
 from .. import kernels
+from ..kernels import format as fmt
 from ..kernels import numerics as nm
 from . import quant_layout as ql
 
 log = logging.getLogger(__name__)
 
-# W4A4Params fields that are tensors, in the order of the format module; bias may be None.
-TENSOR_FIELDS = ("qweight", "wscale", "wfactor", "smooth", "lr_down", "lr_up", "clip", "bias")
+# W4A4Params fields that are tensors (the format module's table, in its order); bias may be None.
+TENSOR_FIELDS = fmt.FIELDS
 # The state-dict entry ``<layer>.weight`` of a W4A4 layer: no bytes (module sizes stay right), only the
 # key, which ComfyUI's LoRA key mapping and ``add_patches`` look for.
 _WEIGHT_KEY_PLACEHOLDER = torch.empty(0, dtype=torch.bfloat16)

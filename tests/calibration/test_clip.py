@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wan_w4a4.calibration.clip import (DEFAULT_CLIP_GRID, ClipEvaluator, best_clip, clip_error,
-                                       combine_errors, search_clip)
+from wan_w4a4.calibration.clip import DEFAULT_CLIP_GRID, ClipEvaluator, best_clip, combine_errors, search_clip
+from wan_w4a4.calibration import config
 from wan_w4a4.calibration.lowrank import low_rank
+from wan_w4a4.kernels import format as fmt
 from wan_w4a4.kernels import numerics
 
 N, K, T = 64, 256, 256
@@ -30,6 +31,14 @@ def _plateau(t, level=0.5, seed=0):
 
 def test_default_grid():
     assert DEFAULT_CLIP_GRID == (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+    assert config.DEFAULT_CLIPS is DEFAULT_CLIP_GRID  # one definition; the config and the node show it
+
+
+def test_clip_policy_names_map_to_the_state_header():
+    # The CLI and node spell policies with underscores, a state's header with hyphens (format.CLIP_POLICIES).
+    assert config.CLIP_POLICIES == ("per_bin", "per_expert", "global")
+    assert config.CLIP_POLICY_HEADER == {"per_bin": "per-bin", "per_expert": "per-expert", "global": "global"}
+    assert set(config.CLIP_POLICY_HEADER.values()) <= set(fmt.CLIP_POLICIES)
 
 
 @pytest.mark.parametrize("unsigned", [False, True])
@@ -50,7 +59,7 @@ def test_evaluator_is_the_exact_w4a4_forward(unsigned, dtype):
                                  clip=torch.tensor([c]))
         y = numerics.w4a4_linear(x, pc)
         assert torch.equal(ev.output(c), y)  # bit for bit: rtol = atol = 0
-        assert ev.error(c) == clip_error(x, p, y_ref, c) == float((y.double() - y_ref.double()).square().sum())
+        assert ev.error(c) == float((y.double() - y_ref.double()).square().sum())
 
 
 def test_search_returns_c_below_one_on_heavy_tailed_activations():
@@ -84,7 +93,8 @@ def test_per_bin_search_beats_one_global_ratio_when_ranges_differ_by_bin():
     assert err_per_bin < 0.95 * pooled[c_global], (chosen, c_global, err_per_bin, pooled[c_global])
     # The pooled dict is the error of one shared c over all rows.
     x_all = torch.cat(bins)
-    assert abs(clip_error(x_all, p, x_all @ w.T + b, c_global) - pooled[c_global]) <= 1e-9 * pooled[c_global]
+    pooled_error = ClipEvaluator(x_all, p, x_all @ w.T + b).error(c_global)
+    assert abs(pooled_error - pooled[c_global]) <= 1e-9 * pooled[c_global]
 
 
 def test_best_clip_and_combine():

@@ -1,5 +1,6 @@
 """The on-disk format (kernels/format.py): bit-exact round trips, and every broken file gives a
 W4A4FormatError that names the file, the layer (where there is one) and the problem."""
+import dataclasses
 import json
 import os
 import struct
@@ -100,6 +101,13 @@ def tensor_byte_offset(path, key):
 # ---------------------------------------------------------------------------------------------
 # Round trips
 # ---------------------------------------------------------------------------------------------
+
+def test_fields_are_the_tensors_of_w4a4params():
+    # format.FIELDS is the one table of a layer's tensors (nodes/ops.py takes it too): every
+    # W4A4Params field but the two activation flags, in the dataclass's order.
+    names = tuple(f.name for f in dataclasses.fields(nm.W4A4Params))
+    assert fmt.FIELDS == tuple(n for n in names if n not in ("act_unsigned", "act_shift"))
+
 
 def test_state_round_trip_is_bit_exact(state):
     path, layers = state
@@ -510,7 +518,9 @@ def test_handover_text():
 
 def test_bin_index_follows_the_documented_intervals():
     meta = fmt.StateMeta(expert="high", bin_edges=[1000, 950, 900])
-    # bin i: edges[i+1] <= t < edges[i]; closed at the low end like the expert switch (t >= 900 -> high)
+    # bin i: edges[i+1] <= t < edges[i]; closed at the low end like the expert switch (t >= 900 -> high).
+    # An independent oracle on purpose: the expected bins are written out by hand, not computed by
+    # numerics.bin_of (the one definition of the rule).
     cases = {1000.0: 0, 999.0: 0, 950.0: 0, 949.99: 1, 900.0: 1, 1200.0: 0, 899.0: 1, 0.0: 1}
     assert {t: meta.bin_index(t) for t in cases} == cases
     assert fmt.StateMeta(expert="low", bin_edges=[900, 0]).bin_index(450) == 0

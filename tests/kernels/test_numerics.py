@@ -310,6 +310,17 @@ def test_output_dtype_and_shape():
 # Timestep bins
 # ---------------------------------------------------------------------------------------------
 
+def test_bin_of_is_closed_at_the_low_end_and_clamps():
+    # An independent oracle: the cases are written out by hand from the documented rule (bin i is
+    # edges[i+1] <= t < edges[i]; above the range -> bin 0, below it -> the last bin).
+    edges = (1000.0, 950.0, 900.0)
+    cases = {1200.0: 0, 1000.0: 0, 950.0001: 0, 950.0: 0, 949.9999: 1, 900.0: 1, 899.9999: 1, 0.0: 1}
+    assert {t: nm.bin_of(t, edges) for t in cases} == cases
+    assert nm.bin_of(450.0, (900.0, 0.0)) == 0
+    with pytest.raises(ValueError, match="2 edges"):
+        nm.bin_of(1.0, (900.0,))
+
+
 def test_bin_index_selects_its_clip():
     g = gen(5)
     w, x = torch.randn(64, 256, generator=g), torch.randn(9, 256, generator=g)

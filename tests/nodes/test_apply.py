@@ -31,7 +31,8 @@ def hook(model):
 
 
 def expected_calls(model, steps, scheduler, start, end, shift_edges):
-    """(t, bin) per sampling step of steps[start:end], from ComfyUI's own sigmas."""
+    """(t, bin) per sampling step of steps[start:end], from ComfyUI's own sigmas. The bin is computed
+    here on purpose, not by numerics.bin_of: an independent oracle of the rule (edges[i+1] <= t < edges[i])."""
     import comfy.samplers
     ms = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)[start:end]
