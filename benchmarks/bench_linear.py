@@ -7,7 +7,9 @@
 Speed: at M in {1024, 8192, 32760} tokens and the three Wan2.2-A14B shapes it times
 bf16 ``F.linear``, fp8 e4m3 ``torch._scaled_mm`` with row-wise scales (GEMM only, inputs already
 fp8: a lower bound for an fp8 layer) and our W4A4 layer end to end (quantize + GEMM + rank-32
-low-rank + bias), and prints TOP/s (2*M*K*N / time) and the ratio to bf16, plus bytes per weight.
+low-rank + bias) through the call a W4A4 layer makes in ComfyUI (``kernels.w4a4_linear(x, params,
+bin)``, nodes/ops.py), and prints TOP/s (2*M*K*N / time) and the ratio to bf16, plus bytes per weight.
+The quantize / expand / GEMM columns time the Triton stages on their own (a breakdown, not a sum).
 
 Accuracy: SQNR (dB) of the layer output against the bf16 layer, on activations with outlier
 channels, for the same SVDQuant preprocessing (smoothing alpha 0.5 + rank-32 low-rank branch, RTN):
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import _checkout  # noqa: F401,E402  (makes ``import wan_w4a4`` work from a checkout)
+from wan_w4a4 import kernels  # noqa: E402
 from wan_w4a4.kernels import numerics as nm  # noqa: E402
 
 SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]  # (K, N): attention/proj, ffn.0, ffn.2
@@ -149,7 +152,7 @@ def speed_table(sweep: bool):
             print(f"   quantize: BLOCK_M 32 {t_quant:.3f} ms, BLOCK_M 16 {t_quant16:.3f} ms, "
                   f"split {tw.quant_split(m, k, 256)}")
             xq, sx, u = tw.quantize(x, p, bin_t, inv)
-            variants = {"fused-swar": lambda: tw.gemm(xq, sx, u, p, torch.bfloat16, path="fused")}
+            variants = {}
             for cfg in (SWEEP if sweep else [tw.gemm_config(m)]):
                 for tma in (False, True):
                     tag = f"i8{'-tma' if tma else ''} {cfg['BM']}x{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
@@ -161,11 +164,14 @@ def speed_table(sweep: bool):
                     times[tag] = bench(fn)
                 except Exception as e:  # out of shared memory etc.
                     print(f"  {tag} failed: {type(e).__name__}: {str(e)[:160]}")
-            best_tag, t_gemm = min(((t, v) for t, v in times.items() if t != "fused-swar"), key=lambda kv: kv[1])
-            t_e2e = bench(lambda: tw.w4a4_linear(x, p, bin_t, inv_smooth=inv))
+            best_tag, t_gemm = min(times.items(), key=lambda kv: kv[1])
+            # End to end: exactly the call W4A4Core.w4a4_forward makes (nodes/ops.py), dispatcher included.
+            backend = kernels.select_backend(x, p)
+            if backend != "triton":
+                raise RuntimeError(f"the W4A4 layer would run on the {backend!r} backend here, not Triton")
+            t_e2e = bench(lambda: kernels.w4a4_linear(x, p, bin_t))
             row = dict(M=m, K=k, N=n, bf16_ms=t_bf16, fp8_gemm_ms=t_fp8, w4a4_ms=t_e2e, quant_ms=t_quant,
-                       expand_ms=t_expand, gemm_best_ms=t_gemm, gemm_best=best_tag,
-                       fused_ms=times.get("fused-swar", math.nan), gemm_times=times,
+                       expand_ms=t_expand, gemm_best_ms=t_gemm, gemm_best=best_tag, gemm_times=times,
                        bf16_tops=flops / t_bf16 / 1e9, fp8_tops=flops / t_fp8 / 1e9,
                        w4a4_tops=flops / t_e2e / 1e9, w4a4_vs_bf16=t_bf16 / t_e2e,
                        fp8_vs_bf16=t_bf16 / t_fp8, gemm_best_tops=flops / t_gemm / 1e9,
@@ -174,18 +180,18 @@ def speed_table(sweep: bool):
             print(f"M={m:>6} K={k:>6} N={n:>6} | bf16 {row['bf16_tops']:6.0f} | fp8 {row['fp8_tops']:6.0f} "
                   f"({row['fp8_vs_bf16']:.2f}x) | w4a4 {row['w4a4_tops']:6.0f} ({row['w4a4_vs_bf16']:.2f}x) "
                   f"quant {t_quant:.3f} expand {t_expand:.3f} gemm {t_gemm:.3f} ms ({row['gemm_best_tops']:.0f}) "
-                  f"[{best_tag}] fused {row['fused_ms']:.3f} ms", flush=True)
+                  f"[{best_tag}]", flush=True)
             if sweep:
                 print("   " + "; ".join(f"{t}: {flops / v / 1e9:.0f}" for t, v in sorted(times.items(), key=lambda kv: kv[1])))
     name = torch.cuda.get_device_name()
     print(f"\nSpeed on {name}, torch {torch.__version__}, triton {__import__('triton').__version__} "
           f"(TOP/s = 2MKN / time; W4A4 = quantize + weight expand + GEMM + rank-{RANK} low-rank + bias)")
     print(f"{'M':>6} {'K x N':>13} | {'bf16':>6} | {'fp8 GEMM':>8} {'x':>5} | {'W4A4':>6} {'x':>5} | "
-          f"{'quant':>6} {'expand':>6} {'GEMM':>6} {'fused':>6} ms | {'B/param':>7}")
+          f"{'quant':>6} {'expand':>6} {'GEMM':>6} ms | {'B/param':>7}")
     for r in rows:
         print(f"{r['M']:>6} {r['K']:>5} x {r['N']:<5} | {r['bf16_tops']:6.0f} | {r['fp8_tops']:8.0f} "
               f"{r['fp8_vs_bf16']:5.2f} | {r['w4a4_tops']:6.0f} {r['w4a4_vs_bf16']:5.2f} | "
-              f"{r['quant_ms']:6.3f} {r['expand_ms']:6.3f} {r['gemm_best_ms']:6.3f} {r['fused_ms']:6.3f}    | "
+              f"{r['quant_ms']:6.3f} {r['expand_ms']:6.3f} {r['gemm_best_ms']:6.3f}    | "
               f"{r['bytes_per_param']:7.3f}")
     return dict(device=name, torch=torch.__version__, rows=rows)
 

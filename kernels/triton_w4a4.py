@@ -12,8 +12,8 @@ Launches per layer (kernels/README.md has the measurements behind this shape):
    recompilation, no host sync, capturable in a CUDA graph.
 2. ``_expand_kernel`` - the packed 4-bit weights become a transient int8 copy (q * f) of one layer
    (~20-50 us; freed after the GEMM). Measured faster than unpacking inside the GEMM, whose
-   register-to-shared-memory round trip halves the tensor-core rate (``_gemm_fused_kernel``,
-   kept for comparison and for memory-starved callers).
+   register-to-shared-memory round trip halved the tensor-core rate (kernels/README.md; that fused
+   kernel was removed).
 3. ``_gemm_i8_tma_kernel`` - int8 x int8 -> int32 over the whole K (exact) on the int8 tensor
    cores, tiles fetched by TMA; the epilogue applies sx * sw, adds the low-rank up projection
    (u @ L2, a small bf16 dot) and the bias, and stores in the input dtype.
@@ -155,57 +155,6 @@ if triton is not None:
             tl.store(xq_rows + k0 + rk[None, :], qf, mask=m_mask[:, None])
 
     @triton.jit
-    def _unpack_plain(p, f_lo, f_hi):
-        """[64, BN] bytes -> two int8 [64, BN] operands (u - 8) * f, with plain Triton ops."""
-        lo = ((p & 15).to(tl.int8) - 8) * f_lo[None, :].to(tl.int8)
-        hi = ((p >> 4).to(tl.int8) - 8) * f_hi[None, :].to(tl.int8)
-        return lo, hi
-
-    @triton.jit
-    def _unpack_swar(p, f_lo, f_hi):
-        """Same result as _unpack_plain, computed on whole 32-bit registers (4 bytes at a time).
-
-        Per register: u = nibbles (and/shift), v = u * f with one 32-bit multiply (u * f <= 240, no
-        carry between bytes), then v - 8f per byte without borrow:
-        ((v | 0x80..) - 8f) ^ (~v & 0x80..). Assumes the 4 bytes of a register are 4 consecutive K
-        of one column (the tile is K-contiguous), so they share one factor; the tests check it.
-        """
-        fl = tl.broadcast_to(f_lo[None, :], p.shape).to(tl.int8, bitcast=True)
-        fh = tl.broadcast_to(f_hi[None, :], p.shape).to(tl.int8, bitcast=True)
-        lo, hi = tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .b32 u, v, f, c, t;
-            and.b32 f, $3, 0xFF;
-            shl.b32 c, $3, 3;
-            and.b32 u, $2, 0x0F0F0F0F;
-            mul.lo.u32 v, u, f;
-            or.b32 t, v, 0x80808080;
-            sub.u32 t, t, c;
-            not.b32 u, v;
-            and.b32 u, u, 0x80808080;
-            xor.b32 $0, t, u;
-            and.b32 f, $4, 0xFF;
-            shl.b32 c, $4, 3;
-            shr.u32 u, $2, 4;
-            and.b32 u, u, 0x0F0F0F0F;
-            mul.lo.u32 v, u, f;
-            or.b32 t, v, 0x80808080;
-            sub.u32 t, t, c;
-            not.b32 u, v;
-            and.b32 u, u, 0x80808080;
-            xor.b32 $1, t, u;
-            }
-            """,
-            constraints="=r,=r,r,r,r",
-            args=[p.to(tl.int8, bitcast=True), fl, fh],
-            dtype=(tl.int8, tl.int8),
-            is_pure=True,
-            pack=4,
-        )
-        return lo, hi
-
-    @triton.jit
     def _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
                   R_PAD: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr):
         """y = ((acc + offset * wsum) * sx) * sw + u @ L2 + bias, in the reference's order; masked store.
@@ -304,38 +253,6 @@ if triton is not None:
         _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
                   R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
-    @triton.jit
-    def _gemm_fused_kernel(
-        xq_ptr, sx_ptr, qw_ptr, wf_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
-        M, N, K, R, stride_ym,
-        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
-        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr, SWAR: tl.constexpr,
-    ):
-        """GEMM that unpacks the 4-bit weights in registers (no int8 copy of the weights)."""
-        pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, 64)
-        m_mask = rm < M
-        n_mask = rn < N
-        x_ptrs = xq_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]  # [BM, 64]
-        w_ptrs = qw_ptr + rn.to(tl.int64)[None, :] * (K // 2) + rk[:, None]  # [64, BN], K-contiguous
-        f_ptrs = wf_ptr + rn.to(tl.int64) * (K // 64)
-        acc = tl.zeros([BM, BN], dtype=tl.int32)
-        for kt in range(0, K // 128):
-            xa = tl.load(x_ptrs + kt * 128, mask=m_mask[:, None], other=0)
-            xb = tl.load(x_ptrs + kt * 128 + 64, mask=m_mask[:, None], other=0)
-            p = tl.load(w_ptrs + kt * 64, mask=n_mask[None, :], other=0)
-            f_lo = tl.load(f_ptrs + 2 * kt, mask=n_mask, other=0)
-            f_hi = tl.load(f_ptrs + 2 * kt + 1, mask=n_mask, other=0)
-            if SWAR:
-                wl, wh = _unpack_swar(p, f_lo, f_hi)
-            else:
-                wl, wh = _unpack_plain(p, f_lo, f_hi)
-            acc = tl.dot(xa, wl, acc, out_dtype=tl.int32)
-            acc = tl.dot(xb, wh, acc, out_dtype=tl.int32)
-        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
-                  R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +263,9 @@ def _rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r)) if r else 16
 
 
-# path -> per-M-bucket configuration; "expand" = int8 copy of the weights + int8 GEMM,
-# "fused" = unpack in the GEMM's registers. Chosen from benchmarks/bench_linear.py --sweep.
-def gemm_config(m: int, path: str = "expand") -> dict:
+# Per-M-bucket configuration of the int8 GEMM. Chosen from benchmarks/bench_linear.py --sweep.
+def gemm_config(m: int) -> dict:
     """Tile sizes by the number of tokens, from the H100 sweep in kernels/README.md."""
-    if path == "fused":
-        return dict(BM=128, BN=128, GROUP_M=8, num_warps=4, num_stages=4)
     if m <= 2048:  # few row blocks: narrow tiles so that every SM gets work
         return dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
     if m < 16384:
@@ -449,15 +363,14 @@ def _epilogue_args(sx, u, p, wsum):
             wsum if wsum is not None else sx)
 
 
-def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, path: str = "expand", swar: bool = True,
-         config: dict | None = None, w8: torch.Tensor | None = None, tma: bool = False,
-         wsum: torch.Tensor | None = None, out: torch.Tensor | None = None):
-    """The GEMM + epilogue. ``path`` "expand" (int8 weight copy, then int8 GEMM) or "fused".
+def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, w8: torch.Tensor | None = None,
+         tma: bool = False, wsum: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """The int8 GEMM (over the expanded weights) + epilogue; ``tma``: tiles fetched by TMA (Hopper).
     ``w8``/``wsum``: the expanded weights and their row sums when several passes share them;
     ``out``: a contiguous [M, N] tensor (rows of the whole call's output) to write into."""
     m, k = xq.shape
     n, r = p.out_features, p.rank
-    cfg = dict(config or gemm_config(m, path))
+    cfg = dict(config or gemm_config(m))
     if out is None:
         y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
@@ -469,15 +382,11 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, path: str = "expand", swar: 
     meta = dict(BM=cfg["BM"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], R_PAD=_rank_pad(r), HAS_LR=bool(r),
                 HAS_BIAS=p.bias is not None, OFFSET=offset, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
-    if w8 is None and (path != "fused" or offset):
+    if w8 is None:
         w8 = expand_weight(p)
     # sum_k w8[n, k] restores the unsigned activations' offset (int32, exact); tiny next to the GEMM
     if offset and wsum is None:
         wsum = w8.sum(1, dtype=torch.int32)
-    if path == "fused":
-        _gemm_fused_kernel[grid](xq, sx, p.qweight, p.wfactor, *_epilogue_args(sx, u, p, wsum)[1:], y,
-                                 m, n, k, r, y.stride(0), SWAR=swar, **meta)
-        return y
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         a_desc = TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]])
@@ -495,12 +404,12 @@ def _bin_tensor(index: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(index, dtype=torch.int64, device=device)
 
 
-def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, inv_smooth: torch.Tensor | None = None,
-                path: str = "expand", tma: bool = True, pass_bytes: int | None = None) -> torch.Tensor:
-    """Triton forward with the signature of ``numerics.w4a4_linear``.
+def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool = True,
+                pass_bytes: int | None = None) -> torch.Tensor:
+    """Triton forward with the signature of ``numerics.w4a4_linear`` (what ``kernels.w4a4_linear`` calls).
 
     ``bin_index``: a 0-d int64 tensor on the input's device (no host sync; what the timestep hook
-    passes) or a Python int. ``inv_smooth``: 1 / smooth, cached by the caller to save a launch.
+    passes) or a Python int. ``tma``: GEMM tiles fetched by TMA (the default; False for pointer loads).
     ``pass_bytes``: the per-pass budget of ``pass_rows`` (default ``PASS_BYTES``).
     """
     reason = unsupported_reason(x, p)
@@ -514,25 +423,22 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, inv_smooth: t
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    if inv_smooth is None:
-        inv_smooth = p.inv_smooth()
+    inv_smooth = p.inv_smooth()
     m = x2d.shape[0]
     rows = pass_rows(m, k, p.rank, PASS_BYTES if pass_bytes is None else pass_bytes)
-    tma = path == "expand" and tma
     if rows >= m:
         xq, sx, u = quantize(x2d, p, bin_index, inv_smooth)
-        y = gemm(xq, sx, u, p, x.dtype, path=path, tma=tma)
+        y = gemm(xq, sx, u, p, x.dtype, tma=tma)
         return y.reshape(*x.shape[:-1], p.out_features)
     # Passes over the rows with the whole call's launch configuration (same bits as one pass).
     split = quant_split(m, k, _quant_bk(k))
-    config = gemm_config(m, path)
-    offset = nm.act_offset(p.act_unsigned)
-    w8 = expand_weight(p) if (path != "fused" or offset) else None
-    wsum = w8.sum(1, dtype=torch.int32) if offset else None
+    config = gemm_config(m)
+    w8 = expand_weight(p)
+    wsum = w8.sum(1, dtype=torch.int32) if nm.act_offset(p.act_unsigned) else None
     y = torch.empty((m, p.out_features), dtype=x.dtype, device=x.device)
     for start in range(0, m, rows):
         xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, inv_smooth, split=split)
-        gemm(xq, sx, u, p, x.dtype, path=path, tma=tma, config=config, w8=w8, wsum=wsum,
+        gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum,
              out=y[start:start + rows])
         del xq, sx, u  # before the next pass allocates its own
     return y.reshape(*x.shape[:-1], p.out_features)
