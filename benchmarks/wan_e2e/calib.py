@@ -1,0 +1,108 @@
+"""The calibration-timing child: ``wan_w4a4.calibration.calibrate`` on both experts with a short
+random calibration set on the first blocks, and an extrapolation to all blocks (labelled as one)."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+from .child import env_info
+from .common import (
+    RESOLUTIONS,
+    arch_of,
+    base_dir,
+    file_names,
+    gib,
+    host_peak_rss_gib,
+    warch,
+)
+from .weights import random_state_dict
+
+
+def run_calibration(args) -> dict:
+    import torch
+    from wan_w4a4.nodes import runtime
+    try:
+        from wan_w4a4.calibration import CalibrationConfig, calibrate, synthetic_items
+    except ImportError as e:
+        return {"skipped": f"the calibration API is not available ({e})"}
+
+    t_start = time.perf_counter()
+    arch = arch_of(args.arch)
+    cuda = torch.cuda.is_available() and not args.cpu
+    runtime.init_comfyui(args.comfyui, cpu=not cuda, base_directory=base_dir(args))
+    import comfy.sd
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    names = file_names(args)
+    path = base_dir(args) / "models" / "diffusion_models" / names["bf16"]
+    load_times = []
+
+    def loader(i: int):
+        """The expert, loaded when calibration gets to it and dropped after it, as the CLI does
+        (``calibration/cli.py``): one BF16 expert in host memory at a time."""
+        def load():
+            t = time.perf_counter()
+            with torch.inference_mode():
+                if args.source == "file":
+                    m = comfy.sd.load_diffusion_model(str(path))
+                else:
+                    sd = random_state_dict(arch, args.seed + 1 + i, torch.device("cuda" if cuda else "cpu"))
+                    m = comfy.sd.load_diffusion_model_state_dict(sd)
+                    del sd
+            load_times.append(time.perf_counter() - t)
+            return m
+        return load
+
+    models = {e: loader(i) for i, e in enumerate(("high", "low"))}
+    w, h = RESOLUTIONS[args.calib_res]
+    items = synthetic_items(args.calib_items, frames=args.calib_frames, height=h, width=w,
+                            text_tokens=args.text_tokens, text_dim=arch.text_dim, seed=args.seed)
+    nblocks = min(args.calib_blocks, arch.num_layers)
+    bpp = args.calib_blocks_per_pass
+    config = CalibrationConfig(steps=args.calib_steps, keep=tuple(range(nblocks, arch.num_layers)),
+                               blocks_per_pass=bpp, token_fraction=args.calib_token_fraction,
+                               out_dir=str(Path(args.workdir) / "calibration"), name="bench", overwrite=True,
+                               seed=args.seed)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    res = calibrate(models["high"], models["low"], items, config)
+    cal_s = time.perf_counter() - t0
+    load_s = sum(load_times)  # inside cal_s: the experts load when their turn comes
+    out = {"items": args.calib_items, "frames": args.calib_frames, "res": args.calib_res, "steps": args.calib_steps,
+           "blocks_calibrated": nblocks, "blocks_total": arch.num_layers, "blocks_per_pass": bpp,
+           "token_fraction": args.calib_token_fraction, "load_s": round(load_s, 2), "calibrate_s": round(cal_s, 2),
+           "peak_alloc_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
+           "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if cuda else None,
+           "host_peak_rss_gib": host_peak_rss_gib(), "env": env_info(cuda), "experts": {}}
+    data = res.data
+    est_total = 0.0
+    # A full run cannot hold the Hessians of all 40 blocks next to the model (~1.4 GB per block at
+    # real size): it samples once per group of blocks_per_pass blocks.
+    full_bpp = min(bpp or args.calib_full_blocks_per_pass, arch.num_layers)
+    out["full_run_blocks_per_pass"] = full_bpp
+    for e in ("high", "low"):
+        d = data["experts"][e]
+        cap, qua = d.get("capture_s", []), d.get("quantize_s", [])
+        nl = len(d.get("layers", []))
+        per_layer = sum(qua) / nl if nl else None
+        per_pass = statistics.mean(cap) if cap else 0.0
+        full_passes = math.ceil(arch.num_layers / full_bpp)
+        full_layers = arch.num_layers * len(warch.BLOCK_LINEARS)
+        est = per_pass * full_passes + (per_layer or 0.0) * full_layers
+        est_total += est
+        out["experts"][e] = {"layers": nl, "capture_s": cap, "quantize_s": qua,
+                             "quantize_s_per_layer": None if per_layer is None else round(per_layer, 3),
+                             "extrapolated_40_blocks_s": round(est, 1)}
+    out["extrapolated_total_s"] = round(est_total + load_s, 1)
+    out["loading"] = "lazy, one expert at a time (as calibration/cli.py); load_s is part of calibrate_s"
+    out["extrapolation"] = (f"measured capture time per pass x ceil({arch.num_layers}/{full_bpp}) passes + measured "
+                            f"quantize time per layer x {arch.num_layers * len(warch.BLOCK_LINEARS)} layers, per expert, "
+                            f"+ loading; a pass over more blocks than measured costs more hook work than the measured "
+                            f"pass, so the capture part is a lower bound")
+    out["resources"] = data.get("resources")
+    out["wall_s"] = round(time.perf_counter() - t_start, 2)
+    return out

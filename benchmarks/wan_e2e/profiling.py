@@ -1,0 +1,47 @@
+"""The summary of one profiled model call: GPU time per kernel family and the top kernels, from
+torch.profiler's events (anything with ``key_averages()``). Pure functions, no torch import."""
+from __future__ import annotations
+
+# Kernel families of one model call, by kernel name (first match wins). W4A4: the pack's Triton kernels
+# (kernels/triton_w4a4.py); attention: PyTorch SDPA's flash / cuDNN / memory-efficient kernels; dense
+# GEMM: cuBLAS / CUTLASS (nvjet, sm90 xmma), which is every BF16 or FP8 Linear of ComfyUI.
+KERNEL_FAMILIES = (
+    ("W4A4 quantize (Triton)", ("_act_stats_kernel", "_act_quant_kernel")),
+    ("W4A4 GEMM (Triton)", ("_gemm_i8", "_gemm_fused", "_expand_kernel")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("dense GEMM (cuBLAS/CUTLASS)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "cublas")),
+    ("norm / elementwise / copies", ("elementwise", "vectorized", "reduce", "norm", "copy", "memcpy", "memset",
+                                     "cat", "index", "softmax")),
+)
+
+
+def kernel_family(name: str) -> str:
+    low = name.lower()
+    for family, needles in KERNEL_FAMILIES:
+        if any(n in low for n in needles):
+            return family
+    return "other"
+
+
+def kernel_profile(prof, top: int = 15) -> dict:
+    """GPU time of one profiled call: total, per kernel family, and the top kernels (self device time)."""
+    kernels = []
+    for e in prof.key_averages():
+        t_us = getattr(e, "self_device_time_total", None)
+        if t_us is None:
+            t_us = getattr(e, "self_cuda_time_total", 0)
+        if t_us and getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type):
+            kernels.append({"name": e.key, "calls": int(e.count), "ms": round(t_us / 1000, 3)})
+    total = sum(k["ms"] for k in kernels) or 1.0
+    families: dict = {}
+    for k in kernels:
+        f = families.setdefault(kernel_family(k["name"]), {"ms": 0.0, "calls": 0})
+        f["ms"] += k["ms"]
+        f["calls"] += k["calls"]
+    kernels.sort(key=lambda k: -k["ms"])
+    return {"gpu_ms": round(total, 2),
+            "families": {f: {"ms": round(v["ms"], 2), "share": round(v["ms"] / total, 4), "calls": v["calls"]}
+                         for f, v in sorted(families.items(), key=lambda kv: -kv[1]["ms"])},
+            "top": [{**k, "family": kernel_family(k["name"]), "share": round(k["ms"] / total, 4)}
+                    for k in kernels[:top]]}
+
