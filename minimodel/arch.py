@@ -24,15 +24,10 @@ from typing import ClassVar, Iterator
 
 import torch
 
+from ..calibration.config import BLOCK_LINEARS  # the ten block Linears (W4A4 replaces them)
+
 logger = logging.getLogger(__name__)
 
-# The ten block Linears that W4A4 replaces; everything else (embeddings, modulation, head, norms)
-# stays in high precision, as in arXiv 2605.27003 and SVDQuant.
-BLOCK_LINEARS = (
-    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
-    "ffn.0", "ffn.2",
-)
 
 
 @dataclasses.dataclass(frozen=True)

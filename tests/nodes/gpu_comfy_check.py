@@ -102,6 +102,7 @@ def main(out_path=None):
     from wan_w4a4.kernels import numerics as nm
     from wan_w4a4.minimodel.arch import WanArch, quantizable_linears, write_wan_checkpoint
     from wan_w4a4.nodes import apply as ap
+    from wan_w4a4.nodes.hook import get_hook
     from wan_w4a4.nodes.ops import is_w4a4
 
     res = {"device": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__}
@@ -136,7 +137,7 @@ def main(out_path=None):
     res["sqnr_triton_vs_reference_db"] = nm.sqnr_db(ref_out, triton_out)
     res["sqnr_w4a4_vs_bf16_db"] = nm.sqnr_db(bf16, triton_out)
     res["w4a4_equals_bf16"] = bool(torch.equal(bf16, triton_out))
-    hook = ap.hook_of(w4["high"])
+    hook = get_hook(w4["high"])
     res["hook_bins_high"] = [(round(r.t, 1), r.bin) for r in hook.records][-3:]
 
     # 2. Memory of a loaded expert, and switching clones of one model in both orders

@@ -19,14 +19,13 @@ from wan_w4a4.kernels import numerics as nm
 from wan_w4a4.nodes import apply as apply_mod
 from wan_w4a4.nodes import lora as lora_mod
 from wan_w4a4.nodes import quant_layout
+from wan_w4a4.nodes.hook import get_hook
 from wan_w4a4.nodes.ops import NoDenseWeight, W4A4Linear, is_w4a4
 
 from w4a4_testlib import CLIPS, EDGES, quantizable_linears_of
 
 pytestmark = pytest.mark.comfyui
 
-BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-                 "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 RANK_A, RANK_B = 4, 8
 SMOOTH_RANK = 8
 
@@ -431,7 +430,7 @@ def test_w4a4_lora_as_close_to_bf16_lora_as_without(lenv, caplog):
     _, out = env.two_expert(q["high"], q["low"])
     _, ref_l = env.two_expert(bf16_l["high"], bf16_l["low"])
     _, out_c = env.two_expert(control["high"], control["low"])
-    hook = apply_mod.hook_of(q_l["high"])
+    hook = get_hook(q_l["high"])
     hook.records.clear()
     _, out_l = env.two_expert(q_l["high"], q_l["low"])
     plain_db, lora_db = nm.sqnr_db(ref, out), nm.sqnr_db(ref_l, out_l)
