@@ -29,6 +29,7 @@ def run_bench(comfyui: Path, workdir: Path, *args: str, timeout: float = 600) ->
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_bench_e2e_tiny_cpu(comfyui, tmp_path):
     out_json, md = tmp_path / "out.json", tmp_path / "RESULTS.md"
     p = run_bench(comfyui, tmp_path / "work", "--config", "bf16,w4a4", "--memory", "default",
@@ -75,6 +76,7 @@ def test_bench_e2e_rejects_bad_arguments(comfyui, tmp_path):
     assert p.returncode == 2 and "1 + 4k" in p.stderr
 
 
+@pytest.mark.slow
 def test_bench_e2e_lora_and_split_configs(comfyui, tmp_path):
     """The LoRA configuration (a generated rank-64 LoRA through LoraLoaderModelOnly, folded into
     every W4A4 layer) and the cond/uncond-split reference on BF16 run and reach the report."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 # GEMM: cuBLAS / CUTLASS (nvjet, sm90 xmma), which is every BF16 or FP8 Linear of ComfyUI.
 KERNEL_FAMILIES = (
     ("W4A4 quantize (Triton)", ("_act_stats_kernel", "_act_quant_kernel")),
-    ("W4A4 GEMM (Triton)", ("_gemm_i8", "_gemm_fused", "_expand_kernel")),
+    ("W4A4 GEMM (Triton)", ("_gemm_i8", "_expand_kernel")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
     ("dense GEMM (cuBLAS/CUTLASS)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "cublas")),
     ("norm / elementwise / copies", ("elementwise", "vectorized", "reduce", "norm", "copy", "memcpy", "memset",

@@ -138,6 +138,7 @@ def test_demo_refuses_missing_comfyui(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.comfyui
+@pytest.mark.slow
 def test_demo_quick_end_to_end(comfy_nodes, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0

@@ -157,6 +157,7 @@ def test_split_step_matches_the_template(comfy_nodes, tmp_path):
 
 
 @pytest.mark.comfyui
+@pytest.mark.slow
 def test_three_step_training_writes_loadable_checkpoints(comfy_nodes, tmp_path):
     from wan_w4a4.minimodel import sample
 

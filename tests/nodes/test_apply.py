@@ -44,6 +44,7 @@ def expected_calls(model, steps, scheduler, start, end, shift_edges):
     return out
 
 
+@pytest.mark.slow
 def test_w4a4_close_to_bf16_and_not_identical(env):
     bf16 = {e: env.shifted(env.unet(e)) for e in ("high", "low")}
     w4a4 = {e: env.shifted(env.apply(env.unet(e), f"tiny_{e}.safetensors")) for e in ("high", "low")}

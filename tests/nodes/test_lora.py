@@ -414,6 +414,7 @@ def test_fold_layer_refuses_what_cannot_be_exact(comfy_nodes):
 # Through ComfyUI's LoRA nodes
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_w4a4_lora_as_close_to_bf16_lora_as_without(lenv, caplog):
     """The Wan2.2 I2V template with LoraLoaderModelOnly on both experts: W4A4+LoRA vs BF16+LoRA, against
     W4A4 vs BF16 and against the control (W4A4 re-made from the LoRA'd weights)."""
@@ -462,6 +463,7 @@ def test_w4a4_lora_as_close_to_bf16_lora_as_without(lenv, caplog):
     assert not layers["blocks.0.self_attn.k"].lora_bias_on  # signed layer, no diff_b: no bias change
 
 
+@pytest.mark.slow
 def test_before_and_after_apply_and_checkpoint(lenv):
     """LoRA before Apply, after Apply, and on a loaded W4A4 checkpoint: the same model, bit for bit."""
     env = lenv
