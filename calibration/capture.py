@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import math
 import zlib
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -134,10 +134,20 @@ def diffusion_model(model, what: str = "model") -> torch.nn.Module:
                                "supports Wan2.1/2.2 transformers (comfy.ldm.wan.model.WanModel)")
     for name in BLOCK_LINEARS:
         mod = bf16_module(model, f"blocks.0.{name}")
-        if not isinstance(mod, torch.nn.Linear):
+        if not is_linear(mod):
             raise CalibrationError(f"{what} is not a Wan model: blocks.0.{name} is "
                                    f"{type(mod).__name__}, expected a Linear")
     return inner
+
+
+def is_linear(mod) -> bool:
+    """A Linear layer, also ComfyUI 0.33's quantized ones (``comfy.ops.mixed_precision_ops``), which are
+    not ``torch.nn.Linear`` subclasses but have its attributes and a 2-D weight."""
+    if isinstance(mod, torch.nn.Linear):
+        return True
+    w = getattr(mod, "weight", None)
+    return (isinstance(mod, torch.nn.Module) and isinstance(w, torch.Tensor) and w.ndim == 2
+            and all(isinstance(getattr(mod, a, None), int) for a in ("in_features", "out_features")))
 
 
 PREFIX = "diffusion_model."  # of the keys of a ModelPatcher's object and weight patches
@@ -170,7 +180,8 @@ def _get(root: torch.nn.Module, name: str):
 
 
 def plan_layers(model, config: CalibrationConfig, what: str = "model") -> list[LayerSpec]:
-    """The Linears to quantize, block by block, minus the keep-list."""
+    """The Linears to quantize, block by block, minus the keep-list; refuses weights calibration cannot
+    read (:func:`check_weight_source`)."""
     inner = diffusion_model(model, what)
     specs = []
     for i in range(len(inner.blocks)):
@@ -184,6 +195,7 @@ def plan_layers(model, config: CalibrationConfig, what: str = "model") -> list[L
                                    mod.out_features, config.unsigned_ffn2 and name in UNSIGNED_LINEARS))
     if not specs:
         log.warning("%s: the keep-list keeps every block Linear in BF16; nothing to quantize", what)
+    check_weight_source(model, specs, what)
     return specs
 
 
@@ -202,13 +214,165 @@ def unpatched(model, key: str, current: torch.Tensor) -> torch.Tensor:
     return bk.weight if bk is not None else current
 
 
-def layer_weight(model, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of the BF16 Linear ``name`` without weight patches: the weight calibration
-    fingerprints and nodes/apply.py checks. The calibration refuses experts whose quantized layers
-    carry patches (:func:`check_no_weight_patches`)."""
+# What a source file's Linear weights are, as ComfyUI holds them (format.SOURCE_KINDS are those a state can
+# be calibrated from): a plain float dtype, or fp8 with a per-tensor scale (ComfyUI's "fp8_scaled" files).
+FLOAT_KINDS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredWeight:
+    """A Linear's weight as ComfyUI stores it.
+
+    kind: "bf16" | "fp16" | "fp32" (plain); "fp8_scaled" (fp8 ``data`` times the float32 ``scale``);
+    "fp8" (fp8 without a scale: a BF16/FP16 file loaded with weight_dtype fp8_*); "other" (another
+    quantized layout). dtype: the storage dtype's name, e.g. "float8_e4m3fn"."""
+
+    kind: str
+    dtype: str
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+
+
+def stored_weight(mod: torch.nn.Module, w: torch.Tensor) -> StoredWeight:
+    """How ``w`` (``mod``'s weight, possibly its unpatched original) is stored, detached, by feature:
+
+    - ComfyUI 0.33 loads an fp8_scaled file (``comfy.utils.convert_old_quants``) into a ``QuantizedTensor``
+      (comfy-kitchen): fp8 ``_qdata`` and ``params.scale``, a per-tensor float32 scale;
+    - ComfyUI 0.3.64 (``comfy.ops.scaled_fp8_ops``) keeps the fp8 weight as a Parameter and the scale in the
+      module's ``scale_weight``.
+    """
+    qdata, params = getattr(w, "_qdata", None), getattr(w, "params", None)
+    if isinstance(qdata, torch.Tensor) and params is not None:
+        qdata = qdata.detach()  # not the QuantizedTensor: detaching it fails under inference_mode
+        scale = getattr(params, "scale", None)
+        if qdata.dtype in FP8_DTYPES and isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return StoredWeight("fp8_scaled", _dtype_name(qdata.dtype), qdata, scale)
+        layout = getattr(w, "layout_cls", None)
+        return StoredWeight("other", getattr(layout, "__name__", type(w).__name__), qdata)
+    w = w.detach()
+    if w.dtype in FP8_DTYPES:
+        scale = getattr(mod, "scale_weight", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return StoredWeight("fp8_scaled", _dtype_name(w.dtype), w, scale)
+        return StoredWeight("fp8", _dtype_name(w.dtype), w)
+    return StoredWeight(FLOAT_KINDS.get(w.dtype, "other"), _dtype_name(w.dtype), w)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dequantize(sw: StoredWeight) -> torch.Tensor:
+    """The weight an fp8_scaled layer stands for, float32(fp8 weight) * scale in float32 (one rounding), on
+    the weight's device; a plain weight as it is."""
+    if sw.kind != "fp8_scaled":
+        return sw.data
+    return sw.data.float() * sw.scale.to(sw.data.device, torch.float32)
+
+
+def stored_layer_weight(model, name: str) -> StoredWeight:
+    """:func:`stored_weight` of the Linear ``name`` of this MODEL, without weight patches."""
     mod = bf16_module(model, name)
-    w = unpatched(model, f"{PREFIX}{name}.weight", mod.weight).detach()
+    return stored_weight(mod, unpatched(model, f"{PREFIX}{name}.weight", mod.weight))
+
+
+def layer_weight(model, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of the Linear ``name`` without weight patches: the weight calibration quantizes
+    and fingerprints and nodes/apply.py checks. An fp8_scaled layer's weight is dequantized (float32,
+    :func:`dequantize`); a plain one is returned as ComfyUI holds it (bf16, fp16 or fp32). The
+    calibration refuses experts whose quantized layers carry patches (:func:`check_no_weight_patches`)."""
+    mod = bf16_module(model, name)
+    w = dequantize(stored_layer_weight(model, name))
     return w, None if mod.bias is None else mod.bias.detach()
+
+
+class SampledWeight:
+    """An fp8_scaled weight that dequantizes only the values read: ``format.model_fingerprint`` reads 256 of
+    each layer, and dequantizing every Linear of an fp8_scaled 14B expert would make 56 GB of float32.
+    ``runs`` gives exactly the values of :func:`dequantize` at those places."""
+
+    def __init__(self, sw: StoredWeight):
+        self.sw, self.shape = sw, tuple(sw.data.shape)
+
+    def runs(self, starts: Sequence[int], length: int) -> torch.Tensor:
+        flat = self.sw.data.reshape(-1)
+        return dequantize(dataclasses.replace(self.sw, data=torch.cat([flat[s:s + length] for s in starts])))
+
+
+class FingerprintWeights(Mapping):
+    """"<layer>.weight" -> the weight of :func:`layer_weight` of ``names``, made when read, for
+    ``format.model_fingerprint``: plain weights as they are, fp8_scaled ones as :class:`SampledWeight`."""
+
+    def __init__(self, model, names: Iterable[str]):
+        self.model = model
+        self._names = {f"{n}.weight": n for n in names}
+
+    def __getitem__(self, key: str):
+        sw = stored_layer_weight(self.model, self._names[key])
+        return SampledWeight(sw) if sw.kind == "fp8_scaled" else sw.data
+
+    def __contains__(self, key) -> bool:  # without reading the weight
+        return key in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def weight_source(model, names: Iterable[str]) -> tuple[dict, str | None]:
+    """(source, a layer of that kind) of the Linears ``names``: ``{"kind", "weight_dtype"}`` as a state
+    records it (``format.StateMeta.source``). An expert with any fp8_scaled layer is fp8_scaled (such files
+    may keep some Linears in BF16); fp8 without scales and other layouts take precedence, since
+    calibration refuses them (:func:`check_weight_source`). ({}, None) for no layer."""
+    first: dict[str, tuple[StoredWeight, str]] = {}
+    for name in names:
+        sw = stored_layer_weight(model, name)
+        first.setdefault(sw.kind, (sw, name))
+    for kind in ("other", "fp8", "fp8_scaled", *FLOAT_KINDS.values()):
+        if kind in first:
+            sw, name = first[kind]
+            return {"kind": kind, "weight_dtype": sw.dtype}, name
+    return {}, None
+
+
+def _check_quantized_tensors_sampleable(model, specs: Sequence[LayerSpec], what: str) -> None:
+    """ComfyUI 0.33 holds fp8_scaled layers as QuantizedTensors; when it loads them for sampling under
+    torch.inference_mode (calibration samples in it, as ComfyUI runs every node), ``comfy.ops``
+    ``_quantized_apply`` re-wraps each as a Parameter, which fails ("Cannot set version_counter for
+    inference tensor") for one made outside inference mode. ComfyUI's UNETLoader runs in inference mode;
+    a model loaded in plain Python may not have: refuse it here, before any work, saying how to load it."""
+    for s in specs:
+        w = bf16_module(model, s.name).weight
+        if isinstance(getattr(w, "_qdata", None), torch.Tensor) and not w.is_inference():
+            raise CalibrationError(
+                f"{what} was loaded outside torch.inference_mode(): ComfyUI holds its fp8_scaled layers "
+                f"(e.g. {s.name}) as quantized tensors that it cannot load for sampling under inference mode, "
+                "where calibration samples. Load it inside `with torch.inference_mode():` (ComfyUI's UNETLoader "
+                "node does), or calibrate from the BF16/FP16 file")
+
+
+def check_weight_source(model, specs: Sequence[LayerSpec], what: str = "model") -> dict:
+    """The source of the layers to quantize (:func:`weight_source`), or a CalibrationError before any work
+    when W4A4 cannot be calibrated from it: fp8 weights without scales (rounded from a BF16/FP16 file at
+    load) are not the weights of any file a state could be checked against, and other quantized
+    layouts are not dequantized here."""
+    source, name = weight_source(model, [s.name for s in specs])
+    kind = source.get("kind")
+    if kind == "fp8_scaled":
+        _check_quantized_tensors_sampleable(model, specs, what)
+    if kind == "fp8":
+        raise CalibrationError(
+            f"{what} holds its weights in {source['weight_dtype']} without scales (e.g. {name}): a BF16/FP16 "
+            "file loaded with an fp8 weight_dtype. W4A4 states are calibrated from BF16/FP16 experts or from "
+            "ComfyUI's fp8_scaled files; load the expert with weight_dtype 'default'")
+    if kind == "other":
+        raise CalibrationError(
+            f"{what} holds {name} in a quantized layout ({source['weight_dtype']}) that calibration does not "
+            "read; calibrate from the BF16/FP16 expert or ComfyUI's fp8_scaled file")
+    return source
 
 
 def weight_patches_on(model, specs: Iterable[LayerSpec]) -> list[str]:
@@ -226,9 +390,9 @@ def check_no_weight_patches(model, specs: Sequence[LayerSpec], what: str = "mode
     if keys:
         raise CalibrationError(
             f"{what} carries weight patches (a LoRA?) on {len(keys)} weights of the layers to quantize, "
-            f"e.g. {keys[0]}; W4A4 states are calibrated on the plain BF16 expert. Connect the Calibrate "
-            "node straight to UNETLoader and add the LoRA after 'Apply W4A4 state' (LoRAs on W4A4 layers "
-            "are folded into them exactly), or keep those layers in BF16 (keep)")
+            f"e.g. {keys[0]}; W4A4 states are calibrated on the plain expert (BF16/FP16 or fp8_scaled). "
+            "Connect the Calibrate node straight to UNETLoader and add the LoRA after 'Apply W4A4 state' "
+            "(LoRAs on W4A4 layers are folded into them exactly), or keep those layers in BF16 (keep)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +445,7 @@ class GroupStats:
     def rows(self, b: int) -> torch.Tensor:
         return self.reservoirs[b].rows()
 
-    def merge(self, other: "GroupStats") -> "GroupStats":
+    def merge(self, other: GroupStats) -> GroupStats:
         """Add another capture of the same input (another GPU, another set of items)."""
         self.stats.merge(other.stats)
         if self.range is not None:
@@ -322,17 +486,16 @@ class ExpertCapture:
     def _hook(self, group: str):
         def pre_hook(module, args):
             if self._bin is None or not args:
-                return None
+                return
             try:
                 self.groups[group].observe(args[0], self._bin)
             except ValueError as e:
                 raise CalibrationError(f"non-finite activations at the input of {group} "
                                        f"({self.bin_label(self._bin)}): {e}") from None
-            return None
         return pre_hook
 
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
-                            transformer_options={}, **kwargs):
+                            transformer_options=None, **kwargs):
         ms = executor.class_obj.model_sampling
         ts = ms.timestep(t.float()).flatten()
         tt = float(ts[0])
@@ -342,7 +505,8 @@ class ExpertCapture:
         self._bin = bin_of(tt, self.edges)
         handles = [m.register_forward_pre_hook(self._hook(g)) for g, m in self._hook_modules.items()]
         try:
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            return executor(x, t, c_concat, c_crossattn, control,
+                            {} if transformer_options is None else transformer_options, **kwargs)
         finally:
             for h in handles:
                 h.remove()
@@ -416,10 +580,10 @@ def sample_expert(model, item: CalibrationItem, latent: torch.Tensor, config: Ca
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     if expert == "high":
         noise = comfy.sample.prepare_noise(latent, item.seed)
-        kw = dict(disable_noise=False, start_step=0, last_step=switch, force_full_denoise=False)
+        kw = {"disable_noise": False, "start_step": 0, "last_step": switch, "force_full_denoise": False}
     else:
         noise = torch.zeros(latent.size(), dtype=latent.dtype, layout=latent.layout, device="cpu")
-        kw = dict(disable_noise=True, start_step=switch, last_step=10000, force_full_denoise=True)
+        kw = {"disable_noise": True, "start_step": switch, "last_step": 10000, "force_full_denoise": True}
 
     def callback(step, x0, x, total_steps):
         if step_callback is not None:

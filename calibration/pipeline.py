@@ -28,8 +28,8 @@ from ..kernels import format as fmt
 from ..kernels import numerics
 from . import report as rpt
 from .capture import (CalibrationCancelled, CalibrationError, CalibrationItem, ExpertCapture, GroupStats,
-                      LayerSpec, block_passes, check_no_weight_patches, handover, layer_weight, plan_layers,
-                      run_capture, schedule, with_shift, _seed)
+                      FingerprintWeights, LayerSpec, block_passes, check_no_weight_patches, handover, layer_weight,
+                      plan_layers, run_capture, schedule, weight_source, with_shift, _seed)
 from .clip import ClipEvaluator, search_clip
 from .config import EXPERTS, CalibrationConfig
 from .gptq import gptq_quantize, rtn_quantize
@@ -364,12 +364,15 @@ def handover_meta(config: CalibrationConfig, switch: int, boundary: float) -> di
             "scheduler": config.scheduler}
 
 
-def _fingerprint(model, layers: dict) -> str:
-    """format.model_fingerprint of the BF16 weights of the quantized layers ("" when none)."""
+def _fingerprint(model, layers: dict) -> dict:
+    """What the state records of the expert it was made from: {"fingerprint": format.model_fingerprint of the
+    quantized layers' weights as calibration read them (an fp8_scaled file's dequantized where the fingerprint
+    reads them: capture.FingerprintWeights), "source": capture.weight_source of them} ({"fingerprint": "", "source": {}}
+    when none)."""
     if not layers:
-        return ""
-    weights = {f"{name}.weight": layer_weight(model, name)[0] for name in layers}
-    return fmt.model_fingerprint(weights, layers.keys())
+        return {"fingerprint": "", "source": {}}
+    return {"fingerprint": fmt.model_fingerprint(FingerprintWeights(model, layers), layers.keys()),
+            "source": weight_source(model, layers)[0]}
 
 
 def _resources(t_start: float, device: torch.device) -> dict:
@@ -406,8 +409,9 @@ def _write_outputs(params, records, info, config, paths) -> CalibrationResult:
             if not params[expert]:
                 raise CalibrationError(f"the {expert}-noise expert has no quantized layer (keep-list?)")
             meta = fmt.StateMeta(expert=expert, bin_edges=info[expert]["bin_edges"], clip_policy=policy,
-                                 fingerprint=info[expert]["fingerprint"], report={"path": paths["report"].name},
-                                 handover=info[expert]["handover"])
+                                 fingerprint=info[expert]["fingerprint"]["fingerprint"],
+                                 source=info[expert]["fingerprint"]["source"],
+                                 report={"path": paths["report"].name}, handover=info[expert]["handover"])
             fmt.save_state(paths[expert], params[expert], meta, overwrite=config.overwrite)
             written.append(paths[expert])
         rpt.write_json(paths["report"], data, overwrite=config.overwrite)

@@ -33,7 +33,8 @@ Header (``__metadata__``, str -> str; JSON where structured)::
                     t above edges[0] falls in bin 0, t below edges[B] in bin B-1 (see StateMeta.bin_index).
                     Closed at the low end like the expert switch (Wan2.2 I2V: t >= 900 -> high expert).
     clip_policy     "per-bin" | "per-expert" | "global" | "none"  (none: c = 1 everywhere)
-    fingerprint     model_fingerprint() of the BF16 expert the state was made from ("" = unknown)
+    fingerprint     model_fingerprint() of the expert the state was made from ("" = unknown): of its BF16/FP16
+                    weights, or of the dequantized weights of an fp8_scaled file (see source)
     producer        e.g. "wan_w4a4 0.1.0"
     report          JSON object, free-form (e.g. {"path": "high.report.json"})
     handover        optional JSON object: the two-expert sampling the bins were calibrated for (calibration
@@ -41,6 +42,13 @@ Header (``__metadata__``, str -> str; JSON where structured)::
                     "scheduler"}; see handover_text). Absent in files written before it existed, and in
                     states made without calibration; readers that do not know it ignore it, so the format
                     version is unchanged
+    source          optional JSON object: what the expert's Linear weights were when the state was calibrated,
+                    {"kind": one of SOURCE_KINDS, "weight_dtype": the storage dtype, e.g. "float8_e4m3fn"}.
+                    "fp8_scaled": a ComfyUI fp8_scaled file, its weights dequantized as float32(weight) * scale
+                    (and the fingerprint taken of those); "bf16" / "fp16" / "fp32": plain weights, as ComfyUI
+                    held them (it may hold a BF16 file in fp16). Absent (older files, states made without
+                    calibration) means plain BF16/FP16 weights. Optional like handover: the format version is
+                    unchanged; a reader that does not know it ignores it
     layers          JSON object, in the order save_state got them: layer -> {"in_features", "out_features", "rank",
                     "act_unsigned", "act_shift", "bias", "crc32": {tensor: crc32 of its bytes}}
     rest            (checkpoints only) JSON object: key -> crc32 of the non-quantized tensors
@@ -98,6 +106,10 @@ BITS = 4
 # scheme -> newest version this code reads. A second scheme (native INT4 / NVFP4) adds a row here.
 SUPPORTED_SCHEMES = {nm.SCHEME: nm.SCHEME_VERSION}
 CLIP_POLICIES = ("per-bin", "per-expert", "global", "none")
+# StateMeta.source kinds: plain weights as ComfyUI held them, and ComfyUI's fp8_scaled files (dequantized).
+SOURCE_KINDS = ("bf16", "fp16", "fp32", "fp8_scaled")
+SOURCE_KEYS = ("kind", "weight_dtype")
+PLAIN = "bf16/fp16"  # the family of the plain kinds: one file may be held in any of them (model_fingerprint v2)
 FIELDS = ("qweight", "wscale", "wfactor", "smooth", "lr_down", "lr_up", "clip", "bias")
 _HINT_RECREATE = "re-create the file with the calibration command, or download it again"
 
@@ -150,6 +162,7 @@ class StateMeta:
     scheme: str = nm.SCHEME
     scheme_version: int = nm.SCHEME_VERSION
     handover: dict = dataclasses.field(default_factory=dict)  # {} = not recorded
+    source: dict = dataclasses.field(default_factory=dict)  # {} = not recorded: plain BF16/FP16 weights
 
     def __post_init__(self):
         if not isinstance(self.expert, str) or not self.expert.strip():
@@ -171,7 +184,7 @@ class StateMeta:
         for name in ("fingerprint", "producer"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("report", "handover"):
+        for name in ("report", "handover", "source"):
             value = getattr(self, name)
             if not isinstance(value, dict):
                 raise ValueError(f"{name} must be a dict (JSON object), got {type(value).__name__}")
@@ -179,12 +192,18 @@ class StateMeta:
                 json.dumps(value)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{name} is not JSON-serialisable: {e}") from None
+        _check_source(self.source)  # after the dict check above
         newest = SUPPORTED_SCHEMES.get(self.scheme)
         if newest is None:
             raise ValueError(f"scheme {self.scheme!r} is not supported (known: {sorted(SUPPORTED_SCHEMES)})")
         if not isinstance(self.scheme_version, int) or not 1 <= self.scheme_version <= newest:
             raise ValueError(f"scheme {self.scheme!r} version {self.scheme_version!r} is not supported "
                              f"(this pack reads versions 1..{newest}; a newer file needs a newer ComfyUI-WanW4A4)")
+
+    @property
+    def source_family(self) -> str:
+        """The kind of file the state was calibrated from, as :func:`source_family` names it."""
+        return source_family(self.source.get("kind"))
 
     @property
     def num_bins(self) -> int:
@@ -196,6 +215,29 @@ class StateMeta:
             if t >= low:
                 return i
         return self.num_bins - 1
+
+
+def _check_source(source: dict) -> None:
+    """StateMeta.source: {} or {"kind": one of SOURCE_KINDS, "weight_dtype": a dtype name} (a dict: checked
+    with report and handover)."""
+    if not source:
+        return
+    extra = sorted(set(source) - set(SOURCE_KEYS))
+    if extra:
+        raise ValueError(f"source has unknown entries {extra} (known: {list(SOURCE_KEYS)})")
+    if source.get("kind") not in SOURCE_KINDS:
+        raise ValueError(f"source kind {source.get('kind')!r} is not one of {SOURCE_KINDS}")
+    dtype = source.get("weight_dtype", "")
+    if type(dtype) is not str or len(dtype) > 64:
+        raise ValueError(f"source weight_dtype must be a dtype name, got {dtype!r}")
+
+
+def source_family(kind: str | None) -> str:
+    """"fp8_scaled", or PLAIN ("bf16/fp16") for the plain kinds and for a state that records no source;
+    any other kind of weights (fp8 without scales, ...) is named as it is."""
+    if kind is None or kind in ("bf16", "fp16", "fp32"):
+        return PLAIN
+    return kind
 
 
 def handover_text(handover: dict) -> str:
@@ -228,6 +270,8 @@ def _meta_header(meta: StateMeta, kind: str) -> dict[str, str]:
     }
     if meta.handover:  # only when known: files without it stay byte-identical to what older versions wrote
         header["handover"] = json.dumps(meta.handover, sort_keys=True)
+    if meta.source:  # likewise
+        header["source"] = json.dumps(meta.source, sort_keys=True)
     return header
 
 
@@ -299,10 +343,12 @@ def _parse_header(ctx: _Ctx, header: dict[str, str] | None, kind: str):
     num_bins = integer("num_bins")
     edges, report = load_json("bin_edges", list), load_json("report", dict)
     handover = load_json("handover", dict) if "handover" in header else {}
+    source = load_json("source", dict) if "source" in header else {}
     try:
         meta = StateMeta(expert=header.get("expert", ""), bin_edges=edges, fingerprint=header.get("fingerprint", ""),
                          clip_policy=header.get("clip_policy", ""), producer=header.get("producer", ""),
-                         report=report, scheme=scheme, scheme_version=scheme_version, handover=handover)
+                         report=report, scheme=scheme, scheme_version=scheme_version, handover=handover,
+                         source=source)
     except ValueError as e:
         raise ctx.error(f"header: {e}", hint=_HINT_RECREATE) from None
     if meta.num_bins != num_bins:
@@ -1011,7 +1057,9 @@ FINGERPRINT_V2 = "v2-"  # prefix of today's fingerprints; a bare 16-hex fingerpr
 def model_fingerprint(weights: Mapping[str, torch.Tensor], layers: Iterable[str], version: int = 2) -> str:
     """A short stable hash of the source model: names, shapes and a deterministic sample of values.
 
-    ``weights`` maps state-dict keys to the BF16 weights (``<layer>.weight``); only 256 values per
+    ``weights`` maps state-dict keys to the BF16 weights (``<layer>.weight``), or to objects with ``shape``
+    and ``runs(starts, length)`` -> the values of those flat runs, concatenated (an fp8_scaled file's
+    weights, dequantized where read: ``calibration.capture.SampledWeight``); only 256 values per
     layer are read (8 evenly spaced runs of 32), so a memory-mapped or GPU-resident 14B model costs
     milliseconds. Two experts of one model share names and shapes but not values, so their
     fingerprints differ.
@@ -1028,14 +1076,17 @@ def model_fingerprint(weights: Mapping[str, torch.Tensor], layers: Iterable[str]
         key = f"{name}.weight"
         if key not in weights:
             raise KeyError(f"model_fingerprint: the model has no {key!r}; is it a Wan2.2 model with this layer?")
-        w = weights[key].detach()
-        flat = w.reshape(-1)
-        n = flat.numel()
+        w = weights[key]
+        n = math.prod(w.shape)
         if n <= _FP_CHUNKS * _FP_CHUNK:
-            sample = flat
+            starts, length = [0], n
         else:
-            starts = [i * (n - _FP_CHUNK) // (_FP_CHUNKS - 1) for i in range(_FP_CHUNKS)]
-            sample = torch.cat([flat[s:s + _FP_CHUNK] for s in starts])
+            starts, length = [i * (n - _FP_CHUNK) // (_FP_CHUNKS - 1) for i in range(_FP_CHUNKS)], _FP_CHUNK
+        if isinstance(w, torch.Tensor):
+            flat = w.detach().reshape(-1)
+            sample = torch.cat([flat[s:s + length] for s in starts])
+        else:  # a weight that makes only the values read (an fp8_scaled layer dequantized: capture.SampledWeight)
+            sample = w.runs(starts, length)
         if version == 2:
             sample = sample.float().to(torch.float16)
         sample = sample.to(torch.bfloat16).cpu().view(torch.int16).numpy().astype("<i2")

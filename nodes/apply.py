@@ -88,15 +88,43 @@ def _fingerprint_dtype_ok(w) -> bool:
     return type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
+def _expert_name(expert: str) -> str:
+    return {"high": "high-noise", "low": "low-noise"}.get(expert, repr(expert))
+
+
+def _kind_error(source: str, meta: fmt.StateMeta, model_source: dict) -> W4A4StateError:
+    """The state was calibrated from another kind of file than the one the MODEL was loaded from."""
+    expert = _expert_name(meta.expert)
+    state_family, model_family = meta.source_family, fmt.source_family(model_source.get("kind"))
+    what = {"fp8_scaled": "an fp8_scaled one", fmt.PLAIN: "a bf16/fp16 one",
+            "fp8": f"a bf16/fp16 file held in {model_source.get('weight_dtype')} without scales (UNETLoader "
+                   "weight_dtype fp8_*)"}
+    if state_family == "fp8_scaled":
+        hint = (f"load the {expert} expert's fp8_scaled file (e.g. wan2.2_i2v_{meta.expert}_noise_14B_fp8_scaled"
+                ".safetensors) in this UNETLoader, with weight_dtype default, or calibrate a state from the file "
+                "loaded now")
+    else:
+        hint = (f"load the {expert} expert's BF16/FP16 file (e.g. wan2.2_i2v_{meta.expert}_noise_14B_fp16"
+                ".safetensors) with weight_dtype default, or calibrate a state from the file loaded now "
+                "(calibration reads fp8_scaled files too)")
+    return W4A4StateError(
+        source, f"the state was calibrated from the {state_family} {expert} expert; the model connected to Apply "
+        f"is {what.get(model_family, 'one holding ' + str(model_source.get('weight_dtype')))}", hint)
+
+
 def check_state_fits(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMeta, source: str) -> int:
     """Raise W4A4StateError unless ``layers`` can replace Linears of ``model``; returns the bytes
-    of the Linears they replace. Reads only shapes and a 256-value sample per layer."""
+    of the Linears they replace. Reads only shapes and a 256-value sample per layer.
+
+    The fingerprint is compared with the one of the same weights calibration read (``capture.layer_weight``:
+    an fp8_scaled file's dequantized). When they differ and the model was loaded from another kind of file
+    than the state records (``meta.source``: fp8_scaled, or plain BF16/FP16 weights), the error says so."""
     if w4a4_layers(model):
         info = w4a4_info(model)
         raise W4A4StateError(source, "this MODEL already has W4A4 layers"
                              + (f" (from {info.source})" if info else ""),
                              "connect the BF16 model from UNETLoader, not an already quantized one")
-    missing, not_linear, shapes, replaced, weights = [], [], [], 0, {}
+    missing, not_linear, shapes, replaced = [], [], [], 0
     for name, p in layers.items():
         try:
             m = model.get_model_object(PREFIX + name)
@@ -104,14 +132,13 @@ def check_state_fits(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
             missing.append(name)
             continue
         w = getattr(m, "weight", None)
-        if not isinstance(m, torch.nn.Linear) or w is None:
+        if not capture.is_linear(m) or w is None:
             not_linear.append(f"{name} ({type(m).__name__})")
             continue
         if tuple(w.shape) != (p.out_features, p.in_features):
             shapes.append(f"{name}: state {p.out_features}x{p.in_features}, model {w.shape[0]}x{w.shape[1]}")
             continue
         replaced += sum(t.nelement() * t.element_size() for t in m.state_dict().values())
-        weights[f"{name}.weight"] = capture.layer_weight(model, name)[0]  # as calibration fingerprinted it
     other = "the state was made for another model architecture (e.g. Wan2.2 5B vs 14B, or a T2V model)"
     if missing:
         raise W4A4StateError(source, f"{len(missing)} of its {len(layers)} layers do not exist in this model "
@@ -123,24 +150,38 @@ def check_state_fits(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
         raise W4A4StateError(source, f"{len(shapes)} of its layers have other shapes than the model's "
                              f"({'; '.join(shapes[:3])})", other)
     if meta.fingerprint:
-        sample = next(iter(weights.values()))
-        if not _fingerprint_dtype_ok(sample):
-            log.warning("%s: cannot verify that this state belongs to this model: its weights are %s (%s); "
-                        "load the BF16 model with weight_dtype 'default' to have it checked", source,
-                        sample.dtype, type(sample).__name__)
-        else:
-            fp = fmt.model_fingerprint_like(meta.fingerprint, weights, layers)
-            if fp != meta.fingerprint and sample.dtype == torch.float16 and fmt.fingerprint_version(fp) == 1:
-                # an older state's fingerprint; fp16 copies of BF16 weights do not always reproduce it
-                log.warning("%s: cannot verify that this state belongs to this model: ComfyUI holds its "
-                            "weights in fp16 and the state has a version-1 fingerprint", source)
-            elif fp != meta.fingerprint:
-                raise W4A4StateError(
-                    source, f"the state was calibrated on another model: it is for the {meta.expert!r} expert "
-                    f"with fingerprint {meta.fingerprint}, this MODEL's fingerprint is {fp}",
-                    f"connect it to the UNETLoader of the {meta.expert!r} expert it was made from "
-                    f"(high-noise and low-noise states are not interchangeable)")
+        _check_fingerprint(model, layers, meta, source)
     return replaced
+
+
+def _check_fingerprint(model, layers: dict, meta: fmt.StateMeta, source: str) -> None:
+    model_source, name = capture.weight_source(model, layers)
+    kind = model_source.get("kind")
+    family = fmt.source_family(kind)
+    sample = capture.stored_layer_weight(model, name).data
+    if kind == "fp8_scaled" or _fingerprint_dtype_ok(sample):  # as calibration fingerprinted it
+        fp = fmt.model_fingerprint_like(meta.fingerprint, capture.FingerprintWeights(model, layers), layers)
+    elif meta.source_family != fmt.PLAIN and family != meta.source_family:  # e.g. fp8 without scales
+        raise _kind_error(source, meta, model_source)
+    else:
+        log.warning("%s: cannot verify that this state belongs to this model: its weights are %s (%s); "
+                    "load the model with weight_dtype 'default' to have it checked", source,
+                    model_source.get("weight_dtype"), type(sample).__name__)
+        return
+    if fp == meta.fingerprint:
+        return
+    if family != meta.source_family:
+        raise _kind_error(source, meta, model_source)
+    if kind == "fp16" and fmt.fingerprint_version(fp) == 1:
+        # an older state's fingerprint; fp16 copies of BF16 weights do not always reproduce it
+        log.warning("%s: cannot verify that this state belongs to this model: ComfyUI holds its "
+                    "weights in fp16 and the state has a version-1 fingerprint", source)
+        return
+    raise W4A4StateError(
+        source, f"the state was calibrated on another model: it is for the {meta.expert!r} expert "
+        f"with fingerprint {meta.fingerprint}, this MODEL's fingerprint is {fp}",
+        f"connect it to the UNETLoader of the {meta.expert!r} expert it was made from "
+        f"(high-noise and low-noise states are not interchangeable)")
 
 
 # ---------------------------------------------------------------------------------------------

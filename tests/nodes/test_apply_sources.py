@@ -1,0 +1,123 @@
+"""Apply W4A4 state checks a state against the kind of file it was calibrated from (BF16/FP16 or ComfyUI's
+fp8_scaled) and says so when the UNETLoader holds another kind; states calibrated from fp8_scaled files
+apply to them. Through the real ComfyUI (CPU), with states made by calibration."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from fp8_scaled_lib import write_fp8_scaled
+from test_bad_states import assert_unchanged, snapshot
+from w4a4_testlib import SHIFT
+from wan_w4a4.calibration import CalibrationConfig, calibrate, synthetic_items
+from wan_w4a4.kernels import format as fmt
+from wan_w4a4.nodes import apply as ap
+
+pytestmark = pytest.mark.comfyui
+
+FAST = {"steps": 6, "bins": 2, "rank": 8, "alphas": (0.5,), "clip_grid": (1.0, 0.8), "rows_per_bin": 64, "shift": SHIFT}
+FP8_SOURCE = {"kind": "fp8_scaled", "weight_dtype": "float8_e4m3fn"}
+
+
+def _unet(env, name, weight_dtype="default"):
+    """UNETLoader as ComfyUI runs it: inside torch.inference_mode (ComfyUI 0.33 needs its fp8_scaled
+    QuantizedTensors made there to sample them in it)."""
+    with torch.inference_mode():
+        (m,) = env.nodes.UNETLoader().load_unet(name, weight_dtype)
+    return m
+
+
+@pytest.fixture(scope="module")
+def fp8(env):
+    """fp8_scaled versions of the tiny experts in models/diffusion_models, and states calibrated from them
+    (``fp8src_high`` / ``fp8src_low``) in models/w4a4."""
+    names = {}
+    for expert in ("high", "low"):
+        src = env.checkpoints[expert]
+        names[expert] = write_fp8_scaled(src, src.with_name(f"{src.stem}_fp8_scaled.safetensors")).name
+    cfg = CalibrationConfig(**FAST, out_dir=str(env.w4a4_dir), name="fp8src", overwrite=True)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = calibrate(_unet(env, names["high"]), _unet(env, names["low"]),
+                        synthetic_items(1, frames=5, height=32, width=32, text_tokens=8), cfg)
+    finally:
+        torch.set_num_threads(n)
+    for expert in ("high", "low"):
+        assert fmt.read_meta(res[expert]).source == FP8_SOURCE
+    return {"unet": names, "state": {e: res[e].name for e in ("high", "low")}}
+
+
+def _refused(env, model, state):
+    before = snapshot(model)
+    with pytest.raises(ValueError) as info:  # W4A4StateError of the pack as ComfyUI loaded it
+        env.apply(model, state)
+    assert_unchanged(model, before)
+    return str(info.value)
+
+
+def test_fp8_calibrated_states_apply_to_the_fp8_experts(env, fp8):
+    """Accepted on the fp8_scaled experts they were calibrated from, and the two-expert sampling runs."""
+    models = {e: _unet(env, fp8["unet"][e]) for e in ("high", "low")}
+    patched = {e: env.apply(models[e], fp8["state"][e]) for e in ("high", "low")}
+    for e, m in patched.items():
+        info = ap.w4a4_info(m)
+        assert info.meta.source == FP8_SOURCE and len(ap.w4a4_layers(m)) == 20, e
+    with torch.inference_mode():
+        _, out = env.two_expert(env.shifted(patched["high"]), env.shifted(patched["low"]), steps=4)
+        _, ref = env.two_expert(env.shifted(models["high"]), env.shifted(models["low"]), steps=4)
+    assert torch.isfinite(out).all() and out.shape == ref.shape
+    # W4A4 of the dequantized fp8 weights stays near the fp8 model itself
+    err = float((out.float() - ref.float()).square().mean() / ref.float().square().mean())
+    assert err < 0.01, err  # 5e-4 measured (about 33 dB)
+
+
+def test_fp8_state_on_the_bf16_expert_says_which_file_to_load(env, fp8):
+    msg = _refused(env, env.unet("high"), fp8["state"]["high"])
+    assert fp8["state"]["high"] in msg
+    assert "the state was calibrated from the fp8_scaled high-noise expert" in msg, msg
+    assert "the model connected to Apply is a bf16/fp16 one" in msg, msg
+    assert "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors" in msg and "calibrate a state from" in msg, msg
+
+
+@pytest.mark.parametrize("recorded", ["no source (older state)", "bf16 source"])
+def test_bf16_state_on_the_fp8_expert_says_which_file_to_load(env, fp8, recorded):
+    state = "tiny_high.safetensors"  # made from the BF16 expert (w4a4_testlib.make_state): no source recorded
+    if recorded == "bf16 source":
+        layers, meta = fmt.load_state(env.w4a4_dir / state)
+        state = "tiny_high_bf16src.safetensors"
+        fmt.save_state(env.w4a4_dir / state, layers, dataclasses.replace(
+            meta, source={"kind": "bf16", "weight_dtype": "bfloat16"}), overwrite=True)
+    msg = _refused(env, _unet(env, fp8["unet"]["high"]), state)
+    assert "the state was calibrated from the bf16/fp16 high-noise expert" in msg, msg
+    assert "the model connected to Apply is an fp8_scaled one" in msg, msg
+    assert "wan2.2_i2v_high_noise_14B_fp16.safetensors" in msg and "weight_dtype default" in msg, msg
+
+
+def test_same_kind_other_model_keeps_the_fingerprint_message(env, fp8):
+    """The high expert's fp8 state on the low expert's fp8 file: same kind, another model."""
+    msg = _refused(env, _unet(env, fp8["unet"]["low"]), fp8["state"]["high"])
+    assert "the state was calibrated on another model" in msg and "fingerprint" in msg, msg
+    assert "fp8_scaled" not in msg.split("Hint")[0], msg
+
+
+def test_fp8_without_scales(env, fp8, caplog):
+    """A BF16 file loaded with weight_dtype fp8_e4m3fn holds rounded weights that cannot be fingerprinted: a
+    BF16 state still applies with the warning it always had; an fp8_scaled state is refused by kind."""
+    model = _unet(env, env.checkpoints["high"].name, "fp8_e4m3fn")
+    msg = _refused(env, model, fp8["state"]["high"])
+    assert "calibrated from the fp8_scaled high-noise expert" in msg and "without scales" in msg, msg
+    with caplog.at_level(logging.WARNING, logger="wan_w4a4"):
+        m = env.apply(model, "tiny_high.safetensors")
+    assert ap.w4a4_layers(m) and "cannot verify that this state belongs to this model" in caplog.text
+
+
+def test_bf16_file_held_in_fp16_still_matches(env):
+    """ComfyUI may hold a BF16 file in fp16; the version-2 fingerprint of a BF16 state matches it, and the
+    kind check treats bf16 / fp16 / fp32 as one kind of file."""
+    import comfy.sd
+    model = comfy.sd.load_diffusion_model(str(env.checkpoints["high"]), model_options={"dtype": torch.float16})
+    assert model.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float16
+    assert ap.w4a4_layers(env.apply(model, "tiny_high.safetensors"))
