@@ -98,6 +98,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--out", required=True, type=Path, help="output folder for the states and the report")
     io.add_argument("--name", default=d.name, help="file name stem: <name>_high.safetensors, ... (default %(default)s)")
     io.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    io.add_argument("--restart", action="store_true",
+                    help="discard the finished work that an interrupted run to this --out and --name left in its "
+                         "hidden work folder (.<name>.w4a4-work), and start over; without it, a run with the same "
+                         "settings resumes that work and one with other settings stops with an error")
     io.add_argument("--comfyui", type=Path, default=None, help="ComfyUI source tree (default: auto-detect)")
     io.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when a GPU is present")
     io.add_argument("--threads", type=int, default=None,
@@ -402,10 +406,15 @@ def _run(args) -> int:
                                     text_tokens=args.text_tokens, text_dim=_text_dim(args.high),
                                     seed=args.item_seed)
         bar = _Tqdm()
-        result = calibrate(loader(args.high), loader(args.low), items, config, progress=bar)
+        result = calibrate(loader(args.high), loader(args.low), items, config, progress=bar,
+                           restart=getattr(args, "restart", False))
     except (CalibrationError, FileExistsError) as e:
         print(f"calibrate: {e}", file=sys.stderr)
         return 2 if isinstance(e, CalibrationError) else 1
+    except KeyboardInterrupt:
+        print("calibrate: interrupted; run the same command again to resume from the last finished layer",
+              file=sys.stderr)
+        return 130
     finally:
         if bar is not None:
             bar.close()

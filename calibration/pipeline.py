@@ -9,8 +9,10 @@ Order of work and memory: for each expert, for each pass (a subset of blocks, se
 ``CalibrationConfig.blocks_per_pass``), sampling runs over all items with hooks on that subset;
 then its layers are quantized one at a time and the pass's statistics are freed. The quantized
 layers (~0.56 byte per weight) stay on the host until both experts are done: the clip policy
-"global" needs both, and a cancelled run then leaves no file at all. The files are written at the
+"global" needs both, and a cancelled run then leaves no state at all. The files are written at the
 end, each atomically (kernels/format.py), never over an existing file without ``overwrite``.
+Each finished layer and expert is also saved in a hidden work folder, so that a run stopped in any
+way resumes from there (calibration/resume.py).
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import gc
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -35,6 +37,7 @@ from .config import EXPERTS, CalibrationConfig
 from .gptq import gptq_quantize, rtn_quantize
 from .hessian import smoothed_hessian
 from .lowrank import branch_weight, low_rank, refine_low_rank
+from .resume import WorkFolder, kill_point, run_key
 from .smoothing import search_alpha, smooth_scales
 
 log = logging.getLogger(__name__)
@@ -197,7 +200,8 @@ def _free(device):
 
 
 def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: CalibrationConfig,
-              progress: Progress | None = None, cancel: Callable[[], bool | None] | None = None) -> CalibrationResult:
+              progress: Progress | None = None, cancel: Callable[[], bool | None] | None = None,
+              restart: bool = False) -> CalibrationResult:
     """Calibrate both experts of a Wan2.2 I2V model and write their W4A4 states.
 
     high_model / low_model: ComfyUI MODELs of the high-noise and low-noise experts (BF16, as loaded
@@ -206,8 +210,13 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
     so that only one BF16 expert occupies host memory at a time (the command line does this). items: the
     calibration set (:class:`CalibrationItem`). progress(done, total, what): called as work
     completes. cancel(): called between layers and at every sampling step; it may raise (ComfyUI's
-    ``throw_exception_if_processing_interrupted``) or return True to stop - either way no file is
+    ``throw_exception_if_processing_interrupted``) or return True to stop - either way no state is
     written. Returns the paths of ``config.state_path("high")``, ``("low")`` and the report.
+
+    Resume (calibration/resume.py): finished layers and experts are saved in a hidden work folder
+    beside the outputs; a run stopped in any way (cancel, crash, kill) and started again with the
+    same settings, items and models goes on from there, with a bit-identical result. ``restart``
+    discards that folder's work instead. The folder is removed once the outputs are written.
     """
     t_start = time.perf_counter()
     items = list(items)
@@ -225,7 +234,21 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
             raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (set overwrite / --overwrite, "
                                   "or choose another output folder or name)")
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+    work = WorkFolder.open(config, run_key(config, items), restart=restart)
+    try:
+        result = _calibrate(high_model, low_model, items, config, progress, cancel, work, paths, t_start)
+    except BaseException:
+        keep = work.has_work()
+        work.close(remove=not keep)
+        if keep:
+            log.info("the finished work is kept in %s: start again with the same settings to resume", work.path)
+        raise
+    work.close(remove=True)
+    return result
 
+
+def _calibrate(high_model, low_model, items, config, progress, cancel, work: WorkFolder, paths,
+               t_start) -> CalibrationResult:
     models = {"high": high_model, "low": low_model}
     # A zero-argument callable instead of a MODEL is loaded when its expert's turn comes and dropped
     # after it: only one BF16 expert (26.7 GiB at 14B) is then in host memory at a time.
@@ -246,7 +269,7 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
 
     with torch.inference_mode():
         shifted = {"high": with_shift(models["high"], config.shift)}
-        sigmas, ts = schedule(shifted["high"], config)
+        _, ts = schedule(shifted["high"], config)
         switch, boundary = handover(ts, config)
         if switch == 0 or switch == config.steps:
             who = "high" if switch == 0 else "low"
@@ -277,8 +300,9 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
         def on_step():
             _check_cancel(cancel)
             tick(1, "sampling")
+            kill_point("step")
 
-        passes_high, work_high = plan_work("high")
+        _, work_high = plan_work("high")
         total[0] = work_high + (plan_work("low")[1] if "low" in layers else work_high)  # estimate until loaded
         records: dict[str, dict[str, rpt.LayerRecord]] = {e: {} for e in EXPERTS}
         params: dict[str, dict[str, numerics.W4A4Params]] = {e: {} for e in EXPERTS}
@@ -297,40 +321,39 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
             passes = plan_work(expert)[0]
             m = shifted[expert]
             device = _device(config, model)
+            # the weights the work folder's layers were made from (a cheap sample: format.model_fingerprint)
+            work.check_model(expert, {"fingerprint": _fingerprint(model, {s.name: s for s in layers[expert]}),
+                                      "device": device.type})
             info[expert] = {"bin_edges": list(edges[expert]), "steps": steps_of[expert], "handover": sampling,
                             "timesteps": [], "bin_rows": [0] * config.bins, "passes": passes,
-                            "capture_s": [], "quantize_s": []}
-            out_latents = None
-            # the high expert samples even with nothing to capture: its output is the low expert's start
-            for pi, blocks in enumerate(passes or ([[]] if expert == "high" else [])):
-                cap = (ExpertCapture(model, expert, layers[expert], config, blocks, edges=edges[expert])
-                       if blocks else None)
-                t0 = time.perf_counter()
-                outs = run_capture(m, expert, items, latents, config, cap, switch, on_step)
-                out_latents = out_latents or outs
-                if cap is None:
-                    continue
-                info[expert]["capture_s"].append(round(time.perf_counter() - t0, 3))
-                log.info("%s expert, pass %d/%d (blocks %d..%d): captured in %.1f s", expert, pi + 1,
-                         len(passes), blocks[0], blocks[-1], info[expert]["capture_s"][-1])
-                t0 = time.perf_counter()
-                if pi == 0:
-                    info[expert]["timesteps"] = [round(t, 3) for t in cap.timesteps]
-                    info[expert]["bin_rows"] = cap.bin_rows()
-                    _check_bins(expert, cap, config)
-                for spec in [s for s in layers[expert] if s.block in set(blocks)]:
-                    _check_cancel(cancel)
-                    w, b = layer_weight(model, spec.name)
-                    p, rec = quantize_layer(spec, expert, w, b, cap.groups[spec.group], config, device)
-                    params[expert][spec.name], records[expert][spec.name] = p, rec
-                    log.debug("%s %s: alpha %.2f, %s residual, %.2f s", expert, spec.name, rec.alpha,
-                              rec.residual, rec.seconds)
-                    tick(1, f"{expert} {spec.name}")
-                info[expert]["quantize_s"].append(round(time.perf_counter() - t0, 3))
-                cap.free()
-                del cap
-                _free(device)
+                            "capture_s": [None] * len(passes), "quantize_s": [None] * len(passes)}
+            _restore_info(info[expert], work.load_info(expert))
+            saved = work.load_layers(expert, layers[expert])
+            finished = work.load_expert(expert, len(items))
+            if finished is not None and len(saved) == len(layers[expert]) and (expert == "low" or finished[1]):
+                # a finished expert: neither sampled nor quantized again
+                info[expert], out_latents = finished
+                for spec in layers[expert]:
+                    params[expert][spec.name], records[expert][spec.name] = saved[spec.name]
+                tick(plan_work(expert)[1], f"{expert} expert (saved)")
+                log.info("%s expert: finished in an earlier run; reusing its %d layers%s from %s", expert,
+                         len(saved), " and output latents" if expert == "high" else "", work.path)
+            else:
+                finished = None
+                out_latents = None
+                run = _Sampling(model, m, items, latents, switch, on_step, tick, cancel, device)
+                for pi in range(len(passes)):
+                    out = _run_pass(expert, pi, passes, layers[expert], saved, info[expert], params[expert],
+                                    records[expert], config, work, run, edges[expert])
+                    out_latents = out_latents or out
+                del run  # it holds the expert, which must go before the next one loads
+                if expert == "high" and out_latents is None:
+                    # nothing sampled in this run (no layer to capture, or all saved): the low expert's start
+                    out_latents = run_capture(m, expert, items, latents, config, None, switch, on_step)
             info[expert]["fingerprint"] = _fingerprint(model, params[expert])
+            if finished is None:
+                work.save_expert(expert, info[expert], out_latents if expert == "high" else None)
+                kill_point("expert")
             del m, model
             if expert == "high":
                 latents = out_latents
@@ -346,6 +369,86 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
 
     info["resources"] = _resources(t_start, device)
     return _write_outputs(params, records, info, config, paths)
+
+
+def _restore_info(info: dict, saved: dict | None) -> None:
+    """What an earlier run recorded of an expert's passes: the first pass's timesteps and rows per bin
+    (so that it need not be sampled again), and the timings of the passes it ran."""
+    if not saved or saved.get("passes") != info["passes"]:
+        return
+    for key in ("timesteps", "bin_rows", "capture_s", "quantize_s"):
+        value = saved.get(key)
+        if isinstance(value, list) and (key == "timesteps" or len(value) == len(info[key])):
+            info[key] = value
+
+
+@dataclasses.dataclass
+class _Sampling:
+    """What a capture pass of one expert samples with, and the run's progress and cancel callables."""
+
+    model: object  # the expert (ComfyUI MODEL)
+    shifted: object  # its clone with the configured shift
+    items: list
+    latents: list  # its start latents
+    switch: int
+    on_step: Callable
+    tick: Callable
+    cancel: Callable | None
+    device: torch.device
+
+
+def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], saved: dict, info: dict, params: dict,
+              records: dict, config: CalibrationConfig, work: WorkFolder, run: _Sampling, edges) -> list | None:
+    """One capture pass of ``expert`` (blocks ``passes[pi]``) and the quantization of its layers, each
+    saved to the work folder as it finishes; layers in ``saved`` are reused. A pass whose layers are
+    all saved is not sampled again (except the first, when the timesteps it records were lost).
+    Returns the sampled output latents (None when the pass was skipped)."""
+    blocks = set(passes[pi])
+    specs = [s for s in specs_all if s.block in blocks]
+    if all(s.name in saved for s in specs) and (pi > 0 or info["timesteps"]):
+        for s in specs:
+            params[s.name], records[s.name] = saved[s.name]
+        run.tick(len(run.items) * info["steps"] + len(specs), f"{expert} pass {pi + 1} (saved)")
+        log.info("%s expert, pass %d/%d: its %d layers were finished in an earlier run", expert, pi + 1,
+                 len(passes), len(specs))
+        return None
+    model, device = run.model, run.device
+    cap = ExpertCapture(model, expert, specs_all, config, passes[pi], edges=edges)
+    t0 = time.perf_counter()
+    outs = run_capture(run.shifted, expert, run.items, run.latents, config, cap, run.switch, run.on_step)
+    info["capture_s"][pi] = round(time.perf_counter() - t0, 3)
+    log.info("%s expert, pass %d/%d (blocks %d..%d): captured in %.1f s", expert, pi + 1, len(passes),
+             passes[pi][0], passes[pi][-1], info["capture_s"][pi])
+    if pi == 0:
+        info["timesteps"] = [round(t, 3) for t in cap.timesteps]
+        info["bin_rows"] = cap.bin_rows()
+        _check_bins(expert, cap, config)
+    work.save_info(expert, info)
+    t0 = time.perf_counter()
+    reused = 0
+    for spec in specs:
+        if spec.name in saved:
+            params[spec.name], records[spec.name] = saved[spec.name]
+            reused += 1
+            run.tick(1, f"{expert} {spec.name} (saved)")
+            continue
+        _check_cancel(run.cancel)
+        w, b = layer_weight(model, spec.name)
+        p, rec = quantize_layer(spec, expert, w, b, cap.groups[spec.group], config, device)
+        params[spec.name], records[spec.name] = p, rec
+        work.save_layer(expert, p, rec)
+        kill_point("layer")
+        log.debug("%s %s: alpha %.2f, %s residual, %.2f s", expert, spec.name, rec.alpha, rec.residual, rec.seconds)
+        run.tick(1, f"{expert} {spec.name}")
+    if reused:
+        log.info("%s expert, pass %d/%d: reused %d layers finished in an earlier run", expert, pi + 1,
+                 len(passes), reused)
+    info["quantize_s"][pi] = round(time.perf_counter() - t0, 3)
+    work.save_info(expert, info)
+    cap.free()
+    del cap
+    _free(device)
+    return outs
 
 
 def _plan(model, config: CalibrationConfig, expert: str) -> list[LayerSpec]:

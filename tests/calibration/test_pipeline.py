@@ -215,7 +215,8 @@ def test_cancel_leaves_no_file(models, tmp_path, when):
     with pytest.raises(expected):
         calibrate(models["high"], models["low"], _items(1), CalibrationConfig(**FAST, out_dir=str(tmp_path)),
                   cancel=cancel)
-    assert list(tmp_path.iterdir()) == []
+    # no state; layers finished before the interrupt are kept in the hidden work folder to resume from
+    assert [p.name for p in tmp_path.iterdir()] == ([] if when == "sampling" else [".wan22_i2v.w4a4-work"])
     for name, mod in models["high"].model.diffusion_model.named_modules():
         assert not mod._forward_pre_hooks, name
 
