@@ -899,7 +899,7 @@ def _read_rest(ctx: _Ctx, f: _File, others: list[str], entries: dict, rest_crc: 
         rest[key] = f.get_tensor(key)
         if verify and _crc32(rest[key]) != rest_crc[key]:
             raise W4A4CorruptTensorError(ctx.path, f"tensor {key!r} is corrupt (CRC32 mismatch)", owner, _HINT_RECREATE)
-        if rest[key].is_floating_point() and not bool(torch.isfinite(rest[key]).all()):
+        if rest[key].is_floating_point() and not bool(torch.isfinite(rest[key].float()).all()):  # fp8 too
             # a NaN norm or embedding gives NaN videos without another word
             raise ctx.error(f"tensor {key!r} has non-finite values (NaN or inf)", owner, _HINT_RECREATE)
     return rest

@@ -331,28 +331,58 @@ def checkpoint_tensors(model) -> tuple[dict[str, nm.W4A4Params], dict[str, torch
         raise W4A4StateError("Save W4A4 checkpoint", f"weight patches (a LoRA?) target W4A4 layers, e.g. "
                              f"{on_quantized[0]}; they cannot be saved into 4-bit weights",
                              "save the checkpoint before applying the LoRA")
+    dm = model.model.diffusion_model
+    scaled = _fp8_scaled_linears(model, dm, quantized)
     rest = {}
-    for key, t in model.model.diffusion_model.state_dict().items():
-        if key.rpartition(".")[0] in quantized:
+    for key, t in dm.state_dict().items():
+        owner, _, field = key.rpartition(".")
+        if owner in quantized or (owner in scaled and field != "bias"):
             continue
         rest[key] = _patched_tensor(model, PREFIX + key, t)
+        if rest[key].dtype in capture.FP8_DTYPES:  # 0.3.64 holds an fp8_scaled base's biases in fp8 too
+            rest[key] = rest[key].float()  # exact
+    for name, w in scaled.items():
+        rest[f"{name}.weight"] = _patched_tensor(model, f"{PREFIX}{name}.weight", w, torch.float32)
     layers = {name: m.w4a4_params(torch.device("cpu"), with_lora=False) for name, m in quantized.items()}
     return layers, rest, info.meta
 
 
-def _patched_tensor(model, key: str, t: torch.Tensor) -> torch.Tensor:
-    """The CPU tensor of ``key`` with the patcher's weight patches applied, as ComfyUI applies them."""
+def _fp8_scaled_linears(model, dm, quantized) -> dict[str, torch.Tensor]:
+    """name -> dequantized float32 weight of the BF16-kept Linears stored fp8_scaled (an fp8_scaled base:
+    text/time embeddings, head). ComfyUI keeps such a layer's scale beside its fp8 weight in a form each
+    version reads differently (0.3.64: ``scale_weight`` plus a file-wide ``scaled_fp8`` marker; 0.33:
+    ``weight_scale`` plus ``comfy_quant``), so a checkpoint holds the dequantized weight instead, in float32:
+    exactly fp8 x scale, which ComfyUI casts to its compute dtype as it does any stored weight (at 14B these
+    Linears hold about 0.23 G parameters, 0.9 GB in float32)."""
+    out = {}
+    for name, mod in dm.named_modules():
+        if name in quantized or not capture.is_linear(mod) or getattr(mod, "weight", None) is None:
+            continue
+        sw = capture.stored_weight(mod, capture.unpatched(model, f"{PREFIX}{name}.weight", mod.weight))
+        if sw.kind == "fp8_scaled":
+            out[name] = capture.dequantize(sw)
+        elif sw.kind not in capture.FLOAT_KINDS.values():
+            raise W4A4StateError("Save W4A4 checkpoint", f"layer {name} is stored as {sw.kind} ({sw.dtype}), "
+                                 "which a W4A4 checkpoint cannot hold",
+                                 "load the expert from its BF16/FP16 or fp8_scaled file")
+    return out
+
+
+def _patched_tensor(model, key: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The CPU tensor of ``key`` with the patcher's weight patches applied, as ComfyUI applies them, in
+    ``dtype`` (default: the tensor's own; ``t`` is then the tensor in the tree, else the weight itself)."""
     import comfy.float
     import comfy.lora
     import comfy.model_patcher
     import comfy.utils
 
-    base = capture.unpatched(model, key, t).detach()
+    base = (capture.unpatched(model, key, t) if dtype is None else t).detach()
+    dtype = dtype or base.dtype
     if key not in model.patches:
-        return base.to("cpu", copy=True)
+        return base.to("cpu", dtype, copy=True)
     out = comfy.lora.calculate_weight(model.patches[key], base.to("cpu", torch.float32, copy=True), key)
     to_seed = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed  # moved in 0.33
-    return comfy.float.stochastic_rounding(out, base.dtype, seed=to_seed(key))
+    return comfy.float.stochastic_rounding(out, dtype, seed=to_seed(key))
 
 
 def save_w4a4_checkpoint(model, path, overwrite: bool = False) -> str:

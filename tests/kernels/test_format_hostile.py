@@ -132,6 +132,11 @@ def test_checkpoint_with_non_finite_rest_tensor_is_refused(tmp_path):
         with pytest.raises(fmt.W4A4FormatError) as e:
             fmt.load_checkpoint(path)
         assert str(path) in str(e.value) and "'head.head.weight'" in str(e.value) and "non-finite" in str(e.value)
+    fp8 = torch.ones(16, 8, dtype=torch.float8_e4m3fn)  # torch.isfinite has no fp8 kernel: checked as float
+    fp8.view(torch.uint8)[3, 2] = 0x7F  # NaN in e4m3fn
+    path = checkpoint(tmp_path, {"head.head.bias": fp8}, "ck_fp8.safetensors")
+    with pytest.raises(fmt.W4A4FormatError, match="non-finite"):
+        fmt.load_checkpoint(path)
     ints = checkpoint(tmp_path, {"pos.index": torch.arange(4)}, "ints.safetensors")  # no NaN in integers
     assert torch.equal(fmt.load_checkpoint(ints)[1]["pos.index"], torch.arange(4))
 
