@@ -389,9 +389,15 @@ def _run(args) -> int:
         print(f"calibrate: {e}", file=sys.stderr)
         return 2
     import comfy.sd
+    import torch
 
     def loader(path):  # loaded when its expert's turn comes: one BF16 expert in host memory at a time
-        return lambda: comfy.sd.load_diffusion_model(str(path))
+        def load():
+            # inside inference mode, as ComfyUI runs UNETLoader: 0.33 cannot sample fp8_scaled layers made
+            # outside it (capture.check_weight_source says why)
+            with torch.inference_mode():
+                return comfy.sd.load_diffusion_model(str(path))
+        return load
 
     bar = None
     try:

@@ -33,7 +33,7 @@ from .capture import (CalibrationCancelled, CalibrationError, CalibrationItem, E
                       FingerprintWeights, LayerSpec, block_passes, check_no_weight_patches, handover, layer_weight,
                       plan_layers, run_capture, schedule, weight_source, with_shift, _seed)
 from .clip import ClipEvaluator, search_clip
-from .config import EXPERTS, CalibrationConfig
+from .config import CLIP_POLICY_HEADER, EXPERTS, CalibrationConfig
 from .gptq import gptq_quantize, rtn_quantize
 from .hessian import smoothed_hessian
 from .lowrank import branch_weight, low_rank, refine_low_rank
@@ -505,7 +505,7 @@ def _check_bins(expert: str, cap: ExpertCapture, config: CalibrationConfig) -> N
 def _write_outputs(params, records, info, config, paths) -> CalibrationResult:
     data = rpt.build_report(config, records, info, {e: paths[e] for e in EXPERTS})
     log.info("calibration summary:\n%s", rpt.table(records))
-    policy = config.clip_policy.replace("_", "-")
+    policy = CLIP_POLICY_HEADER[config.clip_policy]
     written = []
     try:
         for expert in EXPERTS:

@@ -210,11 +210,8 @@ class StateMeta:
         return len(self.bin_edges) - 1
 
     def bin_index(self, t: float) -> int:
-        """The bin of model timestep ``t``: edges[i+1] <= t < edges[i], clamped to the first/last bin."""
-        for i, low in enumerate(self.bin_edges[1:]):
-            if t >= low:
-                return i
-        return self.num_bins - 1
+        """The bin of model timestep ``t`` (``numerics.bin_of``: edges[i+1] <= t < edges[i], clamped)."""
+        return nm.bin_of(t, self.bin_edges)
 
 
 def _check_source(source: dict) -> None:

@@ -251,3 +251,16 @@ def test_state_meta_validates_the_source():
         fmt.StateMeta(expert="high", bin_edges=(1000.0, 900.0), source={"kind": "fp8"})
     with pytest.raises(ValueError, match="source must be a dict"):
         fmt.StateMeta(expert="high", bin_edges=(1000.0, 900.0), source="fp8_scaled")
+
+
+def test_cli_calibrates_from_fp8_scaled_files(comfyui, files, tmp_path):
+    """The command line loads the experts as UNETLoader does (inside inference mode), so ComfyUI 0.33 can
+    sample its fp8_scaled layers; the states record the source."""
+    from test_cli import FAST_FLAGS, _run
+    args = ["--high", str(files["fp8_scaled", "high"]), "--low", str(files["fp8_scaled", "low"]),
+            "--out", str(tmp_path), "--name", "fp8cli", *FAST_FLAGS]
+    out = _run(args, comfyui)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for expert in ("high", "low"):
+        meta = fmt.read_meta(tmp_path / f"fp8cli_{expert}.safetensors")
+        assert meta.source == {"kind": "fp8_scaled", "weight_dtype": "float8_e4m3fn"}
