@@ -329,9 +329,12 @@ def set_items(args, cset, size) -> list:
 class _Tqdm:
     """progress(done, total, what) on a tqdm bar."""
 
-    def __init__(self, desc: str = "calibrate", unit: str = "step"):
+    def __init__(self, desc: str = "calibrate", unit: str = "step", eta_in_text: bool = False):
         from tqdm import tqdm
-        self.bar = tqdm(total=1, unit=unit, dynamic_ncols=True, desc=desc)
+        # eta_in_text: the phase and the ETA come in ``what`` (calibration/progress.py); tqdm's own guess
+        # would average sampling steps and layers together, so the bar leaves it out
+        fmt = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}" if eta_in_text else None
+        self.bar = tqdm(total=1, unit=unit, dynamic_ncols=True, desc=desc, bar_format=fmt)
 
     def __call__(self, done, total, what=""):
         self.bar.total = total
@@ -411,7 +414,7 @@ def _run(args) -> int:
             items = synthetic_items(args.items, frames=frames, height=args.height, width=args.width,
                                     text_tokens=args.text_tokens, text_dim=_text_dim(args.high),
                                     seed=args.item_seed)
-        bar = _Tqdm()
+        bar = _Tqdm(unit="unit", eta_in_text=True)
         result = calibrate(loader(args.high), loader(args.low), items, config, progress=bar,
                            restart=getattr(args, "restart", False))
     except (CalibrationError, FileExistsError) as e:

@@ -35,6 +35,7 @@ from .capture import (CalibrationCancelled, CalibrationError, CalibrationItem, E
 from .clip import ClipEvaluator, search_clip
 from .config import CLIP_POLICY_HEADER, EXPERTS, CalibrationConfig
 from .gptq import gptq_quantize, rtn_quantize
+from .progress import LAYER, SAMPLE, Tracker
 from .hessian import smoothed_hessian
 from .lowrank import branch_weight, low_rank, refine_low_rank
 from .resume import WorkFolder, kill_point, run_key
@@ -285,25 +286,28 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
                  "low": config.edges("low", ts[switch:].tolist(), boundary)}
         sampling = handover_meta(config, switch, boundary)
         steps_of = {"high": switch, "low": config.steps - switch}
-        done, total = [0], [0]
+        tracker = Tracker(progress)
+        phase = ["sampling"]  # what a sampling step belongs to, set per pass (_run_pass)
 
-        def plan_work(expert):  # passes and progress units of an expert (the low one known once loaded)
+        def plan_work(expert):  # passes and progress units (sampling steps, layers) of an expert
             passes = block_passes([s.block for s in layers[expert]], config.blocks_per_pass)
             n_sampled = max(1, len(passes)) if expert == "high" else len(passes)
-            return passes, n_sampled * len(items) * steps_of[expert] + len(layers[expert])
+            return passes, n_sampled * len(items) * steps_of[expert], len(layers[expert])
 
-        def tick(n=1, what=""):
-            done[0] += n
-            if progress is not None:
-                progress(min(done[0], total[0]), total[0], what)
+        def set_totals():  # the low expert's layers are known once it is loaded: until then, the high's
+            hi, lo = plan_work("high"), plan_work("low" if "low" in layers else "high")
+            tracker.set_total(SAMPLE, hi[1] + lo[1])
+            tracker.set_total(LAYER, hi[2] + lo[2])
+
+        def tick(kind, n=1, what="", reused=False):
+            tracker.advance(kind, n, what, reused)
 
         def on_step():
             _check_cancel(cancel)
-            tick(1, "sampling")
+            tick(SAMPLE, 1, phase[0])
             kill_point("step")
 
-        _, work_high = plan_work("high")
-        total[0] = work_high + (plan_work("low")[1] if "low" in layers else work_high)  # estimate until loaded
+        set_totals()
         records: dict[str, dict[str, rpt.LayerRecord]] = {e: {} for e in EXPERTS}
         params: dict[str, dict[str, numerics.W4A4Params]] = {e: {} for e in EXPERTS}
         info: dict[str, dict] = {}
@@ -316,7 +320,7 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
                     raise CalibrationError("nothing to quantize: the keep-list keeps every block Linear in BF16")
                 if [s.name for s in layers["high"]] != [s.name for s in layers["low"]]:
                     log.warning("the two experts have different quantizable layers (architectures differ?)")
-                total[0] = work_high + plan_work("low")[1]
+                set_totals()
                 shifted["low"] = with_shift(model, config.shift)
             passes = plan_work(expert)[0]
             m = shifted[expert]
@@ -335,13 +339,15 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
                 info[expert], out_latents = finished
                 for spec in layers[expert]:
                     params[expert][spec.name], records[expert][spec.name] = saved[spec.name]
-                tick(plan_work(expert)[1], f"{expert} expert (saved)")
+                _, n_steps, n_layers = plan_work(expert)
+                tick(SAMPLE, n_steps, f"{expert} expert (saved)", reused=True)
+                tick(LAYER, n_layers, f"{expert} expert (saved)", reused=True)
                 log.info("%s expert: finished in an earlier run; reusing its %d layers%s from %s", expert,
                          len(saved), " and output latents" if expert == "high" else "", work.path)
             else:
                 finished = None
                 out_latents = None
-                run = _Sampling(model, m, items, latents, switch, on_step, tick, cancel, device)
+                run = _Sampling(model, m, items, latents, switch, on_step, tick, cancel, device, phase)
                 for pi in range(len(passes)):
                     out = _run_pass(expert, pi, passes, layers[expert], saved, info[expert], params[expert],
                                     records[expert], config, work, run, edges[expert])
@@ -349,6 +355,7 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
                 del run  # it holds the expert, which must go before the next one loads
                 if expert == "high" and out_latents is None:
                     # nothing sampled in this run (no layer to capture, or all saved): the low expert's start
+                    phase[0] = f"{expert} expert: sampling the low expert's start latents"
                     out_latents = run_capture(m, expert, items, latents, config, None, switch, on_step)
             info[expert]["fingerprint"] = _fingerprint(model, params[expert])
             if finished is None:
@@ -395,6 +402,7 @@ class _Sampling:
     tick: Callable
     cancel: Callable | None
     device: torch.device
+    phase: list  # [label of the sampling steps now running], read by on_step
 
 
 def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], saved: dict, info: dict, params: dict,
@@ -408,12 +416,16 @@ def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], sa
     if all(s.name in saved for s in specs) and (pi > 0 or info["timesteps"]):
         for s in specs:
             params[s.name], records[s.name] = saved[s.name]
-        run.tick(len(run.items) * info["steps"] + len(specs), f"{expert} pass {pi + 1} (saved)")
+        what = f"{expert} expert, pass {pi + 1}/{len(passes)} (saved)"
+        run.tick(SAMPLE, len(run.items) * info["steps"], what, reused=True)
+        run.tick(LAYER, len(specs), what, reused=True)
         log.info("%s expert, pass %d/%d: its %d layers were finished in an earlier run", expert, pi + 1,
                  len(passes), len(specs))
         return None
     model, device = run.model, run.device
     cap = ExpertCapture(model, expert, specs_all, config, passes[pi], edges=edges)
+    where = f"{expert} expert, pass {pi + 1}/{len(passes)}"
+    run.phase[0] = f"{where}: sampling {len(run.items)} items x {info['steps']} steps"
     t0 = time.perf_counter()
     outs = run_capture(run.shifted, expert, run.items, run.latents, config, cap, run.switch, run.on_step)
     info["capture_s"][pi] = round(time.perf_counter() - t0, 3)
@@ -430,7 +442,7 @@ def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], sa
         if spec.name in saved:
             params[spec.name], records[spec.name] = saved[spec.name]
             reused += 1
-            run.tick(1, f"{expert} {spec.name} (saved)")
+            run.tick(LAYER, 1, f"{where}: {spec.name} (saved)", reused=True)
             continue
         _check_cancel(run.cancel)
         w, b = layer_weight(model, spec.name)
@@ -439,7 +451,7 @@ def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], sa
         work.save_layer(expert, p, rec)
         kill_point("layer")
         log.debug("%s %s: alpha %.2f, %s residual, %.2f s", expert, spec.name, rec.alpha, rec.residual, rec.seconds)
-        run.tick(1, f"{expert} {spec.name}")
+        run.tick(LAYER, 1, f"{where}: quantized {spec.name}")
     if reused:
         log.info("%s expert, pass %d/%d: reused %d layers finished in an earlier run", expert, pi + 1,
                  len(passes), reused)

@@ -2,8 +2,9 @@
 
 It samples the real two-expert I2V workflow with both BF16 experts, writes one state per expert
 into models/w4a4 (plus the JSON report), and returns both experts already patched with them.
-Progress goes to ComfyUI's progress bar; the Cancel button raises inside the calibration loop
-(``throw_exception_if_processing_interrupted``), which writes no file at all.
+Progress goes to ComfyUI's progress bar, and the phase, pass, layer and ETA to the node as progress text;
+the Cancel button raises inside the calibration loop (``throw_exception_if_processing_interrupted``),
+which writes no state (finished layers stay in the work folder, and the next run resumes from them).
 """
 from __future__ import annotations
 
@@ -62,6 +63,18 @@ def db_text(value) -> str:
     """A dB figure of the report (a float, or "inf"/"-inf"/None where the JSON keeps no finite number)
     as the node shows it: two decimals."""
     return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
+
+
+def show_text(text: str, node_id) -> None:
+    """``text`` under the node in ComfyUI's frontend (``PromptServer.send_progress_text``), when it runs in
+    a server (not in-process tests or scripts)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if node_id is not None and server is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(text, str(node_id))
 
 
 def handover_step_of(handover: str, step: int) -> int | None:
@@ -168,7 +181,7 @@ class CalibrateW4A4:
                                 "N start images and prompts from 'W4A4 Calibration Set': when connected, "
                                 "calibration runs on all of them (one sampling run per item, each with its "
                                 "seed) instead of positive / negative / latent and runs."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL", "MODEL", "STRING")
     RETURN_NAMES = ("model_high", "model_low", "report")
@@ -186,7 +199,7 @@ class CalibrateW4A4:
     def calibrate(self, model_high, model_low, positive=None, negative=None, latent=None, *, seed, runs, steps,
                   cfg, shift, boundary, bins, rank, clip_grid, clip_policy, gptq, name, overwrite, keep="",
                   rows_per_bin=1024, alphas="", blocks_per_pass=0, handover="boundary", handover_step=10,
-                  sampler_name="euler", scheduler="simple", calibration_set=None):
+                  sampler_name="euler", scheduler="simple", calibration_set=None, unique_id=None):
         keep_list = []
         for k in (keep or "").split(","):
             k = k.strip()
@@ -205,6 +218,7 @@ class CalibrateW4A4:
 
         def progress(done, total, what):
             pbar.update_absolute(done, total)
+            show_text(what, unique_id)
 
         result = calibrate(model_high, model_low, items, config, progress=progress,
                            cancel=comfy.model_management.throw_exception_if_processing_interrupted)

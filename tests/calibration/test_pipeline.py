@@ -78,6 +78,10 @@ def test_states_load_and_carry_the_config(calibrated):
     assert report["experts"]["low"]["bin_rows"][1] == 0 and report["experts"]["high"]["steps"] == 3
     done = [c[0] for c in calibrated["progress"]]
     assert done == sorted(done) and done[-1] == calibrated["progress"][-1][1]
+    texts = [c[2] for c in calibrated["progress"]]  # phase, pass, layer and ETA (calibration/progress.py)
+    assert "high expert, pass 1/1: sampling 2 items x 3 steps | ETA ?" in texts
+    assert any(t.startswith("low expert, pass 1/1: quantized blocks.1.ffn.2 | ETA ") for t in texts)
+    assert texts[-1].endswith("| ETA 0:00:00")
     assert not [p for p in calibrated["out"].iterdir() if p.name.startswith(".")]  # no temp files left
 
 

@@ -59,7 +59,14 @@ def test_cancel_leaves_no_file(env):
         comfy.model_management.interrupt_current_processing(False)
     assert len(ticks) >= 2
     assert not list(env.w4a4_dir.glob("calib_cancel*")), "a cancelled calibration left files behind"
-    assert not list(env.w4a4_dir.glob(".calib_cancel*")), "a cancelled calibration left temporary files"
+    # What finished before the cancel may wait in the hidden work folder (calibration/resume.py), never as a
+    # state; queueing the same node again finishes the run and removes it.
+    left = [p.name for p in env.w4a4_dir.glob(".calib_cancel*")]
+    assert left in ([], [".calib_cancel.w4a4-work"]), left
+    env.node("WanW4A4Calibrate").calibrate(env.unet("high"), env.unet("low"), env.positive, env.negative,
+                                           env.latent, name="calib_cancel", overwrite=False, **FAST)
+    assert sorted(p.name for p in env.w4a4_dir.glob("*calib_cancel*")) == [
+        "calib_cancel_high.safetensors", "calib_cancel_low.safetensors", "calib_cancel_report.json"]
 
 
 def test_handover_by_step_covers_the_workflows_timesteps(env, caplog):
