@@ -83,22 +83,20 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, damp: float = 0.01, block: int = 128,
-                  act_order: bool = True, unsigned: bool = False):
+                  act_order: bool = True):
     """GPTQ (arXiv 2210.17323, alg. 1) of ``w`` [N, K] on numerics' signed two-level grid.
 
     ``h`` [K, K]: the Hessian of the input the weight multiplies (any positive multiple: only
     its shape matters), i.e. for a smoothed residual the Hessian of x^ = (x + shift) / s.
     ``damp``: fraction of mean(diag H) added to the diagonal (1 %, as GPTQ and SVDQuant).
     ``block``: columns per lazy-batch update (128). ``act_order``: quantize columns by decreasing
-    H_jj, with static groups (see the module doc). ``unsigned``: the *activation* grid of the
-    layer; weights are always on the signed grid, so it changes nothing here (kept for the
-    calibration API; the shift is already in ``h``).
+    H_jj, with static groups (see the module doc). Weights are always on the signed grid, whatever the
+    layer's activation grid (an unsigned post-GELU input's shift is already in ``h``).
 
     Returns (q int8 [N, K] in [-8, 7], scale fp32 [N], factor uint8 [N, K // 64]), ready for
     ``numerics.from_float(..., residual_q=(q, scale, factor))``. Columns whose input is always 0
     (H_jj = 0) are quantized to 0, as in the reference implementation.
     """
-    del unsigned  # weights are always signed (numerics.SIGNED)
     n, k = w.shape
     numerics.check_k(k, "in_features")
     if h.shape != (k, k):

@@ -138,7 +138,7 @@ def quantize_layer(spec: LayerSpec, expert: str, w: torch.Tensor, bias: torch.Te
     p, residual, err_gptq = p_rtn, "rtn", None
     if config.gptq:
         p_gptq = build(gptq_quantize(resid, h_hat, damp=config.gptq_damp, block=config.gptq_block,
-                                     act_order=config.act_order, unsigned=unsigned))
+                                     act_order=config.act_order))
         err_gptq = _rel_err(x_fit, p_gptq, y_fit)
         if err_gptq <= err_rtn:
             p, residual = p_gptq, "gptq"

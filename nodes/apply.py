@@ -31,7 +31,7 @@ from ..calibration import capture
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
 from . import chunking, ffn, lora
-from .hook import HOOK_KEY, TimestepBinHook, attach_hook, get_hook
+from .hook import HOOK_KEY, TimestepBinHook, attach_hook
 from .ops import BinSelector, W4A4Linear, is_w4a4, layer_bytes, make_w4a4_ops, unclaimed
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,3 @@ def save_w4a4_checkpoint(model, path, overwrite: bool = False) -> str:
     layers, rest, meta = checkpoint_tensors(model)
     fmt.save_checkpoint(path, layers, rest, meta, overwrite=overwrite)
     return str(path)
-
-
-def hook_of(model) -> TimestepBinHook | None:
-    return get_hook(model)
