@@ -10,8 +10,8 @@ import sys
 
 # command -> (module, one-line help). Each module exposes add_arguments(parser) and run(args) -> int.
 COMMANDS = {
-    "calibrate": ("wan_w4a4.calibration.cli", "build W4A4 states for the two Wan2.2 experts"),
-    "demo": ("wan_w4a4.minimodel.demo", "calibrate, quantize and sample the embedded mini model (CPU)"),
+    "calibrate": ("wan_w4a4.apps.calibrate", "build W4A4 states for the two Wan2.2 experts"),
+    "demo": ("wan_w4a4.apps.demo", "calibrate, quantize and sample the embedded mini model (CPU)"),
 }
 
 

@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None, help="result file tag (default: cpu_quick / <device>_k<K>)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see minimodel/demo.py)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see apps/demo.py)")
     p.add_argument("--comfyui", type=Path, default=None)
     a = p.parse_args(argv)
     if a.quick:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     import torch
     torch.set_num_threads(max(1, a.threads))
-    from wan_w4a4.nodes import runtime
+    from wan_w4a4.apps import runtime
     try:
         runtime.init_comfyui(a.comfyui)
     except runtime.ComfyUINotFound as e:
@@ -97,10 +97,11 @@ def main(argv=None) -> int:
         return 2
     import comfy.model_management as mm
     from tqdm import tqdm
+    from wan_w4a4.apps import mini_sample as sample
+    from wan_w4a4.apps.calibrate import minimodel_items
     from wan_w4a4.calibration import CalibrationConfig, calibrate
-    from wan_w4a4.calibration.cli import minimodel_items
     from wan_w4a4.kernels import format as fmt
-    from wan_w4a4.minimodel import data, fidelity, sample
+    from wan_w4a4.minimodel import data, fidelity
     from wan_w4a4.nodes.apply import apply_w4a4_state
 
     device = mm.get_torch_device()

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from wan_w4a4.nodes import runtime
+    from wan_w4a4.apps import runtime
     runtime.init_comfyui(cpu=True if args.cpu else None)
     import comfy.sd
     import torch

@@ -5,14 +5,14 @@
 - ``example_workflows/<name>.jpg`` for each ``example_workflows/<name>.json`` (the ComfyUI frontend
   shows it in the template browser):
   - ``wan22_mini_w4a4_demo``: frames of the mini model's BF16 and W4A4 videos of one held-out pair,
-    made here and now by the demo's own comparison (``minimodel.demo.compare``: calibration on
+    made here and now by the demo's own comparison (``apps.demo.compare``: calibration on
     training-range scenes, then both samplings; about a minute on a CPU, needs a ComfyUI tree);
   - the 14B workflows: title cards saying what the workflow does (the repository holds no 14B
     weights, so there is no 14B output to show);
 - ``docs/icon.png`` (400 x 400) and ``docs/banner.png`` (1280 x 320), named by pyproject's
   ``[tool.comfy]`` Icon and Banner.
 
-Pictures use Pillow's built-in font only (``minimodel.pictures.Pen``). Existing files are replaced only
+Pictures use Pillow's built-in font only (``apps.mini_pictures.Pen``). Existing files are replaced only
 with ``--overwrite``; each file is written to a temporary name and renamed into place.
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from wan_w4a4.apps import demo
+from wan_w4a4.apps import mini_pictures as pictures
 from wan_w4a4.kernels import format as fmt
-from wan_w4a4.minimodel import demo, pictures
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def encode(img, path: Path) -> bytes:
 
 def mini_run(comfyui, threads: int = 1):
     """``demo.compare`` with the demo's default settings on one held-out pair, into a temporary folder."""
-    from wan_w4a4.calibration.cli import torch_threads
+    from wan_w4a4.apps.calibrate import torch_threads
 
     p = argparse.ArgumentParser()
     demo.add_arguments(p)

@@ -19,7 +19,7 @@ the normalised latent of [start frame, grey, grey, ...]; ``tests/minimodel/test_
 checks it against what ComfyUI's sampler actually hands the model.
 
 ``i2v_conditioning`` builds the ComfyUI-side conditioning with the real ``WanImageToVideo`` node
-(it needs ``wan_w4a4.nodes.runtime.init_comfyui()``); the training-side functions need only torch.
+(it needs ``wan_w4a4.apps.runtime.init_comfyui()``); the training-side functions need only torch.
 """
 from __future__ import annotations
 

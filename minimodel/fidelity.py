@@ -1,6 +1,6 @@
 """Measuring W4A4 against BF16 on the mini model: metrics, per-call recorders, the W4A4 variants of the
-fidelity benchmark, and its pictures (the demo's figure is ``pictures.draw_comparison``). Used by
-``minimodel/demo.py`` and ``benchmarks/bench_fidelity.py``.
+fidelity benchmark, and its pictures (the demo's figure is ``apps/mini_pictures.draw_comparison``). Used by
+``apps/demo.py`` and ``benchmarks/bench_fidelity.py``.
 
 Metrics (videos decoded by the mini model's linear VAE, ``data.LinearVideoVAE.latent_to_rgb``, one
 picture per latent frame, [F, H, W, 3] in [0, 1]):
@@ -31,6 +31,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..calibration.capture import layer_weight
+from ..calibration.config import BLOCK_LINEARS
+from ..calibration.report import LayerRecord, choose_clips
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
 
@@ -173,7 +176,6 @@ class CallRecorder:
 
 def block_linears(model) -> list[str]:
     """Names (inside the diffusion model) of the block Linears the W4A4 path quantizes."""
-    from ..calibration.config import BLOCK_LINEARS
     n = len(model.model.diffusion_model.blocks)
     return [f"blocks.{i}.{name}" for i in range(n) for name in BLOCK_LINEARS]
 
@@ -204,7 +206,6 @@ def bf16_bytes(layers: dict[str, nm.W4A4Params]) -> int:
 
 def rtn_layers(model, names, num_bins: int = 1) -> dict[str, nm.W4A4Params]:
     """Plain RTN W4A4 (no smoothing, no low-rank, no GPTQ, c = 1) of the Linears ``names``."""
-    from ..calibration.capture import layer_weight
     out = {}
     for name in names:
         w, b = layer_weight(model, name)  # on the model's device (the GPU once ComfyUI loaded it)
@@ -215,7 +216,6 @@ def rtn_layers(model, names, num_bins: int = 1) -> dict[str, nm.W4A4Params]:
 def svdq_rtn_layers(model, calibrated: dict[str, nm.W4A4Params], num_bins: int = 1) -> dict[str, nm.W4A4Params]:
     """SVDQuant with a round-to-nearest residual and c = 1: the calibrated smoothing and low-rank
     branch of each layer, its residual rounded to nearest (what the pipeline builds before GPTQ)."""
-    from ..calibration.capture import layer_weight
     out = {}
     for name, p in calibrated.items():
         w, b = layer_weight(model, name)  # the calibrated tensors are on the CPU: quantize there
@@ -236,7 +236,6 @@ def with_clips(layers: dict[str, nm.W4A4Params], clips: dict[str, list[float]] |
 
 def _records(report: dict, grid) -> dict:
     """calibration.report.LayerRecord objects back from a report's JSON."""
-    from ..calibration.report import LayerRecord
     names = {f.name for f in dataclasses.fields(LayerRecord)} - {"grid"}
     return {e: {d["name"]: LayerRecord(**{k: v for k, v in d.items() if k in names}, grid=tuple(grid))
                 for d in x["layers"]} for e, x in report["experts"].items()}
@@ -259,7 +258,6 @@ def pool_bins(records: dict, factor: int) -> dict:
 def choose(report: dict, policy: str, bins: int) -> dict[str, dict[str, list[float]]]:
     """expert -> layer -> clip ratios, by ``policy`` ("per_bin", "per_expert", "global") on the
     calibration's fit-row error tables pooled to ``bins`` bins."""
-    from ..calibration.report import choose_clips
     grid = tuple(float(c) for c in report["config"]["clip_grid"])
     recs = _records(report, grid)
     nb = len(next(iter(recs["high"].values())).clip_fit)
@@ -344,7 +342,6 @@ def draw_activation_ranges(ranges: dict, path, boundary: float = 900.0) -> None:
     model timestep, one panel per Linear type, one line per block (log scale), both experts (the
     high-noise expert left of the boundary, the low-noise one right of it)."""
     from PIL import Image, ImageDraw
-    from ..calibration.config import BLOCK_LINEARS
     pw, ph, ml, mb, mt = 250, 170, 48, 26, 20
     cols = 5
     rows_n = math.ceil(len(BLOCK_LINEARS) / cols)

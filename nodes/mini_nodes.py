@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import comfy.sd
 
-from ..minimodel import data
+from ..minimodel import EMBEDDED_DIR, EMBEDDED_FILES, data
 from ..minimodel import text as mini_text
-from ..minimodel.sample import EMBEDDED_DIR, EMBEDDED_FILES
 
 CATEGORY = "WanW4A4/mini model"
 
@@ -34,7 +33,7 @@ class MiniLoadExpert:
         path = EMBEDDED_DIR / EMBEDDED_FILES[expert]
         if not path.is_file():
             raise FileNotFoundError(f"the mini model's {expert} expert is missing ({path}); reinstall the pack, "
-                                    f"or train it with: python -m wan_w4a4.minimodel.train --out {EMBEDDED_DIR}")
+                                    f"or train it with: python -m wan_w4a4.apps.mini_train --out {EMBEDDED_DIR}")
         return (comfy.sd.load_diffusion_model(str(path)),)
 
 

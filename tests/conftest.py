@@ -1,6 +1,6 @@
 """Shared fixtures: a real ComfyUI (in-process and as a headless server) and tiny Wan checkpoints.
 
-ComfyUI is located by ``wan_w4a4.nodes.runtime.find_comfyui`` (``COMFYUI_PATH``, the pack's parent
+ComfyUI is located by ``wan_w4a4.apps.runtime.find_comfyui`` (``COMFYUI_PATH``, the pack's parent
 folders, ``~/ComfyUI``). Without one, every test that needs it is skipped with a reason starting
 "ComfyUI not found" (``.ci/run`` fails when any is). Tests marked ``gpu`` are skipped without CUDA
 and Triton. Where torchvision or torchaudio does not import, ``runtime.init_comfyui`` and
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from wan_w4a4.minimodel.arch import TINY, WanArch, write_wan_checkpoint
-from wan_w4a4.nodes import runtime
+from wan_w4a4.apps import runtime
 
 TESTS_DIR = Path(__file__).resolve().parent
 TEST_CUSTOM_NODES = TESTS_DIR / "comfy_custom_nodes"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from wan_w4a4.nodes import runtime
+from wan_w4a4.apps import runtime
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 

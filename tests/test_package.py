@@ -32,7 +32,7 @@ def test_imports_without_comfyui_and_triton(tmp_path):
     # ComfyUI bootstrap itself must all import with comfy and triton absent.
     r = run_python("""
         import wan_w4a4.kernels, wan_w4a4.calibration
-        import wan_w4a4.kernels.numerics, wan_w4a4.minimodel.arch, wan_w4a4.nodes.runtime
+        import wan_w4a4.kernels.numerics, wan_w4a4.minimodel.arch, wan_w4a4.apps.runtime
         leaked = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
         assert not leaked, leaked
     """, ("triton", *COMFY_MODULES), tmp_path)

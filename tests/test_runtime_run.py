@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from wan_w4a4.nodes import runtime
+from wan_w4a4.apps import runtime
 
 
 async def _caught_import_error():

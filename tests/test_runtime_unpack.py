@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from wan_w4a4.nodes import runtime
+from wan_w4a4.apps import runtime
 
 
 def _tarball(path, top="ComfyUI-x", extra=()):

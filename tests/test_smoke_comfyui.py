@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wan_w4a4.minimodel.arch import TINY
-from wan_w4a4.nodes import runtime
+from wan_w4a4.apps import runtime
 
 from api_graphs import two_expert_graph
 

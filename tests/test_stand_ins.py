@@ -1,4 +1,4 @@
-"""The stand-ins for torchvision and torchaudio (``nodes/stand_ins.py``), each case in a fresh
+"""The stand-ins for torchvision and torchaudio (``apps/stand_ins.py``), each case in a fresh
 interpreter: they import as ComfyUI imports them, raise a clear error only when used, are not taken
 for a real install by availability probes, and stay off for a package that imports."""
 from __future__ import annotations
@@ -28,7 +28,7 @@ def run_python(code: str, tmp_path, prelude: str = "", pythonpath=None) -> subpr
 def test_imports_as_comfyui_uses_them_and_raises_only_when_used(tmp_path):
     r = run_python("""
         import pytest
-        from wan_w4a4.nodes.stand_ins import StandInError, install_stand_ins, is_stand_in
+        from wan_w4a4.apps.stand_ins import StandInError, install_stand_ins, is_stand_in
         why = install_stand_ins()
         assert set(why) == {"torchvision", "torchaudio"}, why
         # the import forms ComfyUI 0.33 uses at module level
@@ -75,7 +75,7 @@ def test_broken_build_is_replaced_and_working_package_left_alone(tmp_path):
     (tmp_path / "brokenpkg" / "half.py").write_text("")
     r = run_python("""
         import sys
-        from wan_w4a4.nodes.stand_ins import install_stand_ins, is_stand_in
+        from wan_w4a4.apps.stand_ins import install_stand_ins, is_stand_in
         why = install_stand_ins(("brokenpkg", "json"))
         assert set(why) >= {"brokenpkg"} and "json" not in why, why
         assert "does not import (OSError: libbroken.so" in why["brokenpkg"], why

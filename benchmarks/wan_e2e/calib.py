@@ -22,7 +22,7 @@ from .weights import random_state_dict
 
 def run_calibration(args) -> dict:
     import torch
-    from wan_w4a4.nodes import runtime
+    from wan_w4a4.apps import runtime
     try:
         from wan_w4a4.calibration import CalibrationConfig, calibrate, synthetic_items
     except ImportError as e:
@@ -42,7 +42,7 @@ def run_calibration(args) -> dict:
 
     def loader(i: int):
         """The expert, loaded when calibration gets to it and dropped after it, as the CLI does
-        (``calibration/cli.py``): one BF16 expert in host memory at a time."""
+        (``apps/calibrate.py``): one BF16 expert in host memory at a time."""
         def load():
             t = time.perf_counter()
             with torch.inference_mode():
@@ -98,7 +98,7 @@ def run_calibration(args) -> dict:
                              "quantize_s_per_layer": None if per_layer is None else round(per_layer, 3),
                              "extrapolated_40_blocks_s": round(est, 1)}
     out["extrapolated_total_s"] = round(est_total + load_s, 1)
-    out["loading"] = "lazy, one expert at a time (as calibration/cli.py); load_s is part of calibrate_s"
+    out["loading"] = "lazy, one expert at a time (as apps/calibrate.py); load_s is part of calibrate_s"
     out["extrapolation"] = (f"measured capture time per pass x ceil({arch.num_layers}/{full_bpp}) passes + measured "
                             f"quantize time per layer x {arch.num_layers * len(warch.BLOCK_LINEARS)} layers, per expert, "
                             f"+ loading; a pass over more blocks than measured costs more hook work than the measured "

@@ -149,7 +149,7 @@ def env_info(cuda: bool) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "host": platform.node(), "cpus": os.cpu_count()}
     try:
-        from wan_w4a4.nodes import runtime
+        from wan_w4a4.apps import runtime
         info["comfyui"] = runtime.comfyui_version()
         info["dynamic_vram"] = runtime.dynamic_vram_enabled()
     except Exception as e:  # noqa: BLE001 - the versions are information, not needed to run
@@ -218,7 +218,8 @@ def load_experts(args, nodes, cuda: bool) -> tuple[dict, dict]:
     """Both experts of ``args.config``, with the cond/uncond split, LoRA and eval mode it names:
     ({expert: ModelPatcher}, {expert: what loading took and made})."""
     import torch
-    from wan_w4a4.nodes import chunking, runtime
+    from wan_w4a4.apps import runtime
+    from wan_w4a4.nodes import chunking
 
     name, spec, names = args.config, CONFIGS[args.config], file_names(args)
     loads, experts, loader = {}, {}, None
@@ -308,7 +309,7 @@ def run_config(args, result: dict) -> dict:
     """Loads both experts of ``args.config`` and samples in each memory mode; fills ``result`` (and
     writes it to the child's JSON after each mode, so a later failure or kill keeps what ran)."""
     import torch
-    from wan_w4a4.nodes import runtime
+    from wan_w4a4.apps import runtime
 
     t_start = time.perf_counter()
     name, spec = args.config, CONFIGS[args.config]

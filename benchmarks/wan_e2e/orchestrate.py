@@ -157,7 +157,7 @@ def main(argv=None, description: str = DESCRIPTION) -> int:
     t0 = time.monotonic()
     deadline = None if args.budget_s is None else t0 + args.budget_s - 10.0  # 10 s to write the report
     args.workdir.mkdir(parents=True, exist_ok=True)
-    from wan_w4a4.nodes import runtime
+    from wan_w4a4.apps import runtime
     args.comfyui = args.comfyui or runtime.find_comfyui()
     if args.comfyui is None:
         print(f"bench_wan_e2e: {runtime.not_found_message()}", file=sys.stderr)

@@ -79,7 +79,7 @@ def test_cli_bad_input(tmp_path, capsys):
 
 def test_cli_handover_option_reaches_the_config(tmp_path):
     import argparse
-    from wan_w4a4.calibration.cli import add_arguments, config_from_args
+    from wan_w4a4.apps.calibrate import add_arguments, config_from_args
     p = argparse.ArgumentParser()
     add_arguments(p)
     base = ["--high", "h", "--low", "l", "--out", str(tmp_path)]
@@ -91,7 +91,7 @@ def test_cli_handover_option_reaches_the_config(tmp_path):
 
 @pytest.mark.comfyui
 def test_minimodel_items_are_wan_i2v_items(comfy_nodes):
-    from wan_w4a4.calibration.cli import minimodel_items
+    from wan_w4a4.apps.calibrate import minimodel_items
     items = minimodel_items(2, frames=5, seed=3)
     assert [it.seed for it in items] == [3, 4]
     for it in items:
@@ -126,7 +126,7 @@ def test_every_option_has_help_and_shows_its_default():
 
 
 def test_frames_default_follows_the_source():
-    from wan_w4a4.calibration.cli import RANDOM_FRAMES, frames_for
+    from wan_w4a4.apps.calibrate import RANDOM_FRAMES, frames_for
     from wan_w4a4.minimodel import data
     args = _subparsers()["calibrate"].parse_args(["--high", "h", "--low", "l", "--out", "o", "--source", "minimodel"])
     assert args.frames is None and frames_for(args.source, args.frames) == data.FRAMES == 17
@@ -134,8 +134,8 @@ def test_frames_default_follows_the_source():
     assert frames_for("minimodel", 5) == 5
 
 
-@pytest.mark.parametrize("command,module", [("calibrate", "wan_w4a4.calibration.cli"),
-                                            ("demo", "wan_w4a4.minimodel.demo")])
+@pytest.mark.parametrize("command,module", [("calibrate", "wan_w4a4.apps.calibrate"),
+                                            ("demo", "wan_w4a4.apps.demo")])
 def test_threads_option_sets_torch_threads_for_the_run(command, module, monkeypatch, tmp_path):
     import importlib
     from wan_w4a4.__main__ import main

@@ -237,7 +237,7 @@ def test_encode_set_refuses_images_outside_the_input_directory(comfy_nodes, tmp_
 def test_loader_node_reads_the_given_file_not_a_same_named_one(comfy_nodes, comfy_base_dir, tmp_path):
     """--text-encoder / --vae go through ComfyUI's loader nodes, which take a name in a model folder:
     the given file's folder goes first, so a same-named file in models/vae is not the one read."""
-    from wan_w4a4.calibration.cli import _load_by_node
+    from wan_w4a4.apps.calibrate import _load_by_node
 
     class NameOnly:  # a loader node that returns the path ComfyUI resolves the name to
         FUNCTION = "load"

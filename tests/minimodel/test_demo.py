@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 from wan_w4a4.__main__ import main
-from wan_w4a4.minimodel import demo, fidelity, pictures
+from wan_w4a4.apps import demo
+from wan_w4a4.apps import mini_pictures as pictures
+from wan_w4a4.minimodel import fidelity
 
 
 def test_metrics_basics():

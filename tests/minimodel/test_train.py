@@ -1,4 +1,4 @@
-"""Training of the mini Wan2.2-I2V model (minimodel/train.py, conditioning.py, sample.py).
+"""Training of the mini Wan2.2-I2V model (apps/mini_train.py, conditioning.py, sample.py).
 
 The key test, ``test_training_input_equals_comfyuis_model_input``, runs ComfyUI's own
 WanImageToVideo -> ModelSamplingSD3 -> KSamplerAdvanced path and checks that the 36-channel input,
@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from wan_w4a4.minimodel import conditioning, data, text, train
+from wan_w4a4.apps import mini_train as train
+from wan_w4a4.minimodel import conditioning, data, text
 from wan_w4a4.minimodel.arch import TINY, wan_state_dict_shapes, write_wan_checkpoint
 
 FRAMES = 5  # 2 latent frames: keeps CPU tests fast
@@ -100,7 +101,7 @@ def test_training_input_equals_comfyuis_model_input(comfy_nodes, tmp_path):
     the training-time construction."""
     import comfy.samplers
 
-    from wan_w4a4.minimodel import sample
+    from wan_w4a4.apps import mini_sample as sample
 
     ckpt = write_wan_checkpoint(tmp_path / "tiny_wan.safetensors", TINY, seed=5)
     model = sample.with_shift(sample.load_expert(ckpt), 8.0)
@@ -148,7 +149,7 @@ def test_training_input_equals_comfyuis_model_input(comfy_nodes, tmp_path):
 
 @pytest.mark.comfyui
 def test_split_step_matches_the_template(comfy_nodes, tmp_path):
-    from wan_w4a4.minimodel import sample
+    from wan_w4a4.apps import mini_sample as sample
 
     ckpt = write_wan_checkpoint(tmp_path / "tiny_wan.safetensors", TINY, seed=6)
     model = sample.with_shift(sample.load_expert(ckpt), 8.0)
@@ -159,7 +160,7 @@ def test_split_step_matches_the_template(comfy_nodes, tmp_path):
 @pytest.mark.comfyui
 @pytest.mark.slow
 def test_three_step_training_writes_loadable_checkpoints(comfy_nodes, tmp_path):
-    from wan_w4a4.minimodel import sample
+    from wan_w4a4.apps import mini_sample as sample
 
     # a time budget too small for more than one step per phase: exercises the speed probe and the plan
     cfg = train.TrainConfig(out=tmp_path / "run", arch=TINY, batch=1, minutes=0.01, frames=FRAMES, chunk=1,
@@ -199,7 +200,7 @@ def test_three_step_training_writes_loadable_checkpoints(comfy_nodes, tmp_path):
     # the pictures and the card's results block
     from PIL import Image
 
-    from wan_w4a4.minimodel import pictures
+    from wan_w4a4.apps import mini_pictures as pictures
 
     ref = vae.decode_normalized(vae.encode_normalized(video))
     strips = pictures.draw_strips([(data.caption(scene), ref, vae.latent_to_rgb(out)[0])], cfg.out / "strips.png")

@@ -9,7 +9,7 @@ from w4a4_testlib import LENGTH, SEED, TEST_NODES_FILE, WIDTH, HEIGHT, Env, make
 
 @pytest.fixture(scope="session")
 def env(comfy_nodes, comfy_base_dir, tiny_wan_checkpoints) -> Env:
-    from wan_w4a4.nodes import runtime
+    from wan_w4a4.apps import runtime
 
     runtime.load_custom_node(TEST_NODES_FILE, comfy_nodes)
     runtime.load_pack_as_custom_node(comfy_nodes)

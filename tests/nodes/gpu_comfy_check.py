@@ -30,7 +30,7 @@ LATENT = (1, 16, 3, 16, 16)  # 3 latent frames of 128 x 128 pixels: 192 tokens
 
 
 def boot():
-    from wan_w4a4.nodes import runtime
+    from wan_w4a4.apps import runtime
     root = runtime.find_comfyui()
     runtime.install_stand_ins()
     sys.path.insert(0, str(root))

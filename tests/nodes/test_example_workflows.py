@@ -14,7 +14,7 @@ from wan_w4a4.calibration import capture as C
 from wan_w4a4.calibration.config import CalibrationConfig
 from wan_w4a4.nodes.hook import TimestepBinHook
 from wan_w4a4.nodes.ops import BinSelector
-from wan_w4a4.nodes.runtime import REPO_ROOT
+from wan_w4a4.apps.runtime import REPO_ROOT
 
 pytestmark = pytest.mark.comfyui
 

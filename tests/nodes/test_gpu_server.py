@@ -164,7 +164,7 @@ def test_w4a4_graph_default_launch_on_gpu(start_comfy_server, gpu_models, tmp_pa
 
 
 def _has_quant_ops() -> bool:
-    from wan_w4a4.nodes.runtime import find_comfyui
+    from wan_w4a4.apps.runtime import find_comfyui
     root = find_comfyui()
     return root is not None and (Path(root) / "comfy" / "quant_ops.py").is_file()
 

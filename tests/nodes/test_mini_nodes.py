@@ -25,7 +25,7 @@ def test_mini_conditioning_through_wan_image_to_video(env):
 
 
 def test_mini_expert_loader(env):
-    from wan_w4a4.minimodel.sample import EMBEDDED_DIR, EMBEDDED_FILES
+    from wan_w4a4.apps.mini_sample import EMBEDDED_DIR, EMBEDDED_FILES
     loader = env.node("WanW4A4MiniLoadExpert")
     if not (EMBEDDED_DIR / EMBEDDED_FILES["high"]).is_file():
         with pytest.raises(FileNotFoundError, match="mini model's high expert is missing"):

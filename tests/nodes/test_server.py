@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from wan_w4a4.kernels import numerics as nm
-from wan_w4a4.nodes.runtime import REPO_ROOT
+from wan_w4a4.apps.runtime import REPO_ROOT
 
 from api_graphs import two_expert_graph
 

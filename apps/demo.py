@@ -12,7 +12,7 @@
    quantized Linears against BF16; then one line per pair: PSNR / SSIM of BF16 and W4A4 against the
    reference (the held-out video through the linear VAE) and of W4A4 against BF16;
 6. writes ``demo.png`` (per pair: labelled reference / BF16 / W4A4 frame rows with those per-pair
-   numbers, ``pictures.draw_comparison``), ``demo.json`` (the numbers) and the two states with their
+   numbers, ``mini_pictures.draw_comparison``), ``demo.json`` (the numbers) and the two states with their
    calibration report into ``--out`` (default ``./wan_w4a4_demo``), refusing to replace existing files
    unless ``--overwrite``.
 
@@ -29,6 +29,12 @@ import math
 import sys
 import time
 from pathlib import Path
+
+from . import runtime  # imports neither comfy nor torch: --help stays fast
+from .calibrate import torch_threads  # as light
+
+# The modules that import torch (calibration, kernels, minimodel, nodes, mini_sample, mini_pictures) are
+# imported inside the functions that use them: `python -m wan_w4a4 --help` imports this module.
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +110,6 @@ class Comparison:
 
 
 def run(args) -> int:
-    from ..calibration.cli import torch_threads
-
     with torch_threads(args.threads):  # restored after: in-process callers keep their own setting
         return _run(args)
 
@@ -132,7 +136,7 @@ def _run(args) -> int:
     for line in pair_lines(rows):
         print(line)
 
-    from . import pictures
+    from . import mini_pictures as pictures
 
     out.mkdir(parents=True, exist_ok=True)
     pictures.draw_comparison(figure_pairs(c), out / "demo.png", title=figure_title(len(rows), s["steps"]))
@@ -159,7 +163,7 @@ def figure_title(pairs: int, steps: int) -> str:
 
 def pair_lines(rows: list) -> list[str]:
     """One printed line per pair, with the numbers (and the words) the figure shows."""
-    from .pictures import metric_text
+    from .mini_pictures import metric_text
 
     return [f"pair {i + 1} (held-out seed {r['scene_seed']}): "
             + "; ".join(f"{name.replace('_vs_', ' vs ').replace('bf16', 'BF16').replace('w4a4', 'W4A4')} "
@@ -168,8 +172,8 @@ def pair_lines(rows: list) -> list[str]:
 
 
 def figure_pairs(c: Comparison) -> list:
-    """``pictures.draw_comparison``'s input: per pair its caption and the three labelled rows."""
-    from .pictures import metric_notes
+    """``mini_pictures.draw_comparison``'s input: per pair its caption and the three labelled rows."""
+    from .mini_pictures import metric_notes
 
     pairs = []
     for r, v in zip(c.rows, c.videos):
@@ -189,7 +193,6 @@ def compare(args) -> Comparison:
             raise DemoError(f"--{k} must be >= 1, got {s[k]}")
     out = Path(args.out)
 
-    from ..nodes import runtime
     try:
         runtime.init_comfyui(args.comfyui, cpu=True)
     except runtime.ComfyUINotFound as e:
@@ -198,11 +201,12 @@ def compare(args) -> Comparison:
     from tqdm import tqdm
 
     from ..calibration import CalibrationConfig, calibrate
-    from ..calibration.cli import _Tqdm, minimodel_items
     from ..calibration.config import DEFAULT_ALPHAS, DEFAULT_CLIPS
     from ..kernels import format as fmt
+    from ..minimodel import data, fidelity
     from ..nodes.apply import apply_w4a4_state
-    from . import data, fidelity, sample
+    from . import mini_sample as sample
+    from .calibrate import _Tqdm, minimodel_items
     try:
         config = CalibrationConfig(steps=s["calib_steps"], cfg=1.0, bins=s["bins"], bin_spacing="steps",
                                    rank=args.rank, rows_per_bin=s["rows_per_bin"],
@@ -286,7 +290,7 @@ def _finite(o):
 
 def main(argv=None) -> int:
     from ..__main__ import HelpFormatter
-    p = argparse.ArgumentParser(prog="python -m wan_w4a4.minimodel.demo", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m wan_w4a4.apps.demo", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     add_arguments(p)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

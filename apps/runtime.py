@@ -216,6 +216,7 @@ def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynami
     # main.py imports ComfyUI's `utils` package before `nodes`, which puts comfy/ first on sys.path
     # (where comfy/utils.py would then shadow it and break comfy_extras/nodes_images.py).
     import utils.extra_config  # noqa: F401
+
     import nodes
 
     if dynamic_vram:
@@ -317,7 +318,7 @@ def server_command(comfyui_path, *args: str) -> list[str]:
     root = str(Path(comfyui_path).resolve())
     main = os.path.join(root, "main.py")
     code = ("import runpy, sys; "
-            "from wan_w4a4.nodes.stand_ins import install_stand_ins; "
+            "from wan_w4a4.apps.stand_ins import install_stand_ins; "
             "install_stand_ins(try_import=False); "
             f"sys.path.insert(0, {root!r}); sys.argv[0] = {main!r}; "
             f"runpy.run_path({main!r}, run_name='__main__')")

@@ -6,12 +6,16 @@ low-noise expert continues from there without adding noise. The official I2V bou
 t = 900 (sigma 0.9): a step belongs to the high-noise expert while its starting sigma is >= 0.9
 (Wan2.2's ``if t >= boundary``), so the split step is computed from the schedule, not fixed.
 
-All functions need ``wan_w4a4.nodes.runtime.init_comfyui()`` first (``load_expert`` calls it).
+All functions need ``wan_w4a4.apps.runtime.init_comfyui()`` first (``load_expert`` calls it).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+
+from ..minimodel import EMBEDDED_DIR, EMBEDDED_FILES
+from ..minimodel.conditioning import i2v_conditioning
+from . import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +24,6 @@ SHIFT = 8.0         # ComfyUI's default for Wan, and the template's ModelSamplin
 
 
 def _nodes():
-    from ..nodes import runtime
     return runtime.init_comfyui()
 
 
@@ -98,15 +101,11 @@ def generate(high, low, caption: str, start_frame, *, frames: int = 17, steps: i
     ``start_frame``: ``[H, W, 3]`` in [0, 1]. Returns the raw output latent ``[1, 16, F, h, w]``
     (``data.LinearVideoVAE().latent_to_rgb`` turns it into pictures).
     """
-    from .conditioning import i2v_conditioning
-
     positive, negative_cond, latent = i2v_conditioning(caption, start_frame, frames, negative)
     out = sample_two_expert(high, low, positive, negative_cond, latent, steps=steps, cfg=cfg, seed=seed, **kwargs)
     return out["samples"]
 
 
-EMBEDDED_DIR = Path(__file__).resolve().parent
-EMBEDDED_FILES = {"high": "high_noise.safetensors", "low": "low_noise.safetensors"}
 
 
 def embedded_checkpoints() -> dict:
@@ -115,5 +114,5 @@ def embedded_checkpoints() -> dict:
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"mini model checkpoint(s) missing: {', '.join(missing)}; train them with "
-                                f"python -m wan_w4a4.minimodel.train --out {EMBEDDED_DIR}")
+                                f"python -m wan_w4a4.apps.mini_train --out {EMBEDDED_DIR}")
     return paths

@@ -27,8 +27,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import runtime  # imports neither comfy nor torch
+
+# ComfyUI's modules import only after runtime.init_comfyui() has found the tree, so they are imported in
+# the functions that run after it; calibration's and the mini model's are imported where they are used,
+# since __main__ imports this module for every command's --help.
+
 if TYPE_CHECKING:
-    from .config import CalibrationConfig
+    from ..calibration.config import CalibrationConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +94,8 @@ def torch_threads(n: int | None):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..calibration.config import BIN_SPACINGS, CLIP_POLICIES, CalibrationConfig
     from ..minimodel.data import FRAMES as MINI_FRAMES
-    from .config import BIN_SPACINGS, CLIP_POLICIES, CalibrationConfig
 
     d = CalibrationConfig()
     io = p.add_argument_group("models and output")
@@ -193,7 +199,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> CalibrationConfig:
-    from .config import CalibrationConfig
+    from ..calibration.config import CalibrationConfig
     return CalibrationConfig(
         steps=args.steps, cfg=args.cfg, shift=args.shift or None, sampler=args.sampler, scheduler=args.scheduler,
         boundary=args.boundary, handover_step=args.handover_step, bins=args.bins, bin_spacing=args.bin_spacing,
@@ -210,7 +216,7 @@ def _text_dim(path) -> int:
     """The text context width of a Wan checkpoint, read from its safetensors header (4096 for Wan)."""
     from safetensors import safe_open
 
-    from .capture import CalibrationError
+    from ..calibration.capture import CalibrationError
 
     with safe_open(str(path), framework="pt") as f:
         if "text_embedding.0.weight" not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
@@ -221,8 +227,8 @@ def _text_dim(path) -> int:
 def minimodel_items(n: int, *, frames: int = 17, seed: int = 0) -> list:
     """``n`` I2V items of the embedded mini model: a procedural scene's first frame and caption through
     ComfyUI's own ``WanImageToVideo`` (minimodel/conditioning.py). Needs an initialised ComfyUI."""
+    from ..calibration.capture import CalibrationError, CalibrationItem
     from ..minimodel import conditioning, data
-    from .capture import CalibrationError, CalibrationItem
 
     if n < 1:
         raise CalibrationError(f"minimodel_items: n must be >= 1, got {n}")
@@ -242,7 +248,7 @@ def _safetensors_file(path: Path, what: str) -> None:
     readable header."""
     from safetensors import safe_open
 
-    from .dataset import CalibrationSetError
+    from ..calibration.dataset import CalibrationSetError
 
     if not path.is_file():
         raise CalibrationSetError(f"{what} {path}: no such file")
@@ -259,7 +265,12 @@ def _safetensors_file(path: Path, what: str) -> None:
 def check_set_args(args):
     """``(CalibrationSet, EncodeSize)`` of ``--set``, checked before anything loads: the encoder files,
     the size, the prompts file and every image (decoded once)."""
-    from .dataset import CalibrationSetError, EncodeSize, check_images, load_set
+    from ..calibration.dataset import (
+        CalibrationSetError,
+        EncodeSize,
+        check_images,
+        load_set,
+    )
 
     if args.source == "minimodel":
         given = [w for w, v in (("--text-encoder", args.text_encoder), ("--vae", args.vae)) if v is not None]
@@ -283,7 +294,7 @@ def _load_by_node(node_cls, folder: str, path: Path, name_input: str, **inputs):
     in one of its model folders: the file's folder is put first among that folder's paths."""
     import folder_paths
 
-    from .dataset import CalibrationSetError, run_node
+    from ..calibration.dataset import CalibrationSetError, run_node
 
     path = path.resolve()
     folder_paths.add_model_folder_path(folder, str(path.parent), is_default=True)
@@ -302,7 +313,7 @@ def set_items(args, cset, size) -> list:
     import comfy.model_management
     import folder_paths
 
-    from .dataset import encode_set
+    from ..calibration.dataset import encode_set
 
     # LoadImage reads only from ComfyUI's input directory: in this process, that is the set's folder.
     folder_paths.set_input_directory(str(cset.folder.resolve()))
@@ -353,8 +364,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from .capture import CalibrationError, synthetic_items
-    from .pipeline import calibrate
+    from ..calibration.capture import CalibrationError, synthetic_items
+    from ..calibration.pipeline import calibrate
 
     try:
         config = config_from_args(args)
@@ -385,7 +396,6 @@ def _run(args) -> int:
         print("calibrate: --text-encoder, --vae and --negative are for --set", file=sys.stderr)
         return 2
 
-    from ..nodes import runtime
     try:
         runtime.init_comfyui(args.comfyui, cpu=True if args.cpu else None)
     except runtime.ComfyUINotFound as e:

@@ -1,13 +1,13 @@
 """Pictures of the trained mini model: frame strips (generated vs reference) and the loss curve.
 
-    python -m wan_w4a4.minimodel.pictures --dir DIR [--n 4] [--steps 20] [--cfg 1.0]
+    python -m wan_w4a4.apps.mini_pictures --dir DIR [--n 4] [--steps 20] [--cfg 1.0]
 
 ``strips.png``: for held-out scenes (seeds never used in training), the reference video (its
 latent, decoded by the linear VAE: the best any generation can look) above the video the two
 experts generate from its first frame and caption through ComfyUI (``UNETLoader``,
 ``WanImageToVideo``, ``ModelSamplingSD3`` + two ``KSamplerAdvanced``); one picture per latent frame.
 ``loss_curve.png``: training loss per phase and held-out loss, from ``train_log.json``.
-Needs only Pillow (no matplotlib); the strips need ComfyUI (``wan_w4a4.nodes.runtime``).
+Needs only Pillow (no matplotlib); the strips need ComfyUI (``wan_w4a4.apps.runtime``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, sample
+from ..minimodel import data
+from . import mini_sample as sample
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ def results_markdown(log: dict) -> str:
     lines = [(f"Trained on {env['device']} (torch {env['torch']}, ComfyUI {env['comfyui']}) in {log['wall_s']:.0f} s: "
               f"warm start {plan['warm']} steps, high-noise expert {plan['high']}, low-noise expert {plan['low']}, "
               f"batch {log['config']['batch']}, {log['data']['videos_rendered']} videos rendered."),
-             f"Replay: `python -m wan_w4a4.minimodel.train --out DIR {log['replay']}`.", ""]
+             f"Replay: `python -m wan_w4a4.apps.mini_train --out DIR {log['replay']}`.", ""]
     speed = [f"{k}: {v['steps_per_s']:.3g} steps/s, {v['samples_per_s']:.4g} samples/s, "
              f"{v['tokens_per_s']:.4g} tokens/s" for k, v in log["phases"].items() if v]
     if speed:
@@ -382,7 +383,7 @@ def make_all(folder, n: int = 4, steps: int = 20, cfg: float = 1.0) -> list[Path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wan_w4a4.minimodel.pictures", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m wan_w4a4.apps.mini_pictures", description=__doc__.splitlines()[0])
     p.add_argument("--dir", required=True, type=Path, help="folder with the two checkpoints and train_log.json")
     p.add_argument("--n", type=int, default=4, help="held-out scenes")
     p.add_argument("--steps", type=int, default=20)

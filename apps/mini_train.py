@@ -1,6 +1,6 @@
 """Trains the mini Wan2.2-I2V model: two experts, as Wan2.2 trains its mixture of experts.
 
-    python -m wan_w4a4.minimodel.train --out DIR [--minutes M | --steps N | --phase-steps W,H,L]
+    python -m wan_w4a4.apps.mini_train --out DIR [--minutes M | --steps N | --phase-steps W,H,L]
                                        [--device cuda] [--batch B] [--seed S]
 
 - Model: ComfyUI's own ``comfy.ldm.wan.model.WanModel`` with the Wan2.2-I2V layout (no ``img_emb``,
@@ -23,7 +23,7 @@
 
 Writes to ``--out``: ``high_noise.safetensors``, ``low_noise.safetensors`` (bf16, ComfyUI's Wan key
 names; ``UNETLoader`` detects them as Wan2.2-I2V), ``train_log.json``; then, when ComfyUI's sampler
-can be imported, ``strips.png`` and ``loss_curve.png`` (``pictures.py``, also runnable on its own).
+can be imported, ``strips.png`` and ``loss_curve.png`` (``mini_pictures.py``, also runnable on its own).
 """
 from __future__ import annotations
 
@@ -45,9 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import conditioning, data, pictures, text
-from .arch import TINY, WanArch, wan_state_dict_shapes
-from .sample import EMBEDDED_FILES as EXPERT_FILES
+from ..minimodel import EMBEDDED_FILES as EXPERT_FILES
+from ..minimodel import conditioning, data, text
+from ..minimodel.arch import TINY, WanArch, wan_state_dict_shapes
+from . import mini_pictures as pictures
+from . import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +119,6 @@ def comfy_wan_modules():
     ``runtime.find_comfyui`` finds. Imports only the model code (not ``nodes``, so neither the
     server nor torchsde is needed)."""
     if "comfy.ldm.wan.model" not in sys.modules:
-        from ..nodes import runtime
-
         root = runtime.find_comfyui()
         if root is None:
             raise runtime.ComfyUINotFound(runtime.not_found_message())
@@ -549,7 +549,7 @@ def train(cfg: TrainConfig) -> dict:
         results[name] = heldout.loss(model, ranges[name])
         meta = {"expert": f"{name}_noise", "boundary_t": round(cfg.boundary * 1000),
                 "sigma_range": list(ranges[name]), "shift": cfg.shift, "steps": {"warm": plan[0], name: steps},
-                "seed": cfg.seed, "made_by": "python -m wan_w4a4.minimodel.train"}
+                "seed": cfg.seed, "made_by": "python -m wan_w4a4.apps.mini_train"}
         checkpoints[name] = save_checkpoint(model, cfg.out / EXPERT_FILES[name], cfg.arch, meta)
     del warm_state
 
@@ -561,7 +561,7 @@ def train(cfg: TrainConfig) -> dict:
                              "trained": results[name]["per_sigma"]}}
         for name in expert_ranges}
     log = {
-        "what": "mini Wan2.2-I2V two-expert model (issue 6), trained by wan_w4a4.minimodel.train",
+        "what": "mini Wan2.2-I2V two-expert model (issue 6), trained by wan_w4a4.apps.mini_train",
         "arch": dataclasses.asdict(cfg.arch), "parameters": n_params,
         "config": {k: (str(v) if isinstance(v, Path) else (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v))
                    for k, v in dataclasses.asdict(cfg).items()},
@@ -599,7 +599,6 @@ def _device_name(device) -> str:
 
 
 def _comfyui_version() -> str:
-    from ..nodes import runtime
     root = runtime.find_comfyui()
     try:
         text_ = (root / "comfyui_version.py").read_text()
@@ -653,13 +652,13 @@ def run(args) -> int:
         try:
             pictures.make_all(cfg.out)
         except Exception as e:  # noqa: BLE001 - the sampler needs ComfyUI's `nodes` (and torchsde); pictures can be made later
-            logger.warning("pictures not made (%s: %s); make them with: python -m wan_w4a4.minimodel.pictures "
+            logger.warning("pictures not made (%s: %s); make them with: python -m wan_w4a4.apps.mini_pictures "
                            "--dir %s", type(e).__name__, e, cfg.out)
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wan_w4a4.minimodel.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m wan_w4a4.apps.mini_train", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
