@@ -453,29 +453,4 @@ def _owner_alive(owner: str) -> bool | None:
     pid, _, host = owner.partition(" ")
     if host != socket.gethostname() or not pid.isdigit():
         return None
-    return pid_alive(int(pid))
-
-
-def pid_alive(pid: int) -> bool | None:
-    """Whether process ``pid`` exists on this machine (None: cannot tell)."""
-    if pid <= 0:
-        return None
-    if os.name == "nt":  # os.kill(pid, 0) sends CTRL_C_EVENT on Windows: ask the kernel instead
-        import ctypes
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists; otherwise it does not
-        code = ctypes.c_ulong()
-        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        kernel32.CloseHandle(handle)
-        return None if not ok else code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    except (OSError, OverflowError):
-        return None
-    return True
+    return fmt.pid_alive(int(pid))

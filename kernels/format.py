@@ -503,10 +503,20 @@ _LEGACY_TEMP_RE = re.compile(r"^\..+\.(safetensors|json)\.[0-9a-z_]{8}\.tmp$")
 STALE_TEMP_AGE_S = 24 * 3600
 
 
-def _pid_alive(pid: int) -> bool | None:
+def pid_alive(pid: int) -> bool | None:
     """Whether process ``pid`` exists on this machine (None: cannot tell)."""
     if pid <= 0:
         return None  # os.kill(0, ...) would signal our own process group
+    if os.name == "nt":  # os.kill(pid, 0) sends CTRL_C_EVENT on Windows: ask the kernel instead
+        import ctypes
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists; otherwise it does not
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return None if not ok else code.value == 259  # STILL_ACTIVE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -518,7 +528,7 @@ def _pid_alive(pid: int) -> bool | None:
     return True
 
 
-def is_stale_temp(name: str, mtime: float, now: float, pid_alive=_pid_alive) -> bool:
+def is_stale_temp(name: str, mtime: float, now: float, pid_alive=pid_alive) -> bool:
     """The one rule for leftover temporary files: a W4A4 temp file older than STALE_TEMP_AGE_S whose
     writer is not alive (or cannot be told: an old-style name without a pid, a pid we cannot query)."""
     m = TEMP_RE.match(name)
