@@ -1,4 +1,4 @@
-"""Fidelity of the W4A4 configurations on the trained mini Wan2.2-I2V model (issue 6): a script, not a test.
+"""Fidelity of the W4A4 configurations on the trained mini Wan2.2-I2V model: a script, not a test.
 
     python benchmarks/bench_fidelity.py --quick                 # CPU, a few minutes
     python benchmarks/bench_fidelity.py --k 16 --steps 20       # GPU-sized run (ComfyUI on CUDA if present)

@@ -35,7 +35,7 @@ T_MAX = 1000.0
 I2V_BOUNDARY = 900.0
 
 # The Linears of a Wan block that this pack quantizes; everything outside the blocks (patch, text and
-# time embeddings, time projection, modulation, head) stays in BF16 (issue 4, stage 2).
+# time embeddings, time projection, modulation, head) stays in BF16, as in arXiv 2605.27003 and SVDQuant.
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                  "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
                  "ffn.0", "ffn.2")

@@ -18,7 +18,7 @@ from .lowrank import low_rank
 log = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0, 0.1, ..., 1.0
-_MIN_SCALE = 1e-5  # CALIB_API.md: s >= 1e-5, so that 1 / s stays finite in fp32
+_MIN_SCALE = 1e-5  # s >= 1e-5, so that 1 / s stays finite in fp32
 
 
 def smooth_scales(x_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ Forward (SVDQuant, arXiv 2411.05007, with a per-bin activation clip ratio, arXiv
 Two-level 4-bit quantization (weights and activations alike). A row v of length K is cut into
 groups of 64. Each element is a 4-bit integer q; each group has a small *integer* factor f and each
 row one fp32 scale s, so ``v ~= q * f * s``. Why integers: Hopper has no 4-bit tensor cores
-(FACTS.md: int4 mma is emulated at ~50 TOP/s), so the product runs on the int8 tensor cores. q * f is
+(int4 mma is emulated at ~50 TOP/s on Hopper), so the product runs on the int8 tensor cores. q * f is
 an exact int8 (|q * f| <= 128), the dot over the whole K accumulates exactly in int32, and the only
 floating-point work is one multiply by ``sx[m] * sw[n]`` in the epilogue - no re-scaling of the
 accumulator every 64 columns, which is what makes a plain per-group layout run at 0.25x bf16.

@@ -13,7 +13,7 @@ import torch
 from ..kernels import format as fmt
 from . import apply as ap
 from . import chunking
-from . import inspect as insp
+from . import inspect_node as insp
 from . import paths
 
 log = logging.getLogger(__name__)

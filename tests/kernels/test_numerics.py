@@ -244,7 +244,7 @@ def test_rtn_w4a4_sqnr_on_gaussian(seed):
 def test_two_level_grid_vs_plain_per_group_int4(seed):
     """Integer group factors against SVDQuant's plain per-group-64 absmax int4 (fp32 scale per group).
 
-    Issue 3 asks for at least plain - 0.5 dB. Measured (seeds 0 1 2; nearest factors on both
+    The floor: at least plain - 0.5 dB. Measured (seeds 0 1 2; nearest factors on both
     sides, no per-group refinement), ours minus plain:
     - the W4A4 linear, Gaussian: 16.29-16.30 vs 16.30-16.33 dB, -0.01 to -0.03 dB;
     - the same with 8 outlier channels x30 in x: -0.13 to -0.15 dB;
@@ -252,7 +252,7 @@ def test_two_level_grid_vs_plain_per_group_int4(seed):
     - weights alone (from_float): -0.02 to -0.03 dB.
     (The first rule, ceil factors, measured -0.42 to -0.49 dB on the linear; an MSE-refined weight
     rule measured +0.28 here but lost 2 dB on shifted post-GELU inputs, see kernels/README.md.)
-    Guards: the issue's bound on the linear (plain - 0.5 dB, Gaussian and outliers); activations
+    Guards: the floor on the linear (plain - 0.5 dB, Gaussian and outliers); activations
     and weights alone each >= plain - 0.1 dB.
     """
     w, x = gaussian_case(seed)
