@@ -325,9 +325,10 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
             passes = plan_work(expert)[0]
             m = shifted[expert]
             device = _device(config, model)
-            # the weights the work folder's layers were made from (a cheap sample: format.model_fingerprint)
-            work.check_model(expert, {"fingerprint": _fingerprint(model, {s.name: s for s in layers[expert]}),
-                                      "device": device.type})
+            # the weights the work folder's layers were made from (a cheap sample: format.model_fingerprint),
+            # and what the state records once every layer in ``layers`` is quantized
+            fingerprint = _fingerprint(model, {s.name: s for s in layers[expert]})
+            work.check_model(expert, {"fingerprint": fingerprint, "device": device.type})
             info[expert] = {"bin_edges": list(edges[expert]), "steps": steps_of[expert], "handover": sampling,
                             "timesteps": [], "bin_rows": [0] * config.bins, "passes": passes,
                             "capture_s": [None] * len(passes), "quantize_s": [None] * len(passes)}
@@ -357,7 +358,7 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
                     # nothing sampled in this run (no layer to capture, or all saved): the low expert's start
                     phase[0] = f"{expert} expert: sampling the low expert's start latents"
                     out_latents = run_capture(m, expert, items, latents, config, None, switch, on_step)
-            info[expert]["fingerprint"] = _fingerprint(model, params[expert])
+            info[expert]["fingerprint"] = fingerprint
             if finished is None:
                 work.save_expert(expert, info[expert], out_latents if expert == "high" else None)
                 kill_point("expert")
