@@ -61,7 +61,7 @@ def child_cmd(args, kind: str, out_json: Path, config: str | None = None) -> lis
            "--calib-res", args.calib_res, "--calib-steps", str(args.calib_steps),
            "--calib-blocks", str(args.calib_blocks), "--calib-token-fraction", str(args.calib_token_fraction),
            "--calib-full-blocks-per-pass", str(args.calib_full_blocks_per_pass),
-           "--log-level", args.log_level]
+           "--log-level", args.log_level, "--attention", args.attention]
     if args.calib_blocks_per_pass:
         cmd += ["--calib-blocks-per-pass", str(args.calib_blocks_per_pass)]
     if args.comfyui:
