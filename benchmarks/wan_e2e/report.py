@@ -247,7 +247,7 @@ def report_md(meta: dict, results: dict, calib: dict) -> str:
         lines += [
              (f"- Graph: loader → ModelSamplingSD3(shift {SHIFT:g}) → KSamplerAdvanced × 2 split at t = 900, {SAMPLER}/{SCHEDULER}, "
              f"cfg {CFG} (cond + uncond), latent {any_res.get('latent')} = {any_res.get('tokens')} tokens, text context "
-             f"[1, {args.text_tokens}, 4096], in-process; SDPA order `{getattr(args, 'attention', 'comfy')}` for "
+             f"[1, {args.text_tokens}, 4096], in-process; SDPA order `{any_res.get('attention', 'comfy')}` for "
              f"every configuration (`nodes/attention.py`: comfy = ComfyUI's own, auto = cuDNN first on Hopper)."),
              ("- Memory modes: **default** = ComfyUI's smart memory (the high-noise expert stays on the GPU when the "
              "low-noise one is loaded if ComfyUI thinks it fits); **one-expert** = ComfyUI's `--disable-smart-memory` "
