@@ -57,6 +57,9 @@ def parse_args(argv=None, description: str = DESCRIPTION):
     c.add_argument("--calib-blocks", type=int, default=2, help="blocks calibrated (the rest kept BF16), default 2")
     c.add_argument("--calib-blocks-per-pass", type=int, default=None, help="CalibrationConfig.blocks_per_pass")
     c.add_argument("--calib-token-fraction", type=float, default=0.25)
+    c.add_argument("--calib-gpu-budget", type=float, default=None, metavar="GIB", help="CalibrationConfig.gpu_budget_gib")
+    c.add_argument("--calib-gpu-cap", type=float, default=None, metavar="GIB",
+                   help="cap the calibration process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     c.add_argument("--calib-full-blocks-per-pass", type=int, default=10,
                    help="blocks_per_pass assumed when extrapolating to all blocks (default 10)")
     p.add_argument("--report-from", type=Path, nargs="+", default=None, metavar="JSON",

@@ -64,6 +64,10 @@ def child_cmd(args, kind: str, out_json: Path, config: str | None = None) -> lis
            "--log-level", args.log_level, "--attention", args.attention]
     if args.calib_blocks_per_pass:
         cmd += ["--calib-blocks-per-pass", str(args.calib_blocks_per_pass)]
+    if args.calib_gpu_budget:
+        cmd += ["--calib-gpu-budget", str(args.calib_gpu_budget)]
+    if args.calib_gpu_cap:
+        cmd += ["--calib-gpu-cap", str(args.calib_gpu_cap)]
     if args.comfyui:
         cmd += ["--comfyui", str(args.comfyui)]
     if args.cpu:

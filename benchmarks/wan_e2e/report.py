@@ -172,6 +172,12 @@ def _lora_line(results: dict, mode: str) -> str | None:
             f"{folded['high'].get('ranks')}).")
 
 
+def _budget_md(c: dict) -> str:
+    parts = ([f"GPU budget {c['gpu_budget_gib']:g} GiB"] if c.get("gpu_budget_gib") else []) + \
+            ([f"process capped to {c['gpu_cap_gib']:g} GiB"] if c.get("gpu_cap_gib") else [])
+    return f", {', '.join(parts)}" if parts else ""
+
+
 def calib_md(c: dict) -> str:
     if not c:
         return ""
@@ -179,7 +185,8 @@ def calib_md(c: dict) -> str:
         return f"Calibration: {c.get('skipped') or c.get('error') or 'no result'}\n"
     lines = [(f"Calibration ({c['items']} random items × {c['steps']} steps at {c['res']} × {c['frames']} frames, "
              f"first {c['blocks_calibrated']} of {c['blocks_total']} blocks, blocks_per_pass "
-             f"{c['blocks_per_pass'] or 'all'}, token_fraction {c['token_fraction']}): load both {c['load_s']:.1f} s, "
+             f"{c['blocks_per_pass'] or 'all'}, token_fraction {c['token_fraction']}"
+             f"{_budget_md(c)}): load both {c['load_s']:.1f} s, "
              f"calibrate {c['calibrate_s']:.1f} s, peak GPU allocated {_fmt(c['peak_alloc_gib'])} GiB, "
              f"reserved {_fmt(c['peak_reserved_gib'])} GiB, host RSS peak {_fmt(c['host_peak_rss_gib'])} GiB."),
              "", ("| expert | layers | capture s per pass | quantize s per pass | s per layer | "
