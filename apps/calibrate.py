@@ -195,7 +195,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="blocks captured per sampling pass (default: all at once; lower it if memory runs out)")
     r.add_argument("--gpu-budget", type=float, default=None, metavar="GIB",
                    help="GPU memory calibration stays under, in GiB (default: none): blocks per pass chosen so their "
-                        "statistics take half of it, and ComfyUI loads the expert within the rest, streaming the "
+                        "statistics take 40 % of it, and ComfyUI loads the expert within the rest, streaming the "
                         "remainder (e.g. 22 on a 24 GB GPU)")
     r.add_argument("--stats-device", default=None, help="where statistics live (default: the model's device)")
     r.add_argument("--device", default=None, help="where the per-layer math runs (default: the model's device)")

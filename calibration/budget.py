@@ -5,11 +5,11 @@ ComfyUI loads for sampling (26.6 GiB), the statistics of the blocks captured in 
 Hessian per layer input: 1.30 GiB per Wan2.2 A14B block) and the activations of sampling. Under a
 budget of B GiB:
 
-- **statistics** get at most ``STATS_SHARE`` of B: the number of blocks per pass is the largest
+- **statistics** get at most ``STATS_SHARE`` of B (40 %): the number of blocks per pass is the largest
   that fits (:func:`blocks_per_pass`), and an explicit ``blocks_per_pass`` over it is refused before
   any work (:func:`check`);
 - **the expert's weights** are what ComfyUI may load next to them: :func:`comfy_budget` makes ComfyUI's
-  loader see a device of B GiB (its ``EXTRA_RESERVED_VRAM``), so it loads the expert partially and
+  loader see a device of B − ``HOOK_RESERVE_GIB`` GiB (its ``EXTRA_RESERVED_VRAM``), so it loads the expert partially and
   streams the rest per call (its lowvram path), as it does for any model larger than the GPU;
 - **quantization** of a pass's layers runs after ComfyUI has unloaded the expert (``pipeline``), so the
   per-layer work (GPTQ on the Hessian, the layer's weight) needs only the pass's statistics beside it.
@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 GiB = 2**30
 # The statistics' part of the budget; the rest holds the expert's loaded weights and sampling's
 # activations (at 480p x 33 one step's activations of a 14B block are a few GiB).
-STATS_SHARE = 0.5
+STATS_SHARE = 0.4
+# Kept free for what ComfyUI's own estimate of a sampling step does not count: the capture hooks'
+# transients (a token subset and a chunk of rows in fp32 per observed input) and the statistics'
+# per-pass temporaries.
+HOOK_RESERVE_GIB = 2.0
 
 
 def input_stats_bytes(k: int, hessian: bool = True) -> int:
@@ -90,8 +94,9 @@ def check(specs: Sequence[LayerSpec], config: CalibrationConfig, what: str) -> N
     n = config.blocks_per_pass or 1
     need = _largest_run(per_block, min(n, len(per_block)))
     if need > limit:
-        fix = ("lower blocks_per_pass" if n > 1 else "raise the budget") + \
-              " (statistics take at most half of the budget; the rest holds the model's weights and activations)"
+        fix = (("lower blocks_per_pass" if n > 1 else "raise the budget")
+               + f" (statistics take at most {STATS_SHARE:.0%} of the budget; the rest holds the model's weights "
+               "and activations)")
         raise CalibrationError(f"{what}: the statistics of {min(n, len(per_block))} block(s) per pass need "
                                f"{need / GiB:.2f} GiB, over {STATS_SHARE:.0%} of the {config.gpu_budget_gib:g} GiB "
                                f"GPU budget ({limit / GiB:.2f} GiB); {fix}")
@@ -110,7 +115,7 @@ def comfy_budget(config: CalibrationConfig, device):
 
     total = torch.cuda.get_device_properties(device).total_memory
     before = mm.EXTRA_RESERVED_VRAM
-    reserve = max(before, total - int(config.gpu_budget_gib * GiB))
+    reserve = max(before, total - int((config.gpu_budget_gib - HOOK_RESERVE_GIB) * GiB))
     mm.EXTRA_RESERVED_VRAM = reserve
     log.info("GPU budget %.1f GiB: ComfyUI reserves %.1f of the device's %.1f GiB while calibrating",
              config.gpu_budget_gib, reserve / GiB, total / GiB)

@@ -183,7 +183,7 @@ class CalibrateW4A4:
                                 "seed) instead of positive / negative / latent and runs."}),
             "gpu_budget_gib": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip":
                                "GPU memory calibration stays under, in GiB (0 = no budget): statistics of as "
-                               "many blocks per pass as half of it holds, and ComfyUI loads the expert within "
+                               "many blocks per pass as 40 % of it holds, and ComfyUI loads the expert within "
                                "the rest, streaming the remainder (e.g. 22 on a 24 GB GPU)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
