@@ -404,12 +404,19 @@ def _bin_tensor(index: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(index, dtype=torch.int64, device=device)
 
 
-def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool = True,
+def tma_available(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability fetches tiles with TMA (Hopper, sm_90, and later); the
+    pointer-load GEMM serves sm_80..89 (RTX 30/40, A100), with the same bits."""
+    return tuple(capability) >= (9, 0)
+
+
+def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | None = None,
                 pass_bytes: int | None = None) -> torch.Tensor:
     """Triton forward with the signature of ``numerics.w4a4_linear`` (what ``kernels.w4a4_linear`` calls).
 
     ``bin_index``: a 0-d int64 tensor on the input's device (no host sync; what the timestep hook
-    passes) or a Python int. ``tma``: GEMM tiles fetched by TMA (the default; False for pointer loads).
+    passes) or a Python int. ``tma``: GEMM tiles fetched by TMA (None, the default: where the GPU has it,
+    ``tma_available``; False: pointer loads).
     ``pass_bytes``: the per-pass budget of ``pass_rows`` (default ``PASS_BYTES``).
     """
     reason = unsupported_reason(x, p)
@@ -420,6 +427,8 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool = T
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {k}")
     if not isinstance(bin_index, torch.Tensor):
         bin_index = _bin_tensor(int(bin_index), x.device)
+    if tma is None:
+        tma = tma_available(torch.cuda.get_device_capability(x.device))
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
