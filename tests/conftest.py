@@ -187,10 +187,12 @@ def start_server(comfyui, tmp_path: Path, *flags: str, cpu: bool = True):
             proc.wait(timeout=15)
 
 
-@pytest.fixture
-def comfy_server(comfyui, tmp_path):
-    """A headless CPU ComfyUI server (``start_server``), stopped after the test."""
-    with start_server(comfyui, tmp_path) as server:
+@pytest.fixture(scope="session")
+def comfy_server(comfyui, tmp_path_factory):
+    """A headless CPU ComfyUI server (``start_server``), one for the session: its start (a ComfyUI
+    import in a new process) is most of a server test's time. The tests using it only add files
+    (identical experts under the same names, seeds 1 and 2) and post graphs; stopped at the end."""
+    with start_server(comfyui, tmp_path_factory.mktemp("server")) as server:
         yield server
 
 

@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 from wan_w4a4.apps import runtime
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
-
 SCRIPT = runtime.REPO_ROOT / "benchmarks" / "bench_wan_e2e.py"
 STEPS = 2  # shift 8: timesteps 1000 | 889 -> one high-noise step, one low-noise step
 
@@ -29,64 +27,41 @@ def run_bench(comfyui: Path, workdir: Path, *args: str, timeout: float = 600) ->
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.comfyui
 @pytest.mark.slow
 def test_bench_e2e_tiny_cpu(comfyui, tmp_path):
+    """The one subprocess run of the script (each child imports ComfyUI, the slow part): every kind of
+    configuration - plain BF16 and W4A4, the LoRA configuration (a generated rank-64 LoRA through
+    LoraLoaderModelOnly, folded into every W4A4 layer), the cond/uncond-split reference on BF16 and the
+    eval-mode fp8 reference - in both memory modes, then a second run that reuses the files."""
     out_json, md = tmp_path / "out.json", tmp_path / "RESULTS.md"
-    p = run_bench(comfyui, tmp_path / "work", "--config", "bf16,w4a4", "--memory", "default",
-                  "--json", str(out_json), "--results-md", str(md))
+    p = run_bench(comfyui, tmp_path / "work", "--config", "bf16,w4a4,w4a4_lora,bf16_split,fp8_fast_eval",
+                  "--memory", "default,one-expert", "--profile", "--json", str(out_json), "--results-md", str(md))
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
 
     data = json.loads(out_json.read_text())
     gen = data["meta"]["generate"]
     assert gen["bf16_generated"] and gen["w4a4_generated"] and gen["w4a4_layers"] == 20  # 2 blocks x 10
     assert Path(gen["bf16_file"]).is_file() and Path(gen["w4a4_file"]).is_file()
+    assert gen["lora_generated"] and Path(gen["lora_file"]).is_file()
     assert data["meta"]["source_used"] == "file"
     for cfg in ("bf16", "w4a4"):
         res = data["results"][cfg]
         assert "error" not in res, res.get("error")
         assert res["split"] == 1 and res["latent"] == [1, 16, 2, 8, 8]
-        r = res["modes"]["default"]
-        assert r["output_finite"]
-        for stage in ("high", "low"):
-            steps = r["stages"][stage]["steps"]
-            assert len(steps) == 1, steps  # one step per expert
-            assert steps[0]["batches"] == [2]  # cfg > 1: cond and uncond in one batch
-            assert steps[0]["s"] > 0
-        assert r["stages"]["high"]["steps"][0]["t"] >= 900 > r["stages"]["low"]["steps"][0]["t"]
+        for mode in ("default", "one-expert"):
+            r = res["modes"][mode]
+            assert r["output_finite"]
+            for stage in ("high", "low"):
+                steps = r["stages"][stage]["steps"]
+                assert len(steps) == 1, steps  # one step per expert
+                assert steps[0]["batches"] == [2]  # cfg > 1: cond and uncond in one batch
+                assert steps[0]["s"] > 0
+            assert r["stages"]["high"]["steps"][0]["t"] >= 900 > r["stages"]["low"]["steps"][0]["t"]
         assert res["host_peak_rss_gib"] > 0
     assert data["results"]["w4a4"]["loader"] == "WanW4A4LoadModel"
     assert "WanW4A4LoadModel" in data["results"]["w4a4"]["load"]["high"]["how"]
-    text = md.read_text()
-    assert text.startswith("# End-to-end benchmark results")
-    assert "| bf16 | default |" in text and "| w4a4 | default |" in text
 
-    # A second run reuses the files and skips a configuration that the budget leaves no time for.
-    p = run_bench(comfyui, tmp_path / "work", "--config", "bf16", "--budget-s", "120", "--min-child-s", "1000",
-                  "--json", str(out_json), "--results-md", "none")
-    data = json.loads(out_json.read_text())
-    assert data["meta"]["generate"]["bf16_generated"] is False, p.stdout[-3000:]
-    assert "skipped" in data["results"]["bf16"]
-    assert p.returncode == 1  # a configuration without result is a failure of the run
-
-
-def test_bench_e2e_rejects_bad_arguments(comfyui, tmp_path):
-    p = run_bench(comfyui, tmp_path, "--config", "int8")
-    assert p.returncode == 2 and "unknown configuration" in p.stderr
-    p = run_bench(comfyui, tmp_path, "--all", "--frames", "80")
-    assert p.returncode == 2 and "1 + 4k" in p.stderr
-
-
-@pytest.mark.slow
-def test_bench_e2e_lora_and_split_configs(comfyui, tmp_path):
-    """The LoRA configuration (a generated rank-64 LoRA through LoraLoaderModelOnly, folded into
-    every W4A4 layer) and the cond/uncond-split reference on BF16 run and reach the report."""
-    out_json, md = tmp_path / "out.json", tmp_path / "RESULTS.md"
-    p = run_bench(comfyui, tmp_path / "work", "--config", "w4a4,w4a4_lora,bf16_split,fp8_fast_eval", "--memory",
-                  "one-expert", "--profile", "--json", str(out_json), "--results-md", str(md))
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
-    data = json.loads(out_json.read_text())
-    gen = data["meta"]["generate"]
-    assert gen["lora_generated"] and Path(gen["lora_file"]).is_file()
     lo = data["results"]["w4a4_lora"]
     assert "LoraLoaderModelOnly" in lo["load"]["high"]["how"]
     assert lo["lora"]["rank"] == 64 and lo["lora"]["patches_per_expert"] == {"high": 20, "low": 20}  # 2 blocks x 10
@@ -102,9 +77,28 @@ def test_bench_e2e_lora_and_split_configs(comfyui, tmp_path):
     f8e = data["results"]["fp8_fast_eval"]["load"]
     assert all(v["training_mode"] is False and v["how"].endswith("diffusion_model.eval()") for v in f8e.values())
     assert "error" in data["results"]["w4a4"]["profile"]  # --profile on the CPU: said, not faked
+
     text = md.read_text()
+    assert text.startswith("# End-to-end benchmark results")
+    assert "| bf16 | default |" in text and "| w4a4 | default |" in text
     assert "rank-64 LoRA on every block Linear: peak allocated" in text
     assert "target" not in text and " met" not in text and "missed" not in text  # numbers, no verdicts
+
+    # A second run reuses the files and skips a configuration that the budget leaves no time for.
+    p = run_bench(comfyui, tmp_path / "work", "--config", "bf16", "--budget-s", "120", "--min-child-s", "1000",
+                  "--json", str(out_json), "--results-md", "none")
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["generate"]["bf16_generated"] is False, p.stdout[-3000:]
+    assert "skipped" in data["results"]["bf16"]
+    assert p.returncode == 1  # a configuration without result is a failure of the run
+
+
+@pytest.mark.comfyui
+def test_bench_e2e_rejects_bad_arguments(comfyui, tmp_path):
+    p = run_bench(comfyui, tmp_path, "--config", "int8")
+    assert p.returncode == 2 and "unknown configuration" in p.stderr
+    p = run_bench(comfyui, tmp_path, "--all", "--frames", "80")
+    assert p.returncode == 2 and "1 + 4k" in p.stderr
 
 
 def leaves_wan_in_training_mode(comfyui_version: str) -> bool:

@@ -27,6 +27,7 @@ def run_python(code: str, blocked=(), tmp_path=None):
                           cwd=tmp_path)
 
 
+@pytest.mark.slow  # a new Python process importing torch
 def test_imports_without_comfyui_and_triton(tmp_path):
     # One interpreter for all (each start imports torch): the math, the model shapes and the
     # ComfyUI bootstrap itself must all import with comfy and triton absent.
@@ -49,6 +50,7 @@ def test_root_import_does_not_import_comfy(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow  # a new Python process importing torch
 def test_cli_help_without_comfyui_and_triton(tmp_path):
     r = run_python("""
         import runpy

@@ -97,6 +97,7 @@ def test_two_expert_sampling(comfy_nodes, tiny_wan_checkpoints):
     assert len(seen["low"]) == (STEPS - split) * 2 and max(seen["low"]) < BOUNDARY_T
 
 
+@pytest.mark.slow  # the session's server starts ComfyUI in a new process
 def test_headless_server_runs_two_expert_graph(comfy_server, wan_checkpoint_factory):
     """The same two-expert graph posted to a real server, which also loads this pack from its
     custom_nodes/ folder; checks the pack imported cleanly and the graph produced a finite latent."""

@@ -104,6 +104,7 @@ def test_comfyui_sees_a_device_of_the_budget(comfy_nodes):
     assert mm.EXTRA_RESERVED_VRAM == before
 
 
+@pytest.mark.slow  # calibrations of their own
 def test_a_run_under_a_budget_takes_the_planned_passes(comfy_nodes, tiny_wan_checkpoints, tmp_path):
     """A tiny run (two blocks) whose budget fits the statistics of one block per pass samples in passes
     of one, and its states equal those of the same passes asked for explicitly."""

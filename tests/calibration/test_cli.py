@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from fp8_scaled_lib import write_fp8_scaled
 
 from wan_w4a4.kernels import format as fmt
 
@@ -22,6 +23,7 @@ def _run(args, comfyui, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # a new Python process importing torch
 def test_help_needs_no_comfyui():
     out = subprocess.run([sys.executable, "-m", "wan_w4a4", "calibrate", "--help"], capture_output=True,
                          text=True, timeout=60)
@@ -32,27 +34,34 @@ def test_help_needs_no_comfyui():
 
 
 @pytest.mark.comfyui
+@pytest.mark.slow  # a calibration in a new process that imports ComfyUI
 def test_cli_end_to_end_and_refuses_overwrite(comfyui, tiny_wan_checkpoints, tmp_path):
-    ck = tiny_wan_checkpoints
+    """From ComfyUI's fp8_scaled versions of the tiny experts (test_resume and test_dataset run the command
+    line to the end on the BF16 files): it loads the experts as UNETLoader does (inside inference mode), so
+    ComfyUI 0.33 can sample its fp8_scaled layers, and the states record that source."""
+    ck = {e: write_fp8_scaled(tiny_wan_checkpoints[e], tmp_path / "experts" / f"{tiny_wan_checkpoints[e].stem}_fp8_scaled"
+                                                                            f".safetensors") for e in ("high", "low")}
+    out_dir = tmp_path / "out"
     # hand-over by step: 4 of 6 at shift 8 (t = 1000, 975.7, 941.3, 888.9 | 800.5, 616.0), where t >= 900 gives 3
-    args = ["--high", str(ck["high"]), "--low", str(ck["low"]), "--out", str(tmp_path), "--name", "tiny", *FAST_FLAGS,
+    args = ["--high", str(ck["high"]), "--low", str(ck["low"]), "--out", str(out_dir), "--name", "tiny", *FAST_FLAGS,
             "--handover-step", "4"]
     out = _run(args, comfyui)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert f"high: {tmp_path / 'tiny_high.safetensors'}" in out.stdout
+    assert f"high: {out_dir / 'tiny_high.safetensors'}" in out.stdout
     for expert in ("high", "low"):
-        layers, meta = fmt.load_state(tmp_path / f"tiny_{expert}.safetensors")
+        layers, meta = fmt.load_state(out_dir / f"tiny_{expert}.safetensors")
         assert len(layers) == 20 and meta.expert == expert and meta.num_bins == 2
         assert (meta.handover["by"], meta.handover["high_steps"], meta.handover["steps"]) == ("step", 4, 6)
         assert 800.5 < meta.bin_edges[-1 if expert == "high" else 0] < 888.9
-    report = json.loads((tmp_path / "tiny_report.json").read_text())
+        assert meta.source == {"kind": "fp8_scaled", "weight_dtype": "float8_e4m3fn"}
+    report = json.loads((out_dir / "tiny_report.json").read_text())
     assert report["config"]["rank"] == 8 and report["config"]["clip_grid"] == [1.0, 0.9, 0.8]
     assert "calibrate: 100%" in out.stderr  # the tqdm bar
 
-    before = (tmp_path / "tiny_high.safetensors").stat().st_mtime_ns
+    before = (out_dir / "tiny_high.safetensors").stat().st_mtime_ns
     again = _run(args, comfyui)
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr and "--overwrite" in again.stderr
-    assert (tmp_path / "tiny_high.safetensors").stat().st_mtime_ns == before
+    assert (out_dir / "tiny_high.safetensors").stat().st_mtime_ns == before
 
 
 def test_cli_bad_input(tmp_path, capsys):

@@ -136,6 +136,7 @@ def test_empty_bin_takes_neighbours_ratio(calibrated):
     assert report["experts"]["low"]["layers"][0]["clip_source"] == ["searched", "bin 0"]
 
 
+@pytest.mark.slow  # two calibrations
 def test_blocks_per_pass_and_lazy_models_give_identical_states(calibrated, tiny_wan_checkpoints, tmp_path):
     """One block per pass, and the experts given as loaders (loaded in turn, dropped after use)."""
     import comfy.sd
@@ -164,6 +165,7 @@ def test_blocks_per_pass_and_lazy_models_give_identical_states(calibrated, tiny_
                 assert (x is None and y is None) or torch.equal(x, y), (expert, name, f)
 
 
+@pytest.mark.slow  # calibrations of their own
 @pytest.mark.parametrize("policy", ["per_expert", "global"])
 def test_clip_policies_and_keep_list(models, tmp_path, policy):
     cfg = CalibrationConfig(**{**FAST, "alphas": (0.5,)}, clip_policy=policy, keep=(1, "*.ffn.2"),
@@ -254,6 +256,7 @@ def test_config_defaults():
     assert cfg.handover_step is None and cfg.boundary == 900.0  # hand-over by boundary unless asked
 
 
+@pytest.mark.slow  # calibrations of their own
 def test_step_spacing_fills_every_bin(models, tmp_path):
     from wan_w4a4.calibration.config import bin_of, step_edges
     low20 = [888.9, 867.5, 842.1, 811.6, 774.2, 727.3, 666.7, 585.4, 470.6, 296.3]  # 20 steps, shift 8
@@ -272,6 +275,7 @@ def test_step_spacing_fills_every_bin(models, tmp_path):
         assert list(fmt.read_meta(res[expert]).bin_edges) == info["bin_edges"]
 
 
+@pytest.mark.slow  # calibrations of their own
 def test_handover_by_step_bins_cover_the_timesteps_each_expert_ran(models, tmp_path):
     """Calibrated with a workflow's hand-over step (4 of 6 at shift 5, where t >= 900 would give 3):
     capture samples with that split, the states record it, and each state's bins cover every timestep

@@ -114,6 +114,7 @@ def fp8_calibrated(fp8_models, tmp_path_factory):
         torch.set_num_threads(n)
 
 
+@pytest.mark.slow  # the module's calibration from fp8_scaled experts
 def test_calibration_from_fp8_scaled_records_the_source(fp8_calibrated, fp8_models, files, names):
     res, _ = fp8_calibrated
     for expert in ("high", "low"):
@@ -135,6 +136,7 @@ def test_calibration_from_fp8_scaled_records_the_source(fp8_calibrated, fp8_mode
             assert r["sqnr_after_db"] > r["sqnr_rtn_db"], (expert, r["name"])
 
 
+@pytest.mark.slow  # the module's calibration from fp8_scaled experts
 def test_fp8_state_layers_reconstruct_the_dequantized_weight(fp8_calibrated, files):
     """The state quantized the dequantized fp8 weights: its layers are closer to them than to a weight of
     another expert, and as close as RTN W4A4 of them allows."""
@@ -253,14 +255,4 @@ def test_state_meta_validates_the_source():
         fmt.StateMeta(expert="high", bin_edges=(1000.0, 900.0), source="fp8_scaled")
 
 
-def test_cli_calibrates_from_fp8_scaled_files(comfyui, files, tmp_path):
-    """The command line loads the experts as UNETLoader does (inside inference mode), so ComfyUI 0.33 can
-    sample its fp8_scaled layers; the states record the source."""
-    from test_cli import FAST_FLAGS, _run
-    args = ["--high", str(files["fp8_scaled", "high"]), "--low", str(files["fp8_scaled", "low"]),
-            "--out", str(tmp_path), "--name", "fp8cli", *FAST_FLAGS]
-    out = _run(args, comfyui)
-    assert out.returncode == 0, out.stderr[-4000:]
-    for expert in ("high", "low"):
-        meta = fmt.read_meta(tmp_path / f"fp8cli_{expert}.safetensors")
-        assert meta.source == {"kind": "fp8_scaled", "weight_dtype": "float8_e4m3fn"}
+# The command line from fp8_scaled files: test_cli.test_cli_end_to_end_and_refuses_overwrite.

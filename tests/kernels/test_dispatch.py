@@ -41,6 +41,7 @@ def cuda_input():
     return types.SimpleNamespace(device=torch.device("cuda", 0), is_cuda=True)
 
 
+@pytest.mark.slow  # a new Python process importing torch
 def test_import_does_not_import_triton():
     code = ("import sys, torch\n"
             "import wan_w4a4.kernels as k\n"

@@ -314,6 +314,7 @@ REPLACER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # a writer process (importing torch) races the loads for 2.5 s
 def test_loads_racing_a_replace_read_one_whole_file(tmp_path):
     a, b, target = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "s.safetensors"
     la, lb = make_layers(seed=1), make_layers(seed=2)

@@ -94,6 +94,7 @@ def test_shift_is_comfyuis(comfy_nodes):
     torch.testing.assert_close(train.shift_sigma(u, 8.0), comfy.model_sampling.time_snr_shift(8.0, u))
 
 
+@pytest.mark.slow  # renders a scene and samples the I2V graph through ComfyUI
 @pytest.mark.comfyui
 def test_training_input_equals_comfyuis_model_input(comfy_nodes, tmp_path):
     """Runs the standard I2V graph (WanImageToVideo with our VAE and text map, ModelSamplingSD3,

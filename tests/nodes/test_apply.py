@@ -100,7 +100,8 @@ def test_apply_again_while_another_w4a4_clone_is_loaded(env):
     assert type(base.model.diffusion_model.blocks[0].self_attn.q).__name__ == "Linear"
 
 
-@pytest.mark.parametrize("steps,scheduler,shift,cfg", [(4, "simple", 8.0, 3.5), (5, "beta", 5.0, 1.0)])
+@pytest.mark.parametrize("steps,scheduler,shift,cfg", [
+    (4, "simple", 8.0, 3.5), pytest.param(5, "beta", 5.0, 1.0, marks=pytest.mark.slow)])  # the second: W4A4 runs
 def test_hook_log_matches_sigmas(env, steps, scheduler, shift, cfg):
     high = env.shifted(env.apply(env.unet("high"), "tiny_high.safetensors"), shift)
     low = env.shifted(env.apply(env.unet("low"), "tiny_low.safetensors"), shift)
@@ -124,6 +125,7 @@ def test_hook_log_matches_sigmas(env, steps, scheduler, shift, cfg):
     assert hh.selector is not hl.selector
 
 
+@pytest.mark.slow  # W4A4 two-expert runs
 def test_out_of_range_uses_nearest_bin_and_warns_once(env, caplog):
     high = env.shifted(env.apply(env.unet("high"), "tiny_high.safetensors"))
     low = env.shifted(env.unet("low"))
@@ -155,6 +157,7 @@ def test_out_of_range_message_quotes_the_calibrated_handover():
     assert "a sampling step is at" in out_of_range_message("s", "low", 1.0, 0.001, None, (900.0, 0.0), 0, {})
 
 
+@pytest.mark.slow  # W4A4 two-expert runs
 def test_alongside_another_wrapper(env):
     import comfy.patcher_extension as pe
     seen = []
@@ -173,6 +176,7 @@ def test_alongside_another_wrapper(env):
     assert [r.sigma for r in hook(high).records] == pytest.approx(seen)
 
 
+@pytest.mark.slow  # two two-expert runs and two heap scans
 def test_second_run_does_not_grow_memory(env):
     high = env.shifted(env.apply(env.unet("high"), "tiny_high.safetensors"))
     low = env.shifted(env.apply(env.unet("low"), "tiny_low.safetensors"))
@@ -191,6 +195,7 @@ def test_second_run_does_not_grow_memory(env):
     assert len(hook(high).records) == 2 and hook(high).run == 2
 
 
+@pytest.mark.slow  # W4A4 two-expert runs
 def test_partial_denoise_bins_by_timestep(env):
     """KSampler with denoise 0.5 (a video-to-video pass): the schedule starts mid-way, and the
     bins still follow the timesteps actually sampled."""

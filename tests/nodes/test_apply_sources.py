@@ -58,6 +58,7 @@ def _refused(env, model, state):
     return str(info.value)
 
 
+@pytest.mark.slow  # the module's calibration from fp8_scaled experts
 def test_fp8_calibrated_states_apply_to_the_fp8_experts(env, fp8):
     """Accepted on the fp8_scaled experts they were calibrated from, and the two-expert sampling runs."""
     models = {e: _unet(env, fp8["unet"][e]) for e in ("high", "low")}
@@ -74,6 +75,7 @@ def test_fp8_calibrated_states_apply_to_the_fp8_experts(env, fp8):
     assert err < 0.01, err  # 5e-4 measured (about 33 dB)
 
 
+@pytest.mark.slow  # the module's calibration from fp8_scaled experts
 def test_fp8_state_on_the_bf16_expert_says_which_file_to_load(env, fp8):
     msg = _refused(env, env.unet("high"), fp8["state"]["high"])
     assert fp8["state"]["high"] in msg
@@ -82,6 +84,7 @@ def test_fp8_state_on_the_bf16_expert_says_which_file_to_load(env, fp8):
     assert "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors" in msg and "calibrate a state from" in msg, msg
 
 
+@pytest.mark.slow  # the module's calibration from fp8_scaled experts
 @pytest.mark.parametrize("recorded", ["no source (older state)", "bf16 source"])
 def test_bf16_state_on_the_fp8_expert_says_which_file_to_load(env, fp8, recorded):
     state = "tiny_high.safetensors"  # made from the BF16 expert (w4a4_testlib.make_state): no source recorded
@@ -96,6 +99,7 @@ def test_bf16_state_on_the_fp8_expert_says_which_file_to_load(env, fp8, recorded
     assert "wan2.2_i2v_high_noise_14B_fp16.safetensors" in msg and "weight_dtype default" in msg, msg
 
 
+@pytest.mark.slow  # the module's calibration from fp8_scaled experts
 def test_same_kind_other_model_keeps_the_fingerprint_message(env, fp8):
     """The high expert's fp8 state on the low expert's fp8 file: same kind, another model."""
     msg = _refused(env, _unet(env, fp8["unet"]["low"]), fp8["state"]["high"])
@@ -103,6 +107,7 @@ def test_same_kind_other_model_keeps_the_fingerprint_message(env, fp8):
     assert "fp8_scaled" not in msg.split("Hint")[0], msg
 
 
+@pytest.mark.slow  # the module's calibration from fp8_scaled experts
 def test_fp8_without_scales(env, fp8, caplog):
     """A BF16 file loaded with weight_dtype fp8_e4m3fn holds rounded weights that cannot be fingerprinted: a
     BF16 state still applies with the warning it always had; an fp8_scaled state is refused by kind."""
@@ -123,6 +128,7 @@ def test_bf16_file_held_in_fp16_still_matches(env):
     assert ap.w4a4_layers(env.apply(model, "tiny_high.safetensors"))
 
 
+@pytest.mark.slow  # the module's calibration from fp8_scaled experts
 def test_checkpoint_saved_from_an_fp8_expert_loads_and_samples_the_same(env, fp8):
     """Save W4A4 checkpoint on an fp8_scaled base: the Linears outside the blocks (text and time
     embeddings, head) are fp8 with scales there; the loaded checkpoint must compute what the applied

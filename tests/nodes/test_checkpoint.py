@@ -9,6 +9,7 @@ from wan_w4a4.nodes.quant_layout import no_dense_weight
 pytestmark = pytest.mark.comfyui
 
 
+@pytest.mark.slow  # saves, loads and samples W4A4 checkpoints
 def test_save_load_round_trip_matches_apply(env):
     high = env.apply(env.unet("high"), "tiny_high.safetensors")
     low = env.apply(env.unet("low"), "tiny_low.safetensors")

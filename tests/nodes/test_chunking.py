@@ -15,6 +15,7 @@ def _apply(env, expert, cond_batch):
     return env.shifted(m)
 
 
+@pytest.mark.slow  # two two-expert runs
 def test_split_gives_the_batched_result(env):
     """Forced split (every CFG call in two) samples the same video as ComfyUI's batched calls: each row
     of the W4A4 forward depends only on its own sample. Equality is to fp32 rounding, not a
@@ -42,6 +43,7 @@ def test_auto_leaves_small_calls_batched(env):
     assert chunking.get_split(high).calls_split == 0  # 2 x 8 tokens is far below the threshold
 
 
+@pytest.mark.slow  # two two-expert runs
 def test_split_works_on_a_bf16_model_too(env):
     """The wrapper is generic (the benchmark's like-for-like BF16 reference uses it)."""
     ref_h, ref_l = env.shifted(env.unet("high")), env.shifted(env.unet("low"))

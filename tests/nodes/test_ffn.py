@@ -22,6 +22,7 @@ def _ffn_patches(model):
     return sorted(k for k, v in model.object_patches.items() if type(v).__name__ == "InplaceGeluFFN")
 
 
+@pytest.mark.slow  # W4A4 and BF16 two-expert runs
 def test_applied_state_patches_every_w4a4_ffn_and_samples_the_same_bits(env):
     high = env.apply(env.unet("high"), "tiny_high.safetensors")
     low = env.apply(env.unet("low"), "tiny_low.safetensors")
@@ -47,6 +48,7 @@ def test_bf16_model_is_untouched_after_the_w4a4_clone_ran(env):
     assert type(block.ffn[0]).__name__ != "W4A4Linear" and isinstance(block.ffn[0].weight, torch.Tensor)
 
 
+@pytest.mark.slow  # saves, loads and samples a W4A4 checkpoint
 def test_loaded_checkpoint_gets_the_patch_too(env):
     high = env.apply(env.unet("high"), "tiny_high.safetensors")
     env.node("WanW4A4SaveCheckpoint").save(high, "ffn/tiny_high_ck", True)

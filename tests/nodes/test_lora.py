@@ -22,7 +22,7 @@ from wan_w4a4.nodes import quant_layout
 from wan_w4a4.nodes.hook import get_hook
 from wan_w4a4.nodes.ops import NoDenseWeight, W4A4Linear, is_w4a4
 
-from w4a4_testlib import CLIPS, EDGES, quantizable_linears_of
+from w4a4_testlib import CLIPS, EDGES, one_thread, quantizable_linears_of
 
 pytestmark = pytest.mark.comfyui
 
@@ -116,16 +116,17 @@ def make_smoothed_state(model, expert, path, tensors=None):
     src = tensors or sd
     names = quantizable_linears_of(model)
     params = {}
-    for i, name in enumerate(names):
-        w = src[f"{name}.weight"].float()
-        g = torch.Generator().manual_seed(1000 + i)
-        s = torch.exp(torch.rand(w.shape[1], generator=g) * 1.4 - 0.7)
-        u, sv, vh = torch.linalg.svd(w * s[None, :], full_matrices=False)
-        lr_down = (vh[:SMOOTH_RANK].T * sv[:SMOOTH_RANK]).to(torch.bfloat16)  # [K, R]
-        lr_up = u[:, :SMOOTH_RANK].T.contiguous().to(torch.bfloat16)  # [R, N]
-        params[name] = nm.from_float(w, src[f"{name}.bias"].float(), smooth=s, lr_down=lr_down, lr_up=lr_up,
-                                     num_bins=len(CLIPS[expert]), clip=torch.tensor(CLIPS[expert]),
-                                     act_unsigned=name.endswith("ffn.2"))
+    with one_thread():  # a small SVD per layer
+        for i, name in enumerate(names):
+            w = src[f"{name}.weight"].float()
+            g = torch.Generator().manual_seed(1000 + i)
+            s = torch.exp(torch.rand(w.shape[1], generator=g) * 1.4 - 0.7)
+            u, sv, vh = torch.linalg.svd(w * s[None, :], full_matrices=False)
+            lr_down = (vh[:SMOOTH_RANK].T * sv[:SMOOTH_RANK]).to(torch.bfloat16)  # [K, R]
+            lr_up = u[:, :SMOOTH_RANK].T.contiguous().to(torch.bfloat16)  # [R, N]
+            params[name] = nm.from_float(w, src[f"{name}.bias"].float(), smooth=s, lr_down=lr_down, lr_up=lr_up,
+                                         num_bins=len(CLIPS[expert]), clip=torch.tensor(CLIPS[expert]),
+                                         act_unsigned=name.endswith("ffn.2"))
     meta = fmt.StateMeta(expert=expert, bin_edges=EDGES[expert], clip_policy="per-bin",
                          fingerprint=fmt.model_fingerprint(sd, names))
     fmt.save_state(path, params, meta, overwrite=True)
@@ -208,7 +209,8 @@ def _random_layer(n, k, unsigned, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.02
     s = torch.exp(torch.rand(k, generator=g) * 2 - 1)
-    u, sv, vh = torch.linalg.svd(w * s[None, :], full_matrices=False)
+    with one_thread():
+        u, sv, vh = torch.linalg.svd(w * s[None, :], full_matrices=False)
     p = nm.from_float(w, torch.randn(n, generator=g) * 0.01, smooth=s,
                       lr_down=(vh[:8].T * sv[:8]).to(torch.bfloat16), lr_up=u[:, :8].T.contiguous().to(torch.bfloat16),
                       num_bins=2, clip=torch.tensor([1.0, 0.9]), act_unsigned=unsigned)
@@ -500,6 +502,7 @@ def test_key_mapping_while_the_w4a4_model_is_loaded(lenv):
     assert sorted(k[len("diffusion_model."):-len(".weight")] for k in out.patches) == sorted(names)
 
 
+@pytest.mark.slow  # several LoRA'd two-expert runs
 def test_stacking_strength_and_zero(lenv):
     env = lenv
     q = w4a4(env, "high")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from wan_w4a4.apps.runtime import REPO_ROOT
 
 from api_graphs import two_expert_graph
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]  # a server: ComfyUI started in a new process
 
 WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # frontend-only node types
@@ -40,9 +41,27 @@ def saved_latent(server, entry) -> torch.Tensor:
 
 
 def test_server_runs_w4a4_graph_and_loads_example_workflows(comfy_server, wan_checkpoint_factory, env):
-    """One server start (the slow part) for both checks."""
+    """One server (the session's, shared with the smoke test) for both checks."""
     run_w4a4_graph(comfy_server, wan_checkpoint_factory, env)
-    check_example_workflows(comfy_server)
+    try:
+        check_example_workflows(comfy_server)
+    finally:
+        stop_queued_work(comfy_server)
+
+
+def stop_queued_work(server, timeout: float = 120.0) -> None:
+    """Clears the queue and interrupts the prompt running: the example workflows are queued only to see
+    ComfyUI accept them, and the next test's prompt on this shared server must not wait behind the mini
+    workflow's calibration. ComfyUI clears the interrupt flag when the next prompt starts."""
+    server.request("/queue", {"clear": True})
+    server.request("/interrupt", {})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = server.request("/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the server still runs a prompt {timeout} s after /interrupt:\n{server.log()[-3000:]}")
 
 
 def run_w4a4_graph(comfy_server, wan_checkpoint_factory, env):

@@ -7,6 +7,7 @@ rank 0) on each block Linear of a tiny expert, with per-bin clip ratios, written
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -40,6 +41,19 @@ def make_state(model, expert: str, path: Path, *, edges=None, clips=None, finger
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt.save_state(path, params, meta, overwrite=True)
     return path
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside: small SVDs on a busy 2-core machine are 10-50x slower on two
+    (tests/calibration/conftest.py measured it); the node tests' module fixtures run outside that
+    directory's per-test fixture."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def quantizable_linears_of(model) -> list[str]:
