@@ -17,6 +17,11 @@ given with ``--text-encoder`` (loaded as CLIPLoader type "wan" loads it), the VA
 (as VAELoader loads it), CLIPTextEncode and WanImageToVideo at ``--width``/``--height``/``--frames``.
 With ``--source minimodel`` the mini model's text map and linear VAE stand in for them (no download).
 The set is parsed and every image decoded before any model loads.
+
+Several GPUs or processes: ``torchrun --nproc-per-node N -m wan_w4a4 calibrate ...`` (``--nnodes`` for several
+hosts) runs one calibration over N processes, one GPU each (NCCL; gloo with ``--cpu``): each samples its share
+of the items and quantizes its share of the layers; rank 0 alone shows the bar and writes
+(calibration/distributed.py).
 """
 from __future__ import annotations
 
@@ -364,8 +369,15 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from ..calibration.capture import CalibrationError, synthetic_items
-    from ..calibration.pipeline import calibrate
+    from ..calibration import distributed
+    from ..calibration.capture import CalibrationError
+
+    try:
+        world = distributed.World.from_env()
+        distributed.timeout_s()  # a bad timeout is an error now, not at the first collective
+    except ValueError as e:
+        print(f"calibrate: {e}", file=sys.stderr)
+        return 2
 
     try:
         config = config_from_args(args)
@@ -396,6 +408,23 @@ def _run(args) -> int:
         print("calibrate: --text-encoder, --vae and --negative are for --set", file=sys.stderr)
         return 2
 
+    import torch
+
+    # before ComfyUI picks its device: this process's GPU (LOCAL_RANK) is the current one
+    distributed.init(world, use_cuda=not args.cpu and torch.cuda.is_available())
+    try:
+        return _calibrate(args, config, cset, size, world)
+    except distributed.DistributedError as e:
+        print(f"calibrate: {e}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+
+
+def _calibrate(args, config, cset, size, world) -> int:
+    from ..calibration.capture import CalibrationError, synthetic_items
+    from ..calibration.pipeline import calibrate
+
     try:
         runtime.init_comfyui(args.comfyui, cpu=True if args.cpu else None)
     except runtime.ComfyUINotFound as e:
@@ -424,9 +453,10 @@ def _run(args) -> int:
             items = synthetic_items(args.items, frames=frames, height=args.height, width=args.width,
                                     text_tokens=args.text_tokens, text_dim=_text_dim(args.high),
                                     seed=args.item_seed)
-        bar = _Tqdm(unit="unit", eta_in_text=True)
-        result = calibrate(loader(args.high), loader(args.low), items, config, progress=bar,
-                           restart=getattr(args, "restart", False))
+        bar = _Tqdm(unit="unit", eta_in_text=True) if world.main else None  # one bar: rank 0's
+        with _sigterm_stops(world):
+            result = calibrate(loader(args.high), loader(args.low), items, config, progress=bar,
+                               restart=getattr(args, "restart", False), world=world)
     except (CalibrationError, FileExistsError) as e:
         print(f"calibrate: {e}", file=sys.stderr)
         return 2 if isinstance(e, CalibrationError) else 1
@@ -437,5 +467,32 @@ def _run(args) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(f"high: {result.high}\nlow: {result.low}\nreport: {result.report}")
+    if world.main:
+        print(f"high: {result.high}\nlow: {result.low}\nreport: {result.report}")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_stops(world):
+    """In a run over several processes, SIGTERM (what torchrun sends the others when one fails) stops this
+    one with an error that says so; the work folder keeps the finished work and is unlocked. One process:
+    unchanged."""
+    import signal
+
+    from ..calibration import distributed
+
+    if world.size == 1:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise distributed.DistributedError(
+            f"rank {world.rank} of {world.size}: stopped by SIGTERM: torchrun stops every process of the run "
+            "when another process of it fails (its report names which); no state is written, the finished work "
+            "is kept: run the same command again (with any number of processes) to resume")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
