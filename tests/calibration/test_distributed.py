@@ -71,6 +71,37 @@ def test_payloads_travel_as_safetensors_bytes():
     assert distributed.unpack(distributed.pack(None)) == (None, {})
 
 
+SILENT_PEER = """
+import sys, time
+from wan_w4a4.calibration import distributed as d
+world = d.World.from_env()
+d.init(world, use_cuda=False)
+if world.rank == 1:
+    time.sleep(60)  # alive, but never reaches the collective
+try:
+    d.barrier(world, "the test's barrier")
+except d.DistributedError as e:
+    print(e, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def test_a_silent_peer_times_the_collective_out(tmp_path):
+    """A process that neither dies nor answers: rank 0's collective stops at the timeout with an error, and
+    torchrun then stops the silent one (nothing waits 60 s)."""
+    script = tmp_path / "silent_peer.py"
+    script.write_text(SILENT_PEER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{distributed.TIMEOUT_ENV: "3"})
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script)], env=env, capture_output=True, text=True, timeout=120, check=False)
+    took = time.monotonic() - t0
+    assert r.returncode != 0
+    assert ("rank 0 of 2: the test's barrier failed: another process of the run died or did not answer within "
+            "3 s") in r.stderr, r.stderr[-3000:]
+    assert "exitcode  : 3" in r.stderr and took < 45, f"{took:.0f} s"
+
+
 # --- the command line under torchrun ---------------------------------------------------------
 
 def _cli(args, comfyui, nproc=1, kill_after=None):
