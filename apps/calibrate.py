@@ -412,6 +412,8 @@ def _run(args) -> int:
 
     # before ComfyUI picks its device: this process's GPU (LOCAL_RANK) is the current one
     distributed.init(world, use_cuda=not args.cpu and torch.cuda.is_available())
+    if not world.main:  # rank 0 tells the run; the others only their warnings and errors
+        logging.getLogger(__package__.rpartition(".")[0]).setLevel(logging.WARNING)
     try:
         return _calibrate(args, config, cset, size, world)
     except distributed.DistributedError as e:

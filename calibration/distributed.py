@@ -30,6 +30,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.distributed as tdist
 
 from .capture import CalibrationError, ExpertCapture
 from .hessian import InputStats, RowReservoir
@@ -109,36 +110,28 @@ def init(world: World, use_cuda: bool) -> None:
     rendezvous is torchrun's (MASTER_ADDR, MASTER_PORT)."""
     if world.size == 1:
         return
-    import torch.distributed as dist
-
     if use_cuda:
         torch.cuda.set_device(world.local_rank)
     backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.size,
-                            timeout=datetime.timedelta(seconds=timeout_s()))
+    tdist.init_process_group(backend, rank=world.rank, world_size=world.size,
+                            timeout=datetime.timedelta(seconds=timeout_s()),
+                            device_id=torch.device("cuda", world.local_rank) if use_cuda else None)
     log.info("rank %d of %d (local rank %d): process group up (%s)", world.rank, world.size, world.local_rank,
              backend)
 
 
 def shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
 # Transport: bytes, tensors, and JSON + tensors as safetensors bytes
 # ---------------------------------------------------------------------------------------------
 
-def _dist():
-    import torch.distributed as dist
-    return dist
-
-
 def _device() -> torch.device:
     """Where collectives take their tensors: this process's GPU under NCCL, else the CPU."""
-    if _dist().get_backend() == "nccl":
+    if tdist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -156,7 +149,7 @@ def _reduce_(world: World, t: torch.Tensor, op, what: str) -> None:
     """All-reduce ``t`` in place (through the collective device when ``t`` is elsewhere)."""
     dev = _device()
     x = t if t.device == dev else t.to(dev)
-    _collective(world, what, lambda: _dist().all_reduce(x, op=op))
+    _collective(world, what, lambda: tdist.all_reduce(x, op=op))
     if x is not t:
         t.copy_(x)
 
@@ -165,7 +158,7 @@ def _all_gather(world: World, t: torch.Tensor, what: str) -> list[torch.Tensor]:
     """Every rank's ``t`` (same shape and dtype on all ranks), in rank order, on the CPU."""
     x = t.contiguous().to(_device())
     out = [torch.empty_like(x) for _ in range(world.size)]
-    _collective(world, what, lambda: _dist().all_gather(out, x))
+    _collective(world, what, lambda: tdist.all_gather(out, x))
     return [o.cpu() for o in out]
 
 
@@ -191,16 +184,16 @@ def gather_bytes(world: World, data: bytes, what: str) -> list[bytes]:
     sizes = _sizes(world, len(data), what)
     x = _padded(data, max(sizes)).to(_device())
     out = [torch.empty_like(x) for _ in range(world.size)] if world.main else None
-    _collective(world, what, lambda: _dist().gather(x, out, dst=0))
+    _collective(world, what, lambda: tdist.gather(x, out, dst=0))
     return [bytes(p[:n].cpu().numpy()) for p, n in zip(out, sizes)] if world.main else []
 
 
 def broadcast_bytes(world: World, data: bytes | None, what: str) -> bytes:
     """Rank 0's ``data`` on every rank."""
     n = torch.tensor([len(data) if world.main else 0], dtype=torch.int64).to(_device())
-    _collective(world, what, lambda: _dist().broadcast(n, src=0))
+    _collective(world, what, lambda: tdist.broadcast(n, src=0))
     x = _padded(data if world.main else b"", int(n)).to(_device())
-    _collective(world, what, lambda: _dist().broadcast(x, src=0))
+    _collective(world, what, lambda: tdist.broadcast(x, src=0))
     return bytes(x.cpu().numpy())
 
 
@@ -259,7 +252,7 @@ def on_main(world: World, fn: Callable, share: Callable | None = None, unshare: 
 
 def barrier(world: World, what: str) -> None:
     if world.size > 1:
-        _collective(world, what, lambda: _dist().barrier())
+        _collective(world, what, lambda: tdist.barrier())
 
 
 class SharedWork:
@@ -337,7 +330,7 @@ class SharedWork:
 # ---------------------------------------------------------------------------------------------
 
 def _reduce_stats(world: World, s: InputStats, what: str) -> None:
-    op = _dist().ReduceOp
+    op = tdist.ReduceOp
     if s.h is not None:
         _reduce_(world, s.h, op.SUM, what)
     _reduce_(world, s.xsum, op.SUM, what)
@@ -357,7 +350,7 @@ def _merge_reservoir(world: World, r: RowReservoir, what: str) -> None:
     rows = torch.zeros(cap, r.k, dtype=r.dtype)
     rows[:n] = r.rows().cpu()
     seen = torch.tensor([r.seen], dtype=torch.int64)
-    _reduce_(world, seen, _dist().ReduceOp.SUM, what)
+    _reduce_(world, seen, tdist.ReduceOp.SUM, what)
     all_keys = _all_gather(world, keys, what)
     all_rows = _all_gather(world, rows.view(torch.uint8), what)  # as bytes: any dtype, any backend
     for j in range(world.size):
@@ -383,7 +376,7 @@ def reduce_capture(world: World, cap: ExpertCapture) -> None:
         for r in g.reservoirs:
             _merge_reservoir(world, r, what)
         calls = torch.tensor(g.calls, dtype=torch.int64)
-        _reduce_(world, calls, _dist().ReduceOp.SUM, what)
+        _reduce_(world, calls, tdist.ReduceOp.SUM, what)
         g.calls = calls.tolist()
     parts = all_gather_bytes(world, json.dumps(cap.item_timesteps).encode(), what)
     cap.item_timesteps = {int(i): ts for p in parts for i, ts in json.loads(p).items()}

@@ -73,9 +73,20 @@ def test_payloads_travel_as_safetensors_bytes():
 
 SILENT_PEER = """
 import sys, time
-from wan_w4a4.calibration import distributed as d
+from wan_w4a4.calibration import CalibrationError, distributed as d
 world = d.World.from_env()
 d.init(world, use_cuda=False)
+
+def refuse():
+    raise CalibrationError("rank 0 refuses")
+
+try:  # what rank 0 decides, every rank gets: its error ...
+    d.on_main(world, refuse)
+except CalibrationError as e:
+    print(f"rank {world.rank} got: {e}", file=sys.stderr)
+# ... or its result
+shared = d.on_main(world, lambda: {"x": world.rank}, share=lambda r: (r, {}), unshare=lambda p, t: p)
+print(f"rank {world.rank} shared {shared}", file=sys.stderr)
 if world.rank == 1:
     time.sleep(60)  # alive, but never reaches the collective
 try:
@@ -86,9 +97,10 @@ except d.DistributedError as e:
 """
 
 
-def test_a_silent_peer_times_the_collective_out(tmp_path):
-    """A process that neither dies nor answers: rank 0's collective stops at the timeout with an error, and
-    torchrun then stops the silent one (nothing waits 60 s)."""
+def test_rank_0_decides_for_all_and_a_silent_peer_times_the_collective_out(tmp_path):
+    """What rank 0 decides (its result, or its error) reaches every rank. A process that neither dies nor
+    answers: rank 0's collective stops at the timeout with an error, and torchrun then stops the silent one
+    (nothing waits 60 s)."""
     script = tmp_path / "silent_peer.py"
     script.write_text(SILENT_PEER)
     env = dict(os.environ, OMP_NUM_THREADS="1", **{distributed.TIMEOUT_ENV: "3"})
@@ -97,6 +109,8 @@ def test_a_silent_peer_times_the_collective_out(tmp_path):
                         str(script)], env=env, capture_output=True, text=True, timeout=120, check=False)
     took = time.monotonic() - t0
     assert r.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} got: rank 0 refuses" in r.stderr and f"rank {rank} shared {{'x': 0}}" in r.stderr
     assert ("rank 0 of 2: the test's barrier failed: another process of the run died or did not answer within "
             "3 s") in r.stderr, r.stderr[-3000:]
     assert "exitcode  : 3" in r.stderr and took < 45, f"{took:.0f} s"
