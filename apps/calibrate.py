@@ -198,6 +198,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the kept rows held out to measure the report's SQNR")
     r.add_argument("--blocks-per-pass", type=int, default=None,
                    help="blocks captured per sampling pass (default: all at once; lower it if memory runs out)")
+    r.add_argument("--gpu-budget", type=float, default=None, metavar="GIB",
+                   help="GPU memory calibration stays under, in GiB (default: none): blocks per pass chosen so their "
+                        "statistics take 40 % of it, and ComfyUI loads the expert within the rest, streaming the "
+                        "remainder (e.g. 22 on a 24 GB GPU)")
     r.add_argument("--stats-device", default=None, help="where statistics live (default: the model's device)")
     r.add_argument("--device", default=None, help="where the per-layer math runs (default: the model's device)")
     r.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration's own random choices")
@@ -213,7 +217,7 @@ def config_from_args(args) -> CalibrationConfig:
         gptq_block=args.gptq_block, act_order=args.act_order, unsigned_ffn2=args.unsigned_ffn2,
         clip_grid=args.clip_grid, clip_policy=args.clip_policy, keep=args.keep, rows_per_bin=args.rows_per_bin,
         token_fraction=args.token_fraction, eval_fraction=args.eval_fraction, blocks_per_pass=args.blocks_per_pass,
-        stats_device=args.stats_device, device=args.device, seed=args.seed, out_dir=str(args.out),
+        gpu_budget_gib=args.gpu_budget, stats_device=args.stats_device, device=args.device, seed=args.seed, out_dir=str(args.out),
         name=args.name, overwrite=args.overwrite)
 
 

@@ -122,7 +122,8 @@ class CalibrationConfig:
     Memory: rows_per_bin (per input, per bin reservoir), token_fraction (share of each call's tokens
       that enter the Hessian and the reservoirs), blocks_per_pass (capture re-runs sampling for each
       subset of blocks so that Hessians of all blocks never coexist; None = all at once),
-      stats_device (None = the model's device; "cpu" keeps statistics on the host), device (where
+      gpu_budget_gib (GPU memory calibration stays under: blocks_per_pass chosen to fit and ComfyUI
+      told to load the model within it, ``budget.py``; None = no budget), stats_device (None = the model's device; "cpu" keeps statistics on the host), device (where
       the per-layer math runs; None = the model's device).
     Output: out_dir, name -> ``<out_dir>/<name>_high.safetensors``, ``..._low.safetensors``,
       ``<name>_report.json``; overwrite must be set to replace existing files.
@@ -154,6 +155,7 @@ class CalibrationConfig:
     token_fraction: float = 1.0
     eval_fraction: float = 0.125
     blocks_per_pass: int | None = None
+    gpu_budget_gib: float | None = None
     stats_device: str | None = None
     device: str | None = None
     seed: int = 0
@@ -202,6 +204,10 @@ class CalibrationConfig:
         need(0.0 <= self.eval_fraction < 1.0, f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
         need(self.blocks_per_pass is None or (isinstance(self.blocks_per_pass, int) and self.blocks_per_pass >= 1),
              f"blocks_per_pass must be None or an int >= 1, got {self.blocks_per_pass!r}")
+        need(self.gpu_budget_gib is None or (isinstance(self.gpu_budget_gib, (int, float))
+                                              and not isinstance(self.gpu_budget_gib, bool)
+                                              and math.isfinite(self.gpu_budget_gib) and self.gpu_budget_gib > 0),
+             f"gpu_budget_gib must be None or a number of GiB > 0, got {self.gpu_budget_gib!r}")
         need(bool(self.name) and re.fullmatch(r"[\w.\-]+", self.name) is not None,
              f"name must be a plain file-name stem, got {self.name!r}")
         problem = name_length_problem(self.name)

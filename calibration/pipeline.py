@@ -32,6 +32,7 @@ import torch
 
 from ..kernels import format as fmt
 from ..kernels import numerics
+from . import budget
 from . import distributed as dist
 from . import report as rpt
 from .capture import (
@@ -297,7 +298,7 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: dis
     if not layers["high"] and not lazy["low"] and not layers["low"]:
         raise CalibrationError("nothing to quantize: the keep-list keeps every block Linear in BF16")
 
-    with torch.inference_mode():
+    with torch.inference_mode(), budget.comfy_budget(config, _device(config, models["high"])):
         shifted = {"high": with_shift(models["high"], config.shift)}
         _, ts = schedule(shifted["high"], config)
         switch, boundary = handover(ts, config)
@@ -321,7 +322,7 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: dis
         mine = world.shard(len(items))  # the items this process samples
 
         def plan_work(expert):  # passes and progress units (sampling steps, layers) of an expert
-            passes = block_passes([s.block for s in layers[expert]], config.blocks_per_pass)
+            passes = block_passes([s.block for s in layers[expert]], budget.blocks_per_pass(layers[expert], config))
             n_sampled = max(1, len(passes)) if expert == "high" else len(passes)
             return passes, n_sampled * len(mine) * steps_of[expert], len(layers[expert])
 
@@ -479,6 +480,8 @@ def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], sa
         info["bin_rows"] = cap.bin_rows()
         _check_bins(expert, cap, config)
     work.save_info(expert, info)
+    if config.gpu_budget_gib is not None:  # the layers' work needs the GPU the loaded weights hold (budget.py)
+        _release_models(device)
     t0 = time.perf_counter()
     done = {s.name: saved[s.name] for s in specs if s.name in saved}
     reused = len(done)
@@ -523,6 +526,7 @@ def _plan(model, config: CalibrationConfig, expert: str) -> list[LayerSpec]:
     what = f"the {expert}-noise model"
     specs = plan_layers(model, config, what)
     check_no_weight_patches(model, specs, what)
+    budget.check(specs, config, what)
     return specs
 
 

@@ -30,6 +30,7 @@ import torch
 from ..calibration import capture
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
+from . import attention as attn
 from . import chunking, ffn, lora
 from .hook import HOOK_KEY, TimestepBinHook, attach_hook
 from .ops import BinSelector, W4A4Linear, is_w4a4, layer_bytes, make_w4a4_ops, unclaimed
@@ -224,13 +225,15 @@ def _hook_for(meta: fmt.StateMeta, source: str) -> tuple[TimestepBinHook, BinSel
 
 
 def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMeta, source: str = "W4A4 state",
-                     cond_batch: str = "auto"):
+                     cond_batch: str = "auto", attention: str = "auto"):
     """A clone of ``model`` (a ModelPatcher of a BF16 Wan expert) running ``layers`` in W4A4, with
-    the cond-batch policy ``cond_batch`` (``chunking.attach_split``).
+    the cond-batch policy ``cond_batch`` (``chunking.attach_split``) and the SDPA order ``attention``
+    (``attention.attach``).
 
     Raises W4A4StateError (naming ``source``) before anything is cloned if the state does not fit.
     """
     chunking.check_mode(cond_batch)
+    attn.check_mode(attention)
     replaced = check_state_fits(model, layers, meta, source)
     hook, selector = _hook_for(meta, source)
     modules = {name: W4A4Linear(p, name, selector) for name, p in layers.items()}
@@ -240,6 +243,7 @@ def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
     ffn.attach_inplace_gelu(m, layers)
     attach_hook(m, hook)
     chunking.attach_split(m, cond_batch)
+    attn.attach(m, attention)
     _add_lora_callbacks(m)
     m.set_attachments(ATTACHMENT, W4A4Info(meta, source, tuple(layers), "state"))
     m.size = max(0, model.model_size() - replaced + sum(layer_bytes(x) for x in modules.values()))
@@ -259,7 +263,7 @@ def placeholder_state_dict(layers: dict[str, nm.W4A4Params], rest: dict[str, tor
     return sd
 
 
-def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: str = "auto",
+def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: str = "auto", attention: str = "auto",
                          disable_dynamic: bool = False):
     """A ModelPatcher for a self-contained W4A4 checkpoint (see the module doc).
 
@@ -272,6 +276,7 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: st
     import comfy.sd
 
     chunking.check_mode(cond_batch)  # before reading gigabytes
+    attn.check_mode(attention)
 
     layers, rest, meta = fmt.load_checkpoint(path)
     hook, selector = _hook_for(meta, path)
@@ -300,11 +305,12 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: st
                              f"(first: {', '.join(left[:3])})", "the checkpoint is damaged or for another model")
     attach_hook(model, hook)
     chunking.attach_split(model, cond_batch)
+    attn.attach(model, attention)
     ffn.attach_inplace_gelu(model, layers)
     _add_lora_callbacks(model)
     model.set_attachments(ATTACHMENT, W4A4Info(meta, str(path), tuple(layers), "checkpoint"))
     if hasattr(model, "cached_patcher_init"):
-        model.cached_patcher_init = (load_w4a4_checkpoint, (str(path), model_options, cond_batch))
+        model.cached_patcher_init = (load_w4a4_checkpoint, (str(path), model_options, cond_batch, attention))
     return model
 
 

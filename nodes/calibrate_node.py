@@ -181,6 +181,10 @@ class CalibrateW4A4:
                                 "N start images and prompts from 'W4A4 Calibration Set': when connected, "
                                 "calibration runs on all of them (one sampling run per item, each with its "
                                 "seed) instead of positive / negative / latent and runs."}),
+            "gpu_budget_gib": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip":
+                               "GPU memory calibration stays under, in GiB (0 = no budget): statistics of as "
+                               "many blocks per pass as 40 % of it holds, and ComfyUI loads the expert within "
+                               "the rest, streaming the remainder (e.g. 22 on a 24 GB GPU)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL", "MODEL", "STRING")
@@ -199,7 +203,8 @@ class CalibrateW4A4:
     def calibrate(self, model_high, model_low, positive=None, negative=None, latent=None, *, seed, runs, steps,
                   cfg, shift, boundary, bins, rank, clip_grid, clip_policy, gptq, name, overwrite, keep="",
                   rows_per_bin=1024, alphas="", blocks_per_pass=0, handover="boundary", handover_step=10,
-                  sampler_name="euler", scheduler="simple", calibration_set=None, unique_id=None):
+                  sampler_name="euler", scheduler="simple", calibration_set=None, gpu_budget_gib=0.0,
+                  unique_id=None):
         keep_list = []
         for k in (keep or "").split(","):
             k = k.strip()
@@ -212,7 +217,7 @@ class CalibrateW4A4:
             clip_grid=parse_floats(clip_grid, "clip_grid"), clip_policy=clip_policy, gptq=gptq,
             alphas=parse_floats(alphas, "alphas") if (alphas or "").strip() else DEFAULT_ALPHAS,
             keep=tuple(keep_list), rows_per_bin=rows_per_bin, blocks_per_pass=blocks_per_pass or None,
-            out_dir=out_dir, name=name, overwrite=overwrite, seed=seed)
+            gpu_budget_gib=gpu_budget_gib or None, out_dir=out_dir, name=name, overwrite=overwrite, seed=seed)
         items = calibration_items(positive, negative, latent, seed, runs, calibration_set)
         pbar = comfy.utils.ProgressBar(1)
 

@@ -12,9 +12,9 @@ import torch
 
 from ..kernels import format as fmt
 from . import apply as ap
-from . import chunking
+from . import attention as attn
+from . import chunking, paths
 from . import inspect_node as insp
-from . import paths
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,11 @@ COND_BATCH = (list(chunking.MODES), {
     "tooltip": "How a CFG step's cond and uncond reach the model. auto: one at a time when a call would "
                "exceed 32k tokens (480p x 81 and up), which halves activation memory at the same speed; "
                "batched: ComfyUI's default (both in one call); split: always one at a time."})
+ATTENTION = (list(attn.MODES), {
+    "default": "auto", "advanced": True,
+    "tooltip": "Which PyTorch attention kernel runs first. auto: cuDNN attention on Hopper GPUs (H100/H200, "
+               "measured faster at Wan2.2's shapes), ComfyUI's own order elsewhere or when another attention "
+               "node is set; comfy: always ComfyUI's order; cudnn first: always cuDNN first."})
 
 
 def _other_kind(e: fmt.W4A4FormatError, name: str, want: str) -> ap.W4A4StateError | None:
@@ -67,21 +72,22 @@ class ApplyW4A4State:
             "state_name": (paths.list_files("state"), {
                 "tooltip": "A W4A4 state calibrated for THIS expert (high-noise or low-noise), from "
                            "models/w4a4/. The state is checked against the model before use."}),
-        }, "optional": {"cond_batch": COND_BATCH}}
+        }, "optional": {"cond_batch": COND_BATCH, "attention": ATTENTION}}
 
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The expert with its quantized Linears swapped in as model patches and the "
-                       "timestep-aware clip hook attached; the input MODEL is unchanged.",)
+    OUTPUT_TOOLTIPS = (("The expert with its quantized Linears swapped in as model patches and the "
+                       "timestep-aware clip hook attached; the input MODEL is unchanged."),)
     FUNCTION = "apply"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Runs a Wan2.2 expert with 4-bit weights and 4-bit activations: the state's layers replace "
                    "the model's Linears (SVDQuant low-rank branch + GPTQ residual), and each sampling step "
                    "uses the activation clip ratios of its timestep bin.")
 
-    def apply(self, model, state_name, cond_batch="auto"):
+    def apply(self, model, state_name, cond_batch="auto", attention="auto"):
         path, layers, meta = _load_state(state_name, model)
-        return (ap.apply_w4a4_state(model, layers, meta, source=os.path.basename(path), cond_batch=cond_batch),)
+        return (ap.apply_w4a4_state(model, layers, meta, source=os.path.basename(path), cond_batch=cond_batch,
+                                    attention=attention),)
 
 
 class LoadW4A4Model:
@@ -93,7 +99,7 @@ class LoadW4A4Model:
             "ckpt_name": (paths.list_files("checkpoint"), {
                 "tooltip": "A self-contained W4A4 Wan2.2 expert (made by 'Save W4A4 checkpoint') from "
                            "models/w4a4/. Replaces UNETLoader; memory is about the quantized size."}),
-        }, "optional": {"cond_batch": COND_BATCH}}
+        }, "optional": {"cond_batch": COND_BATCH, "attention": ATTENTION}}
 
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -102,10 +108,10 @@ class LoadW4A4Model:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads a Wan2.2 expert saved as one W4A4 file (4-bit block Linears + the BF16 rest)."
 
-    def load(self, ckpt_name, cond_batch="auto"):
+    def load(self, ckpt_name, cond_batch="auto", attention="auto"):
         path = paths.resolve(ckpt_name)
         try:
-            return (ap.load_w4a4_checkpoint(path, cond_batch=cond_batch),)
+            return (ap.load_w4a4_checkpoint(path, cond_batch=cond_batch, attention=attention),)
         except fmt.W4A4FormatError as e:
             raise (_other_kind(e, ckpt_name, "checkpoint") or e) from None
 
@@ -151,8 +157,8 @@ class InspectW4A4State:
 
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("heatmap", "summary")
-    OUTPUT_TOOLTIPS = ("Clip ratio per layer (x) and timestep bin (y), one panel per expert; a strip of "
-                       "per-layer SQNR when the calibration report is beside the state.",
+    OUTPUT_TOOLTIPS = (("Clip ratio per layer (x) and timestep bin (y), one panel per expert; a strip of "
+                       "per-layer SQNR when the calibration report is beside the state."),
                        "Bins, policy, fingerprint, clip statistics per bin and per-layer error summary.")
     FUNCTION = "inspect"
     OUTPUT_NODE = True

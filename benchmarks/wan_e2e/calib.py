@@ -36,6 +36,9 @@ def run_calibration(args) -> dict:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        if args.calib_gpu_cap:  # the GPU a user has, on a larger one: allocations past the cap fail
+            torch.cuda.set_per_process_memory_fraction(
+                args.calib_gpu_cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     names = file_names(args)
     path = base_dir(args) / "models" / "diffusion_models" / names["bf16"]
     load_times = []
@@ -64,6 +67,7 @@ def run_calibration(args) -> dict:
     bpp = args.calib_blocks_per_pass
     config = CalibrationConfig(steps=args.calib_steps, keep=tuple(range(nblocks, arch.num_layers)),
                                blocks_per_pass=bpp, token_fraction=args.calib_token_fraction,
+                               gpu_budget_gib=args.calib_gpu_budget,
                                out_dir=str(Path(args.workdir) / "calibration"), name="bench", overwrite=True,
                                seed=args.seed)
     if cuda:
@@ -74,6 +78,7 @@ def run_calibration(args) -> dict:
     load_s = sum(load_times)  # inside cal_s: the experts load when their turn comes
     out = {"items": args.calib_items, "frames": args.calib_frames, "res": args.calib_res, "steps": args.calib_steps,
            "blocks_calibrated": nblocks, "blocks_total": arch.num_layers, "blocks_per_pass": bpp,
+           "gpu_budget_gib": args.calib_gpu_budget, "gpu_cap_gib": args.calib_gpu_cap,
            "token_fraction": args.calib_token_fraction, "load_s": round(load_s, 2), "calibrate_s": round(cal_s, 2),
            "peak_alloc_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
            "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if cuda else None,
@@ -82,7 +87,9 @@ def run_calibration(args) -> dict:
     est_total = 0.0
     # A full run cannot hold the Hessians of all 40 blocks next to the model (~1.4 GB per block at
     # real size): it samples once per group of blocks_per_pass blocks.
-    full_bpp = min(bpp or args.calib_full_blocks_per_pass, arch.num_layers)
+    planned = data["experts"]["high"].get("passes") or [[0]]
+    full_bpp = min(bpp or (max(len(p) for p in planned) if args.calib_gpu_budget else args.calib_full_blocks_per_pass),
+                   arch.num_layers)
     out["full_run_blocks_per_pass"] = full_bpp
     for e in ("high", "low"):
         d = data["experts"][e]

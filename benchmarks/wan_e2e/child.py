@@ -198,8 +198,9 @@ def load_expert(args, nodes, loader, i: int, cuda: bool):
 
     name, spec, names = args.config, CONFIGS[args.config], file_names(args)
     if is_w4a4(name):
-        return (loader.load(names["w4a4"], spec["cond_batch"])[0],
-                f"WanW4A4LoadModel('{names['w4a4']}', cond_batch='{spec['cond_batch']}')")
+        return (loader.load(names["w4a4"], spec["cond_batch"], args.attention)[0],
+                (f"WanW4A4LoadModel('{names['w4a4']}', cond_batch='{spec['cond_batch']}', "
+                f"attention='{args.attention}')"))
     if args.source == "file":
         return (nodes.UNETLoader().load_unet(names["bf16"], spec["weight_dtype"])[0],
                 f"UNETLoader('{names['bf16']}', '{spec['weight_dtype']}')")
@@ -219,7 +220,7 @@ def load_experts(args, nodes, cuda: bool) -> tuple[dict, dict]:
     ({expert: ModelPatcher}, {expert: what loading took and made})."""
     import torch
     from wan_w4a4.apps import runtime
-    from wan_w4a4.nodes import chunking
+    from wan_w4a4.nodes import attention, chunking
 
     name, spec, names = args.config, CONFIGS[args.config], file_names(args)
     loads, experts, loader = {}, {}, None
@@ -233,6 +234,10 @@ def load_experts(args, nodes, cuda: bool) -> tuple[dict, dict]:
             if not is_w4a4(name) and spec["cond_batch"] != "batched":
                 chunking.attach_split(experts[expert], spec["cond_batch"])
                 how += f" + cond_batch '{spec['cond_batch']}' (the pack's APPLY_MODEL wrapper)"
+            if not is_w4a4(name) and args.attention != "comfy":
+                experts[expert] = experts[expert].clone()
+                cudnn = attention.attach(experts[expert], args.attention)
+                how += f" + attention '{args.attention}' (cuDNN first: {cudnn})"
             if spec.get("lora_rank"):
                 experts[expert] = nodes.LoraLoaderModelOnly().load_lora_model_only(experts[expert], names["lora"],
                                                                                    1.0)[0]
@@ -322,7 +327,7 @@ def run_config(args, result: dict) -> dict:
 
     modes = args.memory
     result.update({"config": name, **spec, "modes": {}, "env": env_info(cuda), "arch": args.arch,
-                   "source": args.source})
+                   "source": args.source, "attention": args.attention})
     mm.DISABLE_SMART_MEMORY = modes[0] == "one-expert"  # decides where UNETLoader creates the models
     if cuda:
         torch.cuda.reset_peak_memory_stats()

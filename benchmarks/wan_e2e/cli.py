@@ -34,6 +34,10 @@ def parse_args(argv=None, description: str = DESCRIPTION):
                    help="turn on ComfyUI's dynamic VRAM (comfy-aimdo) as its main.py does by default on NVIDIA "
                         "(ComfyUI 0.33+; runtime.init_comfyui); weights it streams live outside PyTorch's "
                         "allocator, so compare the device-level 'used' column")
+    p.add_argument("--attention", choices=("auto", "comfy", "cudnn first"), default="comfy",
+                   help="SDPA order for every configuration (nodes/attention.py): comfy (default) keeps ComfyUI's, "
+                        "as a BF16 graph runs; auto is what the W4A4 nodes do by default (cuDNN first on Hopper); "
+                        "the same order for all configurations keeps them comparable")
     p.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--results-md", default=None,
                    help="markdown file to append to (default benchmarks/RESULTS.md for --arch real, none for tiny); 'none'")
@@ -53,6 +57,9 @@ def parse_args(argv=None, description: str = DESCRIPTION):
     c.add_argument("--calib-blocks", type=int, default=2, help="blocks calibrated (the rest kept BF16), default 2")
     c.add_argument("--calib-blocks-per-pass", type=int, default=None, help="CalibrationConfig.blocks_per_pass")
     c.add_argument("--calib-token-fraction", type=float, default=0.25)
+    c.add_argument("--calib-gpu-budget", type=float, default=None, metavar="GIB", help="CalibrationConfig.gpu_budget_gib")
+    c.add_argument("--calib-gpu-cap", type=float, default=None, metavar="GIB",
+                   help="cap the calibration process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     c.add_argument("--calib-full-blocks-per-pass", type=int, default=10,
                    help="blocks_per_pass assumed when extrapolating to all blocks (default 10)")
     p.add_argument("--report-from", type=Path, nargs="+", default=None, metavar="JSON",

@@ -44,8 +44,9 @@ CONFIGS = {
     # calls eval() for a few other models only), and its fp8_ops.Linear runs the fp8 matmul only when
     # ``not self.training``: so there fp8_e4m3fn_fast computes in 16 bit for Wan. This reference switches
     # the model to eval mode after loading, to show what the fp8 matmul itself would give. ComfyUI 0.33
-    # puts every diffusion model in eval mode (and its fp8_ops.Linear no longer looks at the mode), so
-    # there fp8_fast already runs the fp8 matmul and fp8_fast_eval is the same as fp8_fast.
+    # puts every diffusion model in eval mode and its fp8_ops.Linear no longer looks at the mode, yet on
+    # the H200 with dynamic VRAM its fp8_fast profile shows the fp16 cuBLAS kernels of BF16 and BF16's
+    # step time (benchmarks/RESULTS.md, 2026-11-29): no fp8 matmul ran there either (cause not traced).
     "fp8_fast_eval": {"loader": "UNETLoader", "weight_dtype": "fp8_e4m3fn_fast", "cond_batch": "batched",
                       "eval": True},
     "w4a4": {"loader": "WanW4A4LoadModel", "weight_dtype": "w4a4 checkpoint", "cond_batch": "auto"},

@@ -61,9 +61,13 @@ def child_cmd(args, kind: str, out_json: Path, config: str | None = None) -> lis
            "--calib-res", args.calib_res, "--calib-steps", str(args.calib_steps),
            "--calib-blocks", str(args.calib_blocks), "--calib-token-fraction", str(args.calib_token_fraction),
            "--calib-full-blocks-per-pass", str(args.calib_full_blocks_per_pass),
-           "--log-level", args.log_level]
+           "--log-level", args.log_level, "--attention", args.attention]
     if args.calib_blocks_per_pass:
         cmd += ["--calib-blocks-per-pass", str(args.calib_blocks_per_pass)]
+    if args.calib_gpu_budget:
+        cmd += ["--calib-gpu-budget", str(args.calib_gpu_budget)]
+    if args.calib_gpu_cap:
+        cmd += ["--calib-gpu-cap", str(args.calib_gpu_cap)]
     if args.comfyui:
         cmd += ["--comfyui", str(args.comfyui)]
     if args.cpu:

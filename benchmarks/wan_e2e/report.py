@@ -172,6 +172,12 @@ def _lora_line(results: dict, mode: str) -> str | None:
             f"{folded['high'].get('ranks')}).")
 
 
+def _budget_md(c: dict) -> str:
+    parts = ([f"GPU budget {c['gpu_budget_gib']:g} GiB"] if c.get("gpu_budget_gib") else []) + \
+            ([f"process capped to {c['gpu_cap_gib']:g} GiB"] if c.get("gpu_cap_gib") else [])
+    return f", {', '.join(parts)}" if parts else ""
+
+
 def calib_md(c: dict) -> str:
     if not c:
         return ""
@@ -179,7 +185,8 @@ def calib_md(c: dict) -> str:
         return f"Calibration: {c.get('skipped') or c.get('error') or 'no result'}\n"
     lines = [(f"Calibration ({c['items']} random items × {c['steps']} steps at {c['res']} × {c['frames']} frames, "
              f"first {c['blocks_calibrated']} of {c['blocks_total']} blocks, blocks_per_pass "
-             f"{c['blocks_per_pass'] or 'all'}, token_fraction {c['token_fraction']}): load both {c['load_s']:.1f} s, "
+             f"{c['blocks_per_pass'] or 'all'}, token_fraction {c['token_fraction']}"
+             f"{_budget_md(c)}): load both {c['load_s']:.1f} s, "
              f"calibrate {c['calibrate_s']:.1f} s, peak GPU allocated {_fmt(c['peak_alloc_gib'])} GiB, "
              f"reserved {_fmt(c['peak_reserved_gib'])} GiB, host RSS peak {_fmt(c['host_peak_rss_gib'])} GiB."),
              "", ("| expert | layers | capture s per pass | quantize s per pass | s per layer | "
@@ -247,7 +254,8 @@ def report_md(meta: dict, results: dict, calib: dict) -> str:
         lines += [
              (f"- Graph: loader → ModelSamplingSD3(shift {SHIFT:g}) → KSamplerAdvanced × 2 split at t = 900, {SAMPLER}/{SCHEDULER}, "
              f"cfg {CFG} (cond + uncond), latent {any_res.get('latent')} = {any_res.get('tokens')} tokens, text context "
-             f"[1, {args.text_tokens}, 4096], in-process."),
+             f"[1, {args.text_tokens}, 4096], in-process; SDPA order `{any_res.get('attention', 'comfy')}` for "
+             f"every configuration (`nodes/attention.py`: comfy = ComfyUI's own, auto = cuDNN first on Hopper)."),
              ("- Memory modes: **default** = ComfyUI's smart memory (the high-noise expert stays on the GPU when the "
              "low-noise one is loaded if ComfyUI thinks it fits); **one-expert** = ComfyUI's `--disable-smart-memory` "
              "behaviour (loading the low-noise expert unloads the high-noise one; models created on the CPU). "
