@@ -182,6 +182,13 @@ def _get(root: torch.nn.Module, name: str):
     return mod
 
 
+def layer_spec(block: int, name: str, in_features: int, out_features: int, config: CalibrationConfig) -> LayerSpec:
+    """The LayerSpec of block Linear ``name`` (one of BLOCK_LINEARS) of block ``block``: its input group
+    and its grid."""
+    return LayerSpec(f"blocks.{block}.{name}", block, f"blocks.{block}.{INPUT_GROUP.get(name, name)}", in_features,
+                     out_features, config.unsigned_ffn2 and name in UNSIGNED_LINEARS)
+
+
 def plan_layers(model, config: CalibrationConfig, what: str = "model") -> list[LayerSpec]:
     """The Linears to quantize, block by block, minus the keep-list; refuses weights calibration cannot
     read (:func:`check_weight_source`)."""
@@ -194,8 +201,7 @@ def plan_layers(model, config: CalibrationConfig, what: str = "model") -> list[L
             if config.is_kept(full):
                 continue
             numerics.check_k(mod.in_features, f"{what} {full}.in_features")
-            specs.append(LayerSpec(full, i, f"blocks.{i}.{INPUT_GROUP.get(name, name)}", mod.in_features,
-                                   mod.out_features, config.unsigned_ffn2 and name in UNSIGNED_LINEARS))
+            specs.append(layer_spec(i, name, mod.in_features, mod.out_features, config))
     if not specs:
         log.warning("%s: the keep-list keeps every block Linear in BF16; nothing to quantize", what)
     check_weight_source(model, specs, what)

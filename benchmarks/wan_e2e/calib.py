@@ -2,6 +2,7 @@
 random calibration set on the first blocks, and an extrapolation to all blocks (labelled as one)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -18,6 +19,21 @@ from .common import (
     warch,
 )
 from .weights import random_state_dict
+
+
+def full_run_blocks_per_pass(arch, config, args) -> int:
+    """Blocks per pass of a run over all of ``arch``'s blocks: what the GPU budget plans for them
+    (``calibration/budget.py``), else ``--calib-full-blocks-per-pass``."""
+    from wan_w4a4.calibration import budget
+    from wan_w4a4.calibration.capture import BLOCK_LINEARS, layer_spec
+    from wan_w4a4.minimodel.arch import wan_state_dict_shapes
+
+    if config.gpu_budget_gib is None:
+        return args.calib_full_blocks_per_pass
+    shapes = wan_state_dict_shapes(arch)
+    specs = [layer_spec(i, n, shapes[f"blocks.{i}.{n}.weight"][1], shapes[f"blocks.{i}.{n}.weight"][0], config)
+             for i in range(arch.num_layers) for n in BLOCK_LINEARS]
+    return budget.blocks_per_pass(specs, dataclasses.replace(config, keep=()))
 
 
 def run_calibration(args) -> dict:
@@ -87,9 +103,7 @@ def run_calibration(args) -> dict:
     est_total = 0.0
     # A full run cannot hold the Hessians of all 40 blocks next to the model (~1.4 GB per block at
     # real size): it samples once per group of blocks_per_pass blocks.
-    planned = data["experts"]["high"].get("passes") or [[0]]
-    full_bpp = min(bpp or (max(len(p) for p in planned) if args.calib_gpu_budget else args.calib_full_blocks_per_pass),
-                   arch.num_layers)
+    full_bpp = min(bpp or full_run_blocks_per_pass(arch, config, args), arch.num_layers)
     out["full_run_blocks_per_pass"] = full_bpp
     for e in ("high", "low"):
         d = data["experts"][e]
