@@ -115,6 +115,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "settings resumes that work and one with other settings stops with an error")
     io.add_argument("--comfyui", type=Path, default=None, help="ComfyUI source tree (default: auto-detect)")
     io.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when a GPU is present")
+    io.add_argument("--dynamic-vram", action="store_true",
+                    help="load and stream the experts with ComfyUI's dynamic VRAM, as its main.py does by default on "
+                         "NVIDIA GPUs (ComfyUI 0.33+): the weights are read from the files as needed instead of "
+                         "copied into host memory first")
     io.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's own choice)")
 
@@ -200,7 +204,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="blocks captured per sampling pass (default: all at once; lower it if memory runs out)")
     r.add_argument("--gpu-budget", type=float, default=None, metavar="GIB",
                    help="GPU memory calibration stays under, in GiB (default: none): blocks per pass chosen so their "
-                        "statistics take 40 % of it, and ComfyUI loads the expert within the rest, streaming the "
+                        "statistics take 40 %% of it, and ComfyUI loads the expert within the rest, streaming the "
                         "remainder (e.g. 22 on a 24 GB GPU)")
     r.add_argument("--stats-device", default=None, help="where statistics live (default: the model's device)")
     r.add_argument("--device", default=None, help="where the per-layer math runs (default: the model's device)")
@@ -432,7 +436,7 @@ def _calibrate(args, config, cset, size, world) -> int:
     from ..calibration.pipeline import calibrate
 
     try:
-        runtime.init_comfyui(args.comfyui, cpu=True if args.cpu else None)
+        runtime.init_comfyui(args.comfyui, cpu=True if args.cpu else None, dynamic_vram=args.dynamic_vram)
     except runtime.ComfyUINotFound as e:
         print(f"calibrate: {e}", file=sys.stderr)
         return 2
