@@ -17,6 +17,11 @@ given with ``--text-encoder`` (loaded as CLIPLoader type "wan" loads it), the VA
 (as VAELoader loads it), CLIPTextEncode and WanImageToVideo at ``--width``/``--height``/``--frames``.
 With ``--source minimodel`` the mini model's text map and linear VAE stand in for them (no download).
 The set is parsed and every image decoded before any model loads.
+
+Several GPUs or processes: ``torchrun --nproc-per-node N -m wan_w4a4 calibrate ...`` (``--nnodes`` for several
+hosts) runs one calibration over N processes, one GPU each (NCCL; gloo with ``--cpu``): each samples its share
+of the items and quantizes its share of the layers; rank 0 alone shows the bar and writes
+(calibration/distributed.py).
 """
 from __future__ import annotations
 
@@ -110,6 +115,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "settings resumes that work and one with other settings stops with an error")
     io.add_argument("--comfyui", type=Path, default=None, help="ComfyUI source tree (default: auto-detect)")
     io.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when a GPU is present")
+    io.add_argument("--dynamic-vram", action="store_true",
+                    help="load and stream the experts with ComfyUI's dynamic VRAM, as its main.py does by default on "
+                         "NVIDIA GPUs (ComfyUI 0.33+): the weights are read from the files as needed instead of "
+                         "copied into host memory first")
     io.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's own choice)")
 
@@ -195,7 +204,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="blocks captured per sampling pass (default: all at once; lower it if memory runs out)")
     r.add_argument("--gpu-budget", type=float, default=None, metavar="GIB",
                    help="GPU memory calibration stays under, in GiB (default: none): blocks per pass chosen so their "
-                        "statistics take 40 % of it, and ComfyUI loads the expert within the rest, streaming the "
+                        "statistics take 40 %% of it, and ComfyUI loads the expert within the rest, streaming the "
                         "remainder (e.g. 22 on a 24 GB GPU)")
     r.add_argument("--stats-device", default=None, help="where statistics live (default: the model's device)")
     r.add_argument("--device", default=None, help="where the per-layer math runs (default: the model's device)")
@@ -368,8 +377,15 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from ..calibration.capture import CalibrationError, synthetic_items
-    from ..calibration.pipeline import calibrate
+    from ..calibration import distributed
+    from ..calibration.capture import CalibrationError
+
+    try:
+        world = distributed.World.from_env()
+        distributed.timeout_s()  # a bad timeout is an error now, not at the first collective
+    except ValueError as e:
+        print(f"calibrate: {e}", file=sys.stderr)
+        return 2
 
     try:
         config = config_from_args(args)
@@ -400,8 +416,27 @@ def _run(args) -> int:
         print("calibrate: --text-encoder, --vae and --negative are for --set", file=sys.stderr)
         return 2
 
+    import torch
+
+    # before ComfyUI picks its device: this process's GPU (LOCAL_RANK) is the current one
+    distributed.init(world, use_cuda=not args.cpu and torch.cuda.is_available())
+    if not world.main:  # rank 0 tells the run; the others only their warnings and errors
+        logging.getLogger(__package__.rpartition(".")[0]).setLevel(logging.WARNING)
     try:
-        runtime.init_comfyui(args.comfyui, cpu=True if args.cpu else None)
+        return _calibrate(args, config, cset, size, world)
+    except distributed.DistributedError as e:
+        print(f"calibrate: {e}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+
+
+def _calibrate(args, config, cset, size, world) -> int:
+    from ..calibration.capture import CalibrationError, synthetic_items
+    from ..calibration.pipeline import calibrate
+
+    try:
+        runtime.init_comfyui(args.comfyui, cpu=True if args.cpu else None, dynamic_vram=args.dynamic_vram)
     except runtime.ComfyUINotFound as e:
         print(f"calibrate: {e}", file=sys.stderr)
         return 2
@@ -428,9 +463,10 @@ def _run(args) -> int:
             items = synthetic_items(args.items, frames=frames, height=args.height, width=args.width,
                                     text_tokens=args.text_tokens, text_dim=_text_dim(args.high),
                                     seed=args.item_seed)
-        bar = _Tqdm(unit="unit", eta_in_text=True)
-        result = calibrate(loader(args.high), loader(args.low), items, config, progress=bar,
-                           restart=getattr(args, "restart", False))
+        bar = _Tqdm(unit="unit", eta_in_text=True) if world.main else None  # one bar: rank 0's
+        with _sigterm_stops(world):
+            result = calibrate(loader(args.high), loader(args.low), items, config, progress=bar,
+                               restart=getattr(args, "restart", False), world=world)
     except (CalibrationError, FileExistsError) as e:
         print(f"calibrate: {e}", file=sys.stderr)
         return 2 if isinstance(e, CalibrationError) else 1
@@ -441,5 +477,32 @@ def _run(args) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(f"high: {result.high}\nlow: {result.low}\nreport: {result.report}")
+    if world.main:
+        print(f"high: {result.high}\nlow: {result.low}\nreport: {result.report}")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_stops(world):
+    """In a run over several processes, SIGTERM (what torchrun sends the others when one fails) stops this
+    one with an error that says so; the work folder keeps the finished work and is unlocked. One process:
+    unchanged."""
+    import signal
+
+    from ..calibration import distributed
+
+    if world.size == 1:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise distributed.DistributedError(
+            f"rank {world.rank} of {world.size}: stopped by SIGTERM: torchrun stops every process of the run "
+            "when another process of it fails (its report names which); no state is written, the finished work "
+            "is kept: run the same command again (with any number of processes) to resume")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -19,7 +19,10 @@ on the first Linear of a group. Each group keeps (calibration/hessian.py):
   - InputStats: the Hessian sum x x^T, sum x, per-channel min / max, count (on ``stats_device``);
   - one RowReservoir per timestep bin (host memory, bf16) for the alpha and clip searches.
 With ``token_fraction < 1`` the Hessian and the reservoirs see a seeded random subset of each call's
-tokens, while min / max (smoothing) still see every token.
+tokens, while min / max (smoothing) still see every token. Those draws (and the reservoirs' keys) are
+seeded per calibration item (:meth:`GroupStats.begin_item`), so the rows picked from an item do not
+depend on the items sampled before it: items split over several processes (calibration/distributed.py)
+pick the rows one process picks.
 
 ``blocks_per_pass`` bounds memory: sampling is re-run once per subset of blocks (see
 :func:`block_passes`); the high expert's final latents (the low expert's start) are cached from
@@ -179,6 +182,13 @@ def _get(root: torch.nn.Module, name: str):
     return mod
 
 
+def layer_spec(block: int, name: str, in_features: int, out_features: int, config: CalibrationConfig) -> LayerSpec:
+    """The LayerSpec of block Linear ``name`` (one of BLOCK_LINEARS) of block ``block``: its input group
+    and its grid."""
+    return LayerSpec(f"blocks.{block}.{name}", block, f"blocks.{block}.{INPUT_GROUP.get(name, name)}", in_features,
+                     out_features, config.unsigned_ffn2 and name in UNSIGNED_LINEARS)
+
+
 def plan_layers(model, config: CalibrationConfig, what: str = "model") -> list[LayerSpec]:
     """The Linears to quantize, block by block, minus the keep-list; refuses weights calibration cannot
     read (:func:`check_weight_source`)."""
@@ -191,8 +201,7 @@ def plan_layers(model, config: CalibrationConfig, what: str = "model") -> list[L
             if config.is_kept(full):
                 continue
             numerics.check_k(mod.in_features, f"{what} {full}.in_features")
-            specs.append(LayerSpec(full, i, f"blocks.{i}.{INPUT_GROUP.get(name, name)}", mod.in_features,
-                                   mod.out_features, config.unsigned_ffn2 and name in UNSIGNED_LINEARS))
+            specs.append(layer_spec(i, name, mod.in_features, mod.out_features, config))
     if not specs:
         log.warning("%s: the keep-list keeps every block Linear in BF16; nothing to quantize", what)
     check_weight_source(model, specs, what)
@@ -407,7 +416,7 @@ class GroupStats:
     """Statistics of one layer input of one expert (see module doc)."""
 
     def __init__(self, key: str, k: int, config: CalibrationConfig, expert: str, device):
-        self.key, self.k, self.expert = key, k, expert
+        self.key, self.k, self.expert, self.seed = key, k, expert, config.seed
         self.fraction = config.token_fraction
         self.stats = InputStats(k, device=device, hessian=True)
         # min / max over every token even when the Hessian sees a subset
@@ -416,6 +425,12 @@ class GroupStats:
                            for b in range(config.bins)]
         self.gen = torch.Generator().manual_seed(_seed(config.seed, expert, key, "tokens"))
         self.calls = [0] * config.bins
+
+    def begin_item(self, item: int) -> None:
+        """Seed the draws of calibration item ``item`` (token subset, reservoir keys) from its index."""
+        self.gen.manual_seed(_seed(self.seed, self.expert, self.key, "tokens", "item", item))
+        for b, r in enumerate(self.reservoirs):
+            r.reseed(_seed(self.seed, self.expert, self.key, b, "item", item))
 
     def observe(self, x: torch.Tensor, b: int) -> None:
         x2 = x.detach().reshape(-1, self.k)
@@ -477,8 +492,22 @@ class ExpertCapture:
             if s.group not in self.groups:
                 self.groups[s.group] = GroupStats(s.group, s.in_features, config, expert, device)
                 self._hook_modules[s.group] = bf16_module(model, s.name)
-        self.timesteps: list[float] = []  # model timestep of every model call, in order
+        # model timestep of every model call, per calibration item (its index in the run's items), in order
+        self.item_timesteps: dict[int, list[float]] = {}
+        self._item = 0
         self._bin: int | None = None
+
+    @property
+    def timesteps(self) -> list[float]:
+        """Model timestep of every model call, in item order."""
+        return [t for i in sorted(self.item_timesteps) for t in self.item_timesteps[i]]
+
+    def begin_item(self, item: int) -> None:
+        """Calibration item ``item`` (its index in the run's items) is sampled next: its draws are seeded
+        from that index (:meth:`GroupStats.begin_item`)."""
+        self._item = item
+        for g in self.groups.values():
+            g.begin_item(item)
 
     def bin_label(self, b: int) -> str:
         return f"{self.expert} expert, bin {b}: t in [{self.edges[b + 1]:g}, {self.edges[b]:g})"
@@ -501,7 +530,7 @@ class ExpertCapture:
         tt = float(ts[0])
         if ts.numel() > 1 and float(ts.max() - ts.min()) > 1e-3:
             log.warning("one model call with several timesteps (%s); binning by the first", ts.tolist())
-        self.timesteps.append(tt)
+        self.item_timesteps.setdefault(self._item, []).append(tt)
         self._bin = bin_of(tt, self.edges)
         handles = [m.register_forward_pre_hook(self._hook(g)) for g, m in self._hook_modules.items()]
         try:
@@ -596,17 +625,23 @@ def sample_expert(model, item: CalibrationItem, latent: torch.Tensor, config: Ca
 
 def run_capture(model, expert: str, items: Sequence[CalibrationItem], latents: Sequence[torch.Tensor],
                 config: CalibrationConfig, capture: ExpertCapture | None, switch: int,
-                step_callback: Callable | None = None) -> list[torch.Tensor]:
-    """Sample every item with one expert, with ``capture`` hooked for the duration of each call.
+                step_callback: Callable | None = None, indices: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Sample every item (or the items at ``indices``, this process's share) with one expert, with
+    ``capture`` hooked for the duration of each call.
 
     ``model`` is the expert (already shifted, see :func:`with_shift`); ``latents`` its start latents.
-    Returns the output latents (for the high expert: the low expert's start).
+    Returns the output latents of the items sampled, in order (for the high expert: the low expert's start).
     """
+    indices = range(len(items)) if indices is None else indices
     m = model.clone()
     if capture is not None:
         import comfy.patcher_extension
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                capture.apply_model_wrapper)
+    outs = []
     with torch.inference_mode():
-        return [sample_expert(m, item, lat, config, expert, switch, step_callback)
-                for item, lat in zip(items, latents)]
+        for i in indices:
+            if capture is not None:
+                capture.begin_item(i)
+            outs.append(sample_expert(m, items[i], latents[i], config, expert, switch, step_callback))
+    return outs

@@ -114,7 +114,7 @@ class InputStats:
                 self.h += _gram_fp32(x2[i:i + chunk])
         self.count += x2.shape[0]
 
-    def merge(self, other: "InputStats") -> "InputStats":
+    def merge(self, other: InputStats) -> InputStats:
         """Add ``other`` into ``self`` (H and sums add, min / max combine, counts add). Returns self."""
         if other.k != self.k or (other.h is None) != (self.h is None):
             raise ValueError(f"InputStats.merge: incompatible statistics (k {self.k} vs {other.k}, "
@@ -177,7 +177,7 @@ class InputStats:
             sd["h"] = self.h
         return sd
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> "InputStats":
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> InputStats:
         if sd["xsum"].shape != (self.k,) or ("h" in sd) != (self.h is not None):
             raise ValueError(f"InputStats.load_state_dict: state does not match k = {self.k}, "
                              f"hessian = {self.h is not None}")
@@ -208,7 +208,8 @@ class RowReservoir:
     generator; the reservoir keeps the ``capacity`` rows with the smallest keys. That is a uniform
     sample of all rows seen, and :meth:`merge` (keep the smallest keys of the union) gives the
     same distribution as one reservoir over both streams - provided the two reservoirs were seeded
-    differently (e.g. ``seed + rank``), since equal seeds give equal key sequences.
+    differently (e.g. ``seed + rank``), since equal seeds give equal key sequences. The rows are kept
+    in key order, so equal (key, row) pairs give equal samples whatever the order they were offered in.
 
     Rows are stored on ``device`` in ``dtype`` (default bf16: Wan's activations are bf16, so this
     is lossless for them and halves the memory; pass float32 for fp32 inputs).
@@ -248,7 +249,7 @@ class RowReservoir:
         _check_finite(rows.amin(0).float(), rows.amax(0).float(), "RowReservoir.add")
         self._keep(torch.cat([self.keys, keys[sel]]), torch.cat([self.data, rows]))
 
-    def merge(self, other: "RowReservoir") -> "RowReservoir":
+    def merge(self, other: RowReservoir) -> RowReservoir:
         """Combine with ``other`` (a reservoir over a disjoint stream). Returns self."""
         if other.k != self.k:
             raise ValueError(f"RowReservoir.merge: k {self.k} vs {other.k}")
@@ -258,10 +259,16 @@ class RowReservoir:
         return self
 
     def _keep(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        if keys.numel() > self.capacity:
-            idx = keys.topk(self.capacity, largest=False).indices
-            keys, rows = keys[idx], rows[idx.to(rows.device)]
-        self.keys, self.data = keys, rows
+        # The sample is kept in key order, so that it depends only on the (key, row) pairs offered, not on
+        # the order they came in: one stream, or parts merged in any order (calibration/distributed.py),
+        # give the same rows in the same order.
+        idx = keys.argsort(stable=True)[:self.capacity]
+        self.keys, self.data = keys[idx], rows[idx.to(rows.device)]
+
+    def reseed(self, seed: int) -> None:
+        """Draw the keys of the rows offered from now on from a generator seeded with ``seed``
+        (capture seeds each calibration item's draws from the item, ``capture.GroupStats.begin_item``)."""
+        self.gen.manual_seed(int(seed))
 
     def rows(self) -> torch.Tensor:
         """The sampled rows, [min(seen, capacity), K] in ``dtype`` (do not modify in place)."""
@@ -272,7 +279,7 @@ class RowReservoir:
         return {"keys": self.keys, "rows": self.data, "seen": torch.tensor([self.seen], dtype=torch.int64),
                 "rng": self.gen.get_state()}
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> "RowReservoir":
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> RowReservoir:
         if sd["rows"].ndim != 2 or sd["rows"].shape[1] != self.k or sd["keys"].numel() > self.capacity:
             raise ValueError(f"RowReservoir.load_state_dict: state does not match k = {self.k}, "
                              f"capacity = {self.capacity}")

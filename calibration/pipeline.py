@@ -13,6 +13,10 @@ layers (~0.56 byte per weight) stay on the host until both experts are done: the
 end, each atomically (kernels/format.py), never over an existing file without ``overwrite``.
 Each finished layer and expert is also saved in a hidden work folder, so that a run stopped in any
 way resumes from there (calibration/resume.py).
+
+Several processes (torchrun, calibration/distributed.py) share this work: each samples its share of the
+items, the statistics are combined, the layers of a pass are dealt out in rounds and gathered on rank 0,
+which alone holds the work folder and writes. One process is the same code with a world of one.
 """
 from __future__ import annotations
 
@@ -29,17 +33,34 @@ import torch
 from ..kernels import format as fmt
 from ..kernels import numerics
 from . import budget
+from . import distributed as dist
 from . import report as rpt
-from .capture import (CalibrationCancelled, CalibrationError, CalibrationItem, ExpertCapture, GroupStats,
-                      FingerprintWeights, LayerSpec, block_passes, check_no_weight_patches, handover, layer_weight,
-                      plan_layers, run_capture, schedule, weight_source, with_shift, _seed)
+from .capture import (
+    CalibrationCancelled,
+    CalibrationError,
+    CalibrationItem,
+    ExpertCapture,
+    FingerprintWeights,
+    GroupStats,
+    LayerSpec,
+    _seed,
+    block_passes,
+    check_no_weight_patches,
+    handover,
+    layer_weight,
+    plan_layers,
+    run_capture,
+    schedule,
+    weight_source,
+    with_shift,
+)
 from .clip import ClipEvaluator, search_clip
 from .config import CLIP_POLICY_HEADER, EXPERTS, CalibrationConfig
 from .gptq import gptq_quantize, rtn_quantize
-from .progress import LAYER, SAMPLE, Tracker
 from .hessian import smoothed_hessian
 from .lowrank import branch_weight, low_rank, refine_low_rank
-from .resume import WorkFolder, kill_point, run_key
+from .progress import LAYER, SAMPLE, Tracker
+from .resume import kill_point, run_key
 from .smoothing import search_alpha, smooth_scales
 
 log = logging.getLogger(__name__)
@@ -203,7 +224,7 @@ def _free(device):
 
 def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: CalibrationConfig,
               progress: Progress | None = None, cancel: Callable[[], bool | None] | None = None,
-              restart: bool = False) -> CalibrationResult:
+              restart: bool = False, world: dist.World | None = None) -> CalibrationResult:
     """Calibrate both experts of a Wan2.2 I2V model and write their W4A4 states.
 
     high_model / low_model: ComfyUI MODELs of the high-noise and low-noise experts (BF16, as loaded
@@ -219,7 +240,12 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
     beside the outputs; a run stopped in any way (cancel, crash, kill) and started again with the
     same settings, items and models goes on from there, with a bit-identical result. ``restart``
     discards that folder's work instead. The folder is removed once the outputs are written.
+
+    ``world``: this process's place in a run over several processes (calibration/distributed.py; the
+    process group already initialised); each process calls ``calibrate`` with the same arguments. Rank 0
+    returns the result; the others return the paths, with an empty ``data``.
     """
+    world = world or dist.World()
     t_start = time.perf_counter()
     items = list(items)
     if not items:
@@ -230,15 +256,18 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
             raise CalibrationError(f"calibration item {i} is a {type(it).__name__}, expected CalibrationItem")
     paths = {e: config.state_path(e) for e in EXPERTS}
     paths["report"] = config.report_path
-    if not config.overwrite:
-        existing = [str(p) for p in paths.values() if p.exists()]
-        if existing:
-            raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (set overwrite / --overwrite, "
-                                  "or choose another output folder or name)")
-    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-    work = WorkFolder.open(config, run_key(config, items), restart=restart)
+
+    def check_outputs():  # on rank 0, which writes them
+        if not config.overwrite:
+            existing = [str(p) for p in paths.values() if p.exists()]
+            if existing:
+                raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (set overwrite / --overwrite, "
+                                      "or choose another output folder or name)")
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+
+    work = dist.SharedWork.open(world, config, run_key(config, items), restart=restart, before=check_outputs)
     try:
-        result = _calibrate(high_model, low_model, items, config, progress, cancel, work, paths, t_start)
+        result = _calibrate(high_model, low_model, items, config, progress, cancel, work, paths, t_start, world)
     except BaseException:
         keep = work.has_work()
         work.close(remove=not keep)
@@ -249,8 +278,8 @@ def calibrate(high_model, low_model, items: Sequence[CalibrationItem], config: C
     return result
 
 
-def _calibrate(high_model, low_model, items, config, progress, cancel, work: WorkFolder, paths,
-               t_start) -> CalibrationResult:
+def _calibrate(high_model, low_model, items, config, progress, cancel, work: dist.SharedWork, paths,
+               t_start, world: dist.World) -> CalibrationResult:
     models = {"high": high_model, "low": low_model}
     # A zero-argument callable instead of a MODEL is loaded when its expert's turn comes and dropped
     # after it: only one BF16 expert (26.7 GiB at 14B) is then in host memory at a time.
@@ -290,10 +319,12 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
         tracker = Tracker(progress)
         phase = ["sampling"]  # what a sampling step belongs to, set per pass (_run_pass)
 
+        mine = world.shard(len(items))  # the items this process samples
+
         def plan_work(expert):  # passes and progress units (sampling steps, layers) of an expert
             passes = block_passes([s.block for s in layers[expert]], budget.blocks_per_pass(layers[expert], config))
             n_sampled = max(1, len(passes)) if expert == "high" else len(passes)
-            return passes, n_sampled * len(items) * steps_of[expert], len(layers[expert])
+            return passes, n_sampled * len(mine) * steps_of[expert], len(layers[expert])
 
         def set_totals():  # the low expert's layers are known once it is loaded: until then, the high's
             hi, lo = plan_work("high"), plan_work("low" if "low" in layers else "high")
@@ -349,7 +380,7 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
             else:
                 finished = None
                 out_latents = None
-                run = _Sampling(model, m, items, latents, switch, on_step, tick, cancel, device, phase)
+                run = _Sampling(model, m, items, latents, switch, on_step, tick, cancel, device, phase, world, mine)
                 for pi in range(len(passes)):
                     out = _run_pass(expert, pi, passes, layers[expert], saved, info[expert], params[expert],
                                     records[expert], config, work, run, edges[expert])
@@ -358,7 +389,8 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
                 if expert == "high" and out_latents is None:
                     # nothing sampled in this run (no layer to capture, or all saved): the low expert's start
                     phase[0] = f"{expert} expert: sampling the low expert's start latents"
-                    out_latents = run_capture(m, expert, items, latents, config, None, switch, on_step)
+                    outs = run_capture(m, expert, items, latents, config, None, switch, on_step, indices=mine)
+                    out_latents = dist.gather_latents(world, mine, outs, len(items))
             info[expert]["fingerprint"] = fingerprint
             if finished is None:
                 work.save_expert(expert, info[expert], out_latents if expert == "high" else None)
@@ -370,6 +402,9 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
                     models["high"] = shifted["high"] = None
                 _release_models(device)
 
+        if not world.main:  # rank 0 holds the layers and writes; wait until it has
+            dist.barrier(world, "waiting for rank 0 to write the states")
+            return CalibrationResult(high=paths["high"], low=paths["low"], report=paths["report"], data={})
         notes = rpt.choose_clips(records, config.clip_grid, config.clip_policy)
         for expert in EXPERTS:
             info[expert]["empty_bin_fallback"] = {str(b): j for b, j in notes.get(expert, {}).items()}
@@ -377,7 +412,9 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: Wor
                 params[expert][name].clip = torch.tensor(rec.clip, dtype=torch.float32)
 
     info["resources"] = _resources(t_start, device)
-    return _write_outputs(params, records, info, config, paths)
+    result = _write_outputs(params, records, info, config, paths)
+    dist.barrier(world, "rank 0 wrote the states")
+    return result
 
 
 def _restore_info(info: dict, saved: dict | None) -> None:
@@ -405,10 +442,12 @@ class _Sampling:
     cancel: Callable | None
     device: torch.device
     phase: list  # [label of the sampling steps now running], read by on_step
+    world: dist.World
+    indices: list  # the items this process samples (world.shard)
 
 
 def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], saved: dict, info: dict, params: dict,
-              records: dict, config: CalibrationConfig, work: WorkFolder, run: _Sampling, edges) -> list | None:
+              records: dict, config: CalibrationConfig, work: dist.SharedWork, run: _Sampling, edges) -> list | None:
     """One capture pass of ``expert`` (blocks ``passes[pi]``) and the quantization of its layers, each
     saved to the work folder as it finishes; layers in ``saved`` are reused. A pass whose layers are
     all saved is not sampled again (except the first, when the timesteps it records were lost).
@@ -419,7 +458,7 @@ def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], sa
         for s in specs:
             params[s.name], records[s.name] = saved[s.name]
         what = f"{expert} expert, pass {pi + 1}/{len(passes)} (saved)"
-        run.tick(SAMPLE, len(run.items) * info["steps"], what, reused=True)
+        run.tick(SAMPLE, len(run.indices) * info["steps"], what, reused=True)
         run.tick(LAYER, len(specs), what, reused=True)
         log.info("%s expert, pass %d/%d: its %d layers were finished in an earlier run", expert, pi + 1,
                  len(passes), len(specs))
@@ -427,9 +466,12 @@ def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], sa
     model, device = run.model, run.device
     cap = ExpertCapture(model, expert, specs_all, config, passes[pi], edges=edges)
     where = f"{expert} expert, pass {pi + 1}/{len(passes)}"
-    run.phase[0] = f"{where}: sampling {len(run.items)} items x {info['steps']} steps"
+    run.phase[0] = f"{where}: sampling {len(run.indices)} items x {info['steps']} steps"
     t0 = time.perf_counter()
-    outs = run_capture(run.shifted, expert, run.items, run.latents, config, cap, run.switch, run.on_step)
+    outs = run_capture(run.shifted, expert, run.items, run.latents, config, cap, run.switch, run.on_step,
+                       indices=run.indices)
+    dist.reduce_capture(run.world, cap)  # every process's items, on every process
+    outs = dist.gather_latents(run.world, run.indices, outs, len(run.items))
     info["capture_s"][pi] = round(time.perf_counter() - t0, 3)
     log.info("%s expert, pass %d/%d (blocks %d..%d): captured in %.1f s", expert, pi + 1, len(passes),
              passes[pi][0], passes[pi][-1], info["capture_s"][pi])
@@ -441,21 +483,33 @@ def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], sa
     if config.gpu_budget_gib is not None:  # the layers' work needs the GPU the loaded weights hold (budget.py)
         _release_models(device)
     t0 = time.perf_counter()
-    reused = 0
-    for spec in specs:
-        if spec.name in saved:
-            params[spec.name], records[spec.name] = saved[spec.name]
-            reused += 1
-            run.tick(LAYER, 1, f"{where}: {spec.name} (saved)", reused=True)
-            continue
+    done = {s.name: saved[s.name] for s in specs if s.name in saved}
+    reused = len(done)
+    for name in done:
+        run.tick(LAYER, 1, f"{where}: {name} (saved)", reused=True)
+    # The layers left are dealt in rounds of world.size, layer j of a round to rank j (one process: one
+    # layer a round); rank 0 gets each round's layers and saves them.
+    todo = [s for s in specs if s.name not in saved]
+    world = run.world
+    for start in range(0, len(todo), world.size):
         _check_cancel(run.cancel)
-        w, b = layer_weight(model, spec.name)
-        p, rec = quantize_layer(spec, expert, w, b, cap.groups[spec.group], config, device)
-        params[spec.name], records[spec.name] = p, rec
-        work.save_layer(expert, p, rec)
-        kill_point("layer")
-        log.debug("%s %s: alpha %.2f, %s residual, %.2f s", expert, spec.name, rec.alpha, rec.residual, rec.seconds)
-        run.tick(LAYER, 1, f"{where}: quantized {spec.name}")
+        spec = dist.quantize_round(world, todo, start)
+        mine = None
+        if spec is not None:
+            w, b = layer_weight(model, spec.name)
+            mine = quantize_layer(spec, expert, w, b, cap.groups[spec.group], config, device)
+        for p, rec in dist.gather_layers(world, mine):
+            done[rec.name] = p, rec
+            work.save_layer(expert, p, rec)
+            log.debug("%s %s: alpha %.2f, %s residual, %.2f s", expert, rec.name, rec.alpha, rec.residual,
+                      rec.seconds)
+        if spec is not None:
+            kill_point("layer")
+        for s in todo[start:start + world.size]:
+            run.tick(LAYER, 1, f"{where}: quantized {s.name}")
+    if world.main:  # in layer order, as one process makes them
+        for s in specs:
+            params[s.name], records[s.name] = done[s.name]
     if reused:
         log.info("%s expert, pass %d/%d: reused %d layers finished in an earlier run", expert, pi + 1,
                  len(passes), reused)

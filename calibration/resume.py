@@ -56,7 +56,8 @@ WORK_SUFFIX = ".tensors"  # never fmt.SUFFIX: ComfyUI would list the file as a s
 # whether existing outputs may be replaced.
 NOT_KEYED = ("out_dir", "name", "overwrite")
 # Test hook (tests/calibration/test_resume.py): "<event>:<n>" kills this process with SIGKILL at its
-# n-th <event> ("layer": a layer saved, "expert": an expert saved, "step": a sampling step), as kill -9 would.
+# n-th <event> ("layer": a layer saved, "expert": an expert saved, "step": a sampling step), as kill -9 would;
+# "<event>:<n>@<rank>" only the process of that rank in a run over several (tests/calibration/test_distributed.py).
 KILL_ENV = "WAN_W4A4_TEST_KILL_AFTER"
 _kill_counts: collections.Counter = collections.Counter()
 
@@ -67,8 +68,9 @@ class WorkFolderBusy(CalibrationError):
 
 def kill_point(event: str) -> None:
     """The test hook of ``KILL_ENV``; does nothing unless that variable names ``event``."""
-    want, _, n = os.environ.get(KILL_ENV, "").partition(":")
-    if want != event:
+    spec, _, rank = os.environ.get(KILL_ENV, "").partition("@")
+    want, _, n = spec.partition(":")
+    if want != event or (rank and rank != os.environ.get("RANK", "0")):
         return
     _kill_counts[event] += 1
     if _kill_counts[event] == int(n):
@@ -216,16 +218,23 @@ def _read_json(path: Path) -> dict:
 _PARAM_TENSORS = ("qweight", "wscale", "wfactor", "smooth", "lr_down", "lr_up", "clip", "bias")
 
 
-def _layer_payload(p: numerics.W4A4Params, rec: rpt.LayerRecord) -> tuple[dict, dict]:
+def layer_payload(p: numerics.W4A4Params, rec: rpt.LayerRecord) -> tuple[dict, dict]:
+    """(JSON payload, tensors) of a finished layer, as its work file holds it."""
     tensors = {f: getattr(p, f) for f in _PARAM_TENSORS if getattr(p, f) is not None}
     return {"act_unsigned": p.act_unsigned, "act_shift": p.act_shift, "record": dataclasses.asdict(rec)}, tensors
 
 
-def _layer_from(payload: dict, tensors: dict, spec: LayerSpec, expert: str,
-                bins: int) -> tuple[numerics.W4A4Params, rpt.LayerRecord]:
+def layer_from_payload(payload: dict, tensors: dict) -> tuple[numerics.W4A4Params, rpt.LayerRecord]:
+    """The layer of :func:`layer_payload`."""
     rec = rpt.LayerRecord(**{**payload["record"], "grid": tuple(payload["record"]["grid"])})
     p = numerics.W4A4Params(**tensors, act_unsigned=bool(payload["act_unsigned"]),
                             act_shift=float(payload["act_shift"]))
+    return p, rec
+
+
+def _layer_from(payload: dict, tensors: dict, spec: LayerSpec, expert: str,
+                bins: int) -> tuple[numerics.W4A4Params, rpt.LayerRecord]:
+    p, rec = layer_from_payload(payload, tensors)
     if (rec.name, rec.expert) != (spec.name, expert):
         raise ValueError(f"holds {rec.expert} {rec.name}")
     if (p.in_features, p.out_features, p.num_bins) != (spec.in_features, spec.out_features, bins):
@@ -368,7 +377,7 @@ class WorkFolder:
         return self.path / f"{expert}.layer.{name}{WORK_SUFFIX}"
 
     def save_layer(self, expert: str, p: numerics.W4A4Params, rec: rpt.LayerRecord) -> None:
-        payload, tensors = _layer_payload(p, rec)
+        payload, tensors = layer_payload(p, rec)
         _write_tensors(self._layer_file(expert, rec.name), "layer", payload, tensors)
 
     def load_layers(self, expert: str, specs: Sequence[LayerSpec]) -> dict:

@@ -2,6 +2,7 @@
 random calibration set on the first blocks, and an extrapolation to all blocks (labelled as one)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -20,6 +21,49 @@ from .common import (
 from .weights import random_state_dict
 
 
+class DeviceUsedPeak:
+    """The most device memory in use (total - free, what nvidia-smi shows) while the block runs, polled
+    every 50 ms from a thread: under dynamic VRAM the streamed weights are not in PyTorch's counters."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.peak, self._stop = cuda, 0, None
+
+    def _poll(self):
+        import torch
+        while not self._stop.wait(0.05):
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+
+    def __enter__(self):
+        import threading
+        if self.cuda:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+
+def full_run_blocks_per_pass(arch, config, args) -> int:
+    """Blocks per pass of a run over all of ``arch``'s blocks: what the GPU budget plans for them
+    (``calibration/budget.py``), else ``--calib-full-blocks-per-pass``."""
+    from wan_w4a4.calibration import budget
+    from wan_w4a4.calibration.capture import BLOCK_LINEARS, layer_spec
+    from wan_w4a4.minimodel.arch import wan_state_dict_shapes
+
+    if config.gpu_budget_gib is None:
+        return args.calib_full_blocks_per_pass
+    shapes = wan_state_dict_shapes(arch)
+    specs = [layer_spec(i, n, shapes[f"blocks.{i}.{n}.weight"][1], shapes[f"blocks.{i}.{n}.weight"][0], config)
+             for i in range(arch.num_layers) for n in BLOCK_LINEARS]
+    return budget.blocks_per_pass(specs, dataclasses.replace(config, keep=()))
+
+
 def run_calibration(args) -> dict:
     import torch
     from wan_w4a4.apps import runtime
@@ -31,7 +75,7 @@ def run_calibration(args) -> dict:
     t_start = time.perf_counter()
     arch = arch_of(args.arch)
     cuda = torch.cuda.is_available() and not args.cpu
-    runtime.init_comfyui(args.comfyui, cpu=not cuda, base_directory=base_dir(args))
+    runtime.init_comfyui(args.comfyui, cpu=not cuda, base_directory=base_dir(args), dynamic_vram=args.dynamic_vram)
     import comfy.sd
 
     if cuda:
@@ -73,23 +117,24 @@ def run_calibration(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    res = calibrate(models["high"], models["low"], items, config)
+    with DeviceUsedPeak(cuda) as used:  # dynamic VRAM's weights live outside PyTorch's allocator
+        res = calibrate(models["high"], models["low"], items, config)
     cal_s = time.perf_counter() - t0
     load_s = sum(load_times)  # inside cal_s: the experts load when their turn comes
     out = {"items": args.calib_items, "frames": args.calib_frames, "res": args.calib_res, "steps": args.calib_steps,
            "blocks_calibrated": nblocks, "blocks_total": arch.num_layers, "blocks_per_pass": bpp,
            "gpu_budget_gib": args.calib_gpu_budget, "gpu_cap_gib": args.calib_gpu_cap,
+           "dynamic_vram": runtime.dynamic_vram_enabled(),
            "token_fraction": args.calib_token_fraction, "load_s": round(load_s, 2), "calibrate_s": round(cal_s, 2),
            "peak_alloc_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
            "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if cuda else None,
+           "device_used_max_gib": gib(used.peak) if cuda else None,
            "host_peak_rss_gib": host_peak_rss_gib(), "env": env_info(cuda), "experts": {}}
     data = res.data
     est_total = 0.0
     # A full run cannot hold the Hessians of all 40 blocks next to the model (~1.4 GB per block at
     # real size): it samples once per group of blocks_per_pass blocks.
-    planned = data["experts"]["high"].get("passes") or [[0]]
-    full_bpp = min(bpp or (max(len(p) for p in planned) if args.calib_gpu_budget else args.calib_full_blocks_per_pass),
-                   arch.num_layers)
+    full_bpp = min(bpp or full_run_blocks_per_pass(arch, config, args), arch.num_layers)
     out["full_run_blocks_per_pass"] = full_bpp
     for e in ("high", "low"):
         d = data["experts"][e]

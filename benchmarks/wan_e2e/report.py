@@ -174,7 +174,8 @@ def _lora_line(results: dict, mode: str) -> str | None:
 
 def _budget_md(c: dict) -> str:
     parts = ([f"GPU budget {c['gpu_budget_gib']:g} GiB"] if c.get("gpu_budget_gib") else []) + \
-            ([f"process capped to {c['gpu_cap_gib']:g} GiB"] if c.get("gpu_cap_gib") else [])
+            ([f"process capped to {c['gpu_cap_gib']:g} GiB"] if c.get("gpu_cap_gib") else []) + \
+            (["dynamic VRAM"] if c.get("dynamic_vram") else [])
     return f", {', '.join(parts)}" if parts else ""
 
 
@@ -188,7 +189,8 @@ def calib_md(c: dict) -> str:
              f"{c['blocks_per_pass'] or 'all'}, token_fraction {c['token_fraction']}"
              f"{_budget_md(c)}): load both {c['load_s']:.1f} s, "
              f"calibrate {c['calibrate_s']:.1f} s, peak GPU allocated {_fmt(c['peak_alloc_gib'])} GiB, "
-             f"reserved {_fmt(c['peak_reserved_gib'])} GiB, host RSS peak {_fmt(c['host_peak_rss_gib'])} GiB."),
+             f"reserved {_fmt(c['peak_reserved_gib'])} GiB, GPU used (driver) max {_fmt(c.get('device_used_max_gib'))} "
+             f"GiB, host RSS peak {_fmt(c['host_peak_rss_gib'])} GiB."),
              "", ("| expert | layers | capture s per pass | quantize s per pass | s per layer | "
              "extrapolated to all blocks s |"), "|---|---|---|---|---|---|"]
     for e, d in c["experts"].items():
