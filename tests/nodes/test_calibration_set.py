@@ -60,11 +60,14 @@ def test_node_is_registered_with_the_pack(env):
 
 
 def test_calibrate_inputs_keep_saved_workflows_valid(env):
-    """calibration_set is the last optional input; positive/negative/latent are optional now but keep
-    their slot order after the two models, and the widgets (all that widgets_values holds) keep theirs."""
+    """calibration_set is the last optional socket; positive/negative/latent are optional now but keep
+    their slot order after the two models, and the widgets (all that widgets_values holds) keep theirs:
+    a new widget (gpu_budget_gib) comes after all earlier ones, so a workflow saved before it maps
+    every value it has to the same widget and the new one takes its default."""
     spec = env.node("WanW4A4Calibrate").INPUT_TYPES()
     optional = list(spec["optional"])
-    assert optional[-1] == "calibration_set" and spec["optional"]["calibration_set"][0] == "W4A4_CALIBRATION_SET"
+    assert spec["optional"]["calibration_set"][0] == "W4A4_CALIBRATION_SET"
+    assert optional[-2:] == ["calibration_set", "gpu_budget_gib"]
     widget = ("INT", "FLOAT", "STRING", "BOOLEAN")
     names = [*spec["required"], *optional]
     slots = [n for n in names if not isinstance(spec["required"].get(n, spec["optional"].get(n))[0], list)
@@ -75,7 +78,7 @@ def test_calibrate_inputs_keep_saved_workflows_valid(env):
     (node,) = [n for n in wf["nodes"] if n["type"] == "WanW4A4Calibrate"]
     assert [i["name"] for i in node["inputs"]] == slots[:5]
     widgets = [n for n in names if n not in slots]
-    assert widgets[:3] == ["seed", "runs", "steps"] and widgets[-2:] == ["sampler_name", "scheduler"]
+    assert widgets[:3] == ["seed", "runs", "steps"] and widgets[-3:] == ["sampler_name", "scheduler", "gpu_budget_gib"]
     assert len(node["widgets_values"]) == len(widgets) + 1  # + the seed's control_after_generate
 
 
