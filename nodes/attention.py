@@ -14,13 +14,18 @@ can answer exactly as ComfyUI's ``attention_pytorch`` would, with cuDNN attentio
 large, unmasked CUDA attention with default scale; every other call (masks, grouped KV, small inputs,
 another attention function such as sage or xformers chosen at launch) goes to what was there before.
 
-Modes (the nodes' ``attention`` input): ``auto`` puts cuDNN first on Hopper GPUs (compute capability 9.x,
-where it was measured faster) unless the model already carries another override, and leaves ComfyUI's
-order elsewhere; ``cudnn first`` always does; ``comfy`` never does.
+Modes (the nodes' ``attention`` input): ``auto`` puts cuDNN first on NVIDIA Hopper GPUs (compute capability
+9.x, where it was measured faster) and leaves ComfyUI's order elsewhere; ``cudnn first`` does it on any GPU;
+``comfy`` never does. In every mode a model that already carries another override (an attention node placed
+before) keeps it, and a torch that cannot order backends keeps ComfyUI's attention.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 MODES = ("auto", "comfy", "cudnn first")
 OVERRIDE = "optimized_attention_override"
@@ -35,9 +40,23 @@ def check_mode(mode: str) -> None:
 
 
 def hopper(device) -> bool:
-    """Whether ``device`` is a CUDA GPU of compute capability 9.x (H100, H200)."""
+    """Whether ``device`` is an NVIDIA GPU of compute capability 9.x (H100, H200; not ROCm, whose MI300 also
+    reports 9.x and has no cuDNN)."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
+    return (device.type == "cuda" and torch.cuda.is_available() and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def can_order() -> bool:
+    """Whether this torch can set an SDPA backend order (``sdpa_kernel(..., set_priority=True)``, torch 2.6+),
+    checked as ComfyUI's ``comfy/ops.py`` checks it."""
+    import inspect
+
+    try:
+        from torch.nn.attention import sdpa_kernel
+    except ImportError:
+        return False
+    return "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
 def cudnn_order():
@@ -56,7 +75,7 @@ def sdpa_heads(q, k, v, heads: int, skip_reshape: bool = False, skip_output_resh
     else:
         b, _, dim_head = q.shape
         dim_head //= heads
-        q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.reshape(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
     if order is None:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
     else:
@@ -117,7 +136,16 @@ def attach(model, mode: str = "auto") -> bool:
             options.pop(OVERRIDE)
         else:
             options[OVERRIDE] = current
-    if mode == "comfy" or (mode == "auto" and (current is not None or not hopper(model.load_device))):
+    if mode == "comfy" or (mode == "auto" and not hopper(model.load_device)):
         return False
-    options[OVERRIDE] = CudnnFirst(current)
+    if current is not None:  # another node chose this model's attention: keep it, in any mode
+        if mode == "cudnn first":
+            log.warning("attention 'cudnn first': the model already has another attention override (%s); "
+                        "it is kept", getattr(current, "__name__", type(current).__name__))
+        return False
+    if not can_order():
+        log.warning("attention '%s': this torch cannot order SDPA backends (torch 2.6+ needed); ComfyUI's "
+                    "attention is kept", mode)
+        return False
+    options[OVERRIDE] = CudnnFirst()
     return True

@@ -31,8 +31,8 @@ COND_BATCH = (list(chunking.MODES), {
 ATTENTION = (list(attn.MODES), {
     "default": "auto", "advanced": True,
     "tooltip": "Which PyTorch attention kernel runs first. auto: cuDNN attention on Hopper GPUs (H100/H200, "
-               "measured faster at Wan2.2's shapes), ComfyUI's own order elsewhere or when another attention "
-               "node is set; comfy: always ComfyUI's order; cudnn first: always cuDNN first."})
+               "measured faster at Wan2.2's shapes), ComfyUI's own order elsewhere; comfy: always ComfyUI's "
+               "order; cudnn first: cuDNN first on any GPU. An attention node placed before this one is kept."})
 
 
 def _other_kind(e: fmt.W4A4FormatError, name: str, want: str) -> ap.W4A4StateError | None:

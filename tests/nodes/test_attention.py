@@ -4,7 +4,7 @@ The CPU cannot run cuDNN attention, so the tests check what can fail here: that 
 override the way it is written for, with the arguments of a real Wan forward; that the calls it takes
 compute ComfyUI's ``attention_pytorch`` bit for bit (``CudnnFirst.device_type`` moved to the CPU); and
 that the modes attach, stack and come off as documented. The cuDNN kernel itself is checked on the GPU
-(``test_gpu_comfy.py``)."""
+(``test_gpu_attention.py``)."""
 from __future__ import annotations
 
 import pytest
@@ -67,6 +67,21 @@ def test_other_calls_go_to_comfyui_or_the_previous_override(env):
     basic = __import__("comfy.ldm.modules.attention").ldm.modules.attention.attention_basic.__wrapped__
     over(basic, q, q, q, heads=4)  # another attention function chosen at launch
     assert over.taken == 0 and over.passed == 3 and seen == [True, False, False]
+    # what attention_pytorch would do otherwise (its own scale, grouped KV) or gets positionally stays ComfyUI's
+    for kwargs in ({"scale": 0.5}, {"enable_gqa": True}):
+        over(func, q, q, q, heads=4, **kwargs)
+    over(func, q, q, q, 4, None)  # heads and mask given positionally
+    assert over.taken == 0 and over.passed == 6
+    monkey = Counting()
+    import comfy.ldm.modules.attention as comfy_attention
+    limit = comfy_attention.SDP_BATCH_LIMIT
+    comfy_attention.SDP_BATCH_LIMIT = 1  # ComfyUI splits a batch of 2 then: left to it
+    q2 = torch.cat([q, q])
+    try:
+        assert torch.equal(monkey(func, q2, q2, q2, heads=4), func(q2, q2, q2, heads=4))
+    finally:
+        comfy_attention.SDP_BATCH_LIMIT = limit
+    assert monkey.taken == 0 and monkey.passed == 1
     plain = attn.CudnnFirst()  # the production class takes no CPU call
     assert not plain.takes(func, q, q, q, {})
 
@@ -87,9 +102,16 @@ def test_modes_attach_stack_and_come_off(env):
     other = base.clone()
     other.model_options.setdefault("transformer_options", {})[attn.OVERRIDE] = sage
     assert not attn.attach(other, "auto") and _override(other) is sage  # auto leaves another override alone
-    assert attn.attach(other, "cudnn first") and _override(other).previous is sage
+    assert not attn.attach(other, "cudnn first") and _override(other) is sage  # never replaces another node's
     with pytest.raises(ValueError, match="attention must be one of"):
         attn.check_mode("flash")
+
+
+def test_a_torch_without_backend_order_keeps_comfyuis_attention(env, monkeypatch):
+    assert attn.can_order()  # the torch these tests run on has sdpa_kernel(set_priority=)
+    monkeypatch.setattr(attn, "can_order", lambda: False)
+    m = env.unet("high").clone()
+    assert not attn.attach(m, "cudnn first") and _override(m) is None
 
 
 def test_a_wan_forward_calls_it_and_samples_the_same_bits(env, monkeypatch):
