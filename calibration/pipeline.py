@@ -77,12 +77,6 @@ class CalibrationResult:
     report: Path
     data: dict
 
-    def __getitem__(self, key):  # result["high"], as the calibration API contract spells it
-        return getattr(self, key)
-
-    def as_dict(self) -> dict:
-        return {"high": self.high, "low": self.low, "report": self.report}
-
 
 # ---------------------------------------------------------------------------------------------
 # One layer

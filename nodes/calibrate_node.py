@@ -229,7 +229,7 @@ class CalibrateW4A4:
                            cancel=comfy.model_management.throw_exception_if_processing_interrupted)
         patched, covers = [], []
         for expert, model in (("high", model_high), ("low", model_low)):
-            path = str(result[expert])
+            path = str(getattr(result, expert))
             layers, meta = fmt.load_state(path)
             patched.append(ap.apply_w4a4_state(model, layers, meta, source=os.path.basename(path)))
             covers.append(f"{expert} t {meta.bin_edges[0]:.1f}..{meta.bin_edges[-1]:.1f}")

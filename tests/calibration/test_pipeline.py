@@ -67,14 +67,14 @@ pytestmark = pytest.mark.comfyui
 def test_states_load_and_carry_the_config(calibrated):
     res, cfg = calibrated["result"], calibrated["config"]
     for expert in ("high", "low"):
-        layers, meta = fmt.load_state(res[expert])
+        layers, meta = fmt.load_state(getattr(res, expert))
         assert meta.expert == expert and meta.bin_edges == cfg.edges(expert) and meta.clip_policy == "per-bin"
         assert len(layers) == 20 and meta.fingerprint
         p = layers["blocks.0.ffn.2"]
         assert p.act_unsigned and p.act_shift == numerics.GELU_SHIFT and p.rank == 8 and p.num_bins == 2
         assert not layers["blocks.0.ffn.0"].act_unsigned
-    assert fmt.read_meta(res["high"]).fingerprint != fmt.read_meta(res["low"]).fingerprint
-    report = json.loads(res["report"].read_text())
+    assert fmt.read_meta(res.high).fingerprint != fmt.read_meta(res.low).fingerprint
+    report = json.loads(res.report.read_text())
     assert report["experts"]["low"]["bin_rows"][1] == 0 and report["experts"]["high"]["steps"] == 3
     done = [c[0] for c in calibrated["progress"]]
     assert done == sorted(done) and done[-1] == calibrated["progress"][-1][1]
@@ -88,7 +88,7 @@ def test_states_load_and_carry_the_config(calibrated):
 def test_layers_beat_rtn_on_captured_rows(calibrated, models):
     """Re-capture the high expert's inputs; every calibrated layer beats plain RTN W4A4 on them."""
     res, cfg = calibrated["result"], calibrated["config"]
-    layers, meta = fmt.load_state(res["high"])
+    layers, meta = fmt.load_state(res.high)
     model = models["high"]
     m = C.with_shift(model, cfg.shift)
     cfg_all = CalibrationConfig(**{**FAST, "rows_per_bin": 4096}, out_dir=cfg.out_dir)
@@ -113,7 +113,7 @@ def test_layers_beat_rtn_on_captured_rows(calibrated, models):
 
 
 def test_report_records_every_layer(calibrated):
-    report = json.loads(calibrated["result"]["report"].read_text())
+    report = json.loads(calibrated["result"].report.read_text())
     for expert in ("high", "low"):
         recs = report["experts"][expert]["layers"]
         assert len(recs) == 20
@@ -126,12 +126,12 @@ def test_report_records_every_layer(calibrated):
 
 
 def test_empty_bin_takes_neighbours_ratio(calibrated):
-    layers, _ = fmt.load_state(calibrated["result"]["low"])
+    layers, _ = fmt.load_state(calibrated["result"].low)
     for name, p in layers.items():
         assert p.clip[1] == p.clip[0], name
     msgs = [r.getMessage() for r in calibrated["logs"] if r.levelno >= logging.WARNING]
     assert any("low expert: timestep bin 1 received no samples" in m and "bin 0" in m for m in msgs), msgs
-    report = json.loads(calibrated["result"]["report"].read_text())
+    report = json.loads(calibrated["result"].report.read_text())
     assert report["experts"]["low"]["empty_bin_fallback"] == {"1": 0}
     assert report["experts"]["low"]["layers"][0]["clip_source"] == ["searched", "bin 0"]
 
@@ -156,8 +156,8 @@ def test_blocks_per_pass_and_lazy_models_give_identical_states(calibrated, tiny_
     res = calibrate(loader("high"), loader("low"), _items(), cfg)
     assert [e for e, _ in loaded] == ["high", "low"]
     for expert in ("high", "low"):
-        a, _ = fmt.load_state(calibrated["result"][expert])
-        b, _ = fmt.load_state(res[expert])
+        a, _ = fmt.load_state(getattr(calibrated["result"], expert))
+        b, _ = fmt.load_state(getattr(res, expert))
         assert a.keys() == b.keys()
         for name in a:
             for f in fmt.FIELDS:
@@ -171,7 +171,7 @@ def test_clip_policies_and_keep_list(models, tmp_path, policy):
     cfg = CalibrationConfig(**{**FAST, "alphas": (0.5,)}, clip_policy=policy, keep=(1, "*.ffn.2"),
                             out_dir=str(tmp_path))
     res = calibrate(models["high"], models["low"], _items(1), cfg)
-    states = {e: fmt.load_state(res[e]) for e in ("high", "low")}
+    states = {e: fmt.load_state(getattr(res, e)) for e in ("high", "low")}
     for expert, (layers, meta) in states.items():
         assert meta.clip_policy == policy.replace("_", "-")
         assert sorted(layers) == sorted(f"blocks.0.{n}" for n in ("self_attn.q", "self_attn.k", "self_attn.v",
@@ -268,11 +268,11 @@ def test_step_spacing_fills_every_bin(models, tmp_path):
 
     cfg = CalibrationConfig(**{**FAST, "alphas": (0.5,), "bin_spacing": "steps"}, out_dir=str(tmp_path))
     res = calibrate(models["high"], models["low"], _items(1), cfg)
-    report = json.loads(res["report"].read_text())
+    report = json.loads(res.report.read_text())
     for expert in ("high", "low"):
         info = report["experts"][expert]
         assert all(r > 0 for r in info["bin_rows"]) and info["empty_bin_fallback"] == {}
-        assert list(fmt.read_meta(res[expert]).bin_edges) == info["bin_edges"]
+        assert list(fmt.read_meta(getattr(res, expert)).bin_edges) == info["bin_edges"]
 
 
 @pytest.mark.slow  # calibrations of their own
@@ -286,13 +286,13 @@ def test_handover_by_step_bins_cover_the_timesteps_each_expert_ran(models, tmp_p
     cfg = CalibrationConfig(**{**FAST, "alphas": (0.5,), "bin_spacing": "steps"}, shift=5.0, handover_step=4,
                             out_dir=str(tmp_path))
     res = calibrate(models["high"], models["low"], _items(1), cfg)
-    report = json.loads(res["report"].read_text())
+    report = json.loads(res.report.read_text())
     ran = {e: report["experts"][e]["timesteps"] for e in ("high", "low")}
     # ComfyUI's "simple" schedule at shift 5 (sigmas from its 1000-entry table), one call per step (cfg > 1)
     assert [round(t, 1) for t in ran["high"]] == [1000.0, 961.7, 909.2, 833.3]
     assert [round(t, 1) for t in ran["low"]] == [714.9, 500.6]
     for expert in ("high", "low"):
-        meta = fmt.read_meta(res[expert])
+        meta = fmt.read_meta(getattr(res, expert))
         assert meta.handover == {"by": "step", "boundary": pytest.approx((833.333 + 714.897) / 2, abs=1e-2),
                                  "high_steps": 4, "steps": 6, "shift": 5.0, "sampler": "euler",
                                  "scheduler": "simple"}

@@ -118,7 +118,7 @@ def fp8_calibrated(fp8_models, tmp_path_factory):
 def test_calibration_from_fp8_scaled_records_the_source(fp8_calibrated, fp8_models, files, names):
     res, _ = fp8_calibrated
     for expert in ("high", "low"):
-        layers, meta = fmt.load_state(res[expert])
+        layers, meta = fmt.load_state(getattr(res, expert))
         assert meta.source == {"kind": "fp8_scaled", "weight_dtype": "float8_e4m3fn"}
         assert meta.source_family == "fp8_scaled" and sorted(layers) == sorted(names)
         # the fingerprint is of the dequantized weights, read from the file here (not from ComfyUI)
@@ -127,9 +127,9 @@ def test_calibration_from_fp8_scaled_records_the_source(fp8_calibrated, fp8_mode
         from safetensors.torch import load_file
         bf16 = load_file(str(files["bf16", expert]))
         assert meta.fingerprint != fmt.model_fingerprint(bf16, names)
-        header = fmt.read_header(res[expert])
+        header = fmt.read_header(getattr(res, expert))
         assert json.loads(header["source"]) == meta.source
-    report = json.loads(res["report"].read_text())
+    report = json.loads(res.report.read_text())
     assert report["experts"]["high"]["fingerprint"]["source"]["kind"] == "fp8_scaled"
     for expert in ("high", "low"):
         for r in report["experts"][expert]["layers"]:  # the layers' reference was the dequantized weight
@@ -140,7 +140,7 @@ def test_calibration_from_fp8_scaled_records_the_source(fp8_calibrated, fp8_mode
 def test_fp8_state_layers_reconstruct_the_dequantized_weight(fp8_calibrated, files):
     """The state quantized the dequantized fp8 weights: its layers are closer to them than to a weight of
     another expert, and as close as RTN W4A4 of them allows."""
-    layers, _ = fmt.load_state(fp8_calibrated[0]["high"])
+    layers, _ = fmt.load_state(fp8_calibrated[0].high)
     name = "blocks.1.ffn.0"
     w = dequantized(files["fp8_scaled", "high"], name)
     x = torch.randn(64, w.shape[1], generator=torch.Generator().manual_seed(0))

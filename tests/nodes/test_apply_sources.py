@@ -46,8 +46,8 @@ def fp8(env):
     finally:
         torch.set_num_threads(n)
     for expert in ("high", "low"):
-        assert fmt.read_meta(res[expert]).source == FP8_SOURCE
-    return {"unet": names, "state": {e: res[e].name for e in ("high", "low")}}
+        assert fmt.read_meta(getattr(res, expert)).source == FP8_SOURCE
+    return {"unet": names, "state": {e: getattr(res, e).name for e in ("high", "low")}}
 
 
 def _refused(env, model, state):
