@@ -354,7 +354,10 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: dis
             # the weights the work folder's layers were made from (a cheap sample: format.model_fingerprint),
             # and what the state records once every layer in ``layers`` is quantized
             fingerprint = _fingerprint(model, {s.name: s for s in layers[expert]})
-            work.check_model(expert, {"fingerprint": fingerprint, "device": device.type})
+            # CPU sums depend on the thread count (so a CPU run resumes with the same threads); GPU runs do not,
+            # which lets a run of N processes (torchrun sets OMP_NUM_THREADS=1) resume as one process
+            work.check_model(expert, {"fingerprint": fingerprint, "device": device.type,
+                                      "threads": torch.get_num_threads() if device.type == "cpu" else None})
             info[expert] = {"bin_edges": list(edges[expert]), "steps": steps_of[expert], "handover": sampling,
                             "timesteps": [], "bin_rows": [0] * config.bins, "passes": passes,
                             "capture_s": [None] * len(passes), "quantize_s": [None] * len(passes)}

@@ -132,8 +132,7 @@ def run_key(config: CalibrationConfig, items: Sequence[CalibrationItem]) -> dict
     """Everything but the models that decides the result (the models: ``WorkFolder.check_model``)."""
     cfg = {k: v for k, v in config.to_dict().items() if k not in NOT_KEYED}
     key = {"config": cfg, "items": items_digest(items),
-           "runtime": {"wan_w4a4": __version__, "torch": torch.__version__, "comfyui": _comfyui_version(),
-                       "threads": torch.get_num_threads()}}  # CPU sums depend on the thread count
+           "runtime": {"wan_w4a4": __version__, "torch": torch.__version__, "comfyui": _comfyui_version()}}
     return json.loads(json.dumps(key))  # as it reads back: tuples become lists
 
 
