@@ -12,7 +12,7 @@ called by its attention wrapper as ``override(func, q, k, v, heads, ...)`` on bo
 ``ModelPatcher.set_model_optimized_attention`` sets on 0.33). :class:`CudnnFirst` answers the calls it
 can answer exactly as ComfyUI's ``attention_pytorch`` would, with cuDNN attention first in the order:
 large, unmasked CUDA attention with default scale; every other call (masks, grouped KV, small inputs,
-another attention function such as sage or xformers chosen at launch) goes to what was there before.
+another attention function such as sage or xformers chosen at launch) goes to ComfyUI's function.
 
 Modes (the nodes' ``attention`` input): ``auto`` puts cuDNN first on NVIDIA Hopper GPUs (compute capability
 9.x, where it was measured faster) and leaves ComfyUI's order elsewhere; ``cudnn first`` does it on any GPU;
@@ -99,13 +99,10 @@ def _pytorch_attention():
 
 class CudnnFirst:
     """An ``optimized_attention_override``: cuDNN attention first for the calls it takes (see the
-    module doc), ``previous`` (an earlier override) or ComfyUI's own function for the rest."""
+    module doc), ComfyUI's own function for the rest."""
 
     device_type = "cuda"  # cuDNN attention is CUDA's
     min_elements = MIN_ELEMENTS
-
-    def __init__(self, previous=None):
-        self.previous = previous
 
     def takes(self, func, q, k, v, kwargs) -> bool:
         from comfy.ldm.modules import attention
@@ -117,8 +114,6 @@ class CudnnFirst:
 
     def __call__(self, func, q, k, v, heads, *args, **kwargs):
         if args or not self.takes(func, q, k, v, kwargs):
-            if self.previous is not None:
-                return self.previous(func, q, k, v, heads, *args, **kwargs)
             return func(q, k, v, heads, *args, **kwargs)
         return sdpa_heads(q, k, v, heads, kwargs.get("skip_reshape", False), kwargs.get("skip_output_reshape", False),
                           order=cudnn_order())
@@ -131,11 +126,8 @@ def attach(model, mode: str = "auto") -> bool:
     model.model_options["transformer_options"] = options
     current = options.get(OVERRIDE)
     if isinstance(current, CudnnFirst):  # a clone of a model this already ran on
-        current = current.previous
-        if current is None:
-            options.pop(OVERRIDE)
-        else:
-            options[OVERRIDE] = current
+        del options[OVERRIDE]
+        current = None
     if mode == "comfy" or (mode == "auto" and not hopper(model.load_device)):
         return False
     if current is not None:  # another node chose this model's attention: keep it, in any mode
