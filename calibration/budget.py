@@ -67,15 +67,19 @@ def _largest_run(sizes: Sequence[int], n: int) -> int:
     return max(sum(sizes[i:i + n]) for i in range(max(1, len(sizes) - n + 1)))
 
 
+def _plan_inputs(specs: Sequence[LayerSpec], config: CalibrationConfig) -> tuple[list[int], float]:
+    """(statistics bytes of each block in block order, the bytes the budget gives them)."""
+    return [b for _, b in sorted(block_bytes(specs, config).items())], STATS_SHARE * config.gpu_budget_gib * GiB
+
+
 def blocks_per_pass(specs: Sequence[LayerSpec], config: CalibrationConfig) -> int | None:
     """``config.blocks_per_pass`` when set, else, under a budget, the most blocks whose statistics fit
     its ``STATS_SHARE``; None (every block in one pass) without a budget."""
     if config.blocks_per_pass is not None or config.gpu_budget_gib is None:
         return config.blocks_per_pass
-    per_block = [b for _, b in sorted(block_bytes(specs, config).items())]
+    per_block, limit = _plan_inputs(specs, config)
     if not per_block:
         return None
-    limit = STATS_SHARE * config.gpu_budget_gib * GiB
     n = 0
     while n < len(per_block) and _largest_run(per_block, n + 1) <= limit:
         n += 1
@@ -87,10 +91,9 @@ def check(specs: Sequence[LayerSpec], config: CalibrationConfig, what: str) -> N
     ``blocks_per_pass`` whose statistics exceed the budget's share."""
     if config.gpu_budget_gib is None:
         return
-    per_block = [b for _, b in sorted(block_bytes(specs, config).items())]
+    per_block, limit = _plan_inputs(specs, config)
     if not per_block:
         return
-    limit = STATS_SHARE * config.gpu_budget_gib * GiB
     n = config.blocks_per_pass or 1
     need = _largest_run(per_block, min(n, len(per_block)))
     if need > limit:
@@ -104,9 +107,9 @@ def check(specs: Sequence[LayerSpec], config: CalibrationConfig, what: str) -> N
 
 @contextlib.contextmanager
 def comfy_budget(config: CalibrationConfig, device):
-    """While calibration runs, ComfyUI's loader sees a device of ``config.gpu_budget_gib``: its reserved
-    memory (``comfy.model_management.EXTRA_RESERVED_VRAM``) is raised to the device's total minus the
-    budget, and restored afterwards. Without a budget, or off CUDA, nothing changes."""
+    """While calibration runs, ComfyUI's loader sees a device of ``config.gpu_budget_gib`` minus
+    ``HOOK_RESERVE_GIB``: its reserved memory (``comfy.model_management.EXTRA_RESERVED_VRAM``) is raised to
+    the rest of the device, and restored afterwards. Without a budget, or off CUDA, nothing changes."""
     device = torch.device(device)
     if config.gpu_budget_gib is None or device.type != "cuda":
         yield
