@@ -13,6 +13,7 @@ from .common import (
     RESOLUTIONS,
     arch_of,
     base_dir,
+    device_used_bytes,
     file_names,
     gib,
     host_peak_rss_gib,
@@ -29,10 +30,8 @@ class DeviceUsedPeak:
         self.cuda, self.peak, self._stop = cuda, 0, None
 
     def _poll(self):
-        import torch
         while not self._stop.wait(0.05):
-            free, total = torch.cuda.mem_get_info()
-            self.peak = max(self.peak, total - free)
+            self.peak = max(self.peak, device_used_bytes())
 
     def __enter__(self):
         import threading

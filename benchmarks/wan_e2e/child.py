@@ -22,6 +22,7 @@ from .common import (
     TIMING_KEY,
     arch_of,
     base_dir,
+    device_used_bytes,
     file_names,
     gib,
     host_peak_rss_gib,
@@ -53,9 +54,7 @@ class StepTimer:
 
     def sample_device_used(self):
         if self.cuda:
-            import torch
-            free, total = torch.cuda.mem_get_info()
-            self.device_used_max = max(self.device_used_max, total - free)
+            self.device_used_max = max(self.device_used_max, device_used_bytes())
 
     def _sync(self):
         if self.cuda:

@@ -72,6 +72,15 @@ def gib(x) -> float | None:
     return None if x is None else round(x / GIB, 3)
 
 
+def device_used_bytes() -> int:
+    """Device memory in use as the driver sees it (total - free, what nvidia-smi shows): the CUDA context,
+    PyTorch's cache, and what lives outside PyTorch's allocator (dynamic VRAM's streamed weights)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
 def host_peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)  # Linux: KiB
 
