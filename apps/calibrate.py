@@ -113,12 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="discard the finished work that an interrupted run to this --out and --name left in its "
                          "hidden work folder (.<name>.w4a4-work), and start over; without it, a run with the same "
                          "settings resumes that work and one with other settings stops with an error")
-    io.add_argument("--comfyui", type=Path, default=None, help="ComfyUI source tree (default: auto-detect)")
-    io.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when a GPU is present")
-    io.add_argument("--dynamic-vram", action="store_true",
-                    help="load and stream the experts with ComfyUI's dynamic VRAM, as its main.py does by default on "
-                         "NVIDIA GPUs (ComfyUI 0.33+): the weights are read from the files as needed instead of "
-                         "copied into host memory first")
+    runtime.add_arguments(io)
     io.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's own choice)")
 

@@ -273,6 +273,17 @@ def enable_dynamic_vram(control=None) -> bool:
     return True
 
 
+def add_arguments(parser) -> None:
+    """The options of a command that starts ComfyUI in its process (``init_comfyui``'s arguments)."""
+    parser.add_argument("--comfyui", type=Path, default=None,
+                        help="ComfyUI source tree (default: COMFYUI_PATH, the pack's parent folders, ~/ComfyUI)")
+    parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when a GPU is present")
+    parser.add_argument("--dynamic-vram", action="store_true",
+                        help="ComfyUI's dynamic VRAM, as its main.py turns it on by default on NVIDIA GPUs "
+                             "(ComfyUI 0.33+): weights are read from their files and streamed as needed, outside "
+                             "PyTorch's allocator")
+
+
 def dynamic_vram_enabled() -> bool:
     """Whether this process's ComfyUI streams weights with dynamic VRAM (False before it is imported)."""
     memory = sys.modules.get("comfy.memory_management")

@@ -19,7 +19,7 @@ Configurations (one child process each, so that peak GPU memory and host RSS are
   fp8       UNETLoader, weight_dtype "fp8_e4m3fn" (fp8 storage, bf16 compute)
   fp8_fast  UNETLoader, weight_dtype "fp8_e4m3fn_fast" (fp8 matmuls where the GPU has them - but see
             fp8_fast_eval: ComfyUI 0.3.64 leaves Wan in training mode, which turns them off there;
-            ComfyUI 0.33 runs them, in eval mode)
+            on ComfyUI 0.33 the H200 profile showed no fp8 matmul either, benchmarks/README.md)
   w4a4      the pack's "Load W4A4 Wan2.2 model" node on a W4A4 checkpoint made by the pack from the
             same BF16 weights (RTN-grade: calibration.lowrank.low_rank's rank-32 branch and
             numerics.from_float per block Linear, clip 1; format.save_checkpoint). The other tensors

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from wan_w4a4.apps import runtime
+
 from .common import ALL_ORDER, ARCH_NAMES, CONFIGS, MODES, REPO, RESOLUTIONS
 
 DESCRIPTION = "Real-size Wan2.2-I2V-A14B end to end through ComfyUI: peak memory, step time, calibration cost."
@@ -28,12 +30,7 @@ def parse_args(argv=None, description: str = DESCRIPTION):
     p.add_argument("--source", choices=("auto", "file", "memory"), default="auto")
     p.add_argument("--workdir", type=Path, default=None,
                    help="generated models and scratch (default $WAN_BENCH_DIR or <repo>/build/bench_e2e)")
-    p.add_argument("--comfyui", type=Path, default=None, help="ComfyUI tree (default: COMFYUI_PATH / auto-detect)")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
-    p.add_argument("--dynamic-vram", action="store_true",
-                   help="turn on ComfyUI's dynamic VRAM (comfy-aimdo) as its main.py does by default on NVIDIA "
-                        "(ComfyUI 0.33+; runtime.init_comfyui); weights it streams live outside PyTorch's "
-                        "allocator, so compare the device-level 'used' column")
+    runtime.add_arguments(p)  # --comfyui, --cpu, --dynamic-vram (with it, compare the device-level 'used' column)
     p.add_argument("--attention", choices=("auto", "comfy", "cudnn first"), default="comfy",
                    help="SDPA order for every configuration (nodes/attention.py): comfy (default) keeps ComfyUI's, "
                         "as a BF16 graph runs; auto is what the W4A4 nodes do by default (cuDNN first on Hopper); "
