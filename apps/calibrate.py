@@ -431,7 +431,8 @@ def _calibrate(args, config, cset, size, world) -> int:
     from ..calibration.pipeline import calibrate
 
     try:
-        runtime.init_comfyui(args.comfyui, cpu=True if args.cpu else None, dynamic_vram=args.dynamic_vram)
+        runtime.init_comfyui(args.comfyui, cpu=True if args.cpu else None, dynamic_vram=args.dynamic_vram,
+                             gpu_budget_gib=args.gpu_budget)
     except runtime.ComfyUINotFound as e:
         print(f"calibrate: {e}", file=sys.stderr)
         return 2

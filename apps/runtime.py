@@ -173,14 +173,16 @@ def set_base_directory(base_directory) -> Path:
     return base
 
 
-def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynamic_vram: bool = False):
+def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynamic_vram: bool = False,
+                 gpu_budget_gib: float | None = None):
     """Imports and initialises ComfyUI in this process; returns its ``nodes`` module.
 
     ``path``: the source tree (default ``find_comfyui()``). ``cpu``: force ComfyUI onto the CPU
     (default: when CUDA is unavailable). ``base_directory``: where models/input/output live (default
     the tree itself). ``dynamic_vram``: turn on ComfyUI's dynamic VRAM as its ``main.py`` does by default
     on NVIDIA GPUs (``enable_dynamic_vram``); without it, a library use of ComfyUI runs the legacy
-    ModelPatcher. Idempotent; a second call may change ``base_directory`` but not the tree.
+    ModelPatcher. ``gpu_budget_gib``: with dynamic VRAM, the GiB the whole process may use on each GPU
+    (``enable_dynamic_vram``). Idempotent; a second call may change ``base_directory`` but not the tree.
     """
     root = Path(path).resolve() if path is not None else (find_comfyui() or _shared_tree())
     if root is None or not is_comfyui_tree(root):
@@ -220,7 +222,7 @@ def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynami
     import nodes
 
     if dynamic_vram:
-        enable_dynamic_vram(aimdo)
+        enable_dynamic_vram(aimdo, gpu_budget_gib)
 
     if base_directory is not None:
         set_base_directory(base_directory)
@@ -234,7 +236,7 @@ def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynami
 def _aimdo_control():
     """comfy-aimdo's control module, initialised as main.py does before CUDA starts; None without it."""
     try:
-        import comfy_aimdo.control as control
+        from comfy_aimdo import control
     except ImportError:
         return None
     for kwargs in ({"simple_vram_headroom": None, "nvml_pressure": True}, {"simple_vram_headroom": None}, {}):
@@ -246,11 +248,15 @@ def _aimdo_control():
     return None
 
 
-def enable_dynamic_vram(control=None) -> bool:
+def enable_dynamic_vram(control=None, gpu_budget_gib: float | None = None) -> bool:
     """Switch this process's ComfyUI to dynamic VRAM the way ``main.py`` does when ``enables_dynamic_vram``
     (ComfyUI 0.33: on by default for NVIDIA): comfy-aimdo's devices, ``ModelPatcherDynamic`` as the core
     patcher and ``memory_management.aimdo_enabled``. Feature-detected: False (and nothing changed) where
-    this ComfyUI or machine has none of it."""
+    this ComfyUI or machine has none of it.
+
+    ``gpu_budget_gib``: raise ComfyUI's ``args.vram_headroom`` (what its ``--vram-headroom`` sets, and what
+    comfy-aimdo keeps free on the whole device) so that the process stays within the budget
+    (``calibration.budget.dynamic_vram_headroom``); comfy-aimdo takes it once, here."""
     import comfy.model_management as mm
     import comfy.model_patcher as mp
 
@@ -260,6 +266,15 @@ def enable_dynamic_vram(control=None) -> bool:
         return False
     from comfy.cli_args import args
     devices = mm.get_all_torch_devices()
+    if gpu_budget_gib is not None:
+        import torch
+
+        from ..calibration.budget import GiB, dynamic_vram_headroom
+        need = max(dynamic_vram_headroom(torch.cuda.get_device_properties(d).total_memory, gpu_budget_gib)
+                   for d in devices)
+        args.vram_headroom = max(float(getattr(args, "vram_headroom", 0) or 0), need / GiB)
+        logger.info("dynamic VRAM headroom %.1f GiB: the process stays within its %.1f GiB GPU budget",
+                    args.vram_headroom, gpu_budget_gib)
     try:
         ok = control.init_devices((d.index, int(getattr(args, "vram_headroom", 0) * 1024 ** 3)) for d in devices)
     except TypeError:  # comfy-aimdo 0.4.9 protocol, as main.py handles it

@@ -12,7 +12,13 @@ budget of B GiB:
   loader see a device of B − ``HOOK_RESERVE_GIB`` GiB (its ``EXTRA_RESERVED_VRAM``), so it loads the expert partially and
   streams the rest per call (its lowvram path), as it does for any model larger than the GPU;
 - **quantization** of a pass's layers runs after ComfyUI has unloaded the expert (``pipeline``), so the
-  per-layer work (GPTQ on the Hessian, the layer's weight) needs only the pass's statistics beside it.
+  per-layer work (GPTQ on the Hessian, the layer's weight) needs only the pass's statistics beside it;
+- **under dynamic VRAM** (ComfyUI 0.33's default on NVIDIA) the streamed weights live in comfy-aimdo's
+  own device buffers, outside PyTorch's allocator and outside ``EXTRA_RESERVED_VRAM``. comfy-aimdo keeps
+  a headroom free on the whole device (its ``init_devices``, ComfyUI's ``--vram-headroom``), counting
+  every allocation on it, so a headroom of the device's size minus B bounds the process at B
+  (:func:`dynamic_vram_headroom`). It is fixed when ComfyUI starts: the CLI sets it from the budget;
+  inside a running ComfyUI, :func:`comfy_budget` warns when the server's headroom is smaller.
 
 The sizes are exact sums of the tensors ``hessian.InputStats`` allocates, so the plan is a
 function of the layer shapes alone and is known before the model is sampled.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -105,6 +112,26 @@ def check(specs: Sequence[LayerSpec], config: CalibrationConfig, what: str) -> N
                                f"GPU budget ({limit / GiB:.2f} GiB); {fix}")
 
 
+def dynamic_vram_headroom(total_bytes: int, budget_gib: float) -> int:
+    """The comfy-aimdo headroom (bytes kept free on a device of ``total_bytes``) that leaves
+    ``budget_gib`` GiB for the whole process: its PyTorch allocations and aimdo's streamed weights."""
+    return max(0, int(total_bytes - budget_gib * GiB))
+
+
+def _warn_unbounded_dynamic_vram(config: CalibrationConfig, total: int) -> None:
+    """Under dynamic VRAM the budget binds aimdo's weights only through the headroom ComfyUI started
+    with (``args.vram_headroom``, GiB); say so when it is smaller than the budget needs."""
+    memory = sys.modules.get("comfy.memory_management")
+    if not getattr(memory, "aimdo_enabled", False):
+        return
+    from comfy.cli_args import args
+    need = dynamic_vram_headroom(total, config.gpu_budget_gib)
+    if getattr(args, "vram_headroom", 0) * GiB < need:
+        log.warning("GPU budget %.1f GiB: ComfyUI's dynamic VRAM streams weights outside it (its headroom is "
+                    "%.1f GiB); start ComfyUI with --vram-headroom %.1f to keep the whole process within the budget",
+                    config.gpu_budget_gib, getattr(args, "vram_headroom", 0), need / GiB)
+
+
 @contextlib.contextmanager
 def comfy_budget(config: CalibrationConfig, device):
     """While calibration runs, ComfyUI's loader sees a device of ``config.gpu_budget_gib`` minus
@@ -117,6 +144,7 @@ def comfy_budget(config: CalibrationConfig, device):
     import comfy.model_management as mm
 
     total = torch.cuda.get_device_properties(device).total_memory
+    _warn_unbounded_dynamic_vram(config, total)
     before = mm.EXTRA_RESERVED_VRAM
     reserve = max(before, total - int((config.gpu_budget_gib - HOOK_RESERVE_GIB) * GiB))
     mm.EXTRA_RESERVED_VRAM = reserve

@@ -74,7 +74,8 @@ def run_calibration(args) -> dict:
     t_start = time.perf_counter()
     arch = arch_of(args.arch)
     cuda = torch.cuda.is_available() and not args.cpu
-    runtime.init_comfyui(args.comfyui, cpu=not cuda, base_directory=base_dir(args), dynamic_vram=args.dynamic_vram)
+    runtime.init_comfyui(args.comfyui, cpu=not cuda, base_directory=base_dir(args), dynamic_vram=args.dynamic_vram,
+                         gpu_budget_gib=args.calib_gpu_budget)
     import comfy.sd
 
     if cuda:
@@ -83,7 +84,7 @@ def run_calibration(args) -> dict:
             torch.cuda.set_per_process_memory_fraction(
                 args.calib_gpu_cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     names = file_names(args)
-    path = base_dir(args) / "models" / "diffusion_models" / names["bf16"]
+    path = base_dir(args) / "models" / "diffusion_models" / names[args.calib_source]
     load_times = []
 
     def loader(i: int):
@@ -92,7 +93,7 @@ def run_calibration(args) -> dict:
         def load():
             t = time.perf_counter()
             with torch.inference_mode():
-                if args.source == "file":
+                if args.source == "file" or args.calib_source == "fp8_scaled":  # fp8_scaled: always its file
                     m = comfy.sd.load_diffusion_model(str(path))
                 else:
                     sd = random_state_dict(arch, args.seed + 1 + i, torch.device("cuda" if cuda else "cpu"))
@@ -122,7 +123,7 @@ def run_calibration(args) -> dict:
     load_s = sum(load_times)  # inside cal_s: the experts load when their turn comes
     out = {"items": args.calib_items, "frames": args.calib_frames, "res": args.calib_res, "steps": args.calib_steps,
            "blocks_calibrated": nblocks, "blocks_total": arch.num_layers, "blocks_per_pass": bpp,
-           "gpu_budget_gib": args.calib_gpu_budget, "gpu_cap_gib": args.calib_gpu_cap,
+           "gpu_budget_gib": args.calib_gpu_budget, "gpu_cap_gib": args.calib_gpu_cap, "source": args.calib_source,
            "dynamic_vram": runtime.dynamic_vram_enabled(),
            "token_fraction": args.calib_token_fraction, "load_s": round(load_s, 2), "calibrate_s": round(cal_s, 2),
            "peak_alloc_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,

@@ -55,6 +55,10 @@ def parse_args(argv=None, description: str = DESCRIPTION):
     c.add_argument("--calib-blocks-per-pass", type=int, default=None, help="CalibrationConfig.blocks_per_pass")
     c.add_argument("--calib-token-fraction", type=float, default=0.25)
     c.add_argument("--calib-gpu-budget", type=float, default=None, metavar="GIB", help="CalibrationConfig.gpu_budget_gib")
+    c.add_argument("--calib-source", choices=("bf16", "fp8_scaled"), default="bf16",
+                   help="the experts calibration reads: the BF16 file, or its fp8_scaled version in ComfyUI's layout "
+                        "(the official Wan2.2 template's *_fp8_scaled experts), written next to the BF16 file; not "
+                        "with --source memory")
     c.add_argument("--calib-gpu-cap", type=float, default=None, metavar="GIB",
                    help="cap the calibration process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     c.add_argument("--calib-full-blocks-per-pass", type=int, default=10,
@@ -68,6 +72,7 @@ def parse_args(argv=None, description: str = DESCRIPTION):
     p.add_argument("--_need-bf16", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_need-w4a4", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_need-lora", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_need-fp8", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     tiny = args.arch == "tiny"
@@ -99,6 +104,8 @@ def parse_args(argv=None, description: str = DESCRIPTION):
             p.error(f"unknown configuration(s) {bad}; choose from {list(CONFIGS)}")
         if not configs and not args.calibrate:
             p.error("nothing to do: no configuration and no --calibrate")
+        if args.calib_source == "fp8_scaled" and args.source == "memory":
+            p.error("--calib-source fp8_scaled reads an fp8_scaled file: not with --source memory")
         args.configs = configs
         if args.results_md is None:
             args.results_md = "none" if tiny else str(REPO / "benchmarks" / "RESULTS.md")

@@ -104,7 +104,8 @@ def latent_shape(args) -> tuple[int, ...]:
 
 def file_names(args) -> dict:
     tag = f"wan_bench_{args.arch}_s{args.seed}"
-    return {"bf16": f"{tag}_bf16.safetensors", "w4a4": f"{tag}_w4a4.safetensors",
+    return {"bf16": f"{tag}_bf16.safetensors", "fp8_scaled": f"{tag}_fp8_scaled.safetensors",
+            "w4a4": f"{tag}_w4a4.safetensors",
             "lora": f"{tag}_r{LORA_RANK}_lora.safetensors"}
 
 

@@ -61,7 +61,7 @@ def child_cmd(args, kind: str, out_json: Path, config: str | None = None) -> lis
            "--calib-res", args.calib_res, "--calib-steps", str(args.calib_steps),
            "--calib-blocks", str(args.calib_blocks), "--calib-token-fraction", str(args.calib_token_fraction),
            "--calib-full-blocks-per-pass", str(args.calib_full_blocks_per_pass),
-           "--log-level", args.log_level, "--attention", args.attention]
+           "--calib-source", args.calib_source, "--log-level", args.log_level, "--attention", args.attention]
     if args.calib_blocks_per_pass:
         cmd += ["--calib-blocks-per-pass", str(args.calib_blocks_per_pass)]
     if args.calib_gpu_budget:
@@ -129,7 +129,7 @@ def child_main(args) -> int:
     out = {}
     try:
         if args._child == "gen":
-            out = generate_files(args, args._need_bf16, args._need_w4a4, args._need_lora)
+            out = generate_files(args, args._need_bf16, args._need_w4a4, args._need_lora, args._need_fp8)
         elif args._child == "run":
             run_config(args, out)
         else:
@@ -195,13 +195,15 @@ def run_children(args, meta: dict, deadline: float | None) -> tuple[dict, dict]:
     """The generation child (when files are needed), one child per configuration, then calibration
     timing; fills ``meta`` with what generation did and each child's wall time, and writes the JSON
     after each configuration so that a run stopped later keeps what finished."""
-    need_bf16 = args.source == "file" and (any(not is_w4a4(c) for c in args.configs) or args.calibrate)
+    calib_bf16 = args.calibrate and args.calib_source == "bf16"
+    need_bf16 = args.source == "file" and (any(not is_w4a4(c) for c in args.configs) or calib_bf16)
+    need_fp8 = args.calibrate and args.calib_source == "fp8_scaled"  # whatever --source says: a file is the source
     need_w4a4 = any(is_w4a4(c) for c in args.configs)
     need_lora = any(CONFIGS[c].get("lora_rank") for c in args.configs)
     results, calib = {}, {}
-    if need_bf16 or need_w4a4 or need_lora:
+    if need_bf16 or need_fp8 or need_w4a4 or need_lora:
         tc = time.monotonic()
-        gen = run_child_gen(args, need_bf16, need_w4a4, need_lora, deadline)
+        gen = run_child_gen(args, need_bf16, need_w4a4, need_lora, deadline, need_fp8)
         gen["child_s"] = round(time.monotonic() - tc, 1)
         meta["generate"] = gen
         if "error" in gen or "skipped" in gen:
@@ -209,7 +211,7 @@ def run_children(args, meta: dict, deadline: float | None) -> tuple[dict, dict]:
             for c in args.configs:
                 results[c] = {"error": "no model files: " + (gen.get("error") or gen.get("skipped"))}
             args.configs = []
-            args.calibrate = args.calibrate and not need_bf16
+            args.calibrate = args.calibrate and not (need_bf16 or need_fp8)
     meta["child_s"] = {}
     for c in args.configs:
         tc = time.monotonic()
@@ -255,7 +257,7 @@ def report_from(args) -> int:
     return 0
 
 
-def run_child_gen(args, need_bf16: bool, need_w4a4: bool, need_lora: bool, deadline) -> dict:
+def run_child_gen(args, need_bf16: bool, need_w4a4: bool, need_lora: bool, deadline, need_fp8: bool = False) -> dict:
     saved = (args._need_bf16, args._need_w4a4, args._need_lora)
     args._need_bf16, args._need_w4a4, args._need_lora = need_bf16, need_w4a4, need_lora
     try:
@@ -268,8 +270,11 @@ def run_child_gen(args, need_bf16: bool, need_w4a4: bool, need_lora: bool, deadl
             cmd.append("--_need-w4a4")
         if need_lora:
             cmd.append("--_need-lora")
+        if need_fp8:
+            cmd.append("--_need-fp8")
         timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
-        log.info("== generating the experts (BF16 file: %s, W4A4 checkpoint: %s)", need_bf16, need_w4a4)
+        log.info("== generating the experts (BF16 file: %s, fp8_scaled file: %s, W4A4 checkpoint: %s)",
+                 need_bf16, need_fp8, need_w4a4)
         try:
             rc = subprocess.run(cmd, check=False, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
         except subprocess.TimeoutExpired:

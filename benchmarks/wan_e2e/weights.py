@@ -136,37 +136,93 @@ def write_lora(args, path: Path) -> dict:
             "lora_s": round(time.perf_counter() - t0, 2)}
 
 
-def bf16_header(shapes: dict, metadata: dict) -> bytes:
-    """The safetensors header (length prefix included) of a BF16 file holding ``shapes`` in order, so
-    the tensors can be streamed after it one at a time instead of held in memory."""
+# safetensors dtype names and their sizes in bytes, for the headers written ahead of streamed tensors
+DTYPE_BYTES = {"BF16": 2, "F32": 4, "F8_E4M3": 1}
+
+
+def safetensors_header(entries: dict, metadata: dict) -> bytes:
+    """The safetensors header (length prefix included) of a file holding ``entries`` (key -> (dtype
+    name, shape)) in order, so the tensors can be streamed after it one at a time instead of held in
+    memory."""
     header = {"__metadata__": {"format": "pt", **metadata}}
     offset = 0
-    for key, shape in shapes.items():
-        n = math.prod(shape) * 2
-        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+    for key, (dtype, shape) in entries.items():
+        n = math.prod(shape) * DTYPE_BYTES[dtype]
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     return struct.pack("<Q", len(head)) + head
 
 
-def generate_files(args, need_bf16_file: bool, need_w4a4: bool, need_lora: bool = False) -> dict:
-    """Writes the BF16 file and/or the W4A4 checkpoint (one pass over the tensors); reuses files that
-    carry this arch and seed. Returns what was done, with timings."""
+def bf16_header(shapes: dict, metadata: dict) -> bytes:
+    """The header of a BF16 file holding ``shapes`` in order (``safetensors_header``)."""
+    return safetensors_header({k: ("BF16", s) for k, s in shapes.items()}, metadata)
+
+
+# ComfyUI's fp8_scaled files (the official Wan2.2 ``*_fp8_scaled`` experts), as both supported versions
+# read them (calibration/capture.py, ``stored_weight``): a marker tensor ``scaled_fp8`` of the fp8 dtype
+# (empty: no fp8 matmuls asked for), every Linear weight (2-D ``.weight``) in float8_e4m3fn with a
+# float32 ``scale_weight`` = max|w| / 448 and ``scale_input`` = 1, everything else as it was.
+FP8_MAX = 448.0
+FP8_MARKER = "scaled_fp8"
+
+
+def fp8_scaled_layout(shapes: dict) -> dict:
+    """(dtype name, shape) of every tensor of the fp8_scaled file of a BF16 checkpoint of ``shapes``,
+    in file order: the marker, then each tensor followed by its scales."""
+    out = {FP8_MARKER: ("F8_E4M3", (0,))}
+    for key, shape in shapes.items():
+        if key.endswith(".weight") and len(shape) == 2:
+            layer = key[:-len(".weight")]
+            out[key] = ("F8_E4M3", shape)
+            out[f"{layer}.scale_weight"] = ("F32", ())
+            out[f"{layer}.scale_input"] = ("F32", ())
+        else:
+            out[key] = ("BF16", shape)
+    return out
+
+
+def fp8_scaled_tensors(key: str, t) -> list:
+    """(key, tensor) pairs that stand for the BF16 tensor ``t`` in an fp8_scaled file, in file order."""
     import torch
+    if not (key.endswith(".weight") and t.ndim == 2):
+        return [(key, t)]
+    layer = key[:-len(".weight")]
+    w = t.float()
+    scale = (w.abs().max() / FP8_MAX).to(torch.float32).reshape(())
+    return [(key, (w / scale).to(torch.float8_e4m3fn)), (f"{layer}.scale_weight", scale),
+            (f"{layer}.scale_input", torch.ones((), dtype=torch.float32, device=t.device))]
+
+
+def _write_tensor(fh, t) -> None:
+    import torch
+    fh.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def generate_files(args, need_bf16_file: bool, need_w4a4: bool, need_lora: bool = False,
+                   need_fp8_file: bool = False) -> dict:
+    """Writes the BF16 file, the fp8_scaled file (ComfyUI's layout, ``fp8_scaled_layout``) and/or the W4A4
+    checkpoint (one pass over the tensors); reuses files that carry this arch and seed. Returns what was
+    done, with timings."""
     from wan_w4a4.calibration.config import bin_edges
     from wan_w4a4.kernels import format as fmt
 
     arch, device = arch_of(args.arch), device_of(args)
     names, base = file_names(args), base_dir(args)
     bf16_path = base / "models" / "diffusion_models" / names["bf16"]
+    fp8_path = base / "models" / "diffusion_models" / names["fp8_scaled"]
     w4a4_path = base / "models" / "w4a4" / names["w4a4"]
     want = {"wan_w4a4.arch": arch.to_json(), "bench": BENCH_TAG, "seed": str(args.seed)}
     out = {"device": str(device), "bf16_file": str(bf16_path) if need_bf16_file else None,
+           "fp8_scaled_file": str(fp8_path) if need_fp8_file else None,
            "w4a4_file": str(w4a4_path) if need_w4a4 else None}
 
-    meta = _file_tag(bf16_path) if need_bf16_file else None
-    do_bf16 = need_bf16_file and not (meta is not None and all(meta.get(k) == v for k, v in want.items()))
+    def stale(path: Path, needed: bool) -> bool:
+        meta = _file_tag(path) if needed else None
+        return needed and not (meta is not None and all(meta.get(k) == v for k, v in want.items()))
+
+    do_bf16, do_fp8 = stale(bf16_path, need_bf16_file), stale(fp8_path, need_fp8_file)
     do_w4a4 = False
     if need_w4a4:
         meta = _file_tag(w4a4_path)
@@ -174,29 +230,34 @@ def generate_files(args, need_bf16_file: bool, need_w4a4: bool, need_lora: bool 
         do_w4a4 = not (rep.get("bench") == BENCH_TAG and rep.get("arch") == arch.to_json()
                        and rep.get("seed") == args.seed and rep.get("rank") == W4A4_RANK
                        and rep.get("quantizer") == W4A4_MAKER)
-    out.update(bf16_generated=do_bf16, w4a4_generated=do_w4a4)
+    out.update(bf16_generated=do_bf16, fp8_scaled_generated=do_fp8, w4a4_generated=do_w4a4)
     if need_lora:
         out.update(write_lora(args, base / "models" / "loras" / names["lora"]))
-    if not (do_bf16 or do_w4a4):
-        log.info("reusing %s", ", ".join(p for p in (out["bf16_file"], out["w4a4_file"]) if p))
+    if not (do_bf16 or do_fp8 or do_w4a4):
+        log.info("reusing %s", ", ".join(p for p in (out["bf16_file"], out["fp8_scaled_file"], out["w4a4_file"]) if p))
         return out
 
     shapes = warch.wan_state_dict_shapes(arch)
     quantized = set(warch.quantizable_linears(arch))
     t0 = time.perf_counter()
-    fh, tmp = None, None
-    if do_bf16:
-        bf16_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = bf16_path.with_name(f".{bf16_path.name}.{os.getpid()}.tmp")
-        fh = open(tmp, "wb")  # noqa: SIM115 - written tensor by tensor below, closed in the finally
-        fh.write(bf16_header(shapes, want))
+    files = {}  # final path -> (temporary path, open handle): streamed tensor by tensor, renamed at the end
     layers, rest = {}, {}
     t_quant = 0.0
     try:
+        for path, header in ((bf16_path, do_bf16 and bf16_header(shapes, want)),
+                             (fp8_path, do_fp8 and safetensors_header(fp8_scaled_layout(shapes), want))):
+            if header:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                files[path] = (tmp, open(tmp, "wb"))  # noqa: SIM115 - closed in the finally
+                files[path][1].write(header)
         for i, (key, shape) in enumerate(shapes.items()):
             t = random_tensor(arch, key, shape, args.seed, device)
-            if fh is not None:
-                fh.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if bf16_path in files:
+                _write_tensor(files[bf16_path][1], t)
+            if fp8_path in files:
+                for _, part in fp8_scaled_tensors(key, t):
+                    _write_tensor(files[fp8_path][1], part)
             if do_w4a4:
                 layer, _, field = key.rpartition(".")
                 if layer in quantized:
@@ -212,15 +273,13 @@ def generate_files(args, need_bf16_file: bool, need_w4a4: bool, need_lora: bool 
                     rest[key] = t.cpu()
             if i % 100 == 0:
                 log.info("generating: %d/%d tensors, %.1f s", i, len(shapes), time.perf_counter() - t0)
-        if fh is not None:
+        for path, (tmp, fh) in files.items():
             fh.close()
-            fh = None
-            os.replace(tmp, bf16_path)  # no fsync: scratch files for this session
+            os.replace(tmp, path)  # no fsync: scratch files for this session
     finally:
-        if fh is not None:
+        for tmp, fh in files.values():
             fh.close()
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
     out["generate_s"] = round(time.perf_counter() - t0, 2)
     out["w4a4_quantize_s"] = round(t_quant, 2)
     if do_w4a4:
@@ -237,7 +296,7 @@ def generate_files(args, need_bf16_file: bool, need_w4a4: bool, need_lora: bool 
         fmt.save_checkpoint(w4a4_path, layers, rest, meta, overwrite=True)
         out["w4a4_save_s"] = round(time.perf_counter() - t1, 2)
         out["w4a4_layers"] = len(layers)
-    for k in ("bf16_file", "w4a4_file"):
+    for k in ("bf16_file", "fp8_scaled_file", "w4a4_file"):
         if out[k]:
             out[k.replace("file", "gib")] = gib(os.path.getsize(out[k]))
     out["host_peak_rss_gib"] = host_peak_rss_gib()
