@@ -64,6 +64,10 @@ from .resume import kill_point, run_key
 from .smoothing import search_alpha, smooth_scales
 
 log = logging.getLogger(__name__)
+# Later capture passes of an expert replay the model outputs of its first one and stop each call after
+# the last block they observe (capture.ExpertCapture); the states are the same either way
+# (tests/calibration/test_replay.py compares them with this off).
+REPLAY_OUTPUTS = True
 
 Progress = Callable[[int, int, str], None]
 
@@ -377,7 +381,8 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: dis
             else:
                 finished = None
                 out_latents = None
-                run = _Sampling(model, m, items, latents, switch, on_step, tick, cancel, device, phase, world, mine)
+                run = _Sampling(model, m, items, latents, switch, on_step, tick, cancel, device, phase, world, mine,
+                                {} if REPLAY_OUTPUTS else None)
                 for pi in range(len(passes)):
                     out = _run_pass(expert, pi, passes, layers[expert], saved, info[expert], params[expert],
                                     records[expert], config, work, run, edges[expert])
@@ -441,6 +446,9 @@ class _Sampling:
     phase: list  # [label of the sampling steps now running], read by on_step
     world: dist.World
     indices: list  # the items this process samples (world.shard)
+    # the expert's model outputs, recorded by its first sampled pass and replayed by the later ones
+    # (capture.ExpertCapture); None: every pass computes whole calls
+    replay: dict | None = None
 
 
 def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], saved: dict, info: dict, params: dict,
@@ -461,7 +469,7 @@ def _run_pass(expert: str, pi: int, passes: list, specs_all: list[LayerSpec], sa
                  len(passes), len(specs))
         return None
     model, device = run.model, run.device
-    cap = ExpertCapture(model, expert, specs_all, config, passes[pi], edges=edges)
+    cap = ExpertCapture(model, expert, specs_all, config, passes[pi], edges=edges, replay=run.replay)
     where = f"{expert} expert, pass {pi + 1}/{len(passes)}"
     run.phase[0] = f"{where}: sampling {len(run.indices)} items x {info['steps']} steps"
     t0 = time.perf_counter()
