@@ -368,7 +368,8 @@ class _Tqdm:
 
 def run(args) -> int:
     with torch_threads(getattr(args, "threads", None)):
-        return _run(args)
+        rc = _run(args)
+    return runtime.finish(rc)
 
 
 def _run(args) -> int:

@@ -299,6 +299,19 @@ def add_arguments(parser) -> None:
                              "PyTorch's allocator")
 
 
+def finish(rc: int) -> int:
+    """``rc``, the exit status of a command that ran ComfyUI in its process; under dynamic VRAM the
+    process ends here, with ``rc``, once its output is flushed. comfy-aimdo's buffers outlive its
+    library in the interpreter's teardown, and the process then died by a signal after all its work
+    was written (SIGILL, then SIGSEGV, on the H200: benchmarks/results/*dynvram*)."""
+    if not dynamic_vram_enabled():
+        return rc
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 def dynamic_vram_enabled() -> bool:
     """Whether this process's ComfyUI streams weights with dynamic VRAM (False before it is imported)."""
     memory = sys.modules.get("comfy.memory_management")

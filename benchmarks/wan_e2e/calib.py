@@ -140,7 +140,10 @@ def run_calibration(args) -> dict:
         d = data["experts"][e]
         cap, qua = d.get("capture_s", []), d.get("quantize_s", [])
         nl = len(d.get("layers", []))
-        per_layer = sum(qua) / nl if nl else None
+        # Each layer's own time (report.LayerRecord.seconds), kept with the layer in the work folder: a
+        # resumed pass's quantize_s counts only the layers it did, the records count every layer once.
+        secs = [r.get("seconds") for r in d.get("layers", [])]
+        per_layer = statistics.mean(secs) if secs and None not in secs else (sum(qua) / nl if nl else None)
         per_pass = statistics.mean(cap) if cap else 0.0
         full_passes = math.ceil(arch.num_layers / full_bpp)
         full_layers = arch.num_layers * len(warch.BLOCK_LINEARS)

@@ -149,7 +149,8 @@ def main(argv=None, description: str = DESCRIPTION) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     if args._child:
-        return child_main(args)
+        from wan_w4a4.apps import runtime
+        return runtime.finish(child_main(args))
     if args.report_from:
         return report_from(args)
 
