@@ -13,8 +13,8 @@ from wan_w4a4.minimodel.arch import WanArch
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]  # two calibrations of a three-block model
 
-FAST = dict(steps=4, bins=2, rank=4, alphas=(0.5,), clip_grid=(1.0, 0.8), rows_per_bin=32, bin_spacing="uniform",
-            blocks_per_pass=1)
+FAST = {"steps": 4, "bins": 2, "rank": 4, "alphas": (0.5,), "clip_grid": (1.0, 0.8), "rows_per_bin": 32,
+        "bin_spacing": "uniform", "blocks_per_pass": 1}
 
 
 @pytest.fixture(scope="module")
