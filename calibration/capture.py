@@ -26,7 +26,8 @@ pick the rows one process picks.
 
 ``blocks_per_pass`` bounds memory: sampling is re-run once per subset of blocks (see
 :func:`block_passes`); the high expert's final latents (the low expert's start) are cached from
-the first pass, so each pass samples one expert only.
+the first pass, so each pass samples one expert only, and the passes after the first replay its
+model outputs, computing each call only up to their last block (:class:`ExpertCapture`).
 """
 from __future__ import annotations
 
@@ -209,10 +210,14 @@ def plan_layers(model, config: CalibrationConfig, what: str = "model") -> list[L
 
 
 def block_passes(blocks: Sequence[int], blocks_per_pass: int | None) -> list[list[int]]:
+    """The capture passes: runs of ``blocks_per_pass`` consecutive blocks, the run over the last blocks
+    first. That pass computes whole calls anyway, so run first it records the outputs that every later
+    pass replays, each stopping after its own last block (:class:`ExpertCapture`)."""
     blocks = sorted(set(blocks))
     if not blocks_per_pass or blocks_per_pass >= len(blocks):
         return [blocks] if blocks else []
-    return [blocks[i:i + blocks_per_pass] for i in range(0, len(blocks), blocks_per_pass)]
+    runs = [blocks[i:i + blocks_per_pass] for i in range(0, len(blocks), blocks_per_pass)]
+    return runs[-1:] + runs[:-1]
 
 
 def unpatched(model, key: str, current: torch.Tensor) -> torch.Tensor:

@@ -387,6 +387,10 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: dis
                     out = _run_pass(expert, pi, passes, layers[expert], saved, info[expert], params[expert],
                                     records[expert], config, work, run, edges[expert])
                     out_latents = out_latents or out
+                for d in (params[expert], records[expert]):  # in layer order, whichever order the passes ran
+                    ordered = {s.name: d[s.name] for s in layers[expert] if s.name in d}
+                    d.clear()
+                    d.update(ordered)
                 del run  # it holds the expert, which must go before the next one loads
                 if expert == "high" and out_latents is None:
                     # nothing sampled in this run (no layer to capture, or all saved): the low expert's start

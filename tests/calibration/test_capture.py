@@ -180,7 +180,8 @@ def test_bins_match_the_state_format():
 
 def test_block_passes():
     assert C.block_passes([0, 1, 2, 3, 4], None) == [[0, 1, 2, 3, 4]]
-    assert C.block_passes([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
+    assert C.block_passes([0, 1, 2, 3, 4], 2) == [[4], [0, 1], [2, 3]]  # the last blocks' pass first
+    assert C.block_passes([3, 1, 2, 1], 1) == [[3], [1], [2]]
     assert C.block_passes([], 2) == []
 
 
