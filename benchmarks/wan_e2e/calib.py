@@ -63,11 +63,32 @@ def full_run_blocks_per_pass(arch, config, args) -> int:
     return budget.blocks_per_pass(specs, dataclasses.replace(config, keep=()))
 
 
+def blocks_run(passes: list, num_layers: int) -> list[int]:
+    """Blocks each capture pass runs per model call: the first pass records the outputs the later ones
+    replay, so it runs them all; a later pass stops after its last block (``capture.ExpertCapture``)."""
+    return [num_layers if i == 0 else max(p) + 1 for i, p in enumerate(passes)]
+
+
+def capture_model(blocks: list[int], seconds: list[float]) -> tuple[float, float, str]:
+    """(seconds per call-set, seconds per block run, how) fitted to measured passes: the least-squares line
+    through (blocks run, capture seconds) when the passes ran different numbers of blocks, else a line
+    through zero (no fixed part: a lower bound for shorter passes)."""
+    pts = [(b, t) for b, t in zip(blocks, seconds, strict=True) if t is not None]
+    if len({b for b, _ in pts}) >= 2:
+        mb, mt = statistics.mean(b for b, _ in pts), statistics.mean(t for _, t in pts)
+        slope = sum((b - mb) * (t - mt) for b, t in pts) / sum((b - mb) ** 2 for b, _ in pts)
+        return mt - slope * mb, slope, "least-squares line through the measured passes"
+    if not pts:
+        return 0.0, 0.0, "no pass measured"
+    return 0.0, statistics.mean(t / b for b, t in pts), "proportional to blocks run (lower bound)"
+
+
 def run_calibration(args) -> dict:
     import torch
     from wan_w4a4.apps import runtime
     try:
         from wan_w4a4.calibration import CalibrationConfig, calibrate, synthetic_items
+        from wan_w4a4.calibration.capture import block_passes
     except ImportError as e:
         return {"skipped": f"the calibration API is not available ({e})"}
 
@@ -144,20 +165,25 @@ def run_calibration(args) -> dict:
         # resumed pass's quantize_s counts only the layers it did, the records count every layer once.
         secs = [r.get("seconds") for r in d.get("layers", [])]
         per_layer = statistics.mean(secs) if secs and None not in secs else (sum(qua) / nl if nl else None)
-        per_pass = statistics.mean(cap) if cap else 0.0
-        full_passes = math.ceil(arch.num_layers / full_bpp)
+        fixed, per_block, how = capture_model(blocks_run(d.get("passes", []), arch.num_layers), cap)
+        full_plan = block_passes(list(range(arch.num_layers)), full_bpp)
+        full_capture = sum(fixed + per_block * b for b in blocks_run(full_plan, arch.num_layers))
         full_layers = arch.num_layers * len(warch.BLOCK_LINEARS)
-        est = per_pass * full_passes + (per_layer or 0.0) * full_layers
+        est = full_capture + (per_layer or 0.0) * full_layers
         est_total += est
-        out["experts"][e] = {"layers": nl, "capture_s": cap, "quantize_s": qua,
+        out["experts"][e] = {"layers": nl, "passes": d.get("passes"), "capture_s": cap, "quantize_s": qua,
+                             "capture_fixed_s": round(fixed, 2), "capture_s_per_block": round(per_block, 3),
+                             "capture_fit": how, "extrapolated_capture_s": round(full_capture, 1),
                              "quantize_s_per_layer": None if per_layer is None else round(per_layer, 3),
                              "extrapolated_40_blocks_s": round(est, 1)}
     out["extrapolated_total_s"] = round(est_total + load_s, 1)
     out["loading"] = "lazy, one expert at a time (as apps/calibrate.py); load_s is part of calibrate_s"
-    out["extrapolation"] = (f"measured capture time per pass x ceil({arch.num_layers}/{full_bpp}) passes + measured "
-                            f"quantize time per layer x {arch.num_layers * len(warch.BLOCK_LINEARS)} layers, per expert, "
-                            f"+ loading; a pass over more blocks than measured costs more hook work than the measured "
-                            f"pass, so the capture part is a lower bound")
+    out["extrapolation"] = (f"capture: {math.ceil(arch.num_layers / full_bpp)} passes of {full_bpp} blocks, the "
+                            f"last blocks' first (it runs all {arch.num_layers} blocks a call and records), each other "
+                            f"stopping after its last block, at the fitted seconds per pass (fixed + per block run); "
+                            f"+ measured quantize time per layer x {arch.num_layers * len(warch.BLOCK_LINEARS)} layers, "
+                            f"per expert, + loading; hook work grows with blocks per pass, so the capture part is a "
+                            f"lower bound when fewer blocks per pass were measured")
     out["resources"] = data.get("resources")
     out["wall_s"] = round(time.perf_counter() - t_start, 2)
     return out
