@@ -52,7 +52,10 @@ benchmarks/RESULTS.md and everything written as JSON (``--json``).
 
 ``--calibrate`` times ``wan_w4a4.calibration.calibrate`` on both experts with a short calibration set
 (2 random items x ``--calib-steps`` steps at 480p x 33) on the first ``--calib-blocks`` blocks
-(the others kept BF16 by the keep-list), and extrapolates to all 40 blocks (labelled as such).
+(the others kept BF16 by the keep-list), and extrapolates to all 40 blocks (labelled as such). It reads
+the BF16 file, or with ``--calib-source fp8_scaled`` the same weights in ComfyUI's fp8_scaled layout
+(the official template's experts), written next to it; ``--calib-gpu-budget`` / ``--calib-gpu-cap`` and
+``--dynamic-vram`` give the memory of a smaller GPU, the device's whole use polled (``device_used_max_gib``).
 
 Code (benchmarks/wan_e2e/): common.py (configurations, sizes, shared helpers), cli.py (options),
 weights.py (the random experts, the W4A4 checkpoint, the LoRA), child.py (one configuration's run),
