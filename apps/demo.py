@@ -58,8 +58,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--comfyui", type=Path, default=None, help="ComfyUI source tree (default: COMFYUI_PATH, "
-                   "the pack's parent folders, ~/ComfyUI)")
+    runtime.add_arguments(p, device=False)  # --comfyui; the demo always runs on the CPU
     p.add_argument("--quick", action="store_true", help="tiny budget (1 item, 2+2 steps, 1 pair; for tests)")
     p.add_argument("--items", type=int, default=2, help="calibration items (training-range scenes)")
     p.add_argument("--item-seed", type=int, default=0, help="first scene seed of the calibration items")

@@ -288,10 +288,14 @@ def enable_dynamic_vram(control=None, gpu_budget_gib: float | None = None) -> bo
     return True
 
 
-def add_arguments(parser) -> None:
-    """The options of a command that starts ComfyUI in its process (``init_comfyui``'s arguments)."""
+def add_arguments(parser, device: bool = True) -> None:
+    """The options of a command that starts ComfyUI in its process (``init_comfyui``'s arguments).
+    ``device=False`` declares ``--comfyui`` only, for a command that chooses the device itself (the
+    demo always runs on the CPU)."""
     parser.add_argument("--comfyui", type=Path, default=None,
                         help="ComfyUI source tree (default: COMFYUI_PATH, the pack's parent folders, ~/ComfyUI)")
+    if not device:
+        return
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when a GPU is present")
     parser.add_argument("--dynamic-vram", action="store_true",
                         help="ComfyUI's dynamic VRAM, as its main.py turns it on by default on NVIDIA GPUs "

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from wan_w4a4.apps import runtime  # imports neither comfy nor torch
+
 HERE = Path(__file__).resolve().parent
 EXPERTS = ("high", "low")
 
@@ -62,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see apps/demo.py)")
-    p.add_argument("--comfyui", type=Path, default=None)
+    runtime.add_arguments(p, device=False)  # --comfyui; ComfyUI picks the device
     a = p.parse_args(argv)
     if a.quick:
         a.k, a.steps, a.calib_items, a.rows_per_bin = 2, 8, 2, 256
@@ -89,7 +91,6 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     import torch
     torch.set_num_threads(max(1, a.threads))
-    from wan_w4a4.apps import runtime
     try:
         runtime.init_comfyui(a.comfyui)
     except runtime.ComfyUINotFound as e:

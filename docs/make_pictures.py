@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from wan_w4a4.apps import demo
+from wan_w4a4.apps import demo, runtime
 from wan_w4a4.apps import mini_pictures as pictures
 from wan_w4a4.kernels import format as fmt
 
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python docs/make_pictures.py", description=__doc__.splitlines()[0])
     p.add_argument("--overwrite", action="store_true", help="replace existing pictures")
     p.add_argument("--cards-only", action="store_true", help="skip the mini model's thumbnail (no ComfyUI needed)")
-    p.add_argument("--comfyui", type=Path, default=None, help="ComfyUI tree for the mini thumbnail (default: as the demo)")
+    runtime.add_arguments(p, device=False)  # --comfyui, for the mini thumbnail; the demo runs on the CPU
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     paths = targets(args.cards_only)

@@ -30,6 +30,38 @@ TEST_CUSTOM_NODES = TESTS_DIR / "comfy_custom_nodes"
 SERVER_START_TIMEOUT_S = 120
 
 
+# --- torch threads ---------------------------------------------------------------------------
+
+def pytest_configure(config):
+    """One torch thread for the run and, through the environment, for the processes it starts (CLI runs,
+    servers, benchmark children): the tensors here are tiny, and on a busy 2-core machine two threads made
+    test_chunking, test_calibration_set and test_calibrate_node together 6x slower (117 s against 19 s on
+    one). An OMP_NUM_THREADS set by the caller is kept."""
+    import torch
+
+    _TORCH_THREADS["default"] = torch.get_num_threads()
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+_TORCH_THREADS: dict = {}  # "default": torch's own thread count, before pytest_configure
+
+
+@pytest.fixture
+def torch_default_threads():
+    """torch's own thread count inside the test (the one it had before ``pytest_configure``), for a
+    test whose bound was measured with it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(_TORCH_THREADS.get("default", n))
+    yield
+    torch.set_num_threads(n)
+
+
 # --- markers ---------------------------------------------------------------------------------
 
 def gpu_skip_reason() -> str | None:

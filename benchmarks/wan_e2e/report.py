@@ -98,6 +98,18 @@ def _pct(r) -> str:
     return "–" if r is None else f"{r:.1%}"
 
 
+# W4A4 against each reference configuration, one line per memory mode where both ran. The fields: w_gib /
+# r_gib W4A4's / the reference's peak allocated GiB, mem W4A4's peak as a share of the reference's, steps
+# W4A4's step times over the reference's; r_mem and r_steps the same for the reference against BF16.
+REFERENCE_LINES = {
+    "bf16_split": "like for like, against BF16 with the same cond/uncond split: {w_gib} / {r_gib} GiB = {mem}; "
+                  "steps {steps}",
+    "fp8_fast": "against ComfyUI's fp8_e4m3fn_fast: memory {mem}, steps {steps}",
+    "fp8_fast_eval": "against fp8_e4m3fn_fast with the model in eval mode (its fp8 matmul on): memory {mem}, "
+                     "steps {steps}; fp8_fast_eval vs BF16: memory {r_mem}, steps {r_steps}",
+}
+
+
 def comparisons_md(results: dict) -> str:
     """W4A4 against BF16 per memory mode, and the reference comparisons: the cond/uncond split on each
     side, ComfyUI's fp8, and the cost of a LoRA on every block Linear. Numbers and ratios only."""
@@ -111,21 +123,13 @@ def comparisons_md(results: dict) -> str:
         rr = _ratio(w["peak_reserved"], b["peak_reserved"])
         lines.append(f"- **{mode}**: W4A4 peak GPU allocated {g(w['peak_alloc'])} GiB = **{pct(pr)} of BF16**, "
                      f"reserved {pct(rr)}; step time high / low {_steps_ratio(w, b)} of BF16.")
-        bs = _mode_row(results, "bf16_split", mode)
-        if bs:
-            lines.append(f"  - like for like, against BF16 with the same cond/uncond split: {g(w['peak_alloc'])} / "
-                         f"{g(bs['peak_alloc'])} GiB = {pct(_ratio(w['peak_alloc'], bs['peak_alloc']))}; "
-                         f"steps {_steps_ratio(w, bs)}.")
-        f8 = _mode_row(results, "fp8_fast", mode)
-        if f8:
-            lines.append(f"  - against ComfyUI's fp8_e4m3fn_fast: memory {pct(_ratio(w['peak_alloc'], f8['peak_alloc']))}, "
-                         f"steps {_steps_ratio(w, f8)}.")
-        f8e = _mode_row(results, "fp8_fast_eval", mode)
-        if f8e:
-            lines.append(f"  - against fp8_e4m3fn_fast with the model in eval mode (its fp8 matmul on): memory "
-                         f"{pct(_ratio(w['peak_alloc'], f8e['peak_alloc']))}, steps {_steps_ratio(w, f8e)}; "
-                         f"fp8_fast_eval vs BF16: memory {pct(_ratio(f8e['peak_alloc'], b['peak_alloc']))}, "
-                         f"steps {_steps_ratio(f8e, b)}.")
+        for config, text in REFERENCE_LINES.items():
+            r = _mode_row(results, config, mode)
+            if r:
+                lines.append("  - " + text.format(
+                    w_gib=g(w["peak_alloc"]), r_gib=g(r["peak_alloc"]), mem=pct(_ratio(w["peak_alloc"], r["peak_alloc"])),
+                    steps=_steps_ratio(w, r), r_mem=pct(_ratio(r["peak_alloc"], b["peak_alloc"])),
+                    r_steps=_steps_ratio(r, b)) + ".")
     for mode in MODES:
         for a, b, what in (("bf16_split", "bf16", "the cond/uncond split on BF16"),
                            ("w4a4", "w4a4_batched", "the cond/uncond split on W4A4 (split vs batched)")):

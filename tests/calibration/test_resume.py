@@ -2,7 +2,10 @@
 with the same settings ends with the states and report of an uninterrupted run (CPU, tiny experts)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -227,12 +230,25 @@ def _cli(args, comfyui, kill_after=None):
                           text=True, timeout=300, check=False)
 
 
+def _cli_in_process(args, comfyui) -> tuple[int, str]:
+    """The same command line in this process, where ComfyUI is initialised already (a new process would only
+    add its import): for the runs that are not killed. (exit code, stderr); one torch thread, as ``_cli``."""
+    from wan_w4a4.__main__ import main
+
+    assert resume.KILL_ENV not in os.environ
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["calibrate", *args, "--comfyui", str(comfyui), "--threads", "1"])
+    return code, err.getvalue()
+
+
 @pytest.mark.comfyui
-@pytest.mark.slow  # five calibrations in new processes that import ComfyUI
-def test_killed_runs_resume_to_the_uninterrupted_result(comfyui, tiny_wan_checkpoints, reference, tmp_path):
+@pytest.mark.slow  # four calibrations in new processes that import ComfyUI
+def test_killed_runs_resume_to_the_uninterrupted_result(comfyui, tiny_wan_checkpoints, reference, tmp_path, caplog):
     """The uninterrupted result is ``reference``, the in-process run of the same settings that the cancel
     tests compare with (one process importing ComfyUI fewer); the killed and resumed command-line runs
-    must end with it byte for byte."""
+    must end with it byte for byte. The runs that are killed (SIGKILL) are new processes; the refused one
+    and the last one are the same command line called in this process."""
     ck = tiny_wan_checkpoints
     out = tmp_path / "out"
     base = ["--high", str(ck["high"]), "--low", str(ck["low"]), *CLI_FLAGS, "--out", str(out)]
@@ -241,8 +257,8 @@ def test_killed_runs_resume_to_the_uninterrupted_result(comfyui, tiny_wan_checkp
     # 0. a run with another rank, killed: the next run with the first settings is refused until --restart
     r = _cli([*base, "--rank", "4"], comfyui, "layer:2")
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
-    r = _cli(base, comfyui)
-    assert r.returncode == 2 and "config.rank: 4 then, 8 now" in r.stderr and "--restart" in r.stderr
+    code, err = _cli_in_process(base, comfyui)
+    assert code == 2 and "config.rank: 4 then, 8 now" in err and "--restart" in err
     # 1. --restart discards that work; killed in the high expert's second pass, after 13 of its 20 layers
     r = _cli([*base, "--restart"], comfyui, "layer:13")
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
@@ -259,9 +275,10 @@ def test_killed_runs_resume_to_the_uninterrupted_result(comfyui, tiny_wan_checkp
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert "high expert: finished in an earlier run; reusing its 20 layers and output latents" in r.stderr
     # 4. to the end: the uninterrupted run's result, and the work folder is gone
-    r = _cli(base, comfyui)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "low expert, pass 1/2: reused 5 layers" in r.stderr
+    caplog.set_level(logging.INFO, logger="wan_w4a4")
+    code, err = _cli_in_process(base, comfyui)
+    assert code == 0, err[-3000:]
+    assert "low expert, pass 1/2: reused 5 layers" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["tiny_high.safetensors", "tiny_low.safetensors",
                                                       "tiny_report.json"]
     assert_same_result(reference, out, "tiny")

@@ -129,10 +129,13 @@ def test_bf16_file_held_in_fp16_still_matches(env):
 
 
 @pytest.mark.slow  # the module's calibration from fp8_scaled experts
+@pytest.mark.usefixtures("torch_default_threads")
 def test_checkpoint_saved_from_an_fp8_expert_loads_and_samples_the_same(env, fp8):
     """Save W4A4 checkpoint on an fp8_scaled base: the Linears outside the blocks (text and time
     embeddings, head) are fp8 with scales there; the loaded checkpoint must compute what the applied
-    model computes."""
+    model computes. On torch's own thread count, where 0.3.64's bound below was measured: on one thread
+    (the rest of the suite's) 0.3.64 measured 1.7e-6 here, its other order of the fp8 product landing
+    differently."""
     models = {e: _unet(env, fp8["unet"][e]) for e in ("high", "low")}
     patched = {e: env.apply(models[e], fp8["state"][e]) for e in ("high", "low")}
     loaded = {}
