@@ -154,7 +154,8 @@ def generation_metrics(rows, *, seeds, steps: int, vae_name: str, device: str) -
         still = v["reference"][:1].expand_as(v["truth"])
         curves["still"].append(psnr_per_frame(still, v["truth"]))
     out = {"what": ("held-out I2V generations: PSNR (dB) per pixel frame against the rendered video, pixel space "
-                    f"({vae_name}), mean over scenes"), "scene_seeds": list(seeds), "sampling_steps": steps,
+                    f"({vae_name}), mean over scenes"), "pixel_space": vae_name, "scene_seeds": list(seeds),
+           "sampling_steps": steps,
            "cfg": 1.0, "device": device}
     for k, c in curves.items():
         per = np.mean(np.array(c), axis=0)
@@ -383,8 +384,36 @@ def results_markdown(log: dict) -> str:
         per = log["heldout"][name]["per_sigma"]
         for (s, u), (_, w), (_, t) in zip(per["untrained"], per["warm_start"], per["trained"]):
             lines.append(f"| {name} | {s:.4f} | {1000 * s:.0f} | {u:.4f} | {w:.4f} | {t:.4f} |")
+    weights = {k: v["weights"] for k, v in log["phases"].items() if v and "weights" in v}
+    if weights:
+        lines += ["", "Weights kept per phase (held-out loss of the raw weights vs their EMA): " + "; ".join(
+            f"{k}: {w['kept']} ({w['raw']:.4f} vs {w['ema']:.4f})" if w.get("ema") is not None
+            else f"{k}: raw ({w['raw']:.4f})" for k, w in weights.items()) + "."]
+    dec = log.get("decoder")
+    if dec:
+        h = dec["heldout"]
+        lines += ["", (f"Learned decoder: {dec['steps']} steps of {dec['batch']} videos in {dec['seconds']:.0f} s. "
+                       f"Held-out pixel PSNR against the rendered frames (all {log['config']['frames']} frames): "
+                       f"{h['learned_clean_psnr_db']:.2f} dB (linear decoder {h['linear_clean_psnr_db']:.2f} dB) from "
+                       f"the true latents, {h['learned_perturbed_psnr_db']:.2f} dB (linear "
+                       f"{h['linear_perturbed_psnr_db']:.2f} dB) from latents with Gaussian noise of std "
+                       f"{h['perturbation_std']:g}.")]
+    gen = log.get("generation")
+    if gen:
+        n = len(gen["generated"]["per_frame_psnr_db"])
+        lines += ["", (f"Held-out generation ({len(gen['scene_seeds'])} scenes, {gen['sampling_steps']} euler steps, "
+                       f"cfg {gen['cfg']:g}, on {gen['device']}): PSNR (dB) of each pixel frame against the rendered "
+                       f"video, decoded by the {gen['pixel_space']}; reference = the true latent "
+                       "decoded, still = the start frame held:"), "",
+                  "| video | " + " | ".join(str(i) for i in range(n)) + " | mean of 1.. |",
+                  "|---|" + "---|" * (n + 1)]
+        for k in ("generated", "reference", "still"):
+            g = gen[k]
+            lines.append(f"| {k} | " + " | ".join(f"{v:.1f}" for v in g["per_frame_psnr_db"])
+                         + f" | {g['mean_after_start_psnr_db']:.2f} |")
     lines += ["", "| file | bytes | sha256 |", "|---|---|---|"]
-    for c in log["checkpoints"].values():
+    files = list(log["checkpoints"].values()) + ([dec["file"]] if dec and "file" in dec else [])
+    for c in files:
         lines.append(f"| `{c['file']}` | {c['bytes']} | `{c['sha256'][:16]}…` |")
     return "\n".join(lines)
 
