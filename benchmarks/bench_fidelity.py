@@ -18,7 +18,8 @@ What it does:
 4. samples K held-out (start frame, caption) pairs with fixed noise seeds through the standard two-expert
    graph (WanImageToVideo -> ModelSamplingSD3 -> 2 x KSamplerAdvanced, split at t = 900) in BF16 and in
    each configuration, and reports, against BF16: PSNR / SSIM of the videos decoded by the mini model's
-   linear VAE, latent relative error, the velocity SQNR per call on the BF16 trajectory's inputs
+   decoder (pixel space: the learned decoder shipped in ``minimodel/``, else the linear VAE; named in the
+   JSON's ``setup.pixel_space``), latent relative error (latent space), the velocity SQNR per call on the BF16 trajectory's inputs
    (teacher-forced replay: the W4A4 model is run a second time on the BF16 input of the same call)
    averaged per bin of the default 4-bin edges, and W4A4 bytes / BF16 bytes of the quantized Linears;
 5. writes ``fidelity_<tag>.md`` / ``.json`` and two figures: ``activation_range_<tag>.png``
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     from wan_w4a4.calibration import CalibrationConfig, calibrate
     from wan_w4a4.kernels import format as fmt
     from wan_w4a4.minimodel import data, fidelity
+    from wan_w4a4.minimodel import decoder as mini_decoder
     from wan_w4a4.nodes.apply import apply_w4a4_state
 
     device = mm.get_torch_device()
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
         return len(ed) - 2
 
     # 2. BF16 references (with the activation-range capture)
-    vae = data.LinearVideoVAE()
+    vae = mini_decoder.embedded_vae()
     linears = fidelity.block_linears(models["high"])
     ranges = {e: {} for e in EXPERTS}
     refs = []
@@ -203,7 +205,8 @@ def main(argv=None) -> int:
              "(latent 16 x 5 x 16 x 16)", "calib_items": a.calib_items, "calib_item_seeds": [it.seed for it in items],
              "calib_steps": a.calib_steps, "max_bins": a.max_bins, "rows_per_bin": a.rows_per_bin, "rank": a.rank,
              "report_bin_edges": {e: list(report_edges[e]) for e in EXPERTS},
-             "calibration_s": round(t_cal, 1), "total_s": round(time.perf_counter() - t0, 1)}
+             "calibration_s": round(t_cal, 1), "total_s": round(time.perf_counter() - t0, 1),
+             "pixel_space": mini_decoder.describe(vae)}
     doc = {"what": "W4A4 fidelity vs BF16 on the trained mini Wan2.2-I2V model (benchmarks/bench_fidelity.py)",
            "tag": tag, "command": "python benchmarks/bench_fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "environment": env, "setup": setup, "rows": rows,
