@@ -106,8 +106,9 @@ class TrainConfig:
     decoder_steps: int | None = None      # ... or a step count (replays a run); neither (or 0): no decoder
                                           # (the command line's default on CUDA: 50 s)
     decoder_batch: int = 32
-    decoder_lr: float = 1e-3
-    decoder_noise: float = 0.3            # max std of the Gaussian perturbation of training latents
+    decoder_lr: float = 2e-3
+    decoder_noise: float = 0.5            # max std of the per-latent-pixel Gaussian perturbation of training
+                                          # latents: generated latents err block by block (minimodel/strips.png)
     decoder_model_aug: float = 0.5        # fraction of decoder batches decoded from the low-noise expert's
                                           # one-step x0 prediction (sigma < DECODER_AUG_SIGMA): latents as a
                                           # denoiser makes them
@@ -145,7 +146,8 @@ class TrainConfig:
             raise ValueError(f"need decoder_batch >= 1, decoder_model_aug in [0, 1], decoder_noise >= 0; got "
                              f"{self.decoder_batch}, {self.decoder_model_aug}, {self.decoder_noise}")
         if self.generation < 0 or self.sample_steps < 1 or self.strips < 1:
-            raise ValueError(f"need generation >= 0 and sample_steps >= 1, got {self.generation}, {self.sample_steps}")
+            raise ValueError(f"need generation >= 0, sample_steps >= 1 and strips >= 1, got {self.generation}, "
+                             f"{self.sample_steps}, {self.strips}")
 
 
 # ---- ComfyUI's WanModel ----------------------------------------------------------------------------
