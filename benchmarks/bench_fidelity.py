@@ -41,6 +41,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EXPERTS = ("high", "low")
+# setup.pixel_space (decoder.describe) -> what the videos compared by PSNR / SSIM are
+PIXEL_SPACE_WORDS = {"linear VAE": "linear VAE (one picture per latent frame)",
+                     "learned decoder": "learned decoder shipped in minimodel/ (one picture per latent frame: pixel frame 4k)"}
 
 
 def parse_args(argv=None):
@@ -239,16 +242,18 @@ def markdown(doc: dict, default_bins: int) -> str:
     lines = [
         "# W4A4 fidelity on the mini Wan2.2-I2V model",
         "",
-        f"Measured {env['date']} on {env['machine']} ({env['device']}, {env['threads']} torch thread(s), "
+        (f"Measured {env['date']} on {env['machine']} ({env['device']}, {env['threads']} torch thread(s), "
         f"torch {env['torch']}, ComfyUI {env['comfyui']}). K = {s['k']} held-out pairs (scene seeds "
         f"{s['heldout_seeds'][0]}..{s['heldout_seeds'][-1]}, noise seeds {s['noise_seeds'][0]}..{s['noise_seeds'][-1]}), "
         f"{s['steps']} euler steps (shift 8, cfg 1, expert switch at t = 900), {s['resolution']}. "
         f"One calibration: {s['calib_items']} training-range scenes (seeds {s['calib_item_seeds']}), "
         f"{s['calib_steps']} steps, {s['max_bins']} bins per expert, {s['rows_per_bin']} rows per bin, rank "
-        f"{s['rank']} ({s['calibration_s']} s); total {s['total_s']} s. Command: `{doc.get('command', '?')}`.",
+        f"{s['rank']} ({s['calibration_s']} s); total {s['total_s']} s. Command: `{doc.get('command', '?')}`."),
         "",
         "All metrics are against the BF16 model on the same pairs and seeds. PSNR / SSIM: videos decoded by the "
-        "linear VAE (one picture per latent frame). Latent rel.: ||z_q - z|| / ||z||. Velocity SQNR: per call, the "
+        # results written before setup.pixel_space existed were all decoded by the linear VAE
+        f"{PIXEL_SPACE_WORDS[s.get('pixel_space', 'linear VAE')]}. Latent rel.: ||z_q - z|| / ||z||. "
+        "Velocity SQNR: per call, the "
         "W4A4 model on the BF16 trajectory's input of that call, vs the BF16 velocity, averaged over calls and "
         f"pairs in each bin of the default {default_bins}-bin edges (H = high-noise expert, L = low-noise; bin 0 "
         "= highest t): " + "; ".join(f"{e}: " + ", ".join(f"{x:.0f}" for x in s["report_bin_edges"][e])
@@ -264,14 +269,14 @@ def markdown(doc: dict, default_bins: int) -> str:
                      + " | ".join(f"{v[f'{e}{b}']:.2f}" for e in EXPERTS for b in range(default_bins))
                      + f" | {r['velocity_sqnr_db_all']:.2f} | {r['bytes_ratio']:.3f} |")
     cr = doc["calibration_report"]
-    lines += ["", "Layer-level (calibration report, held-out rows, pooled over layers): RTN W4A4 "
+    lines += ["", ("Layer-level (calibration report, held-out rows, pooled over layers): RTN W4A4 "
               f"{cr['high']['sqnr_rtn_db_pooled']:.2f} / {cr['low']['sqnr_rtn_db_pooled']:.2f} dB -> full method "
               f"{cr['high']['sqnr_after_db_pooled']:.2f} / {cr['low']['sqnr_after_db_pooled']:.2f} dB (high / low expert). "
               f"GPTQ residual kept in {cr['high'].get('gptq_layers', '?')} / {cr['low'].get('gptq_layers', '?')} "
-              "of the 40 + 40 layers (elsewhere RTN fit the calibration rows better; the pipeline keeps the better).",
+              "of the 40 + 40 layers (elsewhere RTN fit the calibration rows better; the pipeline keeps the better)."),
               "",
-              f"Figures: `activation_range_{doc['tag']}.png` (max |x| per block Linear vs timestep, both experts, "
-              f"BF16 runs of the K pairs), `clip_ratios_{doc['tag']}.png` (clip ratios of the default configuration).",
+              (f"Figures: `activation_range_{doc['tag']}.png` (max |x| per block Linear vs timestep, both experts, "
+              f"BF16 runs of the K pairs), `clip_ratios_{doc['tag']}.png` (clip ratios of the default configuration)."),
               ""]
     return "\n".join(lines)
 
