@@ -10,7 +10,9 @@
    graph in BF16 and in W4A4 and prints one table row: PSNR / SSIM of the W4A4 video against the BF16
    video, latent relative error, mean velocity SQNR (``minimodel/fidelity.py``), and the memory of the
    quantized Linears against BF16; then one line per pair: PSNR / SSIM of BF16 and W4A4 against the
-   reference (the held-out video through the linear VAE) and of W4A4 against BF16;
+   reference (the held-out video through the encoder and the decoder) and of W4A4 against BF16. Pictures
+   and PSNR / SSIM are in pixel space, decoded by the learned decoder shipped in ``minimodel/``
+   (``decoder.embedded_vae``; the linear VAE if it is missing), named in ``demo.json``'s ``pixel_space``;
 6. writes ``demo.png`` (per pair: labelled reference / BF16 / W4A4 frame rows with those per-pair
    numbers, ``mini_pictures.draw_comparison``), ``demo.json`` (the numbers) and the two states with their
    calibration report into ``--out`` (default ``./wan_w4a4_demo``), refusing to replace existing files
@@ -138,7 +140,8 @@ def _run(args) -> int:
     from . import mini_pictures as pictures
 
     out.mkdir(parents=True, exist_ok=True)
-    pictures.draw_comparison(figure_pairs(c), out / "demo.png", title=figure_title(len(rows), s["steps"]))
+    pictures.draw_comparison(figure_pairs(c), out / "demo.png", title=figure_title(len(rows), s["steps"]),
+                             legend=pictures.legend_text(summary["pixel_space"]))
     doc = {"what": "wan_w4a4 demo: mini Wan2.2-I2V, W4A4 vs BF16 on held-out pairs (CPU)",
            "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
                         "rank": args.rank, "seed": args.seed, "cfg": 1.0, "threads": args.threads,
@@ -176,7 +179,7 @@ def figure_pairs(c: Comparison) -> list:
 
     pairs = []
     for r, v in zip(c.rows, c.videos):
-        notes = metric_notes(r["metrics"])
+        notes = metric_notes(r["metrics"], c.summary.get("pixel_space", "linear VAE"))
         pairs.append((f"held-out seed {r['scene_seed']}: {r['caption']}",
                       [(label, notes[label], v[key]) for key, label in ROW_LABELS.items()]))
     return pairs
@@ -203,6 +206,7 @@ def compare(args) -> Comparison:
     from ..calibration.config import DEFAULT_ALPHAS, DEFAULT_CLIPS
     from ..kernels import format as fmt
     from ..minimodel import data, fidelity
+    from ..minimodel import decoder as mini_decoder
     from ..nodes.apply import apply_w4a4_state
     from . import mini_sample as sample
     from .calibrate import _Tqdm, minimodel_items
@@ -239,7 +243,7 @@ def compare(args) -> Comparison:
     b_bytes = sum(fidelity.bf16_bytes(states[e][0]) for e in states)
 
     print(f"[3/4] sampling {len(heldout)} held-out pair(s) in BF16 and W4A4, {s['steps']} steps each")
-    vae = data.LinearVideoVAE()
+    vae = mini_decoder.embedded_vae()  # the learned decoder shipped beside the experts, else the linear VAE
     rows, videos = [], []
     for i, scene_seed in enumerate(tqdm(heldout, desc="pairs", unit="pair")):
         scene = data.sample_scene(scene_seed)
@@ -272,7 +276,8 @@ def compare(args) -> Comparison:
                "velocity_sqnr_db": mean(r["velocity_sqnr_db_mean"] for r in rows),
                **{name: {k: mean(r["metrics"][name][k] for r in rows) for k in ("psnr_db", "ssim")}
                   for name in ("bf16_vs_reference", "w4a4_vs_reference")},
-               "w4a4_bytes": w_bytes, "bf16_bytes": b_bytes, "memory_ratio": w_bytes / b_bytes}
+               "w4a4_bytes": w_bytes, "bf16_bytes": b_bytes, "memory_ratio": w_bytes / b_bytes,
+               "pixel_space": mini_decoder.describe(vae)}  # PSNR / SSIM: pixels decoded by this; the rest: latents
     return Comparison(rows, videos, summary, {e: str(getattr(result, e)) for e in ("high", "low")}, t_cal)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..minimodel import data
+from ..minimodel import decoder as mini_decoder
 from . import mini_sample as sample
 
 logger = logging.getLogger(__name__)
@@ -109,18 +110,58 @@ class Pen:
 
 
 def strip_rows(high, low, seeds, *, steps: int = 20, cfg: float = 1.0, sample_seed: int = 0,
-               frames: int = data.FRAMES):
-    """``[(caption, reference [F, H, W, 3], generated [F, H, W, 3])]`` for the scenes of ``seeds``."""
-    vae = data.LinearVideoVAE()
+               frames: int = data.FRAMES, vae=None, with_videos: bool = False):
+    """``[(caption, reference [F, H, W, 3], generated [F, H, W, 3])]`` for the scenes of ``seeds``: one
+    picture per latent frame, decoded by ``vae`` (default ``decoder.embedded_vae()``). With
+    ``with_videos``, each row also carries ``{"truth", "reference", "generated"}``: all pixel frames
+    ``[T, H, W, 3]`` (the rendered video, and the two latents decoded to every frame)."""
+    vae = vae if vae is not None else mini_decoder.embedded_vae()
     rows = []
     for i, seed in enumerate(seeds):
         scene = data.sample_scene(seed)
         cap = data.caption(scene)
         video = data.render([scene], frames=frames)[0]
-        reference = vae.decode_normalized(vae.encode_normalized(video))
         latent = sample.generate(high, low, cap, video[0], frames=video.shape[0], steps=steps, seed=sample_seed + i, cfg=cfg)
-        rows.append((cap, reference, vae.latent_to_rgb(latent)[0]))
+        # every pixel frame [T, H, W, 3] (the linear VAE holds each latent frame for the frames it covers);
+        # the pictures are frames 0, 4, 8, ..., which is latent_to_rgb for both VAEs
+        ref_all, gen_all = (vae.decode(raw)[0].float().cpu() for raw in (vae.encode(video), latent))
+        row = (cap, mini_decoder.last_of_groups(ref_all), mini_decoder.last_of_groups(gen_all))
+        if with_videos:
+            row += ({"truth": video, "reference": ref_all, "generated": gen_all},)
+        rows.append(row)
     return rows
+
+
+def psnr_per_frame(video: torch.Tensor, truth: torch.Tensor) -> list[float]:
+    """PSNR (dB, peak 1) of each frame of ``video`` against ``truth``, both ``[T, H, W, 3]`` in [0, 1]."""
+    mse = ((video.float() - truth.float()) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return (10 * torch.log10(1.0 / mse)).tolist()
+
+
+def generation_metrics(rows, *, seeds, steps: int, vae_name: str, device: str) -> dict:
+    """The held-out generation metric from ``strip_rows(..., with_videos=True)``: per pixel frame, the PSNR
+    against the rendered ground-truth video, averaged over scenes, of
+    - ``generated``: the two experts' video from the start frame and caption;
+    - ``reference``: the ground-truth latent decoded (the best a generation can score through this decoder);
+    - ``still``: the decoded start frame held for every frame (what a generation that ignores the caption's
+      motion scores; frame 0 equals the reference's).
+    ``mean_after_start`` averages frames 1.. (frame 0 is given)."""
+    curves = {"generated": [], "reference": [], "still": []}
+    for row in rows:
+        v = row[3]
+        curves["generated"].append(psnr_per_frame(v["generated"], v["truth"]))
+        curves["reference"].append(psnr_per_frame(v["reference"], v["truth"]))
+        still = v["reference"][:1].expand_as(v["truth"])
+        curves["still"].append(psnr_per_frame(still, v["truth"]))
+    out = {"what": ("held-out I2V generations: PSNR (dB) per pixel frame against the rendered video, pixel space "
+                    f"({vae_name}), mean over scenes"), "pixel_space": vae_name, "scene_seeds": list(seeds),
+           "sampling_steps": steps,
+           "cfg": 1.0, "device": device}
+    for k, c in curves.items():
+        per = np.mean(np.array(c), axis=0)
+        out[k] = {"per_frame_psnr_db": [round(float(x), 3) for x in per],
+                  "mean_after_start_psnr_db": float(np.mean(per[1:])) if len(per) > 1 else float(per[0])}
+    return out
 
 
 def _wrap(draw, text_, width: int) -> list[str]:
@@ -163,21 +204,27 @@ def draw_strips(rows, path):
 
 TITLE_PX, CAPTION_PX, LABEL_PX, NOTE_PX = 20, 17, 20, 14  # text sizes of the comparison figure, in pixels
 FRAME_GAP = 4
-LEGEND = ("PSNR in dB (higher is closer, inf = identical) and SSIM (Wang et al. 2004: 11 x 11 Gaussian window, "
-          "sigma 1.5, K1 0.01, K2 0.03; 1 = identical) of each video against the one named, over all its frames. "
-          "reference: the held-out video through the mini model's linear VAE (encode + decode), the best any "
-          "generation can look. BF16: the checkpoints' weights unquantized; W4A4: 4-bit weights and activations. "
-          "One picture per latent frame (frame k: pixel frames 4k-3..4k).")
+def legend_text(space: str = "linear VAE") -> str:
+    """The comparison figure's legend; ``space``: what decoded the latents (``decoder.describe``)."""
+    return ("PSNR in dB (higher is closer, inf = identical) and SSIM (Wang et al. 2004: 11 x 11 Gaussian window, "
+            "sigma 1.5, K1 0.01, K2 0.03; 1 = identical) of each video against the one named, over all its frames, "
+            f"in pixel space (latents decoded by the mini model's {space}). reference: the held-out video through "
+            f"the encoder and the {space}, the best any generation can look. BF16: the checkpoints' weights "
+            "unquantized; W4A4: 4-bit weights and activations. One picture per latent frame (frame k: pixel "
+            + ("frame 4k)." if space != "linear VAE" else "frames 4k-3..4k)."))
+
+
+LEGEND = legend_text()
 
 
 def metric_text(m: dict) -> str:
     return f"PSNR {m['psnr_db']:.2f} dB, SSIM {m['ssim']:.4f}"
 
 
-def metric_notes(metrics: dict) -> dict[str, list[str]]:
+def metric_notes(metrics: dict, space: str = "linear VAE") -> dict[str, list[str]]:
     """The lines under each row label of the comparison figure, from ``fidelity.video_metrics``
-    (the demo prints the same lines)."""
-    return {"reference": ["held-out video through", "the linear VAE"],
+    (the demo prints the same lines); ``space``: what decoded the latents."""
+    return {"reference": ["held-out video through", f"the {space}"],
             "BF16": ["vs reference:", metric_text(metrics["bf16_vs_reference"])],
             "W4A4": ["vs reference:", metric_text(metrics["w4a4_vs_reference"]),
                      "vs BF16:", metric_text(metrics["w4a4_vs_bf16"])]}
@@ -337,8 +384,36 @@ def results_markdown(log: dict) -> str:
         per = log["heldout"][name]["per_sigma"]
         for (s, u), (_, w), (_, t) in zip(per["untrained"], per["warm_start"], per["trained"]):
             lines.append(f"| {name} | {s:.4f} | {1000 * s:.0f} | {u:.4f} | {w:.4f} | {t:.4f} |")
+    weights = {k: v["weights"] for k, v in log["phases"].items() if v and "weights" in v}
+    if weights:
+        lines += ["", "Weights kept per phase (held-out loss of the raw weights vs their EMA): " + "; ".join(
+            f"{k}: {w['kept']} ({w['raw']:.4f} vs {w['ema']:.4f})" if w.get("ema") is not None
+            else f"{k}: raw ({w['raw']:.4f})" for k, w in weights.items()) + "."]
+    dec = log.get("decoder")
+    if dec:
+        h = dec["heldout"]
+        lines += ["", (f"Learned decoder: {dec['steps']} steps of {dec['batch']} videos in {dec['seconds']:.0f} s. "
+                       f"Held-out pixel PSNR against the rendered frames (all {log['config']['frames']} frames): "
+                       f"{h['learned_clean_psnr_db']:.2f} dB (linear decoder {h['linear_clean_psnr_db']:.2f} dB) from "
+                       f"the true latents, {h['learned_perturbed_psnr_db']:.2f} dB (linear "
+                       f"{h['linear_perturbed_psnr_db']:.2f} dB) from latents with Gaussian noise of std "
+                       f"{h['perturbation_std']:g}.")]
+    gen = log.get("generation")
+    if gen:
+        n = len(gen["generated"]["per_frame_psnr_db"])
+        lines += ["", (f"Held-out generation ({len(gen['scene_seeds'])} scenes, {gen['sampling_steps']} euler steps, "
+                       f"cfg {gen['cfg']:g}, on {gen['device']}): PSNR (dB) of each pixel frame against the rendered "
+                       f"video, decoded by the {gen['pixel_space']}; reference = the true latent "
+                       "decoded, still = the start frame held:"), "",
+                  "| video | " + " | ".join(str(i) for i in range(n)) + " | mean of 1.. |",
+                  "|---|" + "---|" * (n + 1)]
+        for k in ("generated", "reference", "still"):
+            g = gen[k]
+            lines.append(f"| {k} | " + " | ".join(f"{v:.1f}" for v in g["per_frame_psnr_db"])
+                         + f" | {g['mean_after_start_psnr_db']:.2f} |")
     lines += ["", "| file | bytes | sha256 |", "|---|---|---|"]
-    for c in log["checkpoints"].values():
+    files = list(log["checkpoints"].values()) + ([dec["file"]] if dec and "file" in dec else [])
+    for c in files:
         lines.append(f"| `{c['file']}` | {c['bytes']} | `{c['sha256'][:16]}…` |")
     return "\n".join(lines)
 
@@ -362,22 +437,37 @@ def update_card(folder) -> bool:
     return True
 
 
-def make_all(folder, n: int = 4, steps: int = 20, cfg: float = 1.0) -> list[Path]:
-    """Writes ``loss_curve.png`` and ``strips.png`` into ``folder`` (which holds the checkpoints
-    and ``train_log.json``) and refreshes the results block of its ``README.md``, if any."""
+def make_all(folder, n: int = 4, steps: int = 20, cfg: float = 1.0, generation: int = 8) -> list[Path]:
+    """Writes ``loss_curve.png`` and ``strips.png`` into ``folder`` (which holds the checkpoints,
+    ``train_log.json`` and ``decoder.safetensors`` if trained), samples ``max(n, generation)`` held-out
+    scenes, records ``generation_metrics`` of the first ``generation`` as ``"generation"`` in
+    ``train_log.json``, and refreshes the results block of ``folder/README.md``, if any."""
     folder = Path(folder)
     out = []
     frames = data.FRAMES
     log_path = folder / "train_log.json"
-    if log_path.is_file():
-        log = json.loads(log_path.read_text())
+    log = json.loads(log_path.read_text()) if log_path.is_file() else None
+    if log is not None:
         frames = int(log.get("config", {}).get("frames", frames))  # the clip length it was trained on
+    vae = mini_decoder.embedded_vae(folder / mini_decoder.DECODER_FILE)
+    high, low = (sample.load_expert(folder / sample.EMBEDDED_FILES[k]) for k in ("high", "low"))
+    seeds = data.heldout_seeds(max(n, generation))
+    rows = strip_rows(high, low, seeds, steps=steps, cfg=cfg, frames=frames, vae=vae, with_videos=generation > 0)
+    if log is not None and generation > 0:
+        device = str(high.load_device) if hasattr(high, "load_device") else "cpu"
+        log["generation"] = generation_metrics(rows[:generation], seeds=seeds[:generation], steps=steps,
+                                               vae_name=mini_decoder.describe(vae), device=device)
+        tmp = log_path.with_name(f".{log_path.name}.tmp")
+        tmp.write_text(json.dumps(log, indent=1))
+        tmp.replace(log_path)
+        g = log["generation"]
+        logger.info("held-out generation PSNR after the start frame: %.2f dB (reference %.2f dB, still start "
+                    "frame %.2f dB)", *(g[k]["mean_after_start_psnr_db"] for k in ("generated", "reference", "still")))
+    if log is not None:
         out.append(draw_loss_curve(log, folder / "loss_curve.png"))
         if update_card(folder):
             out.append(folder / "README.md")
-    high, low = (sample.load_expert(folder / sample.EMBEDDED_FILES[k]) for k in ("high", "low"))
-    rows = strip_rows(high, low, data.heldout_seeds(n), steps=steps, cfg=cfg, frames=frames)
-    out.append(draw_strips(rows, folder / "strips.png"))
+    out.append(draw_strips([r[:3] for r in rows[:n]], folder / "strips.png"))
     logger.info("wrote %s", ", ".join(map(str, out)))
     return out
 
@@ -388,9 +478,11 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4, help="held-out scenes")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--generation", type=int, default=8, help="held-out scenes of the generation metric "
+                   "(written into train_log.json; 0: none)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    make_all(args.dir, n=args.n, steps=args.steps, cfg=args.cfg)
+    make_all(args.dir, n=args.n, steps=args.steps, cfg=args.cfg, generation=args.generation)
     return 0
 
 

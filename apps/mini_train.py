@@ -21,9 +21,16 @@
   noise and stratified timesteps per expert range; their loss is logged for the untrained model,
   the warm start and each expert, and along training.
 
+- EMA of the weights; each phase keeps the raw or EMA weights, whichever has the lower held-out loss.
+- Decoder: after the experts, the learned video decoder (``minimodel/decoder.py``) is trained on
+  ground-truth (latent, frames) pairs, the latents perturbed by noise or replaced by the low-noise
+  expert's one-step x0 prediction (``--decoder-seconds``, replayed by ``--decoder-steps``).
+
 Writes to ``--out``: ``high_noise.safetensors``, ``low_noise.safetensors`` (bf16, ComfyUI's Wan key
-names; ``UNETLoader`` detects them as Wan2.2-I2V), ``train_log.json``; then, when ComfyUI's sampler
-can be imported, ``strips.png`` and ``loss_curve.png`` (``mini_pictures.py``, also runnable on its own).
+names; ``UNETLoader`` detects them as Wan2.2-I2V), ``decoder.safetensors`` (when trained),
+``train_log.json``; then, when ComfyUI's sampler can be imported, the held-out generation metric
+(``"generation"`` in ``train_log.json``), ``strips.png`` and ``loss_curve.png`` (``mini_pictures.py``,
+also runnable on its own).
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ import torch
 
 from ..minimodel import EMBEDDED_FILES as EXPERT_FILES
 from ..minimodel import conditioning, data, text
+from ..minimodel import decoder as mini_decoder
 from ..minimodel.arch import TINY, WanArch, wan_state_dict_shapes
 from . import mini_pictures as pictures
 from . import runtime
@@ -60,6 +68,8 @@ ARCHS = {"mini": MINI, "tiny": TINY}
 
 MAX_CHECKPOINT_BYTES = 15_000_000  # each expert <= 15 MB: the embedded default ships in the repository
 SIGMA_MIN_U = 1e-3                  # ComfyUI's flow sigmas start at t = 1/1000
+DECODER_AUG_SIGMA = 0.4             # decoder augmentation: x0 predictions from sigma in (0, 0.4)
+DECODER_SEED_OFFSET = 7_777         # the decoder's training scenes: RandomState(seed + this), training range
 HELDOUT_NOISE_SEED = 1234           # fixed noise for the held-out loss
 
 
@@ -90,6 +100,21 @@ class TrainConfig:
     eval_points: int = 8                  # held-out evaluations along each phase
     log_every: int = 25
     probe_steps: int = 12                 # speed probe before planning a --minutes budget
+    ema: float = 0.998                    # EMA decay of the weights (0: off); each expert keeps the better
+                                          # of raw and EMA weights on the held-out loss (both logged)
+    decoder_seconds: float | None = None  # learned video decoder: time budget (turned into steps), ...
+    decoder_steps: int | None = None      # ... or a step count (replays a run); neither (or 0): no decoder
+                                          # (the command line's default on CUDA: 50 s)
+    decoder_batch: int = 32
+    decoder_lr: float = 2e-3
+    decoder_noise: float = 0.5            # max std of the per-latent-pixel Gaussian perturbation of training
+                                          # latents: generated latents err block by block (minimodel/strips.png)
+    decoder_model_aug: float = 0.5        # fraction of decoder batches decoded from the low-noise expert's
+                                          # one-step x0 prediction (sigma < DECODER_AUG_SIGMA): latents as a
+                                          # denoiser makes them
+    generation: int = 8                   # held-out scenes sampled for the generation metric (0: none)
+    sample_steps: int = 20                # sampling steps of the generation metric and strips
+    strips: int = 4                       # held-out scenes in strips.png
     compile: bool = False
     pictures: bool = True
     overwrite: bool = False               # replace existing checkpoints/log in `out`
@@ -111,6 +136,18 @@ class TrainConfig:
         if abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) <= 0:
             raise ValueError(f"fractions must be three positive numbers summing to 1, got {self.fractions}")
         data.latent_frames(self.frames)
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema is a decay in [0, 1), got {self.ema}")
+        if self.decoder_steps is not None and self.decoder_steps < 0:
+            raise ValueError(f"decoder_steps must be >= 0, got {self.decoder_steps}")
+        if self.decoder_seconds is not None and self.decoder_seconds < 0:
+            raise ValueError(f"decoder_seconds must be >= 0, got {self.decoder_seconds}")
+        if self.decoder_batch < 1 or not 0 <= self.decoder_model_aug <= 1 or self.decoder_noise < 0:
+            raise ValueError(f"need decoder_batch >= 1, decoder_model_aug in [0, 1], decoder_noise >= 0; got "
+                             f"{self.decoder_batch}, {self.decoder_model_aug}, {self.decoder_noise}")
+        if self.generation < 0 or self.sample_steps < 1 or self.strips < 1:
+            raise ValueError(f"need generation >= 0, sample_steps >= 1 and strips >= 1, got {self.generation}, "
+                             f"{self.sample_steps}, {self.strips}")
 
 
 # ---- ComfyUI's WanModel ----------------------------------------------------------------------------
@@ -433,7 +470,7 @@ class Trainer:
                 "effective_step_s": step_s + render * cfg.batch / cfg.reuse}
 
     def run_phase(self, name, model, steps: int, sigma_range, heldout: HeldOut, eval_ranges: dict,
-                  forward=None):
+                  forward=None, ema: Ema | None = None):
         cfg = self.cfg
         if steps <= 0:
             return
@@ -451,6 +488,8 @@ class Trainer:
         for i in range(steps):
             lr = lr_at(i, steps, cfg)
             acc += self.step(model, opt, sigma_range, lr, forward)
+            if ema is not None:
+                ema.update()
             n_acc += 1
             self.global_step += 1
             last = i == steps - 1
@@ -488,13 +527,150 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+class Ema:
+    """Exponential moving average of a model's floating-point state: decay ``min(decay, (1 + n) / (10 + n))``
+    after n updates (the warm-up keeps the first steps from dominating a short phase)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.n = decay, 0
+        live = model.state_dict()  # views of the model's tensors, updated in place by the optimizer
+        self.state = {k: v.detach().clone() for k, v in live.items()}
+        keys = [k for k, v in live.items() if v.is_floating_point()]
+        self._avg, self._live = [self.state[k] for k in keys], [live[k] for k in keys]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self._avg, self._live, 1 - d)
+        self.n += 1
+
+
+def keep_better(model, ema: Ema | None, heldout: HeldOut, sigma_range) -> dict:
+    """Loads the EMA weights into ``model`` if their held-out loss on ``sigma_range`` is lower than the raw
+    weights'; returns ``{"raw": loss, "ema": loss or None, "kept": "raw" | "ema"}``."""
+    raw = heldout.loss(model, sigma_range)["loss"]
+    if ema is None:
+        return {"raw": raw, "ema": None, "kept": "raw"}
+    saved = copy.deepcopy(model.state_dict())
+    model.load_state_dict(ema.state)
+    averaged = heldout.loss(model, sigma_range)["loss"]
+    if averaged >= raw:
+        model.load_state_dict(saved)
+    return {"raw": raw, "ema": averaged, "kept": "ema" if averaged < raw else "raw"}
+
+
+# ---- the learned video decoder -----------------------------------------------------------------------
+class DecoderData:
+    """Ground-truth (latent, frames) batches for the decoder: fresh training-range scenes rendered on the
+    device, their linear encodings perturbed (``decoder.perturb``) or, for a ``decoder_model_aug``
+    fraction of batches, replaced by the low-noise expert's one-step x0 prediction at a random
+    sigma < ``DECODER_AUG_SIGMA`` (the kind of latent a denoiser hands the decoder)."""
+
+    def __init__(self, cfg: TrainConfig, vae: data.LinearVideoVAE, encoder: text.TextEncoder, denoiser=None):
+        self.cfg, self.vae, self.encoder, self.denoiser = cfg, vae, encoder, denoiser
+        self.rng = np.random.RandomState(cfg.seed + DECODER_SEED_OFFSET)
+        self.gen = torch.Generator(cfg.device).manual_seed(cfg.seed + DECODER_SEED_OFFSET)
+        self.mask = conditioning.start_mask(data.latent_frames(cfg.frames), data.HEIGHT // data.SPATIAL,
+                                            data.WIDTH // data.SPATIAL, device=cfg.device)
+        self.from_model = 0
+
+    @torch.no_grad()
+    def next(self):
+        """``(z_in [B, 16, F, h, w], frames [B, T, H, W, 3])``."""
+        cfg = self.cfg
+        seeds = self.rng.randint(0, data.TRAIN_SEED_LIMIT, size=cfg.decoder_batch)
+        scenes = [data.sample_scene(int(s)) for s in seeds]
+        frames = data.render(scenes, cfg.frames, device=cfg.device)
+        z = self.vae.encode_normalized(frames)
+        if self.denoiser is not None and self.rng.rand() < cfg.decoder_model_aug:
+            self.from_model += 1
+            sigma = torch.rand(z.shape[0], generator=self.gen, device=z.device) * DECODER_AUG_SIGMA
+            noise = torch.randn(z.shape, generator=self.gen, device=z.device)
+            x, _ = training_input(z, noise, sigma, self.mask)
+            ctx = self.encoder.encode([data.caption(s) for s in scenes])
+            with _autocast(cfg.device):
+                v = self.denoiser(x, sigma * 1000.0, ctx)
+            x_t = conditioning.noisy(z, noise, sigma)
+            return x_t - sigma.view(-1, 1, 1, 1, 1) * v.float(), frames
+        return mini_decoder.perturb(z, cfg.decoder_noise, self.gen), frames
+
+
+@torch.no_grad()
+def decoder_heldout(dec, vae, frames: torch.Tensor, z: torch.Tensor, noise: float, batch: int) -> dict:
+    """Pixel-space PSNR (dB) on held-out videos of the learned and the linear decoding, from the clean
+    latents and from latents perturbed by Gaussian noise of std ``noise`` (fixed seed)."""
+    g = torch.Generator().manual_seed(HELDOUT_NOISE_SEED)
+    z_noisy = z + noise * torch.randn(z.shape, generator=g).to(z.device)
+    out = {}
+    was = dec.training
+    dec.eval()
+    for name, zz in (("clean", z), ("perturbed", z_noisy)):
+        se = {"learned": 0.0, "linear": 0.0}
+        for i in range(0, z.shape[0], batch):
+            gt = frames[i:i + batch].float()
+            se["learned"] += ((dec(zz[i:i + batch]) - gt) ** 2).mean().item() * gt.shape[0]
+            lin = mini_decoder.hold_frames(vae.decode_normalized(zz[i:i + batch]))
+            se["linear"] += ((lin - gt) ** 2).mean().item() * gt.shape[0]
+        for k, v in se.items():
+            out[f"{k}_{name}_psnr_db"] = 10 * math.log10(1.0 / max(v / z.shape[0], 1e-12))
+    dec.train(was)
+    out["perturbation_std"] = noise
+    return out
+
+
+def train_decoder(cfg: TrainConfig, vae, encoder, denoiser=None) -> tuple[torch.nn.Module, dict]:
+    """Trains ``decoder.VideoDecoder`` for ``cfg.decoder_steps`` steps, or as many as fit in
+    ``cfg.decoder_seconds`` (measured over the first steps); AdamW, warm-up then cosine decay."""
+    torch.manual_seed(cfg.seed + DECODER_SEED_OFFSET)
+    dec = mini_decoder.VideoDecoder().to(cfg.device)
+    opt = torch.optim.AdamW(dec.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
+    feed = DecoderData(cfg, vae, encoder, denoiser)
+    dcfg = dataclasses.replace(cfg, lr=cfg.decoder_lr, warmup=50)
+    probe = 5
+    total = cfg.decoder_steps if cfg.decoder_steps is not None else None
+    t0 = time.perf_counter()
+    curve, acc, n_acc, step = [], 0.0, 0, 0
+    while total is None or step < total:
+        if total is None and step == probe:  # plan the rest of the time budget from the first steps
+            _sync(cfg.device)
+            per = (time.perf_counter() - t0) / probe
+            total = max(probe, probe + int((cfg.decoder_seconds - (time.perf_counter() - t0)) / per))
+            logger.info("decoder: %.1f ms/step -> %d steps in %.0f s (replay with --decoder-steps %d)",
+                        per * 1e3, total, cfg.decoder_seconds, total)
+            continue
+        lr = lr_at(step, total or 10 * probe, dcfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        z_in, frames = feed.next()
+        with _autocast(cfg.device):
+            loss = mini_decoder.decoder_loss(dec, z_in, frames)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dec.parameters(), cfg.grad_clip)
+        opt.step()
+        acc += loss.item()
+        n_acc += 1
+        step += 1
+        if n_acc == cfg.log_every or (total is not None and step == total):
+            curve.append({"step": step, "loss": acc / n_acc, "lr": lr})
+            if not math.isfinite(acc):
+                raise FloatingPointError(f"decoder training: loss {acc / n_acc} at step {step}")
+            acc, n_acc = 0.0, 0
+    _sync(cfg.device)
+    dt = time.perf_counter() - t0
+    logger.info("decoder: %d steps in %.1f s", step, dt)
+    return dec.eval(), {"steps": step, "seconds": round(dt, 2), "batch": cfg.decoder_batch,
+                        "batches_from_denoiser": feed.from_model, "curve": curve,
+                        "config": dataclasses.asdict(dec.config)}
+
+
 def plan_steps(cfg: TrainConfig, probe: dict | None, eval_s: float, spent_s: float) -> tuple[int, int, int]:
     if cfg.phase_steps is not None:
         return tuple(int(s) for s in cfg.phase_steps)
     if cfg.steps is not None:
         total = cfg.steps
     else:
-        evals = cfg.eval_points * 4 + 4  # warm evaluates both ranges
+        evals = cfg.eval_points * 4 + 12  # warm evaluates both ranges; raw vs EMA and final losses
         budget = cfg.minutes * 60 - spent_s - evals * eval_s - 15  # 15 s: checkpoints and slack
         total = max(3, int(budget / probe["effective_step_s"]))
     w, h = (max(1, round(total * f)) for f in cfg.fractions[:2])
@@ -505,7 +681,8 @@ def train(cfg: TrainConfig) -> dict:
     """Runs the whole recipe; returns the log (also written to ``cfg.out / "train_log.json"``)."""
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
-    existing = [cfg.out / f for f in [*EXPERT_FILES.values(), "train_log.json"] if (cfg.out / f).exists()]
+    existing = [cfg.out / f for f in [*EXPERT_FILES.values(), mini_decoder.DECODER_FILE, "train_log.json"]
+                if (cfg.out / f).exists()]
     if existing and not cfg.overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --force (TrainConfig.overwrite=True) to replace "
                               f"it, or choose another --out")
@@ -539,19 +716,48 @@ def train(cfg: TrainConfig) -> dict:
                 *plan, ",".join(map(str, plan)))
 
     phases = {}
-    phases["warm"] = tr.run_phase("warm", model, plan[0], ranges["warm"], heldout, expert_ranges, forward)
+    def new_ema():
+        return Ema(model, cfg.ema) if cfg.ema > 0 else None
+
+    ema = new_ema()
+    phases["warm"] = tr.run_phase("warm", model, plan[0], ranges["warm"], heldout, expert_ranges, forward, ema)
+    if phases["warm"] is not None:
+        phases["warm"]["weights"] = keep_better(model, ema, heldout, ranges["warm"])
     warm_loss = {k: heldout.loss(model, r) for k, r in expert_ranges.items()}
     warm_state = copy.deepcopy(model.state_dict())
     results, checkpoints = {}, {}
     for name, steps in (("high", plan[1]), ("low", plan[2])):
         model.load_state_dict(warm_state)
-        phases[name] = tr.run_phase(name, model, steps, ranges[name], heldout, {name: ranges[name]}, forward)
+        ema = new_ema()
+        phases[name] = tr.run_phase(name, model, steps, ranges[name], heldout, {name: ranges[name]}, forward, ema)
+        phases[name]["weights"] = keep_better(model, ema, heldout, ranges[name])
+        del ema
         results[name] = heldout.loss(model, ranges[name])
         meta = {"expert": f"{name}_noise", "boundary_t": round(cfg.boundary * 1000),
                 "sigma_range": list(ranges[name]), "shift": cfg.shift, "steps": {"warm": plan[0], name: steps},
                 "seed": cfg.seed, "made_by": "python -m wan_w4a4.apps.mini_train"}
         checkpoints[name] = save_checkpoint(model, cfg.out / EXPERT_FILES[name], cfg.arch, meta)
     del warm_state
+
+    decoder_log = None
+    if cfg.decoder_steps != 0 and (cfg.decoder_steps is not None or cfg.decoder_seconds):
+        # `model` holds the low-noise expert: its x0 predictions are one of the decoder's augmentations
+        model.eval()
+        dec, decoder_log = train_decoder(cfg, tr.vae, tr.encoder, denoiser=model)
+        scenes = [data.sample_scene(s) for s in data.heldout_seeds(cfg.heldout)]
+        frames = torch.cat([data.render(scenes[i:i + cfg.render_batch], cfg.frames, device=cfg.device)
+                            for i in range(0, len(scenes), cfg.render_batch)])
+        decoder_log["heldout"] = decoder_heldout(dec, tr.vae, frames, heldout.z, cfg.decoder_noise / 2,
+                                                 cfg.decoder_batch)
+        del frames
+        decoder_log["file"] = mini_decoder.save_decoder(
+            dec, cfg.out / mini_decoder.DECODER_FILE,
+            {"steps": decoder_log["steps"], "seed": cfg.seed, "made_by": "python -m wan_w4a4.apps.mini_train"},
+            overwrite=True)  # `out` was checked for existing files before training started
+        logger.info("decoder held-out PSNR: learned %.2f dB (linear %.2f dB) from clean latents; %.2f dB (linear "
+                    "%.2f dB) from perturbed ones", *(decoder_log["heldout"][k] for k in (
+                        "learned_clean_psnr_db", "linear_clean_psnr_db", "learned_perturbed_psnr_db",
+                        "linear_perturbed_psnr_db")))
 
     heldout_summary = {
         name: {"untrained": untrained[name]["loss"], "warm_start": warm_loss[name]["loss"],
@@ -569,7 +775,9 @@ def train(cfg: TrainConfig) -> dict:
                             f"--phase-steps {','.join(map(str, plan))}", f"--seed {cfg.seed}",
                             f"--batch {cfg.batch}", f"--lr {cfg.lr:g}", f"--frames {cfg.frames}",
                             f"--chunk {cfg.chunk}", f"--reuse {cfg.reuse}", f"--heldout {cfg.heldout}",
-                            f"--heldout-sigmas {cfg.heldout_sigmas}"]),
+                            f"--heldout-sigmas {cfg.heldout_sigmas}",
+                            f"--ema {cfg.ema:g}", f"--decoder-steps {(decoder_log or {}).get('steps', 0)}",
+                            f"--decoder-batch {cfg.decoder_batch}"]),
         "environment": {"device": _device_name(cfg.device), "torch": torch.__version__,
                         "python": platform.python_version(), "comfyui": _comfyui_version()},
         "plan": {"warm": plan[0], "high": plan[1], "low": plan[2]}, "probe": probe,
@@ -581,6 +789,7 @@ def train(cfg: TrainConfig) -> dict:
         "heldout": heldout_summary,
         "curve": tr.curve, "heldout_curve": tr.heldout_curve,
         "checkpoints": checkpoints,
+        "decoder": decoder_log,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     (cfg.out / "train_log.json").write_text(json.dumps(log, indent=1))
@@ -617,15 +826,26 @@ def add_arguments(p: argparse.ArgumentParser):
     budget.add_argument("--phase-steps", help="W,H,L: steps of the warm start and each expert (replays a plan)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", choices=sorted(ARCHS), default="mini")
-    p.add_argument("--batch", type=int, default=None, help="default 128 on CUDA, 4 on CPU")
+    p.add_argument("--batch", type=int, default=None, help="default 256 on CUDA, 4 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=data.FRAMES, help="pixel frames, 1 + 4k (default 17: 5 latent frames)")
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 6e-4 on CUDA, 4e-4 on CPU)")
     p.add_argument("--chunk", type=int, default=None, help="videos rendered at once (default 2048 on CUDA)")
-    p.add_argument("--reuse", type=int, default=None, help="passes over each rendered chunk (default 4 on CUDA)")
+    p.add_argument("--reuse", type=int, default=None, help="passes over each rendered chunk (default 8 on CUDA)")
     p.add_argument("--heldout", type=int, default=None, help="held-out videos (default 64 on CUDA, 8 on CPU)")
     p.add_argument("--heldout-sigmas", type=int, default=None,
                    help="held-out timesteps per expert range, stratified in u (default 8 on CUDA, 4 on CPU)")
+    p.add_argument("--ema", type=float, default=0.998, help="EMA decay of the weights (0: off); each expert "
+                   "keeps the better of raw and EMA weights on the held-out loss")
+    dec = p.add_mutually_exclusive_group()
+    dec.add_argument("--decoder-seconds", type=float, default=None,
+                     help="time budget of the learned video decoder (default 50 s on CUDA, 0 on CPU = none)")
+    dec.add_argument("--decoder-steps", type=int, default=None, help="decoder steps (replays a run; 0: none)")
+    p.add_argument("--decoder-batch", type=int, default=None, help="decoder videos per step (default 32 on CUDA, 2 on CPU)")
+    p.add_argument("--generation", type=int, default=8,
+                   help="held-out scenes sampled with both experts for the generation metric and the strips")
+    p.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the generation metric and strips")
+    p.add_argument("--strips", type=int, default=4, help="held-out scenes in strips.png")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--no-pictures", action="store_true", help="skip strips.png / loss_curve.png")
     p.add_argument("--force", action="store_true", help="replace checkpoints and log already in --out")
@@ -633,13 +853,18 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def config_from_args(args) -> TrainConfig:
     cuda = str(args.device).startswith("cuda")
-    batch = args.batch or (128 if cuda else 4)
+    batch = args.batch or (256 if cuda else 4)
     minutes = args.minutes if args.minutes is not None else (None if (args.steps or args.phase_steps) else 7.0)
     phase_steps = tuple(int(s) for s in args.phase_steps.split(",")) if args.phase_steps else None
     return TrainConfig(
         out=args.out, arch=ARCHS[args.arch], device=args.device, seed=args.seed, batch=batch,
-        minutes=minutes, steps=args.steps, phase_steps=phase_steps, lr=args.lr, frames=args.frames,
-        chunk=args.chunk or (2048 if cuda else batch), reuse=args.reuse or (4 if cuda else 1),
+        minutes=minutes, steps=args.steps, phase_steps=phase_steps, lr=args.lr or (6e-4 if cuda else 4e-4),
+        frames=args.frames, chunk=args.chunk or (2048 if cuda else batch), reuse=args.reuse or (8 if cuda else 1),
+        ema=args.ema, decoder_steps=args.decoder_steps,
+        decoder_seconds=None if args.decoder_steps is not None else (
+            args.decoder_seconds if args.decoder_seconds is not None else (50.0 if cuda else 0.0)),
+        decoder_batch=args.decoder_batch or (32 if cuda else 2), generation=args.generation,
+        sample_steps=args.sample_steps, strips=args.strips,
         heldout=args.heldout or (64 if cuda else 8),
         heldout_sigmas=args.heldout_sigmas or (8 if cuda else 4), compile=args.compile, pictures=not args.no_pictures,
         overwrite=args.force)
@@ -650,7 +875,7 @@ def run(args) -> int:
     train(cfg)
     if cfg.pictures:
         try:
-            pictures.make_all(cfg.out)
+            pictures.make_all(cfg.out, n=cfg.strips, steps=cfg.sample_steps, generation=cfg.generation)
         except Exception as e:  # noqa: BLE001 - the sampler needs ComfyUI's `nodes` (and torchsde); pictures can be made later
             logger.warning("pictures not made (%s: %s); make them with: python -m wan_w4a4.apps.mini_pictures "
                            "--dir %s", type(e).__name__, e, cfg.out)

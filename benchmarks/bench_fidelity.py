@@ -18,7 +18,8 @@ What it does:
 4. samples K held-out (start frame, caption) pairs with fixed noise seeds through the standard two-expert
    graph (WanImageToVideo -> ModelSamplingSD3 -> 2 x KSamplerAdvanced, split at t = 900) in BF16 and in
    each configuration, and reports, against BF16: PSNR / SSIM of the videos decoded by the mini model's
-   linear VAE, latent relative error, the velocity SQNR per call on the BF16 trajectory's inputs
+   decoder (pixel space: the learned decoder shipped in ``minimodel/``, else the linear VAE; named in the
+   JSON's ``setup.pixel_space``), latent relative error (latent space), the velocity SQNR per call on the BF16 trajectory's inputs
    (teacher-forced replay: the W4A4 model is run a second time on the BF16 input of the same call)
    averaged per bin of the default 4-bin edges, and W4A4 bytes / BF16 bytes of the quantized Linears;
 5. writes ``fidelity_<tag>.md`` / ``.json`` and two figures: ``activation_range_<tag>.png``
@@ -42,6 +43,9 @@ from wan_w4a4.apps import runtime  # imports neither comfy nor torch
 
 HERE = Path(__file__).resolve().parent
 EXPERTS = ("high", "low")
+# setup.pixel_space (decoder.describe) -> what the videos compared by PSNR / SSIM are
+PIXEL_SPACE_WORDS = {"linear VAE": "linear VAE (one picture per latent frame)",
+                     "learned decoder": "learned decoder shipped in minimodel/ (one picture per latent frame: pixel frame 4k)"}
 
 
 def parse_args(argv=None):
@@ -103,6 +107,7 @@ def main(argv=None) -> int:
     from wan_w4a4.calibration import CalibrationConfig, calibrate
     from wan_w4a4.kernels import format as fmt
     from wan_w4a4.minimodel import data, fidelity
+    from wan_w4a4.minimodel import decoder as mini_decoder
     from wan_w4a4.nodes.apply import apply_w4a4_state
 
     device = mm.get_torch_device()
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
         return len(ed) - 2
 
     # 2. BF16 references (with the activation-range capture)
-    vae = data.LinearVideoVAE()
+    vae = mini_decoder.embedded_vae()
     linears = fidelity.block_linears(models["high"])
     ranges = {e: {} for e in EXPERTS}
     refs = []
@@ -204,7 +209,8 @@ def main(argv=None) -> int:
              "(latent 16 x 5 x 16 x 16)", "calib_items": a.calib_items, "calib_item_seeds": [it.seed for it in items],
              "calib_steps": a.calib_steps, "max_bins": a.max_bins, "rows_per_bin": a.rows_per_bin, "rank": a.rank,
              "report_bin_edges": {e: list(report_edges[e]) for e in EXPERTS},
-             "calibration_s": round(t_cal, 1), "total_s": round(time.perf_counter() - t0, 1)}
+             "calibration_s": round(t_cal, 1), "total_s": round(time.perf_counter() - t0, 1),
+             "pixel_space": mini_decoder.describe(vae)}
     doc = {"what": "W4A4 fidelity vs BF16 on the trained mini Wan2.2-I2V model (benchmarks/bench_fidelity.py)",
            "tag": tag, "command": "python benchmarks/bench_fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "environment": env, "setup": setup, "rows": rows,
@@ -237,16 +243,18 @@ def markdown(doc: dict, default_bins: int) -> str:
     lines = [
         "# W4A4 fidelity on the mini Wan2.2-I2V model",
         "",
-        f"Measured {env['date']} on {env['machine']} ({env['device']}, {env['threads']} torch thread(s), "
+        (f"Measured {env['date']} on {env['machine']} ({env['device']}, {env['threads']} torch thread(s), "
         f"torch {env['torch']}, ComfyUI {env['comfyui']}). K = {s['k']} held-out pairs (scene seeds "
         f"{s['heldout_seeds'][0]}..{s['heldout_seeds'][-1]}, noise seeds {s['noise_seeds'][0]}..{s['noise_seeds'][-1]}), "
         f"{s['steps']} euler steps (shift 8, cfg 1, expert switch at t = 900), {s['resolution']}. "
         f"One calibration: {s['calib_items']} training-range scenes (seeds {s['calib_item_seeds']}), "
         f"{s['calib_steps']} steps, {s['max_bins']} bins per expert, {s['rows_per_bin']} rows per bin, rank "
-        f"{s['rank']} ({s['calibration_s']} s); total {s['total_s']} s. Command: `{doc.get('command', '?')}`.",
+        f"{s['rank']} ({s['calibration_s']} s); total {s['total_s']} s. Command: `{doc.get('command', '?')}`."),
         "",
         "All metrics are against the BF16 model on the same pairs and seeds. PSNR / SSIM: videos decoded by the "
-        "linear VAE (one picture per latent frame). Latent rel.: ||z_q - z|| / ||z||. Velocity SQNR: per call, the "
+        # results written before setup.pixel_space existed were all decoded by the linear VAE
+        f"{PIXEL_SPACE_WORDS[s.get('pixel_space', 'linear VAE')]}. Latent rel.: ||z_q - z|| / ||z||. "
+        "Velocity SQNR: per call, the "
         "W4A4 model on the BF16 trajectory's input of that call, vs the BF16 velocity, averaged over calls and "
         f"pairs in each bin of the default {default_bins}-bin edges (H = high-noise expert, L = low-noise; bin 0 "
         "= highest t): " + "; ".join(f"{e}: " + ", ".join(f"{x:.0f}" for x in s["report_bin_edges"][e])
@@ -262,14 +270,14 @@ def markdown(doc: dict, default_bins: int) -> str:
                      + " | ".join(f"{v[f'{e}{b}']:.2f}" for e in EXPERTS for b in range(default_bins))
                      + f" | {r['velocity_sqnr_db_all']:.2f} | {r['bytes_ratio']:.3f} |")
     cr = doc["calibration_report"]
-    lines += ["", "Layer-level (calibration report, held-out rows, pooled over layers): RTN W4A4 "
+    lines += ["", ("Layer-level (calibration report, held-out rows, pooled over layers): RTN W4A4 "
               f"{cr['high']['sqnr_rtn_db_pooled']:.2f} / {cr['low']['sqnr_rtn_db_pooled']:.2f} dB -> full method "
               f"{cr['high']['sqnr_after_db_pooled']:.2f} / {cr['low']['sqnr_after_db_pooled']:.2f} dB (high / low expert). "
               f"GPTQ residual kept in {cr['high'].get('gptq_layers', '?')} / {cr['low'].get('gptq_layers', '?')} "
-              "of the 40 + 40 layers (elsewhere RTN fit the calibration rows better; the pipeline keeps the better).",
+              "of the 40 + 40 layers (elsewhere RTN fit the calibration rows better; the pipeline keeps the better)."),
               "",
-              f"Figures: `activation_range_{doc['tag']}.png` (max |x| per block Linear vs timestep, both experts, "
-              f"BF16 runs of the K pairs), `clip_ratios_{doc['tag']}.png` (clip ratios of the default configuration).",
+              (f"Figures: `activation_range_{doc['tag']}.png` (max |x| per block Linear vs timestep, both experts, "
+              f"BF16 runs of the K pairs), `clip_ratios_{doc['tag']}.png` (clip ratios of the default configuration)."),
               ""]
     return "\n".join(lines)
 

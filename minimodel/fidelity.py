@@ -2,12 +2,18 @@
 fidelity benchmark, and its pictures (the demo's figure is ``apps/mini_pictures.draw_comparison``). Used by
 ``apps/demo.py`` and ``benchmarks/bench_fidelity.py``.
 
-Metrics (videos decoded by the mini model's linear VAE, ``data.LinearVideoVAE.latent_to_rgb``, one
-picture per latent frame, [F, H, W, 3] in [0, 1]):
+Metrics, in two spaces:
+
+Pixel space (videos ``[F, H, W, 3]`` in [0, 1], one picture per latent frame, decoded by whatever VAE the
+caller passes through ``latent_to_rgb``: the demo uses ``decoder.embedded_vae()``, the learned decoder when
+``minimodel/decoder.safetensors`` is there, else the linear VAE, and records which in ``pixel_space``):
 
 - PSNR: 10 log10(1 / MSE) over the whole video;
 - SSIM: Wang et al. 2004, Gaussian window 11 x 11 (sigma 1.5), C1 = 0.01^2, C2 = 0.03^2, per frame
   and colour channel, averaged;
+
+Latent space (independent of the decoder):
+
 - latent relative error: ||z_w4a4 - z_bf16|| / ||z_bf16|| on the normalised output latents;
 - velocity SQNR per call (:class:`CallRecorder`): the W4A4 model is run, at every sampling call,
   a second time on the *BF16 trajectory's* input of the same call (same x, sigma and conditioning),

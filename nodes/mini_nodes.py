@@ -10,6 +10,7 @@ from __future__ import annotations
 import comfy.sd
 
 from ..minimodel import EMBEDDED_DIR, EMBEDDED_FILES, data
+from ..minimodel import decoder as mini_decoder
 from ..minimodel import text as mini_text
 
 CATEGORY = "WanW4A4/mini model"
@@ -62,14 +63,15 @@ class MiniVAE:
         return {"required": {}}
 
     RETURN_TYPES = ("VAE",)
-    OUTPUT_TOOLTIPS = ("The mini model's fixed linear video 'VAE' (Wan latent layout: 16 channels, 8x spatial, "
-                       "4x temporal); use it with WanImageToVideo and VAEDecode.",)
+    OUTPUT_TOOLTIPS = (("The mini model's video 'VAE' (Wan latent layout: 16 channels, 8x spatial, 4x temporal): "
+                        "the fixed linear encoder and the learned decoder shipped in minimodel/ (the linear "
+                        "decoder if decoder.safetensors is missing); use it with WanImageToVideo and VAEDecode."),)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "The mini model's pixel <-> latent map, in place of wan_2.1_vae."
 
     def load(self):
-        return (data.LinearVideoVAE(),)
+        return (mini_decoder.embedded_vae(),)
 
 
 class MiniScene:

@@ -222,8 +222,10 @@ def test_command_line_defaults():
     train.add_arguments(p)
     cfg = train.config_from_args(p.parse_args(["--out", "o", "--device", "cpu"]))
     assert (cfg.minutes, cfg.steps, cfg.batch, cfg.chunk, cfg.reuse, cfg.arch) == (7.0, None, 4, 4, 1, train.MINI)
+    assert (cfg.lr, cfg.decoder_seconds, cfg.decoder_steps) == (4e-4, 0.0, None)  # no decoder by default on CPU
     cfg = train.config_from_args(p.parse_args(["--out", "o", "--device", "cuda", "--phase-steps", "30,20,40"]))
-    assert (cfg.minutes, cfg.phase_steps, cfg.batch, cfg.chunk, cfg.reuse) == (None, (30, 20, 40), 128, 2048, 4)
+    assert (cfg.minutes, cfg.phase_steps, cfg.batch, cfg.chunk, cfg.reuse) == (None, (30, 20, 40), 256, 2048, 8)
+    assert (cfg.lr, cfg.ema, cfg.decoder_seconds, cfg.decoder_batch) == (6e-4, 0.998, 50.0, 32)
     assert train.plan_steps(cfg, None, 0.0, 0.0) == (30, 20, 40)
     cfg = train.config_from_args(p.parse_args(["--out", "o", "--steps", "100", "--arch", "tiny"]))
     assert train.plan_steps(cfg, None, 0.0, 0.0) == (30, 30, 40) and cfg.arch == TINY

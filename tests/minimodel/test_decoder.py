@@ -1,0 +1,255 @@
+"""The mini model's learned video decoder (minimodel/decoder.py) and how training, pictures, the demo and
+the ComfyUI node use it (apps/mini_train.py, apps/mini_pictures.py, apps/demo.py, nodes/mini_nodes.py)."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from wan_w4a4.apps import mini_train as train
+from wan_w4a4.minimodel import data
+from wan_w4a4.minimodel import decoder as D
+
+FRAMES = 5  # 2 latent frames: keeps CPU tests fast
+
+
+def _latent(frames=FRAMES, seeds=(3_000_000_000,)):
+    vae = data.LinearVideoVAE()
+    video = data.render([data.sample_scene(s) for s in seeds], frames=frames)
+    return vae, video, vae.encode_normalized(video)
+
+
+def _trained_looking(seed=0) -> D.VideoDecoder:
+    """A decoder whose output layer is not zero (as after training), so that it differs from the linear one."""
+    torch.manual_seed(seed)
+    dec = D.VideoDecoder()
+    with torch.no_grad():
+        dec.out.weight.normal_(0, 0.02)
+    return dec.eval()
+
+
+# ---- the module -----------------------------------------------------------------------------------
+def test_untrained_decoder_is_the_linear_decoder_with_every_frame():
+    vae, video, z = _latent()
+    dec = D.VideoDecoder().eval()
+    with torch.no_grad():
+        out = dec(z)
+    assert out.shape == video.shape == (1, FRAMES, 128, 128, 3)
+    # zero output layer: exactly the linear decoding, each latent frame held for the frames it covers
+    torch.testing.assert_close(out, D.hold_frames(vae.decode_normalized(z)), rtol=0, atol=1e-6)
+    assert D.last_of_groups(out).shape == (1, 2, 128, 128, 3)
+    with pytest.raises(ValueError, match="latent"):
+        dec(z[:, :8])
+
+
+def test_decoder_is_deterministic_and_uses_neighbours():
+    _, _, z = _latent()
+    a, b = _trained_looking(0), _trained_looking(0)
+    with torch.no_grad():
+        out = a(z)
+        assert torch.equal(out, b(z)) and torch.equal(out, a(z))
+        # a change in one latent pixel of latent frame 1 reaches the neighbouring 8x8 blocks (no seams by
+        # construction) and the frames of latent frame 0 (temporal context): the linear decoder changes one block
+        z2 = z.clone()
+        z2[:, :, 1, 8, 8] += 3.0
+        diff = (a(z2) - out).abs().amax(dim=-1)[0]                  # [T, H, W]
+        lin = (D.hold_frames(data.LinearVideoVAE().decode_normalized(z2))
+               - D.hold_frames(data.LinearVideoVAE().decode_normalized(z))).abs().amax(dim=-1)[0]
+    assert lin[:, :64].amax() == 0 and lin[:, :, 72:].amax() == 0 and lin[0].amax() == 0  # one block, ...
+    assert lin[1:, 64:72, 64:72].amax() > 0                                                # ... frames 1..4
+    assert diff[1, 56:64, 64:72].amax() > 0 and diff[1, 64:72, 72:80].amax() > 0  # blocks above / right
+    assert diff[0].amax() > 0  # frame 0 sees latent frame 1
+
+
+def test_learned_vae_keeps_the_encoder_and_comfyuis_shapes():
+    vae_lin, video, z = _latent()
+    vae = D.LearnedVideoVAE(_trained_looking())
+    raw = vae.encode(video[0])
+    torch.testing.assert_close(raw, vae_lin.encode(video[0]), rtol=0, atol=0)
+    assert vae.decode(raw).shape == (1, FRAMES, 128, 128, 3)        # VAEDecode: every frame
+    pics = vae.latent_to_rgb(raw)
+    assert pics.shape == (1, 2, 128, 128, 3)                          # one picture per latent frame
+    torch.testing.assert_close(pics, vae.decode(raw)[:, ::data.TEMPORAL], rtol=0, atol=0)
+    torch.testing.assert_close(vae.decode_normalized(z), pics, rtol=0, atol=1e-6)
+    assert 0 <= pics.min() and pics.max() <= 1
+    assert D.describe(vae) == "learned decoder" and D.describe(vae_lin) == "linear VAE"
+
+
+# ---- the file -------------------------------------------------------------------------------------
+def test_decoder_file_round_trip_no_silent_overwrite(tmp_path):
+    _, _, z = _latent()
+    dec = _trained_looking()
+    path = tmp_path / D.DECODER_FILE
+    info = D.save_decoder(dec, path, {"steps": 3})
+    assert info["bytes"] == path.stat().st_size < D.MAX_DECODER_BYTES and len(info["sha256"]) == 64
+    assert not [p for p in tmp_path.iterdir() if p.name != D.DECODER_FILE]  # no temp file left
+    back = D.load_decoder(path)
+    with torch.no_grad():
+        assert torch.equal(back(z), dec(z))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        D.save_decoder(dec, path)
+    D.save_decoder(D.VideoDecoder(), path, overwrite=True)
+    assert (D.load_decoder(path).out.weight == 0).all()
+
+
+def _rewrite(path, tensors, meta):
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_decoder_file_validation_names_the_file_and_the_problem(tmp_path):
+    good = tmp_path / "good.safetensors"
+    D.save_decoder(D.VideoDecoder(), good)
+    from safetensors import safe_open
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(bad, tensors, {**meta, "wan_w4a4.kind": "something else"})
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*not a mini-model decoder"):
+        D.load_decoder(bad)
+    _rewrite(bad, tensors, {k: v for k, v in meta.items() if k != "wan_w4a4.decoder_config"})
+    with pytest.raises(ValueError, match="decoder_config"):
+        D.load_decoder(bad)
+    _rewrite(bad, {**tensors, "out.bias": torch.zeros(4)}, meta)
+    with pytest.raises(ValueError, match=r"out\.bias is F32 \(4,\), expected F32 \(3,\)"):
+        D.load_decoder(bad)
+    _rewrite(bad, {**tensors, "out.bias": tensors["out.bias"].half()}, meta)
+    with pytest.raises(ValueError, match=r"out\.bias is F16"):
+        D.load_decoder(bad)
+    _rewrite(bad, {k: v for k, v in tensors.items() if k != "out.bias"}, meta)
+    with pytest.raises(ValueError, match=r"missing \['out\.bias'\]"):
+        D.load_decoder(bad)
+    _rewrite(bad, {**tensors, "out.bias": torch.tensor([0.0, float("nan"), 0.0])}, meta)
+    with pytest.raises(ValueError, match="out.bias has non-finite"):
+        D.load_decoder(bad)
+    _rewrite(bad, tensors, {**meta, "wan_w4a4.decoder_config": json.dumps({"stem": 8, "widths": [4, 4]})})
+    with pytest.raises(ValueError, match="three positive widths"):
+        D.load_decoder(bad)
+    raw = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"cut\.safetensors"):
+        D.load_decoder(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(ValueError, match=r"junk\.safetensors"):
+        D.load_decoder(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="no decoder"):
+        D.load_decoder(tmp_path / "none.safetensors")
+
+
+def test_embedded_vae_picks_up_the_decoder_file(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(D, "embedded_decoder_path", lambda: tmp_path / D.DECODER_FILE)
+    with caplog.at_level("WARNING"):
+        vae = D.embedded_vae()
+    assert type(vae) is data.LinearVideoVAE and "no learned decoder" in caplog.text
+    D.save_decoder(_trained_looking(), tmp_path / D.DECODER_FILE)
+    vae = D.embedded_vae()
+    assert isinstance(vae, D.LearnedVideoVAE) and (vae.decoder.out.weight != 0).any()
+
+
+@pytest.mark.comfyui
+def test_minivae_node_hands_out_the_learned_decoder(comfy_nodes, tmp_path, monkeypatch):
+    from wan_w4a4.nodes.mini_nodes import MiniVAE
+
+    monkeypatch.setattr(D, "embedded_decoder_path", lambda: tmp_path / D.DECODER_FILE)
+    assert type(MiniVAE().load()[0]) is data.LinearVideoVAE
+    D.save_decoder(_trained_looking(), tmp_path / D.DECODER_FILE)
+    assert isinstance(MiniVAE().load()[0], D.LearnedVideoVAE)
+
+
+# ---- training pieces ------------------------------------------------------------------------------
+def test_perturb_scales_per_sample():
+    z = torch.zeros(64, 16, 2, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    out = D.perturb(z, 0.3, g)
+    std = out.flatten(1).std(1)
+    assert std.max() <= 0.3 * 1.2 and std.min() < 0.1 and std.max() > 0.2  # uniform in [0, 0.3]
+    assert torch.equal(D.perturb(z, 0.0, g), z)
+
+
+@pytest.mark.slow
+def test_decoder_steps_lower_the_loss_on_a_fixed_batch():
+    # the untrained decoder is the linear one (its zero output layer): a few steps must already beat it,
+    # so the gradient reaches every layer through the residual (measured: 0.00405 -> 0.00394 after 10 steps)
+    _, video, z = _latent(frames=1, seeds=(1,))  # one frame: the same layers, a fifth of the work
+    torch.manual_seed(0)
+    dec = D.VideoDecoder()
+    opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
+    first = D.decoder_loss(dec, z, video).item()
+    for _ in range(10):
+        loss = D.decoder_loss(dec, z, video)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert D.decoder_loss(dec, z, video).item() < 0.985 * first
+
+
+def test_ema_follows_the_weights():
+    model = torch.nn.Linear(3, 2)
+    ema = train.Ema(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()  # first update: decay min(0.9, 1/10) = 0.1 -> 90 % of the new weights
+    torch.testing.assert_close(ema.state["weight"], start + 0.9)
+    for _ in range(200):
+        ema.update()
+    torch.testing.assert_close(ema.state["weight"], model.weight.detach(), rtol=0, atol=1e-6)
+    assert ema.state["weight"] is not model.weight
+
+
+# ---- the whole training entry point ---------------------------------------------------------------
+@pytest.mark.comfyui
+@pytest.mark.slow
+def test_training_command_writes_every_file(comfy_nodes, tmp_path):
+    out = tmp_path / "mini"
+    argv = ["--out", str(out), "--arch", "tiny", "--device", "cpu", "--phase-steps", "1,1,1", "--batch", "1",
+            "--frames", str(FRAMES), "--heldout", "1", "--heldout-sigmas", "1", "--decoder-steps", "2",
+            "--decoder-batch", "1", "--generation", "1", "--sample-steps", "2", "--strips", "1"]
+    assert train.main(argv) == 0
+    names = {"high_noise.safetensors", "low_noise.safetensors", D.DECODER_FILE, "train_log.json",
+             "loss_curve.png", "strips.png"}
+    assert names <= {p.name for p in out.iterdir()}
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["decoder"]["steps"] == 2 and log["decoder"]["file"]["bytes"] == (out / D.DECODER_FILE).stat().st_size
+    assert "--decoder-steps 2" in log["replay"] and "--ema 0.998" in log["replay"]
+    for k in ("learned_clean_psnr_db", "linear_clean_psnr_db", "learned_perturbed_psnr_db"):
+        assert 5 < log["decoder"]["heldout"][k] < 60
+    assert {p["weights"]["kept"] for p in log["phases"].values()} <= {"raw", "ema"}
+    g = log["generation"]
+    assert "pixel space (learned decoder)" in g["what"] and g["scene_seeds"] == [data.HELDOUT_SEED_BASE]
+    for k in ("generated", "reference", "still"):
+        assert len(g[k]["per_frame_psnr_db"]) == FRAMES
+    # frame 0 of the still video is the reference's frame 0
+    assert g["still"]["per_frame_psnr_db"][0] == g["reference"]["per_frame_psnr_db"][0]
+    assert isinstance(D.load_decoder(out / D.DECODER_FILE), D.VideoDecoder)
+    # refuses to replace the decoder (or anything) without --force
+    with pytest.raises(FileExistsError, match="--force"):
+        train.main(argv)
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+def test_demo_decodes_with_the_shipped_decoder(comfy_nodes, tmp_path, monkeypatch):
+    import argparse
+
+    from wan_w4a4.apps import demo
+    from wan_w4a4.apps.calibrate import torch_threads
+
+    path = tmp_path / D.DECODER_FILE
+    D.save_decoder(_trained_looking(), path)
+    monkeypatch.setattr(D, "embedded_decoder_path", lambda: path)
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    with torch_threads(1):  # as demo.run (--threads 1)
+        c = demo.compare(p.parse_args(["--quick", "--out", str(tmp_path / "demo")]))
+    assert c.summary["pixel_space"] == "learned decoder"
+    # the compared videos are what the learned decoder makes of the latents, not the linear decoder's
+    lin = data.LinearVideoVAE()
+    video = data.render([data.sample_scene(c.rows[0]["scene_seed"])])[0]
+    z = lin.encode_normalized(video)
+    learned_ref = D.LearnedVideoVAE(D.load_decoder(path)).decode_normalized(z)
+    torch.testing.assert_close(c.videos[0]["reference"], learned_ref, rtol=0, atol=1e-6)
+    assert (learned_ref - lin.decode_normalized(z)).abs().max() > 1e-3
+    assert c.videos[0]["bf16"].shape == learned_ref.shape
