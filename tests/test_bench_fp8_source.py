@@ -40,12 +40,16 @@ def test_streamed_fp8_scaled_file_is_comfyuis_layout(comfyui, tmp_path):
 
 @pytest.mark.comfyui
 @pytest.mark.slow
-def test_calibration_timing_reads_the_fp8_scaled_file(comfyui, tmp_path):
+def test_calibration_timing_reads_the_fp8_scaled_file(comfy_nodes, comfyui, comfy_base_dir, tmp_path):
     weights, calib = _bench("weights"), _bench("calib")
+    from wan_w4a4.apps import runtime
     from wan_w4a4.kernels import format as fmt
     args = _args(tmp_path, comfyui, "--calib-source", "fp8_scaled")
     weights.generate_files(args, False, False, False, True)
-    out = calib.run_calibration(args)
+    try:  # the benchmark points this process's ComfyUI at its own work folder
+        out = calib.run_calibration(args)
+    finally:
+        runtime.set_base_directory(comfy_base_dir)
     assert out["source"] == "fp8_scaled" and out["experts"]["high"]["layers"] > 0, out
     states = sorted((tmp_path / "calibration").glob("*.safetensors"))
     assert states, list((tmp_path / "calibration").iterdir())
