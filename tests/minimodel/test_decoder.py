@@ -227,29 +227,3 @@ def test_training_command_writes_every_file(comfy_nodes, tmp_path):
     # refuses to replace the decoder (or anything) without --force
     with pytest.raises(FileExistsError, match="--force"):
         train.main(argv)
-
-
-@pytest.mark.comfyui
-@pytest.mark.slow
-def test_demo_decodes_with_the_shipped_decoder(comfy_nodes, tmp_path, monkeypatch):
-    import argparse
-
-    from wan_w4a4.apps import demo
-    from wan_w4a4.apps.calibrate import torch_threads
-
-    path = tmp_path / D.DECODER_FILE
-    D.save_decoder(_trained_looking(), path)
-    monkeypatch.setattr(D, "embedded_decoder_path", lambda: path)
-    p = argparse.ArgumentParser()
-    demo.add_arguments(p)
-    with torch_threads(1):  # as demo.run (--threads 1)
-        c = demo.compare(p.parse_args(["--quick", "--out", str(tmp_path / "demo")]))
-    assert c.summary["pixel_space"] == "learned decoder"
-    # the compared videos are what the learned decoder makes of the latents, not the linear decoder's
-    lin = data.LinearVideoVAE()
-    video = data.render([data.sample_scene(c.rows[0]["scene_seed"])])[0]
-    z = lin.encode_normalized(video)
-    learned_ref = D.LearnedVideoVAE(D.load_decoder(path)).decode_normalized(z)
-    torch.testing.assert_close(c.videos[0]["reference"], learned_ref, rtol=0, atol=1e-6)
-    assert (learned_ref - lin.decode_normalized(z)).abs().max() > 1e-3
-    assert c.videos[0]["bf16"].shape == learned_ref.shape

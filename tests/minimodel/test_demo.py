@@ -160,6 +160,7 @@ def test_demo_quick_end_to_end(comfy_nodes, tmp_path, capsys):
     doc = json.loads((out / "demo.json").read_text())
     s = doc["summary"]
     assert s["psnr_db"] == pytest.approx(psnr, abs=0.01)
+    assert s["pixel_space"] == "learned decoder"  # the decoder shipped in minimodel/ (test_decoder.py tests it)
     # the per-pair lines (the figure's numbers) are printed from the saved rows
     assert demo.pair_lines(doc["pairs"])[0] in printed.splitlines()
     m = doc["pairs"][0]["metrics"]
