@@ -103,6 +103,6 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WanW4A4MiniLoadExpert": "Load mini Wan2.2 expert",
     "WanW4A4MiniTextEncode": "Mini text encode",
-    "WanW4A4MiniVAE": "Mini linear VAE",
+    "WanW4A4MiniVAE": "Mini VAE",
     "WanW4A4MiniScene": "Mini scene (start frame + caption)",
 }
