@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -120,31 +119,27 @@ class VideoDecoder(nn.Module):
 
 # ---- file --------------------------------------------------------------------------------------------
 def save_decoder(decoder: VideoDecoder, path, metadata: dict | None = None, *, overwrite: bool = False) -> dict:
-    """Writes ``decoder`` as fp32 safetensors (config and ``metadata`` in the header) through a temporary
-    file and a rename; refuses to replace an existing file unless ``overwrite``. Returns
-    ``{"file", "bytes", "sha256"}``."""
+    """Writes ``decoder`` as fp32 safetensors (config and ``metadata`` in the header) the way the pack
+    writes its files (``kernels.format.write_bytes``: a temporary file, then a rename that never replaces
+    a file another process wrote, unless ``overwrite``). A file over ``MAX_DECODER_BYTES`` is refused
+    before anything is written. Returns ``{"file", "bytes", "sha256"}``."""
     import hashlib
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from ..kernels import format as fmt
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--force) to replace it")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in decoder.state_dict().items()}
     meta = {"format": "pt", "wan_w4a4.kind": FORMAT, "wan_w4a4.decoder_config": decoder.config.to_json(),
             **{f"wan_w4a4.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}}
+    data = save(state, metadata=meta)
+    if len(data) > MAX_DECODER_BYTES:
+        raise ValueError(f"{path}: the decoder is {len(data) / 1e6:.1f} MB, over the {MAX_DECODER_BYTES / 1e6:.0f} "
+                         f"MB budget; use a smaller DecoderConfig")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    size = path.stat().st_size
-    if size > MAX_DECODER_BYTES:
-        raise ValueError(f"{path} is {size / 1e6:.1f} MB, over the {MAX_DECODER_BYTES / 1e6:.0f} MB budget; "
-                         f"use a smaller DecoderConfig")
-    return {"file": path.name, "bytes": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    fmt.write_bytes(path, data, overwrite=overwrite)
+    return {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def load_decoder(path, device="cpu") -> VideoDecoder:
