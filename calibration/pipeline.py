@@ -381,8 +381,9 @@ def _calibrate(high_model, low_model, items, config, progress, cancel, work: dis
             else:
                 finished = None
                 out_latents = None
+                # one pass has no later pass to replay for it: nothing is recorded
                 run = _Sampling(model, m, items, latents, switch, on_step, tick, cancel, device, phase, world, mine,
-                                {} if REPLAY_OUTPUTS else None)
+                                {} if REPLAY_OUTPUTS and len(passes) > 1 else None)
                 for pi in range(len(passes)):
                     out = _run_pass(expert, pi, passes, layers[expert], saved, info[expert], params[expert],
                                     records[expert], config, work, run, edges[expert])

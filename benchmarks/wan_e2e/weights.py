@@ -170,16 +170,14 @@ FP8_MARKER = "scaled_fp8"
 
 def fp8_scaled_layout(shapes: dict) -> dict:
     """(dtype name, shape) of every tensor of the fp8_scaled file of a BF16 checkpoint of ``shapes``,
-    in file order: the marker, then each tensor followed by its scales."""
+    in file order: the marker, then what ``fp8_scaled_tensors`` makes of each tensor (worked out on
+    meta tensors, without data)."""
+    import torch
+    names = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3"}
     out = {FP8_MARKER: ("F8_E4M3", (0,))}
     for key, shape in shapes.items():
-        if key.endswith(".weight") and len(shape) == 2:
-            layer = key[:-len(".weight")]
-            out[key] = ("F8_E4M3", shape)
-            out[f"{layer}.scale_weight"] = ("F32", ())
-            out[f"{layer}.scale_input"] = ("F32", ())
-        else:
-            out[key] = ("BF16", shape)
+        for k, t in fp8_scaled_tensors(key, torch.empty(shape, dtype=torch.bfloat16, device="meta")):
+            out[k] = (names[t.dtype], tuple(t.shape))
     return out
 
 
