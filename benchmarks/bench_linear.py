@@ -103,6 +103,27 @@ def bench(fn, reps=None):
     return triton.testing.do_bench(fn, warmup=25, rep=100)
 
 
+def _try_bench(fn):
+    try:
+        return bench(fn)
+    except Exception as e:  # pragma: no cover - depends on the torch build and GPU
+        print(f"   unavailable: {type(e).__name__}: {str(e)[:160]}")
+        return math.nan
+
+
+def back_to_back(fn, calls=200):
+    """Wall-clock ms per call of ``calls`` calls issued back to back (one sync at the end): where the
+    host's launch work per call exceeds the GPU's, this is the host's time, which ``bench`` hides."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
 def make_random_layer(k, n, device):
     w = torch.randn(n, k, device=device) * 0.02
     l1 = torch.randn(k, RANK, device=device) * 0.02
@@ -119,6 +140,12 @@ SWEEP = [  # expand path (int8 GEMM); BK is the K step
     dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4),
+    # persistent TMA kernel (one program per SM walks the tiles; the TMA loads only)
+    dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3, persistent=True),
+    dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3, persistent=True),
+    dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4, persistent=True),
+    dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4, persistent=True),
+    dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4, persistent=True),
 ]
 
 
@@ -128,7 +155,6 @@ def speed_table(sweep: bool):
     rows = []
     for k, n in SHAPES:
         w_bf16, p = make_random_layer(k, n, dev)
-        inv = p.inv_smooth()
         bin_t = torch.tensor(1, device=dev)
         bias = p.bias.to(torch.bfloat16)
         w8f = w_bf16.to(torch.float8_e4m3fn)
@@ -147,15 +173,28 @@ def speed_table(sweep: bool):
             except Exception as e:  # pragma: no cover - depends on the torch build
                 print(f"fp8 _scaled_mm unavailable: {e}")
                 t_fp8 = math.nan
-            t_quant = bench(lambda: tw.quantize(x, p, bin_t, inv))
-            t_quant16 = bench(lambda: tw.quantize(x, p, bin_t, inv, block_m=16))
-            print(f"   quantize: BLOCK_M 32 {t_quant:.3f} ms, BLOCK_M 16 {t_quant16:.3f} ms, "
-                  f"split {tw.quant_split(m, k, 256)}")
-            xq, sx, u = tw.quantize(x, p, bin_t, inv)
+            # What ComfyUI's fp8 layers call: one scale per tensor (cuBLAS picks other kernels than for
+            # row-wise scales). And cuBLASLt's int8 GEMM on the same int8 operands as W4A4's, int32 out
+            # (the W4A4 epilogue would still have to read that back).
+            one = torch.ones((), device=dev, dtype=torch.float32)
+            t_fp8_tensor = _try_bench(lambda: torch._scaled_mm(x8, w8f.T, scale_a=one, scale_b=one, bias=bias,
+                                                              out_dtype=torch.bfloat16))
+            xq8 = torch.randint(-128, 112, (m, k), device=dev, dtype=torch.int8)
+            t_int_mm = _try_bench(lambda: torch._int_mm(xq8, w8.T))
+            plans = {"default": tw.quant_plan(m, k),
+                     "two launches 32": tw.quant_plan(m, k, one_launch=False, block_m=32),
+                     "two launches 16": tw.quant_plan(m, k, one_launch=False, block_m=16),
+                     "one launch 32": tw.quant_plan(m, k, one_launch=True, block_m=32),
+                     "one launch 16": tw.quant_plan(m, k, one_launch=True, block_m=16)}
+            t_plans = {name: bench(lambda plan=plan: tw.quantize(x, p, bin_t, plan)) for name, plan in plans.items()}
+            t_quant = t_plans["default"]
+            print("   quantize ms: " + ", ".join(f"{name} {plans[name]} {t:.3f}" for name, t in t_plans.items()))
+            xq, sx, u = tw.quantize(x, p, bin_t)
             variants = {}
             for cfg in (SWEEP if sweep else [tw.gemm_config(m)]):
-                for tma in (False, True):
-                    tag = f"i8{'-tma' if tma else ''} {cfg['BM']}x{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
+                for tma in ((True,) if cfg.get("persistent") else (False, True)):
+                    kind = "-persistent" if cfg.get("persistent") else "-tma" if tma else ""
+                    tag = f"i8{kind} {cfg['BM']}x{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
                     variants[tag] = (lambda cfg=cfg, tma=tma: tw.gemm(xq, sx, u, p, torch.bfloat16, config=cfg,
                                                                        w8=w8, tma=tma))
             times = {}
@@ -170,7 +209,12 @@ def speed_table(sweep: bool):
             if backend != "triton":
                 raise RuntimeError(f"the W4A4 layer would run on the {backend!r} backend here, not Triton")
             t_e2e = bench(lambda: kernels.w4a4_linear(x, p, bin_t))
+            t_wall = back_to_back(lambda: kernels.w4a4_linear(x, p, bin_t))
+            t_wall_bf16 = back_to_back(lambda: F.linear(x, w_bf16, bias))
             row = dict(M=m, K=k, N=n, bf16_ms=t_bf16, fp8_gemm_ms=t_fp8, w4a4_ms=t_e2e, quant_ms=t_quant,
+                       fp8_tensorwise_ms=t_fp8_tensor, int_mm_ms=t_int_mm,
+                       fp8_tensorwise_tops=flops / t_fp8_tensor / 1e9, int_mm_tops=flops / t_int_mm / 1e9,
+                       quant_plans_ms=t_plans, w4a4_back_to_back_ms=t_wall, bf16_back_to_back_ms=t_wall_bf16,
                        expand_ms=t_expand, gemm_best_ms=t_gemm, gemm_best=best_tag, gemm_times=times,
                        bf16_tops=flops / t_bf16 / 1e9, fp8_tops=flops / t_fp8 / 1e9,
                        w4a4_tops=flops / t_e2e / 1e9, w4a4_vs_bf16=t_bf16 / t_e2e,
@@ -180,7 +224,8 @@ def speed_table(sweep: bool):
             print(f"M={m:>6} K={k:>6} N={n:>6} | bf16 {row['bf16_tops']:6.0f} | fp8 {row['fp8_tops']:6.0f} "
                   f"({row['fp8_vs_bf16']:.2f}x) | w4a4 {row['w4a4_tops']:6.0f} ({row['w4a4_vs_bf16']:.2f}x) "
                   f"quant {t_quant:.3f} expand {t_expand:.3f} gemm {t_gemm:.3f} ms ({row['gemm_best_tops']:.0f}) "
-                  f"[{best_tag}]", flush=True)
+                  f"[{best_tag}] back to back: w4a4 {t_wall:.3f} bf16 {t_wall_bf16:.3f} ms | fp8 per-tensor "
+                  f"{row['fp8_tensorwise_tops']:.0f} | torch._int_mm {row['int_mm_tops']:.0f}", flush=True)
             if sweep:
                 print("   " + "; ".join(f"{t}: {flops / v / 1e9:.0f}" for t, v in sorted(times.items(), key=lambda kv: kv[1])))
     name = torch.cuda.get_device_name()

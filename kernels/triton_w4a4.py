@@ -3,20 +3,26 @@
 
 Launches per layer (kernels/README.md has the measurements behind this shape):
 
-1. ``_act_stats_kernel`` then ``_act_quant_kernel`` - activation quantization, split over K
-   chunks when there are few tokens so that every SM has work. Pass 1 smooths x, takes the
-   (partial) row maxima and the low-rank down projection u = bf16(bf16(x^) @ L1); pass 2 picks each
-   group's integer factor, rounds to 4-bit values and writes the int8 operand q * f (minus 128 for
-   unsigned inputs, restored exactly in the GEMM's epilogue). The clip ratio
-   is read on the device from ``clip[bin]``: switching bins is a one-element device write - no
+1. Activation quantization, planned per call by ``quant_plan``:
+   - few tokens of a short K (<= 2048 x 8192): one launch, ``_act_quant_fused_kernel``, which takes the row
+     maxima and the low-rank input over all of K, then quantizes in a second sweep, dividing by s itself;
+   - otherwise two, ``_act_stats_kernel`` then ``_act_quant_kernel``, over K chunks when there are few
+     tokens so that every SM has work, multiplying by a 1/s made once per call.
+   Pass 1 smooths x, takes the (partial) row maxima and the low-rank down projection
+   u = bf16(bf16(x^) @ L1); pass 2 picks each group's integer factor, rounds to 4-bit values and writes
+   the int8 operand q * f (minus 128 for unsigned inputs, restored exactly in the GEMM's epilogue). The
+   clip ratio is read on the device from ``clip[bin]``: switching bins is a one-element device write - no
    recompilation, no host sync, capturable in a CUDA graph.
 2. ``_expand_kernel`` - the packed 4-bit weights become a transient int8 copy (q * f) of one layer
-   (~20-50 us; freed after the GEMM). Measured faster than unpacking inside the GEMM, whose
+   (~20-50 us; freed after the GEMM), and for unsigned inputs the same launch sums its rows (int32
+   atomics), which the epilogue needs. Measured faster than unpacking inside the GEMM, whose
    register-to-shared-memory round trip halved the tensor-core rate (kernels/README.md; that fused
    kernel was removed).
 3. ``_gemm_i8_tma_kernel`` - int8 x int8 -> int32 over the whole K (exact) on the int8 tensor
    cores, tiles fetched by TMA; the epilogue applies sx * sw, adds the low-rank up projection
-   (u @ L2, a small bf16 dot) and the bias, and stores in the input dtype.
+   (u @ L2, a small bf16 dot) and the bias, and stores in the input dtype. ``_gemm_i8_kernel`` is the
+   same with pointer loads (sm_80..89), ``_gemm_i8_persistent_kernel`` the same as a persistent kernel
+   (a configuration option; not the default, see ``gemm_config``).
 
 At video sizes steps 1 and 3 run in passes over the token rows (``pass_rows``): the int8
 activations, their scales and u are then held for one pass of rows, not for all tokens, while the
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -73,78 +80,44 @@ if triton is not None:
         return (y + 12582912.0) - 12582912.0
 
     @triton.jit
-    def _act_stats_kernel(
-        x_ptr, inv_s_ptr, l1_ptr, rmax_part_ptr, u_part_ptr, u_ptr,
-        M, K, R, KC, stride_xm, shift,
-        BLOCK_M: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
-        DIRECT_U: tl.constexpr,
-    ):
-        """Pass 1 over one K chunk: partial row max of |x^| and partial low-rank projection x^ @ L1.
-        DIRECT_U (one chunk, the large-M case): the projection is whole, so u = bf16(x^ @ L1) is written
-        here and the fp32 partials [M, R_PAD] - 4x the bytes of u at rank 96 - are never allocated."""
-        pid_m = tl.program_id(0)
-        s = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = rm < M
+    def _smoothed(x_rows, s_ptr, k0, rk, m_mask, shift, INV_S: tl.constexpr):
+        """x^ = (x + shift) * (1 / s) for one [rows, BK] tile, in fp32. INV_S: ``s_ptr`` holds 1 / s already
+        (``W4A4Params.inv_smooth``); else the kernel divides, rounding as ``torch.reciprocal`` rounds (IEEE
+        division, div.rn), so x^ is ``numerics.smooth_input``'s bit for bit either way."""
+        x = tl.load(x_rows + k0 + rk[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+        if INV_S:
+            inv = tl.load(s_ptr + k0 + rk)
+        else:
+            inv = tl.math.div_rn(1.0, tl.load(s_ptr + k0 + rk))
+        return (x + shift) * inv[None, :]
+
+    @triton.jit
+    def _stats_range(x_rows, s_ptr, l1_ptr, m_mask, k_lo, k_hi, R, shift,
+                     BLOCK_M: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+                     INV_S: tl.constexpr):
+        """Row maxima of |x^| and the fp32 low-rank projection x^ @ L1 over columns [k_lo, k_hi)."""
         rk = tl.arange(0, BK)
         rr = tl.arange(0, R_PAD)
-        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
         rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
         u_acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
-        for k0 in range(s * KC, tl.minimum(s * KC + KC, K), BK):
-            x = tl.load(x_rows + k0 + rk[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
-            xh = (x + shift) * tl.load(inv_s_ptr + k0 + rk)[None, :]
+        for k0 in range(k_lo, k_hi, BK):
+            xh = _smoothed(x_rows, s_ptr, k0, rk, m_mask, shift, INV_S)
             rmax = tl.maximum(rmax, tl.max(tl.abs(xh), axis=1))
             if HAS_LR:
                 l1 = tl.load(l1_ptr + (k0 + rk)[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
                 u_acc = tl.dot(xh.to(tl.bfloat16), l1, u_acc)
-        tl.store(rmax_part_ptr + s * M + rm, rmax, mask=m_mask)
-        if HAS_LR:
-            if DIRECT_U:
-                tl.store(u_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], u_acc.to(tl.bfloat16),
-                         mask=m_mask[:, None] & (rr[None, :] < R))
-            else:
-                u_ptrs = u_part_ptr + (s * M + rm[:, None]).to(tl.int64) * R_PAD + rr[None, :]
-                tl.store(u_ptrs, u_acc, mask=m_mask[:, None])
+        return rmax, u_acc
 
     @triton.jit
-    def _act_quant_kernel(
-        x_ptr, inv_s_ptr, clip_ptr, bin_ptr, rmax_part_ptr, u_part_ptr, xq_ptr, sx_ptr, u_ptr,
-        M, K, R, KC, S, stride_xm, shift, inv_qf,
-        QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, OFFSET: tl.constexpr,
-        BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, R_PAD: tl.constexpr,
-        SUM_U: tl.constexpr,
-    ):
-        """Pass 2 over one K chunk: row scale from the partial maxima, group factors, 4-bit values,
-        and the int8 operand q * f - OFFSET. Chunk 0 also writes the row scales and, when SUM_U (pass 1
-        left fp32 partials of the low-rank input), u = bf16(sum of partials)."""
+    def _quant_range(x_rows, xq_rows, s_ptr, m_mask, k_lo, k_hi, rmax, scale, shift,
+                     QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, OFFSET: tl.constexpr,
+                     BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, INV_S: tl.constexpr):
+        """Group factors, 4-bit values and the int8 operand q * f - OFFSET for columns [k_lo, k_hi).
+        Callers launch with enable_fp_fusion=False (see ``quantize``)."""
         BK: tl.constexpr = GROUP * GPB
-        pid_m = tl.program_id(0)
-        s = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = rm < M
         rk = tl.arange(0, BK)
-        rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for i in range(0, S):  # max is order-independent: the result does not depend on the split
-            rmax = tl.maximum(rmax, tl.load(rmax_part_ptr + i * M + rm, mask=m_mask, other=0.0))
-        rmax = tl.where(rmax > 0.0, rmax, 1.0)
-        clip = tl.load(clip_ptr + tl.load(bin_ptr))
-        scale = (rmax * clip) * inv_qf
-        if s == 0:
-            tl.store(sx_ptr + rm, scale, mask=m_mask)
-            if SUM_U:
-                rr = tl.arange(0, R_PAD)
-                u = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
-                for i in range(0, S):
-                    u += tl.load(u_part_ptr + (i * M + rm[:, None]).to(tl.int64) * R_PAD + rr[None, :],
-                                 mask=m_mask[:, None], other=0.0)
-                tl.store(u_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], u.to(tl.bfloat16),
-                         mask=m_mask[:, None] & (rr[None, :] < R))
-        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-        xq_rows = xq_ptr + rm[:, None].to(tl.int64) * K
-        for k0 in range(s * KC, tl.minimum(s * KC + KC, K), BK):
-            x = tl.load(x_rows + k0 + rk[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
-            xh = (x + shift) * tl.load(inv_s_ptr + k0 + rk)[None, :]
+        for k0 in range(k_lo, k_hi, BK):
+            xh = _smoothed(x_rows, s_ptr, k0, rk, m_mask, shift, INV_S)
             xg = tl.reshape(xh, [BLOCK_M, GPB, GROUP])
             amax = tl.max(tl.abs(xg), axis=2)  # [BLOCK_M, GPB]
             f = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(amax, rmax[:, None]) * FMAX), 1.0), FMAX * 1.0)
@@ -153,6 +126,101 @@ if triton is not None:
             q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
             qf = tl.reshape((q * f[:, :, None] - OFFSET).to(tl.int8), [BLOCK_M, BK])
             tl.store(xq_rows + k0 + rk[None, :], qf, mask=m_mask[:, None])
+
+    @triton.jit
+    def _row_scale(rmax, clip_ptr, bin_ptr, inv_qf):
+        """Zero rows get maximum 1 (their values quantize to 0 whatever the scale); scale = c[bin] * max / (qmax * fmax)."""
+        rmax = tl.where(rmax > 0.0, rmax, 1.0)
+        clip = tl.load(clip_ptr + tl.load(bin_ptr))
+        return rmax, (rmax * clip) * inv_qf
+
+    @triton.jit
+    def _store_u(u_ptr, rm, m_mask, u, R, R_PAD: tl.constexpr):
+        rr = tl.arange(0, R_PAD)
+        tl.store(u_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], u.to(tl.bfloat16),
+                 mask=m_mask[:, None] & (rr[None, :] < R))
+
+    @triton.jit
+    def _act_stats_kernel(
+        x_ptr, s_ptr, l1_ptr, rmax_part_ptr, u_part_ptr, u_ptr,
+        M, K, R, KC, stride_xm, shift,
+        BLOCK_M: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+        DIRECT_U: tl.constexpr, INV_S: tl.constexpr,
+    ):
+        """Two-launch quantizer, pass 1 over one K chunk: partial row max of |x^| and fp32 partials of
+        x^ @ L1. DIRECT_U (one chunk, the large-M case): the projection is whole, so u = bf16(x^ @ L1) is
+        written here and the fp32 partials [M, R_PAD] - 4x the bytes of u at rank 96 - are never allocated."""
+        pid_m = tl.program_id(0)
+        s = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        rmax, u_acc = _stats_range(x_rows, s_ptr, l1_ptr, m_mask, s * KC, tl.minimum(s * KC + KC, K), R, shift,
+                                   BLOCK_M, BK, R_PAD, HAS_LR, INV_S)
+        tl.store(rmax_part_ptr + s * M + rm, rmax, mask=m_mask)
+        if HAS_LR:
+            if DIRECT_U:
+                _store_u(u_ptr, rm, m_mask, u_acc, R, R_PAD)
+            else:
+                rr = tl.arange(0, R_PAD)
+                tl.store(u_part_ptr + (s * M + rm[:, None]).to(tl.int64) * R_PAD + rr[None, :], u_acc,
+                         mask=m_mask[:, None])
+
+    @triton.jit
+    def _act_quant_kernel(
+        x_ptr, s_ptr, clip_ptr, bin_ptr, rmax_part_ptr, u_part_ptr, xq_ptr, sx_ptr, u_ptr,
+        M, K, R, KC, S, stride_xm, shift, inv_qf,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, OFFSET: tl.constexpr,
+        BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, R_PAD: tl.constexpr, SUM_U: tl.constexpr,
+        INV_S: tl.constexpr,
+    ):
+        """Two-launch quantizer, pass 2 over one K chunk: row scale from the partial maxima, then
+        ``_quant_range``. Chunk 0 also writes the row scales and, when SUM_U (pass 1 left fp32 partials of
+        the low-rank input), u = bf16(sum of the partials)."""
+        pid_m = tl.program_id(0)
+        s = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for i in range(S):  # max is order-independent: the result does not depend on the split
+            rmax = tl.maximum(rmax, tl.load(rmax_part_ptr + i * M + rm, mask=m_mask, other=0.0))
+        rmax, scale = _row_scale(rmax, clip_ptr, bin_ptr, inv_qf)
+        if s == 0:
+            tl.store(sx_ptr + rm, scale, mask=m_mask)
+            if SUM_U:
+                rr = tl.arange(0, R_PAD)
+                u = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+                for i in range(S):
+                    u += tl.load(u_part_ptr + (i * M + rm[:, None]).to(tl.int64) * R_PAD + rr[None, :],
+                                 mask=m_mask[:, None], other=0.0)
+                _store_u(u_ptr, rm, m_mask, u, R, R_PAD)
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        xq_rows = xq_ptr + rm[:, None].to(tl.int64) * K
+        _quant_range(x_rows, xq_rows, s_ptr, m_mask, s * KC, tl.minimum(s * KC + KC, K), rmax, scale, shift,
+                     QMIN, QMAX, FMAX, OFFSET, BLOCK_M, GROUP, GPB, INV_S)
+
+    @triton.jit
+    def _act_quant_fused_kernel(
+        x_ptr, s_ptr, l1_ptr, clip_ptr, bin_ptr, xq_ptr, sx_ptr, u_ptr,
+        M, K, R, stride_xm, shift, inv_qf,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, OFFSET: tl.constexpr,
+        BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+        BK: tl.constexpr, INV_S: tl.constexpr,
+    ):
+        """The whole quantizer in one launch (K not split): row maxima and u over all of K, then the
+        quantization in a second sweep over the same rows - the same expressions as the split kernels,
+        with no partial maxima or partial projections in memory."""
+        pid_m = tl.program_id(0)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        rmax, u_acc = _stats_range(x_rows, s_ptr, l1_ptr, m_mask, 0, K, R, shift, BLOCK_M, BK, R_PAD, HAS_LR, INV_S)
+        rmax, scale = _row_scale(rmax, clip_ptr, bin_ptr, inv_qf)
+        tl.store(sx_ptr + rm, scale, mask=m_mask)
+        if HAS_LR:  # bf16(0 + p) == bf16(p): the same values as summing one partial
+            _store_u(u_ptr, rm, m_mask, u_acc, R, R_PAD)
+        _quant_range(x_rows, xq_ptr + rm[:, None].to(tl.int64) * K, s_ptr, m_mask, 0, K, rmax, scale, shift,
+                     QMIN, QMAX, FMAX, OFFSET, BLOCK_M, GROUP, GPB, INV_S)
 
     @triton.jit
     def _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
@@ -180,21 +248,26 @@ if triton is not None:
                  mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    def _tile_of(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
         # grouped ordering of output tiles so that GROUP_M row-blocks share weight tiles in L2
-        pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
         width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
+        first_m = (tile // width) * GROUP_M
         size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m = first_m + (tile % width) % size_m
+        pid_n = (tile % width) // size_m
         return pid_m, pid_n
 
     @triton.jit
-    def _expand_kernel(qw_ptr, wf_ptr, w8_ptr, N, K, BN: tl.constexpr):
-        """4-bit weights -> transient int8 operand q * f [N, K] (one 128-wide K tile per program)."""
+    def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        return _tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
+
+    @triton.jit
+    def _expand_kernel(qw_ptr, wf_ptr, w8_ptr, wsum_ptr, N, K, BN: tl.constexpr, WSUM: tl.constexpr):
+        """4-bit weights -> transient int8 operand q * f [N, K] (one 128-wide K tile per program).
+        WSUM: also add this tile's part of sum_k w8[n, k] into ``wsum`` (zeroed; int32 atomics, exact in
+        any order), which restores unsigned activations' offset in the GEMM's epilogue."""
         pid_n = tl.program_id(0)
         kt = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -209,6 +282,9 @@ if triton is not None:
         out = w8_ptr + rn_l[:, None] * K + kt * 128 + rj[None, :]
         tl.store(out, lo, mask=n_mask[:, None])
         tl.store(out + 64, hi, mask=n_mask[:, None])
+        if WSUM:
+            part = tl.sum(lo.to(tl.int32), axis=1) + tl.sum(hi.to(tl.int32), axis=1)
+            tl.atomic_add(wsum_ptr + rn, part, mask=n_mask)
 
     @triton.jit
     def _gemm_i8_kernel(
@@ -254,6 +330,32 @@ if triton is not None:
                   R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
 
+    @triton.jit
+    def _gemm_i8_persistent_kernel(
+        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+        M, N, K, R, stride_ym,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
+        HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr, NUM_SMS: tl.constexpr,
+    ):
+        """_gemm_i8_tma_kernel as a persistent kernel (Triton's persistent-matmul tutorial): one program
+        per SM walks the output tiles, and the flattened loop lets the next tile's TMA loads start while
+        this tile's epilogue (scales, low-rank dot, bias, store) runs. Same tiles, same bits."""
+        num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
+            off_m = pid_m * BM
+            off_n = pid_n * BN
+            acc = tl.zeros([BM, BN], dtype=tl.int32)
+            for k in range(0, K, BK):
+                a = a_desc.load([off_m, k])
+                b = b_desc.load([off_n, k])
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            rm = off_m + tl.arange(0, BM)
+            rn = off_n + tl.arange(0, BN)
+            _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
+                      R_PAD, HAS_LR, HAS_BIAS, OFFSET)
+
+
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration. Chosen by benchmarks/bench_linear.py on the H100 (see kernels/README.md).
@@ -265,12 +367,24 @@ def _rank_pad(r: int) -> int:
 
 # Per-M-bucket configuration of the int8 GEMM. Chosen from benchmarks/bench_linear.py --sweep.
 def gemm_config(m: int) -> dict:
-    """Tile sizes by the number of tokens, from the H100 sweep in kernels/README.md."""
+    """Tile sizes by the number of tokens, from the H100 sweep in kernels/README.md. The persistent kernel
+    (``persistent=True``) measured 3-9 % faster per layer on the H200 but no faster in a Wan step
+    (kernels/README.md), so the default stays the one-tile-per-program kernel."""
     if m <= 2048:  # few row blocks: narrow tiles so that every SM gets work
         return dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
     if m < 16384:
         return dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+# The persistent kernel keeps the next tile's buffers beside the epilogue's: the low-rank tiles of a rank
+# above 32 (a folded LoRA pads to 128) or a 4-byte output overflow Hopper's 227 KiB of shared memory with its
+# large tiles (measured on the H200), so those calls take the one-tile-per-program kernel.
+PERSISTENT_MAX_RANK_PAD = 32
+
+
+def persistent_fits(rank: int, out_dtype: torch.dtype) -> bool:
+    return _rank_pad(rank) <= PERSISTENT_MAX_RANK_PAD and out_dtype.itemsize <= 2
 
 
 QUANT_BLOCK_M = 32
@@ -279,13 +393,51 @@ QUANT_TARGET_PROGRAMS = 528  # ~4 per SM on an H100: split K until the grid has 
 EXPAND_BN = 64
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # plain integers: the plans are tested without Triton
+
+
 def quant_split(m: int, k: int, bk: int, block_m: int = QUANT_BLOCK_M) -> tuple[int, int]:
     """(number of K chunks S, chunk length KC): few rows -> split K so that every SM has work."""
-    row_blocks = triton.cdiv(m, block_m)
+    row_blocks = _cdiv(m, block_m)
     steps = k // bk
-    s = max(1, min(steps, triton.cdiv(QUANT_TARGET_PROGRAMS, row_blocks)))
-    kc = triton.cdiv(steps, s) * bk
-    return triton.cdiv(k, kc), kc
+    s = max(1, min(steps, _cdiv(QUANT_TARGET_PROGRAMS, row_blocks)))
+    kc = _cdiv(steps, s) * bk
+    return _cdiv(k, kc), kc
+
+
+class QuantPlan(NamedTuple):
+    """How a call's activations are quantized: ``block_m`` rows per program, K in ``n_split`` chunks of
+    ``kc`` columns; ``one_launch``: statistics and quantization in one kernel (``_act_quant_fused_kernel``,
+    K whole), else two launches (partial statistics, then quantization)."""
+    block_m: int
+    n_split: int
+    kc: int
+    one_launch: bool = False
+
+
+# Where one launch beats two (H200, benchmarks/bench_linear.py, kernels/README.md): few tokens of a short K.
+# There one launch also computes 1/s itself, which saves the host the most of a call's fixed work; with
+# many tokens or a long K, two launches are as fast or faster on the GPU and take a precomputed 1/s.
+ONE_LAUNCH_MAX_ROWS = 2048  # 16-row programs, so that a 1024-token call has 64 of them
+ONE_LAUNCH_MAX_K = 8192
+
+
+def quant_plan(m: int, k: int, one_launch: bool | None = None, block_m: int | None = None) -> QuantPlan:
+    """The plan for ``m`` rows of ``k`` features (``one_launch``/``block_m`` force a kind, for tests and the
+    benchmark). Two launches split K by ``quant_split``; one launch takes K whole."""
+    if one_launch is None:
+        one_launch = m <= ONE_LAUNCH_MAX_ROWS and k <= ONE_LAUNCH_MAX_K
+    if block_m is None:
+        block_m = 16 if one_launch else QUANT_BLOCK_M
+    if one_launch:
+        return QuantPlan(block_m, 1, k, True)
+    return QuantPlan(block_m, *quant_split(m, k, _quant_bk(k), block_m), False)
+
+
+def _check_plan(plan: QuantPlan, k: int, bk: int) -> None:
+    if plan.kc % bk or plan.n_split != _cdiv(k, plan.kc) or (plan.one_launch and plan.n_split != 1):
+        raise ValueError(f"quantizer plan {plan} does not cover K = {k} in whole {bk}-column steps")
 
 
 # Bytes of per-pass activation operands (int8 activations, scales, u) a W4A4 linear may hold at once.
@@ -313,10 +465,11 @@ def _quant_bk(k: int) -> int:
     return nm.GROUP * gpb
 
 
-def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, inv_smooth: torch.Tensor,
-             block_m: int = QUANT_BLOCK_M, split: tuple[int, int] | None = None):
-    """Quantize activations: (xq int8 [M, K], sx fp32 [M], u bf16 [M, R] or None). Two launches.
-    ``split``: ``quant_split`` of the whole call when this is one pass of its rows (same bits)."""
+def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan | None = None,
+             inv_smooth: torch.Tensor | None = None):
+    """Quantize activations: (xq int8 [M, K], sx fp32 [M], u bf16 [M, R] or None), in one launch or two
+    (``quant_plan``). ``plan``: ``quant_plan`` of the whole call when this is one pass of its rows (the same
+    plan gives the same bits); ``inv_smooth``: ``p.inv_smooth()`` when the caller already has it."""
     m, k = x2d.shape
     r = p.rank
     r_pad = _rank_pad(r)
@@ -324,37 +477,51 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, inv_s
     dev = x2d.device
     bk = _quant_bk(k)
     gpb = bk // nm.GROUP
-    n_split, kc = split or quant_split(m, k, bk, block_m)
+    plan = plan or quant_plan(m, k)
+    _check_plan(plan, k, bk)
     xq = torch.empty((m, k), dtype=torch.int8, device=dev)
     sx = torch.empty((m,), dtype=torch.float32, device=dev)
     u = torch.empty((m, r), dtype=torch.bfloat16, device=dev) if r else sx
-    rmax_part = torch.empty((n_split, m), dtype=torch.float32, device=dev)
+    l1 = p.lr_down if r else x2d
+    quant_meta = dict(QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned),
+                      BLOCK_M=plan.block_m, GROUP=nm.GROUP, GPB=gpb, R_PAD=r_pad, num_warps=4,
+                      # No fma contraction: round(v * inv) must round the product before the rounding
+                      # trick adds 1.5 * 2**23, as torch does; fused, about one value in a few million
+                      # lands on the other side of a tie (seen at 17000 x 256).
+                      enable_fp_fusion=False)
+    shift, inv_qf = float(p.act_shift), float(nm.inv_qf(p.act_unsigned))
+    if plan.one_launch:  # the kernel divides by s itself: no 1/s launch
+        smooth = p.smooth if p.smooth.dtype == torch.float32 else p.smooth.float()
+        _act_quant_fused_kernel[(triton.cdiv(m, plan.block_m),)](
+            x2d, smooth, l1, p.clip, bin_index, xq, sx, u, m, k, r, x2d.stride(0), shift, inv_qf,
+            HAS_LR=bool(r), BK=bk, INV_S=False, **quant_meta)
+        return xq, sx, (u if r else None)
+    # The streaming first pass slows by a sixth when it divides (H200, 32 760 tokens): it multiplies by
+    # a 1/s made here, or by the caller for all passes of a call.
+    inv_s = p.inv_smooth() if inv_smooth is None else inv_smooth
+    grid = (triton.cdiv(m, plan.block_m), plan.n_split)
+    rmax_part = torch.empty((plan.n_split, m), dtype=torch.float32, device=dev)
     # One chunk: pass 1 writes u itself (bf16(0 + p) == bf16(p), the same values as summing one partial).
-    direct_u = n_split == 1
-    u_part = torch.empty((n_split, m, r_pad), dtype=torch.float32, device=dev) if r and not direct_u else sx
-    grid = (triton.cdiv(m, block_m), n_split)
-    _act_stats_kernel[grid](x2d, inv_smooth, p.lr_down if r else x2d, rmax_part, u_part, u,
-                            m, k, r, kc, x2d.stride(0), float(p.act_shift),
-                            BLOCK_M=block_m, BK=bk, R_PAD=r_pad, HAS_LR=bool(r), DIRECT_U=direct_u, num_warps=4)
-    _act_quant_kernel[grid](x2d, inv_smooth, p.clip, bin_index, rmax_part, u_part, xq, sx, u,
-                            m, k, r, kc, n_split, x2d.stride(0), float(p.act_shift),
-                            float(nm.inv_qf(p.act_unsigned)),
-                            QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned),
-                            BLOCK_M=block_m, GROUP=nm.GROUP, GPB=gpb,
-                            R_PAD=r_pad, SUM_U=bool(r) and not direct_u, num_warps=4,
-                            # No fma contraction: round(v * inv) must round the product before the
-                            # rounding trick adds 1.5 * 2**23, as torch does; fused, about one value in
-                            # a few million lands on the other side of a tie (seen at 17000 x 256).
-                            enable_fp_fusion=False)
+    direct_u = plan.n_split == 1
+    u_part = torch.empty((plan.n_split, m, r_pad), dtype=torch.float32, device=dev) if r and not direct_u else sx
+    _act_stats_kernel[grid](x2d, inv_s, l1, rmax_part, u_part, u, m, k, r, plan.kc, x2d.stride(0), shift,
+                            BLOCK_M=plan.block_m, BK=bk, R_PAD=r_pad, HAS_LR=bool(r), DIRECT_U=direct_u,
+                            INV_S=True, num_warps=4)
+    _act_quant_kernel[grid](x2d, inv_s, p.clip, bin_index, rmax_part, u_part, xq, sx, u,
+                            m, k, r, plan.kc, plan.n_split, x2d.stride(0), shift, inv_qf,
+                            SUM_U=bool(r) and not direct_u, INV_S=True, **quant_meta)
     return xq, sx, (u if r else None)
 
 
-def expand_weight(p: nm.W4A4Params) -> torch.Tensor:
-    """Transient int8 operand q * f [N, K] of the packed weights (freed after the GEMM)."""
+def expand_weight(p: nm.W4A4Params, with_sum: bool = False):
+    """Transient int8 operand q * f [N, K] of the packed weights (freed after the GEMM); ``with_sum``:
+    (w8, its int32 row sums), made by the same launch (plus the sums' zeroing)."""
     n, k = p.out_features, p.in_features
     w8 = torch.empty((n, k), dtype=torch.int8, device=p.qweight.device)
-    _expand_kernel[(triton.cdiv(n, EXPAND_BN), k // nm.PACK_TILE)](p.qweight, p.wfactor, w8, n, k, BN=EXPAND_BN)
-    return w8
+    wsum = torch.zeros((n,), dtype=torch.int32, device=w8.device) if with_sum else w8
+    _expand_kernel[(triton.cdiv(n, EXPAND_BN), k // nm.PACK_TILE)](p.qweight, p.wfactor, w8, wsum, n, k,
+                                                                    BN=EXPAND_BN, WSUM=with_sum)
+    return (w8, wsum) if with_sum else w8
 
 
 def _epilogue_args(sx, u, p, wsum):
@@ -363,11 +530,21 @@ def _epilogue_args(sx, u, p, wsum):
             wsum if wsum is not None else sx)
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, w8: torch.Tensor | None = None,
          tma: bool = False, wsum: torch.Tensor | None = None, out: torch.Tensor | None = None):
-    """The int8 GEMM (over the expanded weights) + epilogue; ``tma``: tiles fetched by TMA (Hopper).
-    ``w8``/``wsum``: the expanded weights and their row sums when several passes share them;
-    ``out``: a contiguous [M, N] tensor (rows of the whole call's output) to write into."""
+    """The int8 GEMM (over the expanded weights) + epilogue; ``tma``: tiles fetched by TMA (Hopper), by a
+    persistent kernel where the configuration says ``persistent``. ``w8``/``wsum``: the expanded weights
+    and their row sums when several passes share them; ``out``: a contiguous [M, N] tensor (rows of the
+    whole call's output) to write into."""
     m, k = xq.shape
     n, r = p.out_features, p.rank
     cfg = dict(config or gemm_config(m))
@@ -377,25 +554,27 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
         raise ValueError(f"gemm out: {tuple(out.shape)} {out.dtype}, expected contiguous ({m}, {n}) {out_dtype}")
     else:
         y = out
-    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
+    tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
     offset = nm.act_offset(p.act_unsigned)
-    meta = dict(BM=cfg["BM"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], R_PAD=_rank_pad(r), HAS_LR=bool(r),
-                HAS_BIAS=p.bias is not None, OFFSET=offset, num_warps=cfg["num_warps"],
+    meta = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=_rank_pad(r),
+                HAS_LR=bool(r), HAS_BIAS=p.bias is not None, OFFSET=offset, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
     if w8 is None:
-        w8 = expand_weight(p)
-    # sum_k w8[n, k] restores the unsigned activations' offset (int32, exact); tiny next to the GEMM
-    if offset and wsum is None:
+        w8, wsum = expand_weight(p, with_sum=True) if offset else (expand_weight(p), None)
+    elif offset and wsum is None:  # a caller's own w8 (benchmarks, tests): sum it here
         wsum = w8.sum(1, dtype=torch.int32)
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        a_desc = TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]])
-        b_desc = TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]])
-        _gemm_i8_tma_kernel[grid](a_desc, b_desc, *_epilogue_args(sx, u, p, wsum), y, m, n, k, r, y.stride(0),
-                                  BK=cfg["BK"], **meta)
+    args = (*_epilogue_args(sx, u, p, wsum), y, m, n, k, r, y.stride(0))
+    if not tma:
+        _gemm_i8_kernel[(tiles,)](xq, w8, *args, **meta)
+        return y
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    a_desc = TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]])
+    b_desc = TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]])
+    if cfg.get("persistent") and persistent_fits(r, out_dtype):
+        sms = _num_sms(_index(xq.device))
+        _gemm_i8_persistent_kernel[(min(sms, tiles),)](a_desc, b_desc, *args, NUM_SMS=sms, **meta)
     else:
-        _gemm_i8_kernel[grid](xq, w8, *_epilogue_args(sx, u, p, wsum), y, m, n, k, r, y.stride(0),
-                              BK=cfg["BK"], **meta)
+        _gemm_i8_tma_kernel[(tiles,)](a_desc, b_desc, *args, **meta)
     return y
 
 
@@ -432,21 +611,20 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    inv_smooth = p.inv_smooth()
     m = x2d.shape[0]
     rows = pass_rows(m, k, p.rank, PASS_BYTES if pass_bytes is None else pass_bytes)
     if rows >= m:
-        xq, sx, u = quantize(x2d, p, bin_index, inv_smooth)
+        xq, sx, u = quantize(x2d, p, bin_index)
         y = gemm(xq, sx, u, p, x.dtype, tma=tma)
         return y.reshape(*x.shape[:-1], p.out_features)
     # Passes over the rows with the whole call's launch configuration (same bits as one pass).
-    split = quant_split(m, k, _quant_bk(k))
+    plan = quant_plan(m, k)
     config = gemm_config(m)
-    w8 = expand_weight(p)
-    wsum = w8.sum(1, dtype=torch.int32) if nm.act_offset(p.act_unsigned) else None
+    w8, wsum = expand_weight(p, with_sum=True) if nm.act_offset(p.act_unsigned) else (expand_weight(p), None)
     y = torch.empty((m, p.out_features), dtype=x.dtype, device=x.device)
+    inv_smooth = None if plan.one_launch else p.inv_smooth()
     for start in range(0, m, rows):
-        xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, inv_smooth, split=split)
+        xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, plan, inv_smooth)
         gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum,
              out=y[start:start + rows])
         del xq, sx, u  # before the next pass allocates its own

@@ -175,3 +175,29 @@ def test_row_passes_fit_the_budget_in_whole_tiles(m, k, r):
     assert n_pass <= -(-m * per_row // budget)  # no more passes than the budget needs
     # a LoRA's wider u never makes a pass hold more than the budget allows
     assert tw.pass_rows(m, k, r + 64) * (per_row + 128) <= budget + tw.PASS_ROW_TILE * (per_row + 128)
+
+
+@pytest.mark.parametrize("m,k,one_launch,block_m", [
+    (1024, 5120, True, 16), (2048, 5120, True, 16), (8192, 5120, False, 32), (32760, 5120, False, 32),
+    (1024, 13824, False, 32), (8192, 13824, False, 32), (32760, 13824, False, 32), (1, 256, True, 16)])
+def test_quantizer_plan_follows_the_measured_rule(m, k, one_launch, block_m):
+    """Which quantizer a call runs (kernels/README.md has the H200 timings behind the rule): one launch for
+    few tokens of a short K, else two, which split K only where rows are few."""
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    plan = tw.quant_plan(m, k)
+    assert (plan.one_launch, plan.block_m) == (one_launch, block_m)
+    bk = tw._quant_bk(k)
+    tw._check_plan(plan, k, bk)
+    assert plan.n_split * plan.kc >= k and plan.kc % bk == 0
+    if plan.one_launch or m >= 16384:
+        assert plan.n_split == 1
+
+
+def test_a_plan_that_does_not_cover_k_is_refused():
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    bk = tw._quant_bk(640)
+    with pytest.raises(ValueError, match="does not cover K = 640"):
+        tw._check_plan(tw.QuantPlan(32, 2, 320), 640, bk)  # 320 is not a whole number of 128-column steps
+    with pytest.raises(ValueError, match="does not cover"):
+        tw._check_plan(tw.QuantPlan(32, 2, 384, True), 640, bk)  # one launch takes K whole
+    tw._check_plan(tw.QuantPlan(32, 2, 384), 640, bk)

@@ -52,22 +52,38 @@ def assert_close_output(ref, out):
     assert (ref.float() - out.float()).abs().max() <= 2e-2 * ref.float().abs().max()
 
 
+def plans(m, k):
+    """The default plan and each kind forced: one launch (at two row-block sizes), two launches with K
+    whole (u written by the first), and two launches with K in chunks (u summed by the second)."""
+    bk = tw._quant_bk(k)
+    out = {"default": tw.quant_plan(m, k), "one launch": tw.quant_plan(m, k, one_launch=True, block_m=32),
+           "one launch, 16 rows": tw.quant_plan(m, k, one_launch=True, block_m=16),
+           "two launches, K whole": tw.QuantPlan(32, 1, k)}
+    if k // bk >= 2:
+        kc = -(-(k // bk) // 2) * bk
+        out["two launches, K in chunks"] = tw.QuantPlan(32, -(-k // kc), kc)
+    return out
+
+
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("m", [1, 37, 300, 1000, 17000])
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_quantize_kernel_is_bit_exact(m, k, n, unsigned):
-    """Covers both ways u is made (see triton_w4a4.quant_split): few rows -> several K chunks summed
-    in pass 2; one chunk (K = 256, or 17000 rows) -> written by pass 1."""
+    """Every plan (see triton_w4a4.quant_plan): few rows -> several K chunks, statistics and u summed
+    in a second launch; one chunk -> the one-launch kernel. The kernels take 1/s themselves (div.rn),
+    the reference multiplies by ``inv_smooth()``: the operands must still agree bit for bit."""
     p = make_layer(k, n, unsigned=unsigned)
     x = make_input(m, k, unsigned=unsigned)
     inv = p.inv_smooth()
-    for b in range(p.num_bins):
-        xq, sx, u = tw.quantize(x, p, torch.tensor(b, device=DEV), inv)
-        a_ref, s_ref = nm.quantize_activation(nm.smooth_input(x, p, inv), p.clip[b], unsigned)
-        assert torch.equal(sx, s_ref)
-        assert torch.equal(xq, a_ref)
-        u_ref = (nm.smooth_input(x, p, inv).to(torch.bfloat16).float() @ p.lr_down.float())
-        assert (u.float() - u_ref).abs().max() <= 1e-2 * u_ref.abs().max() + 1e-3
+    xh = nm.smooth_input(x, p, inv)
+    u_ref = xh.to(torch.bfloat16).float() @ p.lr_down.float()
+    for name, plan in plans(m, k).items():
+        for b in range(p.num_bins):
+            xq, sx, u = tw.quantize(x, p, torch.tensor(b, device=DEV), plan)
+            a_ref, s_ref = nm.quantize_activation(xh, p.clip[b], unsigned)
+            assert torch.equal(sx, s_ref), name
+            assert torch.equal(xq, a_ref), name
+            assert (u.float() - u_ref).abs().max() <= 1e-2 * u_ref.abs().max() + 1e-3, name
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
@@ -85,26 +101,38 @@ def test_linear_matches_reference(m, k, n, unsigned, dtype):
 
 @pytest.mark.parametrize("rank", [32, 96])
 def test_quantize_allocates_only_its_outputs_when_k_is_not_split(rank):
-    """At video sizes (tens of thousands of tokens) K is one chunk: the quantizer must then allocate
-    its outputs and row maxima only, not fp32 partial projections ([M, R_PAD] fp32, 10 MB here at
-    rank 96, padded to 128) - that transient is what a LoRA's extra rank would add to the peak."""
+    """At video sizes (tens of thousands of tokens) K is one chunk: the quantizer must then allocate its
+    outputs, row maxima and 1/s only, not fp32 partial projections ([M, R_PAD] fp32, 10 MB here at rank
+    96, padded to 128; that transient is what a LoRA's extra rank would add to the peak)."""
     m, k = 20000, 640
     p = make_layer(k, 256, rank=rank)
     x = make_input(m, k)
     inv, b = p.inv_smooth(), torch.tensor(1, device=DEV)
-    assert tw.quant_split(m, k, nm.GROUP * 2)[0] == 1
-    tw.quantize(x, p, b, inv)  # compile outside the measured call
+    plan = tw.quant_plan(m, k)
+    assert plan.n_split == 1 and not plan.one_launch
+    tw.quantize(x, p, b)  # compile outside the measured call
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    xq, sx, u = tw.quantize(x, p, b, inv)
+    xq, sx, u = tw.quantize(x, p, b)
     torch.cuda.synchronize()
-    outputs = m * k + 4 * m + 2 * m * rank + 4 * m  # xq int8, sx fp32, u bf16, row maxima fp32 [1, M]
-    assert torch.cuda.max_memory_allocated() - base <= outputs + 4 * 512  # the allocator's 512-byte rounding
+    outputs = m * k + 4 * m + 2 * m * rank + 4 * m + 4 * k  # xq int8, sx fp32, u bf16, row maxima, 1/s fp32
+    assert torch.cuda.max_memory_allocated() - base <= outputs + 5 * 512  # the allocator's 512-byte rounding
     a_ref, s_ref = nm.quantize_activation(nm.smooth_input(x, p, inv), p.clip[1], False)
     assert torch.equal(xq, a_ref) and torch.equal(sx, s_ref)
     u_ref = nm.smooth_input(x, p, inv).to(torch.bfloat16).float() @ p.lr_down.float()
     assert (u.float() - u_ref).abs().max() <= 1e-2 * u_ref.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_expansion_sums_its_rows_exactly(k, n):
+    """The expand launch also makes sum_k w8[n, k] (int32 atomics over K tiles), which restores the
+    unsigned activations' offset: exactly the reference's sum, and the same w8."""
+    p = make_layer(k, n, unsigned=True)
+    w8, wsum = tw.expand_weight(p, with_sum=True)
+    ref = nm.int8_operand(nm.unpack_int4(p.qweight), p.wfactor)
+    assert torch.equal(w8, ref)
+    assert wsum.dtype == torch.int32 and torch.equal(wsum, ref.sum(1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("unsigned", [False, True])
@@ -146,8 +174,8 @@ def test_row_passes_bound_the_activation_operands():
         torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() - base
         del y
-    fixed = m * n * 2 + n * k  # output bf16, expanded weights int8
-    one_pass = rows * (k + 4 + 2 * rank) + 4 * rows  # xq, sx, u; row maxima fp32 (K is one chunk)
+    fixed = m * n * 2 + n * k + 4 * k  # output bf16, expanded weights int8, 1/s fp32
+    one_pass = rows * (k + 4 + 2 * rank) + 4 * rows  # xq, sx, u; row maxima fp32 (two launches, K whole)
     print(f"\npeak beyond inputs: one pass {peaks['one'] / 2**20:.1f} MiB, passes of {rows} rows "
           f"{peaks['passes'] / 2**20:.1f} MiB (bound {(fixed + one_pass) / 2**20:.1f} MiB)")
     # The native caching allocator counts a reused block it does not split (a remainder under 1 MiB) as
@@ -164,24 +192,47 @@ def test_any_rank(rank):
     assert_close_output(nm.w4a4_linear(x, p, 1), tw.w4a4_linear(x, p, 1))
 
 
-@pytest.mark.parametrize("m", [1, 513])
-def test_all_gemm_paths_agree_exactly(m):
-    """Pointer and TMA loads, and another tile configuration, compute the same int32 sums and the same
-    epilogue: with rank 0 their outputs are bit-identical. Against the reference they differ only where
-    Triton contracts (acc * sx) * sw + bias into one FMA: 1 ulp."""
-    p = make_layer(640, 256, rank=0)
-    x = make_input(m, 640)
-    xq, sx, _ = tw.quantize(x, p, torch.tensor(0, device=DEV), p.inv_smooth())
+@pytest.mark.parametrize("m", [1, 513, 4099])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_all_gemm_paths_agree_exactly(m, unsigned):
+    """Pointer and TMA loads, the persistent TMA kernel, and another tile configuration compute the same
+    int32 sums and the same epilogue: with rank 0 their outputs are bit-identical. Against the reference
+    they differ only where Triton contracts (acc * sx) * sw + bias into one FMA: 1 ulp."""
+    p = make_layer(640, 256, rank=0, unsigned=unsigned)
+    x = make_input(m, 640, unsigned=unsigned)
+    xq, sx, _ = tw.quantize(x, p, torch.tensor(0, device=DEV))
     ref = nm.w4a4_linear(x.float(), p, 0)
     assert torch.equal(tw.expand_weight(p), nm.int8_operand(nm.unpack_int4(p.qweight), p.wfactor))
+    narrow = dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
     outs = [tw.gemm(xq, sx, None, p, torch.float32),
             tw.gemm(xq, sx, None, p, torch.float32, tma=True),
-            tw.gemm(xq, sx, None, p, torch.float32, config=dict(BM=64, BN=128, BK=128, GROUP_M=8,
-                                                                num_warps=4, num_stages=4))]
+            tw.gemm(xq, sx, None, p, torch.float32, config=narrow),
+            tw.gemm(xq, sx, None, p, torch.float32, config={**narrow, "persistent": True}, tma=True)]
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
     ulp = torch.finfo(torch.float32).eps * ref.abs().max()
     assert (outs[0] - ref).abs().max() <= 2 * ulp
+
+
+@pytest.mark.parametrize("rank", [0, 32, 96])
+@pytest.mark.parametrize("m", [4099, 20000])
+def test_persistent_gemm_gives_the_tile_kernels_bits(rank, m):
+    """The persistent kernel runs the same tiles and epilogue as the one-tile-per-program TMA kernel, so
+    with the large-M tile configurations (gemm_config) their bf16 outputs are equal bit for bit; there are
+    more tiles than SMs, so programs run several. Where its buffers would not fit shared memory (rank
+    above 32, 4-byte outputs) the call takes the tile kernel instead of failing."""
+    p = make_layer(256, 640, rank=rank)
+    x = make_input(m, 256)
+    xq, sx, u = tw.quantize(x, p, torch.tensor(1, device=DEV))
+    cfg = {**tw.gemm_config(m), "persistent": True}
+    assert tw.persistent_fits(rank, torch.bfloat16) == (rank <= 32)
+    tile = tw.gemm(xq, sx, u, p, torch.bfloat16, config={**cfg, "persistent": False}, tma=True)
+    persistent = tw.gemm(xq, sx, u, p, torch.bfloat16, config=cfg, tma=True)
+    assert torch.equal(tile, persistent)
+    assert_close_output(nm.w4a4_linear(x, p, 1), persistent)
+    assert not tw.persistent_fits(rank, torch.float32)
+    wide = tw.gemm(xq, sx, u, p, torch.float32, config=cfg, tma=True)
+    assert_close_output(nm.w4a4_linear(x.float(), p, 1), wide)
 
 
 def test_bin_switch_is_a_device_write_and_graph_capturable():
