@@ -161,6 +161,10 @@ def generation_metrics(rows, *, seeds, steps: int, vae_name: str, device: str) -
         per = np.mean(np.array(c), axis=0)
         out[k] = {"per_frame_psnr_db": [round(float(x), 3) for x in per],
                   "mean_after_start_psnr_db": float(np.mean(per[1:])) if len(per) > 1 else float(per[0])}
+    # block seams (decoder.seam_ratio: |difference| across 8 x 8 block edges over inside; 1 = none) of the
+    # frames after the start frame; the rendered videos' own ratio is the floor
+    after = {k: torch.stack([row[3][k][1:] for row in rows]) for k in ("truth", "reference", "generated")}
+    out["seam_ratio_after_start"] = {k: round(mini_decoder.seam_ratio(v), 4) for k, v in after.items()}
     return out
 
 
@@ -463,6 +467,8 @@ def make_all(folder, n: int = 4, steps: int = 20, cfg: float = 1.0, generation: 
         g = log["generation"]
         logger.info("held-out generation PSNR after the start frame: %.2f dB (reference %.2f dB, still start "
                     "frame %.2f dB)", *(g[k]["mean_after_start_psnr_db"] for k in ("generated", "reference", "still")))
+        logger.info("block-seam ratio after the start frame (1 = none): generated %.2f, reference %.2f, rendered "
+                    "%.2f", *(g["seam_ratio_after_start"][k] for k in ("generated", "reference", "truth")))
     if log is not None:
         out.append(draw_loss_curve(log, folder / "loss_curve.png"))
         if update_card(folder):

@@ -23,8 +23,14 @@
 
 - EMA of the weights; each phase keeps the raw or EMA weights, whichever has the lower held-out loss.
 - Decoder: after the experts, the learned video decoder (``minimodel/decoder.py``) is trained on
-  ground-truth (latent, frames) pairs, the latents perturbed by noise or replaced by the low-noise
-  expert's one-step x0 prediction (``--decoder-seconds``, replayed by ``--decoder-steps``).
+  ground-truth (latent, frames) pairs; most latents are sampled with both trained experts over the
+  ``--sample-steps`` schedule (as the demo makes the latents it decodes), the rest are one-step x0
+  predictions or perturbed encodings (``DecoderData``; ``--decoder-seconds``, replayed by
+  ``--decoder-steps``). ``--decoder-only`` trains just the decoder from the experts already in ``--out``:
+
+      python -m wan_w4a4.apps.mini_train --decoder-only --out DIR --decoder-seconds 210 --force
+
+  The decoder loss is pixel MSE plus ``--decoder-seam`` x ``decoder.seam_penalty`` (block-edge seams).
 
 Writes to ``--out``: ``high_noise.safetensors``, ``low_noise.safetensors`` (bf16, ComfyUI's Wan key
 names; ``UNETLoader`` detects them as Wan2.2-I2V), ``decoder.safetensors`` (when trained),
@@ -52,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..kernels import format as fmt
 from ..minimodel import EMBEDDED_FILES as EXPERT_FILES
 from ..minimodel import conditioning, data, text
 from ..minimodel import decoder as mini_decoder
@@ -109,9 +116,17 @@ class TrainConfig:
     decoder_lr: float = 2e-3
     decoder_noise: float = 0.5            # max std of the per-latent-pixel Gaussian perturbation of training
                                           # latents: generated latents err block by block (minimodel/strips.png)
-    decoder_model_aug: float = 0.5        # fraction of decoder batches decoded from the low-noise expert's
-                                          # one-step x0 prediction (sigma < DECODER_AUG_SIGMA): latents as a
-                                          # denoiser makes them
+    decoder_model_aug: float = 0.5        # fraction of the other decoder batches decoded from the low-noise
+                                          # expert's one-step x0 prediction (sigma < DECODER_AUG_SIGMA)
+    decoder_sampled: float = 0.6          # fraction of decoder batches whose latents come from multi-step sampling
+                                          # with both experts (``sample_latents``), as the demo decodes: one-step
+                                          # x0 predictions and Gaussian perturbations do not look like generated
+                                          # latents (these shrink the within-block coefficients, leaving seams)
+    decoder_seam: float = 0.3             # weight of the block-seam penalty in the decoder loss (decoder.seam_penalty);
+                                          # 0.3 lowered the seams of generated frames without costing their PSNR
+                                          # in a short CPU fine-tune (minimodel/README.md), 1.0 cost 1 dB
+    decoder_only: bool = False            # train only the decoder, from the experts already in `out`
+    decoder_init: Path | None = None      # start the decoder from this decoder file instead of the linear decoder
     generation: int = 8                   # held-out scenes sampled for the generation metric (0: none)
     sample_steps: int = 20                # sampling steps of the generation metric and strips
     strips: int = 4                       # held-out scenes in strips.png
@@ -142,9 +157,18 @@ class TrainConfig:
             raise ValueError(f"decoder_steps must be >= 0, got {self.decoder_steps}")
         if self.decoder_seconds is not None and self.decoder_seconds < 0:
             raise ValueError(f"decoder_seconds must be >= 0, got {self.decoder_seconds}")
-        if self.decoder_batch < 1 or not 0 <= self.decoder_model_aug <= 1 or self.decoder_noise < 0:
-            raise ValueError(f"need decoder_batch >= 1, decoder_model_aug in [0, 1], decoder_noise >= 0; got "
-                             f"{self.decoder_batch}, {self.decoder_model_aug}, {self.decoder_noise}")
+        if (self.decoder_batch < 1 or not 0 <= self.decoder_model_aug <= 1 or self.decoder_noise < 0
+                or not 0 <= self.decoder_sampled <= 1 or self.decoder_seam < 0 or self.decoder_lr <= 0):
+            raise ValueError(f"need decoder_batch >= 1, decoder_model_aug and decoder_sampled in [0, 1], "
+                             f"decoder_noise >= 0, decoder_seam >= 0, decoder_lr > 0; got {self.decoder_batch}, "
+                             f"{self.decoder_model_aug}, {self.decoder_sampled}, {self.decoder_noise}, "
+                             f"{self.decoder_seam}, {self.decoder_lr}")
+        if self.decoder_init is not None:
+            self.decoder_init = Path(self.decoder_init)
+            if not self.decoder_init.is_file():
+                raise FileNotFoundError(f"decoder_init: no decoder file at {self.decoder_init}")
+        if self.decoder_only and not (self.decoder_steps or self.decoder_seconds):
+            raise ValueError("decoder_only needs a decoder budget: decoder_seconds > 0 or decoder_steps > 0")
         if self.generation < 0 or self.sample_steps < 1 or self.strips < 1:
             raise ValueError(f"need generation >= 0, sample_steps >= 1 and strips >= 1, got {self.generation}, "
                              f"{self.sample_steps}, {self.strips}")
@@ -239,6 +263,39 @@ def save_checkpoint(model: torch.nn.Module, path, arch: WanArch, metadata: dict)
     return {"file": path.name, "bytes": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
+def load_trained_expert(path, device="cpu") -> torch.nn.Module:
+    """A checkpoint written by ``save_checkpoint`` as ComfyUI's ``WanModel`` (fp32, eval mode): the
+    architecture from its header, every tensor name and shape checked (the error names the file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no expert checkpoint at {path}; train one with python -m wan_w4a4.apps.mini_train")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if "wan_w4a4.arch" not in meta:
+        raise ValueError(f"{path}: no wan_w4a4.arch in the header (not written by mini_train)")
+    try:
+        arch = WanArch.from_json(meta["wan_w4a4.arch"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: bad wan_w4a4.arch in the header ({e})") from None
+    state = load_file(str(path))
+    expected = wan_state_dict_shapes(arch)
+    for key, shape in expected.items():
+        if key not in state or tuple(state[key].shape) != tuple(shape):
+            got = tuple(state[key].shape) if key in state else "missing"
+            raise ValueError(f"{path}: tensor {key} is {got}, expected {tuple(shape)} for {arch}")
+    if set(state) != set(expected):
+        raise ValueError(f"{path}: unexpected tensors {sorted(set(state) - set(expected))[:5]}")
+    model = build_model(arch, device="cpu")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(device).eval()
+
+
 # ---- timesteps -------------------------------------------------------------------------------------
 def shift_sigma(u, shift: float):
     """ComfyUI's ``time_snr_shift``: sigma = shift*u / (1 + (shift-1)*u)."""
@@ -257,6 +314,15 @@ def u_range(sigma_range: tuple[float, float], shift: float) -> tuple[float, floa
 def phase_ranges(boundary: float) -> dict[str, tuple[float, float]]:
     """Sigma range of each phase: the warm start sees all, the experts split at ``boundary``."""
     return {"warm": (0.0, 1.0), "high": (boundary, 1.0), "low": (0.0, boundary)}
+
+
+def flow_sigmas(steps: int, shift: float) -> list[float]:
+    """ComfyUI's "simple" schedule for a flow model with ``ModelSamplingSD3(shift)``: its sigma table is
+    ``shift_sigma(t / 1000)`` for t = 1 .. 1000 and the schedule takes every (1000 / steps)-th entry from the
+    top, so step i starts at ``shift_sigma(1 - i / steps)``; then 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return [float(shift_sigma(1 - i / steps, shift)) for i in range(steps)] + [0.0]
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -560,19 +626,46 @@ def keep_better(model, ema: Ema | None, heldout: HeldOut, sigma_range) -> dict:
 
 
 # ---- the learned video decoder -----------------------------------------------------------------------
+@torch.no_grad()
+def sample_latents(experts: dict, z: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor,
+                   sigmas: list[float], start: int, boundary: float, device) -> torch.Tensor:
+    """Euler sampling as the two ``KSamplerAdvanced`` of ``mini_sample.sample_two_expert`` do it (cfg 1):
+    from the latents ``z`` noised to ``sigmas[start]`` (start 0 is sigma 1: pure noise, a whole generation)
+    down to 0, each step by ``experts["high"]`` while its sigma >= ``boundary``, else by ``experts["low"]``,
+    conditioned as ``WanImageToVideo`` does on the first latent frame of ``z`` and on the captions ``ctx``.
+    Returns the sampled latents, what the demo hands the decoder."""
+    B = z.shape[0]
+    x = conditioning.noisy(z, noise, torch.full((B,), sigmas[start], device=z.device))
+    img = image_latent_from(z)
+    for i in range(start, len(sigmas) - 1):
+        s = torch.full((B,), sigmas[i], device=z.device)
+        expert = experts["high"] if sigmas[i] >= boundary else experts["low"]
+        with _autocast(device):
+            v = expert(conditioning.model_input(x, img, mask), s * 1000.0, ctx)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v.float()  # ComfyUI's euler: d = (x - denoised) / sigma = v
+    return x
+
+
 class DecoderData:
     """Ground-truth (latent, frames) batches for the decoder: fresh training-range scenes rendered on the
-    device, their linear encodings perturbed (``decoder.perturb``) or, for a ``decoder_model_aug``
-    fraction of batches, replaced by the low-noise expert's one-step x0 prediction at a random
-    sigma < ``DECODER_AUG_SIGMA`` (the kind of latent a denoiser hands the decoder)."""
+    device and, as the input latents, per batch one of
+    - with probability ``decoder_sampled``: ``sample_latents`` with both experts from the true latent noised
+      to a sigma of the ``sample_steps`` schedule drawn uniformly (the first is 1: a whole generation from
+      the start frame and caption, what the demo decodes; later ones stay closer to the rendered video);
+    - else, with probability ``decoder_model_aug``: the low-noise expert's one-step x0 prediction at a random
+      sigma < ``DECODER_AUG_SIGMA``;
+    - else the linear encoding perturbed by Gaussian noise (``decoder.perturb``).
+    Without ``experts`` every batch is perturbed."""
 
-    def __init__(self, cfg: TrainConfig, vae: data.LinearVideoVAE, encoder: text.TextEncoder, denoiser=None):
-        self.cfg, self.vae, self.encoder, self.denoiser = cfg, vae, encoder, denoiser
+    def __init__(self, cfg: TrainConfig, vae: data.LinearVideoVAE, encoder: text.TextEncoder,
+                 experts: dict | None = None):
+        self.cfg, self.vae, self.encoder, self.experts = cfg, vae, encoder, experts
         self.rng = np.random.RandomState(cfg.seed + DECODER_SEED_OFFSET)
         self.gen = torch.Generator(cfg.device).manual_seed(cfg.seed + DECODER_SEED_OFFSET)
         self.mask = conditioning.start_mask(data.latent_frames(cfg.frames), data.HEIGHT // data.SPATIAL,
                                             data.WIDTH // data.SPATIAL, device=cfg.device)
-        self.from_model = 0
+        self.sigmas = flow_sigmas(cfg.sample_steps, cfg.shift)
+        self.counts = {"sampled": 0, "x0": 0, "perturbed": 0}
 
     @torch.no_grad()
     def next(self):
@@ -582,16 +675,25 @@ class DecoderData:
         scenes = [data.sample_scene(int(s)) for s in seeds]
         frames = data.render(scenes, cfg.frames, device=cfg.device)
         z = self.vae.encode_normalized(frames)
-        if self.denoiser is not None and self.rng.rand() < cfg.decoder_model_aug:
-            self.from_model += 1
+        r = self.rng.rand()
+        if self.experts is not None and r < cfg.decoder_sampled:
+            self.counts["sampled"] += 1
+            start = int(self.rng.randint(0, cfg.sample_steps))
+            noise = torch.randn(z.shape, generator=self.gen, device=z.device)
+            ctx = self.encoder.encode([data.caption(s) for s in scenes])
+            return sample_latents(self.experts, z, noise, ctx, self.mask, self.sigmas, start, cfg.boundary,
+                                  cfg.device), frames
+        if self.experts is not None and self.rng.rand() < cfg.decoder_model_aug:
+            self.counts["x0"] += 1
             sigma = torch.rand(z.shape[0], generator=self.gen, device=z.device) * DECODER_AUG_SIGMA
             noise = torch.randn(z.shape, generator=self.gen, device=z.device)
             x, _ = training_input(z, noise, sigma, self.mask)
             ctx = self.encoder.encode([data.caption(s) for s in scenes])
             with _autocast(cfg.device):
-                v = self.denoiser(x, sigma * 1000.0, ctx)
+                v = self.experts["low"](x, sigma * 1000.0, ctx)
             x_t = conditioning.noisy(z, noise, sigma)
             return x_t - sigma.view(-1, 1, 1, 1, 1) * v.float(), frames
+        self.counts["perturbed"] += 1
         return mini_decoder.perturb(z, cfg.decoder_noise, self.gen), frames
 
 
@@ -606,35 +708,56 @@ def decoder_heldout(dec, vae, frames: torch.Tensor, z: torch.Tensor, noise: floa
     dec.eval()
     for name, zz in (("clean", z), ("perturbed", z_noisy)):
         se = {"learned": 0.0, "linear": 0.0}
+        seams = {"learned": [], "linear": []}
         for i in range(0, z.shape[0], batch):
             gt = frames[i:i + batch].float()
-            se["learned"] += ((dec(zz[i:i + batch]) - gt) ** 2).mean().item() * gt.shape[0]
+            learned = dec(zz[i:i + batch])
             lin = mini_decoder.hold_frames(vae.decode_normalized(zz[i:i + batch]))
-            se["linear"] += ((lin - gt) ** 2).mean().item() * gt.shape[0]
+            for k, video in (("learned", learned), ("linear", lin)):
+                se[k] += ((video - gt) ** 2).mean().item() * gt.shape[0]
+                seams[k].append(torch.stack(mini_decoder.block_diffs(video), 1).cpu())
         for k, v in se.items():
             out[f"{k}_{name}_psnr_db"] = 10 * math.log10(1.0 / max(v / z.shape[0], 1e-12))
+            edge, inside = torch.cat(seams[k]).mean(0).tolist()
+            out[f"{k}_{name}_seam_ratio"] = edge / max(inside, 1e-12)
+    out["truth_seam_ratio"] = mini_decoder.seam_ratio(frames)
     dec.train(was)
     out["perturbation_std"] = noise
     return out
 
 
-def train_decoder(cfg: TrainConfig, vae, encoder, denoiser=None) -> tuple[torch.nn.Module, dict]:
-    """Trains ``decoder.VideoDecoder`` for ``cfg.decoder_steps`` steps, or as many as fit in
-    ``cfg.decoder_seconds`` (measured over the first steps); AdamW, warm-up then cosine decay."""
+DECODER_PROBE = (5, 20)  # a time budget is planned at step 20 from the speed of steps 5..19: the first steps
+                         # (CUDA warm-up) ran 2.7x slower on the H200 and made the old plan stop at 19 s of 50
+
+
+def train_decoder(cfg: TrainConfig, vae, encoder, experts: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """Trains ``decoder.VideoDecoder`` (from ``cfg.decoder_init`` when given, else from the linear decoder)
+    for ``cfg.decoder_steps`` steps, or as many as fit in ``cfg.decoder_seconds`` (planned from the speed
+    of steps ``DECODER_PROBE``); AdamW, warm-up then cosine decay. ``experts`` ``{"high", "low"}``: the
+    trained denoisers that make the training latents (``DecoderData``)."""
     torch.manual_seed(cfg.seed + DECODER_SEED_OFFSET)
-    dec = mini_decoder.VideoDecoder().to(cfg.device)
+    if cfg.decoder_init is not None:
+        dec = mini_decoder.load_decoder(cfg.decoder_init, cfg.device).train()
+        logger.info("decoder: starting from %s", cfg.decoder_init)
+    else:
+        dec = mini_decoder.VideoDecoder().to(cfg.device)
     opt = torch.optim.AdamW(dec.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
-    feed = DecoderData(cfg, vae, encoder, denoiser)
+    feed = DecoderData(cfg, vae, encoder, experts)
     dcfg = dataclasses.replace(cfg, lr=cfg.decoder_lr, warmup=50)
-    probe = 5
+    skip, probe = DECODER_PROBE
     total = cfg.decoder_steps if cfg.decoder_steps is not None else None
     t0 = time.perf_counter()
+    t_skip = t0
     curve, acc, n_acc, step = [], 0.0, 0, 0
     while total is None or step < total:
-        if total is None and step == probe:  # plan the rest of the time budget from the first steps
+        if total is None and step == skip:
             _sync(cfg.device)
-            per = (time.perf_counter() - t0) / probe
-            total = max(probe, probe + int((cfg.decoder_seconds - (time.perf_counter() - t0)) / per))
+            t_skip = time.perf_counter()
+        if total is None and step == probe:  # plan the rest of the time budget from the steps after warm-up
+            _sync(cfg.device)
+            now = time.perf_counter()
+            per = (now - t_skip) / (probe - skip)
+            total = max(probe, probe + int((cfg.decoder_seconds - (now - t0)) / per))
             logger.info("decoder: %.1f ms/step -> %d steps in %.0f s (replay with --decoder-steps %d)",
                         per * 1e3, total, cfg.decoder_seconds, total)
             continue
@@ -643,7 +766,7 @@ def train_decoder(cfg: TrainConfig, vae, encoder, denoiser=None) -> tuple[torch.
             group["lr"] = lr
         z_in, frames = feed.next()
         with _autocast(cfg.device):
-            loss = mini_decoder.decoder_loss(dec, z_in, frames)
+            loss = mini_decoder.decoder_loss(dec, z_in, frames, cfg.decoder_seam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), cfg.grad_clip)
@@ -658,10 +781,85 @@ def train_decoder(cfg: TrainConfig, vae, encoder, denoiser=None) -> tuple[torch.
             acc, n_acc = 0.0, 0
     _sync(cfg.device)
     dt = time.perf_counter() - t0
-    logger.info("decoder: %d steps in %.1f s", step, dt)
+    logger.info("decoder: %d steps in %.1f s (batches: %s)", step, dt, feed.counts)
     return dec.eval(), {"steps": step, "seconds": round(dt, 2), "batch": cfg.decoder_batch,
-                        "batches_from_denoiser": feed.from_model, "curve": curve,
-                        "config": dataclasses.asdict(dec.config)}
+                        "batches": dict(feed.counts), "sampled_fraction": cfg.decoder_sampled,
+                        "seam_weight": cfg.decoder_seam, "lr": cfg.decoder_lr,
+                        "sample_steps": cfg.sample_steps,
+                        "init": str(cfg.decoder_init) if cfg.decoder_init is not None else None,
+                        "curve": curve, "config": dataclasses.asdict(dec.config)}
+
+
+def fit_decoder(cfg: TrainConfig, vae, encoder, heldout_z: torch.Tensor, experts: dict) -> dict:
+    """``train_decoder``, its held-out PSNR (``decoder_heldout`` on the videos of ``heldout_z``) and
+    ``out/decoder.safetensors`` (replacing one there: callers check ``out`` before training starts).
+    Returns the decoder's log."""
+    dec, log = train_decoder(cfg, vae, encoder, experts)
+    scenes = [data.sample_scene(s) for s in data.heldout_seeds(heldout_z.shape[0])]
+    frames = torch.cat([data.render(scenes[i:i + cfg.render_batch], cfg.frames, device=cfg.device)
+                        for i in range(0, len(scenes), cfg.render_batch)])
+    log["heldout"] = decoder_heldout(dec, vae, frames, heldout_z, cfg.decoder_noise / 2, cfg.decoder_batch)
+    del frames
+    log["file"] = mini_decoder.save_decoder(
+        dec, cfg.out / mini_decoder.DECODER_FILE,
+        {"steps": log["steps"], "seed": cfg.seed, "made_by": "python -m wan_w4a4.apps.mini_train"}, overwrite=True)
+    logger.info("decoder held-out PSNR: learned %.2f dB (linear %.2f dB) from clean latents; %.2f dB (linear "
+                "%.2f dB) from perturbed ones", *(log["heldout"][k] for k in (
+                    "learned_clean_psnr_db", "linear_clean_psnr_db", "learned_perturbed_psnr_db",
+                    "linear_perturbed_psnr_db")))
+    return log
+
+
+def decoder_replay(cfg: TrainConfig, steps: int) -> str:
+    """The command-line options that replay a decoder run of ``steps`` steps."""
+    return (f"--decoder-steps {steps} --decoder-batch {cfg.decoder_batch} --decoder-sampled {cfg.decoder_sampled:g} "
+            f"--decoder-seam {cfg.decoder_seam:g} --decoder-lr {cfg.decoder_lr:g} --sample-steps {cfg.sample_steps}")
+
+
+def train_decoder_only(cfg: TrainConfig) -> dict:
+    """Trains only the decoder, from the experts already in ``cfg.out`` (``high_noise.safetensors``,
+    ``low_noise.safetensors``, as shipped in ``minimodel/``), and writes ``cfg.out/decoder.safetensors``;
+    when ``cfg.out/train_log.json`` exists, its ``"decoder"`` entry is replaced (and the experts' log kept).
+    An existing decoder is replaced only with ``cfg.overwrite``. Returns the decoder's log."""
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    paths = {k: cfg.out / EXPERT_FILES[k] for k in ("high", "low")}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--decoder-only trains from the experts in --out: missing {', '.join(missing)}")
+    target = cfg.out / mini_decoder.DECODER_FILE
+    if target.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{target} exists; pass --force (TrainConfig.overwrite=True) to replace it")
+    log_path = cfg.out / "train_log.json"
+    log = None
+    if log_path.is_file():
+        try:
+            log = json.loads(log_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{log_path}: not a readable training log ({e}); move it away to train the decoder "
+                             f"without it") from None
+        if not isinstance(log, dict):
+            raise ValueError(f"{log_path}: not a training log (a JSON object expected)")
+        frames = int(log.get("config", {}).get("frames", cfg.frames))
+        if frames != cfg.frames:
+            raise ValueError(f"{log_path}: the experts were trained on {frames}-frame clips, not --frames "
+                             f"{cfg.frames}")
+    experts = {k: load_trained_expert(p, cfg.device) for k, p in paths.items()}
+    vae, encoder = data.LinearVideoVAE(), text.TextEncoder(cfg.device)
+    heldout_z = render_latents([data.sample_scene(s) for s in data.heldout_seeds(cfg.heldout)], cfg.frames,
+                               cfg.device, vae, cfg.render_batch)
+    dec_log = fit_decoder(cfg, vae, encoder, heldout_z, experts)
+    dec_log["replay"] = f"--decoder-only {decoder_replay(cfg, dec_log['steps'])} --seed {cfg.seed}"
+    dec_log["environment"] = {"device": _device_name(cfg.device), "torch": torch.__version__,
+                              "comfyui": _comfyui_version()}
+    dec_log["wall_s"] = round(time.perf_counter() - t0, 1)
+    if log is not None:
+        log["decoder"] = dec_log
+        log.pop("generation", None)  # measured with the previous decoder; mini_pictures measures it again
+        fmt.write_bytes(log_path, json.dumps(log, indent=1).encode(), overwrite=True)
+    logger.info("wrote %s%s in %.1f s", target, f" and the decoder entry of {log_path}" if log else "",
+                dec_log["wall_s"])
+    return dec_log
 
 
 def plan_steps(cfg: TrainConfig, probe: dict | None, eval_s: float, spent_s: float) -> tuple[int, int, int]:
@@ -741,23 +939,10 @@ def train(cfg: TrainConfig) -> dict:
 
     decoder_log = None
     if cfg.decoder_steps != 0 and (cfg.decoder_steps is not None or cfg.decoder_seconds):
-        # `model` holds the low-noise expert: its x0 predictions are one of the decoder's augmentations
-        model.eval()
-        dec, decoder_log = train_decoder(cfg, tr.vae, tr.encoder, denoiser=model)
-        scenes = [data.sample_scene(s) for s in data.heldout_seeds(cfg.heldout)]
-        frames = torch.cat([data.render(scenes[i:i + cfg.render_batch], cfg.frames, device=cfg.device)
-                            for i in range(0, len(scenes), cfg.render_batch)])
-        decoder_log["heldout"] = decoder_heldout(dec, tr.vae, frames, heldout.z, cfg.decoder_noise / 2,
-                                                 cfg.decoder_batch)
-        del frames
-        decoder_log["file"] = mini_decoder.save_decoder(
-            dec, cfg.out / mini_decoder.DECODER_FILE,
-            {"steps": decoder_log["steps"], "seed": cfg.seed, "made_by": "python -m wan_w4a4.apps.mini_train"},
-            overwrite=True)  # `out` was checked for existing files before training started
-        logger.info("decoder held-out PSNR: learned %.2f dB (linear %.2f dB) from clean latents; %.2f dB (linear "
-                    "%.2f dB) from perturbed ones", *(decoder_log["heldout"][k] for k in (
-                        "learned_clean_psnr_db", "linear_clean_psnr_db", "learned_perturbed_psnr_db",
-                        "linear_perturbed_psnr_db")))
+        del model, forward
+        # the experts as written (bf16 weights), as the demo samples them
+        experts = {k: load_trained_expert(cfg.out / EXPERT_FILES[k], cfg.device) for k in ("high", "low")}
+        decoder_log = fit_decoder(cfg, tr.vae, tr.encoder, heldout.z, experts)
 
     heldout_summary = {
         name: {"untrained": untrained[name]["loss"], "warm_start": warm_loss[name]["loss"],
@@ -776,8 +961,7 @@ def train(cfg: TrainConfig) -> dict:
                             f"--batch {cfg.batch}", f"--lr {cfg.lr:g}", f"--frames {cfg.frames}",
                             f"--chunk {cfg.chunk}", f"--reuse {cfg.reuse}", f"--heldout {cfg.heldout}",
                             f"--heldout-sigmas {cfg.heldout_sigmas}",
-                            f"--ema {cfg.ema:g}", f"--decoder-steps {(decoder_log or {}).get('steps', 0)}",
-                            f"--decoder-batch {cfg.decoder_batch}"]),
+                            f"--ema {cfg.ema:g}", decoder_replay(cfg, (decoder_log or {}).get("steps", 0))]),
         "environment": {"device": _device_name(cfg.device), "torch": torch.__version__,
                         "python": platform.python_version(), "comfyui": _comfyui_version()},
         "plan": {"warm": plan[0], "high": plan[1], "low": plan[2]}, "probe": probe,
@@ -842,6 +1026,16 @@ def add_arguments(p: argparse.ArgumentParser):
                      help="time budget of the learned video decoder (default 50 s on CUDA, 0 on CPU = none)")
     dec.add_argument("--decoder-steps", type=int, default=None, help="decoder steps (replays a run; 0: none)")
     p.add_argument("--decoder-batch", type=int, default=None, help="decoder videos per step (default 32 on CUDA, 2 on CPU)")
+    p.add_argument("--decoder-sampled", type=float, default=0.6,
+                   help="fraction of decoder batches whose latents are sampled with both experts (default 0.6)")
+    p.add_argument("--decoder-seam", type=float, default=0.3,
+                   help="weight of the block-seam penalty in the decoder loss (default 0.3; 0: pixel MSE only)")
+    p.add_argument("--decoder-lr", type=float, default=2e-3, help="decoder peak learning rate (default 2e-3)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="train only the decoder, from the experts already in --out (e.g. a copy of minimodel/); "
+                        "writes --out/decoder.safetensors (--force replaces one) and its entry in train_log.json")
+    p.add_argument("--decoder-init", type=Path, default=None,
+                   help="start the decoder from this decoder file instead of the linear decoder")
     p.add_argument("--generation", type=int, default=8,
                    help="held-out scenes sampled with both experts for the generation metric and the strips")
     p.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the generation metric and strips")
@@ -863,7 +1057,9 @@ def config_from_args(args) -> TrainConfig:
         ema=args.ema, decoder_steps=args.decoder_steps,
         decoder_seconds=None if args.decoder_steps is not None else (
             args.decoder_seconds if args.decoder_seconds is not None else (50.0 if cuda else 0.0)),
-        decoder_batch=args.decoder_batch or (32 if cuda else 2), generation=args.generation,
+        decoder_batch=args.decoder_batch or (32 if cuda else 2), decoder_sampled=args.decoder_sampled,
+        decoder_seam=args.decoder_seam, decoder_lr=args.decoder_lr,
+        decoder_only=args.decoder_only, decoder_init=args.decoder_init, generation=args.generation,
         sample_steps=args.sample_steps, strips=args.strips,
         heldout=args.heldout or (64 if cuda else 8),
         heldout_sigmas=args.heldout_sigmas or (8 if cuda else 4), compile=args.compile, pictures=not args.no_pictures,
@@ -872,7 +1068,10 @@ def config_from_args(args) -> TrainConfig:
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    train(cfg)
+    if cfg.decoder_only:
+        train_decoder_only(cfg)
+    else:
+        train(cfg)
     if cfg.pictures:
         try:
             pictures.make_all(cfg.out, n=cfg.strips, steps=cfg.sample_steps, generation=cfg.generation)

@@ -168,6 +168,39 @@ def test_perturb_scales_per_sample():
     assert torch.equal(D.perturb(z, 0.0, g), z)
 
 
+def test_seam_metric_sees_the_linear_decoders_block_seams():
+    vae, video, z = _latent(frames=1, seeds=(3_000_000_001,))
+    lin = D.hold_frames(vae.decode_normalized(z))
+    assert D.seam_ratio(video) < 1.3 and D.seam_ratio(lin) > 2.0  # measured: about 1.06 and 3 over 16 scenes
+    edge, inside = D.block_diffs(video)
+    assert edge.shape == inside.shape == (1,)
+    # a picture that is flat inside each 8 x 8 block and steps between blocks: seams only
+    steps_ = torch.arange(16.0).repeat_interleave(8) / 16
+    blocky = steps_.view(1, 1, 128, 1, 1).expand(1, 1, 128, 128, 3)
+    edge, inside = D.block_diffs(blocky)
+    assert inside.item() == 0 and edge.item() > 0
+
+
+def test_seam_penalty_only_smooths_block_edges():
+    vae, video, z = _latent(frames=1, seeds=(3_000_000_001,))
+    lin = D.hold_frames(vae.decode_normalized(z)).requires_grad_(True)
+    assert D.seam_penalty(video, video).item() == 0
+    p = D.seam_penalty(lin, video)
+    assert p.item() > 0.01
+    p.backward()
+    g = lin.grad[0, 0].abs().sum(-1)  # [H, W]
+    near_edge = torch.zeros(128, dtype=torch.bool)
+    near_edge[7::8] = True
+    near_edge[8::8] = True
+    # the inside term is held constant: only pixels beside a block edge get a gradient
+    assert g[~near_edge][:, ~near_edge].sum() == 0 and g[near_edge].sum() > 0
+    _, _, z2 = _latent(frames=1, seeds=(1,))
+    dec = D.VideoDecoder()
+    torch.testing.assert_close(D.decoder_loss(dec, z2, video, 0.0),
+                               torch.nn.functional.mse_loss(dec(z2), video))
+    assert D.decoder_loss(dec, z2, video, 1.0) > D.decoder_loss(dec, z2, video, 0.0)
+
+
 @pytest.mark.slow
 def test_decoder_steps_lower_the_loss_on_a_fixed_batch():
     # the untrained decoder is the linear one (its zero output layer): a few steps must already beat it,
@@ -221,9 +254,127 @@ def test_training_command_writes_every_file(comfy_nodes, tmp_path):
     assert "pixel space (learned decoder)" in g["what"] and g["scene_seeds"] == [data.HELDOUT_SEED_BASE]
     for k in ("generated", "reference", "still"):
         assert len(g[k]["per_frame_psnr_db"]) == FRAMES
+    assert set(g["seam_ratio_after_start"]) == {"truth", "reference", "generated"}
+    assert log["decoder"]["heldout"]["linear_clean_seam_ratio"] > 1.5 > log["decoder"]["heldout"]["truth_seam_ratio"]
     # frame 0 of the still video is the reference's frame 0
     assert g["still"]["per_frame_psnr_db"][0] == g["reference"]["per_frame_psnr_db"][0]
     assert isinstance(D.load_decoder(out / D.DECODER_FILE), D.VideoDecoder)
     # refuses to replace the decoder (or anything) without --force
     with pytest.raises(FileExistsError, match="--force"):
         train.main(argv)
+
+
+# ---- training latents sampled with the experts, and --decoder-only ---------------------------------
+@pytest.mark.comfyui
+def test_sample_latents_is_comfyuis_two_expert_sampler(comfy_nodes, tmp_path):
+    """The decoder's training latents from a whole generation (start 0) are what ComfyUI's two
+    KSamplerAdvanced make from the same start frame, caption and noise (apps/mini_sample.py)."""
+    import comfy.sample
+    import comfy.samplers
+    from wan_w4a4.apps import mini_sample as sample
+    from wan_w4a4.minimodel import conditioning, text
+    from wan_w4a4.minimodel.arch import TINY, write_wan_checkpoint
+
+    paths = {k: write_wan_checkpoint(tmp_path / f"{k}.safetensors", TINY, seed=s) for k, s in (("high", 3), ("low", 4))}
+    steps = 4
+    high, low = (sample.load_expert(paths[k]) for k in ("high", "low"))
+    sigmas = comfy.samplers.calculate_sigmas(sample.with_shift(high).get_model_object("model_sampling"), "simple", steps)
+    torch.testing.assert_close(torch.tensor(train.flow_sigmas(steps, 8.0)), sigmas.float(), atol=1e-6, rtol=0)
+
+    vae, video, z = _latent()
+    cap = data.caption(data.sample_scene(3_000_000_000))
+    raw = sample.generate(high, low, cap, video[0, 0], frames=FRAMES, steps=steps, seed=11)
+    noise = comfy.sample.prepare_noise(torch.zeros_like(z), 11)
+    experts = {k: train.load_trained_expert(p) for k, p in paths.items()}
+    mask = conditioning.start_mask(*z.shape[2:])
+    ours = train.sample_latents(experts, z, noise, text.encode_text(cap), mask, train.flow_sigmas(steps, 8.0), 0,
+                                0.9, "cpu")
+    ref = vae.from_raw(raw.float())
+    assert ref.abs().mean() > 0.1
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=0)
+    # a later start begins at the true latent noised to that sigma: 0 steps left is the true latent
+    torch.testing.assert_close(train.sample_latents(experts, z, noise, text.encode_text(cap), mask,
+                                                    train.flow_sigmas(steps, 8.0), steps, 0.9, "cpu"), z)
+
+
+def test_load_trained_expert_names_the_file_and_the_problem(tmp_path):
+    from safetensors.torch import save_file
+    from wan_w4a4.minimodel.arch import TINY, write_wan_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="no expert checkpoint"):
+        train.load_trained_expert(tmp_path / "none.safetensors")
+    bad = tmp_path / "noarch.safetensors"
+    save_file({"x": torch.zeros(2)}, str(bad))
+    with pytest.raises(ValueError, match=r"noarch\.safetensors: no wan_w4a4\.arch"):
+        train.load_trained_expert(bad)
+    good = write_wan_checkpoint(tmp_path / "tiny.safetensors", TINY, seed=1)
+    from safetensors.torch import load_file
+    state = load_file(str(good))
+    state["head.head.weight"] = state["head.head.weight"][:1]
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(state, str(wrong), metadata={"wan_w4a4.arch": TINY.to_json()})
+    with pytest.raises(ValueError, match=r"wrong\.safetensors: tensor head\.head\.weight"):
+        train.load_trained_expert(wrong)
+    assert not train.load_trained_expert(good).training
+
+
+def test_decoder_data_mixes_sampled_x0_and_perturbed_latents(tmp_path):
+    """With experts, a ``decoder_sampled`` share of batches is sampled (stand-in experts here; the sampler
+    itself is checked against ComfyUI above), the rest are x0 predictions or perturbed latents."""
+    from wan_w4a4.minimodel import text
+
+    class Const(torch.nn.Module):  # v = c everywhere
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x, t, ctx):
+            return torch.full_like(x[:, :16], self.c)
+
+    cfg = train.TrainConfig(out=tmp_path, frames=FRAMES, decoder_batch=1, sample_steps=3, decoder_sampled=0.5,
+                            decoder_model_aug=0.5, boundary=0.9)
+    vae = data.LinearVideoVAE()
+    feed = train.DecoderData(cfg, vae, text.TextEncoder("cpu"), {"high": Const(0.3), "low": Const(-0.2)})
+    for _ in range(24):
+        z_in, frames = feed.next()
+        assert z_in.shape == (1, 16, 2, 16, 16) and frames.shape == (1, FRAMES, 128, 128, 3)
+        assert not torch.equal(z_in, vae.encode_normalized(frames))  # every kind changes the true latent
+    assert feed.counts["sampled"] >= 6 and feed.counts["x0"] >= 2 and feed.counts["perturbed"] >= 2
+    assert sum(feed.counts.values()) == 24
+    alone = train.DecoderData(cfg, vae, text.TextEncoder("cpu"))
+    alone.next()
+    assert alone.counts == {"sampled": 0, "x0": 0, "perturbed": 1}
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+def test_decoder_only_trains_from_the_experts_in_out(comfy_nodes, tmp_path):
+    from wan_w4a4.minimodel.arch import TINY, write_wan_checkpoint
+
+    out = tmp_path / "mini"
+    argv = ["--decoder-only", "--out", str(out), "--device", "cpu", "--frames", str(FRAMES), "--heldout", "1",
+            "--decoder-steps", "2", "--decoder-batch", "1", "--sample-steps", "2", "--decoder-sampled", "1",
+            "--no-pictures"]
+    with pytest.raises(FileNotFoundError, match="experts in --out"):
+        train.main(argv)
+    for k, s in (("high", 1), ("low", 2)):
+        write_wan_checkpoint(out / f"{k}_noise.safetensors", TINY, seed=s)
+    experts_before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "train_log.json").write_text(json.dumps({"config": {"frames": FRAMES}, "plan": {"warm": 1},
+                                                    "generation": {"old": 1}}))
+    assert train.main(argv) == 0
+    dec = D.load_decoder(out / D.DECODER_FILE)
+    assert dec.out.weight.abs().sum() > 0  # trained: no longer the linear decoder
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["plan"] == {"warm": 1} and "generation" not in log  # the experts' log kept, the stale metric gone
+    d = log["decoder"]
+    assert d["steps"] == 2 and d["batches"] == {"sampled": 2, "x0": 0, "perturbed": 0}
+    assert d["file"]["bytes"] == (out / D.DECODER_FILE).stat().st_size
+    assert "--decoder-only --decoder-steps 2" in d["replay"] and "--decoder-sampled 1" in d["replay"]
+    assert all((out / n).read_bytes() == b for n, b in experts_before.items())  # experts untouched
+    with pytest.raises(FileExistsError, match="--force"):
+        train.main(argv)
+    assert train.main([*argv, "--force", "--decoder-init", str(out / D.DECODER_FILE)]) == 0
+    with pytest.raises(ValueError, match="17-frame"):
+        (out / "train_log.json").write_text(json.dumps({"config": {"frames": 17}}))
+        train.main([*argv, "--force"])
