@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "calibrate": ("wan_w4a4.apps.calibrate", "build W4A4 states for the two Wan2.2 experts"),
     "demo": ("wan_w4a4.apps.demo", "calibrate, quantize and sample the embedded mini model (CPU)"),
+    "serve": ("wan_w4a4.apps.serve", "start ComfyUI's own main.py (its web UI) with this pack loaded"),
 }
 
 
@@ -36,13 +37,18 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {default_text(default).replace('%', '%%')})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The command line; ``commands``: the commands whose options are declared (default all). The
+    others are listed by name only, their modules not imported: ``serve`` must not import torch
+    before ComfyUI's main.py chooses its CUDA allocator, and the other commands' options import it."""
     parser = argparse.ArgumentParser(prog="wan_w4a4", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
+        if commands is not None and name not in commands:
+            continue
         try:
             importlib.import_module(module).add_arguments(p)
         except ImportError as e:  # a command whose module is not built yet still lists itself
@@ -51,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the first word that is not an option is the command (the only global option takes no value)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([command] if command in COMMANDS else None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -6,6 +6,7 @@
   installed torch is installed (ComfyUI imports both; Wan uses neither).
 - ``calibrate``: ``python -m wan_w4a4 calibrate``, W4A4 states for the two Wan2.2 experts.
 - ``demo``: ``python -m wan_w4a4 demo``, calibrate, quantize and sample the mini model.
+- ``serve``: ``python -m wan_w4a4 serve -- MAIN_PY_ARGS``, ComfyUI's own ``main.py`` with this pack loaded.
 - ``mini_train``, ``mini_sample``, ``mini_pictures``: train the mini model (``minimodel/``), sample it
   through ComfyUI's nodes, draw its pictures.
 

@@ -128,6 +128,17 @@ def not_found_message() -> str:
             f"{ENV_VAR} to a ComfyUI checkout, or install the pack in ComfyUI/custom_nodes/")
 
 
+def comfyui_tree(path=None) -> Path:
+    """The ComfyUI source tree a command uses: ``path`` (its ``--comfyui``) when given, else
+    ``find_comfyui()``, else the newest tree of ../shared/comfyui/, unpacked. Raises ComfyUINotFound
+    saying where it looked."""
+    root = Path(path).resolve() if path is not None else (find_comfyui() or _shared_tree())
+    if root is None or not is_comfyui_tree(root):
+        raise ComfyUINotFound(not_found_message() if path is None
+                              else f"ComfyUI not found: {path} has no comfy/sd.py")
+    return root
+
+
 def _loop_running() -> bool:
     """Whether this thread is inside a running event loop."""
     try:
@@ -184,10 +195,7 @@ def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynami
     ModelPatcher. ``gpu_budget_gib``: with dynamic VRAM, the GiB the whole process may use on each GPU
     (``enable_dynamic_vram``). Idempotent; a second call may change ``base_directory`` but not the tree.
     """
-    root = Path(path).resolve() if path is not None else (find_comfyui() or _shared_tree())
-    if root is None or not is_comfyui_tree(root):
-        raise ComfyUINotFound(not_found_message() if path is None
-                              else f"ComfyUI not found: {path} has no comfy/sd.py")
+    root = comfyui_tree(path)
     if _state:
         if root != _state["path"]:
             raise RuntimeError(f"ComfyUI from {_state['path']} is already initialised in this process; "

@@ -190,7 +190,7 @@ def _why_not_importable(package: str, try_import: bool = True) -> str | None:
         return f"installed but does not import ({type(e).__name__}: {first_line[:300]})"
 
 
-def install_stand_ins(packages=PACKAGES, try_import: bool = True) -> dict[str, str]:
+def install_stand_ins(packages=PACKAGES, try_import: bool = True, reasons: dict | None = None) -> dict[str, str]:
     """Makes ``torchvision`` and ``torchaudio`` importable when they are not: for each package
     that does not import (not installed, or a build for another torch), an import hook makes
     ``import pkg.anything`` and ``from pkg.anything import name`` succeed with stand-ins that
@@ -201,12 +201,14 @@ def install_stand_ins(packages=PACKAGES, try_import: bool = True) -> dict[str, s
     A package that imports is left alone. Idempotent; returns ``{package: why}`` for the packages
     that are stand-ins in this process. ``try_import=False`` (before ComfyUI's ``main.py``, which must
     import torch itself, after choosing its CUDA allocator) only stands in for packages that are
-    not installed.
+    not installed. ``reasons``: ``{package: why}`` found by another process that tried the imports
+    (``serve``'s probe, so that this process imports no torch before ``main.py``): those packages are
+    stood in for as they are, nothing is probed here.
     """
-    for package in packages:
+    for package in (packages if reasons is None else reasons):
         if package in _finder.reasons:
             continue
-        reason = _why_not_importable(package, try_import)
+        reason = _why_not_importable(package, try_import) if reasons is None else reasons[package]
         if reason is not None:
             _finder.reasons[package] = reason
             logger.warning("%s is %s: registered a stand-in for it (Wan does not use it; any use of it "

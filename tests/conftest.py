@@ -191,9 +191,16 @@ def start_server(comfyui, tmp_path: Path, *flags: str, cpu: bool = True):
         comfyui, *(("--cpu",) if cpu else ()), "--listen", "127.0.0.1", "--port", str(port),
         "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes", "--front-end-root",
         str(frontend), "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}", *flags)
-    log_path = tmp_path / "server.log"
+    with launch_server(cmd, comfyui, base, tmp_path / "server.log", port) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def launch_server(cmd: list, cwd, base: Path, log_path: Path, port: int):
+    """Runs ``cmd`` (a ComfyUI server on ``port`` with base directory ``base``), waits until its
+    /system_stats answers (at most SERVER_START_TIMEOUT_S), yields its ``ComfyServer``; terminates it on exit."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = ComfyServer(f"http://127.0.0.1:{port}", base, base / "models", log_path, proc)
     try:
@@ -226,6 +233,18 @@ def comfy_server(comfyui, tmp_path_factory):
     (identical experts under the same names, seeds 1 and 2) and post graphs; stopped at the end."""
     with start_server(comfyui, tmp_path_factory.mktemp("server")) as server:
         yield server
+
+
+@pytest.fixture
+def launch_comfy_server():
+    """``launch(cmd, cwd, base, log_path, port)``: ``launch_server``, for a test that builds the server's
+    command itself (``port``: a free loopback port, from the ``free_port`` fixture)."""
+    return launch_server
+
+
+@pytest.fixture
+def free_port() -> int:
+    return _free_port()
 
 
 @pytest.fixture
