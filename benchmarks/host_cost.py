@@ -13,23 +13,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import time
 
 import _checkout  # noqa: F401  (makes ``import wan_w4a4`` work from a checkout)
 import torch
-from bench_linear import make_random_layer
+from bench_linear import back_to_back, make_random_layer
 from wan_w4a4 import kernels
-
-
-def back_to_back_us(fn, calls: int = 300) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e6 / calls
 
 
 def main(argv=None) -> None:
@@ -70,7 +58,7 @@ def main(argv=None) -> None:
     }
     print(f"{torch.cuda.get_device_name()}, M={args.tokens} K={args.k} N={args.n}: wall time per call, back to back")
     for name, fn in parts.items():
-        print(f"{name:48s} {back_to_back_us(fn):8.1f} us", flush=True)
+        print(f"{name:48s} {back_to_back(fn, calls=300) * 1e3:8.1f} us", flush=True)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(200):
