@@ -193,8 +193,13 @@ def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynami
     the tree itself). ``dynamic_vram``: turn on ComfyUI's dynamic VRAM as its ``main.py`` does by default
     on NVIDIA GPUs (``enable_dynamic_vram``); without it, a library use of ComfyUI runs the legacy
     ModelPatcher. ``gpu_budget_gib``: with dynamic VRAM, the GiB the whole process may use on each GPU
-    (``enable_dynamic_vram``). Idempotent; a second call may change ``base_directory`` but not the tree.
+    (``enable_dynamic_vram``). Idempotent; a second call may change ``base_directory`` but not the tree,
+    and one without ``path`` takes the tree already initialised (a command's ``--comfyui``), not the default.
     """
+    if _state and path is None:
+        if base_directory is not None:
+            set_base_directory(base_directory)
+        return _state["nodes"]
     root = comfyui_tree(path)
     if _state:
         if root != _state["path"]:
