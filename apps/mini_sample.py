@@ -6,7 +6,7 @@ low-noise expert continues from there without adding noise. The official I2V bou
 t = 900 (sigma 0.9): a step belongs to the high-noise expert while its starting sigma is >= 0.9
 (Wan2.2's ``if t >= boundary``), so the split step is computed from the schedule, not fixed.
 
-All functions need ``wan_w4a4.apps.runtime.init_comfyui()`` first (``load_expert`` calls it).
+All functions need ComfyUI initialised in the process (``runtime.comfyui_nodes``; ``load_expert`` calls it).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ SHIFT = 8.0         # ComfyUI's default for Wan, and the template's ModelSamplin
 
 
 def _nodes():
-    return runtime.init_comfyui()
+    return runtime.comfyui_nodes()
 
 
 def load_expert(path, weight_dtype: str = "default"):

@@ -184,6 +184,12 @@ def set_base_directory(base_directory) -> Path:
     return base
 
 
+def comfyui_nodes():
+    """The ``nodes`` module of the ComfyUI this process initialised (a command's ``--comfyui`` included);
+    where none is, ``init_comfyui()`` of the default tree. For helpers that run inside a command."""
+    return _state.get("nodes") or init_comfyui()
+
+
 def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynamic_vram: bool = False,
                  gpu_budget_gib: float | None = None):
     """Imports and initialises ComfyUI in this process; returns its ``nodes`` module.
@@ -193,13 +199,8 @@ def init_comfyui(path=None, cpu: bool | None = None, base_directory=None, dynami
     the tree itself). ``dynamic_vram``: turn on ComfyUI's dynamic VRAM as its ``main.py`` does by default
     on NVIDIA GPUs (``enable_dynamic_vram``); without it, a library use of ComfyUI runs the legacy
     ModelPatcher. ``gpu_budget_gib``: with dynamic VRAM, the GiB the whole process may use on each GPU
-    (``enable_dynamic_vram``). Idempotent; a second call may change ``base_directory`` but not the tree,
-    and one without ``path`` takes the tree already initialised (a command's ``--comfyui``), not the default.
+    (``enable_dynamic_vram``). Idempotent; a second call may change ``base_directory`` but not the tree.
     """
-    if _state and path is None:
-        if base_directory is not None:
-            set_base_directory(base_directory)
-        return _state["nodes"]
     root = comfyui_tree(path)
     if _state:
         if root != _state["path"]:
@@ -349,7 +350,7 @@ def load_custom_node(path, nodes_module=None) -> types.ModuleType:
 
     Raises RuntimeError if ComfyUI reports the import as failed. Idempotent per path.
     """
-    nodes = nodes_module or _state.get("nodes") or init_comfyui()
+    nodes = nodes_module or comfyui_nodes()
     path = Path(path).resolve()
     # the sys.modules name that nodes.load_custom_node gives a file or a folder
     name = str(path.with_suffix("")) if path.is_file() else str(path).replace(".", "_x_")
