@@ -365,10 +365,18 @@ CARD_BEGIN, CARD_END = "<!-- results:begin -->", "<!-- results:end -->"
 def results_markdown(log: dict) -> str:
     """The card's results section, from ``train_log.json``."""
     env, plan = log["environment"], log["plan"]
+    prev = log.get("continued_from")
+    start = "warm start" if prev is None else "start"
     lines = [(f"Trained on {env['device']} (torch {env['torch']}, ComfyUI {env['comfyui']}) in {log['wall_s']:.0f} s: "
               f"warm start {plan['warm']} steps, high-noise expert {plan['high']}, low-noise expert {plan['low']}, "
-              f"batch {log['config']['batch']}, {log['data']['videos_rendered']} videos rendered."),
-             f"Replay: `python -m wan_w4a4.apps.mini_train --out DIR {log['replay']}`.", ""]
+              f"batch {log['config']['batch']}, {log['data']['videos_rendered']} videos rendered.")]
+    if prev is not None:
+        earlier = prev.get("log") or {}
+        lines.append("Continued from the experts of an earlier run (DIR0" +
+                      (f": {earlier['wall_s']:.0f} s, plan {earlier['plan']}, replay "
+                       f"`{earlier['replay']}`" if earlier.get("plan") else "") +
+                      "); the start column below is those experts.")
+    lines += [f"Replay: `python -m wan_w4a4.apps.mini_train --out DIR {log['replay']}`.", ""]
     speed = [f"{k}: {v['steps_per_s']:.3g} steps/s, {v['samples_per_s']:.4g} samples/s, "
              f"{v['tokens_per_s']:.4g} tokens/s" for k, v in log["phases"].items() if v]
     if speed:
@@ -376,14 +384,14 @@ def results_markdown(log: dict) -> str:
     lines += [("Held-out velocity MSE (held-out seeds, fixed noise, "
                f"{log['config']['heldout_sigmas']} stratified timesteps per range; untrained = the initialisation, "
                "whose zero output head predicts v = 0):"), "",
-              "| expert | timesteps | untrained | warm start | trained | trained / untrained |",
+              f"| expert | timesteps | untrained | {start} | trained | trained / untrained |",
               "|---|---|---|---|---|---|"]
     for name, rng in (("high", "t >= 900"), ("low", "t < 900")):
         h = log["heldout"][name]
         lines.append(f"| {name}-noise | {rng} | {h['untrained']:.4f} | {h['warm_start']:.4f} | {h['trained']:.4f} "
                      f"| {h['ratio_trained_to_untrained']:.3f} |")
     lines += ["", "Per timestep (the strata are uniform in u, as the steps of ComfyUI's simple schedule with shift 8):",
-              "", "| expert | sigma | t | untrained | warm start | trained |", "|---|---|---|---|---|---|"]
+              "", f"| expert | sigma | t | untrained | {start} | trained |", "|---|---|---|---|---|---|"]
     for name in ("high", "low"):
         per = log["heldout"][name]["per_sigma"]
         for (s, u), (_, w), (_, t) in zip(per["untrained"], per["warm_start"], per["trained"]):

@@ -130,6 +130,8 @@ class TrainConfig:
     generation: int = 8                   # held-out scenes sampled for the generation metric (0: none)
     sample_steps: int = 20                # sampling steps of the generation metric and strips
     strips: int = 4                       # held-out scenes in strips.png
+    init_experts: Path | None = None      # continue both experts from the checkpoints in this folder (no warm
+                                          # start; the steps are split between the experts by `fractions`)
     compile: bool = False
     pictures: bool = True
     overwrite: bool = False               # replace existing checkpoints/log in `out`
@@ -167,6 +169,13 @@ class TrainConfig:
             self.decoder_init = Path(self.decoder_init)
             if not self.decoder_init.is_file():
                 raise FileNotFoundError(f"decoder_init: no decoder file at {self.decoder_init}")
+        if self.init_experts is not None:
+            self.init_experts = Path(self.init_experts)
+            for fname in EXPERT_FILES.values():
+                expert_arch(self.init_experts / fname, self.arch)  # checked now, not after the probe
+            if self.phase_steps is not None and self.phase_steps[0] != 0:
+                raise ValueError(f"init_experts continues the experts: the warm start must have 0 steps, "
+                                 f"got phase_steps {self.phase_steps}")
         if self.decoder_only and not (self.decoder_steps or self.decoder_seconds):
             raise ValueError("decoder_only needs a decoder budget: decoder_seconds > 0 or decoder_steps > 0")
         if self.generation < 0 or self.sample_steps < 1 or self.strips < 1:
@@ -256,18 +265,17 @@ def save_checkpoint(model: torch.nn.Module, path, arch: WanArch, metadata: dict)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
-    size = path.stat().st_size
-    if size > MAX_CHECKPOINT_BYTES:
-        logger.warning("%s is %.1f MB, over the %.0f MB budget", path, size / 1e6,
+    digest = checkpoint_digest(path)
+    if digest["bytes"] > MAX_CHECKPOINT_BYTES:
+        logger.warning("%s is %.1f MB, over the %.0f MB budget", path, digest["bytes"] / 1e6,
                        MAX_CHECKPOINT_BYTES / 1e6)
-    return {"file": path.name, "bytes": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return digest
 
 
-def load_trained_expert(path, device="cpu") -> torch.nn.Module:
-    """A checkpoint written by ``save_checkpoint`` as ComfyUI's ``WanModel`` (fp32, eval mode): the
-    architecture from its header, every tensor name and shape checked (the error names the file)."""
+def expert_arch(path, expected: WanArch | None = None) -> WanArch:
+    """The architecture in a ``save_checkpoint`` file's header (the error names the file); with
+    ``expected``: it must be that one."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
@@ -283,6 +291,18 @@ def load_trained_expert(path, device="cpu") -> torch.nn.Module:
         arch = WanArch.from_json(meta["wan_w4a4.arch"])
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{path}: bad wan_w4a4.arch in the header ({e})") from None
+    if expected is not None and arch != expected:
+        raise ValueError(f"{path}: its architecture {arch} is not the one being trained, {expected}")
+    return arch
+
+
+def load_trained_expert(path, device="cpu") -> torch.nn.Module:
+    """A checkpoint written by ``save_checkpoint`` as ComfyUI's ``WanModel`` (fp32, eval mode): the
+    architecture from its header, every tensor name and shape checked (the error names the file)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    arch = expert_arch(path)
     state = load_file(str(path))
     expected = wan_state_dict_shapes(arch)
     for key, shape in expected.items():
@@ -871,6 +891,10 @@ def plan_steps(cfg: TrainConfig, probe: dict | None, eval_s: float, spent_s: flo
         evals = cfg.eval_points * 4 + 12  # warm evaluates both ranges; raw vs EMA and final losses
         budget = cfg.minutes * 60 - spent_s - evals * eval_s - 15  # 15 s: checkpoints and slack
         total = max(3, int(budget / probe["effective_step_s"]))
+    if cfg.init_experts is not None:  # no warm start: the experts share the steps in their ratio
+        fh, fl = cfg.fractions[1:]
+        h = max(1, round(total * fh / (fh + fl)))
+        return 0, h, max(1, total - h)
     w, h = (max(1, round(total * f)) for f in cfg.fractions[:2])
     return w, h, max(1, total - w - h)
 
@@ -921,11 +945,18 @@ def train(cfg: TrainConfig) -> dict:
     phases["warm"] = tr.run_phase("warm", model, plan[0], ranges["warm"], heldout, expert_ranges, forward, ema)
     if phases["warm"] is not None:
         phases["warm"]["weights"] = keep_better(model, ema, heldout, ranges["warm"])
-    warm_loss = {k: heldout.loss(model, r) for k, r in expert_ranges.items()}
-    warm_state = copy.deepcopy(model.state_dict())
+    if cfg.init_experts is None:
+        warm_loss = {k: heldout.loss(model, r) for k, r in expert_ranges.items()}
+        starts = dict.fromkeys(expert_ranges, copy.deepcopy(model.state_dict()))
+    else:  # each expert starts from its checkpoint; "warm_start" in the log is that starting point
+        starts = {k: load_trained_expert(cfg.init_experts / EXPERT_FILES[k]).state_dict() for k in expert_ranges}
+        warm_loss = {}
+        for k, r in expert_ranges.items():
+            model.load_state_dict(starts[k])
+            warm_loss[k] = heldout.loss(model, r)
     results, checkpoints = {}, {}
     for name, steps in (("high", plan[1]), ("low", plan[2])):
-        model.load_state_dict(warm_state)
+        model.load_state_dict(starts[name])
         ema = new_ema()
         phases[name] = tr.run_phase(name, model, steps, ranges[name], heldout, {name: ranges[name]}, forward, ema)
         phases[name]["weights"] = keep_better(model, ema, heldout, ranges[name])
@@ -933,9 +964,11 @@ def train(cfg: TrainConfig) -> dict:
         results[name] = heldout.loss(model, ranges[name])
         meta = {"expert": f"{name}_noise", "boundary_t": round(cfg.boundary * 1000),
                 "sigma_range": list(ranges[name]), "shift": cfg.shift, "steps": {"warm": plan[0], name: steps},
-                "seed": cfg.seed, "made_by": "python -m wan_w4a4.apps.mini_train"}
+                "seed": cfg.seed, "made_by": "python -m wan_w4a4.apps.mini_train",
+                **({"continued_from": checkpoint_digest(cfg.init_experts / EXPERT_FILES[name])}
+                   if cfg.init_experts is not None else {})}
         checkpoints[name] = save_checkpoint(model, cfg.out / EXPERT_FILES[name], cfg.arch, meta)
-    del warm_state
+    del starts
 
     decoder_log = None
     if cfg.decoder_steps != 0 and (cfg.decoder_steps is not None or cfg.decoder_seconds):
@@ -961,7 +994,9 @@ def train(cfg: TrainConfig) -> dict:
                             f"--batch {cfg.batch}", f"--lr {cfg.lr:g}", f"--frames {cfg.frames}",
                             f"--chunk {cfg.chunk}", f"--reuse {cfg.reuse}", f"--heldout {cfg.heldout}",
                             f"--heldout-sigmas {cfg.heldout_sigmas}",
-                            f"--ema {cfg.ema:g}", decoder_replay(cfg, (decoder_log or {}).get("steps", 0))]),
+                            f"--ema {cfg.ema:g}", decoder_replay(cfg, (decoder_log or {}).get("steps", 0)),
+                            *(["--init-experts DIR0"] if cfg.init_experts is not None else [])]),
+        "continued_from": continued_from(cfg.init_experts),
         "environment": {"device": _device_name(cfg.device), "torch": torch.__version__,
                         "python": platform.python_version(), "comfyui": _comfyui_version()},
         "plan": {"warm": plan[0], "high": plan[1], "low": plan[2]}, "probe": probe,
@@ -983,6 +1018,27 @@ def train(cfg: TrainConfig) -> dict:
     logger.info("wrote %s in %.1f s", ", ".join(str(cfg.out / f) for f in [*EXPERT_FILES.values(), "train_log.json"]),
                 log["wall_s"])
     return log
+
+
+def checkpoint_digest(path) -> dict:
+    path = Path(path)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def continued_from(folder: Path | None) -> dict | None:
+    """What a continued run started from (DIR0 in its replay): the experts' digests and, when that folder has
+    its ``train_log.json``, that run's plan, replay, wall time and held-out losses, so the lineage stays known."""
+    if folder is None:
+        return None
+    out = {"experts": {k: checkpoint_digest(folder / f) for k, f in EXPERT_FILES.items()}}
+    try:
+        prev = json.loads((folder / "train_log.json").read_text())
+        out["log"] = {k: prev.get(k) for k in ("plan", "replay", "wall_s", "environment", "continued_from")}
+        out["log"]["heldout_trained"] = {k: v["trained"] for k, v in prev.get("heldout", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        logger.warning("%s: no readable train_log.json (%s); the lineage keeps only the checkpoints' digests",
+                       folder, e)
+    return out
 
 
 def _device_name(device) -> str:
@@ -1040,6 +1096,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="held-out scenes sampled with both experts for the generation metric and the strips")
     p.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the generation metric and strips")
     p.add_argument("--strips", type=int, default=4, help="held-out scenes in strips.png")
+    p.add_argument("--init-experts", type=Path, default=None, metavar="DIR",
+                   help="continue both experts from the checkpoints in DIR (e.g. minimodel): no warm start, "
+                        "the budget split between the experts 3:4 (default: train from the initialisation)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--no-pictures", action="store_true", help="skip strips.png / loss_curve.png")
     p.add_argument("--force", action="store_true", help="replace checkpoints and log already in --out")
@@ -1060,7 +1119,7 @@ def config_from_args(args) -> TrainConfig:
         decoder_batch=args.decoder_batch or (32 if cuda else 2), decoder_sampled=args.decoder_sampled,
         decoder_seam=args.decoder_seam, decoder_lr=args.decoder_lr,
         decoder_only=args.decoder_only, decoder_init=args.decoder_init, generation=args.generation,
-        sample_steps=args.sample_steps, strips=args.strips,
+        sample_steps=args.sample_steps, strips=args.strips, init_experts=args.init_experts,
         heldout=args.heldout or (64 if cuda else 8),
         heldout_sigmas=args.heldout_sigmas or (8 if cuda else 4), compile=args.compile, pictures=not args.no_pictures,
         overwrite=args.force)

@@ -6,12 +6,12 @@ timestep and context ComfyUI hands the Wan transformer are what training builds.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
-
 from wan_w4a4.apps import mini_train as train
 from wan_w4a4.minimodel import conditioning, data, text
 from wan_w4a4.minimodel.arch import TINY, wan_state_dict_shapes, write_wan_checkpoint
@@ -101,7 +101,6 @@ def test_training_input_equals_comfyuis_model_input(comfy_nodes, tmp_path):
     KSamplerAdvanced with cfg, so cond and uncond) and compares what reaches the transformer with
     the training-time construction."""
     import comfy.samplers
-
     from wan_w4a4.apps import mini_sample as sample
 
     ckpt = write_wan_checkpoint(tmp_path / "tiny_wan.safetensors", TINY, seed=5)
@@ -200,7 +199,6 @@ def test_three_step_training_writes_loadable_checkpoints(comfy_nodes, tmp_path):
 
     # the pictures and the card's results block
     from PIL import Image
-
     from wan_w4a4.apps import mini_pictures as pictures
 
     ref = vae.decode_normalized(vae.encode_normalized(video))
@@ -231,3 +229,57 @@ def test_command_line_defaults():
     assert train.plan_steps(cfg, None, 0.0, 0.0) == (30, 30, 40) and cfg.arch == TINY
     with pytest.raises(SystemExit):
         p.parse_args(["--out", "o", "--steps", "10", "--minutes", "3"])
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+def test_continued_training_starts_from_the_given_experts(comfy_nodes, tmp_path):
+    from safetensors import safe_open
+
+    small = {"arch": TINY, "batch": 1, "frames": FRAMES, "chunk": 1, "reuse": 1, "heldout": 1, "heldout_sigmas": 1,
+             "eval_points": 1, "pictures": False, "minutes": None}
+    first = train.train(train.TrainConfig(out=tmp_path / "a", phase_steps=(1, 1, 1), **small))
+    cfg = train.TrainConfig(out=tmp_path / "b", phase_steps=(0, 1, 2), init_experts=tmp_path / "a", **small)
+    log = train.train(cfg)
+    assert log["plan"] == {"warm": 0, "high": 1, "low": 2} and log["phases"]["warm"] is None
+    prev = log["continued_from"]
+    for name in ("high", "low"):
+        assert prev["experts"][name]["sha256"] == first["checkpoints"][name]["sha256"]
+        # the start column is the given expert's held-out loss, measured again on the same held-out set
+        assert log["heldout"][name]["warm_start"] == pytest.approx(first["heldout"][name]["trained"], rel=1e-4)
+        with safe_open(str(cfg.out / train.EXPERT_FILES[name]), framework="pt") as f:
+            meta = json.loads(f.metadata()["wan_w4a4.continued_from"])
+        assert meta["sha256"] == first["checkpoints"][name]["sha256"]
+    assert prev["log"]["plan"] == first["plan"] and "--init-experts DIR0" in log["replay"]
+    from wan_w4a4.apps import mini_pictures as pictures
+    card = pictures.results_markdown(log)
+    assert "Continued from the experts of an earlier run" in card and "| untrained | start | trained |" in card
+    from PIL import Image
+    assert Image.open(pictures.draw_loss_curve(log, tmp_path / "curve.png")).size == (900, 420)
+
+
+def test_continued_training_checks_the_experts_before_it_starts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no expert checkpoint"):
+        train.TrainConfig(out=tmp_path / "b", init_experts=tmp_path / "none")
+    bad = tmp_path / "bad"
+    for fname in train.EXPERT_FILES.values():
+        bad.mkdir(exist_ok=True)
+        (bad / fname).write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        train.TrainConfig(out=tmp_path / "b", init_experts=bad)
+    tiny = tmp_path / "tiny"
+    for fname in train.EXPERT_FILES.values():
+        write_wan_checkpoint(tiny / fname, TINY)
+    with pytest.raises(ValueError, match="is not the one being trained"):
+        train.TrainConfig(out=tmp_path / "b", init_experts=tiny)  # the default architecture is MINI
+    with pytest.raises(ValueError, match="warm start must have 0 steps"):
+        train.TrainConfig(out=tmp_path / "b", arch=TINY, phase_steps=(1, 1, 1), init_experts=tiny)
+    cfg = train.TrainConfig(out=tmp_path / "b", arch=TINY, steps=70, minutes=None, init_experts=tiny)
+    assert train.plan_steps(cfg, None, 0.0, 0.0) == (0, 30, 40)  # the experts' 3 : 4, no warm start
+    assert train.plan_steps(dataclasses.replace(cfg, init_experts=None), None, 0.0, 0.0) == (21, 21, 28)
+    import argparse
+
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    args = p.parse_args(["--out", "o", "--arch", "tiny", "--init-experts", str(tiny), "--steps", "7"])
+    assert train.config_from_args(args).init_experts == tiny
