@@ -9,6 +9,9 @@
     training-range scenes, then both samplings; about a minute on a CPU, needs a ComfyUI tree);
   - the 14B workflows: title cards saying what the workflow does (the repository holds no 14B
     weights, so there is no 14B output to show);
+- ``example_workflows/input/wan_w4a4_start_640.jpg``: the 14B workflows' Load Image start picture, which
+  the pack copies into ComfyUI's input folder (``nodes/example_inputs.py``): the first frame of a held-out
+  mini-model scene (``minimodel.data``) rendered at 640 x 640, the workflows' video size;
 - ``docs/icon.png`` (400 x 400) and ``docs/banner.png`` (1280 x 320), named by pyproject's
   ``[tool.comfy]`` Icon and Banner.
 
@@ -18,6 +21,7 @@ with ``--overwrite``; each file is written to a temporary name and renamed into 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import logging
 import math
@@ -28,6 +32,7 @@ from pathlib import Path
 from wan_w4a4.apps import demo, runtime
 from wan_w4a4.apps import mini_pictures as pictures
 from wan_w4a4.kernels import format as fmt
+from wan_w4a4.minimodel import data
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,10 @@ THUMB = (512, 368)
 JPEG_QUALITY = 85
 NAVY, INK, PALE, AMBER = (22, 33, 62), (255, 255, 255), (196, 206, 228), (255, 184, 28)
 MINI = "wan22_mini_w4a4_demo"
+START = WORKFLOWS / "input" / "wan_w4a4_start_640.jpg"
+# A held-out scene (never trained on) picked by eye from the first twelve: a blue diamond and an orange
+# square on a yellow and white wavy ground, a clear subject that compresses to about 23 KB.
+START_SEED, START_SIZE = data.heldout_seeds(6)[5], 640
 # Title cards: what each 14B workflow does, in the words of its own notes.
 CARDS = {
     "wan22_i2v_14b_w4a4": ("Wan2.2 I2V 14B in W4A4", [
@@ -119,6 +128,24 @@ def mini_thumbnail(videos: dict, row: dict, steps: int, pen: pictures.Pen, size=
     return img
 
 
+def scaled_scene(scene: data.Scene, k: float) -> data.Scene:
+    """``scene`` with every length in pixels multiplied by ``k``: it renders ``k`` times larger, as sharp."""
+    shapes = tuple(dataclasses.replace(s, x=s.x * k, y=s.y * k, radius=s.radius * k,
+                                       amount=s.amount * k if s.motion in ("slides", "bounces") else s.amount)
+                   for s in scene.shapes)
+    return dataclasses.replace(scene, shapes=shapes, bg_period=scene.bg_period * k,
+                               camera_distance=scene.camera_distance * k)
+
+
+def start_picture(seed: int = START_SEED, size: int = START_SIZE):
+    """The first frame of mini scene ``seed``, rendered at ``size`` x ``size`` (not upscaled)."""
+    from PIL import Image
+
+    scene = scaled_scene(data.sample_scene(seed), size / data.WIDTH)
+    frame = data.render([scene], frames=1, height=size, width=size)[0, 0]
+    return Image.fromarray((frame.clamp(0, 1) * 255 + 0.5).byte().numpy())
+
+
 def icon(pen: pictures.Pen, size: int = 400):
     from PIL import Image
 
@@ -171,7 +198,7 @@ def targets(cards_only: bool) -> list[Path]:
         raise SystemExit(f"make_pictures: no thumbnail recipe for example_workflows/{unknown[0]}.json "
                          "(add a title card to CARDS)")
     out = [WORKFLOWS / f"{n}.jpg" for n in names if not (cards_only and n == MINI)]
-    return out + [ROOT / "docs" / "icon.png", ROOT / "docs" / "banner.png"]
+    return out + [START, ROOT / "docs" / "icon.png", ROOT / "docs" / "banner.png"]
 
 
 def main(argv=None) -> int:
@@ -187,7 +214,7 @@ def main(argv=None) -> int:
         print(f"make_pictures: refusing to overwrite {', '.join(existing)} (pass --overwrite)", file=sys.stderr)
         return 1
     pen = pictures.Pen()
-    images = {"icon": icon(pen), "banner": banner(pen)}
+    images = {"icon": icon(pen), "banner": banner(pen), START.stem: start_picture()}
     images.update({name: title_card(t, lines, pen) for name, (t, lines) in CARDS.items()})
     if not args.cards_only:
         try:
@@ -197,9 +224,10 @@ def main(argv=None) -> int:
             return e.code
         images[MINI] = mini_thumbnail(c.videos[0], c.rows[0], steps, pen)
     for path in paths:
-        data = encode(images[path.stem], path)
-        fmt.write_bytes(path, data, overwrite=args.overwrite)
-        log.info("wrote %s (%d bytes)", path.relative_to(ROOT), len(data))
+        encoded = encode(images[path.stem], path)
+        path.parent.mkdir(exist_ok=True)
+        fmt.write_bytes(path, encoded, overwrite=args.overwrite)
+        log.info("wrote %s (%d bytes)", path.relative_to(ROOT), len(encoded))
     return 0
 
 

@@ -90,7 +90,7 @@ def test_14b_workflow_follows_the_template_in_w4a4(env):
         == [(640, 640, 81)]
     assert {widgets(env, n)["fps"] for n in by_type["CreateVideo"]} == {16}
     assert {widgets(env, n)["filename_prefix"] for n in by_type["SaveVideo"]} == {"video/Wan2.2_i2v"}
-    assert [widgets(env, n)["image"] for n in by_type["LoadImage"]] == ["video_wan2_2_14B_i2v_input_image.jpg"]
+    assert [widgets(env, n)["image"] for n in by_type["LoadImage"]] == ["wan_w4a4_start_640.jpg"]
     assert [widgets(env, n)["clip_name"] for n in by_type["CLIPLoader"]] == [
         "umt5_xxl_fp8_e4m3fn_scaled.safetensors"]
     assert [widgets(env, n)["vae_name"] for n in by_type["VAELoader"]] == ["wan_2.1_vae.safetensors"]
