@@ -287,6 +287,24 @@ if triton is not None:
             tl.atomic_add(wsum_ptr + rn, part, mask=n_mask)
 
     @triton.jit
+    def _tma_tile(a_desc, b_desc, pid_m, pid_n, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+                  M, N, K, R, stride_ym, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  R_PAD: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr):
+        """One output tile from TMA-fetched int8 tiles (both operands K-major), then the epilogue; the
+        body of the TMA kernel and of each step of the persistent one (inlined by Triton)."""
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+        for k in range(0, K, BK):
+            a = a_desc.load([off_m, k])
+            b = b_desc.load([off_n, k])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rm = off_m + tl.arange(0, BM)
+        rn = off_n + tl.arange(0, BN)
+        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
+                  R_PAD, HAS_LR, HAS_BIAS, OFFSET)
+
+    @triton.jit
     def _gemm_i8_kernel(
         a_ptr, b_ptr, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
         M, N, K, R, stride_ym,
@@ -317,17 +335,8 @@ if triton is not None:
     ):
         """Same as _gemm_i8_kernel with tiles fetched by the Hopper tensor-memory accelerator."""
         pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
-        off_m = pid_m * BM
-        off_n = pid_n * BN
-        acc = tl.zeros([BM, BN], dtype=tl.int32)
-        for k in range(0, K, BK):
-            a = a_desc.load([off_m, k])
-            b = b_desc.load([off_n, k])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        rm = off_m + tl.arange(0, BM)
-        rn = off_n + tl.arange(0, BN)
-        _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
-                  R_PAD, HAS_LR, HAS_BIAS, OFFSET)
+        _tma_tile(a_desc, b_desc, pid_m, pid_n, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+                  M, N, K, R, stride_ym, BM, BN, BK, R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
 
     @triton.jit
@@ -343,17 +352,8 @@ if triton is not None:
         num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
             pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
-            off_m = pid_m * BM
-            off_n = pid_n * BN
-            acc = tl.zeros([BM, BN], dtype=tl.int32)
-            for k in range(0, K, BK):
-                a = a_desc.load([off_m, k])
-                b = b_desc.load([off_n, k])
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-            rm = off_m + tl.arange(0, BM)
-            rn = off_n + tl.arange(0, BN)
-            _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
-                      R_PAD, HAS_LR, HAS_BIAS, OFFSET)
+            _tma_tile(a_desc, b_desc, pid_m, pid_n, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+                      M, N, K, R, stride_ym, BM, BN, BK, R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
 
 
