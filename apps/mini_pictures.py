@@ -110,9 +110,10 @@ class Pen:
 
 
 def strip_rows(high, low, seeds, *, steps: int = 20, cfg: float = 1.0, sample_seed: int = 0,
-               frames: int = data.FRAMES, vae=None, with_videos: bool = False):
+               frames: int = data.FRAMES, vae=None, with_videos: bool = False, sampler_name: str = "euler"):
     """``[(caption, reference [F, H, W, 3], generated [F, H, W, 3])]`` for the scenes of ``seeds``: one
-    picture per latent frame, decoded by ``vae`` (default ``decoder.embedded_vae()``). With
+    picture per latent frame, decoded by ``vae`` (default ``decoder.embedded_vae()``); sampled with
+    ``steps`` steps of ComfyUI's ``sampler_name`` at guidance ``cfg`` (negative: the empty caption). With
     ``with_videos``, each row also carries ``{"truth", "reference", "generated"}``: all pixel frames
     ``[T, H, W, 3]`` (the rendered video, and the two latents decoded to every frame)."""
     vae = vae if vae is not None else mini_decoder.embedded_vae()
@@ -121,7 +122,8 @@ def strip_rows(high, low, seeds, *, steps: int = 20, cfg: float = 1.0, sample_se
         scene = data.sample_scene(seed)
         cap = data.caption(scene)
         video = data.render([scene], frames=frames)[0]
-        latent = sample.generate(high, low, cap, video[0], frames=video.shape[0], steps=steps, seed=sample_seed + i, cfg=cfg)
+        latent = sample.generate(high, low, cap, video[0], frames=video.shape[0], steps=steps, seed=sample_seed + i,
+                                 cfg=cfg, sampler_name=sampler_name)
         # every pixel frame [T, H, W, 3] (the linear VAE holds each latent frame for the frames it covers);
         # the pictures are frames 0, 4, 8, ..., which is latent_to_rgb for both VAEs
         ref_all, gen_all = (vae.decode(raw)[0].float().cpu() for raw in (vae.encode(video), latent))
@@ -138,14 +140,17 @@ def psnr_per_frame(video: torch.Tensor, truth: torch.Tensor) -> list[float]:
     return (10 * torch.log10(1.0 / mse)).tolist()
 
 
-def generation_metrics(rows, *, seeds, steps: int, vae_name: str, device: str) -> dict:
+def generation_metrics(rows, *, seeds, steps: int, cfg: float, vae_name: str, device: str,
+                       sampler: str = "euler") -> dict:
     """The held-out generation metric from ``strip_rows(..., with_videos=True)``: per pixel frame, the PSNR
     against the rendered ground-truth video, averaged over scenes, of
     - ``generated``: the two experts' video from the start frame and caption;
     - ``reference``: the ground-truth latent decoded (the best a generation can score through this decoder);
     - ``still``: the decoded start frame held for every frame (what a generation that ignores the caption's
       motion scores; frame 0 equals the reference's).
-    ``mean_after_start`` averages frames 1.. (frame 0 is given)."""
+    ``mean_after_start`` averages frames 1.. (frame 0 is given). ``steps``, ``cfg`` and ``sampler``: what
+    ``strip_rows`` sampled with, recorded as given (``cfg`` has no default, so that the record cannot
+    claim a guidance that was not used)."""
     curves = {"generated": [], "reference": [], "still": []}
     for row in rows:
         v = row[3]
@@ -155,8 +160,7 @@ def generation_metrics(rows, *, seeds, steps: int, vae_name: str, device: str) -
         curves["still"].append(psnr_per_frame(still, v["truth"]))
     out = {"what": ("held-out I2V generations: PSNR (dB) per pixel frame against the rendered video, pixel space "
                     f"({vae_name}), mean over scenes"), "pixel_space": vae_name, "scene_seeds": list(seeds),
-           "sampling_steps": steps,
-           "cfg": 1.0, "device": device}
+           "sampling_steps": steps, "sampler": sampler, "cfg": float(cfg), "device": device}
     for k, c in curves.items():
         per = np.mean(np.array(c), axis=0)
         out[k] = {"per_frame_psnr_db": [round(float(x), 3) for x in per],
@@ -413,7 +417,8 @@ def results_markdown(log: dict) -> str:
     gen = log.get("generation")
     if gen:
         n = len(gen["generated"]["per_frame_psnr_db"])
-        lines += ["", (f"Held-out generation ({len(gen['scene_seeds'])} scenes, {gen['sampling_steps']} euler steps, "
+        lines += ["", (f"Held-out generation ({len(gen['scene_seeds'])} scenes, {gen['sampling_steps']} "
+                       f"{gen.get('sampler', 'euler')} steps, "
                        f"cfg {gen['cfg']:g}, on {gen['device']}): PSNR (dB) of each pixel frame against the rendered "
                        f"video, decoded by the {gen['pixel_space']}; reference = the true latent "
                        "decoded, still = the start frame held:"), "",
@@ -467,7 +472,7 @@ def make_all(folder, n: int = 4, steps: int = 20, cfg: float = 1.0, generation: 
     rows = strip_rows(high, low, seeds, steps=steps, cfg=cfg, frames=frames, vae=vae, with_videos=generation > 0)
     if log is not None and generation > 0:
         device = str(high.load_device) if hasattr(high, "load_device") else "cpu"
-        log["generation"] = generation_metrics(rows[:generation], seeds=seeds[:generation], steps=steps,
+        log["generation"] = generation_metrics(rows[:generation], seeds=seeds[:generation], steps=steps, cfg=cfg,
                                                vae_name=mini_decoder.describe(vae), device=device)
         tmp = log_path.with_name(f".{log_path.name}.tmp")
         tmp.write_text(json.dumps(log, indent=1))
