@@ -71,7 +71,10 @@ logger = logging.getLogger(__name__)
 # The trained mini model: dim 256 (ComfyUI detects num_heads = dim // 128 = 2), 4 blocks, ffn 768:
 # 5.4 M parameters, 10.9 MB per expert in bf16.
 MINI = WanArch(dim=256, num_layers=4, ffn_dim=768)
-ARCHS = {"mini": MINI, "tiny": TINY}
+# The deepest model of that width inside the checkpoint budget: 7.2 M parameters, 14.5 MB per expert. Not
+# trained yet; it is the next thing to try against the smearing of moving shapes (minimodel/README.md, Limits).
+MINI6 = WanArch(dim=256, num_layers=6, ffn_dim=768)
+ARCHS = {"mini": MINI, "mini6": MINI6, "tiny": TINY}
 
 MAX_CHECKPOINT_BYTES = 15_000_000  # each expert <= 15 MB: the embedded default ships in the repository
 SIGMA_MIN_U = 1e-3                  # ComfyUI's flow sigmas start at t = 1/1000

@@ -283,3 +283,12 @@ def test_continued_training_checks_the_experts_before_it_starts(tmp_path):
     train.add_arguments(p)
     args = p.parse_args(["--out", "o", "--arch", "tiny", "--init-experts", str(tiny), "--steps", "7"])
     assert train.config_from_args(args).init_experts == tiny
+
+
+def test_every_architecture_fits_the_checkpoint_budget():
+    header = 100_000  # generous: a checkpoint's JSON header is about 20 kB at these sizes
+    for name, arch in train.ARCHS.items():
+        n = sum(math.prod(shape) for shape in wan_state_dict_shapes(arch).values())
+        assert 2 * n + header <= train.MAX_CHECKPOINT_BYTES, name  # bf16
+    assert train.ARCHS["mini6"].num_layers == 6 and train.ARCHS["mini6"].dim == train.MINI.dim
+
