@@ -134,13 +134,16 @@ def best_setting(results: dict):
 
 
 def write_new(path: Path, write) -> None:
-    """``write(tmp)`` then rename onto ``path``, refusing to replace a file made meanwhile."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix tells Pillow the format
-    write(tmp)
-    if path.exists():
-        tmp.unlink()
-        raise FileExistsError(f"{path} appeared while the benchmark ran; not overwritten (result in memory only)")
-    tmp.replace(path)
+    """``write(tmp)`` into a scratch file, then published as ``path`` the way the pack writes files
+    (``kernels.format.write_bytes``: temporary name, no replacing a file that appeared meanwhile)."""
+    import tempfile
+
+    from wan_w4a4.kernels import format as fmt
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d) / f"scratch{path.suffix}"  # the suffix tells Pillow the format
+        write(tmp)
+        fmt.write_bytes(path, tmp.read_bytes())
 
 
 def main(argv=None) -> int:
