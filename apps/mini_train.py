@@ -912,6 +912,8 @@ def train(cfg: TrainConfig) -> dict:
         raise FileExistsError(f"{existing[0]} exists; pass --force (TrainConfig.overwrite=True) to replace "
                               f"it, or choose another --out")
     cfg.out.mkdir(parents=True, exist_ok=True)
+    # read before anything is written: with --force, --out may be the folder the experts come from
+    lineage = continued_from(cfg.init_experts)
     tr = Trainer(cfg)
     model = build_model(cfg.arch, cfg.seed, cfg.device)
     forward = torch.compile(model) if cfg.compile else model
@@ -968,8 +970,7 @@ def train(cfg: TrainConfig) -> dict:
         meta = {"expert": f"{name}_noise", "boundary_t": round(cfg.boundary * 1000),
                 "sigma_range": list(ranges[name]), "shift": cfg.shift, "steps": {"warm": plan[0], name: steps},
                 "seed": cfg.seed, "made_by": "python -m wan_w4a4.apps.mini_train",
-                **({"continued_from": checkpoint_digest(cfg.init_experts / EXPERT_FILES[name])}
-                   if cfg.init_experts is not None else {})}
+                **({"continued_from": lineage["experts"][name]} if lineage is not None else {})}
         checkpoints[name] = save_checkpoint(model, cfg.out / EXPERT_FILES[name], cfg.arch, meta)
     del starts
 
@@ -999,7 +1000,7 @@ def train(cfg: TrainConfig) -> dict:
                             f"--heldout-sigmas {cfg.heldout_sigmas}",
                             f"--ema {cfg.ema:g}", decoder_replay(cfg, (decoder_log or {}).get("steps", 0)),
                             *(["--init-experts DIR0"] if cfg.init_experts is not None else [])]),
-        "continued_from": continued_from(cfg.init_experts),
+        "continued_from": lineage,
         "environment": {"device": _device_name(cfg.device), "torch": torch.__version__,
                         "python": platform.python_version(), "comfyui": _comfyui_version()},
         "plan": {"warm": plan[0], "high": plan[1], "low": plan[2]}, "probe": probe,
