@@ -174,8 +174,11 @@ class TrainConfig:
                 raise FileNotFoundError(f"decoder_init: no decoder file at {self.decoder_init}")
         if self.init_experts is not None:
             self.init_experts = Path(self.init_experts)
-            for fname in EXPERT_FILES.values():
-                expert_arch(self.init_experts / fname, self.arch)  # checked now, not after the probe
+            for fname in EXPERT_FILES.values():  # checked now, not after the probe
+                src = expert_arch(self.init_experts / fname)
+                if not can_grow(src, self.arch):
+                    raise ValueError(f"{self.init_experts / fname}: its architecture {src} is not the one being "
+                                     f"trained, {self.arch}, nor a shallower one of the same width to grow from")
             if self.phase_steps is not None and self.phase_steps[0] != 0:
                 raise ValueError(f"init_experts continues the experts: the warm start must have 0 steps, "
                                  f"got phase_steps {self.phase_steps}")
@@ -297,6 +300,47 @@ def expert_arch(path, expected: WanArch | None = None) -> WanArch:
     if expected is not None and arch != expected:
         raise ValueError(f"{path}: its architecture {arch} is not the one being trained, {expected}")
     return arch
+
+
+def can_grow(src: WanArch, dst: WanArch) -> bool:
+    """Whether ``grow_state_dict`` can turn ``src`` into ``dst``: the same model with more blocks."""
+    return dataclasses.replace(src, num_layers=dst.num_layers) == dst and dst.num_layers >= src.num_layers
+
+
+def grown_block_sources(src_layers: int, dst_layers: int) -> list[int]:
+    """For each block of the grown model, the trained block it is copied from. The new blocks are spread
+    evenly and each follows a copy of the block it duplicates: 4 -> 6 gives [0, 1, 1, 2, 3, 3]."""
+    extra = dst_layers - src_layers
+    after = [-(-(i + 1) * src_layers // extra) - 1 for i in range(extra)]  # ceil((i+1) src / extra) - 1
+    out = []
+    for b in range(src_layers):
+        out += [b] * (1 + after.count(b))
+    return out
+
+
+# The Linears whose outputs a Wan block adds to its residual stream (ComfyUI's WanAttentionBlock.forward:
+# x + gate * self_attn.o(...), x + cross_attn.o(...), x + gate * ffn.2(...)): zeroed, a block is the identity.
+RESIDUAL_OUTPUTS = ("self_attn.o", "cross_attn.o", "ffn.2")
+
+
+def grow_state_dict(state: dict, src: WanArch, dst: WanArch) -> dict:
+    """A trained ``src`` state dict as a deeper ``dst`` (depth up-scaling): each new block is a copy of the
+    block before it with its residual outputs zeroed, so the grown model computes exactly what ``src`` did
+    and training starts from the trained function, with the new blocks' attention and FFN weights as a
+    starting point instead of noise."""
+    if not can_grow(src, dst):
+        raise ValueError(f"cannot grow {src} into {dst}: only num_layers may differ, and only upwards")
+    out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    sources = grown_block_sources(src.num_layers, dst.num_layers)
+    for b, source in enumerate(sources):
+        fresh = b > 0 and sources[b - 1] == source
+        prefix = f"blocks.{source}."
+        for k, v in state.items():
+            if k.startswith(prefix):
+                name = k[len(prefix):]
+                zero = fresh and name.rsplit(".", 1)[0] in RESIDUAL_OUTPUTS
+                out[f"blocks.{b}.{name}"] = torch.zeros_like(v) if zero else v.clone()
+    return out
 
 
 def load_trained_expert(path, device="cpu") -> torch.nn.Module:
@@ -954,7 +998,15 @@ def train(cfg: TrainConfig) -> dict:
         warm_loss = {k: heldout.loss(model, r) for k, r in expert_ranges.items()}
         starts = dict.fromkeys(expert_ranges, copy.deepcopy(model.state_dict()))
     else:  # each expert starts from its checkpoint; "warm_start" in the log is that starting point
-        starts = {k: load_trained_expert(cfg.init_experts / EXPERT_FILES[k]).state_dict() for k in expert_ranges}
+        starts = {}
+        for k in expert_ranges:
+            given = load_trained_expert(cfg.init_experts / EXPERT_FILES[k])
+            src = expert_arch(cfg.init_experts / EXPERT_FILES[k])
+            starts[k] = grow_state_dict(given.state_dict(), src, cfg.arch)
+            if src != cfg.arch:
+                logger.info("%s expert grown from %d to %d blocks (new blocks copy blocks %s, residual outputs "
+                            "zeroed)", k, src.num_layers, cfg.arch.num_layers,
+                            grown_block_sources(src.num_layers, cfg.arch.num_layers))
         warm_loss = {}
         for k, r in expert_ranges.items():
             model.load_state_dict(starts[k])

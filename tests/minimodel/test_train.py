@@ -39,7 +39,7 @@ def test_init_state_dict_is_wans_init_with_comfyui_keys():
 def test_timestep_ranges_split_at_the_boundary():
     ranges = train.phase_ranges(0.9)
     u = torch.linspace(0, 1, 1001)
-    for name, (lo, hi) in ranges.items():
+    for lo, hi in ranges.values():
         u0, u1 = train.u_range((lo, hi), 8.0)
         sig = train.shift_sigma(u0 + (u1 - u0) * u, 8.0)
         assert sig.min() >= lo - 1e-6 and sig.max() <= hi + 1e-6
@@ -283,6 +283,46 @@ def test_continued_training_checks_the_experts_before_it_starts(tmp_path):
     train.add_arguments(p)
     args = p.parse_args(["--out", "o", "--arch", "tiny", "--init-experts", str(tiny), "--steps", "7"])
     assert train.config_from_args(args).init_experts == tiny
+
+
+def test_grown_blocks_are_spread_and_follow_their_copy():
+    assert train.grown_block_sources(4, 6) == [0, 1, 1, 2, 3, 3]
+    assert train.grown_block_sources(4, 4) == [0, 1, 2, 3]
+    assert train.grown_block_sources(2, 3) == [0, 1, 1]
+    assert train.grown_block_sources(2, 6) == [0, 0, 0, 1, 1, 1]
+    assert train.can_grow(train.MINI, train.MINI6) and not train.can_grow(train.MINI6, train.MINI)
+    assert not train.can_grow(TINY, train.MINI)  # another ffn width
+
+
+@pytest.mark.comfyui
+def test_a_grown_model_computes_what_the_trained_one_did(comfy_nodes):
+    """Depth up-scaling (``--arch mini6 --init-experts`` a mini folder): the grown model's output equals the
+    source model's, and its new blocks are trainable (their residual outputs get gradients)."""
+    src = dataclasses.replace(TINY, num_layers=2)
+    dst = dataclasses.replace(TINY, num_layers=3)
+    small = train.build_model(src, seed=3)
+    with torch.no_grad():  # a trained-looking model: Wan's init zeroes the head, which would hide any difference
+        small.head.head.weight.normal_(0, 0.05)
+    grown = train.build_model(dst, seed=9)
+    state = train.grow_state_dict(small.state_dict(), src, dst)
+    assert set(state) == set(grown.state_dict())
+    grown.load_state_dict(state)
+    assert (state["blocks.2.ffn.2.weight"] == 0).all() and (state["blocks.2.self_attn.o.bias"] == 0).all()
+    assert torch.equal(state["blocks.2.ffn.0.weight"], state["blocks.1.ffn.0.weight"])
+    assert not (state["blocks.1.ffn.2.weight"] == 0).all()
+    torch.manual_seed(0)
+    x = torch.randn(1, 36, 2, 8, 8)
+    t = torch.tensor([700.0])
+    ctx = torch.randn(1, 12, TINY.text_dim)
+    with train.comfy_in_training():
+        want = small(x, t, ctx)
+        got = grown(x, t, ctx)
+        assert got.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        got.square().mean().backward()
+    assert grown.blocks[2].ffn[2].weight.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="cannot grow"):
+        train.grow_state_dict(state, dst, src)
 
 
 def test_every_architecture_fits_the_checkpoint_budget():
