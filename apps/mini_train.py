@@ -5,7 +5,8 @@
 
 - Model: ComfyUI's own ``comfy.ldm.wan.model.WanModel`` with the Wan2.2-I2V layout (no ``img_emb``,
   in_dim 36) and ``MINI`` shapes (dim 256 = 2 heads of 128, 4 blocks, ffn 768), initialised as
-  Wan initialises (``init_state_dict``).
+  Wan initialises (``init_state_dict``); ``--arch mini6`` with ``--init-experts`` of 4-block experts grows them
+  to 6 blocks (``grow_state_dict``), as the shipped experts were.
 - Data: procedural videos (``data.py``), their normalised latents z, captions through the text map
   (``text.py``), dropped to "" with probability 0.1 so that classifier-free guidance works.
 - Objective: flow matching as ComfyUI samples Wan (``conditioning.py``): x_t = sigma*eps +
@@ -68,11 +69,11 @@ from . import runtime
 
 logger = logging.getLogger(__name__)
 
-# The trained mini model: dim 256 (ComfyUI detects num_heads = dim // 128 = 2), 4 blocks, ffn 768:
+# The mini model's first shape: dim 256 (ComfyUI detects num_heads = dim // 128 = 2), 4 blocks, ffn 768:
 # 5.4 M parameters, 10.9 MB per expert in bf16.
 MINI = WanArch(dim=256, num_layers=4, ffn_dim=768)
-# The deepest model of that width inside the checkpoint budget: 7.2 M parameters, 14.5 MB per expert. Not
-# trained yet; it is the next thing to try against the smearing of moving shapes (minimodel/README.md, Limits).
+# The shipped experts' shape, grown from MINI ones: the deepest model of that width inside the checkpoint budget,
+# 7.2 M parameters, 14.5 MB per expert (minimodel/README.md: Training, Limits).
 MINI6 = WanArch(dim=256, num_layers=6, ffn_dim=768)
 ARCHS = {"mini": MINI, "mini6": MINI6, "tiny": TINY}
 

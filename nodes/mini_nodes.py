@@ -25,7 +25,7 @@ class MiniLoadExpert:
 
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("A BF16 Wan2.2-I2V-shaped expert (dim 256, 4 blocks), as UNETLoader would load it.",)
+    OUTPUT_TOOLTIPS = ("A BF16 Wan2.2-I2V-shaped expert (dim 256, 6 blocks), as UNETLoader would load it.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads an expert of the pack's small trained Wan2.2-I2V model (no download needed)."
