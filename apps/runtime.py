@@ -317,6 +317,22 @@ def add_arguments(parser, device: bool = True) -> None:
                              "PyTorch's allocator")
 
 
+def start_cpu_script(prog: str, comfyui, threads: int) -> bool:
+    """The start of a CPU script that samples with ComfyUI (the mini-model benchmarks): INFO logging,
+    ``threads`` torch threads, ComfyUI on the CPU. False (after printing why, as ``prog: ...``) when no
+    ComfyUI tree is found; the script then exits with status 2."""
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, threads))
+    try:
+        init_comfyui(comfyui, cpu=True)
+    except ComfyUINotFound as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def finish(rc: int) -> int:
     """``rc``, the exit status of a command that ran ComfyUI in its process; under dynamic VRAM the
     process ends here, with ``rc``, once its output is flushed. comfy-aimdo's buffers outlive its

@@ -80,13 +80,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-    torch.set_num_threads(max(1, a.threads))
-    try:
-        runtime.init_comfyui(a.comfyui, cpu=True)
-    except runtime.ComfyUINotFound as e:
-        print(f"mini_caption: {e}", file=sys.stderr)
+    if not runtime.start_cpu_script("mini_caption", a.comfyui, a.threads):
         return 2
     from wan_w4a4.apps import mini_train as train
     from wan_w4a4.minimodel import EMBEDDED_FILES, data, text

@@ -148,13 +148,7 @@ def write_new(path: Path, write) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-    torch.set_num_threads(max(1, a.threads))
-    try:
-        runtime.init_comfyui(a.comfyui, cpu=True)
-    except runtime.ComfyUINotFound as e:
-        print(f"mini_sampling: {e}", file=sys.stderr)
+    if not runtime.start_cpu_script("mini_sampling", a.comfyui, a.threads):
         return 2
     from wan_w4a4.apps import mini_pictures as pictures
     from wan_w4a4.apps import mini_sample as sample

@@ -23,3 +23,16 @@ def test_helpers_keep_the_tree_a_command_initialised(comfy_nodes, monkeypatch, t
     (other / "main.py").write_text("# main\n")
     with pytest.raises(RuntimeError, match="already initialised"):
         runtime.init_comfyui(other)
+
+
+def test_a_cpu_script_without_comfyui_says_why_and_stops(tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert runtime.start_cpu_script("mini_x", tmp_path / "nowhere", 1) is False
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert err.startswith("mini_x: ComfyUI not found") and "nowhere" in err
