@@ -240,6 +240,10 @@ def main(argv=None) -> int:
 def markdown(doc: dict, default_bins: int) -> str:
     s, env = doc["setup"], doc["environment"]
     cols = [f"{e[0].upper()}{b}" for e in EXPERTS for b in range(default_bins)]
+    cr = doc["calibration_report"]
+    # the layer count comes from the calibration report: the shipped experts have grown (4, then 6 blocks)
+    counts = [cr[e].get("layers") for e in EXPERTS]
+    n_linears = sum(counts) if None not in counts else "?"
     lines = [
         "# W4A4 fidelity on the mini Wan2.2-I2V model",
         "",
@@ -258,7 +262,7 @@ def markdown(doc: dict, default_bins: int) -> str:
         "W4A4 model on the BF16 trajectory's input of that call, vs the BF16 velocity, averaged over calls and "
         f"pairs in each bin of the default {default_bins}-bin edges (H = high-noise expert, L = low-noise; bin 0 "
         "= highest t): " + "; ".join(f"{e}: " + ", ".join(f"{x:.0f}" for x in s["report_bin_edges"][e])
-                                      for e in EXPERTS) + ". Bytes: the 80 quantized Linears of both experts.",
+                                      for e in EXPERTS) + f". Bytes: the {n_linears} quantized Linears of both experts.",
         "",
         "| configuration | bins | PSNR (dB) | SSIM | latent rel. | " + " | ".join(f"v-SQNR {c}" for c in cols)
         + " | v-SQNR all | W4A4/BF16 bytes |",
@@ -269,12 +273,11 @@ def markdown(doc: dict, default_bins: int) -> str:
         lines.append(f"| {r['label']} | {r['bins']} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['latent_rel_err']:.4f} | "
                      + " | ".join(f"{v[f'{e}{b}']:.2f}" for e in EXPERTS for b in range(default_bins))
                      + f" | {r['velocity_sqnr_db_all']:.2f} | {r['bytes_ratio']:.3f} |")
-    cr = doc["calibration_report"]
     lines += ["", ("Layer-level (calibration report, held-out rows, pooled over layers): RTN W4A4 "
               f"{cr['high']['sqnr_rtn_db_pooled']:.2f} / {cr['low']['sqnr_rtn_db_pooled']:.2f} dB -> full method "
               f"{cr['high']['sqnr_after_db_pooled']:.2f} / {cr['low']['sqnr_after_db_pooled']:.2f} dB (high / low expert). "
               f"GPTQ residual kept in {cr['high'].get('gptq_layers', '?')} / {cr['low'].get('gptq_layers', '?')} "
-              "of the 40 + 40 layers (elsewhere RTN fit the calibration rows better; the pipeline keeps the better)."),
+              f"of the {cr['high'].get('layers', '?')} + {cr['low'].get('layers', '?')} layers (elsewhere RTN fit the calibration rows better; the pipeline keeps the better)."),
               "",
               (f"Figures: `activation_range_{doc['tag']}.png` (max |x| per block Linear vs timestep, both experts, "
               f"BF16 runs of the K pairs), `clip_ratios_{doc['tag']}.png` (clip ratios of the default configuration)."),

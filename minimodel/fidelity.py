@@ -340,7 +340,8 @@ def _font(size: int = 12):
         return ImageFont.load_default()
 
 
-TYPE_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+# one colour per block of the shipped 6-block experts (matplotlib's tab10 order); deeper models cycle
+TYPE_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
 def draw_activation_ranges(ranges: dict, path, boundary: float = 900.0) -> None:
@@ -354,8 +355,10 @@ def draw_activation_ranges(ranges: dict, path, boundary: float = 900.0) -> None:
     canvas = Image.new("RGB", (cols * pw, rows_n * ph + 24), "white")
     draw = ImageDraw.Draw(canvas)
     font = _font(10)
+    n_blocks = 1 + max((int(n.split(".")[1]) for n in ranges), default=0)
     draw.text((6, 4), "max |x| at the input of each block Linear vs model timestep t, sampling order (both experts; "
-              "dashed: expert switch t=900; colours: blocks 0..3; log scale; mean over pairs)", fill="black", font=_font(12))
+              f"dashed: expert switch t=900; colours: blocks 0..{n_blocks - 1}; log scale; mean over pairs)",
+              fill="black", font=_font(12))
     # x: the sampled timesteps in sampling order, evenly spaced (with shift 8 most steps sit near t = 1000)
     all_t = sorted({round(t, 3) for v in ranges.values() for t, _ in v}, reverse=True)
     pos = {t: i for i, t in enumerate(all_t)}
