@@ -466,8 +466,7 @@ def make_all(folder, n: int = 4, steps: int = 20, cfg: float = 1.0, generation: 
     log = json.loads(log_path.read_text()) if log_path.is_file() else None
     if log is not None:
         frames = int(log.get("config", {}).get("frames", frames))  # the clip length it was trained on
-    vae = mini_decoder.embedded_vae(folder / mini_decoder.DECODER_FILE)
-    high, low = (sample.load_expert(folder / sample.EMBEDDED_FILES[k]) for k in ("high", "low"))
+    high, low, vae = sample.load_folder(folder)
     seeds = data.heldout_seeds(max(n, generation))
     rows = strip_rows(high, low, seeds, steps=steps, cfg=cfg, frames=frames, vae=vae, with_videos=generation > 0)
     if log is not None and generation > 0:

@@ -27,6 +27,16 @@ def _nodes():
     return runtime.comfyui_nodes()
 
 
+def load_folder(folder) -> tuple:
+    """``(high, low, vae)`` of a mini model folder (``minimodel/`` or a ``mini_train --out``): both experts
+    through ``load_expert`` and the VAE the pictures decode with (``decoder.embedded_vae`` of its decoder file)."""
+    from ..minimodel import decoder as mini_decoder
+
+    folder = Path(folder)
+    vae = mini_decoder.embedded_vae(folder / mini_decoder.DECODER_FILE)
+    return load_expert(folder / EMBEDDED_FILES["high"]), load_expert(folder / EMBEDDED_FILES["low"]), vae
+
+
 def load_expert(path, weight_dtype: str = "default"):
     """Loads a Wan checkpoint with ComfyUI's ``UNETLoader`` (its folder is added to
     ``diffusion_models``); returns the MODEL (a ModelPatcher)."""

@@ -156,10 +156,8 @@ def main(argv=None) -> int:
     from mini_caption import flip_motions
     from wan_w4a4.apps import mini_sample as sample
     from wan_w4a4.minimodel import data
-    from wan_w4a4.minimodel import decoder as mini_decoder
 
-    vae = mini_decoder.embedded_vae(a.dir / mini_decoder.DECODER_FILE)
-    high, low = (sample.load_expert(a.dir / sample.EMBEDDED_FILES[k]) for k in ("high", "low"))
+    high, low, vae = sample.load_folder(a.dir)
     scenes = [s for s in (data.sample_scene(x) for x in data.heldout_seeds(a.scenes)) if motion_kind(s)]
     results: dict = {}
     for i, scene in enumerate(scenes):

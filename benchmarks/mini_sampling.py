@@ -153,10 +153,8 @@ def main(argv=None) -> int:
     from wan_w4a4.apps import mini_pictures as pictures
     from wan_w4a4.apps import mini_sample as sample
     from wan_w4a4.minimodel import data
-    from wan_w4a4.minimodel import decoder as mini_decoder
 
-    vae = mini_decoder.embedded_vae(a.dir / mini_decoder.DECODER_FILE)
-    high, low = (sample.load_expert(a.dir / sample.EMBEDDED_FILES[k]) for k in ("high", "low"))
+    high, low, vae = sample.load_folder(a.dir)
     seeds = data.heldout_seeds(a.scenes)
     log_path = a.dir / "train_log.json"
     if log_path.is_file():
