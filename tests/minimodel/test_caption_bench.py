@@ -1,14 +1,8 @@
 """The caption variants of benchmarks/mini_caption.py (the script itself is a benchmark, not a test)."""
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 from wan_w4a4.minimodel import data
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _without_motion(caption: str, bench) -> list[str]:
@@ -17,12 +11,8 @@ def _without_motion(caption: str, bench) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module("mini_caption")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def bench(benchmark_module):
+    return benchmark_module("mini_caption")
 
 
 def test_flipped_motions_change_only_the_motion_words(bench):

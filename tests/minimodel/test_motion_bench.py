@@ -1,24 +1,15 @@
 """The motion tracker of benchmarks/mini_motion.py, checked on rendered videos whose motion is known."""
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 from wan_w4a4.minimodel import data
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module("mini_motion")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def bench(benchmark_module):
+    return benchmark_module("mini_motion")
 
 
 @pytest.fixture(scope="module")
