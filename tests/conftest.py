@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import importlib.util
 import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +29,7 @@ from wan_w4a4.apps import runtime
 
 TESTS_DIR = Path(__file__).resolve().parent
 TEST_CUSTOM_NODES = TESTS_DIR / "comfy_custom_nodes"
+BENCHMARKS_DIR = TESTS_DIR.parent / "benchmarks"
 SERVER_START_TIMEOUT_S = 120
 
 
@@ -85,6 +88,19 @@ def pytest_runtest_setup(item):
 
 
 # --- ComfyUI in-process ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """``benchmark_module("mini_motion")``: a script of ``benchmarks/``, imported as running it imports it
+    (``benchmarks/`` on the path, so that it finds ``_checkout`` and its sibling scripts)."""
+    def load(name: str):
+        sys.path.insert(0, str(BENCHMARKS_DIR))
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(str(BENCHMARKS_DIR))
+    return load
+
 
 @pytest.fixture(scope="session")
 def comfyui() -> Path:
