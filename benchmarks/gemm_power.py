@@ -1,0 +1,208 @@
+"""The Linears of one Wan block under the GPU's power cap: sustained TOP/s, SM clock, power and work per clock.
+
+    python benchmarks/gemm_power.py                       # CUDA GPU with nvidia-smi; about 1 minute
+    python benchmarks/gemm_power.py --seconds 10 --json out.json
+
+Why this exists: ``bench_linear.py`` times each layer in bursts of about 100 ms. On the H200 the int8 GEMM and
+cuBLAS's fp8 GEMM both run into the 700 W power cap within a second, and then each runs at the SM clock its
+power allows. A kernel that draws less power per clock keeps a higher clock, and that hides part of its lower
+work per clock. Inside a Wan step the clock is set by the step's power as a whole, where attention is half of
+the step, so two GEMMs run at about the same clock there. Work per clock then decides. This script shows
+both numbers (kernels/README.md, "The GEMM under the power cap").
+
+Each configuration runs one Wan2.2-A14B block's Linears back to back for ``--seconds``. A block at 480p x 81
+is 32 760 tokens through six 5120 x 5120 Linears, ffn.0 and ffn.2. The cross-attention k/v over the 512 text
+tokens are left out. The configurations:
+- ``w4a4``: the pack's int8 GEMM over expanded weights, with its epilogue (scales, rank-32 low-rank, bias),
+  in the row passes the layer runs (``pass_rows``), fp16 out, as ComfyUI loads Wan (benchmarks/RESULTS.md).
+  The activation quantizer and the weight expansion are not included: this is the GEMM alone;
+- ``w4a4_persistent``: the same with the persistent kernel (a configuration option, not the default);
+- ``fp8``: ``torch._scaled_mm`` with one scale per tensor and bias, batch 2: what ComfyUI's
+  ``fp8_e4m3fn_fast`` calls, with cond and uncond in one call;
+- ``fp16``: ``F.linear`` in fp16, batch 2: what ComfyUI's default weight dtype runs.
+
+nvidia-smi is sampled every 100 ms; the first second of each run is dropped. The table gives the TOP/s of the
+run's second half, the median SM clock and power, TOP/J, and the work per clock as a share of the dense peak
+at that clock: (TOP/s / clock) / (peak / maximum clock). ``--peak-tops`` is the 8-bit dense peak (1979 on an
+H100/H200 SXM); 16-bit has half of it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+import _checkout  # noqa: F401  (makes ``import wan_w4a4`` work from a checkout)
+
+TOKENS = 32760  # 480p x 81 frames: 21 x 60 x 104 / 4
+BLOCK = [(5120, 5120)] * 6 + [(5120, 13824), (13824, 5120)]  # (K, N): attention q k v o + cross q o, ffn.0, ffn.2
+SMI_QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.active"
+
+
+def parse_smi(line: str) -> tuple[float, float, str]:
+    """One ``nvidia-smi --query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active --format=csv,noheader,nounits``
+    line -> (SM clock MHz, power W, throttle reasons as printed)."""
+    parts = [p.strip() for p in line.split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"unexpected nvidia-smi line: {line!r}")
+    return float(parts[0]), float(parts[1]), parts[2]
+
+
+def summarize(name: str, flop: float, times_ms: list[float], smi: list[tuple[float, float, str]],
+              peak_tops: float, max_clock_mhz: float) -> dict:
+    """A table row from the per-repetition times of one block (ms) and the nvidia-smi samples of the run."""
+    if not times_ms or not smi:
+        raise ValueError(f"{name}: no timings or no nvidia-smi samples")
+    steady = statistics.median(times_ms[len(times_ms) // 2:])
+    tops = flop / steady / 1e9
+    clock = statistics.median(s[0] for s in smi)
+    power = statistics.median(s[1] for s in smi)
+    return dict(config=name, tops=tops, clock_mhz=clock, power_w=power, tops_per_joule=tops / power,
+                tops_per_ghz=tops / clock * 1e3, per_clock_share=(tops / clock) / (peak_tops / max_clock_mhz),
+                throttle=sorted({s[2] for s in smi}), repetitions=len(times_ms))
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| config | TOP/s | SM clock MHz | power W | TOP/J | TOP/s per GHz | per-clock share of peak | "
+            "throttle reasons |\n|---|---|---|---|---|---|---|---|")
+    body = [f"| {r['config']} | {r['tops']:.0f} | {r['clock_mhz']:.0f} | {r['power_w']:.0f} | "
+            f"{r['tops_per_joule']:.3f} | {r['tops_per_ghz']:.0f} | {100 * r['per_clock_share']:.1f} % | "
+            f"{' '.join(r['throttle'])} |" for r in rows]
+    return "\n".join([head, *body])
+
+
+class Sampler:
+    """nvidia-smi in a background thread, every ``period`` s: (time, (clock, power, reasons))."""
+
+    def __init__(self, period: float = 0.1):
+        self.period, self.samples, self._stop = period, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, check=True).stdout.splitlines()[0]
+            self.samples.append((time.time(), parse_smi(out)))
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, t0: float, t1: float) -> list:
+        return [s for t, s in self.samples if t0 <= t <= t1]
+
+
+def sustained(fn, seconds: float) -> tuple[list[float], float, float]:
+    """Repeat ``fn`` (one block) for ``seconds``: (ms per block of each group of 5, start, end)."""
+    fn()
+    torch.cuda.synchronize()
+    t0, times = time.time(), []
+    while time.time() - t0 < seconds:
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(5):
+            fn()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) / 5)
+    return times, t0, time.time()
+
+
+def block_functions(dev: str) -> dict:
+    """config -> (one block's Linears, flop multiplier: the batch)."""
+    from wan_w4a4.kernels import numerics as nm
+    from wan_w4a4.kernels import triton_w4a4 as tw
+
+    torch.manual_seed(0)
+    b = torch.tensor(1, device=dev)
+    layers, dense = {}, {}
+    for k, n in set(BLOCK):
+        w = torch.randn(n, k, device=dev) * 0.02
+        unsigned = k == 13824  # ffn.2's input is GELU's output
+        p = nm.from_float(w, torch.randn(n, device=dev), smooth=torch.rand(k, device=dev) + 0.5,
+                          lr_down=torch.randn(k, 32, device=dev) * 0.02, lr_up=torch.randn(32, n, device=dev) * 0.02,
+                          clip=torch.tensor([1.0, 0.9], device=dev), num_bins=2, act_unsigned=unsigned)
+        w8, wsum = tw.expand_weight(p, with_sum=True) if unsigned else (tw.expand_weight(p), None)
+        x = torch.randn(TOKENS, k, device=dev, dtype=torch.float16)
+        if unsigned:
+            x = F.gelu(x, approximate="tanh")
+        layers[(k, n)] = (p, w8, wsum, tw.quantize(x, p, b), torch.empty((TOKENS, n), dtype=torch.float16, device=dev))
+        dense[(k, n)] = (w.to(torch.float8_e4m3fn), w.half(), torch.randn(n, device=dev, dtype=torch.float16))
+    x2 = {k: torch.randn(2 * TOKENS, k, device=dev, dtype=torch.float16) for k in (5120, 13824)}
+    x8 = {k: v.to(torch.float8_e4m3fn) for k, v in x2.items()}
+    one = torch.ones((), device=dev)
+
+    def w4a4(persistent: bool):
+        config = dict(tw.gemm_config(TOKENS), persistent=persistent)
+
+        def run():
+            for k, n in BLOCK:
+                p, w8, wsum, (xq, sx, u), y = layers[(k, n)]
+                rows = tw.pass_rows(TOKENS, k, p.rank)
+                for s in range(0, TOKENS, rows):
+                    tw.gemm(xq[s:s + rows], sx[s:s + rows], u[s:s + rows], p, torch.float16, config=config, w8=w8,
+                            wsum=wsum, tma=True, out=y[s:s + rows])
+        return run
+
+    def fp8():
+        for k, n in BLOCK:
+            w8f, _, bias = dense[(k, n)]
+            torch._scaled_mm(x8[k], w8f.T, scale_a=one, scale_b=one, bias=bias, out_dtype=torch.float16)
+
+    def fp16():
+        for k, n in BLOCK:
+            _, w16, bias = dense[(k, n)]
+            F.linear(x2[k], w16, bias)
+
+    return {"w4a4": (w4a4(False), 1, 1.0), "w4a4_persistent": (w4a4(True), 1, 1.0), "fp8": (fp8, 2, 1.0),
+            "fp16": (fp16, 2, 0.5)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=6.0, help="sustained run per configuration (default: 6)")
+    ap.add_argument("--peak-tops", type=float, default=1979.0,
+                    help="dense 8-bit peak at the maximum SM clock (default: 1979, H100/H200 SXM); 16-bit: half")
+    ap.add_argument("--configs", default="w4a4,w4a4_persistent,fp8,fp16", help="comma-separated (default: all)")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gemm_power.py needs a CUDA GPU (and nvidia-smi)")
+    max_clock = float(subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, check=True).stdout.splitlines()[0])
+    funcs = block_functions("cuda")
+    unknown = set(args.configs.split(",")) - set(funcs)
+    if unknown:
+        raise SystemExit(f"unknown configs {sorted(unknown)}; choose from {sorted(funcs)}")
+    flop = sum(2.0 * TOKENS * k * n for k, n in BLOCK)
+    rows = []
+    with Sampler() as smi:
+        for name in args.configs.split(","):
+            fn, batch, peak_scale = funcs[name]
+            times, t0, t1 = sustained(fn, args.seconds)
+            rows.append(summarize(name, batch * flop, times, smi.between(t0 + 1.0, t1), args.peak_tops * peak_scale,
+                                  max_clock))
+            print(f"{name}: {rows[-1]['tops']:.0f} TOP/s at {rows[-1]['clock_mhz']:.0f} MHz", flush=True)
+            time.sleep(2.0)
+    name = torch.cuda.get_device_name()
+    print(f"\nOne Wan2.2-A14B block's Linears at 480p x 81 ({TOKENS} tokens), sustained {args.seconds:.0f} s each, on "
+          f"{name} (max SM clock {max_clock:.0f} MHz), torch {torch.__version__}\n")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, max_clock_mhz=max_clock, seconds=args.seconds, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
