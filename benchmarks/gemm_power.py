@@ -19,7 +19,10 @@ tokens are left out. The configurations:
 - ``w4a4_persistent``: the same with the persistent kernel (a configuration option, not the default);
 - ``fp8``: ``torch._scaled_mm`` with one scale per tensor and bias, batch 2: what ComfyUI's
   ``fp8_e4m3fn_fast`` calls, with cond and uncond in one call;
-- ``fp16``: ``F.linear`` in fp16, batch 2: what ComfyUI's default weight dtype runs.
+- ``fp16``: ``F.linear`` in fp16, batch 2: what ComfyUI's default weight dtype runs;
+- ``triton_int8_plain`` / ``triton_fp8_plain``: the W4A4 kernel's TMA tile loop (same tiles, same row passes)
+  with a bare epilogue (convert and store), on int8 and on fp8 operands: what the epilogue costs, and whether
+  Triton's mainloop itself reaches cuBLAS's work per clock on 8-bit operands.
 
 nvidia-smi is sampled every 100 ms; the first second of each run is dropped. The table gives the TOP/s of the
 run's second half, the median SM clock and power, TOP/J, and the work per clock as a share of the dense peak
@@ -119,6 +122,34 @@ def sustained(fn, seconds: float) -> tuple[list[float], float, float]:
     return times, t0, time.time()
 
 
+def _plain_tma_gemm():
+    """The W4A4 GEMM's tile loop (``triton_w4a4._tma_tile``) with a bare epilogue: acc -> fp16, masked store."""
+    import triton
+    import triton.language as tl
+
+    from wan_w4a4.kernels import triton_w4a4 as tw
+
+    @triton.jit
+    def plain_tma_gemm(a_desc, b_desc, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       GROUP_M: tl.constexpr, INT8: tl.constexpr):
+        pid_m, pid_n = tw._tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
+        if INT8:
+            acc = tl.zeros([BM, BN], dtype=tl.int32)
+            for k in range(0, K, BK):
+                acc = tl.dot(a_desc.load([pid_m * BM, k]), b_desc.load([pid_n * BN, k]).T, acc, out_dtype=tl.int32)
+            c = acc.to(tl.float32).to(tl.float16)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for k in range(0, K, BK):
+                acc = tl.dot(a_desc.load([pid_m * BM, k]), b_desc.load([pid_n * BN, k]).T, acc)
+            c = acc.to(tl.float16)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        tl.store(c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], c, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+    return plain_tma_gemm
+
+
 def block_functions(dev: str) -> dict:
     """config -> (one block's Linears, flop multiplier: the batch)."""
     from wan_w4a4.kernels import numerics as nm
@@ -165,8 +196,33 @@ def block_functions(dev: str) -> dict:
             _, w16, bias = dense[(k, n)]
             F.linear(x2[k], w16, bias)
 
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    kernel, cfg = _plain_tma_gemm(), tw.gemm_config(TOKENS)
+    operands = {}
+    for k, n in set(BLOCK):
+        _, w8, _, (xq, _, _), _ = layers[(k, n)]
+        operands[(k, n)] = {True: (xq, w8), False: (x8[k][:TOKENS], dense[(k, n)][0])}
+
+    def plain(int8: bool):
+        def run():
+            for k, n in BLOCK:
+                a, w = operands[(k, n)][int8]
+                y = layers[(k, n)][4]
+                rows = tw.pass_rows(TOKENS, k, 32)
+                bdesc = TensorDescriptor.from_tensor(w, [cfg["BN"], cfg["BK"]])
+                for s in range(0, TOKENS, rows):
+                    xs, ys = a[s:s + rows], y[s:s + rows]
+                    tiles = triton.cdiv(xs.shape[0], cfg["BM"]) * triton.cdiv(n, cfg["BN"])
+                    kernel[(tiles,)](TensorDescriptor.from_tensor(xs, [cfg["BM"], cfg["BK"]]), bdesc, ys, xs.shape[0],
+                                     n, k, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
+                                     INT8=int8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return run
+
     return {"w4a4": (w4a4(False), 1, 1.0), "w4a4_persistent": (w4a4(True), 1, 1.0), "fp8": (fp8, 2, 1.0),
-            "fp16": (fp16, 2, 0.5)}
+            "fp16": (fp16, 2, 0.5), "triton_int8_plain": (plain(True), 1, 1.0),
+            "triton_fp8_plain": (plain(False), 1, 1.0)}
 
 
 def main(argv=None):
@@ -174,7 +230,8 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=6.0, help="sustained run per configuration (default: 6)")
     ap.add_argument("--peak-tops", type=float, default=1979.0,
                     help="dense 8-bit peak at the maximum SM clock (default: 1979, H100/H200 SXM); 16-bit: half")
-    ap.add_argument("--configs", default="w4a4,w4a4_persistent,fp8,fp16", help="comma-separated (default: all)")
+    ap.add_argument("--configs", default="w4a4,w4a4_persistent,fp8,fp16,triton_int8_plain,triton_fp8_plain",
+                    help="comma-separated (default: all)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
