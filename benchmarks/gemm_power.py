@@ -8,7 +8,7 @@ cuBLAS's fp8 GEMM both run into the 700 W power cap within a second, and then ea
 power allows. A kernel that draws less power per clock keeps a higher clock, and that hides part of its lower
 work per clock. Inside a Wan step the clock is set by the step's power as a whole, where attention is half of
 the step, so two GEMMs run at about the same clock there. Work per clock then decides. This script shows
-both numbers (kernels/README.md, "The GEMM under the power cap").
+both numbers (kernels/README.md, session 12: "the GEMM under the 700 W power cap").
 
 Each configuration runs one Wan2.2-A14B block's Linears back to back for ``--seconds``. A block at 480p x 81
 is 32 760 tokens through six 5120 x 5120 Linears, ffn.0 and ffn.2. The cross-attention k/v over the 512 text
