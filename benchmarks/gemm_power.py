@@ -80,6 +80,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, *body])
 
 
+def smi(query: str) -> str:
+    """The first GPU's line of ``nvidia-smi --query-gpu=<query> --format=csv,noheader,nounits``."""
+    return subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, check=True).stdout.splitlines()[0]
+
+
 class Sampler:
     """nvidia-smi in a background thread, every ``period`` s: (time, (clock, power, reasons))."""
 
@@ -89,9 +95,7 @@ class Sampler:
 
     def _run(self):
         while not self._stop.is_set():
-            out = subprocess.run(["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, check=True).stdout.splitlines()[0]
-            self.samples.append((time.time(), parse_smi(out)))
+            self.samples.append((time.time(), parse_smi(smi(SMI_QUERY))))
             time.sleep(self.period)
 
     def __enter__(self):
@@ -151,7 +155,7 @@ def _plain_tma_gemm():
 
 
 def block_functions(dev: str) -> dict:
-    """config -> (one block's Linears, flop multiplier: the batch)."""
+    """config -> (one block's Linears, flop multiplier (the batch), share of the 8-bit peak (16-bit: 0.5))."""
     from wan_w4a4.kernels import numerics as nm
     from wan_w4a4.kernels import triton_w4a4 as tw
 
@@ -236,19 +240,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gemm_power.py needs a CUDA GPU (and nvidia-smi)")
-    max_clock = float(subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, check=True).stdout.splitlines()[0])
+    max_clock = float(smi("clocks.max.sm"))
     funcs = block_functions("cuda")
     unknown = set(args.configs.split(",")) - set(funcs)
     if unknown:
         raise SystemExit(f"unknown configs {sorted(unknown)}; choose from {sorted(funcs)}")
     flop = sum(2.0 * TOKENS * k * n for k, n in BLOCK)
     rows = []
-    with Sampler() as smi:
+    with Sampler() as sampler:
         for name in args.configs.split(","):
             fn, batch, peak_scale = funcs[name]
             times, t0, t1 = sustained(fn, args.seconds)
-            rows.append(summarize(name, batch * flop, times, smi.between(t0 + 1.0, t1), args.peak_tops * peak_scale,
+            rows.append(summarize(name, batch * flop, times, sampler.between(t0 + 1.0, t1), args.peak_tops * peak_scale,
                                   max_clock))
             print(f"{name}: {rows[-1]['tops']:.0f} TOP/s at {rows[-1]['clock_mhz']:.0f} MHz", flush=True)
             time.sleep(2.0)
