@@ -224,7 +224,18 @@ def block_functions(dev: str) -> dict:
                                      INT8=int8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return run
 
-    return {"w4a4": (w4a4(False), 1, 1.0), "w4a4_persistent": (w4a4(True), 1, 1.0), "fp8": (fp8, 2, 1.0),
+    def w4a4_gluon():  # EXPERIMENT branch: kernels/gluon_gemm.py
+        from wan_w4a4.kernels import gluon_gemm as gg
+
+        for k, n in BLOCK:
+            p, w8, wsum, (xq, sx, u), y = layers[(k, n)]
+            rows = tw.pass_rows(TOKENS, k, p.rank)
+            for s in range(0, TOKENS, rows):
+                gg.gemm(xq[s:s + rows], sx[s:s + rows], u[s:s + rows], p, torch.float16, w8=w8, wsum=wsum,
+                        out=y[s:s + rows])
+
+    return {"w4a4_gluon": (w4a4_gluon, 1, 1.0),
+            "w4a4": (w4a4(False), 1, 1.0), "w4a4_persistent": (w4a4(True), 1, 1.0), "fp8": (fp8, 2, 1.0),
             "fp16": (fp16, 2, 0.5), "triton_int8_plain": (plain(True), 1, 1.0),
             "triton_fp8_plain": (plain(False), 1, 1.0)}
 
@@ -234,7 +245,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=6.0, help="sustained run per configuration (default: 6)")
     ap.add_argument("--peak-tops", type=float, default=1979.0,
                     help="dense 8-bit peak at the maximum SM clock (default: 1979, H100/H200 SXM); 16-bit: half")
-    ap.add_argument("--configs", default="w4a4,w4a4_persistent,fp8,fp16,triton_int8_plain,triton_fp8_plain",
+    ap.add_argument("--configs", default="w4a4_gluon,w4a4,w4a4_persistent,fp8,fp16,triton_int8_plain,triton_fp8_plain",
                     help="comma-separated (default: all)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)

@@ -22,7 +22,9 @@ Launches per layer (kernels/README.md has the measurements behind this shape):
    cores, tiles fetched by TMA; the epilogue applies sx * sw, adds the low-rank up projection
    (u @ L2, a small bf16 dot) and the bias, and stores in the input dtype. ``_gemm_i8_kernel`` is the
    same with pointer loads (sm_80..89), ``_gemm_i8_persistent_kernel`` the same as a persistent kernel
-   (a configuration option; not the default, see ``gemm_config``).
+   (a configuration option; not the default, see ``gemm_config``). On Hopper (sm_90), above 2048 tokens,
+   ``gluon_gemm._gemm_i8_async_kernel`` runs instead: the same function in Gluon with its MMAs kept in
+   flight across K steps (``async_wgmma_available``; ``WAN_W4A4_GEMM=triton`` turns it off).
 
 At video sizes steps 1 and 3 run in passes over the token rows (``pass_rows``): the int8
 activations, their scales and u are then held for one pass of rows, not for all tokens, while the
@@ -36,10 +38,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import NamedTuple
 
 import torch
 
+from . import gluon_gemm as gg
 from . import numerics as nm
 
 log = logging.getLogger(__name__)
@@ -366,12 +370,16 @@ def _rank_pad(r: int) -> int:
 
 
 # Per-M-bucket configuration of the int8 GEMM. Chosen from benchmarks/bench_linear.py --sweep.
-def gemm_config(m: int) -> dict:
+def gemm_config(m: int, async_wgmma: bool = False) -> dict:
     """Tile sizes by the number of tokens, from the H100 sweep in kernels/README.md. The persistent kernel
     (``persistent=True``) measured 3-9 % faster per layer on the H200 but no faster in a Wan step
-    (kernels/README.md), so the default stays the one-tile-per-program kernel."""
+    (kernels/README.md), so the default stays the one-tile-per-program kernel. ``async_wgmma``: the GPU runs
+    the Gluon kernel (``async_wgmma_available``), which takes over above 2048 tokens; at 1024 the Triton
+    kernel's narrow tiles measured faster on two of Wan's three shapes (kernels/README.md, session 13)."""
     if m <= 2048:  # few row blocks: narrow tiles so that every SM gets work
         return dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if async_wgmma:
+        return dict(gg.CONFIG, async_wgmma=True)
     if m < 16384:
         return dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
@@ -385,6 +393,19 @@ PERSISTENT_MAX_RANK_PAD = 32
 
 def persistent_fits(rank: int, out_dtype: torch.dtype) -> bool:
     return _rank_pad(rank) <= PERSISTENT_MAX_RANK_PAD and out_dtype.itemsize <= 2
+
+
+GEMM_ENV = "WAN_W4A4_GEMM"  # "auto" (default): the Gluon kernel where async_wgmma_available; "triton": never
+GEMM_CHOICES = ("auto", "triton")
+
+
+def async_wgmma_available(capability: tuple[int, int]) -> bool:
+    """Whether ``gemm`` may run the Gluon kernel (``gluon_gemm``) on a GPU of this compute capability: Hopper
+    (sm_90, whose wgmma it issues), a Triton with Gluon, and ``$WAN_W4A4_GEMM`` not "triton"."""
+    choice = os.environ.get(GEMM_ENV, "auto") or "auto"
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"${GEMM_ENV}={choice!r}: expected one of {', '.join(GEMM_CHOICES)}")
+    return choice == "auto" and gg.gluon is not None and tuple(capability) == (9, 0)
 
 
 QUANT_BLOCK_M = 32
@@ -541,9 +562,9 @@ def _num_sms(index: int) -> int:
 
 def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, w8: torch.Tensor | None = None,
          tma: bool = False, wsum: torch.Tensor | None = None, out: torch.Tensor | None = None):
-    """The int8 GEMM (over the expanded weights) + epilogue; ``tma``: tiles fetched by TMA (Hopper), by a
-    persistent kernel where the configuration says ``persistent``. ``w8``/``wsum``: the expanded weights
-    and their row sums when several passes share them; ``out``: a contiguous [M, N] tensor (rows of the
+    """The int8 GEMM (over the expanded weights) + epilogue; ``tma``: tiles fetched by TMA (Hopper), by the
+    Gluon kernel where the configuration says ``async_wgmma``, by a persistent kernel where it says
+    ``persistent``. ``w8``/``wsum``: the expanded weights and their row sums when several passes share them; ``out``: a contiguous [M, N] tensor (rows of the
     whole call's output) to write into."""
     m, k = xq.shape
     n, r = p.out_features, p.rank
@@ -557,24 +578,28 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
     tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
     offset = nm.act_offset(p.act_unsigned)
     meta = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=_rank_pad(r),
-                HAS_LR=bool(r), HAS_BIAS=p.bias is not None, OFFSET=offset, num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
+                HAS_LR=bool(r), HAS_BIAS=p.bias is not None, OFFSET=offset, num_warps=cfg["num_warps"])
+    stages = cfg["num_stages"]
     if w8 is None:
         w8, wsum = expand_weight(p, with_sum=True) if offset else (expand_weight(p), None)
     elif offset and wsum is None:  # a caller's own w8 (benchmarks, tests): sum it here
         wsum = w8.sum(1, dtype=torch.int32)
     args = (*_epilogue_args(sx, u, p, wsum), y, m, n, k, r, y.stride(0))
     if not tma:
-        _gemm_i8_kernel[(tiles,)](xq, w8, *args, **meta)
+        _gemm_i8_kernel[(tiles,)](xq, w8, *args, **meta, num_stages=stages)
+        return y
+    if cfg.get("async_wgmma"):  # Hopper: the Gluon kernel (gemm_config, async_wgmma_available)
+        gg._gemm_i8_async_kernel[(tiles,)](*gg.descriptors(xq, w8, cfg), *args, **meta, STAGES=stages)
         return y
     from triton.tools.tensor_descriptor import TensorDescriptor
     a_desc = TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]])
     b_desc = TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]])
     if cfg.get("persistent") and persistent_fits(r, out_dtype):
         sms = _num_sms(_index(xq.device))
-        _gemm_i8_persistent_kernel[(min(sms, tiles),)](a_desc, b_desc, *args, NUM_SMS=sms, **meta)
+        _gemm_i8_persistent_kernel[(min(sms, tiles),)](a_desc, b_desc, *args, NUM_SMS=sms, **meta,
+                                                        num_stages=stages)
     else:
-        _gemm_i8_tma_kernel[(tiles,)](a_desc, b_desc, *args, **meta)
+        _gemm_i8_tma_kernel[(tiles,)](a_desc, b_desc, *args, **meta, num_stages=stages)
     return y
 
 
@@ -606,20 +631,21 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {k}")
     if not isinstance(bin_index, torch.Tensor):
         bin_index = _bin_tensor(int(bin_index), x.device)
+    capability = torch.cuda.get_device_capability(x.device)
     if tma is None:
-        tma = tma_available(torch.cuda.get_device_capability(x.device))
+        tma = tma_available(capability)
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m = x2d.shape[0]
+    config = gemm_config(m, async_wgmma=tma and async_wgmma_available(capability))
     rows = pass_rows(m, k, p.rank, PASS_BYTES if pass_bytes is None else pass_bytes)
     if rows >= m:
         xq, sx, u = quantize(x2d, p, bin_index)
-        y = gemm(xq, sx, u, p, x.dtype, tma=tma)
+        y = gemm(xq, sx, u, p, x.dtype, tma=tma, config=config)
         return y.reshape(*x.shape[:-1], p.out_features)
     # Passes over the rows with the whole call's launch configuration (same bits as one pass).
     plan = quant_plan(m, k)
-    config = gemm_config(m)
     w8, wsum = expand_weight(p, with_sum=True) if nm.act_offset(p.act_unsigned) else (expand_weight(p), None)
     y = torch.empty((m, p.out_features), dtype=x.dtype, device=x.device)
     inv_smooth = None if plan.one_launch else p.inv_smooth()

@@ -1,6 +1,7 @@
 """Which int8 GEMM the Triton path runs: TMA tile loads on Hopper and later, pointer loads on sm_80..89
-(RTX 30/40, A100), which have no TMA. The GPU test forces the sm_80..89 choice on whatever GPU runs it
-(an H200 here) through the production entry point, ``kernels.w4a4_linear``."""
+(RTX 30/40, A100), which have no TMA, and on Hopper above 2048 tokens the Gluon kernel (kernels/gluon_gemm.py).
+The GPU test forces the sm_80..89 choice on whatever GPU runs it (an H200 here) through the production entry
+point, ``kernels.w4a4_linear``; tests/kernels/test_gluon_gemm.py checks the Gluon kernel's bits."""
 import pytest
 import torch
 
@@ -12,6 +13,39 @@ from wan_w4a4.kernels import triton_w4a4 as tw
 def test_tma_only_from_hopper_on():
     assert not tw.tma_available((8, 0)) and not tw.tma_available((8, 6)) and not tw.tma_available((8, 9))
     assert tw.tma_available((9, 0)) and tw.tma_available((10, 0)) and tw.tma_available((12, 0))
+
+
+def test_the_gluon_kernel_only_on_hopper_with_gluon(monkeypatch):
+    monkeypatch.delenv(tw.GEMM_ENV, raising=False)
+    monkeypatch.setattr(tw.gg, "gluon", object())  # a Triton with Gluon, on any machine
+    assert tw.async_wgmma_available((9, 0))
+    for other in [(8, 0), (8, 9), (10, 0), (12, 0)]:  # no wgmma there (Blackwell has tcgen05)
+        assert not tw.async_wgmma_available(other)
+    monkeypatch.setattr(tw.gg, "gluon", None)  # Triton without Gluon (or none at all)
+    assert not tw.async_wgmma_available((9, 0))
+
+
+def test_wan_w4a4_gemm_turns_the_gluon_kernel_off_and_rejects_other_values(monkeypatch):
+    monkeypatch.setattr(tw.gg, "gluon", object())
+    monkeypatch.setenv(tw.GEMM_ENV, "triton")
+    assert not tw.async_wgmma_available((9, 0))
+    monkeypatch.setenv(tw.GEMM_ENV, "auto")
+    assert tw.async_wgmma_available((9, 0))
+    monkeypatch.setenv(tw.GEMM_ENV, "gluon")
+    with pytest.raises(ValueError, match="WAN_W4A4_GEMM='gluon'.*auto, triton"):
+        tw.async_wgmma_available((9, 0))
+
+
+@pytest.mark.parametrize("m", [1, 1024, 2048, 2049, 8192, 32760, 75600])
+def test_gemm_config_takes_the_gluon_tiles_above_2048_tokens(m):
+    triton_cfg, cfg = tw.gemm_config(m), tw.gemm_config(m, async_wgmma=True)
+    assert not triton_cfg.get("async_wgmma")
+    if m <= 2048:  # the Triton kernel's narrow tiles: faster there (kernels/README.md, session 13)
+        assert cfg == triton_cfg
+    else:
+        assert cfg["async_wgmma"] and {k: cfg[k] for k in tw.gg.CONFIG} == tw.gg.CONFIG
+    # row passes end on row-tile boundaries, whichever kernel runs (triton_w4a4.pass_rows)
+    assert tw.PASS_ROW_TILE % cfg["BM"] == 0
 
 
 def _gemm_kernels(fn) -> list[str]:

@@ -1,0 +1,177 @@
+"""The W4A4 int8 GEMM for Hopper (sm_90) in Gluon, with its wgmma kept in flight across K steps.
+
+Why: Triton's pipeliner makes a wgmma asynchronous only when its accumulator is fp32, so Triton's int8 tile loop
+(``triton_w4a4._gemm_i8_tma_kernel``) waits for every K step's MMAs before it issues the next, and does 62 % of
+the int8 peak per clock on the H200 where the same loop on fp8 operands does 84 % (kernels/README.md, session
+12). Gluon states the waits itself: ``warpgroup_mma(..., is_async=True)`` then
+``warpgroup_mma_wait(num_outstanding=1)``, so one K step's MMAs run while the next step's are issued and the
+stage the retired step read is refilled by TMA. Measured on the H200 (kernels/README.md, session 13): 71 % of
+the peak per clock, 6-22 % less time per GEMM than the Triton tile kernel at M >= 4096 on Wan's shapes.
+
+Same function as the Triton kernels, bit for bit (tests/kernels/test_gluon_gemm.py): int8 x int8 -> exact
+int32, then the epilogue in ``triton_w4a4._epilogue``'s order: ((acc + offset * wsum) * sx) * sw, + u @ L2 as a
+bf16 wgmma accumulating into that fp32 tile, + bias. ``triton_w4a4.gemm`` launches it (``gemm_config`` says
+when); this module holds the kernel, its tiles and its TMA descriptors. ``python -m wan_w4a4.kernels.gluon_gemm``
+compiles it for sm_90 without a GPU and prints the waits of its loop.
+
+Hopper only: ``warpgroup_mma`` is sm_90's instruction (Blackwell has tcgen05 instead), and Gluon is Triton's
+experimental dialect (Triton 3.6's API here); without it ``gluon`` is None and the Triton kernels serve.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import numerics as nm
+
+try:  # GPU machines only
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                   warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover
+    gluon = None
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _tile_of(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
+        # triton_w4a4._tile_of: grouped ordering, GROUP_M row blocks share weight tiles in L2
+        num_m = gl.cdiv(M, BM)
+        num_n = gl.cdiv(N, BN)
+        width = GROUP_M * num_n
+        first_m = (tile // width) * GROUP_M
+        size_m = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % width) % size_m
+        pid_n = (tile % width) // size_m
+        return pid_m, pid_n
+
+    @gluon.jit
+    def _gemm_i8_async_kernel(
+        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+        M, N, K, R, stride_ym,
+        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, R_PAD: gl.constexpr,
+        HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        pid_m, pid_n = _tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        nw: gl.constexpr = gl.num_warps()
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                             instr_shape=[16, BN, 32])
+
+        a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+        nbytes: gl.constexpr = (BM + BN) * BK  # int8: one byte per element
+        k_tiles = gl.cdiv(K, BK)
+
+        for i in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 K steps in flight
+            first = i < k_tiles
+            mbarrier.expect(ready.index(i), nbytes, pred=first)
+            tma.async_copy_global_to_shared(a_desc, [off_m, i * BK], ready.index(i), a_smem.index(i), pred=first)
+            tma.async_copy_global_to_shared(b_desc, [off_n, i * BK], ready.index(i), b_smem.index(i), pred=first)
+
+        acc = gl.zeros([BM, BN], gl.int32, acc_layout)
+        for ki in range(k_tiles):
+            st = ki % STAGES
+            mbarrier.wait(ready.index(st), (ki // STAGES) & 1)
+            acc = warpgroup_mma(a_smem.index(st), b_smem.index(st).permute((1, 0)), acc, is_async=True)
+            # at most this step's MMAs stay in flight: step ki - 1's have retired, so its stage is free
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            nk = ki + STAGES - 1
+            ns = nk % STAGES
+            pred = nk < k_tiles
+            mbarrier.expect(ready.index(ns), nbytes, pred=pred)
+            tma.async_copy_global_to_shared(a_desc, [off_m, nk * BK], ready.index(ns), a_smem.index(ns), pred=pred)
+            tma.async_copy_global_to_shared(b_desc, [off_n, nk * BK], ready.index(ns), b_smem.index(ns), pred=pred)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+
+        # Epilogue, in triton_w4a4._epilogue's order.
+        rm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout))
+        rn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
+        m_mask = rm < M
+        n_mask = rn < N
+        if OFFSET != 0:
+            acc += OFFSET * gl.load(wsum_ptr + rn, mask=n_mask, other=0)[None, :]
+        sx = gl.load(sx_ptr + rm, mask=m_mask, other=0.0)
+        sw = gl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+        y = (acc.to(gl.float32) * sx[:, None]) * sw[None, :]
+        if HAS_LR:
+            lr_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                                instr_shape=[16, BN, 16])
+            ld_u: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [nw, 1], [1, 0])  # 32 columns per warp row
+            ld_l2: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [nw, 1], [1, 0])  # 128 columns
+            um = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ld_u))
+            ur = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, ld_u))
+            u = gl.load(u_ptr + um.to(gl.int64)[:, None] * R + ur[None, :],
+                        mask=(um < M)[:, None] & (ur < R)[None, :], other=0.0)
+            lr_ = gl.arange(0, R_PAD, layout=gl.SliceLayout(1, ld_l2))
+            ln = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, ld_l2))
+            l2 = gl.load(l2_ptr + lr_[:, None] * N + ln.to(gl.int64)[None, :],
+                         mask=(lr_ < R)[:, None] & (ln < N)[None, :], other=0.0)
+            u_smem = gl.allocate_shared_memory(gl.bfloat16, [BM, R_PAD],
+                                               gl.NVMMASharedLayout.get_default_for([BM, R_PAD], gl.bfloat16), u)
+            l2_smem = gl.allocate_shared_memory(gl.bfloat16, [R_PAD, BN],
+                                                gl.NVMMASharedLayout.get_default_for([R_PAD, BN], gl.bfloat16), l2)
+            fence_async_shared()
+            y = warpgroup_mma(u_smem, l2_smem, gl.convert_layout(y, lr_layout))
+            y = gl.convert_layout(y, acc_layout)
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
+        gl.store(y_ptr + rm.to(gl.int64)[:, None] * stride_ym + rn.to(gl.int64)[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# Tiles of the kernel: 256 x 128 output tiles, K steps of 128, four stages of TMA loads in flight (192 KiB of
+# shared memory), two warpgroups. Measured best of the variants in benchmarks/gemm_power.py on the H200.
+CONFIG = dict(BM=256, BN=128, BK=128, GROUP_M=8, num_stages=4, num_warps=8)
+
+
+def descriptors(xq: torch.Tensor, w8: torch.Tensor, cfg: dict):
+    """TMA descriptors of the int8 activations [M, K] and expanded weights [N, K] for the tiles of ``cfg``."""
+    a_layout = gl.NVMMASharedLayout.get_default_for([cfg["BM"], cfg["BK"]], gl.int8)
+    b_layout = gl.NVMMASharedLayout.get_default_for([cfg["BN"], cfg["BK"]], gl.int8)
+    return (TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]], a_layout),
+            TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]], b_layout))
+
+
+def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0, has_lr: bool = True,
+                    r_pad: int = 32):
+    """Compile for sm_90 without a GPU (Triton's ``triton.compile`` with an explicit target): the kernel's
+    TTGIR/PTX, to check what the pipeline became."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    a_layout = gl.NVMMASharedLayout.get_default_for([cfg["BM"], cfg["BK"]], gl.int8)
+    b_layout = gl.NVMMASharedLayout.get_default_for([cfg["BN"], cfg["BK"]], gl.int8)
+    sig = {"a_desc": f"tensordesc<i8[{cfg['BM']}, {cfg['BK']}],{a_layout!r}>",
+           "b_desc": f"tensordesc<i8[{cfg['BN']}, {cfg['BK']}],{b_layout!r}>",
+           "sx_ptr": "*fp32", "ws_ptr": "*fp32", "u_ptr": "*bf16", "l2_ptr": "*bf16", "bias_ptr": "*fp32",
+           "wsum_ptr": "*i32", "y_ptr": f"*{out_dtype}", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+           "stride_ym": "i32"}
+    const = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=r_pad, HAS_LR=has_lr,
+                 HAS_BIAS=True, OFFSET=offset, STAGES=cfg["num_stages"])
+    for name in const:
+        sig[name] = "constexpr"
+    src = GluonASTSource(_gemm_i8_async_kernel, sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg["num_warps"]))
+
+
+if __name__ == "__main__":  # pragma: no cover - needs Triton
+    import re
+
+    for offset in (0, nm.UNSIGNED_OFFSET):
+        c = compile_offline(offset=offset)
+        waits = re.findall(r"warp_group_dot_wait[^\n]*?pendings = (\d+)", c.asm["ttgir"])
+        ptx = c.asm["ptx"]
+        ptx_waits = re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)
+        mmas = sorted(set(re.findall(r"wgmma.mma_async.sync.aligned.([\w.]+) ", ptx)))
+        print(f"OFFSET={offset}: TTGIR dot waits (pendings) {waits}; PTX wgmma.wait_group {ptx_waits}; "
+              f"mma {mmas}; shared {c.metadata.shared} B")

@@ -1,0 +1,91 @@
+"""The Gluon int8 GEMM (kernels/gluon_gemm.py), which ``triton_w4a4.gemm`` runs on Hopper above 2048 tokens,
+against Triton's TMA tile kernel: the same bits at the Wan shapes' tails, in row passes, for every output dtype
+and low-rank width; and the production entry point runs it, or not with ``WAN_W4A4_GEMM=triton``. GPU only."""
+import pytest
+import torch
+
+from wan_w4a4 import kernels
+from wan_w4a4.kernels import numerics as nm
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (GPU machines only)")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                       reason="needs a Hopper GPU (sm_90: wgmma, TMA)"),
+]
+
+from wan_w4a4.kernels import triton_w4a4 as tw  # noqa: E402
+
+if tw.gg.gluon is None:
+    pytest.skip("this Triton has no Gluon", allow_module_level=True)
+
+GLUON = dict(tw.gg.CONFIG, async_wgmma=True)  # forced at every M, also below gemm_config's 2048 tokens
+
+
+def make(k, n, m, *, rank, unsigned, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    l1 = torch.randn(k, rank, generator=g) * 0.1 if rank else None
+    l2 = torch.randn(rank, n, generator=g) * 0.1 if rank else None
+    p = nm.from_float(w, torch.randn(n, generator=g), smooth=torch.rand(k, generator=g) + 0.5, lr_down=l1, lr_up=l2,
+                      clip=torch.tensor([1.0, 0.8]), num_bins=2, act_unsigned=unsigned).to("cuda")
+    x = torch.randn(m, k, generator=g)
+    if unsigned:
+        x = torch.nn.functional.gelu(x, approximate="tanh")
+    return p, x.to(torch.float16).cuda()
+
+
+def operands(p, x):
+    xq, sx, u = tw.quantize(x, p, torch.tensor(1, device="cuda"))
+    w8, wsum = tw.expand_weight(p, with_sum=True) if p.act_unsigned else (tw.expand_weight(p), None)
+    return xq, sx, u, w8, wsum
+
+
+@pytest.mark.parametrize("m", [1, 300, 4099, 20000])
+@pytest.mark.parametrize("k,n", [(640, 384), (1280, 640), (5120, 256)])
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("rank", [0, 32])
+def test_same_bits_as_the_triton_tile_kernel(m, k, n, unsigned, rank):
+    p, x = make(k, n, m, rank=rank, unsigned=unsigned)
+    xq, sx, u, w8, wsum = operands(p, x)
+    ref = tw.gemm(xq, sx, u, p, torch.float16, w8=w8, wsum=wsum, tma=True, config=tw.gemm_config(m))
+    out = tw.gemm(xq, sx, u, p, torch.float16, w8=w8, wsum=wsum, tma=True, config=GLUON)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rank", [8, 100])  # rank padding 16 and a folded LoRA's 128
+def test_same_bits_for_other_outputs_and_ranks(out_dtype, rank):
+    p, x = make(1280, 640, 3000, rank=rank, unsigned=True, seed=1)
+    xq, sx, u, w8, wsum = operands(p, x)
+    ref = tw.gemm(xq, sx, u, p, out_dtype, w8=w8, wsum=wsum, tma=True, config=tw.gemm_config(3000))
+    out = tw.gemm(xq, sx, u, p, out_dtype, w8=w8, wsum=wsum, tma=True, config=GLUON)
+    assert torch.equal(out, ref)
+    assert nm.sqnr_db(nm.w4a4_linear(x.float(), p, 1), out.float()) >= 40.0
+
+
+def _gemm_kernels(fn) -> tuple[torch.Tensor, list[str]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, [e.key for e in prof.key_averages() if "_gemm_i8" in e.key]
+
+
+def test_the_layer_runs_it_above_2048_tokens_and_not_when_turned_off(monkeypatch):
+    p, x = make(1280, 640, 6000, rank=32, unsigned=False, seed=2)
+    monkeypatch.delenv(tw.GEMM_ENV, raising=False)
+    out, names = _gemm_kernels(lambda: kernels.w4a4_linear(x, p, 1, backend="triton"))
+    assert names and all("async" in s for s in names), names
+    _, small_names = _gemm_kernels(lambda: kernels.w4a4_linear(x[:2048], p, 1, backend="triton"))
+    assert small_names and all("_gemm_i8_tma" in s for s in small_names), small_names
+    monkeypatch.setenv(tw.GEMM_ENV, "triton")
+    off, off_names = _gemm_kernels(lambda: kernels.w4a4_linear(x, p, 1, backend="triton"))
+    assert off_names and all("_gemm_i8_tma" in s for s in off_names), off_names
+    assert torch.equal(out, off)
+    # in row passes (a small pass budget): the whole call's choice in every pass, the same bits
+    monkeypatch.delenv(tw.GEMM_ENV)
+    passes, pass_names = _gemm_kernels(lambda: tw.w4a4_linear(x, p, 1, pass_bytes=1 << 20))
+    assert len(pass_names) == 1 and "async" in pass_names[0], pass_names
+    assert torch.equal(passes, out)
