@@ -112,12 +112,16 @@ def test_quantize_allocates_only_its_outputs_when_k_is_not_split(rank):
     assert plan.n_split == 1 and not plan.one_launch
     tw.quantize(x, p, b)  # compile outside the measured call
     torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
+    # Requested bytes, not allocated ones: the caching allocator hands out a whole cached block when the rest
+    # would be under 1 MB, so allocated bytes depend on what earlier tests left in its cache (this test failed
+    # after tests/kernels/test_gluon_gemm.py with 383 744 B more "allocated" and passed before it).
+    stat = "requested_bytes.all.peak"
+    base = torch.cuda.memory_stats()["requested_bytes.all.current"]
     torch.cuda.reset_peak_memory_stats()
     xq, sx, u = tw.quantize(x, p, b)
     torch.cuda.synchronize()
     outputs = m * k + 4 * m + 2 * m * rank + 4 * m + 4 * k  # xq int8, sx fp32, u bf16, row maxima, 1/s fp32
-    assert torch.cuda.max_memory_allocated() - base <= outputs + 5 * 512  # the allocator's 512-byte rounding
+    assert torch.cuda.memory_stats()[stat] - base <= outputs
     a_ref, s_ref = nm.quantize_activation(nm.smooth_input(x, p, inv), p.clip[1], False)
     assert torch.equal(xq, a_ref) and torch.equal(sx, s_ref)
     u_ref = nm.smooth_input(x, p, inv).to(torch.bfloat16).float() @ p.lr_down.float()
