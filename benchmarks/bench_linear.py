@@ -146,6 +146,10 @@ SWEEP = [  # expand path (int8 GEMM); BK is the K step
     dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4, persistent=True),
     dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4, persistent=True),
     dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4, persistent=True),
+    # the Gluon kernel (Hopper; kernels/gluon_gemm.py), its tiles and two variants
+    dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4, async_wgmma=True),
+    dict(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=6, async_wgmma=True),
+    dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=5, async_wgmma=True),
 ]
 
 
@@ -191,9 +195,17 @@ def speed_table(sweep: bool):
             print("   quantize ms: " + ", ".join(f"{name} {plans[name]} {t:.3f}" for name, t in t_plans.items()))
             xq, sx, u = tw.quantize(x, p, bin_t)
             variants = {}
-            for cfg in (SWEEP if sweep else [tw.gemm_config(m)]):
-                for tma in ((True,) if cfg.get("persistent") else (False, True)):
-                    kind = "-persistent" if cfg.get("persistent") else "-tma" if tma else ""
+            hopper = tw.async_wgmma_available(torch.cuda.get_device_capability())
+            configs = SWEEP if sweep else [tw.gemm_config(m)]
+            if not sweep and hopper and m > 2048:  # what the layer runs there, and the Triton kernel before it
+                configs = configs + [tw.gemm_config(m, async_wgmma=True)]
+            for cfg in configs:
+                if cfg.get("async_wgmma") and not hopper:
+                    continue
+                tma_only = cfg.get("persistent") or cfg.get("async_wgmma")
+                for tma in ((True,) if tma_only else (False, True)):
+                    kind = ("-persistent" if cfg.get("persistent") else "-async" if cfg.get("async_wgmma")
+                            else "-tma" if tma else "")
                     tag = f"i8{kind} {cfg['BM']}x{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
                     variants[tag] = (lambda cfg=cfg, tma=tma: tw.gemm(xq, sx, u, p, torch.bfloat16, config=cfg,
                                                                        w8=w8, tma=tma))

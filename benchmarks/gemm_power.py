@@ -15,8 +15,12 @@ is 32 760 tokens through six 5120 x 5120 Linears, ffn.0 and ffn.2. The cross-att
 tokens are left out. The configurations:
 - ``w4a4``: the pack's int8 GEMM over expanded weights, with its epilogue (scales, rank-32 low-rank, bias),
   in the row passes the layer runs (``pass_rows``), fp16 out, as ComfyUI loads Wan (benchmarks/RESULTS.md).
-  The activation quantizer and the weight expansion are not included: this is the GEMM alone;
-- ``w4a4_persistent``: the same with the persistent kernel (a configuration option, not the default);
+  The activation quantizer and the weight expansion are not included: this is the GEMM alone.
+  On an H200 it is the Gluon kernel with its MMAs in flight across K steps (``kernels/gluon_gemm.py``);
+- ``w4a4_triton``: the same with Triton's tile kernel (what runs off Hopper, or with ``WAN_W4A4_GEMM=triton``);
+- ``w4a4_persistent``: the Triton kernel as a persistent kernel (a configuration option, not the default);
+- ``w4a4_async_bk64`` / ``w4a4_async_128``: the Gluon kernel with K steps of 64 (six stages) or 128-row tiles
+  (four warps): tile variants measured against its default;
 - ``fp8``: ``torch._scaled_mm`` with one scale per tensor and bias, batch 2: what ComfyUI's
   ``fp8_e4m3fn_fast`` calls, with cond and uncond in one call;
 - ``fp16``: ``F.linear`` in fp16, batch 2: what ComfyUI's default weight dtype runs;
@@ -178,8 +182,8 @@ def block_functions(dev: str) -> dict:
     x8 = {k: v.to(torch.float8_e4m3fn) for k, v in x2.items()}
     one = torch.ones((), device=dev)
 
-    def w4a4(persistent: bool):
-        config = dict(tw.gemm_config(TOKENS), persistent=persistent)
+    def w4a4(async_wgmma: bool = False, **over):
+        config = dict(tw.gemm_config(TOKENS, async_wgmma=async_wgmma), **over)
 
         def run():
             for k, n in BLOCK:
@@ -224,18 +228,11 @@ def block_functions(dev: str) -> dict:
                                      INT8=int8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return run
 
-    def w4a4_gluon():  # EXPERIMENT branch: kernels/gluon_gemm.py
-        from wan_w4a4.kernels import gluon_gemm as gg
-
-        for k, n in BLOCK:
-            p, w8, wsum, (xq, sx, u), y = layers[(k, n)]
-            rows = tw.pass_rows(TOKENS, k, p.rank)
-            for s in range(0, TOKENS, rows):
-                gg.gemm(xq[s:s + rows], sx[s:s + rows], u[s:s + rows], p, torch.float16, w8=w8, wsum=wsum,
-                        out=y[s:s + rows])
-
-    return {"w4a4_gluon": (w4a4_gluon, 1, 1.0),
-            "w4a4": (w4a4(False), 1, 1.0), "w4a4_persistent": (w4a4(True), 1, 1.0), "fp8": (fp8, 2, 1.0),
+    here = tw.async_wgmma_available(torch.cuda.get_device_capability(dev))
+    return {"w4a4": (w4a4(here), 1, 1.0), "w4a4_async_bk64": (w4a4(True, BK=64, num_stages=6), 1, 1.0),
+            "w4a4_async_128": (w4a4(True, BM=128, num_stages=5, num_warps=4), 1, 1.0),
+            "w4a4_triton": (w4a4(), 1, 1.0), "w4a4_persistent": (w4a4(persistent=True), 1, 1.0),
+            "fp8": (fp8, 2, 1.0),
             "fp16": (fp16, 2, 0.5), "triton_int8_plain": (plain(True), 1, 1.0),
             "triton_fp8_plain": (plain(False), 1, 1.0)}
 
@@ -245,7 +242,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=6.0, help="sustained run per configuration (default: 6)")
     ap.add_argument("--peak-tops", type=float, default=1979.0,
                     help="dense 8-bit peak at the maximum SM clock (default: 1979, H100/H200 SXM); 16-bit: half")
-    ap.add_argument("--configs", default="w4a4_gluon,w4a4,w4a4_persistent,fp8,fp16,triton_int8_plain,triton_fp8_plain",
+    ap.add_argument("--configs", default="w4a4,w4a4_triton,w4a4_persistent,fp8,fp16,triton_int8_plain,triton_fp8_plain",
                     help="comma-separated (default: all)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
