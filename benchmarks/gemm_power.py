@@ -158,8 +158,34 @@ def _plain_tma_gemm():
     return plain_tma_gemm
 
 
+def _plain_gluon_gemm():
+    """The Gluon GEMM's mainloop (``gluon_gemm._mainloop``, its tiles) with a bare epilogue: acc -> fp16, masked store.
+    The accumulator is int32 for int8 operands and fp32 for fp8 ones."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    from wan_w4a4.kernels import gluon_gemm as gg
+
+    @gluon.jit
+    def plain_gluon_gemm(a_desc, b_desc, c_ptr, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        pid_m, pid_n = gg._tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                         instr_shape=[16, BN, 32])
+        acc_dtype: gl.constexpr = gl.int32 if a_desc.dtype == gl.int8 else gl.float32
+        acc = gg._mainloop(a_desc, b_desc, pid_m * BM, pid_n * BN, K, gl.zeros([BM, BN], acc_dtype, layout), STAGES)
+        rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+        rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+        gl.store(c_ptr + rm.to(gl.int64)[:, None] * N + rn[None, :], acc.to(gl.float32).to(gl.float16),
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+    return plain_gluon_gemm
+
+
 def block_functions(dev: str) -> dict:
     """config -> (one block's Linears, flop multiplier (the batch), share of the 8-bit peak (16-bit: 0.5))."""
+    from wan_w4a4.kernels import gluon_gemm as gg
     from wan_w4a4.kernels import numerics as nm
     from wan_w4a4.kernels import triton_w4a4 as tw
 
@@ -229,12 +255,29 @@ def block_functions(dev: str) -> dict:
         return run
 
     here = tw.async_wgmma_available(torch.cuda.get_device_capability(dev))
+    gluon_kernel = _plain_gluon_gemm() if here else None
+
+    def plain_gluon(int8: bool):
+        def run():
+            cfg = tw.gemm_config(TOKENS, async_wgmma=True)
+            for k, n in BLOCK:
+                a, w = operands[(k, n)][int8]
+                y = layers[(k, n)][4]
+                rows = tw.pass_rows(TOKENS, k, 32)
+                for s in range(0, TOKENS, rows):
+                    xs, ys = a[s:s + rows], y[s:s + rows]
+                    tiles = triton.cdiv(xs.shape[0], cfg["BM"]) * triton.cdiv(n, cfg["BN"])
+                    gluon_kernel[(tiles,)](*gg.descriptors(xs, w, cfg), ys, xs.shape[0], n, k, GROUP_M=cfg["GROUP_M"],
+                                           STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+        return run
+
     return {"w4a4": (w4a4(here), 1, 1.0), "w4a4_async_bk64": (w4a4(True, BK=64, num_stages=6), 1, 1.0),
             "w4a4_async_128": (w4a4(True, BM=128, num_stages=5, num_warps=4), 1, 1.0),
             "w4a4_triton": (w4a4(), 1, 1.0), "w4a4_persistent": (w4a4(persistent=True), 1, 1.0),
             "fp8": (fp8, 2, 1.0),
             "fp16": (fp16, 2, 0.5), "triton_int8_plain": (plain(True), 1, 1.0),
-            "triton_fp8_plain": (plain(False), 1, 1.0)}
+            "triton_fp8_plain": (plain(False), 1, 1.0), "gluon_int8_plain": (plain_gluon(True), 1, 1.0),
+            "gluon_fp8_plain": (plain_gluon(False), 1, 1.0)}
 
 
 def main(argv=None):

@@ -49,25 +49,19 @@ if gluon is not None:
         return pid_m, pid_n
 
     @gluon.jit
-    def _gemm_i8_async_kernel(
-        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
-        M, N, K, R, stride_ym,
-        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, R_PAD: gl.constexpr,
-        HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STAGES: gl.constexpr,
-    ):
-        pid_m, pid_n = _tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
-        off_m = pid_m * BM
-        off_n = pid_n * BN
-        nw: gl.constexpr = gl.num_warps()
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
-                                                             instr_shape=[16, BN, 32])
-
-        a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
-        b_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], b_desc.layout)
+    def _mainloop(a_desc, b_desc, off_m, off_n, K, acc, STAGES: gl.constexpr):
+        """acc + A[off_m : off_m + BM, :K] @ B[off_n : off_n + BN, :K]^T (both K-major), K steps of BK from a ring
+        of STAGES TMA-loaded stages, with one K step's wgmma in flight while the next is issued. Also what
+        benchmarks/gemm_power.py times with fp8 operands."""
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-        nbytes: gl.constexpr = (BM + BN) * BK  # int8: one byte per element
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         k_tiles = gl.cdiv(K, BK)
 
         for i in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 K steps in flight
@@ -76,7 +70,6 @@ if gluon is not None:
             tma.async_copy_global_to_shared(a_desc, [off_m, i * BK], ready.index(i), a_smem.index(i), pred=first)
             tma.async_copy_global_to_shared(b_desc, [off_n, i * BK], ready.index(i), b_smem.index(i), pred=first)
 
-        acc = gl.zeros([BM, BN], gl.int32, acc_layout)
         for ki in range(k_tiles):
             st = ki % STAGES
             mbarrier.wait(ready.index(st), (ki // STAGES) & 1)
@@ -92,6 +85,22 @@ if gluon is not None:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
+        return acc
+
+    @gluon.jit
+    def _gemm_i8_async_kernel(
+        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+        M, N, K, R, stride_ym,
+        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, R_PAD: gl.constexpr,
+        HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        pid_m, pid_n = _tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        nw: gl.constexpr = gl.num_warps()
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                             instr_shape=[16, BN, 32])
+        acc = _mainloop(a_desc, b_desc, off_m, off_n, K, gl.zeros([BM, BN], gl.int32, acc_layout), STAGES)
 
         # Epilogue, in triton_w4a4._epilogue's order.
         rm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout))
@@ -135,7 +144,8 @@ CONFIG = dict(BM=256, BN=128, BK=128, GROUP_M=8, num_stages=4, num_warps=8)
 
 
 def descriptors(xq: torch.Tensor, w8: torch.Tensor, cfg: dict):
-    """TMA descriptors of the int8 activations [M, K] and expanded weights [N, K] for the tiles of ``cfg``."""
+    """TMA descriptors of the int8 activations [M, K] and expanded weights [N, K] for the tiles of ``cfg`` (also of
+    fp8 operands: the layouts depend only on the element width)."""
     a_layout = gl.NVMMASharedLayout.get_default_for([cfg["BM"], cfg["BK"]], gl.int8)
     b_layout = gl.NVMMASharedLayout.get_default_for([cfg["BN"], cfg["BK"]], gl.int8)
     return (TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]], a_layout),
