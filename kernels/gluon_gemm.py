@@ -88,21 +88,12 @@ if gluon is not None:
         return acc
 
     @gluon.jit
-    def _gemm_i8_async_kernel(
-        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
-        M, N, K, R, stride_ym,
-        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, R_PAD: gl.constexpr,
-        HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STAGES: gl.constexpr,
-    ):
-        pid_m, pid_n = _tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
-        off_m = pid_m * BM
-        off_n = pid_n * BN
+    def _epilogue(acc, off_m, off_n, acc_layout: gl.constexpr, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr,
+                  y_ptr, M, N, R, stride_ym, BM: gl.constexpr, BN: gl.constexpr, R_PAD: gl.constexpr,
+                  HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr):
+        """The int32 tile -> output rows, in triton_w4a4._epilogue's order: ((acc + offset * wsum) * sx) * sw,
+        + u @ L2 (a bf16 wgmma accumulating into that fp32 tile), + bias; masked store."""
         nw: gl.constexpr = gl.num_warps()
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
-                                                             instr_shape=[16, BN, 32])
-        acc = _mainloop(a_desc, b_desc, off_m, off_n, K, gl.zeros([BM, BN], gl.int32, acc_layout), STAGES)
-
-        # Epilogue, in triton_w4a4._epilogue's order.
         rm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout))
         rn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
         m_mask = rm < M
@@ -136,6 +127,23 @@ if gluon is not None:
             y += gl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
         gl.store(y_ptr + rm.to(gl.int64)[:, None] * stride_ym + rn.to(gl.int64)[None, :],
                  y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @gluon.jit
+    def _gemm_i8_async_kernel(
+        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+        M, N, K, R, stride_ym,
+        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, R_PAD: gl.constexpr,
+        HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        pid_m, pid_n = _tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        nw: gl.constexpr = gl.num_warps()
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                             instr_shape=[16, BN, 32])
+        acc = _mainloop(a_desc, b_desc, off_m, off_n, K, gl.zeros([BM, BN], gl.int32, acc_layout), STAGES)
+        _epilogue(acc, off_m, off_n, acc_layout, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+                  M, N, R, stride_ym, BM, BN, R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
 
 # Tiles of the kernel: 256 x 128 output tiles, K steps of 128, four stages of TMA loads in flight (192 KiB of
