@@ -564,8 +564,8 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
          tma: bool = False, wsum: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """The int8 GEMM (over the expanded weights) + epilogue; ``tma``: tiles fetched by TMA (Hopper), by the
     Gluon kernel where the configuration says ``async_wgmma``, by a persistent kernel where it says
-    ``persistent``. ``w8``/``wsum``: the expanded weights and their row sums when several passes share them; ``out``: a contiguous [M, N] tensor (rows of the
-    whole call's output) to write into."""
+    ``persistent``. ``w8``/``wsum``: the expanded weights and their row sums when several passes share them;
+    ``out``: a contiguous [M, N] tensor (rows of the whole call's output) to write into."""
     m, k = xq.shape
     n, r = p.out_features, p.rank
     cfg = dict(config or gemm_config(m))
