@@ -14,8 +14,9 @@ bf16 wgmma accumulating into that fp32 tile, + bias. ``triton_w4a4.gemm`` launch
 when); this module holds the kernel, its tiles and its TMA descriptors. ``python -m wan_w4a4.kernels.gluon_gemm``
 compiles it for sm_90 without a GPU and prints the waits of its loop.
 
-Hopper only: ``warpgroup_mma`` is sm_90's instruction (Blackwell has tcgen05 instead), and Gluon is Triton's
-experimental dialect (Triton 3.6's API here); without it ``gluon`` is None and the Triton kernels serve.
+Hopper only: ``warpgroup_mma`` is sm_90's instruction (Blackwell has tcgen05 instead). Gluon is Triton's
+experimental dialect, used here as Triton 3.6 has it: with no Triton or an older one ``gluon`` is None, and a later
+Triton that cannot build the kernel gets Triton's tile kernel after one warning (``triton_w4a4._launch_gluon``).
 """
 from __future__ import annotations
 
@@ -23,14 +24,26 @@ import torch
 
 from . import numerics as nm
 
+
+def gluon_api_supported(version: str) -> bool:
+    """Whether a Triton of this version has the Gluon API this kernel is written and measured with (3.6's)."""
+    try:
+        return tuple(int(v) for v in version.split(".")[:2]) >= (3, 6)
+    except ValueError:  # not "major.minor..."
+        return False
+
+
 try:  # GPU machines only
     import triton
+
+    if not gluon_api_supported(triton.__version__):
+        raise ImportError(f"Triton {triton.__version__} predates the Gluon API of Triton 3.6")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # pragma: no cover
+except ImportError:  # pragma: no cover - no Triton, or an older one
     gluon = None
 
 

@@ -401,11 +401,12 @@ GEMM_CHOICES = ("auto", "triton")
 
 def async_wgmma_available(capability: tuple[int, int]) -> bool:
     """Whether ``gemm`` may run the Gluon kernel (``gluon_gemm``) on a GPU of this compute capability: Hopper
-    (sm_90, whose wgmma it issues), a Triton with Gluon, and ``$WAN_W4A4_GEMM`` not "triton"."""
+    (sm_90, whose wgmma it issues), a Triton with Gluon (3.6 or later) that has built it, and ``$WAN_W4A4_GEMM``
+    not "triton"."""
     choice = os.environ.get(GEMM_ENV, "auto") or "auto"
     if choice not in GEMM_CHOICES:
         raise ValueError(f"${GEMM_ENV}={choice!r}: expected one of {', '.join(GEMM_CHOICES)}")
-    return choice == "auto" and gg.gluon is not None and tuple(capability) == (9, 0)
+    return choice == "auto" and gg.gluon is not None and not _gluon_failure and tuple(capability) == (9, 0)
 
 
 QUANT_BLOCK_M = 32
@@ -560,6 +561,44 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _launch_meta(cfg: dict, p: nm.W4A4Params, m: int) -> tuple[int, dict]:
+    """(number of output tiles, the constexpr arguments and warps) of a GEMM launch with the tiles of ``cfg``."""
+    tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(p.out_features, cfg["BN"])
+    return tiles, dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=_rank_pad(p.rank),
+                       HAS_LR=bool(p.rank), HAS_BIAS=p.bias is not None, OFFSET=nm.act_offset(p.act_unsigned),
+                       num_warps=cfg["num_warps"])
+
+
+# Why the Gluon kernel could not be built in this process (empty: it can). Gluon is Triton's experimental dialect
+# and the kernel is written against Triton 3.6's: a Triton whose Gluon differs fails to compile it, and then
+# Triton's tile kernel serves the rest of the process with the same bits, after one warning.
+_gluon_failure: list[str] = []
+
+
+def _is_build_failure(e: BaseException) -> bool:
+    """A failure to build a kernel (Triton's front end, its MLIR passes, its resource checks), not a fault of a
+    running kernel, which must propagate."""
+    from triton.errors import TritonError
+
+    return isinstance(e, TritonError) or (isinstance(e, RuntimeError) and "PassManager::run failed" in str(e))
+
+
+def _launch_gluon(xq, w8, cfg: dict, tiles: int, args: tuple, meta: dict) -> bool:
+    """Run the Gluon kernel; False (and one warning) when this Triton cannot build it."""
+    try:
+        gg._gemm_i8_async_kernel[(tiles,)](*gg.descriptors(xq, w8, cfg), *args, **meta, STAGES=cfg["num_stages"])
+        return True
+    except Exception as e:
+        if not _is_build_failure(e):
+            raise
+        lines = [line for line in str(e).splitlines() if line.strip()]  # compile errors end with their cause
+        _gluon_failure.append(f"{type(e).__name__}: {lines[-1].strip()[:300] if lines else ''}")
+        log.warning("W4A4: the Hopper int8 GEMM (kernels/gluon_gemm.py) did not compile with Triton %s (%s); "
+                    "Triton's tile kernel runs instead for the rest of this process, with the same results. "
+                    "%s=triton skips the attempt.", triton.__version__, _gluon_failure[0], GEMM_ENV)
+        return False
+
+
 def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, w8: torch.Tensor | None = None,
          tma: bool = False, wsum: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """The int8 GEMM (over the expanded weights) + epilogue; ``tma``: tiles fetched by TMA (Hopper), by the
@@ -575,21 +614,22 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
         raise ValueError(f"gemm out: {tuple(out.shape)} {out.dtype}, expected contiguous ({m}, {n}) {out_dtype}")
     else:
         y = out
-    tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
     offset = nm.act_offset(p.act_unsigned)
-    meta = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=_rank_pad(r),
-                HAS_LR=bool(r), HAS_BIAS=p.bias is not None, OFFSET=offset, num_warps=cfg["num_warps"])
-    stages = cfg["num_stages"]
     if w8 is None:
         w8, wsum = expand_weight(p, with_sum=True) if offset else (expand_weight(p), None)
     elif offset and wsum is None:  # a caller's own w8 (benchmarks, tests): sum it here
         wsum = w8.sum(1, dtype=torch.int32)
     args = (*_epilogue_args(sx, u, p, wsum), y, m, n, k, r, y.stride(0))
+    if tma and cfg.get("async_wgmma"):  # Hopper: the Gluon kernel (gemm_config)
+        if not _gluon_failure:
+            tiles, meta = _launch_meta(cfg, p, m)
+            if _launch_gluon(xq, w8, cfg, tiles, args, meta):
+                return y
+        cfg = gemm_config(m)  # Triton's tiles give the same bits (tests/kernels/test_gluon_gemm.py)
+    tiles, meta = _launch_meta(cfg, p, m)
+    stages = cfg["num_stages"]
     if not tma:
         _gemm_i8_kernel[(tiles,)](xq, w8, *args, **meta, num_stages=stages)
-        return y
-    if cfg.get("async_wgmma"):  # Hopper: the Gluon kernel (gemm_config, async_wgmma_available)
-        gg._gemm_i8_async_kernel[(tiles,)](*gg.descriptors(xq, w8, cfg), *args, **meta, STAGES=stages)
         return y
     from triton.tools.tensor_descriptor import TensorDescriptor
     a_desc = TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]])

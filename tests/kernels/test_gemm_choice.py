@@ -21,6 +21,9 @@ def test_the_gluon_kernel_only_on_hopper_with_gluon(monkeypatch):
     assert tw.async_wgmma_available((9, 0))
     for other in [(8, 0), (8, 9), (10, 0), (12, 0)]:  # no wgmma there (Blackwell has tcgen05)
         assert not tw.async_wgmma_available(other)
+    monkeypatch.setattr(tw, "_gluon_failure", ["TritonError: this Triton could not build it"])
+    assert not tw.async_wgmma_available((9, 0))
+    monkeypatch.setattr(tw, "_gluon_failure", [])
     monkeypatch.setattr(tw.gg, "gluon", None)  # Triton without Gluon (or none at all)
     assert not tw.async_wgmma_available((9, 0))
 
@@ -34,6 +37,13 @@ def test_wan_w4a4_gemm_turns_the_gluon_kernel_off_and_rejects_other_values(monke
     monkeypatch.setenv(tw.GEMM_ENV, "gluon")
     with pytest.raises(ValueError, match="WAN_W4A4_GEMM='gluon'.*auto, triton"):
         tw.async_wgmma_available((9, 0))
+
+
+def test_the_gluon_kernel_needs_the_gluon_api_of_triton_3_6():
+    assert tw.gg.gluon_api_supported("3.6.0") and tw.gg.gluon_api_supported("3.7.1+git4f2ebca")
+    assert tw.gg.gluon_api_supported("3.10.0") and tw.gg.gluon_api_supported("4.0.0")
+    for older in ["3.5.1", "3.4.0", "2.3.1", "3", "", "unknown"]:
+        assert not tw.gg.gluon_api_supported(older), older
 
 
 @pytest.mark.parametrize("m", [1, 1024, 2048, 2049, 8192, 32760, 75600])
