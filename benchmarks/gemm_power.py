@@ -20,13 +20,17 @@ tokens are left out. The configurations:
 - ``w4a4_triton``: the same with Triton's tile kernel (what runs off Hopper, or with ``WAN_W4A4_GEMM=triton``);
 - ``w4a4_persistent``: the Triton kernel as a persistent kernel (a configuration option, not the default);
 - ``w4a4_async_bk64`` / ``w4a4_async_128``: the Gluon kernel with K steps of 64 (six stages) or 128-row tiles
-  (four warps): tile variants measured against its default;
+  (four warps): tile variants measured against its default; ``w4a4_async_128x2``: 128-row tiles in three stages,
+  small enough (98 KB of shared memory, 255 registers x 128 threads) for two programs per SM, so that one's
+  epilogue can overlap the other's mainloop;
 - ``fp8``: ``torch._scaled_mm`` with one scale per tensor and bias, batch 2: what ComfyUI's
   ``fp8_e4m3fn_fast`` calls, with cond and uncond in one call;
 - ``fp16``: ``F.linear`` in fp16, batch 2: what ComfyUI's default weight dtype runs;
 - ``triton_int8_plain`` / ``triton_fp8_plain``: the W4A4 kernel's TMA tile loop (same tiles, same row passes)
   with a bare epilogue (convert and store), on int8 and on fp8 operands: what the epilogue costs, and whether
   Triton's mainloop itself reaches cuBLAS's work per clock on 8-bit operands.
+- ``gluon_int8_plain`` / ``gluon_fp8_plain``: the same for the Gluon kernel's mainloop (``gluon_gemm._mainloop``),
+  whose loop on fp8 compiles to the instructions of Triton's fp8 loop: does int8 reach fp8's work per clock there?
 
 nvidia-smi is sampled every 100 ms; the first second of each run is dropped. The table gives the TOP/s of the
 run's second half, the median SM clock and power, TOP/J, and the work per clock as a share of the dense peak
@@ -273,6 +277,7 @@ def block_functions(dev: str) -> dict:
 
     return {"w4a4": (w4a4(here), 1, 1.0), "w4a4_async_bk64": (w4a4(True, BK=64, num_stages=6), 1, 1.0),
             "w4a4_async_128": (w4a4(True, BM=128, num_stages=5, num_warps=4), 1, 1.0),
+            "w4a4_async_128x2": (w4a4(True, BM=128, num_stages=3, num_warps=4), 1, 1.0),
             "w4a4_triton": (w4a4(), 1, 1.0), "w4a4_persistent": (w4a4(persistent=True), 1, 1.0),
             "fp8": (fp8, 2, 1.0),
             "fp16": (fp16, 2, 0.5), "triton_int8_plain": (plain(True), 1, 1.0),
