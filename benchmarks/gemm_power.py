@@ -139,12 +139,12 @@ def _plain_tma_gemm():
     import triton
     import triton.language as tl
 
-    from wan_w4a4.kernels import triton_w4a4 as tw
+    from wan_w4a4.kernels.tiles import tile_of
 
     @triton.jit
     def plain_tma_gemm(a_desc, b_desc, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        GROUP_M: tl.constexpr, INT8: tl.constexpr):
-        pid_m, pid_n = tw._tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
+        pid_m, pid_n = tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
         if INT8:
             acc = tl.zeros([BM, BN], dtype=tl.int32)
             for k in range(0, K, BK):
@@ -169,12 +169,13 @@ def _plain_gluon_gemm():
     from triton.experimental.gluon import language as gl
 
     from wan_w4a4.kernels import gluon_gemm as gg
+    from wan_w4a4.kernels.tiles import tile_of
 
     @gluon.jit
     def plain_gluon_gemm(a_desc, b_desc, c_ptr, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = b_desc.block_type.shape[0]
-        pid_m, pid_n = gg._tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
+        pid_m, pid_n = tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                          instr_shape=[16, BN, 32])
         acc_dtype: gl.constexpr = gl.int32 if a_desc.dtype == gl.int8 else gl.float32

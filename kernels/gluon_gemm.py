@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import numerics as nm
+from .tiles import tile_of
 
 
 def gluon_api_supported(version: str) -> bool:
@@ -48,18 +49,6 @@ except ImportError:  # pragma: no cover - no Triton, or an older one
 
 
 if gluon is not None:
-
-    @gluon.jit
-    def _tile_of(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
-        # triton_w4a4._tile_of: grouped ordering, GROUP_M row blocks share weight tiles in L2
-        num_m = gl.cdiv(M, BM)
-        num_n = gl.cdiv(N, BN)
-        width = GROUP_M * num_n
-        first_m = (tile // width) * GROUP_M
-        size_m = gl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % width) % size_m
-        pid_n = (tile % width) // size_m
-        return pid_m, pid_n
 
     @gluon.jit
     def _mainloop(a_desc, b_desc, off_m, off_n, K, acc, STAGES: gl.constexpr):
@@ -148,7 +137,7 @@ if gluon is not None:
         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, R_PAD: gl.constexpr,
         HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STAGES: gl.constexpr,
     ):
-        pid_m, pid_n = _tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
+        pid_m, pid_n = tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
         off_m = pid_m * BM
         off_n = pid_n * BN
         nw: gl.constexpr = gl.num_warps()

@@ -45,6 +45,7 @@ import torch
 
 from . import gluon_gemm as gg
 from . import numerics as nm
+from .tiles import tile_of
 
 log = logging.getLogger(__name__)
 
@@ -252,20 +253,8 @@ if triton is not None:
                  mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _tile_of(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-        # grouped ordering of output tiles so that GROUP_M row-blocks share weight tiles in L2
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        width = GROUP_M * num_n
-        first_m = (tile // width) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % width) % size_m
-        pid_n = (tile % width) // size_m
-        return pid_m, pid_n
-
-    @triton.jit
     def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-        return _tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
+        return tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
 
     @triton.jit
     def _expand_kernel(qw_ptr, wf_ptr, w8_ptr, wsum_ptr, N, K, BN: tl.constexpr, WSUM: tl.constexpr):
@@ -355,7 +344,7 @@ if triton is not None:
         this tile's epilogue (scales, low-rank dot, bias, store) runs. Same tiles, same bits."""
         num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
-            pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
+            pid_m, pid_n = tile_of(tile, M, N, BM, BN, GROUP_M)
             _tma_tile(a_desc, b_desc, pid_m, pid_n, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
                       M, N, K, R, stride_ym, BM, BN, BK, R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
