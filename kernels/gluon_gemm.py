@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import numerics as nm
-from .tiles import tile_of
+from .tiles import scale_tile, tile_of
 
 
 def gluon_api_supported(version: str) -> bool:
@@ -100,11 +100,7 @@ if gluon is not None:
         rn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
         m_mask = rm < M
         n_mask = rn < N
-        if OFFSET != 0:
-            acc += OFFSET * gl.load(wsum_ptr + rn, mask=n_mask, other=0)[None, :]
-        sx = gl.load(sx_ptr + rm, mask=m_mask, other=0.0)
-        sw = gl.load(ws_ptr + rn, mask=n_mask, other=0.0)
-        y = (acc.to(gl.float32) * sx[:, None]) * sw[None, :]
+        y = scale_tile(acc, rn, m_mask, n_mask, sx_ptr, ws_ptr, wsum_ptr, rm, OFFSET)
         if HAS_LR:
             lr_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
                                                                 instr_shape=[16, BN, 16])

@@ -45,7 +45,7 @@ import torch
 
 from . import gluon_gemm as gg
 from . import numerics as nm
-from .tiles import tile_of
+from .tiles import scale_tile, tile_of
 
 log = logging.getLogger(__name__)
 
@@ -230,18 +230,12 @@ if triton is not None:
     @triton.jit
     def _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
                   R_PAD: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr):
-        """y = ((acc + offset * wsum) * sx) * sw + u @ L2 + bias, in the reference's order; masked store.
-
-        The offset term restores unsigned activations stored as q * f - 128, exactly, in int32."""
+        """y = ((acc + offset * wsum) * sx) * sw + u @ L2 + bias, in the reference's order; masked store."""
         m_mask = rm < M
         n_mask = rn < N
         rm_l = rm.to(tl.int64)
         rn_l = rn.to(tl.int64)
-        if OFFSET != 0:
-            acc += OFFSET * tl.load(wsum_ptr + rn, mask=n_mask, other=0)[None, :]
-        sx = tl.load(sx_ptr + rm, mask=m_mask, other=0.0)
-        sw = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
-        y = (acc.to(tl.float32) * sx[:, None]) * sw[None, :]
+        y = scale_tile(acc, rn, m_mask, n_mask, sx_ptr, ws_ptr, wsum_ptr, rm, OFFSET)
         if HAS_LR:
             rr = tl.arange(0, R_PAD)
             u = tl.load(u_ptr + rm_l[:, None] * R + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
