@@ -361,8 +361,8 @@ def gemm_config(m: int, async_wgmma: bool = False) -> dict:
     kernel's narrow tiles measured faster on two of Wan's three shapes (kernels/README.md, session 13)."""
     if m <= 2048:  # few row blocks: narrow tiles so that every SM gets work
         return dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
-    if async_wgmma:
-        return dict(gg.CONFIG, async_wgmma=True)
+    if async_wgmma:  # with the Triton tiles of the same call, should this Triton fail to build the Gluon kernel
+        return dict(gg.CONFIG, async_wgmma=True, fallback=gemm_config(m))
     if m < 16384:
         return dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
@@ -608,7 +608,7 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
             tiles, meta = _launch_meta(cfg, p, m)
             if _launch_gluon(xq, w8, cfg, tiles, args, meta):
                 return y
-        cfg = gemm_config(m)  # Triton's tiles give the same bits (tests/kernels/test_gluon_gemm.py)
+        cfg = cfg.get("fallback") or gemm_config(m)  # the same bits (tests/kernels/test_gluon_gemm.py)
     tiles, meta = _launch_meta(cfg, p, m)
     stages = cfg["num_stages"]
     if not tma:

@@ -54,6 +54,7 @@ def test_gemm_config_takes_the_gluon_tiles_above_2048_tokens(m):
         assert cfg == triton_cfg
     else:
         assert cfg["async_wgmma"] and {k: cfg[k] for k in tw.gg.CONFIG} == tw.gg.CONFIG
+        assert cfg["fallback"] == triton_cfg  # the whole call's Triton tiles, should Gluon fail to build
     # row passes end on row-tile boundaries, whichever kernel runs (triton_w4a4.pass_rows)
     assert tw.PASS_ROW_TILE % cfg["BM"] == 0
 
@@ -96,3 +97,82 @@ def test_an_ampere_or_ada_gpu_runs_the_pointer_gemm_with_the_same_bits(monkeypat
     assert nm.sqnr_db(ref, out.float()) >= 45.0
     if rank == 0:  # no low-rank branch: the two loads compute the same int32 sums and epilogue
         assert torch.equal(out, here)
+
+
+class _Launches:
+    """Stands in for a compiled kernel: records (name, grid, keyword arguments) of each launch, or raises."""
+
+    def __init__(self, name, record, error=None):
+        self.name, self.record, self.error = name, record, error
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.error is not None:
+                raise self.error
+            self.record.append((self.name, grid, kwargs))
+        return launch
+
+
+def _host_only(monkeypatch, gluon_error):
+    """triton_w4a4's host code on CPU tensors, as on an H200: stand-in kernels, quantizer and weight expansion."""
+    pytest.importorskip("triton", reason="Triton is not installed (the host code builds TMA descriptors)")
+    if tw.gg.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    record = []
+    for name in ("_gemm_i8_tma_kernel", "_gemm_i8_kernel", "_gemm_i8_persistent_kernel"):
+        monkeypatch.setattr(tw, name, _Launches(name, record))
+    monkeypatch.setattr(tw.gg, "_gemm_i8_async_kernel", _Launches("_gemm_i8_async_kernel", record, gluon_error))
+    monkeypatch.setattr(tw, "_gluon_failure", [])
+    monkeypatch.setattr(tw, "unsupported_reason", lambda x, p: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(tw, "_index", lambda device: 0)
+    monkeypatch.delenv(tw.GEMM_ENV, raising=False)
+
+    def quantize(x2d, p, b, plan=None, inv_smooth=None):
+        m, k = x2d.shape
+        return (torch.zeros(m, k, dtype=torch.int8), torch.zeros(m),
+                torch.zeros(m, p.rank, dtype=torch.bfloat16) if p.rank else None)
+
+    def expand_weight(p, with_sum=False):
+        w8 = torch.zeros(p.out_features, p.in_features, dtype=torch.int8)
+        return (w8, torch.zeros(p.out_features, dtype=torch.int32)) if with_sum else w8
+
+    monkeypatch.setattr(tw, "quantize", quantize)
+    monkeypatch.setattr(tw, "expand_weight", expand_weight)
+    g = torch.Generator().manual_seed(0)
+    k, n = 1280, 640
+    p = nm.from_float(torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g),
+                      smooth=torch.rand(k, generator=g) + 0.5, lr_down=torch.randn(k, 32, generator=g),
+                      lr_up=torch.randn(32, n, generator=g), clip=torch.tensor([1.0, 0.8]), num_bins=2)
+    return record, p, torch.zeros(40000, k, dtype=torch.float16)
+
+
+def test_a_build_failure_of_the_gluon_kernel_falls_back_to_the_calls_triton_tiles_once(monkeypatch, caplog):
+    errors = pytest.importorskip("triton.errors", reason="Triton is not installed")
+    record, p, x = _host_only(monkeypatch, errors.TritonError("at 12:4: no attribute warpgroup_mma_wait"))
+    with caplog.at_level("WARNING", logger=tw.__name__):
+        tw.w4a4_linear(x, p, torch.tensor(1), pass_bytes=1 << 22)  # row passes: the failure is in the first
+        tw.w4a4_linear(x, p, torch.tensor(1))
+    whole = tw.gemm_config(x.shape[0])  # the whole call's Triton tiles, in every pass
+    assert len(record) > 2 and all(name == "_gemm_i8_tma_kernel" for name, _, _ in record)
+    assert all((kw["BM"], kw["BN"], kw["num_stages"]) == (whole["BM"], whole["BN"], whole["num_stages"])
+               for _, _, kw in record)
+    warnings = [r.getMessage() for r in caplog.records if "did not compile" in r.getMessage()]
+    assert len(warnings) == 1 and "no attribute warpgroup_mma_wait" in warnings[0]
+    assert not tw.async_wgmma_available((9, 0))
+
+
+def test_a_fault_of_a_running_gluon_kernel_propagates(monkeypatch):
+    record, p, x = _host_only(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        tw.w4a4_linear(x, p, torch.tensor(1))
+    assert record == [] and tw._gluon_failure == [] and tw.async_wgmma_available((9, 0))
+
+
+def test_the_gluon_kernel_runs_in_every_row_pass_with_the_calls_tiles(monkeypatch):
+    record, p, x = _host_only(monkeypatch, None)
+    tw.w4a4_linear(x, p, torch.tensor(1), pass_bytes=1 << 22)
+    assert len(record) > 2 and all(name == "_gemm_i8_async_kernel" for name, _, _ in record)
+    assert all((kw["BM"], kw["BN"], kw["STAGES"], kw["num_warps"]) == (256, 128, 4, 8) for _, _, kw in record)
+    # passes end on 256-row boundaries (pass_rows), so the passes' tiles are the call's tiles, each once
+    assert sum(grid[0] for _, grid, _ in record) == -(-x.shape[0] // 256) * (p.out_features // 128)
