@@ -215,6 +215,8 @@ def speed_table(sweep: bool):
                     times[tag] = bench(fn)
                 except Exception as e:  # out of shared memory etc.
                     print(f"  {tag} failed: {type(e).__name__}: {str(e)[:160]}")
+            if tw._gluon_failure:  # the -async rows would have timed Triton's kernel (triton_w4a4._launch_gluon)
+                raise RuntimeError(f"the Gluon GEMM did not build here: {tw._gluon_failure[0]}")
             best_tag, t_gemm = min(times.items(), key=lambda kv: kv[1])
             # End to end: exactly the call W4A4Core.w4a4_forward makes (nodes/ops.py), dispatcher included.
             backend = kernels.select_backend(x, p)

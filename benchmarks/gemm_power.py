@@ -297,6 +297,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gemm_power.py needs a CUDA GPU (and nvidia-smi)")
+    from wan_w4a4.kernels import triton_w4a4 as tw
+
     max_clock = float(smi("clocks.max.sm"))
     funcs = block_functions("cuda")
     unknown = set(args.configs.split(",")) - set(funcs)
@@ -308,6 +310,8 @@ def main(argv=None):
         for name in args.configs.split(","):
             fn, batch, peak_scale = funcs[name]
             times, t0, t1 = sustained(fn, args.seconds)
+            if tw._gluon_failure:  # the w4a4* rows would have timed Triton's kernel (triton_w4a4._launch_gluon)
+                raise SystemExit(f"the Gluon GEMM did not build here: {tw._gluon_failure[0]}")
             rows.append(summarize(name, batch * flop, times, sampler.between(t0 + 1.0, t1), args.peak_tops * peak_scale,
                                   max_clock))
             print(f"{name}: {rows[-1]['tops']:.0f} TOP/s at {rows[-1]['clock_mhz']:.0f} MHz", flush=True)

@@ -6,7 +6,7 @@ the int8 peak per clock on the H200 where the same loop on fp8 operands does 84 
 12). Gluon states the waits itself: ``warpgroup_mma(..., is_async=True)`` then
 ``warpgroup_mma_wait(num_outstanding=1)``, so one K step's MMAs run while the next step's are issued and the
 stage the retired step read is refilled by TMA. Measured on the H200 (kernels/README.md, session 13): 71 % of
-the peak per clock, 6-22 % less time per GEMM than the Triton tile kernel at M >= 4096 on Wan's shapes.
+the peak per clock, 6-23 % less time per GEMM than the Triton tile kernel at M >= 4096 on Wan's shapes.
 
 Same function as the Triton kernels, bit for bit (tests/kernels/test_gluon_gemm.py): int8 x int8 -> exact
 int32, then the epilogue in ``triton_w4a4._epilogue``'s order: ((acc + offset * wsum) * sx) * sw, + u @ L2 as a

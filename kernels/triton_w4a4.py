@@ -52,9 +52,11 @@ log = logging.getLogger(__name__)
 try:  # Triton is optional: CPU installs and CI have none, and nothing here runs there.
     import triton
     import triton.language as tl
+    from triton.errors import TritonError
 except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
     tl = None
+    TritonError = None
 
 
 
@@ -357,8 +359,9 @@ def gemm_config(m: int, async_wgmma: bool = False) -> dict:
     """Tile sizes by the number of tokens, from the H100 sweep in kernels/README.md. The persistent kernel
     (``persistent=True``) measured 3-9 % faster per layer on the H200 but no faster in a Wan step
     (kernels/README.md), so the default stays the one-tile-per-program kernel. ``async_wgmma``: the GPU runs
-    the Gluon kernel (``async_wgmma_available``), which takes over above 2048 tokens; at 1024 the Triton
-    kernel's narrow tiles measured faster on two of Wan's three shapes (kernels/README.md, session 13)."""
+    the Gluon kernel (``async_wgmma_available``), which takes over above 2048 tokens: it measured faster from
+    4096 tokens on, and at 1024 the Triton kernel's narrow tiles beat its tiles on all three of Wan's shapes
+    (kernels/README.md, session 13; nothing between 1024 and 4096 was measured)."""
     if m <= 2048:  # few row blocks: narrow tiles so that every SM gets work
         return dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
     if async_wgmma:  # with the Triton tiles of the same call, should this Triton fail to build the Gluon kernel
@@ -561,25 +564,32 @@ _gluon_failure: list[str] = []
 def _is_build_failure(e: BaseException) -> bool:
     """A failure to build a kernel (Triton's front end, its MLIR passes, its resource checks), not a fault of a
     running kernel, which must propagate."""
-    from triton.errors import TritonError
-
     return isinstance(e, TritonError) or (isinstance(e, RuntimeError) and "PassManager::run failed" in str(e))
 
 
 def _launch_gluon(xq, w8, cfg: dict, tiles: int, args: tuple, meta: dict) -> bool:
     """Run the Gluon kernel; False (and one warning) when this Triton cannot build it."""
+    try:  # host-side Gluon API (layouts, descriptors): any failure here is this Triton's API, not the data's
+        descriptors = gg.descriptors(xq, w8, cfg)
+    except Exception as e:
+        return _gluon_unbuildable(e)
     try:
-        gg._gemm_i8_async_kernel[(tiles,)](*gg.descriptors(xq, w8, cfg), *args, **meta, STAGES=cfg["num_stages"])
+        gg._gemm_i8_async_kernel[(tiles,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"])
         return True
     except Exception as e:
         if not _is_build_failure(e):
             raise
-        lines = [line for line in str(e).splitlines() if line.strip()]  # compile errors end with their cause
-        _gluon_failure.append(f"{type(e).__name__}: {lines[-1].strip()[:300] if lines else ''}")
-        log.warning("W4A4: the Hopper int8 GEMM (kernels/gluon_gemm.py) did not compile with Triton %s (%s); "
-                    "Triton's tile kernel runs instead for the rest of this process, with the same results. "
-                    "%s=triton skips the attempt.", triton.__version__, _gluon_failure[0], GEMM_ENV)
-        return False
+        return _gluon_unbuildable(e)
+
+
+def _gluon_unbuildable(e: Exception) -> bool:
+    """Record why the Gluon kernel cannot be built here, warn once, and say so (False)."""
+    lines = [line for line in str(e).splitlines() if line.strip()]  # compile errors end with their cause
+    _gluon_failure.append(f"{type(e).__name__}: {lines[-1].strip()[:300] if lines else ''}")
+    log.warning("W4A4: the Hopper int8 GEMM (kernels/gluon_gemm.py) did not compile with Triton %s (%s); "
+                "Triton's tile kernel runs instead for the rest of this process, with the same results. "
+                "%s=triton skips the attempt.", triton.__version__, _gluon_failure[0], GEMM_ENV)
+    return False
 
 
 def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, w8: torch.Tensor | None = None,
@@ -604,7 +614,7 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
         wsum = w8.sum(1, dtype=torch.int32)
     args = (*_epilogue_args(sx, u, p, wsum), y, m, n, k, r, y.stride(0))
     if tma and cfg.get("async_wgmma"):  # Hopper: the Gluon kernel (gemm_config)
-        if not _gluon_failure:
+        if gg.gluon is not None and not _gluon_failure:
             tiles, meta = _launch_meta(cfg, p, m)
             if _launch_gluon(xq, w8, cfg, tiles, args, meta):
                 return y

@@ -17,6 +17,7 @@ def test_tma_only_from_hopper_on():
 
 def test_the_gluon_kernel_only_on_hopper_with_gluon(monkeypatch):
     monkeypatch.delenv(tw.GEMM_ENV, raising=False)
+    monkeypatch.setattr(tw, "_gluon_failure", [])
     monkeypatch.setattr(tw.gg, "gluon", object())  # a Triton with Gluon, on any machine
     assert tw.async_wgmma_available((9, 0))
     for other in [(8, 0), (8, 9), (10, 0), (12, 0)]:  # no wgmma there (Blackwell has tcgen05)
@@ -30,6 +31,7 @@ def test_the_gluon_kernel_only_on_hopper_with_gluon(monkeypatch):
 
 def test_wan_w4a4_gemm_turns_the_gluon_kernel_off_and_rejects_other_values(monkeypatch):
     monkeypatch.setattr(tw.gg, "gluon", object())
+    monkeypatch.setattr(tw, "_gluon_failure", [])
     monkeypatch.setenv(tw.GEMM_ENV, "triton")
     assert not tw.async_wgmma_available((9, 0))
     monkeypatch.setenv(tw.GEMM_ENV, "auto")
@@ -176,3 +178,26 @@ def test_the_gluon_kernel_runs_in_every_row_pass_with_the_calls_tiles(monkeypatc
     assert all((kw["BM"], kw["BN"], kw["STAGES"], kw["num_warps"]) == (256, 128, 4, 8) for _, _, kw in record)
     # passes end on 256-row boundaries (pass_rows), so the passes' tiles are the call's tiles, each once
     assert sum(grid[0] for _, grid, _ in record) == -(-x.shape[0] // 256) * (p.out_features // 128)
+
+
+def test_a_host_side_gluon_api_change_also_falls_back(monkeypatch, caplog):
+    record, p, x = _host_only(monkeypatch, None)
+
+    def descriptors(*args, **kwargs):
+        raise TypeError("get_default_for() got an unexpected keyword argument")
+
+    monkeypatch.setattr(tw.gg, "descriptors", descriptors)
+    with caplog.at_level("WARNING", logger=tw.__name__):
+        tw.w4a4_linear(x, p, torch.tensor(1))
+    assert [name for name, _, _ in record] == ["_gemm_i8_tma_kernel"]
+    assert len([r for r in caplog.records if "unexpected keyword" in r.getMessage()]) == 1
+
+
+def test_a_gluon_configuration_without_gluon_takes_its_triton_tiles(monkeypatch):
+    record, p, x = _host_only(monkeypatch, None)
+    monkeypatch.setattr(tw.gg, "gluon", None)
+    xq, sx, u = tw.quantize(x, p, None)
+    tw.gemm(xq, sx, u, p, torch.float16, config=tw.gemm_config(x.shape[0], async_wgmma=True), tma=True)
+    whole = tw.gemm_config(x.shape[0])
+    assert [(name, kw["BM"], kw["BN"]) for name, _, kw in record] == [("_gemm_i8_tma_kernel", whole["BM"], whole["BN"])]
+    assert tw._gluon_failure == []  # nothing failed: this Triton simply has no Gluon

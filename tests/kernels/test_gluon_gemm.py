@@ -22,6 +22,13 @@ if tw.gg.gluon is None:
 GLUON = dict(tw.gg.CONFIG, async_wgmma=True)  # forced at every M, also below gemm_config's 2048 tokens
 
 
+@pytest.fixture(autouse=True)
+def gluon_not_given_up(monkeypatch):
+    """Each test starts with the Gluon kernel available; the bit tests check it stayed so (a kernel that failed to
+    build would fall back to Triton's, and the comparison would compare Triton with itself)."""
+    monkeypatch.setattr(tw, "_gluon_failure", [])
+
+
 def make(k, n, m, *, rank, unsigned, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
@@ -50,6 +57,7 @@ def test_same_bits_as_the_triton_tile_kernel(m, k, n, unsigned, rank):
     xq, sx, u, w8, wsum = operands(p, x)
     ref = tw.gemm(xq, sx, u, p, torch.float16, w8=w8, wsum=wsum, tma=True, config=tw.gemm_config(m))
     out = tw.gemm(xq, sx, u, p, torch.float16, w8=w8, wsum=wsum, tma=True, config=GLUON)
+    assert tw._gluon_failure == []
     assert torch.equal(out, ref)
 
 
@@ -60,6 +68,7 @@ def test_same_bits_for_other_outputs_and_ranks(out_dtype, rank):
     xq, sx, u, w8, wsum = operands(p, x)
     ref = tw.gemm(xq, sx, u, p, out_dtype, w8=w8, wsum=wsum, tma=True, config=tw.gemm_config(3000))
     out = tw.gemm(xq, sx, u, p, out_dtype, w8=w8, wsum=wsum, tma=True, config=GLUON)
+    assert tw._gluon_failure == []
     assert torch.equal(out, ref)
     assert nm.sqnr_db(nm.w4a4_linear(x.float(), p, 1), out.float()) >= 40.0
 
