@@ -492,7 +492,13 @@ def _sigterm_stops(world):
         yield
         return
 
+    stopping = []
+
     def stop(signum, frame):
+        # torchrun may send SIGTERM again while this process unwinds: ignore it from here on, or its default
+        # action kills the process before it has said why (the CLI prints the error after this block)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stopping.append(signum)
         raise distributed.DistributedError(
             f"rank {world.rank} of {world.size}: stopped by SIGTERM: torchrun stops every process of the run "
             "when another process of it fails (its report names which); no state is written, the finished work "
@@ -502,4 +508,5 @@ def _sigterm_stops(world):
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        if not stopping:
+            signal.signal(signal.SIGTERM, before)

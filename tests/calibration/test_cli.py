@@ -154,3 +154,29 @@ def test_threads_option_sets_torch_threads_for_the_run(command, module, monkeypa
     extra = ["--high", "h", "--low", "l", "--out", str(tmp_path)] if command == "calibrate" else []
     assert main([command, *extra, "--threads", "3"]) == 0
     assert seen == [3] and torch.get_num_threads() == before
+
+
+_TWO_SIGTERMS = """
+import os, signal, sys
+from wan_w4a4.apps.calibrate import _sigterm_stops
+from wan_w4a4.calibration.distributed import DistributedError, World
+
+try:
+    with _sigterm_stops(World(rank=0, size=2)):
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun stops the run...
+        signal.pthread_kill(signal.pthread_self(), 0)  # (let the handler run here)
+        sys.exit("not stopped")
+except DistributedError as e:
+    os.kill(os.getpid(), signal.SIGTERM)  # ...and may say so twice while this process unwinds
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.slow  # a new Python process importing torch
+def test_a_second_sigterm_does_not_kill_a_rank_before_it_says_why():
+    """torchrun can send SIGTERM more than once; the second must not end the process before its error is out
+    (a CI run lost rank 0's message that way: it died by SIGTERM after the first had been handled)."""
+    out = subprocess.run([sys.executable, "-c", _TWO_SIGTERMS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "rank 0 of 2: stopped by SIGTERM" in out.stderr
