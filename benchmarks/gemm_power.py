@@ -16,7 +16,9 @@ tokens are left out. The configurations:
 - ``w4a4``: the pack's int8 GEMM over expanded weights, with its epilogue (scales, rank-32 low-rank, bias),
   in the row passes the layer runs (``pass_rows``), fp16 out, as ComfyUI loads Wan (benchmarks/RESULTS.md).
   The activation quantizer and the weight expansion are not included: this is the GEMM alone.
-  On an H200 it is the Gluon kernel with its MMAs in flight across K steps (``kernels/gluon_gemm.py``);
+  On an H200 it is the warp-specialised Gluon kernel with its MMAs in flight across K steps
+  (``kernels/gluon_gemm.py``); ``w4a4_async`` is its one-tile-per-program kernel, ``w4a4_ws3`` the first
+  with three stages;
 - ``w4a4_triton``: the same with Triton's tile kernel (what runs off Hopper, or with ``WAN_W4A4_GEMM=triton``);
 - ``w4a4_persistent``: the Triton kernel as a persistent kernel (a configuration option, not the default);
 - ``w4a4_async_bk64`` / ``w4a4_async_128``: the Gluon kernel with K steps of 64 (six stages) or 128-row tiles
@@ -273,9 +275,12 @@ def block_functions(dev: str) -> dict:
              "w4a4_persistent": (w4a4(persistent=True), 1, 1.0), "fp8": (fp8, 2, 1.0), "fp16": (fp16, 2, 0.5),
              "triton_int8_plain": (plain(True), 1, 1.0), "triton_fp8_plain": (plain(False), 1, 1.0)}
     if here:  # the Gluon kernel's rows: Hopper only (off it they would time Triton's kernel under their names)
-        funcs.update({"w4a4_async_bk64": (w4a4(True, BK=64, num_stages=6), 1, 1.0),
-                      "w4a4_async_128": (w4a4(True, BM=128, num_stages=5, num_warps=4), 1, 1.0),
-                      "w4a4_async_128x2": (w4a4(True, BM=128, num_stages=3, num_warps=4), 1, 1.0),
+        one_tile = dict(warp_specialized=False)  # gluon_gemm._gemm_i8_async_kernel
+        funcs.update({"w4a4_async_bk64": (w4a4(True, BK=64, num_stages=6, **one_tile), 1, 1.0),
+                      "w4a4_async_128": (w4a4(True, BM=128, num_stages=5, num_warps=4, **one_tile), 1, 1.0),
+                      "w4a4_async_128x2": (w4a4(True, BM=128, num_stages=3, num_warps=4, **one_tile), 1, 1.0),
+                      "w4a4_async": (w4a4(True, **one_tile), 1, 1.0),
+                      "w4a4_ws3": (w4a4(True, num_stages=3), 1, 1.0),
                       "gluon_int8_plain": (plain(True, gluon=True), 1, 1.0),
                       "gluon_fp8_plain": (plain(False, gluon=True), 1, 1.0)})
     return funcs

@@ -8,6 +8,12 @@ the int8 peak per clock on the H200 where the same loop on fp8 operands does 84 
 stage the retired step read is refilled by TMA. Measured on the H200 (kernels/README.md, session 13): 71 % of
 the peak per clock, 6-23 % less time per GEMM than the Triton tile kernel at M >= 4096 on Wan's shapes.
 
+Two kernels with one mainloop and one epilogue: ``_gemm_i8_async_kernel``, one output tile per program, and
+``_gemm_i8_ws_kernel``, persistent and warp-specialised: one producer warp issues every TMA load and fills the
+ring for the next tile while the MMA warps run this tile's epilogue. The second does 74 % of the peak per clock
+against the first's 72 %, and took 3 % off the GEMM in a Wan step (kernels/README.md, session 14), so it is the
+default wherever its shared memory fits (``warp_specialized``).
+
 Same function as the Triton kernels, bit for bit (tests/kernels/test_gluon_gemm.py): int8 x int8 -> exact
 int32, then the epilogue in ``triton_w4a4._epilogue``'s order: ((acc + offset * wsum) * sx) * sw, + u @ L2 as a
 bf16 wgmma accumulating into that fp32 tile, + bias. ``triton_w4a4.gemm`` launches it (``gemm_config`` says
@@ -144,9 +150,98 @@ if gluon is not None:
                   M, N, R, stride_ym, BM, BN, R_PAD, HAS_LR, HAS_BIAS, OFFSET)
 
 
-# Tiles of the kernel: 256 x 128 output tiles, K steps of 128, four stages of TMA loads in flight (192 KiB of
+    @gluon.jit
+    def _ws_load_partition(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M: gl.constexpr):
+        """Producer warp of the warp-specialised kernel: TMA loads of every K step of every tile of this program,
+        into the ring, each stage once the consumers released it (``empty``)."""
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        STAGES: gl.constexpr = a_smem.type.shape[0]
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        k_tiles = gl.cdiv(K, BK)
+        num_tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+        c = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            pid_m, pid_n = tile_of(tile, M, N, BM, BN, GROUP_M)
+            for ki in range(k_tiles):
+                st = c % STAGES
+                # barriers start in phase 0: waiting for phase 1 passes at once the first time round the ring
+                mbarrier.wait(empty.index(st), ((c // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(st), nbytes)
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, ki * BK], ready.index(st), a_smem.index(st))
+                tma.async_copy_global_to_shared(b_desc, [pid_n * BN, ki * BK], ready.index(st), b_smem.index(st))
+                c += 1
+
+    @gluon.jit
+    def _ws_mma_partition(a_smem, b_smem, ready, empty, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+                          M, N, K, R, stride_ym, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                          GROUP_M: gl.constexpr, R_PAD: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr,
+                          OFFSET: gl.constexpr):
+        """Consumer warpgroups: the wgmma of each K step as its stage arrives, one step in flight, the stage of the
+        retired step released to the producer; then the epilogue, while the producer loads the next tile."""
+        STAGES: gl.constexpr = a_smem.type.shape[0]
+        nw: gl.constexpr = gl.num_warps()
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                             instr_shape=[16, BN, 32])
+        k_tiles = gl.cdiv(K, BK)
+        num_tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+        c = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            pid_m, pid_n = tile_of(tile, M, N, BM, BN, GROUP_M)
+            acc = gl.zeros([BM, BN], gl.int32, acc_layout)
+            for ki in range(k_tiles):
+                st = c % STAGES
+                mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+                acc = warpgroup_mma(a_smem.index(st), b_smem.index(st).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                # step c - 1 has retired: its stage goes back to the producer (none before a tile's first step)
+                mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=ki > 0)
+                c += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1)
+            _epilogue(acc, pid_m * BM, pid_n * BN, acc_layout, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr,
+                      y_ptr, M, N, R, stride_ym, BM, BN, R_PAD, HAS_LR, HAS_BIAS, OFFSET)
+
+    @gluon.jit
+    def _gemm_i8_ws_kernel(
+        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+        M, N, K, R, stride_ym,
+        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, R_PAD: gl.constexpr,
+        HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STAGES: gl.constexpr,
+        LOAD_REGS: gl.constexpr,
+    ):
+        """_gemm_i8_async_kernel as a persistent, warp-specialised kernel (one program per SM, launched with
+        ``min(SMs, tiles)`` programs): one producer warp issues the TMA loads, the kernel's warps issue the wgmma
+        and run the epilogue, and the producer fills the ring for the next tile during the epilogue. Same tiles,
+        same epilogue, same bits."""
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_ws_mma_partition, (a_smem, b_smem, ready, empty, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr,
+                                 y_ptr, M, N, K, R, stride_ym, BM, BN, BK, GROUP_M, R_PAD, HAS_LR, HAS_BIAS, OFFSET)),
+            (_ws_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M)),
+        ], [1], [LOAD_REGS])
+
+
+# Tiles of the kernels: 256 x 128 output tiles, K steps of 128, four stages of TMA loads in flight (192 KiB of
 # shared memory), two warpgroups. Measured best of the variants in benchmarks/gemm_power.py on the H200.
 CONFIG = dict(BM=256, BN=128, BK=128, GROUP_M=8, num_stages=4, num_warps=8)
+# The warp-specialised kernel keeps the four stages beside the epilogue's low-rank tiles (221 KiB at rank
+# padding 32, of Hopper's 227); a wider low-rank branch (a folded LoRA pads to 64-128) takes
+# _gemm_i8_async_kernel, which frees its stages before the epilogue. The producer warp needs 40 registers.
+WS_MAX_RANK_PAD = 32
+WS_LOAD_REGS = 40
+
+
+def warp_specialized(cfg: dict, r_pad: int) -> bool:
+    """Whether a launch with ``cfg`` and low-rank padding ``r_pad`` runs the warp-specialised kernel."""
+    return bool(cfg.get("warp_specialized")) and r_pad <= WS_MAX_RANK_PAD
 
 
 def descriptors(xq: torch.Tensor, w8: torch.Tensor, cfg: dict):
@@ -159,7 +254,7 @@ def descriptors(xq: torch.Tensor, w8: torch.Tensor, cfg: dict):
 
 
 def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0, has_lr: bool = True,
-                    r_pad: int = 32):
+                    r_pad: int = 32, ws: bool = False, load_regs: int = WS_LOAD_REGS, maxnreg: int | None = None):
     """Compile for sm_90 without a GPU (Triton's ``triton.compile`` with an explicit target): the kernel's
     TTGIR/PTX, to check what the pipeline became."""
     from triton.backends.compiler import GPUTarget
@@ -174,10 +269,15 @@ def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0
            "stride_ym": "i32"}
     const = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=r_pad, HAS_LR=has_lr,
                  HAS_BIAS=True, OFFSET=offset, STAGES=cfg["num_stages"])
+    if ws:
+        const["LOAD_REGS"] = load_regs
     for name in const:
         sig[name] = "constexpr"
-    src = GluonASTSource(_gemm_i8_async_kernel, sig, constexprs=const)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg["num_warps"]))
+    src = GluonASTSource(_gemm_i8_ws_kernel if ws else _gemm_i8_async_kernel, sig, constexprs=const)
+    options = dict(num_warps=cfg["num_warps"])
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 if __name__ == "__main__":  # pragma: no cover - needs Triton

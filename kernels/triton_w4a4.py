@@ -23,8 +23,9 @@ Launches per layer (kernels/README.md has the measurements behind this shape):
    (u @ L2, a small bf16 dot) and the bias, and stores in the input dtype. ``_gemm_i8_kernel`` is the
    same with pointer loads (sm_80..89), ``_gemm_i8_persistent_kernel`` the same as a persistent kernel
    (a configuration option; not the default, see ``gemm_config``). On Hopper (sm_90), above 2048 tokens,
-   ``gluon_gemm._gemm_i8_async_kernel`` runs instead: the same function in Gluon with its MMAs kept in
-   flight across K steps (``async_wgmma_available``; ``WAN_W4A4_GEMM=triton`` turns it off).
+   a Gluon kernel of ``gluon_gemm`` runs instead: the same function with its MMAs kept in flight across K
+   steps, warp-specialised where its shared memory fits (``async_wgmma_available``; ``WAN_W4A4_GEMM=triton``
+   turns it off).
 
 At video sizes steps 1 and 3 run in passes over the token rows (``pass_rows``): the int8
 activations, their scales and u are then held for one pass of rows, not for all tokens, while the
@@ -361,11 +362,13 @@ def gemm_config(m: int, async_wgmma: bool = False) -> dict:
     (kernels/README.md), so the default stays the one-tile-per-program kernel. ``async_wgmma``: the GPU runs
     the Gluon kernel (``async_wgmma_available``), which takes over above 2048 tokens: it measured faster from
     4096 tokens on, and at 1024 the Triton kernel's narrow tiles beat its tiles on all three of Wan's shapes
-    (kernels/README.md, session 13; nothing between 1024 and 4096 was measured)."""
+    (kernels/README.md, session 13; nothing between 1024 and 4096 was measured). There the warp-specialised
+    Gluon kernel runs where it fits (``gluon_gemm.warp_specialized``): 3 % less GEMM time in a Wan step than the
+    one-tile-per-program Gluon kernel (session 14)."""
     if m <= 2048:  # few row blocks: narrow tiles so that every SM gets work
         return dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
     if async_wgmma:  # with the Triton tiles of the same call, should this Triton fail to build the Gluon kernel
-        return dict(gg.CONFIG, async_wgmma=True, fallback=gemm_config(m))
+        return dict(gg.CONFIG, async_wgmma=True, warp_specialized=True, fallback=gemm_config(m))
     if m < 16384:
         return dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
@@ -574,7 +577,12 @@ def _launch_gluon(xq, w8, cfg: dict, tiles: int, args: tuple, meta: dict) -> boo
     except Exception as e:
         return _gluon_unbuildable(e)
     try:
-        gg._gemm_i8_async_kernel[(tiles,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"])
+        if gg.warp_specialized(cfg, meta["R_PAD"]):  # persistent: one program per SM walks the tiles
+            grid = min(_num_sms(_index(xq.device)), tiles)
+            gg._gemm_i8_ws_kernel[(grid,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
+                                           LOAD_REGS=gg.WS_LOAD_REGS)
+        else:
+            gg._gemm_i8_async_kernel[(tiles,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"])
         return True
     except Exception as e:
         if not _is_build_failure(e):

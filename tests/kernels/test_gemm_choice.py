@@ -56,6 +56,7 @@ def test_gemm_config_takes_the_gluon_tiles_above_2048_tokens(m):
         assert cfg == triton_cfg
     else:
         assert cfg["async_wgmma"] and {k: cfg[k] for k in tw.gg.CONFIG} == tw.gg.CONFIG
+        assert cfg["warp_specialized"]  # where its shared memory fits (test below)
         assert cfg["fallback"] == triton_cfg  # the whole call's Triton tiles, should Gluon fail to build
     # row passes end on row-tile boundaries, whichever kernel runs (triton_w4a4.pass_rows)
     assert tw.PASS_ROW_TILE % cfg["BM"] == 0
@@ -101,6 +102,9 @@ def test_an_ampere_or_ada_gpu_runs_the_pointer_gemm_with_the_same_bits(monkeypat
         assert torch.equal(out, here)
 
 
+SMS = 132  # an H100/H200's SMs, for the persistent kernel's grid
+
+
 class _Launches:
     """Stands in for a compiled kernel: records (name, grid, keyword arguments) of each launch, or raises."""
 
@@ -123,7 +127,9 @@ def _host_only(monkeypatch, gluon_error):
     record = []
     for name in ("_gemm_i8_tma_kernel", "_gemm_i8_kernel", "_gemm_i8_persistent_kernel"):
         monkeypatch.setattr(tw, name, _Launches(name, record))
-    monkeypatch.setattr(tw.gg, "_gemm_i8_async_kernel", _Launches("_gemm_i8_async_kernel", record, gluon_error))
+    for name in ("_gemm_i8_async_kernel", "_gemm_i8_ws_kernel"):
+        monkeypatch.setattr(tw.gg, name, _Launches(name, record, gluon_error))
+    monkeypatch.setattr(tw, "_num_sms", lambda index: SMS)
     monkeypatch.setattr(tw, "_gluon_failure", [])
     monkeypatch.setattr(tw, "unsupported_reason", lambda x, p: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -174,10 +180,35 @@ def test_a_fault_of_a_running_gluon_kernel_propagates(monkeypatch):
 def test_the_gluon_kernel_runs_in_every_row_pass_with_the_calls_tiles(monkeypatch):
     record, p, x = _host_only(monkeypatch, None)
     tw.w4a4_linear(x, p, torch.tensor(1), pass_bytes=1 << 22)
-    assert len(record) > 2 and all(name == "_gemm_i8_async_kernel" for name, _, _ in record)
-    assert all((kw["BM"], kw["BN"], kw["STAGES"], kw["num_warps"]) == (256, 128, 4, 8) for _, _, kw in record)
-    # passes end on 256-row boundaries (pass_rows), so the passes' tiles are the call's tiles, each once
-    assert sum(grid[0] for _, grid, _ in record) == -(-x.shape[0] // 256) * (p.out_features // 128)
+    assert len(record) > 2 and all(name == "_gemm_i8_ws_kernel" for name, _, _ in record)
+    assert all((kw["BM"], kw["BN"], kw["STAGES"], kw["num_warps"], kw["R_PAD"]) == (256, 128, 4, 8, 32)
+               for _, _, kw in record)
+    # passes end on 256-row boundaries (pass_rows), so the passes' tiles are the call's tiles, each once; the
+    # persistent kernel walks a pass's tiles with one program per SM, or one per tile where there are fewer
+    rows = tw.pass_rows(x.shape[0], p.in_features, p.rank, 1 << 22)
+    tiles = [-(-min(rows, x.shape[0] - a) // 256) * (p.out_features // 128) for a in range(0, x.shape[0], rows)]
+    assert sum(tiles) == -(-x.shape[0] // 256) * (p.out_features // 128)
+    assert [grid[0] for _, grid, _ in record] == [min(SMS, t) for t in tiles] == tiles  # fewer tiles than SMs
+    record.clear()
+    tw.w4a4_linear(x, p, torch.tensor(1))  # one pass of 785 tiles: one program per SM
+    assert [(name, grid[0]) for name, grid, _ in record] == [("_gemm_i8_ws_kernel", SMS)]
+
+
+def test_a_wide_low_rank_branch_takes_the_one_tile_gluon_kernel(monkeypatch):
+    record, p, x = _host_only(monkeypatch, None)
+    g = torch.Generator().manual_seed(1)
+    p.lr_down, p.lr_up = torch.randn(p.in_features, 100, generator=g), torch.randn(100, p.out_features, generator=g)
+    p.lr_down, p.lr_up = p.lr_down.bfloat16(), p.lr_up.bfloat16()
+    tw.w4a4_linear(x, p, torch.tensor(1))
+    assert [(name, grid[0], kw["R_PAD"]) for name, grid, kw in record] == [
+        ("_gemm_i8_async_kernel", -(-x.shape[0] // 256) * (p.out_features // 128), 128)]
+
+
+@pytest.mark.parametrize("r_pad", [16, 32, 64, 128])
+def test_the_warp_specialised_kernel_only_where_its_shared_memory_fits(r_pad):
+    ws = dict(tw.gg.CONFIG, async_wgmma=True, warp_specialized=True)
+    assert tw.gg.warp_specialized(ws, r_pad) == (r_pad <= 32)
+    assert not tw.gg.warp_specialized(dict(tw.gg.CONFIG, async_wgmma=True), r_pad)
 
 
 def test_a_host_side_gluon_api_change_also_falls_back(monkeypatch, caplog):

@@ -19,7 +19,8 @@ from wan_w4a4.kernels import triton_w4a4 as tw  # noqa: E402
 if tw.gg.gluon is None:
     pytest.skip("this Triton has no Gluon", allow_module_level=True)
 
-GLUON = dict(tw.gg.CONFIG, async_wgmma=True)  # forced at every M, also below gemm_config's 2048 tokens
+GLUON = dict(tw.gg.CONFIG, async_wgmma=True)  # one tile per program, forced at every M (also below 2048 tokens)
+WS = dict(GLUON, warp_specialized=True)  # the persistent warp-specialised kernel, where it fits (rank padding <= 32)
 
 
 @pytest.fixture(autouse=True)
@@ -52,22 +53,24 @@ def operands(p, x):
 @pytest.mark.parametrize("k,n", [(640, 384), (1280, 640), (5120, 256)])
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("rank", [0, 32])
-def test_same_bits_as_the_triton_tile_kernel(m, k, n, unsigned, rank):
+@pytest.mark.parametrize("config", [GLUON, WS], ids=["async", "ws"])
+def test_same_bits_as_the_triton_tile_kernel(m, k, n, unsigned, rank, config):
     p, x = make(k, n, m, rank=rank, unsigned=unsigned)
     xq, sx, u, w8, wsum = operands(p, x)
     ref = tw.gemm(xq, sx, u, p, torch.float16, w8=w8, wsum=wsum, tma=True, config=tw.gemm_config(m))
-    out = tw.gemm(xq, sx, u, p, torch.float16, w8=w8, wsum=wsum, tma=True, config=GLUON)
+    out = tw.gemm(xq, sx, u, p, torch.float16, w8=w8, wsum=wsum, tma=True, config=config)
     assert tw._gluon_failure == []
     assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rank", [8, 100])  # rank padding 16 and a folded LoRA's 128
-def test_same_bits_for_other_outputs_and_ranks(out_dtype, rank):
+@pytest.mark.parametrize("rank", [8, 100])  # rank padding 16 and a folded LoRA's 128 (the latter: never ws)
+@pytest.mark.parametrize("config", [GLUON, WS], ids=["async", "ws"])
+def test_same_bits_for_other_outputs_and_ranks(out_dtype, rank, config):
     p, x = make(1280, 640, 3000, rank=rank, unsigned=True, seed=1)
     xq, sx, u, w8, wsum = operands(p, x)
     ref = tw.gemm(xq, sx, u, p, out_dtype, w8=w8, wsum=wsum, tma=True, config=tw.gemm_config(3000))
-    out = tw.gemm(xq, sx, u, p, out_dtype, w8=w8, wsum=wsum, tma=True, config=GLUON)
+    out = tw.gemm(xq, sx, u, p, out_dtype, w8=w8, wsum=wsum, tma=True, config=config)
     assert tw._gluon_failure == []
     assert torch.equal(out, ref)
     assert nm.sqnr_db(nm.w4a4_linear(x.float(), p, 1), out.float()) >= 40.0
@@ -86,7 +89,7 @@ def test_the_layer_runs_it_above_2048_tokens_and_not_when_turned_off(monkeypatch
     p, x = make(1280, 640, 6000, rank=32, unsigned=False, seed=2)
     monkeypatch.delenv(tw.GEMM_ENV, raising=False)
     out, names = _gemm_kernels(lambda: kernels.w4a4_linear(x, p, 1, backend="triton"))
-    assert names and all("async" in s for s in names), names
+    assert names and all("_gemm_i8_ws_kernel" in s for s in names), names
     _, small_names = _gemm_kernels(lambda: kernels.w4a4_linear(x[:2048], p, 1, backend="triton"))
     assert small_names and all("_gemm_i8_tma" in s for s in small_names), small_names
     monkeypatch.setenv(tw.GEMM_ENV, "triton")
@@ -96,8 +99,17 @@ def test_the_layer_runs_it_above_2048_tokens_and_not_when_turned_off(monkeypatch
     # in row passes (a small pass budget): the whole call's choice in every pass, the same bits
     monkeypatch.delenv(tw.GEMM_ENV)
     passes, pass_names = _gemm_kernels(lambda: tw.w4a4_linear(x, p, 1, pass_bytes=1 << 20))
-    assert len(pass_names) == 1 and "async" in pass_names[0], pass_names
+    assert len(pass_names) == 1 and "_gemm_i8_ws_kernel" in pass_names[0], pass_names
     assert torch.equal(passes, out)
+
+
+def test_a_wide_low_rank_branch_takes_the_one_tile_kernel():
+    """A folded LoRA's rank padding (128) does not fit beside the warp-specialised kernel's stages."""
+    p, x = make(1280, 640, 6000, rank=100, unsigned=False, seed=4)
+    out, names = _gemm_kernels(lambda: kernels.w4a4_linear(x, p, 1, backend="triton"))
+    assert names and all("_gemm_i8_async_kernel" in s for s in names), names
+    assert tw._gluon_failure == []
+    assert nm.sqnr_db(nm.w4a4_linear(x.float(), p, 1), out.float()) >= 40.0
 
 
 class _Unbuildable:
@@ -120,7 +132,8 @@ def test_a_triton_that_cannot_build_it_gets_the_triton_kernel_after_one_warning(
     monkeypatch.setenv(tw.GEMM_ENV, "triton")
     ref = kernels.w4a4_linear(x, p, 1, backend="triton")
     monkeypatch.delenv(tw.GEMM_ENV)
-    monkeypatch.setattr(tw.gg, "_gemm_i8_async_kernel", _Unbuildable(TritonError("no such Gluon builtin")))
+    for name in ("_gemm_i8_async_kernel", "_gemm_i8_ws_kernel"):
+        monkeypatch.setattr(tw.gg, name, _Unbuildable(TritonError("no such Gluon builtin")))
     with caplog.at_level("WARNING", logger=tw.__name__):
         out, names = _gemm_kernels(lambda: kernels.w4a4_linear(x, p, 1, backend="triton"))
         again = kernels.w4a4_linear(x, p, 1, backend="triton")
