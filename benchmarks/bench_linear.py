@@ -150,6 +150,8 @@ SWEEP = [  # expand path (int8 GEMM); BK is the K step
     dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4, async_wgmma=True),
     dict(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=6, async_wgmma=True),
     dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=5, async_wgmma=True),
+    # the warp-specialised Gluon kernel (the default there: triton_w4a4.gemm_config)
+    dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4, async_wgmma=True, warp_specialized=True),
 ]
 
 
@@ -204,8 +206,9 @@ def speed_table(sweep: bool):
                     continue
                 tma_only = cfg.get("persistent") or cfg.get("async_wgmma")
                 for tma in ((True,) if tma_only else (False, True)):
-                    kind = ("-persistent" if cfg.get("persistent") else "-async" if cfg.get("async_wgmma")
-                            else "-tma" if tma else "")
+                    kind = ("-persistent" if cfg.get("persistent")
+                            else "-ws" if cfg.get("async_wgmma") and tw.gg.warp_specialized(cfg, tw._rank_pad(p.rank))
+                            else "-async" if cfg.get("async_wgmma") else "-tma" if tma else "")
                     tag = f"i8{kind} {cfg['BM']}x{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
                     variants[tag] = (lambda cfg=cfg, tma=tma: tw.gemm(xq, sx, u, p, torch.bfloat16, config=cfg,
                                                                        w8=w8, tma=tma))
