@@ -18,7 +18,7 @@ Same function as the Triton kernels, bit for bit (tests/kernels/test_gluon_gemm.
 int32, then the epilogue in ``triton_w4a4._epilogue``'s order: ((acc + offset * wsum) * sx) * sw, + u @ L2 as a
 bf16 wgmma accumulating into that fp32 tile, + bias. ``triton_w4a4.gemm`` launches it (``gemm_config`` says
 when); this module holds the kernel, its tiles and its TMA descriptors. ``python -m wan_w4a4.kernels.gluon_gemm``
-compiles it for sm_90 without a GPU and prints the waits of its loop.
+compiles both kernels for sm_90 without a GPU and prints the waits of their loops.
 
 Hopper only: ``warpgroup_mma`` is sm_90's instruction (Blackwell has tcgen05 instead). Gluon is Triton's
 experimental dialect, used here as Triton 3.6 has it: with no Triton or an older one ``gluon`` is None, and a later
@@ -232,8 +232,8 @@ if gluon is not None:
 # Tiles of the kernels: 256 x 128 output tiles, K steps of 128, four stages of TMA loads in flight (192 KiB of
 # shared memory), two warpgroups. Measured best of the variants in benchmarks/gemm_power.py on the H200.
 CONFIG = dict(BM=256, BN=128, BK=128, GROUP_M=8, num_stages=4, num_warps=8)
-# The warp-specialised kernel keeps the four stages beside the epilogue's low-rank tiles (221 KiB at rank
-# padding 32, of Hopper's 227); a wider low-rank branch (a folded LoRA pads to 64-128) takes
+# The warp-specialised kernel keeps the four stages beside the epilogue's low-rank tiles (216 KiB at rank
+# padding 32, 240 KiB at 64, of Hopper's 227 KiB); a wider low-rank branch (a folded LoRA pads to 64-128) takes
 # _gemm_i8_async_kernel, which frees its stages before the epilogue. The producer warp needs 40 registers.
 WS_MAX_RANK_PAD = 32
 WS_LOAD_REGS = 40
@@ -283,11 +283,12 @@ def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0
 if __name__ == "__main__":  # pragma: no cover - needs Triton
     import re
 
-    for offset in (0, nm.UNSIGNED_OFFSET):
-        c = compile_offline(offset=offset)
+    for ws, offset in ((False, 0), (False, nm.UNSIGNED_OFFSET), (True, 0), (True, nm.UNSIGNED_OFFSET)):
+        c = compile_offline(offset=offset, ws=ws)
         waits = re.findall(r"warp_group_dot_wait[^\n]*?pendings = (\d+)", c.asm["ttgir"])
         ptx = c.asm["ptx"]
         ptx_waits = re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)
         mmas = sorted(set(re.findall(r"wgmma.mma_async.sync.aligned.([\w.]+) ", ptx)))
-        print(f"OFFSET={offset}: TTGIR dot waits (pendings) {waits}; PTX wgmma.wait_group {ptx_waits}; "
+        name = "_gemm_i8_ws_kernel" if ws else "_gemm_i8_async_kernel"
+        print(f"{name} OFFSET={offset}: TTGIR dot waits (pendings) {waits}; PTX wgmma.wait_group {ptx_waits}; "
               f"mma {mmas}; shared {c.metadata.shared} B")

@@ -155,9 +155,20 @@ def _host_only(monkeypatch, gluon_error):
     return record, p, torch.zeros(40000, k, dtype=torch.float16)
 
 
-def test_a_build_failure_of_the_gluon_kernel_falls_back_to_the_calls_triton_tiles_once(monkeypatch, caplog):
+def _with_rank(p, rank: int):
+    """The layer with a low-rank branch of ``rank`` (100: a folded LoRA's width, padded to 128)."""
+    if rank != p.rank:
+        g = torch.Generator().manual_seed(1)
+        p.lr_down = torch.randn(p.in_features, rank, generator=g).bfloat16()
+        p.lr_up = torch.randn(rank, p.out_features, generator=g).bfloat16()
+    return p
+
+
+@pytest.mark.parametrize("rank", [32, 100])  # the warp-specialised kernel, and the one-tile one
+def test_a_build_failure_of_the_gluon_kernel_falls_back_to_the_calls_triton_tiles_once(monkeypatch, caplog, rank):
     errors = pytest.importorskip("triton.errors", reason="Triton is not installed")
     record, p, x = _host_only(monkeypatch, errors.TritonError("at 12:4: no attribute warpgroup_mma_wait"))
+    p = _with_rank(p, rank)
     with caplog.at_level("WARNING", logger=tw.__name__):
         tw.w4a4_linear(x, p, torch.tensor(1), pass_bytes=1 << 22)  # row passes: the failure is in the first
         tw.w4a4_linear(x, p, torch.tensor(1))
@@ -196,9 +207,7 @@ def test_the_gluon_kernel_runs_in_every_row_pass_with_the_calls_tiles(monkeypatc
 
 def test_a_wide_low_rank_branch_takes_the_one_tile_gluon_kernel(monkeypatch):
     record, p, x = _host_only(monkeypatch, None)
-    g = torch.Generator().manual_seed(1)
-    p.lr_down, p.lr_up = torch.randn(p.in_features, 100, generator=g), torch.randn(100, p.out_features, generator=g)
-    p.lr_down, p.lr_up = p.lr_down.bfloat16(), p.lr_up.bfloat16()
+    p = _with_rank(p, 100)
     tw.w4a4_linear(x, p, torch.tensor(1))
     assert [(name, grid[0], kw["R_PAD"]) for name, grid, kw in record] == [
         ("_gemm_i8_async_kernel", -(-x.shape[0] // 256) * (p.out_features // 128), 128)]
