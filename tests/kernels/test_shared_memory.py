@@ -1,0 +1,54 @@
+"""Shared memory of the GEMM kernels on GPUs we cannot run here, compiled offline (Triton's compiler with an
+explicit target needs no GPU): every tile configuration that ``gemm_config`` can choose must fit the per-block
+limit of the GPU that would run it, or that GPU fails at the first large call with Triton's OutOfResources.
+The widest case is taken: a folded LoRA's rank padding (128) and fp32 output. Skips without Triton (CI)."""
+import pytest
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (GPU machines; or a CPU wheel for this test)")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from wan_w4a4.kernels import triton_w4a4 as tw  # noqa: E402
+
+# Maximum dynamic shared memory per block (CUDA C++ Programming Guide, compute capabilities table): A100 163 KiB;
+# RTX 30 / RTX 40 / RTX 50 99 KiB; H100/H200 and B200 227 KiB.
+LIMIT = {80: 163 << 10, 86: 99 << 10, 89: 99 << 10, 90: 227 << 10, 100: 227 << 10, 120: 99 << 10}
+TOKENS = (1024, 8192, 32760)  # one per tile configuration of gemm_config
+EPILOGUE = dict(sx_ptr="*fp32", ws_ptr="*fp32", u_ptr="*bf16", l2_ptr="*bf16", bias_ptr="*fp32", wsum_ptr="*i32",
+                y_ptr="*fp32", M="i32", N="i32", K="i32", R="i32", stride_ym="i32")
+
+
+def _shared(kernel, operands: dict, cfg: dict, cc: int, r_pad: int, **const) -> int:
+    const = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=r_pad, HAS_LR=True,
+                 HAS_BIAS=True, OFFSET=128, **const)
+    sig = dict(operands, **EPILOGUE, **{name: "constexpr" for name in const})
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", cc, 32),
+                              options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return compiled.metadata.shared
+
+
+@pytest.mark.parametrize("cc", [80, 86, 89, 100, 120])
+@pytest.mark.parametrize("m", TOKENS)
+def test_the_triton_gemm_fits_every_gpu_that_runs_it(cc, m):
+    cfg = tw.gemm_config(m, async_wgmma=False)  # only sm_90 runs the Gluon kernels
+    if tw.tma_available((cc // 10, cc % 10)):
+        kernel = tw._gemm_i8_tma_kernel
+        operands = dict(a_desc=f"tensordesc<i8[{cfg['BM']}, {cfg['BK']}]>",
+                        b_desc=f"tensordesc<i8[{cfg['BN']}, {cfg['BK']}]>")
+    else:
+        kernel, operands = tw._gemm_i8_kernel, dict(a_ptr="*i8", b_ptr="*i8")
+    shared = _shared(kernel, operands, cfg, cc, r_pad=128)
+    assert shared <= LIMIT[cc], f"sm_{cc}, {m} tokens, {cfg}: {shared} B of shared memory, limit {LIMIT[cc]}"
+
+
+@pytest.mark.parametrize("r_pad", [32, 128])
+def test_the_gluon_gemm_fits_hopper_where_it_is_chosen(r_pad):
+    gg = tw.gg
+    if gg.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    cfg = tw.gemm_config(32760, async_wgmma=True)
+    ws = gg.warp_specialized(cfg, r_pad)
+    assert ws == (r_pad <= gg.WS_MAX_RANK_PAD)
+    compiled = gg.compile_offline(cfg, out_dtype="fp32", offset=128, r_pad=r_pad, ws=ws)
+    assert compiled.metadata.shared <= LIMIT[90]
