@@ -1,7 +1,8 @@
-"""Shared memory of the GEMM kernels on GPUs we cannot run here, compiled offline (Triton's compiler with an
-explicit target needs no GPU): every tile configuration that ``gemm_config`` can choose must fit the per-block
-limit of the GPU that would run it, or that GPU fails at the first large call with Triton's OutOfResources.
-The widest case is taken: a folded LoRA's rank padding (128) and fp32 output. Skips without Triton (CI)."""
+"""Shared memory of the GEMM and quantizer kernels on GPUs we cannot run here, compiled offline (Triton's compiler
+with an explicit target needs no GPU): every tile configuration that ``gemm_config`` can choose must fit the
+per-block limit of the GPU that would run it, or that GPU fails at the first large call with Triton's
+OutOfResources. The widest case is taken: a folded LoRA's rank padding (128) and fp32 output. Skips without Triton
+(CI)."""
 import pytest
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (GPU machines; or a CPU wheel for this test)")
@@ -52,3 +53,24 @@ def test_the_gluon_gemm_fits_hopper_where_it_is_chosen(r_pad):
     assert ws == (r_pad <= gg.WS_MAX_RANK_PAD)
     compiled = gg.compile_offline(cfg, out_dtype="fp32", offset=128, r_pad=r_pad, ws=ws)
     assert compiled.metadata.shared <= LIMIT[90]
+
+
+@pytest.mark.parametrize("cc", [80, 86, 89, 90, 100, 120])
+def test_the_quantizer_fits_every_gpu(cc):
+    """The quantizer's kernels with a tl.dot (the low-rank projection) at a folded LoRA's rank padding (128)."""
+    x = dict(x_ptr="*fp16", s_ptr="*fp32", l1_ptr="*bf16")
+    kernels = [
+        (tw._act_stats_kernel, dict(x, rmax_part_ptr="*fp32", u_part_ptr="*fp32", u_ptr="*bf16", M="i32", K="i32",
+                                    R="i32", KC="i32", stride_xm="i32", shift="fp32"),
+         dict(BLOCK_M=tw.QUANT_BLOCK_M, BK=256, R_PAD=128, HAS_LR=True, DIRECT_U=False, INV_S=True)),
+        (tw._act_quant_fused_kernel, dict(x, clip_ptr="*fp32", bin_ptr="*i64", xq_ptr="*i8", sx_ptr="*fp32",
+                                          u_ptr="*bf16", M="i32", K="i32", R="i32", stride_xm="i32", shift="fp32",
+                                          inv_qf="fp32"),
+         dict(QMIN=-8, QMAX=7, FMAX=16, OFFSET=0, BLOCK_M=16, GROUP=64, GPB=4, R_PAD=128, HAS_LR=True, BK=256,
+              INV_S=False)),
+    ]
+    for kernel, sig, const in kernels:
+        sig = dict(sig, **{name: "constexpr" for name in const})
+        compiled = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", cc, 32),
+                                  options=dict(num_warps=4, enable_fp_fusion=False))
+        assert compiled.metadata.shared <= LIMIT[cc], f"sm_{cc}: {kernel.__name__} {compiled.metadata.shared} B"
