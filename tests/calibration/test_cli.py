@@ -157,20 +157,45 @@ def test_threads_option_sets_torch_threads_for_the_run(command, module, monkeypa
 
 
 _TWO_SIGTERMS = """
-import os, signal, sys
+import os, signal, sys, threading
 from wan_w4a4.apps.calibrate import _sigterm_stops
 from wan_w4a4.calibration.distributed import DistributedError, World
 
 try:
     with _sigterm_stops(World(rank=0, size=2)):
         os.kill(os.getpid(), signal.SIGTERM)  # torchrun stops the run...
-        signal.pthread_kill(signal.pthread_self(), 0)  # (let the handler run here)
+        signal.pthread_kill(threading.get_ident(), 0)  # (let the handler run here)
         sys.exit("not stopped")
 except DistributedError as e:
     os.kill(os.getpid(), signal.SIGTERM)  # ...and may say so twice while this process unwinds
     print(e, file=sys.stderr)
     sys.exit(2)
 """
+
+
+_FAILED_COLLECTIVE_THEN_SIGTERM = """
+import os, signal, sys
+from wan_w4a4.apps.calibrate import _sigterm_stops
+from wan_w4a4.calibration.distributed import DistributedError, World
+
+try:
+    with _sigterm_stops(World(rank=0, size=2)):
+        raise DistributedError("rank 0 of 2: another process of the run died")  # the collective failed...
+except DistributedError as e:
+    os.kill(os.getpid(), signal.SIGTERM)  # ...and torchrun's SIGTERM comes before the message is out
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.slow  # a new Python process importing torch
+def test_sigterm_after_a_failed_collective_does_not_kill_a_rank_before_it_says_why():
+    """The other race of the same CI test: rank 0's collective failed first (the peer was killed), its error left
+    the block, and torchrun's SIGTERM arrived before the CLI printed it (rank 0 died by SIGTERM, no message)."""
+    out = subprocess.run([sys.executable, "-c", _FAILED_COLLECTIVE_THEN_SIGTERM], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "another process of the run died" in out.stderr
 
 
 @pytest.mark.slow  # a new Python process importing torch
