@@ -254,7 +254,7 @@ def descriptors(xq: torch.Tensor, w8: torch.Tensor, cfg: dict):
 
 
 def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0, has_lr: bool = True,
-                    r_pad: int = 32, ws: bool = False, load_regs: int = WS_LOAD_REGS, maxnreg: int | None = None):
+                    r_pad: int = 32, ws: bool = False, load_regs: int = WS_LOAD_REGS):
     """Compile for sm_90 without a GPU (Triton's ``triton.compile`` with an explicit target): the kernel's
     TTGIR/PTX, to check what the pipeline became."""
     from triton.backends.compiler import GPUTarget
@@ -274,10 +274,7 @@ def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0
     for name in const:
         sig[name] = "constexpr"
     src = GluonASTSource(_gemm_i8_ws_kernel if ws else _gemm_i8_async_kernel, sig, constexprs=const)
-    options = dict(num_warps=cfg["num_warps"])
-    if maxnreg:
-        options["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg["num_warps"]))
 
 
 if __name__ == "__main__":  # pragma: no cover - needs Triton

@@ -49,10 +49,18 @@ def test_the_gluon_gemm_fits_hopper_where_it_is_chosen(r_pad):
     if gg.gluon is None:
         pytest.skip("this Triton has no Gluon")
     cfg = tw.gemm_config(32760, async_wgmma=True)
-    ws = gg.warp_specialized(cfg, r_pad)
-    assert ws == (r_pad <= gg.WS_MAX_RANK_PAD)
-    compiled = gg.compile_offline(cfg, out_dtype="fp32", offset=128, r_pad=r_pad, ws=ws)
+    compiled = gg.compile_offline(cfg, out_dtype="fp32", offset=128, r_pad=r_pad, ws=gg.warp_specialized(cfg, r_pad))
     assert compiled.metadata.shared <= LIMIT[90]
+
+
+def test_the_warp_specialised_kernel_takes_every_rank_padding_that_fits():
+    """WS_MAX_RANK_PAD is the largest padding the warp-specialised kernel fits: the next one (x2) overflows."""
+    gg = tw.gg
+    if gg.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    cfg = tw.gemm_config(32760, async_wgmma=True)
+    compiled = gg.compile_offline(cfg, out_dtype="fp32", offset=128, r_pad=2 * gg.WS_MAX_RANK_PAD, ws=True)
+    assert compiled.metadata.shared > LIMIT[90]
 
 
 @pytest.mark.parametrize("cc", [80, 86, 89, 90, 100, 120])
