@@ -371,16 +371,29 @@ def results_markdown(log: dict) -> str:
     env, plan = log["environment"], log["plan"]
     prev = log.get("continued_from")
     start = "warm start" if prev is None else "start"
-    lines = [(f"Trained on {env['device']} (torch {env['torch']}, ComfyUI {env['comfyui']}) in {log['wall_s']:.0f} s: "
-              f"warm start {plan['warm']} steps, high-noise expert {plan['high']}, low-noise expert {plan['low']}, "
-              f"batch {log['config']['batch']}, {log['data']['videos_rendered']} videos rendered.")]
+    joined = log.get("joined")
+    if joined:  # two one-expert runs side by side (mini_train.join_expert_runs)
+        videos = " and ".join(str(joined[k]["data"]["videos_rendered"]) for k in ("high", "low"))
+        lines = [(f"Trained on {env['device']} (torch {env['torch']}, ComfyUI {env['comfyui']}), the two experts "
+                  f"side by side in two runs of {joined['high']['wall_s']:.0f} and {joined['low']['wall_s']:.0f} s "
+                  f"(`--expert high`, `--expert low`, joined by `--join`): high-noise expert {plan['high']} steps, "
+                  f"low-noise expert {plan['low']}, batch {log['config']['batch']}, {videos} videos rendered.")]
+    else:
+        lines = [(f"Trained on {env['device']} (torch {env['torch']}, ComfyUI {env['comfyui']}) in "
+                  f"{log['wall_s']:.0f} s: warm start {plan['warm']} steps, high-noise expert {plan['high']}, "
+                  f"low-noise expert {plan['low']}, batch {log['config']['batch']}, "
+                  f"{log['data']['videos_rendered']} videos rendered.")]
     if prev is not None:
         earlier = prev.get("log") or {}
         lines.append("Continued from the experts of an earlier run (DIR0" +
                       (f": {earlier['wall_s']:.0f} s, plan {earlier['plan']}, replay "
                        f"`{earlier['replay']}`" if earlier.get("plan") else "") +
                       "); the start column below is those experts.")
-    lines += [f"Replay: `python -m wan_w4a4.apps.mini_train --out DIR {log['replay']}`.", ""]
+    if joined:
+        lines += [f"Replay: `python -m wan_w4a4.apps.mini_train --out DIR_H {joined['high']['replay']}` and "
+                  f"`... --out DIR_L {joined['low']['replay']}`, then `--out DIR --join DIR_H DIR_L`.", ""]
+    else:
+        lines += [f"Replay: `python -m wan_w4a4.apps.mini_train --out DIR {log['replay']}`.", ""]
     speed = [f"{k}: {v['steps_per_s']:.3g} steps/s, {v['samples_per_s']:.4g} samples/s, "
              f"{v['tokens_per_s']:.4g} tokens/s" for k, v in log["phases"].items() if v]
     if speed:

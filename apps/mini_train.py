@@ -136,6 +136,9 @@ class TrainConfig:
     strips: int = 4                       # held-out scenes in strips.png
     init_experts: Path | None = None      # continue both experts from the checkpoints in this folder (no warm
                                           # start; the steps are split between the experts by `fractions`)
+    experts: tuple[str, ...] = ("high", "low")  # which experts train; with one, the run needs init_experts, gives
+                                          # it the whole budget and writes the other as it started (so two
+                                          # processes on two GPUs can train one each; ``join_expert_runs``)
     compile: bool = False
     pictures: bool = True
     overwrite: bool = False               # replace existing checkpoints/log in `out`
@@ -148,7 +151,7 @@ class TrainConfig:
         if not 0 < self.boundary < 1:
             raise ValueError(f"boundary is a sigma in (0, 1), got {self.boundary}")
         if self.phase_steps is not None and (len(self.phase_steps) != 3 or min(self.phase_steps) < 0
-                                             or min(self.phase_steps[1:]) < 1):
+                                             or max(self.phase_steps[1:]) < 1):
             raise ValueError(f"phase_steps must be three step counts (warm, high, low), got {self.phase_steps}")
         if self.steps is not None and self.steps < 3:
             raise ValueError(f"steps must be >= 3 (one per phase), got {self.steps}")
@@ -183,6 +186,19 @@ class TrainConfig:
             if self.phase_steps is not None and self.phase_steps[0] != 0:
                 raise ValueError(f"init_experts continues the experts: the warm start must have 0 steps, "
                                  f"got phase_steps {self.phase_steps}")
+        self.experts = tuple(self.experts)
+        if not self.experts or len(set(self.experts)) != len(self.experts) or set(self.experts) - {"high", "low"}:
+            raise ValueError(f"experts must name 'high' and/or 'low' once each, got {self.experts}")
+        if len(self.experts) == 1:
+            if self.init_experts is None:
+                raise ValueError(f"training only the {self.experts[0]}-noise expert continues it: it needs "
+                                 f"init_experts (--init-experts DIR), where the other expert comes from too")
+            idle = 2 if self.experts == ("high",) else 1
+            if self.phase_steps is not None and self.phase_steps[idle] != 0:
+                raise ValueError(f"only the {self.experts[0]}-noise expert trains: the other's phase must have "
+                                 f"0 steps, got phase_steps {self.phase_steps}")
+        elif self.phase_steps is not None and min(self.phase_steps[1:]) < 1:
+            raise ValueError(f"both experts train: each needs at least one step, got phase_steps {self.phase_steps}")
         if self.decoder_only and not (self.decoder_steps or self.decoder_seconds):
             raise ValueError("decoder_only needs a decoder budget: decoder_seconds > 0 or decoder_steps > 0")
         if self.generation < 0 or self.sample_steps < 1 or self.strips < 1:
@@ -939,6 +955,8 @@ def plan_steps(cfg: TrainConfig, probe: dict | None, eval_s: float, spent_s: flo
         evals = cfg.eval_points * 4 + 12  # warm evaluates both ranges; raw vs EMA and final losses
         budget = cfg.minutes * 60 - spent_s - evals * eval_s - 15  # 15 s: checkpoints and slack
         total = max(3, int(budget / probe["effective_step_s"]))
+    if len(cfg.experts) == 1:  # one expert continues alone: it takes the whole budget
+        return (0, total, 0) if cfg.experts == ("high",) else (0, 0, total)
     if cfg.init_experts is not None:  # no warm start: the experts share the steps in their ratio
         fh, fl = cfg.fractions[1:]
         h = max(1, round(total * fh / (fh + fl)))
@@ -1015,6 +1033,14 @@ def train(cfg: TrainConfig) -> dict:
     results, checkpoints = {}, {}
     for name, steps in (("high", plan[1]), ("low", plan[2])):
         model.load_state_dict(starts[name])
+        if name not in cfg.experts:  # written as it started, so that --out holds a whole model
+            phases[name], results[name] = None, warm_loss[name]
+            meta = {"expert": f"{name}_noise", "boundary_t": round(cfg.boundary * 1000),
+                    "sigma_range": list(ranges[name]), "shift": cfg.shift, "steps": {name: 0},
+                    "made_by": "python -m wan_w4a4.apps.mini_train (not trained in this run)",
+                    "continued_from": lineage["experts"][name]}
+            checkpoints[name] = save_checkpoint(model, cfg.out / EXPERT_FILES[name], cfg.arch, meta)
+            continue
         ema = new_ema()
         phases[name] = tr.run_phase(name, model, steps, ranges[name], heldout, {name: ranges[name]}, forward, ema)
         phases[name]["weights"] = keep_better(model, ema, heldout, ranges[name])
@@ -1052,7 +1078,8 @@ def train(cfg: TrainConfig) -> dict:
                             f"--chunk {cfg.chunk}", f"--reuse {cfg.reuse}", f"--heldout {cfg.heldout}",
                             f"--heldout-sigmas {cfg.heldout_sigmas}",
                             f"--ema {cfg.ema:g}", decoder_replay(cfg, (decoder_log or {}).get("steps", 0)),
-                            *(["--init-experts DIR0"] if cfg.init_experts is not None else [])]),
+                            *(["--init-experts DIR0"] if cfg.init_experts is not None else []),
+                            *([f"--expert {cfg.experts[0]}"] if len(cfg.experts) == 1 else [])]),
         "continued_from": lineage,
         "environment": {"device": _device_name(cfg.device), "torch": torch.__version__,
                         "python": platform.python_version(), "comfyui": _comfyui_version()},
@@ -1096,6 +1123,72 @@ def continued_from(folder: Path | None) -> dict | None:
         logger.warning("%s: no readable train_log.json (%s); the lineage keeps only the checkpoints' digests",
                        folder, e)
     return out
+
+
+def join_expert_runs(high_dir: Path, low_dir: Path, out: Path, overwrite: bool = False) -> dict:
+    """One model from two one-expert runs (``--expert high`` in ``high_dir``, ``--expert low`` in ``low_dir``,
+    both continued from the same experts, e.g. side by side on two GPUs): writes ``out/high_noise.safetensors``
+    from the first, ``out/low_noise.safetensors`` from the second and a ``train_log.json`` that holds each
+    expert's part of its run's log. Every check runs before anything is written. No decoder is written: train
+    one for the joined experts with ``--decoder-only --out OUT``. Returns the joined log."""
+    high_dir, low_dir, out = Path(high_dir), Path(low_dir), Path(out)
+    logs = {}
+    for name, folder in (("high", high_dir), ("low", low_dir)):
+        path = folder / "train_log.json"
+        try:
+            log = json.loads(path.read_text())
+            trained = log["config"]["experts"]
+            checkpoint = log["checkpoints"][name]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not the log of a mini_train run ({type(e).__name__}: {e})") from None
+        if trained != [name]:
+            raise ValueError(f"{path}: that run trained the experts {trained}; the {name}-noise expert must come "
+                             f"from a run of --expert {name} alone")
+        digest = checkpoint_digest(folder / EXPERT_FILES[name])
+        if digest["sha256"] != checkpoint["sha256"]:
+            raise ValueError(f"{folder / EXPERT_FILES[name]}: not the checkpoint its train_log.json wrote "
+                             f"(sha256 {digest['sha256'][:12]}…, logged {checkpoint['sha256'][:12]}…)")
+        logs[name] = log
+    hi, lo = logs["high"], logs["low"]
+    for key in ("arch", "continued_from"):
+        a, b = hi.get(key), lo.get(key)
+        if key == "continued_from":
+            a, b = (a or {}).get("experts"), (b or {}).get("experts")
+        if a != b:
+            raise ValueError(f"{high_dir} and {low_dir}: the runs differ in {key!r} ({a} vs {b}); joined experts "
+                             f"must share their architecture and starting checkpoints")
+    if hi["config"].get("frames") != lo["config"].get("frames"):
+        raise ValueError(f"{high_dir} and {low_dir}: trained on {hi['config'].get('frames')}- and "
+                         f"{lo['config'].get('frames')}-frame clips")
+    targets = [out / EXPERT_FILES["high"], out / EXPERT_FILES["low"], out / "train_log.json"]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --force to replace it, or choose another --out")
+
+    joined = copy.deepcopy(hi)
+    joined["what"] = hi["what"] + "; the two experts trained in two runs and joined (join_expert_runs)"
+    joined["config"]["experts"] = ["high", "low"]
+    for key in ("plan", "phases", "heldout", "checkpoints"):
+        joined[key]["low"] = lo[key]["low"]
+    for key in ("curve", "heldout_curve"):
+        joined[key] = ([p for p in hi[key] if p["phase"] == "high"]
+                       + [p for p in lo[key] if p["phase"] == "low"])
+    joined["joined"] = {name: {"dir": str(folder), "replay": logs[name]["replay"], "wall_s": logs[name]["wall_s"],
+                               "environment": logs[name]["environment"], "data": logs[name]["data"]}
+                        for name, folder in (("high", high_dir), ("low", low_dir))}
+    joined["replay"] = None  # two runs: see "joined"
+    joined["wall_s"] = max(hi["wall_s"], lo["wall_s"])
+    for key in ("decoder", "generation"):  # belong to other experts: --decoder-only and mini_pictures make them
+        joined.pop(key, None)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, folder in (("high", high_dir), ("low", low_dir)):
+        fmt.write_bytes(out / EXPERT_FILES[name], (folder / EXPERT_FILES[name]).read_bytes(), overwrite=overwrite)
+    fmt.write_bytes(out / "train_log.json", json.dumps(joined, indent=1).encode(), overwrite=overwrite)
+    logger.info("joined the high-noise expert of %s and the low-noise expert of %s into %s", high_dir, low_dir, out)
+    if (out / mini_decoder.DECODER_FILE).exists():
+        logger.warning("%s was trained for other experts: train it again with --decoder-only --out %s --force",
+                       out / mini_decoder.DECODER_FILE, out)
+    return joined
 
 
 def _device_name(device) -> str:
@@ -1156,6 +1249,14 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--init-experts", type=Path, default=None, metavar="DIR",
                    help="continue both experts from the checkpoints in DIR (e.g. minimodel): no warm start, "
                         "the budget split between the experts 3:4 (default: train from the initialisation)")
+    p.add_argument("--expert", choices=("high", "low"), default=None,
+                   help="train only this expert, continued from --init-experts, with the whole budget; the other "
+                        "is written as it started (default: both). Two such runs, e.g. one per GPU, become one "
+                        "model with --join")
+    p.add_argument("--join", nargs=2, type=Path, metavar=("HIGH_DIR", "LOW_DIR"), default=None,
+                   help="write to --out the high-noise expert of HIGH_DIR's --expert high run and the low-noise "
+                        "expert of LOW_DIR's --expert low run, with one train_log.json; then train their decoder "
+                        "with --decoder-only")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--no-pictures", action="store_true", help="skip strips.png / loss_curve.png")
     p.add_argument("--force", action="store_true", help="replace checkpoints and log already in --out")
@@ -1177,12 +1278,16 @@ def config_from_args(args) -> TrainConfig:
         decoder_seam=args.decoder_seam, decoder_lr=args.decoder_lr,
         decoder_only=args.decoder_only, decoder_init=args.decoder_init, generation=args.generation,
         sample_steps=args.sample_steps, strips=args.strips, init_experts=args.init_experts,
+        experts=(args.expert,) if args.expert else ("high", "low"),
         heldout=args.heldout or (64 if cuda else 8),
         heldout_sigmas=args.heldout_sigmas or (8 if cuda else 4), compile=args.compile, pictures=not args.no_pictures,
         overwrite=args.force)
 
 
 def run(args) -> int:
+    if args.join is not None:
+        join_expert_runs(*args.join, args.out, overwrite=args.force)
+        return 0
     cfg = config_from_args(args)
     if cfg.decoder_only:
         train_decoder_only(cfg)

@@ -6,7 +6,9 @@ Scenes
 A scene is one or two textured shapes (square, circle, triangle, diamond, star, ring) over a
 textured, two-coloured background (striped, checkered, wavy, dotted). Each shape does one thing
 (slides in a direction, bounces, spins clockwise or counterclockwise, grows, shrinks, stays
-still); the camera is static or pans in one of four directions. ``sample_scene(seed)`` draws the
+still); the camera is static or pans in one of four directions. Each motion covers a fixed amount over
+the clip (``SLIDE_PX``, ``BOUNCE_PX``, ``SPIN_RAD``, ``SCALE``, ``PAN_PX``), so the start frame and the caption
+fix the whole video: the model is never asked to guess how far. ``sample_scene(seed)`` draws the
 parameters with numpy's legacy ``RandomState`` (its stream is frozen across numpy versions, so a
 seed means the same scene everywhere); ``caption(scene)`` writes them as a sentence, e.g.
 "a red striped square slides left over a blue and white checkered background while the camera
@@ -86,6 +88,14 @@ BACKGROUNDS = ("striped", "checkered", "wavy", "dotted")
 MOTIONS = ("slides", "bounces", "spins", "grows", "shrinks", "stays still")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 SPINS = ("clockwise", "counterclockwise")
+# How far each motion goes over the clip. They are fixed, not drawn: a caption names a motion's kind and
+# direction, so a drawn amount would leave part of every future open, and a generation that hedges between
+# amounts smears (minimodel/README.md, Limits). Values: the middle of the ranges the first data version drew.
+SLIDE_PX = 44.0          # slide distance
+BOUNCE_PX = 34.0         # bounce height
+SPIN_RAD = math.pi       # turn
+SCALE = 1.7              # size ratio of "grows" and "shrinks"
+PAN_PX = 28.0            # camera pan distance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +109,7 @@ class Shape:
     y: float
     radius: float        # pixels
     angle: float         # radians at frame 0 (y points down, so a growing angle turns clockwise)
-    amount: float        # slide distance (px), bounce height (px), spin (rad), scale factor
+    amount: float        # slide distance (px), bounce height (px), spin (rad), scale factor: the constants above
     bounces: int = 1
 
 
@@ -130,23 +140,29 @@ def _sample_shape(rng, colors, first: bool) -> Shape:
     angle = float(rng.uniform(0, 2 * math.pi))
     direction, amount, bounces = "", 0.0, 1
     lo, hi = radius + 4, WIDTH - radius - 4
+    # Each motion still takes the draw its amount was once drawn by, so that a seed keeps its shapes, colours,
+    # positions and background (the held-out scenes stay the same scenes).
     if motion == "slides":
         direction = _pick(rng, tuple(DIRECTIONS))
-        amount = float(rng.uniform(32, 56))
+        rng.uniform(32, 56)
+        amount = SLIDE_PX
         dx, dy = DIRECTIONS[direction]
         # start so that the whole path stays in view
         x = float(rng.uniform(lo - min(dx, 0) * amount, hi - max(dx, 0) * amount))
         y = float(rng.uniform(lo - min(dy, 0) * amount, hi - max(dy, 0) * amount))
     elif motion == "bounces":
-        amount = float(rng.uniform(24, 44))
+        rng.uniform(24, 44)
+        amount = BOUNCE_PX
         x = float(rng.uniform(lo, hi))
         y = float(rng.uniform(lo + amount, hi))  # y is the floor; the top of the bounce stays in view
     else:
         if motion == "spins":
             direction = _pick(rng, SPINS)
-            amount = float(rng.uniform(0.5, 1.5) * math.pi)
+            rng.uniform(0.5, 1.5)
+            amount = SPIN_RAD
         elif motion in ("grows", "shrinks"):
-            amount = float(rng.uniform(1.5, 1.9))
+            rng.uniform(1.5, 1.9)
+            amount = SCALE
             if motion == "grows":
                 radius = radius / math.sqrt(amount)
         x, y = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
@@ -167,7 +183,9 @@ def sample_scene(seed: int) -> Scene:
     n_shapes = 1 + int(rng.rand() < 0.5)
     shapes = tuple(_sample_shape(rng, colors, first=(i == 0)) for i in range(n_shapes))
     camera = "" if rng.rand() < 0.4 else _pick(rng, tuple(DIRECTIONS))
-    camera_distance = float(rng.uniform(16, 40)) if camera else 0.0
+    if camera:
+        rng.uniform(16, 40)
+    camera_distance = PAN_PX if camera else 0.0
     return Scene(int(seed), shapes, background, bg_colors, bg_period, bg_angle, camera, camera_distance)
 
 
@@ -354,8 +372,10 @@ CHANNELS = (
     (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 0, 2), (0, 2, 0), (0, 1, 2), (0, 2, 1),
     (0, 0, 3), (0, 3, 0), (1, 0, 0), (1, 0, 1), (1, 1, 0), (2, 0, 0), (2, 0, 1), (2, 1, 0),
 )
-# Std of each coefficient (x in [-1, 1]) over the videos of seeds 0..511 (``feature_std(512)``):
-# dividing by it gives the model unit-variance channels.
+# Std of each coefficient (x in [-1, 1]) over the videos of seeds 0..511 (``feature_std(512)``) of the first
+# data version, whose amounts were drawn: dividing by it gives the model unit-variance channels. Kept with the
+# fixed amounts (``feature_std(512)`` moves by under 1 % per channel), since the trained experts read latents
+# scaled by it.
 FEATURE_STD = (
     5.067, 1.215, 1.216, 0.5449, 0.4443, 0.4378, 0.2562, 0.2521,
     0.2186, 0.2140, 4.047, 0.8879, 0.8839, 5.018, 1.132, 1.141,

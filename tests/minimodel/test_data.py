@@ -63,6 +63,26 @@ def test_heldout_seeds_are_disjoint_from_training():
     assert len(set(held)) == 1000
 
 
+def test_the_caption_and_start_frame_fix_the_whole_motion():
+    """Amounts are fixed per motion, so two scenes with the same caption and the same first frame are the same
+    video; and every shape's path stays inside the picture."""
+    amounts = {"slides": data.SLIDE_PX, "bounces": data.BOUNCE_PX, "spins": data.SPIN_RAD,
+               "grows": data.SCALE, "shrinks": data.SCALE, "stays still": 0.0}
+    seen = set()
+    for s in [*range(300), *data.heldout_seeds(100)]:
+        scene = data.sample_scene(s)
+        assert scene.camera_distance == (data.PAN_PX if scene.camera else 0.0)
+        traj, cam = data.trajectories(scene)
+        for shape, path in zip(scene.shapes, traj):
+            assert shape.amount == amounts[shape.motion], (s, shape)
+            seen.add(shape.motion)
+            r = shape.radius * path[:, 3].max()
+            if shape.motion in ("slides", "bounces"):  # world = screen for the shape's own path
+                assert path[:, 0].min() - r >= 0 and path[:, 0].max() + r <= data.WIDTH, (s, shape)
+                assert path[:, 1].min() - r >= 0 and path[:, 1].max() + r <= data.HEIGHT, (s, shape)
+    assert seen == set(amounts)
+
+
 # ---- captions ------------------------------------------------------------------------------------
 def test_caption_names_every_parameter():
     for s in range(40):

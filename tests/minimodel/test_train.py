@@ -258,6 +258,71 @@ def test_continued_training_starts_from_the_given_experts(comfy_nodes, tmp_path)
     assert Image.open(pictures.draw_loss_curve(log, tmp_path / "curve.png")).size == (900, 420)
 
 
+def test_two_one_expert_runs_join_into_one_model(comfy_nodes, tmp_path):
+    """``--expert high`` and ``--expert low`` (one per GPU) train one expert each from the same start and write the
+    other unchanged; ``--join`` puts the two trained ones together, with each one's log, and checks its inputs."""
+    import argparse
+
+    from safetensors.torch import load_file
+
+    small = {"arch": TINY, "batch": 1, "frames": FRAMES, "chunk": 1, "reuse": 1, "heldout": 1, "heldout_sigmas": 1,
+             "eval_points": 1, "pictures": False, "minutes": None}
+    start = tmp_path / "start"
+    train.train(train.TrainConfig(out=start, phase_steps=(1, 1, 1), **small))
+    logs = {}
+    for name, plan in (("high", (0, 2, 0)), ("low", (0, 0, 3))):
+        logs[name] = train.train(train.TrainConfig(out=tmp_path / name, phase_steps=plan, init_experts=start,
+                                                   experts=(name,), **small))
+        other = "low" if name == "high" else "high"
+        assert logs[name]["phases"][other] is None and f"--expert {name}" in logs[name]["replay"]
+        kept, given = (load_file(str(d / train.EXPERT_FILES[other])) for d in (tmp_path / name, start))
+        assert all(torch.equal(kept[k], given[k]) for k in given)           # the other expert: as it started
+        mine, before = (load_file(str(d / train.EXPERT_FILES[name])) for d in (tmp_path / name, start))
+        assert not all(torch.equal(mine[k], before[k]) for k in before)      # this one trained
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    out = tmp_path / "joined"
+    train.run(p.parse_args(["--out", str(out), "--join", str(tmp_path / "high"), str(tmp_path / "low")]))
+    joined = json.loads((out / "train_log.json").read_text())
+    for name in ("high", "low"):
+        fname = train.EXPERT_FILES[name]
+        assert (out / fname).read_bytes() == (tmp_path / name / fname).read_bytes()
+        assert joined["phases"][name]["steps"] == logs[name]["phases"][name]["steps"]
+        assert joined["heldout"][name] == logs[name]["heldout"][name]
+        assert joined["checkpoints"][name] == logs[name]["checkpoints"][name]
+    assert [c["phase"] for c in joined["curve"]] == (["high"] * len(logs["high"]["curve"])
+                                                      + ["low"] * len(logs["low"]["curve"]))
+    assert joined["plan"] == {"warm": 0, "high": 2, "low": 3} and joined["config"]["experts"] == ["high", "low"]
+    from wan_w4a4.apps import mini_pictures as pictures
+    card = pictures.results_markdown(joined)
+    assert "two runs" in card and "--expert high" in card and "--expert low" in card and "--join" in card
+    assert "| high-noise |" in pictures.results_markdown(logs["high"])  # a one-expert run's own card
+    # inputs are checked before anything is written, and nothing is overwritten without --force
+    with pytest.raises(FileExistsError, match="train_log.json exists|safetensors exists"):
+        train.join_expert_runs(tmp_path / "high", tmp_path / "low", out)
+    with pytest.raises(ValueError, match="must come from a run of --expert low alone"):
+        train.join_expert_runs(tmp_path / "high", tmp_path / "high", tmp_path / "j2")
+    with pytest.raises(ValueError, match="trained the experts \\['high', 'low'\\]"):
+        train.join_expert_runs(start, tmp_path / "low", tmp_path / "j2")
+    (tmp_path / "low" / train.EXPERT_FILES["low"]).write_bytes(
+        (start / train.EXPERT_FILES["low"]).read_bytes())                    # not the file its log wrote
+    with pytest.raises(ValueError, match="not the checkpoint its train_log.json wrote"):
+        train.join_expert_runs(tmp_path / "high", tmp_path / "low", tmp_path / "j2")
+    assert not (tmp_path / "j2").exists()
+    # one expert alone continues an earlier run, and its plan gives the other expert nothing
+    with pytest.raises(ValueError, match="needs init_experts"):
+        train.TrainConfig(out=tmp_path / "x", arch=TINY, experts=("low",))
+    with pytest.raises(ValueError, match="the other's phase must have 0 steps"):
+        train.TrainConfig(out=tmp_path / "x", arch=TINY, phase_steps=(0, 1, 1), init_experts=start, experts=("low",))
+    with pytest.raises(ValueError, match="each needs at least one step"):
+        train.TrainConfig(out=tmp_path / "x", arch=TINY, phase_steps=(0, 0, 1), init_experts=start)
+    cfg = train.TrainConfig(out=tmp_path / "x", arch=TINY, steps=70, minutes=None, init_experts=start,
+                            experts=("low",))
+    assert train.plan_steps(cfg, None, 0.0, 0.0) == (0, 0, 70)
+    assert train.config_from_args(p.parse_args(["--out", "o", "--arch", "tiny", "--init-experts", str(start),
+                                                "--steps", "7", "--expert", "high"])).experts == ("high",)
+
+
 def test_continued_training_checks_the_experts_before_it_starts(tmp_path):
     with pytest.raises(FileNotFoundError, match="no expert checkpoint"):
         train.TrainConfig(out=tmp_path / "b", init_experts=tmp_path / "none")
