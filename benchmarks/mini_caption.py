@@ -16,9 +16,9 @@ on the same videos with four captions:
 - ``another scene's``: the caption of the next held-out scene.
 
 A loss that rises when the motions are flipped means that expert reads the motion from the caption. The
-caption gives the kind and direction of each motion but not its amount (``data._sample_shape``: slide
-32-56 px, bounce 24-44 px, spin 0.5-1.5 pi, scale 1.5-1.9; camera 16-40 px), so the start frame and the
-caption leave that much of the future open whatever the experts learn.
+caption gives the kind and direction of each motion; its amount is fixed per kind (``data.SLIDE_PX`` ...), so
+the start frame and the caption fix the whole video. (The first data version drew the amounts, which the
+caption did not name: ``benchmarks/results/mini_caption_cpu_2026-11-29.log`` was measured on that world.)
 """
 from __future__ import annotations
 
