@@ -390,8 +390,10 @@ def results_markdown(log: dict) -> str:
                        f"`{earlier['replay']}`" if earlier.get("plan") else "") +
                       "); the start column below is those experts.")
     if joined:
+        decoder = (log.get("decoder") or {}).get("replay")
         lines += [f"Replay: `python -m wan_w4a4.apps.mini_train --out DIR_H {joined['high']['replay']}` and "
-                  f"`... --out DIR_L {joined['low']['replay']}`, then `--out DIR --join DIR_H DIR_L`.", ""]
+                  f"`... --out DIR_L {joined['low']['replay']}`, then `--out DIR --join DIR_H DIR_L`"
+                  + (f", then `--out DIR {decoder}`" if decoder else "") + ".", ""]
     else:
         lines += [f"Replay: `python -m wan_w4a4.apps.mini_train --out DIR {log['replay']}`.", ""]
     speed = [f"{k}: {v['steps_per_s']:.3g} steps/s, {v['samples_per_s']:.4g} samples/s, "

@@ -1157,10 +1157,15 @@ def join_expert_runs(high_dir: Path, low_dir: Path, out: Path, overwrite: bool =
         if a != b:
             raise ValueError(f"{high_dir} and {low_dir}: the runs differ in {key!r} ({a} vs {b}); joined experts "
                              f"must share their architecture and starting checkpoints")
-    if hi["config"].get("frames") != lo["config"].get("frames"):
-        raise ValueError(f"{high_dir} and {low_dir}: trained on {hi['config'].get('frames')}- and "
-                         f"{lo['config'].get('frames')}-frame clips")
-    targets = [out / EXPERT_FILES["high"], out / EXPERT_FILES["low"], out / "train_log.json"]
+    # what the two experts and the joined log's one configuration must agree on
+    for key in ("frames", "boundary", "shift", "heldout", "heldout_sigmas", "seed"):
+        a, b = hi["config"].get(key), lo["config"].get(key)
+        if a != b:
+            raise ValueError(f"{high_dir} and {low_dir}: the runs differ in {key!r} ({a} vs {b}); train both with "
+                             f"the same value to join them")
+    # a decoder in --out was trained for other experts: --force replaces the experts beside it, never silently
+    targets = [out / EXPERT_FILES["high"], out / EXPERT_FILES["low"], out / "train_log.json",
+               out / mini_decoder.DECODER_FILE]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --force to replace it, or choose another --out")
@@ -1170,13 +1175,16 @@ def join_expert_runs(high_dir: Path, low_dir: Path, out: Path, overwrite: bool =
     joined["config"]["experts"] = ["high", "low"]
     for key in ("plan", "phases", "heldout", "checkpoints"):
         joined[key]["low"] = lo[key]["low"]
+    # the low run counted its steps from 1: continue the high run's count, as one run's curve would
+    last = max((p["global_step"] for p in hi["curve"] if p["phase"] == "high"), default=0)
     for key in ("curve", "heldout_curve"):
         joined[key] = ([p for p in hi[key] if p["phase"] == "high"]
-                       + [p for p in lo[key] if p["phase"] == "low"])
+                       + [{**p, "global_step": p["global_step"] + last} for p in lo[key] if p["phase"] == "low"])
     joined["joined"] = {name: {"dir": str(folder), "replay": logs[name]["replay"], "wall_s": logs[name]["wall_s"],
                                "environment": logs[name]["environment"], "data": logs[name]["data"]}
                         for name, folder in (("high", high_dir), ("low", low_dir))}
-    joined["replay"] = None  # two runs: see "joined"
+    joined["replay"] = (f"(two runs joined: --out DIR_H {hi['replay']}; --out DIR_L {lo['replay']}; "
+                        f"--out DIR --join DIR_H DIR_L)")
     joined["wall_s"] = max(hi["wall_s"], lo["wall_s"])
     for key in ("decoder", "generation"):  # belong to other experts: --decoder-only and mini_pictures make them
         joined.pop(key, None)
@@ -1188,6 +1196,8 @@ def join_expert_runs(high_dir: Path, low_dir: Path, out: Path, overwrite: bool =
     if (out / mini_decoder.DECODER_FILE).exists():
         logger.warning("%s was trained for other experts: train it again with --decoder-only --out %s --force",
                        out / mini_decoder.DECODER_FILE, out)
+    else:
+        logger.info("next: train their decoder with --decoder-only --out %s", out)
     return joined
 
 
@@ -1252,7 +1262,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--expert", choices=("high", "low"), default=None,
                    help="train only this expert, continued from --init-experts, with the whole budget; the other "
                         "is written as it started (default: both). Two such runs, e.g. one per GPU, become one "
-                        "model with --join")
+                        "model with --join. No decoder and no pictures unless asked for (--decoder-seconds): "
+                        "they belong to the joined model")
     p.add_argument("--join", nargs=2, type=Path, metavar=("HIGH_DIR", "LOW_DIR"), default=None,
                    help="write to --out the high-noise expert of HIGH_DIR's --expert high run and the low-noise "
                         "expert of LOW_DIR's --expert low run, with one train_log.json; then train their decoder "
@@ -1273,14 +1284,15 @@ def config_from_args(args) -> TrainConfig:
         frames=args.frames, chunk=args.chunk or (2048 if cuda else batch), reuse=args.reuse or (8 if cuda else 1),
         ema=args.ema, decoder_steps=args.decoder_steps,
         decoder_seconds=None if args.decoder_steps is not None else (
-            args.decoder_seconds if args.decoder_seconds is not None else (50.0 if cuda else 0.0)),
+            args.decoder_seconds if args.decoder_seconds is not None else (50.0 if cuda and not args.expert else 0.0)),
         decoder_batch=args.decoder_batch or (32 if cuda else 2), decoder_sampled=args.decoder_sampled,
         decoder_seam=args.decoder_seam, decoder_lr=args.decoder_lr,
         decoder_only=args.decoder_only, decoder_init=args.decoder_init, generation=args.generation,
         sample_steps=args.sample_steps, strips=args.strips, init_experts=args.init_experts,
         experts=(args.expert,) if args.expert else ("high", "low"),
         heldout=args.heldout or (64 if cuda else 8),
-        heldout_sigmas=args.heldout_sigmas or (8 if cuda else 4), compile=args.compile, pictures=not args.no_pictures,
+        heldout_sigmas=args.heldout_sigmas or (8 if cuda else 4), compile=args.compile,
+        pictures=not (args.no_pictures or args.expert),
         overwrite=args.force)
 
 

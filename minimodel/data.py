@@ -141,7 +141,8 @@ def _sample_shape(rng, colors, first: bool) -> Shape:
     direction, amount, bounces = "", 0.0, 1
     lo, hi = radius + 4, WIDTH - radius - 4
     # Each motion still takes the draw its amount was once drawn by, so that a seed keeps its shapes, colours,
-    # positions and background (the held-out scenes stay the same scenes).
+    # textures, angles, background, camera and caption (the held-out scenes stay the same scenes); a sliding or
+    # bouncing shape's start point and a growing shape's start size follow from the amount.
     if motion == "slides":
         direction = _pick(rng, tuple(DIRECTIONS))
         rng.uniform(32, 56)

@@ -65,7 +65,8 @@ def test_heldout_seeds_are_disjoint_from_training():
 
 def test_the_caption_and_start_frame_fix_the_whole_motion():
     """Amounts are fixed per motion, so two scenes with the same caption and the same first frame are the same
-    video; and every shape's path stays inside the picture."""
+    video; every sliding or bouncing shape's path stays inside the picture; and a seed still draws the scene (and
+    caption) it drew when the amounts were drawn too, since the held-out set must stay the same scenes."""
     amounts = {"slides": data.SLIDE_PX, "bounces": data.BOUNCE_PX, "spins": data.SPIN_RAD,
                "grows": data.SCALE, "shrinks": data.SCALE, "stays still": 0.0}
     seen = set()
@@ -81,6 +82,12 @@ def test_the_caption_and_start_frame_fix_the_whole_motion():
                 assert path[:, 0].min() - r >= 0 and path[:, 0].max() + r <= data.WIDTH, (s, shape)
                 assert path[:, 1].min() - r >= 0 and path[:, 1].max() + r <= data.HEIGHT, (s, shape)
     assert seen == set(amounts)
+    # captions of the first data version (git history): the random stream still takes every draw
+    assert data.caption(data.sample_scene(1)) == (
+        "a blue striped circle shrinks and a white striped star bounces over a purple and black dotted background "
+        "while the camera pans left")
+    assert data.caption(data.sample_scene(data.heldout_seeds(1)[0])) == (
+        "a purple square bounces over a green and yellow wavy background while the camera pans right")
 
 
 # ---- captions ------------------------------------------------------------------------------------

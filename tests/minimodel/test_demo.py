@@ -8,7 +8,7 @@ mean velocity SQNR 18.8 dB against BF16. Each bound keeps the margin it had when
 previous experts (2026-11-21: 31.7 dB / 0.913 / 0.159 / 20.8 dB against bounds 27.0 / 0.85 / 0.25 / 17.0,
 i.e. -4.7 dB, -0.063, +0.091, -3.8 dB). The bounds leave room for thread-count and platform rounding
 differences while still failing if W4A4 were broken (RTN W4A4 without any of the method, on the benchmark's
-8-step setting, `fidelity_cpu_quick.md`: 23.7 dB / 0.852 / 0.351 / 13.3 dB; each of the four bounds fails it)
+8-step setting, `fidelity_cpu_quick.md`: 23.7 dB / 0.851 / 0.351 / 13.3 dB; each of the four bounds fails it)
 or if it silently ran BF16 (relative error 0, PSNR inf).
 PSNR and SSIM are in the decoder's pixel space. History of the measurement: 32.0 / 0.927 / 0.170 / 20.0 on
 the H200-trained experts with their first decoder, 34.0 / 0.958 with the seam-free retrained decoder, 33.8 /

@@ -284,6 +284,10 @@ def test_two_one_expert_runs_join_into_one_model(comfy_nodes, tmp_path):
     out = tmp_path / "joined"
     train.run(p.parse_args(["--out", str(out), "--join", str(tmp_path / "high"), str(tmp_path / "low")]))
     joined = json.loads((out / "train_log.json").read_text())
+    # one curve, as one run's: the low run's steps continue the high run's count
+    steps = [c["global_step"] for c in joined["curve"]]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert "--join" in joined["replay"] and "--expert low" in joined["replay"]
     for name in ("high", "low"):
         fname = train.EXPERT_FILES[name]
         assert (out / fname).read_bytes() == (tmp_path / name / fname).read_bytes()
@@ -309,6 +313,24 @@ def test_two_one_expert_runs_join_into_one_model(comfy_nodes, tmp_path):
     with pytest.raises(ValueError, match="not the checkpoint its train_log.json wrote"):
         train.join_expert_runs(tmp_path / "high", tmp_path / "low", tmp_path / "j2")
     assert not (tmp_path / "j2").exists()
+    (tmp_path / "low" / train.EXPERT_FILES["low"]).write_bytes((out / train.EXPERT_FILES["low"]).read_bytes())
+    # the two runs must agree on what the joined log states once
+    other = tmp_path / "low_other"
+    other.mkdir()
+    (other / train.EXPERT_FILES["low"]).write_bytes((tmp_path / "low" / train.EXPERT_FILES["low"]).read_bytes())
+    changed = json.loads((tmp_path / "low" / "train_log.json").read_text())
+    changed["config"]["boundary"] = 0.8
+    (other / "train_log.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="differ in 'boundary'"):
+        train.join_expert_runs(tmp_path / "high", other, tmp_path / "j2")
+    # a decoder in --out (trained for other experts) is not left beside new experts without --force
+    (tmp_path / "j3").mkdir()
+    (tmp_path / "j3" / "decoder.safetensors").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="decoder.safetensors exists"):
+        train.join_expert_runs(tmp_path / "high", tmp_path / "low", tmp_path / "j3")
+    assert sorted(p.name for p in (tmp_path / "j3").iterdir()) == ["decoder.safetensors"]
+    again = train.join_expert_runs(tmp_path / "high", tmp_path / "low", out, overwrite=True)  # --force replaces
+    assert again["checkpoints"] == joined["checkpoints"]
     # one expert alone continues an earlier run, and its plan gives the other expert nothing
     with pytest.raises(ValueError, match="needs init_experts"):
         train.TrainConfig(out=tmp_path / "x", arch=TINY, experts=("low",))
@@ -319,8 +341,10 @@ def test_two_one_expert_runs_join_into_one_model(comfy_nodes, tmp_path):
     cfg = train.TrainConfig(out=tmp_path / "x", arch=TINY, steps=70, minutes=None, init_experts=start,
                             experts=("low",))
     assert train.plan_steps(cfg, None, 0.0, 0.0) == (0, 0, 70)
-    assert train.config_from_args(p.parse_args(["--out", "o", "--arch", "tiny", "--init-experts", str(start),
-                                                "--steps", "7", "--expert", "high"])).experts == ("high",)
+    one = train.config_from_args(p.parse_args(["--out", "o", "--arch", "tiny", "--init-experts", str(start),
+                                               "--steps", "7", "--expert", "high", "--device", "cuda"]))
+    # one expert: no decoder or pictures of a half-trained pair unless asked for
+    assert one.experts == ("high",) and not one.decoder_seconds and not one.pictures
 
 
 def test_continued_training_checks_the_experts_before_it_starts(tmp_path):
