@@ -1298,6 +1298,11 @@ def config_from_args(args) -> TrainConfig:
 
 def run(args) -> int:
     if args.join is not None:
+        given = [f"--{k.replace('_', '-')}" for k in ("expert", "init_experts", "decoder_only", "minutes", "steps",
+                                                       "phase_steps", "decoder_seconds", "decoder_steps")
+                 if getattr(args, k) not in (None, False)]
+        if given:  # they would be ignored: joining trains nothing
+            raise ValueError(f"--join only joins two runs (with --out and --force); it takes no {', '.join(given)}")
         join_expert_runs(*args.join, args.out, overwrite=args.force)
         return 0
     cfg = config_from_args(args)

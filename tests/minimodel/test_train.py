@@ -283,6 +283,9 @@ def test_two_one_expert_runs_join_into_one_model(comfy_nodes, tmp_path):
     train.add_arguments(p)
     out = tmp_path / "joined"
     train.run(p.parse_args(["--out", str(out), "--join", str(tmp_path / "high"), str(tmp_path / "low")]))
+    with pytest.raises(ValueError, match="takes no --minutes"):  # joining trains nothing
+        train.run(p.parse_args(["--out", str(tmp_path / "jx"), "--minutes", "3", "--join", str(tmp_path / "high"),
+                                str(tmp_path / "low")]))
     joined = json.loads((out / "train_log.json").read_text())
     # one curve, as one run's: the low run's steps continue the high run's count
     steps = [c["global_step"] for c in joined["curve"]]
