@@ -1033,22 +1033,19 @@ def train(cfg: TrainConfig) -> dict:
     results, checkpoints = {}, {}
     for name, steps in (("high", plan[1]), ("low", plan[2])):
         model.load_state_dict(starts[name])
-        if name not in cfg.experts:  # written as it started, so that --out holds a whole model
+        trained = name in cfg.experts
+        if trained:
+            ema = new_ema()
+            phases[name] = tr.run_phase(name, model, steps, ranges[name], heldout, {name: ranges[name]}, forward, ema)
+            phases[name]["weights"] = keep_better(model, ema, heldout, ranges[name])
+            del ema
+            results[name] = heldout.loss(model, ranges[name])
+        else:  # written as it started, so that --out holds a whole model
             phases[name], results[name] = None, warm_loss[name]
-            meta = {"expert": f"{name}_noise", "boundary_t": round(cfg.boundary * 1000),
-                    "sigma_range": list(ranges[name]), "shift": cfg.shift, "steps": {name: 0},
-                    "made_by": "python -m wan_w4a4.apps.mini_train (not trained in this run)",
-                    "continued_from": lineage["experts"][name]}
-            checkpoints[name] = save_checkpoint(model, cfg.out / EXPERT_FILES[name], cfg.arch, meta)
-            continue
-        ema = new_ema()
-        phases[name] = tr.run_phase(name, model, steps, ranges[name], heldout, {name: ranges[name]}, forward, ema)
-        phases[name]["weights"] = keep_better(model, ema, heldout, ranges[name])
-        del ema
-        results[name] = heldout.loss(model, ranges[name])
         meta = {"expert": f"{name}_noise", "boundary_t": round(cfg.boundary * 1000),
                 "sigma_range": list(ranges[name]), "shift": cfg.shift, "steps": {"warm": plan[0], name: steps},
-                "seed": cfg.seed, "made_by": "python -m wan_w4a4.apps.mini_train",
+                "seed": cfg.seed,
+                "made_by": "python -m wan_w4a4.apps.mini_train" + ("" if trained else " (not trained in this run)"),
                 **({"continued_from": lineage["experts"][name]} if lineage is not None else {})}
         checkpoints[name] = save_checkpoint(model, cfg.out / EXPERT_FILES[name], cfg.arch, meta)
     del starts
@@ -1150,19 +1147,16 @@ def join_expert_runs(high_dir: Path, low_dir: Path, out: Path, overwrite: bool =
                              f"(sha256 {digest['sha256'][:12]}…, logged {checkpoint['sha256'][:12]}…)")
         logs[name] = log
     hi, lo = logs["high"], logs["low"]
-    for key in ("arch", "continued_from"):
-        a, b = hi.get(key), lo.get(key)
-        if key == "continued_from":
-            a, b = (a or {}).get("experts"), (b or {}).get("experts")
-        if a != b:
-            raise ValueError(f"{high_dir} and {low_dir}: the runs differ in {key!r} ({a} vs {b}); joined experts "
-                             f"must share their architecture and starting checkpoints")
     # what the two experts and the joined log's one configuration must agree on
-    for key in ("frames", "boundary", "shift", "heldout", "heldout_sigmas", "seed"):
-        a, b = hi["config"].get(key), lo["config"].get(key)
-        if a != b:
-            raise ValueError(f"{high_dir} and {low_dir}: the runs differ in {key!r} ({a} vs {b}); train both with "
-                             f"the same value to join them")
+    def shared(log):
+        return {"arch": log.get("arch"), "continued_from": (log.get("continued_from") or {}).get("experts"),
+                **{k: log["config"].get(k) for k in ("frames", "boundary", "shift", "heldout", "heldout_sigmas",
+                                                      "seed")}}
+    theirs = shared(lo)
+    for key, a in shared(hi).items():
+        if a != (b := theirs[key]):
+            raise ValueError(f"{high_dir} and {low_dir}: the runs differ in {key!r} ({a} vs {b}); train both from "
+                             f"the same experts with the same options to join them")
     # a decoder in --out was trained for other experts: --force replaces the experts beside it, never silently
     targets = [out / EXPERT_FILES["high"], out / EXPERT_FILES["low"], out / "train_log.json",
                out / mini_decoder.DECODER_FILE]
