@@ -189,6 +189,8 @@ def speed_table(sweep: bool):
             t_int_mm = _try_bench(lambda: torch._int_mm(xq8, w8.T))
             plans = {"default": tw.quant_plan(m, k),
                      "two launches 32": tw.quant_plan(m, k, one_launch=False, block_m=32),
+                     "two launches 32, quantizing 32 rows 4 warps (before)":
+                         tw.quant_plan(m, k, one_launch=False, block_m=32)._replace(quant_rows=32, quant_warps=4),
                      "two launches 16": tw.quant_plan(m, k, one_launch=False, block_m=16),
                      "one launch 32": tw.quant_plan(m, k, one_launch=True, block_m=32),
                      "one launch 16": tw.quant_plan(m, k, one_launch=True, block_m=16)}

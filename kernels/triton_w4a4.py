@@ -399,6 +399,10 @@ def async_wgmma_available(capability: tuple[int, int]) -> bool:
 
 
 QUANT_BLOCK_M = 32
+# The quantizing launch of two-launch plans: 16-row programs of 8 warps. At the step's pass sizes on the H200 they
+# take ffn.2's 8192 x 13 824 pass from 0.135 to 0.102 ms and leave 16 384 x 5120 as it was (0.077 / 0.078 ms;
+# benchmarks/results/quant_launch_sweep_h200_2026-11-29.log). Rows are independent: any block gives the same bits.
+QUANT_ROWS_QUANTIZING, QUANT_WARPS_QUANTIZING = 16, 8
 QUANT_GPB = 4  # groups of 64 per load in the quantize kernels (256 columns)
 QUANT_TARGET_PROGRAMS = 528  # ~4 per SM on an H100: split K until the grid has this many programs
 EXPAND_BN = 64
@@ -420,11 +424,14 @@ def quant_split(m: int, k: int, bk: int, block_m: int = QUANT_BLOCK_M) -> tuple[
 class QuantPlan(NamedTuple):
     """How a call's activations are quantized: ``block_m`` rows per program, K in ``n_split`` chunks of
     ``kc`` columns; ``one_launch``: statistics and quantization in one kernel (``_act_quant_fused_kernel``,
-    K whole), else two launches (partial statistics, then quantization)."""
+    K whole), else two launches (partial statistics, then quantization, whose programs take ``quant_rows``
+    rows with ``quant_warps`` warps)."""
     block_m: int
     n_split: int
     kc: int
     one_launch: bool = False
+    quant_rows: int = QUANT_ROWS_QUANTIZING
+    quant_warps: int = QUANT_WARPS_QUANTIZING
 
 
 # Where one launch beats two (H200, benchmarks/bench_linear.py, kernels/README.md): few tokens of a short K.
@@ -495,7 +502,7 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     u = torch.empty((m, r), dtype=torch.bfloat16, device=dev) if r else sx
     l1 = p.lr_down if r else x2d
     quant_meta = dict(QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned),
-                      BLOCK_M=plan.block_m, GROUP=nm.GROUP, GPB=gpb, R_PAD=r_pad, num_warps=4,
+                      GROUP=nm.GROUP, GPB=gpb, R_PAD=r_pad,
                       # No fma contraction: round(v * inv) must round the product before the rounding
                       # trick adds 1.5 * 2**23, as torch does; fused, about one value in a few million
                       # lands on the other side of a tie (seen at 17000 x 256).
@@ -505,7 +512,7 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
         smooth = p.smooth if p.smooth.dtype == torch.float32 else p.smooth.float()
         _act_quant_fused_kernel[(triton.cdiv(m, plan.block_m),)](
             x2d, smooth, l1, p.clip, bin_index, xq, sx, u, m, k, r, x2d.stride(0), shift, inv_qf,
-            HAS_LR=bool(r), BK=bk, INV_S=False, **quant_meta)
+            HAS_LR=bool(r), BK=bk, INV_S=False, BLOCK_M=plan.block_m, num_warps=4, **quant_meta)
         return xq, sx, (u if r else None)
     # The streaming first pass slows by a sixth when it divides (H200, 32 760 tokens): it multiplies by
     # a 1/s made here, or by the caller for all passes of a call.
@@ -518,9 +525,10 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     _act_stats_kernel[grid](x2d, inv_s, l1, rmax_part, u_part, u, m, k, r, plan.kc, x2d.stride(0), shift,
                             BLOCK_M=plan.block_m, BK=bk, R_PAD=r_pad, HAS_LR=bool(r), DIRECT_U=direct_u,
                             INV_S=True, num_warps=4)
-    _act_quant_kernel[grid](x2d, inv_s, p.clip, bin_index, rmax_part, u_part, xq, sx, u,
-                            m, k, r, plan.kc, plan.n_split, x2d.stride(0), shift, inv_qf,
-                            SUM_U=bool(r) and not direct_u, INV_S=True, **quant_meta)
+    _act_quant_kernel[(triton.cdiv(m, plan.quant_rows), plan.n_split)](
+        x2d, inv_s, p.clip, bin_index, rmax_part, u_part, xq, sx, u, m, k, r, plan.kc, plan.n_split, x2d.stride(0),
+        shift, inv_qf, SUM_U=bool(r) and not direct_u, INV_S=True, BLOCK_M=plan.quant_rows,
+        num_warps=plan.quant_warps, **quant_meta)
     return xq, sx, (u if r else None)
 
 

@@ -191,6 +191,8 @@ def test_quantizer_plan_follows_the_measured_rule(m, k, one_launch, block_m):
     assert plan.n_split * plan.kc >= k and plan.kc % bk == 0
     if plan.one_launch or m >= 16384:
         assert plan.n_split == 1
+    if not plan.one_launch:  # the quantizing launch's own programs (QUANT_ROWS_QUANTIZING)
+        assert (plan.quant_rows, plan.quant_warps) == (16, 8)
 
 
 def test_a_plan_that_does_not_cover_k_is_refused():

@@ -54,11 +54,13 @@ def assert_close_output(ref, out):
 
 def plans(m, k):
     """The default plan and each kind forced: one launch (at two row-block sizes), two launches with K
-    whole (u written by the first), and two launches with K in chunks (u summed by the second)."""
+    whole (u written by the first; the quantizing launch at the default and at the earlier row block),
+    and two launches with K in chunks (u summed by the second)."""
     bk = tw._quant_bk(k)
     out = {"default": tw.quant_plan(m, k), "one launch": tw.quant_plan(m, k, one_launch=True, block_m=32),
            "one launch, 16 rows": tw.quant_plan(m, k, one_launch=True, block_m=16),
-           "two launches, K whole": tw.QuantPlan(32, 1, k)}
+           "two launches, K whole": tw.QuantPlan(32, 1, k),
+           "two launches, K whole, 32-row quantizing programs of 4 warps": tw.QuantPlan(32, 1, k, False, 32, 4)}
     if k // bk >= 2:
         kc = -(-(k // bk) // 2) * bk
         out["two launches, K in chunks"] = tw.QuantPlan(32, -(-k // kc), kc)
