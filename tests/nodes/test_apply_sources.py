@@ -155,10 +155,16 @@ def test_checkpoint_saved_from_an_fp8_expert_loads_and_samples_the_same(env, fp8
     # The same W4A4 layers, and the embeddings' fp8 x scale computed once. ComfyUI 0.33 multiplies the weight
     # by its scale too: bit for bit. 0.3.64's scaled_fp8_ops scales the input instead when the weight is
     # the larger tensor (comfy/ops.py): the same product in another order, whose last-bit differences can
-    # flip a 4-bit activation code downstream; measured 2.4 % of elements off by <= 1e-4, far below W4A4's error.
+    # flip a 4-bit activation code downstream. How many flip depends on the CPU's rounding: relative squared
+    # error < 1e-9 on an Intel Xeon (2.4 % of elements off by <= 1e-4), 1.9e-5 on an AMD EPYC (2026-11-30).
+    # So the bound is a tenth of W4A4's own error on this model (applied vs the fp8 base, 5.8e-4 there: the flips
+    # are 3 % of it); a checkpoint whose text embedding is 2 % off measured 1.5e-4 on the AMD CPU and fails.
     if hasattr(__import__("comfy.ops").ops, "scaled_fp8_ops"):
+        with torch.inference_mode():
+            _, base = env.two_expert(env.shifted(models["high"]), env.shifted(models["low"]), steps=2)
         err = float((out.double() - ref.double()).square().sum() / ref.double().square().sum())
-        print(f"0.3.64: checkpoint vs applied, relative squared error {err:.3g}")
-        assert err < 1e-9, err
+        w4a4_err = float((base.double() - ref.double()).square().sum() / ref.double().square().sum())
+        print(f"0.3.64: checkpoint vs applied, relative squared error {err:.3g}; W4A4 vs the fp8 base {w4a4_err:.3g}")
+        assert err < 0.1 * w4a4_err, (err, w4a4_err)
     else:
         assert torch.equal(out, ref)
