@@ -247,11 +247,40 @@ def low_rank(xh: torch.Tensor, lr_down: torch.Tensor, lr_up: torch.Tensor) -> to
     return u.float() @ lr_up.float()
 
 
+# An fp32 GEMM adds integers exactly, in any order, while every partial sum stays below 2^24. With
+# |a + offset| <= 255 and |b| <= 128, a slice of this many columns sums to at most 512 * 255 * 128 =
+# 16 711 680 < 2^24. On a CPU it runs about twice as fast as the fp64 GEMM, and the CPU calibration spends
+# much of its time here (the clip and smoothing searches).
+EXACT_F32_COLUMNS = 512
+
+
+def cpu_f32_gemm_is_ieee() -> bool:
+    """Whether CPU fp32 GEMMs round in fp32 (not through bf16: ``torch.set_float32_matmul_precision``)."""
+    setting = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+    if setting is not None:
+        return setting in ("none", "ieee")
+    return torch.get_float32_matmul_precision() == "highest"
+
+
 def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0, b64: torch.Tensor | None = None) -> torch.Tensor:
     """Exact sum_k (a + offset)[m, k] * b[n, k] -> fp32, rounded once (as the kernels convert int32).
 
     a int8 [M, K] (activation operand, stored minus ``offset``), b int8 [N, K]. |sum| < 2^31 < 2^53,
-    so the fp64 GEMM is exact. ``b64``: ``b.double()``, for a caller that multiplies by one b many times."""
+    so the fp64 GEMM is exact. On a CPU with fp32 GEMMs in fp32, exact fp32 GEMMs over slices of
+    ``EXACT_F32_COLUMNS`` columns, summed in fp64, give the same integer. ``b64``: ``b.double()``, for a
+    caller that multiplies by one b many times (the fp64 GEMM's operand)."""
+    k = a.shape[1]
+    if a.device.type == "cpu" and 0 <= offset <= 128 and cpu_f32_gemm_is_ieee():
+        af, bf = a.float(), b.float()
+        if offset:
+            af = af + offset  # exact: integers of at most 255
+        acc = None
+        for k0 in range(0, k, EXACT_F32_COLUMNS):
+            part = af[:, k0:k0 + EXACT_F32_COLUMNS] @ bf[:, k0:k0 + EXACT_F32_COLUMNS].T
+            if k <= EXACT_F32_COLUMNS:
+                return part
+            acc = part.double() if acc is None else acc + part.double()
+        return acc.float()
     b64 = b.double() if b64 is None else b64
     acc = a.double() @ b64.T
     if offset:

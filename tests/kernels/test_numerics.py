@@ -141,6 +141,45 @@ def test_value_ranges_and_int8_operand(unsigned, clip, seed):
     assert torch.equal(nm.int_matmul(operand, w8, offset), direct.float())
 
 
+@pytest.mark.parametrize("offset", [0, 128])
+@pytest.mark.parametrize("k", [128, 512, 640, 13824])
+def test_int_matmul_is_the_exact_integer_sum_at_the_extremes(k, offset):
+    """The CPU path sums in fp32 slices of EXACT_F32_COLUMNS columns: each slice's sum is exact only below
+    2^24, so the largest magnitudes (|a + offset| = 255 or 128 with |b| = 128, all of one sign) are the
+    case that would break a wider slice. Compared with the int64 sum, and with the fp64 GEMM's result."""
+    g = torch.Generator().manual_seed(k + offset)
+    a = torch.randint(-128, 128, (6, k), dtype=torch.int8, generator=g)
+    a[0] = 127 if offset else -128  # |a + offset| at its largest
+    a[1] = -128
+    b = torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g)
+    b[0] = -128
+    b[1] = 127
+    exact = (a.long() + offset) @ b.long().T
+    if k == 13824:  # Wan's ffn.2: whole-row sums far beyond fp32's exact integers, so the slicing is what is tested
+        assert exact.abs().max() > 2 ** 27
+    out = nm.int_matmul(a, b, offset)
+    assert out.dtype == torch.float32 and torch.equal(out, exact.double().float())
+    assert torch.equal(out, (a.double() @ b.double().T + offset * b.double().sum(1)[None, :]).float())
+
+
+def test_int_matmul_takes_fp64_when_cpu_fp32_gemms_round_through_bf16():
+    """With torch.set_float32_matmul_precision("medium") a CPU fp32 GEMM may round its inputs to bf16; the
+    exact fp32 path must not be taken then (it is still exact: the fp64 GEMM)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-128, 128, (4, 640), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (3, 640), dtype=torch.int8, generator=g)
+    exact = ((a.long() + 128) @ b.long().T).double().float()
+    before = torch.get_float32_matmul_precision()
+    assert nm.cpu_f32_gemm_is_ieee()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert not nm.cpu_f32_gemm_is_ieee()
+        assert torch.equal(nm.int_matmul(a, b, 128), exact)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert nm.cpu_f32_gemm_is_ieee()
+
+
 def test_minus_128_only_as_minus_8_times_16():
     # The largest magnitude int8 operand: q = -8 with f = 16 (a clipped group at the row maximum).
     v = torch.zeros(1, 128)
