@@ -262,6 +262,12 @@ def cpu_f32_gemm_is_ieee() -> bool:
     return torch.get_float32_matmul_precision() == "highest"
 
 
+def exact_in_f32_slices(a: torch.Tensor, offset: int) -> bool:
+    """Whether :func:`int_matmul` takes the fp32 slices: a CPU operand, an offset of at most 128 (the bound
+    above), and fp32 GEMMs that round in fp32."""
+    return a.device.type == "cpu" and 0 <= offset <= 128 and cpu_f32_gemm_is_ieee()
+
+
 def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0, b64: torch.Tensor | None = None) -> torch.Tensor:
     """Exact sum_k (a + offset)[m, k] * b[n, k] -> fp32, rounded once (as the kernels convert int32).
 
@@ -270,16 +276,16 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0, b64: torch.Ten
     ``EXACT_F32_COLUMNS`` columns, summed in fp64, give the same integer. ``b64``: ``b.double()``, for a
     caller that multiplies by one b many times (the fp64 GEMM's operand)."""
     k = a.shape[1]
-    if a.device.type == "cpu" and 0 <= offset <= 128 and cpu_f32_gemm_is_ieee():
+    if exact_in_f32_slices(a, offset):
         af, bf = a.float(), b.float()
         if offset:
             af = af + offset  # exact: integers of at most 255
-        acc = None
-        for k0 in range(0, k, EXACT_F32_COLUMNS):
-            part = af[:, k0:k0 + EXACT_F32_COLUMNS] @ bf[:, k0:k0 + EXACT_F32_COLUMNS].T
-            if k <= EXACT_F32_COLUMNS:
-                return part
-            acc = part.double() if acc is None else acc + part.double()
+        if k <= EXACT_F32_COLUMNS:
+            return af @ bf.T
+        acc = af[:, :EXACT_F32_COLUMNS] @ bf[:, :EXACT_F32_COLUMNS].T
+        acc = acc.double()
+        for k0 in range(EXACT_F32_COLUMNS, k, EXACT_F32_COLUMNS):
+            acc += af[:, k0:k0 + EXACT_F32_COLUMNS] @ bf[:, k0:k0 + EXACT_F32_COLUMNS].T
         return acc.float()
     b64 = b.double() if b64 is None else b64
     acc = a.double() @ b64.T

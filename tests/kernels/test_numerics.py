@@ -141,40 +141,49 @@ def test_value_ranges_and_int8_operand(unsigned, clip, seed):
     assert torch.equal(nm.int_matmul(operand, w8, offset), direct.float())
 
 
+def test_the_fp32_slice_is_the_widest_exact_one():
+    """int_matmul's CPU slices: every partial sum of a slice stays below 2^24 for any int8 operands with an
+    offset of at most 128 (|a + offset| <= 255, |b| <= 128), and a slice twice as wide would not."""
+    assert nm.EXACT_F32_COLUMNS * 255 * 128 < 2 ** 24 <= 2 * nm.EXACT_F32_COLUMNS * 255 * 128
+
+
 @pytest.mark.parametrize("offset", [0, 128])
 @pytest.mark.parametrize("k", [128, 512, 640, 13824])
-def test_int_matmul_is_the_exact_integer_sum_at_the_extremes(k, offset):
-    """The CPU path sums in fp32 slices of EXACT_F32_COLUMNS columns: each slice's sum is exact only below
-    2^24, so the largest magnitudes (|a + offset| = 255 or 128 with |b| = 128, all of one sign) are the
-    case that would break a wider slice. Compared with the int64 sum, and with the fp64 GEMM's result."""
+def test_int_matmul_is_the_exact_integer_sum(k, offset):
+    """Against the int64 sum, on random operands and on rows and columns of the largest odd products (255 x 127
+    or 127 x 127, all of one sign), whose whole-row sums fp32 cannot hold (at K = 13824 with the offset, one fp32
+    GEMM over the whole row is off on this data, checked below: the test would catch a path without slices)."""
     g = torch.Generator().manual_seed(k + offset)
-    a = torch.randint(-128, 128, (6, k), dtype=torch.int8, generator=g)
-    a[0] = 127 if offset else -128  # |a + offset| at its largest
-    a[1] = -128
-    b = torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g)
-    b[0] = -128
-    b[1] = 127
-    exact = (a.long() + offset) @ b.long().T
-    if k == 13824:  # Wan's ffn.2: whole-row sums far beyond fp32's exact integers, so the slicing is what is tested
-        assert exact.abs().max() > 2 ** 27
+    a = torch.randint(-128, 128, (32, k), dtype=torch.int8, generator=g)
+    a[0] = 127  # |a + offset| at its largest odd value (255 or 127)
+    a[1] = -127 if offset == 0 else -128
+    b = torch.randint(-128, 128, (16, k), dtype=torch.int8, generator=g)
+    b[0] = 127
+    b[1] = -128
+    exact = ((a.long() + offset) @ b.long().T).double().float()
+    assert nm.exact_in_f32_slices(a, offset)
     out = nm.int_matmul(a, b, offset)
-    assert out.dtype == torch.float32 and torch.equal(out, exact.double().float())
+    assert out.dtype == torch.float32 and torch.equal(out, exact)
     assert torch.equal(out, (a.double() @ b.double().T + offset * b.double().sum(1)[None, :]).float())
+    if k == 13824 and offset:  # the data can tell: one fp32 GEMM over the whole row is not exact on it
+        assert not torch.equal((a.float() + offset) @ b.float().T, exact)
 
 
-def test_int_matmul_takes_fp64_when_cpu_fp32_gemms_round_through_bf16():
-    """With torch.set_float32_matmul_precision("medium") a CPU fp32 GEMM may round its inputs to bf16; the
-    exact fp32 path must not be taken then (it is still exact: the fp64 GEMM)."""
+def test_int_matmul_takes_fp64_unless_cpu_fp32_gemms_round_in_fp32():
+    """With torch.set_float32_matmul_precision("medium") or "high" a CPU fp32 GEMM may round its inputs
+    (bf16, tf32): then the fp32 slices are not taken, and the fp64 GEMM gives the same integers."""
     g = torch.Generator().manual_seed(3)
     a = torch.randint(-128, 128, (4, 640), dtype=torch.int8, generator=g)
     b = torch.randint(-128, 128, (3, 640), dtype=torch.int8, generator=g)
     exact = ((a.long() + 128) @ b.long().T).double().float()
+    assert nm.exact_in_f32_slices(a, 128) and nm.exact_in_f32_slices(a, 0)
+    assert not nm.exact_in_f32_slices(a, 129)  # beyond the bound of EXACT_F32_COLUMNS
     before = torch.get_float32_matmul_precision()
-    assert nm.cpu_f32_gemm_is_ieee()
     try:
-        torch.set_float32_matmul_precision("medium")
-        assert not nm.cpu_f32_gemm_is_ieee()
-        assert torch.equal(nm.int_matmul(a, b, 128), exact)
+        for precision in ("medium", "high"):
+            torch.set_float32_matmul_precision(precision)
+            assert not nm.cpu_f32_gemm_is_ieee() and not nm.exact_in_f32_slices(a, 128), precision
+            assert torch.equal(nm.int_matmul(a, b, 128), exact), precision
     finally:
         torch.set_float32_matmul_precision(before)
     assert nm.cpu_f32_gemm_is_ieee()
