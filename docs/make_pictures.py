@@ -6,7 +6,7 @@
   shows it in the template browser):
   - ``wan22_mini_w4a4_demo``: frames of the mini model's BF16 and W4A4 videos of one held-out pair,
     made here and now by the demo's own comparison (``apps.demo.compare``: calibration on
-    training-range scenes, then both samplings; about a minute on a CPU, needs a ComfyUI tree);
+    training-range scenes, then both samplings; one to two minutes on a 2-core CPU, needs a ComfyUI tree);
   - the 14B workflows: title cards saying what the workflow does (the repository holds no 14B
     weights, so there is no 14B output to show);
 - ``example_workflows/input/wan_w4a4_start_640.jpg``: the 14B workflows' Load Image start picture, which
