@@ -63,7 +63,8 @@ class ClipEvaluator:
         self.unsigned = p.act_unsigned
         self.xh = numerics.smooth_input(x, p)
         self.wq = numerics.int8_operand(numerics.unpack_int4(p.qweight), p.wfactor)
-        # the fp64 GEMM's operand, made once; CUDA takes the int8 tensor cores and a CPU fp32 slices
+        # the fp64 GEMM's operand, made once where int_matmul takes it (not on CUDA: int8 tensor cores; not on a
+        # CPU: exact fp32 slices)
         self.wq_f64 = None if dev.type in ("cuda", "cpu") else self.wq.double()
         self.wscale = p.wscale.float()
         self.y_lr = numerics.low_rank(self.xh, p.lr_down, p.lr_up)

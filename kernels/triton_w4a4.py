@@ -399,9 +399,10 @@ def async_wgmma_available(capability: tuple[int, int]) -> bool:
 
 
 QUANT_BLOCK_M = 32
-# The quantizing launch of two-launch plans: 16-row programs of 8 warps. At the step's pass sizes on the H200 they
-# take ffn.2's 8192 x 13 824 pass from 0.135 to 0.102 ms and leave 16 384 x 5120 as it was (0.077 / 0.078 ms;
-# benchmarks/results/quant_launch_sweep_h200_2026-11-29.log). Rows are independent: any block gives the same bits.
+# The quantizing launch of two-launch plans: 16-row programs of 8 warps. The H200 launch sweep measured ffn.2's
+# 8192 x 13 824 pass 0.135 -> 0.102 ms and 16 384 x 5120 unchanged (quant_launch_sweep_h200_2026-11-29.log);
+# bench_linear.py, the whole quantizer, 0.208 -> 0.194 ms there and nothing slower, inside its run-to-run spread
+# (bench_linear_h200_2026-11-30_quant16.log, kernels/README.md). Rows are independent: any block gives the same bits.
 QUANT_ROWS_QUANTIZING, QUANT_WARPS_QUANTIZING = 16, 8
 QUANT_GPB = 4  # groups of 64 per load in the quantize kernels (256 columns)
 QUANT_TARGET_PROGRAMS = 528  # ~4 per SM on an H100: split K until the grid has this many programs
