@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import numerics
+from .parallel import map_candidates
 
 DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
 
@@ -85,6 +86,10 @@ class ClipEvaluator:
         """Sum of squared differences to y_ref (fp64): the layer output error of arXiv 2605.27003."""
         return float((self.output(c).double() - self.y_ref.double()).square().sum())
 
+    def errors(self, grid) -> list[float]:
+        """``[self.error(c) for c in grid]``, the candidates computed as ``parallel.map_candidates`` says."""
+        return map_candidates(lambda c: self.error(float(c)), grid, self.y_ref.device)
+
 
 def best_clip(errors: dict[float, float]) -> float:
     """The c with the smallest error; ties go to the larger c (less clipping)."""
@@ -110,5 +115,5 @@ def search_clip(x_rows: torch.Tensor, p: numerics.W4A4Params, y_ref: torch.Tenso
     if not grid:
         raise ValueError("search_clip: empty grid")
     ev = ClipEvaluator(x_rows, p, y_ref)
-    errors = {float(c): ev.error(float(c)) for c in grid}
+    errors = dict(zip(map(float, grid), ev.errors(grid)))
     return best_clip(errors), errors

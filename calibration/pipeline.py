@@ -180,7 +180,7 @@ def quantize_layer(spec: LayerSpec, expert: str, w: torch.Tensor, bias: torch.Te
         clip_fit.append([errs[float(c)] for c in grid])
         yh = ref(xh)
         ev = ClipEvaluator(xh, p, yh)
-        clip_eval.append([ev.error(float(c)) for c in grid])
+        clip_eval.append(ev.errors(grid))
         ref_eval.append(float(yh.double().square().sum()))
         plain_eval.append(float((numerics.w4a4_linear(xh, plain, 0).double() - yh.double()).square().sum()))
 

@@ -14,6 +14,7 @@ import torch
 
 from ..kernels import numerics
 from .lowrank import low_rank
+from .parallel import map_candidates
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,15 @@ def search_alpha(x_rows: torch.Tensor, w: torch.Tensor, x_absmax: torch.Tensor, 
     w = w.float()
     x = x_rows.to(w.device)
     y_ref = x.float() @ w.T
-    best = None
-    for alpha in alphas:
+
+    def score(alpha):
         s = smooth_scales(x_absmax, w, float(alpha))
         l1, l2 = low_rank(w * s[None, :], rank)
         p = numerics.from_float(w, smooth=s, lr_down=l1, lr_up=l2, act_unsigned=unsigned)
-        err = layer_error(x, p, y_ref)
+        return layer_error(x, p, y_ref), s
+
+    best = None
+    for alpha, (err, s) in zip(alphas, map_candidates(score, alphas, w.device)):
         log.debug("alpha %.2f: output error %.6g", alpha, err)
         if best is None or err < best[0]:
             best = (err, float(alpha), s)
