@@ -3,9 +3,10 @@
 The smoothing search (``smoothing.search_alpha``) and the clip search (``clip.search_clip`` and the
 pipeline's held-out evaluation) score each candidate of a grid independently. With one torch thread
 (the demo's and the CLI's default on a CPU, which keeps results the same on any machine) each torch op
-runs start to end on the thread that calls it, so two candidates computed at once on two Python threads
-give exactly the numbers of the serial loop: the same ops on the same inputs, each single-threaded.
-torch releases the GIL inside its ops, so the two threads use two cores.
+runs start to end on the thread that calls it (a new thread takes torch's thread count at its first op),
+so two candidates computed at once on two Python threads give exactly the numbers of the serial loop: the
+same ops on the same inputs, each single-threaded (``tests/calibration/test_parallel.py``). torch releases
+the GIL inside its ops, so the two threads use two cores.
 
 Elsewhere the loop stays serial: on a GPU (two candidates would double the transient memory that the
 calibration's GPU budget accounts for, ``budget.py``), where torch already runs ops on several threads, and
@@ -22,7 +23,7 @@ import torch
 T = TypeVar("T")
 R = TypeVar("R")
 
-CPU_WORKERS = 2  # the demo's 2-core CPU (README); more threads would only contend for the GIL between ops
+CPU_WORKERS = 2  # measured on the demo's 2-core CPU (calibration/README.md); more were not tried
 
 
 def workers(device: torch.device | str) -> int:
