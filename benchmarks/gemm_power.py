@@ -33,6 +33,9 @@ tokens are left out. The configurations:
   Triton's mainloop itself reaches cuBLAS's work per clock on 8-bit operands.
 - ``gluon_int8_plain`` / ``gluon_fp8_plain``: the same for the Gluon kernel's mainloop (``gluon_gemm._mainloop``),
   whose loop on fp8 compiles to the instructions of Triton's fp8 loop: does int8 reach fp8's work per clock there?
+- ``*_rows`` (``w4a4_rows``, ``w4a4_async_rows``, ``gluon_int8_plain_rows``, ``gluon_fp8_plain_rows``): the same
+  kernels with their tiles stored in whole rows through shared memory (``gluon_gemm.STORE_ROWS``), as Triton's own
+  epilogue stores them, against each thread storing the wgmma layout's 4-byte pairs.
 
 nvidia-smi is sampled every 100 ms; the first second of each run is dropped. The table gives the TOP/s of the
 run's second half, the median SM clock and power, TOP/J, and the work per clock as a share of the dense peak
@@ -174,7 +177,8 @@ def _plain_gluon_gemm():
     from wan_w4a4.kernels.tiles import tile_of
 
     @gluon.jit
-    def plain_gluon_gemm(a_desc, b_desc, c_ptr, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+    def plain_gluon_gemm(a_desc, b_desc, c_ptr, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                         ROWS: gl.constexpr = False):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = b_desc.block_type.shape[0]
         pid_m, pid_n = tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -182,10 +186,16 @@ def _plain_gluon_gemm():
                                                          instr_shape=[16, BN, 32])
         acc_dtype: gl.constexpr = gl.int32 if a_desc.dtype == gl.int8 else gl.float32
         acc = gg._mainloop(a_desc, b_desc, pid_m * BM, pid_n * BN, K, gl.zeros([BM, BN], acc_dtype, layout), STAGES)
-        rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-        rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        gl.store(c_ptr + rm.to(gl.int64)[:, None] * N + rn[None, :], acc.to(gl.float32).to(gl.float16),
-                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+        c = acc.to(gl.float32).to(gl.float16)
+        if ROWS:  # gluon_gemm.STORE_ROWS's stores: through shared memory, 16 bytes per thread along a row
+            rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BN, BN // 8], [gl.num_warps(), 1], [1, 0])
+            c = gl.convert_layout(c, rows_layout)
+            rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, rows_layout))
+            rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, rows_layout))
+        else:
+            rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+            rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+        gl.store(c_ptr + rm.to(gl.int64)[:, None] * N + rn[None, :], c, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
     return plain_gluon_gemm
 
@@ -249,7 +259,7 @@ def block_functions(dev: str) -> dict:
         _, w8, _, (xq, _, _), _ = layers[(k, n)]
         operands[(k, n)] = {True: (xq, w8), False: (x8[k][:TOKENS], dense[(k, n)][0])}
 
-    def plain(int8: bool, gluon: bool = False):
+    def plain(int8: bool, gluon: bool = False, rows: bool = False):
         kernel, cfg = kernels[gluon]
 
         def run():
@@ -263,7 +273,7 @@ def block_functions(dev: str) -> dict:
                     tiles = triton.cdiv(xs.shape[0], cfg["BM"]) * triton.cdiv(n, cfg["BN"])
                     if gluon:
                         kernel[(tiles,)](*gg.descriptors(xs, w, cfg), ys, xs.shape[0], n, k, GROUP_M=cfg["GROUP_M"],
-                                         STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+                                         STAGES=cfg["num_stages"], ROWS=rows, num_warps=cfg["num_warps"])
                     else:
                         kernel[(tiles,)](TensorDescriptor.from_tensor(xs, [cfg["BM"], cfg["BK"]]), bdesc, ys,
                                          xs.shape[0], n, k, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
@@ -282,7 +292,11 @@ def block_functions(dev: str) -> dict:
                       "w4a4_async": (w4a4(True, **one_tile), 1, 1.0),
                       "w4a4_ws3": (w4a4(True, num_stages=3), 1, 1.0),
                       "gluon_int8_plain": (plain(True, gluon=True), 1, 1.0),
-                      "gluon_fp8_plain": (plain(False, gluon=True), 1, 1.0)})
+                      "gluon_fp8_plain": (plain(False, gluon=True), 1, 1.0),
+                      "w4a4_rows": (w4a4(True, store_rows=True), 1, 1.0),
+                      "w4a4_async_rows": (w4a4(True, store_rows=True, **one_tile), 1, 1.0),
+                      "gluon_int8_plain_rows": (plain(True, gluon=True, rows=True), 1, 1.0),
+                      "gluon_fp8_plain_rows": (plain(False, gluon=True, rows=True), 1, 1.0)})
     return funcs
 
 

@@ -12,7 +12,9 @@ Two kernels with one mainloop and one epilogue: ``_gemm_i8_async_kernel``, one o
 ``_gemm_i8_ws_kernel``, persistent and warp-specialised: one producer warp issues every TMA load and fills the
 ring for the next tile while the MMA warps run this tile's epilogue. The second does 74 % of the peak per clock
 against the first's 72 %, and took 3 % off the GEMM in a Wan step (kernels/README.md, session 14), so it is the
-default wherever its shared memory fits (``warp_specialized``).
+default wherever its shared memory fits (``warp_specialized``). Both store their output tiles in whole rows through
+shared memory (``STORE_ROWS``): 74 -> 81 % of the peak per clock for the warp-specialised kernel, 6 % less GEMM time
+in a Wan step (kernels/README.md, session 18).
 
 Same function as the Triton kernels, bit for bit (tests/kernels/test_gluon_gemm.py): int8 x int8 -> exact
 int32, then the epilogue in ``triton_w4a4._epilogue``'s order: ((acc + offset * wsum) * sx) * sw, + u @ L2 as a
@@ -98,7 +100,7 @@ if gluon is not None:
     @gluon.jit
     def _epilogue(acc, off_m, off_n, acc_layout: gl.constexpr, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr,
                   y_ptr, M, N, R, stride_ym, BM: gl.constexpr, BN: gl.constexpr, R_PAD: gl.constexpr,
-                  HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr):
+                  HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STORE_ROWS: gl.constexpr):
         """The int32 tile -> output rows, in triton_w4a4._epilogue's order: ((acc + offset * wsum) * sx) * sw,
         + u @ L2 (a bf16 wgmma accumulating into that fp32 tile), + bias; masked store."""
         nw: gl.constexpr = gl.num_warps()
@@ -129,8 +131,18 @@ if gluon is not None:
             y = gl.convert_layout(y, acc_layout)
         if HAS_BIAS:
             y += gl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
+        out = y.to(y_ptr.dtype.element_ty)
+        if STORE_ROWS:  # through shared memory into whole-row 16-byte stores (the values are already final)
+            vec: gl.constexpr = 128 // y_ptr.dtype.element_ty.primitive_bitwidth  # elements per 16 bytes
+            cols: gl.constexpr = BN // vec  # threads across one row
+            st_layout: gl.constexpr = gl.BlockedLayout([1, vec], [32 // cols, cols], [nw, 1], [1, 0])
+            out = gl.convert_layout(out, st_layout)
+            rm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, st_layout))
+            rn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, st_layout))
+            m_mask = rm < M
+            n_mask = rn < N
         gl.store(y_ptr + rm.to(gl.int64)[:, None] * stride_ym + rn.to(gl.int64)[None, :],
-                 y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+                 out, mask=m_mask[:, None] & n_mask[None, :])
 
     @gluon.jit
     def _gemm_i8_async_kernel(
@@ -138,6 +150,7 @@ if gluon is not None:
         M, N, K, R, stride_ym,
         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, R_PAD: gl.constexpr,
         HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STAGES: gl.constexpr,
+        STORE_ROWS: gl.constexpr = False,
     ):
         pid_m, pid_n = tile_of(gl.program_id(0), M, N, BM, BN, GROUP_M)
         off_m = pid_m * BM
@@ -147,7 +160,7 @@ if gluon is not None:
                                                              instr_shape=[16, BN, 32])
         acc = _mainloop(a_desc, b_desc, off_m, off_n, K, gl.zeros([BM, BN], gl.int32, acc_layout), STAGES)
         _epilogue(acc, off_m, off_n, acc_layout, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
-                  M, N, R, stride_ym, BM, BN, R_PAD, HAS_LR, HAS_BIAS, OFFSET)
+                  M, N, R, stride_ym, BM, BN, R_PAD, HAS_LR, HAS_BIAS, OFFSET, STORE_ROWS)
 
 
     @gluon.jit
@@ -177,7 +190,7 @@ if gluon is not None:
     def _ws_mma_partition(a_smem, b_smem, ready, empty, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
                           M, N, K, R, stride_ym, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                           GROUP_M: gl.constexpr, R_PAD: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr,
-                          OFFSET: gl.constexpr):
+                          OFFSET: gl.constexpr, STORE_ROWS: gl.constexpr):
         """Consumer warpgroups: the wgmma of each K step as its stage arrives, one step in flight, the stage of the
         retired step released to the producer; then the epilogue, while the producer loads the next tile."""
         STAGES: gl.constexpr = a_smem.type.shape[0]
@@ -201,7 +214,7 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1)
             _epilogue(acc, pid_m * BM, pid_n * BN, acc_layout, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr,
-                      y_ptr, M, N, R, stride_ym, BM, BN, R_PAD, HAS_LR, HAS_BIAS, OFFSET)
+                      y_ptr, M, N, R, stride_ym, BM, BN, R_PAD, HAS_LR, HAS_BIAS, OFFSET, STORE_ROWS)
 
     @gluon.jit
     def _gemm_i8_ws_kernel(
@@ -209,7 +222,7 @@ if gluon is not None:
         M, N, K, R, stride_ym,
         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, R_PAD: gl.constexpr,
         HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STAGES: gl.constexpr,
-        LOAD_REGS: gl.constexpr,
+        LOAD_REGS: gl.constexpr, STORE_ROWS: gl.constexpr = False,
     ):
         """_gemm_i8_async_kernel as a persistent, warp-specialised kernel (one program per SM, launched with
         ``min(SMs, tiles)`` programs): one producer warp issues the TMA loads, the kernel's warps issue the wgmma
@@ -224,7 +237,8 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
             (_ws_mma_partition, (a_smem, b_smem, ready, empty, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr,
-                                 y_ptr, M, N, K, R, stride_ym, BM, BN, BK, GROUP_M, R_PAD, HAS_LR, HAS_BIAS, OFFSET)),
+                                 y_ptr, M, N, K, R, stride_ym, BM, BN, BK, GROUP_M, R_PAD, HAS_LR, HAS_BIAS, OFFSET,
+                                 STORE_ROWS)),
             (_ws_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M)),
         ], [1], [LOAD_REGS])
 
@@ -237,6 +251,20 @@ CONFIG = dict(BM=256, BN=128, BK=128, GROUP_M=8, num_stages=4, num_warps=8)
 # _gemm_i8_async_kernel, which frees its stages before the epilogue. The producer warp needs 40 registers.
 WS_MAX_RANK_PAD = 32
 WS_LOAD_REGS = 40
+
+
+# The epilogue's stores: False, each thread stores the values the wgmma layout gives it (two adjacent columns, 4
+# bytes); True, the tile goes through shared memory into whole-row 16-byte stores: 74 -> 81 % of the int8 peak per
+# clock for one Wan block's Linears on the H200, same bits (kernels/README.md, session 18). The warp-specialised
+# kernel's shared memory holds the staging tile only for 2-byte outputs (224 KiB at rank padding 32, of 227 KiB;
+# 256 KiB for fp32, compiled offline for sm_90).
+STORE_ROWS = True
+
+
+def store_rows(cfg: dict, ws: bool, out_dtype: torch.dtype) -> bool:
+    """Whether a launch with ``cfg`` stores its tiles in whole rows (``STORE_ROWS``; ``cfg["store_rows"]``
+    overrides), given the kernel (``ws``: warp-specialised) and the output dtype."""
+    return bool(cfg.get("store_rows", STORE_ROWS)) and (not ws or out_dtype.itemsize <= 2)
 
 
 def warp_specialized(cfg: dict, r_pad: int) -> bool:
@@ -254,7 +282,7 @@ def descriptors(xq: torch.Tensor, w8: torch.Tensor, cfg: dict):
 
 
 def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0, has_lr: bool = True,
-                    r_pad: int = 32, ws: bool = False, load_regs: int = WS_LOAD_REGS):
+                    r_pad: int = 32, ws: bool = False, load_regs: int = WS_LOAD_REGS, store_rows: bool = False):
     """Compile for sm_90 without a GPU (Triton's ``triton.compile`` with an explicit target): the kernel's
     TTGIR/PTX, to check what the pipeline became."""
     from triton.backends.compiler import GPUTarget
@@ -268,12 +296,18 @@ def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0
            "wsum_ptr": "*i32", "y_ptr": f"*{out_dtype}", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
            "stride_ym": "i32"}
     const = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=r_pad, HAS_LR=has_lr,
-                 HAS_BIAS=True, OFFSET=offset, STAGES=cfg["num_stages"])
+                 HAS_BIAS=True, OFFSET=offset, STAGES=cfg["num_stages"], STORE_ROWS=store_rows)
     if ws:
         const["LOAD_REGS"] = load_regs
     for name in const:
         sig[name] = "constexpr"
-    src = GluonASTSource(_gemm_i8_ws_kernel if ws else _gemm_i8_async_kernel, sig, constexprs=const)
+    # What a launch on Wan's shapes specializes (Triton marks pointers and integers divisible by 16): without it the
+    # stores would compile to one element each.
+    fn = _gemm_i8_ws_kernel if ws else _gemm_i8_async_kernel
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+               for a in ("sx_ptr", "ws_ptr", "u_ptr", "l2_ptr", "bias_ptr", "wsum_ptr", "y_ptr", "M", "N", "K",
+                         "stride_ym")}
+    src = GluonASTSource(fn, sig, constexprs=const, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg["num_warps"]))
 
 

@@ -586,12 +586,15 @@ def _launch_gluon(xq, w8, cfg: dict, tiles: int, args: tuple, meta: dict) -> boo
     except Exception as e:
         return _gluon_unbuildable(e)
     try:
-        if gg.warp_specialized(cfg, meta["R_PAD"]):  # persistent: one program per SM walks the tiles
+        ws = gg.warp_specialized(cfg, meta["R_PAD"])
+        rows = gg.store_rows(cfg, ws, args[6].dtype)  # args[6]: the output y (_epilogue_args, then y)
+        if ws:  # persistent: one program per SM walks the tiles
             grid = min(_num_sms(_index(xq.device)), tiles)
             gg._gemm_i8_ws_kernel[(grid,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
-                                           LOAD_REGS=gg.WS_LOAD_REGS)
+                                           LOAD_REGS=gg.WS_LOAD_REGS, STORE_ROWS=rows)
         else:
-            gg._gemm_i8_async_kernel[(tiles,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"])
+            gg._gemm_i8_async_kernel[(tiles,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
+                                               STORE_ROWS=rows)
         return True
     except Exception as e:
         if not _is_build_failure(e):

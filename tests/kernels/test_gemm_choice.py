@@ -192,8 +192,8 @@ def test_the_gluon_kernel_runs_in_every_row_pass_with_the_calls_tiles(monkeypatc
     record, p, x = _host_only(monkeypatch, None)
     tw.w4a4_linear(x, p, torch.tensor(1), pass_bytes=1 << 22)
     assert len(record) > 2 and all(name == "_gemm_i8_ws_kernel" for name, _, _ in record)
-    assert all((kw["BM"], kw["BN"], kw["STAGES"], kw["num_warps"], kw["R_PAD"]) == (256, 128, 4, 8, 32)
-               for _, _, kw in record)
+    assert all((kw["BM"], kw["BN"], kw["STAGES"], kw["num_warps"], kw["R_PAD"], kw["STORE_ROWS"])
+               == (256, 128, 4, 8, 32, tw.gg.STORE_ROWS) for _, _, kw in record)
     # passes end on 256-row boundaries (pass_rows), so the passes' tiles are the call's tiles, each once; the
     # persistent kernel walks a pass's tiles with one program per SM, or one per tile where there are fewer
     rows = tw.pass_rows(x.shape[0], p.in_features, p.rank, 1 << 22)
@@ -211,6 +211,15 @@ def test_a_wide_low_rank_branch_takes_the_one_tile_gluon_kernel(monkeypatch):
     tw.w4a4_linear(x, p, torch.tensor(1))
     assert [(name, grid[0], kw["R_PAD"]) for name, grid, kw in record] == [
         ("_gemm_i8_async_kernel", -(-x.shape[0] // 256) * (p.out_features // 128), 128)]
+
+
+@pytest.mark.parametrize("ws", [False, True])
+def test_row_stores_only_where_their_staging_tile_fits(ws):
+    rows = dict(tw.gg.CONFIG, async_wgmma=True, store_rows=True)
+    assert tw.gg.store_rows(rows, ws, torch.float16) and tw.gg.store_rows(rows, ws, torch.bfloat16)
+    assert tw.gg.store_rows(rows, ws, torch.float32) == (not ws)  # tests/kernels/test_shared_memory.py
+    assert not tw.gg.store_rows(dict(rows, store_rows=False), ws, torch.float16)
+    assert tw.gg.store_rows(dict(tw.gg.CONFIG), ws, torch.float16) == tw.gg.STORE_ROWS
 
 
 @pytest.mark.parametrize("r_pad", [16, 32, 64, 128])

@@ -21,6 +21,9 @@ if tw.gg.gluon is None:
 
 GLUON = dict(tw.gg.CONFIG, async_wgmma=True)  # one tile per program, forced at every M (also below 2048 tokens)
 WS = dict(GLUON, warp_specialized=True)  # the persistent warp-specialised kernel, where it fits (rank padding <= 32)
+# Each of them with its tiles stored in whole rows through shared memory (gluon_gemm.STORE_ROWS), and without.
+CONFIGS = [dict(c, store_rows=rows) for rows in (False, True) for c in (GLUON, WS)]
+IDS = ["async", "ws", "async-rows", "ws-rows"]
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +56,7 @@ def operands(p, x):
 @pytest.mark.parametrize("k,n", [(640, 384), (1280, 640), (5120, 256)])
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("rank", [0, 32])
-@pytest.mark.parametrize("config", [GLUON, WS], ids=["async", "ws"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_same_bits_as_the_triton_tile_kernel(m, k, n, unsigned, rank, config):
     p, x = make(k, n, m, rank=rank, unsigned=unsigned)
     xq, sx, u, w8, wsum = operands(p, x)
@@ -65,7 +68,7 @@ def test_same_bits_as_the_triton_tile_kernel(m, k, n, unsigned, rank, config):
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rank", [8, 100])  # rank padding 16 and a folded LoRA's 128 (the latter: never ws)
-@pytest.mark.parametrize("config", [GLUON, WS], ids=["async", "ws"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_same_bits_for_other_outputs_and_ranks(out_dtype, rank, config):
     p, x = make(1280, 640, 3000, rank=rank, unsigned=True, seed=1)
     xq, sx, u, w8, wsum = operands(p, x)

@@ -4,6 +4,7 @@ per-block limit of the GPU that would run it, or that GPU fails at the first lar
 OutOfResources. The widest case is taken: a folded LoRA's rank padding (128) and fp32 output. Skips without Triton
 (CI)."""
 import pytest
+import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (GPU machines; or a CPU wheel for this test)")
 
@@ -43,14 +44,29 @@ def test_the_triton_gemm_fits_every_gpu_that_runs_it(cc, m):
     assert shared <= LIMIT[cc], f"sm_{cc}, {m} tokens, {cfg}: {shared} B of shared memory, limit {LIMIT[cc]}"
 
 
+@pytest.mark.parametrize("out_dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("rows", [False, True])  # the configuration's store_rows (gluon_gemm.STORE_ROWS)
 @pytest.mark.parametrize("r_pad", [32, 128])
-def test_the_gluon_gemm_fits_hopper_where_it_is_chosen(r_pad):
+def test_the_gluon_gemm_fits_hopper_where_it_is_chosen(r_pad, rows, out_dtype):
+    gg = tw.gg
+    if gg.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    cfg = dict(tw.gemm_config(32760, async_wgmma=True), store_rows=rows)
+    ws = gg.warp_specialized(cfg, r_pad)
+    store_rows = gg.store_rows(cfg, ws, {"fp16": torch.float16, "fp32": torch.float32}[out_dtype])
+    compiled = gg.compile_offline(cfg, out_dtype=out_dtype, offset=128, r_pad=r_pad, ws=ws, store_rows=store_rows)
+    assert compiled.metadata.shared <= LIMIT[90]
+
+
+def test_the_warp_specialised_kernel_cannot_stage_a_4_byte_tile():
+    """store_rows leaves 4-byte outputs of the warp-specialised kernel to the direct stores: staging them would
+    overflow Hopper's shared memory."""
     gg = tw.gg
     if gg.gluon is None:
         pytest.skip("this Triton has no Gluon")
     cfg = tw.gemm_config(32760, async_wgmma=True)
-    compiled = gg.compile_offline(cfg, out_dtype="fp32", offset=128, r_pad=r_pad, ws=gg.warp_specialized(cfg, r_pad))
-    assert compiled.metadata.shared <= LIMIT[90]
+    compiled = gg.compile_offline(cfg, out_dtype="fp32", offset=128, r_pad=32, ws=True, store_rows=True)
+    assert compiled.metadata.shared > LIMIT[90]
 
 
 def test_the_warp_specialised_kernel_takes_every_rank_padding_that_fits():
