@@ -2,9 +2,8 @@
 (1 calibration item, 2 + 2 calibration steps, 2 bins, 1 held-out pair sampled with 4 steps; 20-45 s on CPU).
 
 Tolerances come from measured runs of exactly this configuration (CPU, 1 thread, 2026-11-30, the
-6-block experts after their third round on the fixed-amount world on two H200s, with their fine-tuned learned
-decoder, the same to the last digit on ComfyUI 0.3.64 and 0.33.0): PSNR 32.3 dB, SSIM 0.948, latent relative
-error 0.187, mean velocity SQNR 19.3 dB against BF16. Each bound keeps the margin it had when set on the
+6-block experts after their fourth round on the fixed-amount world on two H200s, with their fine-tuned learned
+decoder): PSNR 32.1 dB, SSIM 0.946, latent relative error 0.185, mean velocity SQNR 19.3 dB against BF16. Each bound keeps the margin it had when set on the
 previous experts (2026-11-21: 31.7 dB / 0.913 / 0.159 / 20.8 dB against bounds 27.0 / 0.85 / 0.25 / 17.0,
 i.e. -4.7 dB, -0.063, +0.091, -3.8 dB). The bounds leave room for thread-count and platform rounding
 differences (the experts before these gave 30.7 / 0.948 / 0.189 / 18.8 on an Intel CPU and 30.9 / 0.947 / 0.192 /
@@ -16,7 +15,8 @@ PSNR and SSIM are in the decoder's pixel space. History of the measurement: 32.0
 the H200-trained experts with their first decoder, 34.0 / 0.958 with the seam-free retrained decoder, 33.8 /
 0.960 / 0.178 / 20.1 after the experts' continuation, 32.3 / 0.957 / 0.190 / 19.7 on the 6-block experts,
 30.7 / 0.948 / 0.189 / 18.8 after their first round on the fixed-amount world, 33.0 / 0.956 / 0.180 / 19.6 after
-the second, and the values above; the bounds moved with the measurement each time.
+the second, 32.3 / 0.948 / 0.187 / 19.3 after the third (the same to the last digit on ComfyUI 0.3.64 and 0.33.0),
+and the values above; the bounds moved with the measurement each time.
 """
 from __future__ import annotations
 
@@ -172,16 +172,18 @@ def test_demo_quick_end_to_end(comfy_nodes, tmp_path, capsys):
     assert demo.pair_lines(doc["pairs"])[0] in printed.splitlines()
     m = doc["pairs"][0]["metrics"]
     assert m["w4a4_vs_bf16"] == {"psnr_db": s["psnr_db"], "ssim": s["ssim"]}  # one pair: its mean
-    # BF16 and W4A4 are both far from the reference (4 steps), and about equally far
+    # BF16 and W4A4 are both farther from the reference (4 steps) than from each other, and about equally far.
+    # The SSIM range only says "a real picture, not the reference itself": the fourth round's experts measure
+    # 0.955 (BF16) and 0.907 (W4A4) against it at 4 steps, where earlier experts stayed below 0.95.
     for name in ("bf16_vs_reference", "w4a4_vs_reference"):
-        assert 10 < m[name]["psnr_db"] < m["w4a4_vs_bf16"]["psnr_db"] and 0.3 < m[name]["ssim"] < 0.95
+        assert 10 < m[name]["psnr_db"] < m["w4a4_vs_bf16"]["psnr_db"] and 0.3 < m[name]["ssim"] < 0.99
     assert abs(m["bf16_vs_reference"]["psnr_db"] - m["w4a4_vs_reference"]["psnr_db"]) < 1.5
     # W4A4 differs from BF16 ...
     assert s["latent_rel_err"] > 1e-3 and s["psnr_db"] < 60
-    # ... but stays close (measured 0.187 / 32.3 dB / 0.948 / 19.3 dB; margins as in the module docstring)
-    assert s["latent_rel_err"] < 0.278
-    assert s["psnr_db"] > 27.6
-    assert s["ssim"] > 0.885
+    # ... but stays close (measured 0.185 / 32.1 dB / 0.946 / 19.3 dB; margins as in the module docstring)
+    assert s["latent_rel_err"] < 0.276
+    assert s["psnr_db"] > 27.4
+    assert s["ssim"] > 0.883
     assert s["velocity_sqnr_db"] > 15.5
     # 4-bit values + scales + rank-32 branch on 256-wide layers: about half of BF16 (0.491 measured)
     assert 0.3 < s["memory_ratio"] < 0.6
