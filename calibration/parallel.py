@@ -3,10 +3,13 @@
 The smoothing search (``smoothing.search_alpha``) and the clip search (``clip.search_clip`` and the
 pipeline's held-out evaluation) score each candidate of a grid independently. With one torch thread
 (the demo's and the CLI's default on a CPU, which keeps results the same on any machine) each torch op
-runs start to end on the thread that calls it (a new thread takes torch's thread count at its first op),
-so two candidates computed at once on two Python threads give exactly the numbers of the serial loop: the
-same ops on the same inputs, each single-threaded (``tests/calibration/test_parallel.py``). torch releases
-the GIL inside its ops, so the two threads use two cores.
+runs start to end on the thread that calls it, so two candidates computed at once on two Python threads
+give exactly the numbers of the serial loop: the same ops on the same inputs, each single-threaded
+(``tests/calibration/test_parallel.py``). torch releases the GIL inside its ops, so the two threads use
+two cores. Each worker thread sets torch's thread count itself before its first candidate: a new thread
+starts with OpenMP's and MKL's defaults (all cores), and a LAPACK call made before any op of torch's own
+parallel loop (the SVD of ``lowrank.low_rank``) ran multi-threaded there, with other bits
+(found by the test, which compares every candidate's error).
 
 Elsewhere the loop stays serial: on a GPU (two candidates would double the transient memory that the
 calibration's GPU budget accounts for, ``budget.py``), where torch already runs ops on several threads, and
@@ -42,5 +45,6 @@ def map_candidates(fn: Callable[[T], R], items: Iterable[T], device: torch.devic
     n = min(workers(device), len(items))
     if n <= 1:
         return [fn(item) for item in items]
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="wan_w4a4-candidates") as pool:
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="wan_w4a4-candidates",
+                            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
         return list(pool.map(fn, items))

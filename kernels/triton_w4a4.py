@@ -579,7 +579,7 @@ def _is_build_failure(e: BaseException) -> bool:
     return isinstance(e, TritonError) or (isinstance(e, RuntimeError) and "PassManager::run failed" in str(e))
 
 
-def _launch_gluon(xq, w8, cfg: dict, tiles: int, args: tuple, meta: dict) -> bool:
+def _launch_gluon(xq, w8, cfg: dict, tiles: int, args: tuple, meta: dict, out_dtype: torch.dtype) -> bool:
     """Run the Gluon kernel; False (and one warning) when this Triton cannot build it."""
     try:  # host-side Gluon API (layouts, descriptors): any failure here is this Triton's API, not the data's
         descriptors = gg.descriptors(xq, w8, cfg)
@@ -587,7 +587,7 @@ def _launch_gluon(xq, w8, cfg: dict, tiles: int, args: tuple, meta: dict) -> boo
         return _gluon_unbuildable(e)
     try:
         ws = gg.warp_specialized(cfg, meta["R_PAD"])
-        rows = gg.store_rows(cfg, ws, args[6].dtype)  # args[6]: the output y (_epilogue_args, then y)
+        rows = gg.store_rows(cfg, ws, out_dtype)
         if ws:  # persistent: one program per SM walks the tiles
             grid = min(_num_sms(_index(xq.device)), tiles)
             gg._gemm_i8_ws_kernel[(grid,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
@@ -636,7 +636,7 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
     if tma and cfg.get("async_wgmma"):  # Hopper: the Gluon kernel (gemm_config)
         if gg.gluon is not None and not _gluon_failure:
             tiles, meta = _launch_meta(cfg, p, m)
-            if _launch_gluon(xq, w8, cfg, tiles, args, meta):
+            if _launch_gluon(xq, w8, cfg, tiles, args, meta, out_dtype):
                 return y
         cfg = cfg.get("fallback") or gemm_config(m)  # the same bits (tests/kernels/test_gluon_gemm.py)
     tiles, meta = _launch_meta(cfg, p, m)

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from wan_w4a4.calibration import parallel
+from wan_w4a4.calibration import parallel, smoothing
 from wan_w4a4.calibration.clip import ClipEvaluator, DEFAULT_CLIP_GRID, search_clip
 from wan_w4a4.calibration.smoothing import search_alpha
 from wan_w4a4.kernels import numerics
@@ -66,11 +66,22 @@ def test_search_alpha_on_two_threads_is_the_serial_search_bit_for_bit(monkeypatc
     if unsigned:
         x = torch.nn.functional.gelu(x, approximate="tanh") + 0.171875
     absmax = x.abs().amax(0)
+    scored = []  # every candidate's output error, exactly as the search compares them
+
+    def layer_error(*args, **kwargs):
+        err = error_of(*args, **kwargs)
+        scored.append(err)
+        return err
+
+    error_of = smoothing.layer_error
+    monkeypatch.setattr(smoothing, "layer_error", layer_error)
     monkeypatch.setattr(parallel.os, "cpu_count", lambda: 2)
     assert parallel.workers("cpu") == 2
     alpha2, s2 = search_alpha(x, w, absmax, rank=16, unsigned=unsigned)
+    errors2, scored[:] = sorted(scored), []  # the two threads finish in either order
     monkeypatch.setattr(parallel, "workers", lambda device: 1)
     alpha1, s1 = search_alpha(x, w, absmax, rank=16, unsigned=unsigned)
+    assert sorted(scored) == errors2 and len(set(errors2)) > 1
     assert alpha2 == alpha1 and torch.equal(s2, s1)
 
 
