@@ -103,18 +103,21 @@ if triton is not None:
     def _stats_range(x_rows, s_ptr, l1_ptr, m_mask, k_lo, k_hi, R, shift,
                      BLOCK_M: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
                      INV_S: tl.constexpr):
-        """Row maxima of |x^| and the fp32 low-rank projection x^ @ L1 over columns [k_lo, k_hi)."""
+        """Row maxima of |x^| and the fp32 low-rank projection x^ @ L1 over columns [k_lo, k_hi). The maxima are
+        kept elementwise over the K steps and reduced across the row once, at the end (a maximum is exact in any
+        order: the same bits as a row reduction per step, which took 8-24 % more time on the H200; kernels/README.md,
+        session 19)."""
         rk = tl.arange(0, BK)
         rr = tl.arange(0, R_PAD)
-        rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        amax = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
         u_acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
             xh = _smoothed(x_rows, s_ptr, k0, rk, m_mask, shift, INV_S)
-            rmax = tl.maximum(rmax, tl.max(tl.abs(xh), axis=1))
+            amax = tl.maximum(amax, tl.abs(xh))
             if HAS_LR:
                 l1 = tl.load(l1_ptr + (k0 + rk)[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
                 u_acc = tl.dot(xh.to(tl.bfloat16), l1, u_acc)
-        return rmax, u_acc
+        return tl.max(amax, axis=1), u_acc
 
     @triton.jit
     def _quant_range(x_rows, xq_rows, s_ptr, m_mask, k_lo, k_hi, rmax, scale, shift,
@@ -426,13 +429,14 @@ class QuantPlan(NamedTuple):
     """How a call's activations are quantized: ``block_m`` rows per program, K in ``n_split`` chunks of
     ``kc`` columns; ``one_launch``: statistics and quantization in one kernel (``_act_quant_fused_kernel``,
     K whole), else two launches (partial statistics, then quantization, whose programs take ``quant_rows``
-    rows with ``quant_warps`` warps)."""
+    rows with ``quant_warps`` warps). ``stats_bk``: the statistics' K step (0: the quantizing one, ``_quant_bk``)."""
     block_m: int
     n_split: int
     kc: int
     one_launch: bool = False
     quant_rows: int = QUANT_ROWS_QUANTIZING
     quant_warps: int = QUANT_WARPS_QUANTIZING
+    stats_bk: int = 0
 
 
 # Where one launch beats two (H200, benchmarks/bench_linear.py, kernels/README.md): few tokens of a short K.
@@ -440,22 +444,34 @@ class QuantPlan(NamedTuple):
 # many tokens or a long K, two launches are as fast or faster on the GPU and take a precomputed 1/s.
 ONE_LAUNCH_MAX_ROWS = 2048  # 16-row programs, so that a 1024-token call has 64 of them
 ONE_LAUNCH_MAX_K = 8192
+# The statistics launch of two-launch plans with K whole (many tokens) and K <= 8192 (Wan's 5120): 64-row programs
+# over 128-column steps. H200, one 480p pass (16 384 x 5120): 69.4 -> 56.6 us, and 138.0 -> 104.5 us at 32 760 rows,
+# same bits; at 8192 x 13 824 (ffn.2's passes) 64-row programs leave SMs idle (92.1 us against 79.2 with 32 rows):
+# benchmarks/results/stats_sweep_h200_2026-11-30.log, kernels/README.md (session 19).
+STATS_ROWS_WIDE, STATS_BK_WIDE, STATS_WIDE_MAX_K = 64, 128, 8192
 
 
 def quant_plan(m: int, k: int, one_launch: bool | None = None, block_m: int | None = None) -> QuantPlan:
     """The plan for ``m`` rows of ``k`` features (``one_launch``/``block_m`` force a kind, for tests and the
-    benchmark). Two launches split K by ``quant_split``; one launch takes K whole."""
+    benchmark). Two launches split K by ``quant_split``; one launch takes K whole. Unforced two-launch plans that
+    take K whole with K <= ``STATS_WIDE_MAX_K`` get the wide statistics programs (``STATS_ROWS_WIDE``)."""
     if one_launch is None:
         one_launch = m <= ONE_LAUNCH_MAX_ROWS and k <= ONE_LAUNCH_MAX_K
+    forced_rows = block_m is not None
     if block_m is None:
         block_m = 16 if one_launch else QUANT_BLOCK_M
     if one_launch:
         return QuantPlan(block_m, 1, k, True)
-    return QuantPlan(block_m, *quant_split(m, k, _quant_bk(k), block_m), False)
+    plan = QuantPlan(block_m, *quant_split(m, k, _quant_bk(k), block_m), False)
+    if plan.n_split == 1 and k <= STATS_WIDE_MAX_K and not forced_rows:
+        plan = plan._replace(block_m=STATS_ROWS_WIDE, stats_bk=STATS_BK_WIDE)
+    return plan
 
 
 def _check_plan(plan: QuantPlan, k: int, bk: int) -> None:
-    if plan.kc % bk or plan.n_split != _cdiv(k, plan.kc) or (plan.one_launch and plan.n_split != 1):
+    stats_bk = plan.stats_bk or bk
+    if (plan.kc % bk or plan.kc % stats_bk or stats_bk % nm.GROUP or plan.n_split != _cdiv(k, plan.kc)
+            or (plan.one_launch and (plan.n_split != 1 or plan.stats_bk))):
         raise ValueError(f"quantizer plan {plan} does not cover K = {k} in whole {bk}-column steps")
 
 
@@ -524,7 +540,7 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     direct_u = plan.n_split == 1
     u_part = torch.empty((plan.n_split, m, r_pad), dtype=torch.float32, device=dev) if r and not direct_u else sx
     _act_stats_kernel[grid](x2d, inv_s, l1, rmax_part, u_part, u, m, k, r, plan.kc, x2d.stride(0), shift,
-                            BLOCK_M=plan.block_m, BK=bk, R_PAD=r_pad, HAS_LR=bool(r), DIRECT_U=direct_u,
+                            BLOCK_M=plan.block_m, BK=plan.stats_bk or bk, R_PAD=r_pad, HAS_LR=bool(r), DIRECT_U=direct_u,
                             INV_S=True, num_warps=4)
     _act_quant_kernel[(triton.cdiv(m, plan.quant_rows), plan.n_split)](
         x2d, inv_s, p.clip, bin_index, rmax_part, u_part, xq, sx, u, m, k, r, plan.kc, plan.n_split, x2d.stride(0),

@@ -177,18 +177,22 @@ def test_row_passes_fit_the_budget_in_whole_tiles(m, k, r):
     assert tw.pass_rows(m, k, r + 64) * (per_row + 128) <= budget + tw.PASS_ROW_TILE * (per_row + 128)
 
 
-@pytest.mark.parametrize("m,k,one_launch,block_m", [
-    (1024, 5120, True, 16), (2048, 5120, True, 16), (8192, 5120, False, 32), (32760, 5120, False, 32),
-    (1024, 13824, False, 32), (8192, 13824, False, 32), (32760, 13824, False, 32), (1, 256, True, 16)])
-def test_quantizer_plan_follows_the_measured_rule(m, k, one_launch, block_m):
+@pytest.mark.parametrize("m,k,one_launch,block_m,stats_bk", [
+    (1024, 5120, True, 16, 0), (2048, 5120, True, 16, 0), (8192, 5120, False, 32, 0), (12000, 5120, False, 32, 0),
+    (32760, 5120, False, 64, 128), (75600, 5120, False, 64, 128), (1024, 13824, False, 32, 0),
+    (8192, 13824, False, 32, 0), (32760, 13824, False, 32, 0), (1, 256, True, 16, 0)])
+def test_quantizer_plan_follows_the_measured_rule(m, k, one_launch, block_m, stats_bk):
     """Which quantizer a call runs (kernels/README.md has the H200 timings behind the rule): one launch for
-    few tokens of a short K, else two, which split K only where rows are few."""
+    few tokens of a short K, else two, which split K only where rows are few; with K whole and K <= 8192 the
+    statistics run in 64-row programs over 128-column steps."""
     from wan_w4a4.kernels import triton_w4a4 as tw
     plan = tw.quant_plan(m, k)
-    assert (plan.one_launch, plan.block_m) == (one_launch, block_m)
+    assert (plan.one_launch, plan.block_m, plan.stats_bk) == (one_launch, block_m, stats_bk)
     bk = tw._quant_bk(k)
     tw._check_plan(plan, k, bk)
     assert plan.n_split * plan.kc >= k and plan.kc % bk == 0
+    if not one_launch:  # a forced row count is kept
+        assert tw.quant_plan(m, k, block_m=32).block_m == 32
     if plan.one_launch or m >= 16384:
         assert plan.n_split == 1
     if not plan.one_launch:  # the quantizing launch's own programs (QUANT_ROWS_QUANTIZING)
@@ -202,4 +206,7 @@ def test_a_plan_that_does_not_cover_k_is_refused():
         tw._check_plan(tw.QuantPlan(32, 2, 320), 640, bk)  # 320 is not a whole number of 128-column steps
     with pytest.raises(ValueError, match="does not cover"):
         tw._check_plan(tw.QuantPlan(32, 2, 384, True), 640, bk)  # one launch takes K whole
+    with pytest.raises(ValueError, match="does not cover"):
+        tw._check_plan(tw.QuantPlan(64, 1, 640, stats_bk=96), 640, bk)  # statistics steps of whole groups only
     tw._check_plan(tw.QuantPlan(32, 2, 384), 640, bk)
+    tw._check_plan(tw.QuantPlan(64, 1, 640, stats_bk=128), 640, bk)

@@ -81,12 +81,16 @@ def test_the_warp_specialised_kernel_takes_every_rank_padding_that_fits():
 
 @pytest.mark.parametrize("cc", [80, 86, 89, 90, 100, 120])
 def test_the_quantizer_fits_every_gpu(cc):
-    """The quantizer's kernels with a tl.dot (the low-rank projection) at a folded LoRA's rank padding (128)."""
+    """The quantizer's kernels with a tl.dot (the low-rank projection) at a folded LoRA's rank padding (128), the
+    statistics kernel also with its wide programs (``quant_plan``: many tokens of K <= 8192)."""
     x = dict(x_ptr="*fp16", s_ptr="*fp32", l1_ptr="*bf16")
+    stats_sig = dict(x, rmax_part_ptr="*fp32", u_part_ptr="*fp32", u_ptr="*bf16", M="i32", K="i32", R="i32", KC="i32",
+                     stride_xm="i32", shift="fp32")
     kernels = [
-        (tw._act_stats_kernel, dict(x, rmax_part_ptr="*fp32", u_part_ptr="*fp32", u_ptr="*bf16", M="i32", K="i32",
-                                    R="i32", KC="i32", stride_xm="i32", shift="fp32"),
+        (tw._act_stats_kernel, stats_sig,
          dict(BLOCK_M=tw.QUANT_BLOCK_M, BK=256, R_PAD=128, HAS_LR=True, DIRECT_U=False, INV_S=True)),
+        (tw._act_stats_kernel, stats_sig,
+         dict(BLOCK_M=tw.STATS_ROWS_WIDE, BK=tw.STATS_BK_WIDE, R_PAD=128, HAS_LR=True, DIRECT_U=True, INV_S=True)),
         (tw._act_quant_fused_kernel, dict(x, clip_ptr="*fp32", bin_ptr="*i64", xq_ptr="*i8", sx_ptr="*fp32",
                                           u_ptr="*bf16", M="i32", K="i32", R="i32", stride_xm="i32", shift="fp32",
                                           inv_qf="fp32"),

@@ -60,7 +60,9 @@ def plans(m, k):
     out = {"default": tw.quant_plan(m, k), "one launch": tw.quant_plan(m, k, one_launch=True, block_m=32),
            "one launch, 16 rows": tw.quant_plan(m, k, one_launch=True, block_m=16),
            "two launches, K whole": tw.QuantPlan(32, 1, k),
-           "two launches, K whole, 32-row quantizing programs of 4 warps": tw.QuantPlan(32, 1, k, False, 32, 4)}
+           "two launches, K whole, 32-row quantizing programs of 4 warps": tw.QuantPlan(32, 1, k, False, 32, 4),
+           "two launches, K whole, wide statistics programs": tw.QuantPlan(tw.STATS_ROWS_WIDE, 1, k,
+                                                                           stats_bk=tw.STATS_BK_WIDE)}
     if k // bk >= 2:
         kc = -(-(k // bk) // 2) * bk
         out["two launches, K in chunks"] = tw.QuantPlan(32, -(-k // kc), kc)
