@@ -102,22 +102,29 @@ if triton is not None:
     @triton.jit
     def _stats_range(x_rows, s_ptr, l1_ptr, m_mask, k_lo, k_hi, R, shift,
                      BLOCK_M: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
-                     INV_S: tl.constexpr):
-        """Row maxima of |x^| and the fp32 low-rank projection x^ @ L1 over columns [k_lo, k_hi). The maxima are
-        kept elementwise over the K steps and reduced across the row once, at the end (a maximum is exact in any
-        order: the same bits as a row reduction per step, which took 8-24 % more time on the H200; kernels/README.md,
-        session 19)."""
+                     INV_S: tl.constexpr, TILE_MAX: tl.constexpr):
+        """Row maxima of |x^| and the fp32 low-rank projection x^ @ L1 over columns [k_lo, k_hi). TILE_MAX: the
+        maxima are kept elementwise over the K steps and reduced across the row once, at the end, else reduced at
+        every step. A maximum is exact in any order, so both give the same bits; on the H200 the first is 5-24 %
+        faster over K whole at many tokens and up to 2.7x slower over the short chunks of split plans and in the
+        one-launch kernel (kernels/README.md, session 19)."""
         rk = tl.arange(0, BK)
         rr = tl.arange(0, R_PAD)
+        rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
         amax = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
         u_acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
             xh = _smoothed(x_rows, s_ptr, k0, rk, m_mask, shift, INV_S)
-            amax = tl.maximum(amax, tl.abs(xh))
+            if TILE_MAX:
+                amax = tl.maximum(amax, tl.abs(xh))
+            else:
+                rmax = tl.maximum(rmax, tl.max(tl.abs(xh), axis=1))
             if HAS_LR:
                 l1 = tl.load(l1_ptr + (k0 + rk)[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
                 u_acc = tl.dot(xh.to(tl.bfloat16), l1, u_acc)
-        return tl.max(amax, axis=1), u_acc
+        if TILE_MAX:
+            rmax = tl.max(amax, axis=1)
+        return rmax, u_acc
 
     @triton.jit
     def _quant_range(x_rows, xq_rows, s_ptr, m_mask, k_lo, k_hi, rmax, scale, shift,
@@ -160,14 +167,15 @@ if triton is not None:
     ):
         """Two-launch quantizer, pass 1 over one K chunk: partial row max of |x^| and fp32 partials of
         x^ @ L1. DIRECT_U (one chunk, the large-M case): the projection is whole, so u = bf16(x^ @ L1) is
-        written here and the fp32 partials [M, R_PAD] - 4x the bytes of u at rank 96 - are never allocated."""
+        written here and the fp32 partials [M, R_PAD] - 4x the bytes of u at rank 96 - are never allocated;
+        there the row maxima are kept elementwise (``_stats_range``'s TILE_MAX)."""
         pid_m = tl.program_id(0)
         s = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
         x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
         rmax, u_acc = _stats_range(x_rows, s_ptr, l1_ptr, m_mask, s * KC, tl.minimum(s * KC + KC, K), R, shift,
-                                   BLOCK_M, BK, R_PAD, HAS_LR, INV_S)
+                                   BLOCK_M, BK, R_PAD, HAS_LR, INV_S, DIRECT_U)
         tl.store(rmax_part_ptr + s * M + rm, rmax, mask=m_mask)
         if HAS_LR:
             if DIRECT_U:
@@ -225,7 +233,8 @@ if triton is not None:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
         x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-        rmax, u_acc = _stats_range(x_rows, s_ptr, l1_ptr, m_mask, 0, K, R, shift, BLOCK_M, BK, R_PAD, HAS_LR, INV_S)
+        rmax, u_acc = _stats_range(x_rows, s_ptr, l1_ptr, m_mask, 0, K, R, shift, BLOCK_M, BK, R_PAD, HAS_LR, INV_S,
+                                   False)
         rmax, scale = _row_scale(rmax, clip_ptr, bin_ptr, inv_qf)
         tl.store(sx_ptr + rm, scale, mask=m_mask)
         if HAS_LR:  # bf16(0 + p) == bf16(p): the same values as summing one partial
@@ -540,8 +549,8 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     direct_u = plan.n_split == 1
     u_part = torch.empty((plan.n_split, m, r_pad), dtype=torch.float32, device=dev) if r and not direct_u else sx
     _act_stats_kernel[grid](x2d, inv_s, l1, rmax_part, u_part, u, m, k, r, plan.kc, x2d.stride(0), shift,
-                            BLOCK_M=plan.block_m, BK=plan.stats_bk or bk, R_PAD=r_pad, HAS_LR=bool(r), DIRECT_U=direct_u,
-                            INV_S=True, num_warps=4)
+                            BLOCK_M=plan.block_m, BK=plan.stats_bk or bk, R_PAD=r_pad, HAS_LR=bool(r),
+                            DIRECT_U=direct_u, INV_S=True, num_warps=4)
     _act_quant_kernel[(triton.cdiv(m, plan.quant_rows), plan.n_split)](
         x2d, inv_s, p.clip, bin_index, rmax_part, u_part, xq, sx, u, m, k, r, plan.kc, plan.n_split, x2d.stride(0),
         shift, inv_qf, SUM_U=bool(r) and not direct_u, INV_S=True, BLOCK_M=plan.quant_rows,
