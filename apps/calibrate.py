@@ -15,7 +15,7 @@ context: for smoke tests and timing), or ``--set DIR``: a calibration set of sta
 (calibration/dataset.py), encoded as ComfyUI's Wan2.2 I2V template encodes one pair: the text encoder
 given with ``--text-encoder`` (loaded as CLIPLoader type "wan" loads it), the VAE given with ``--vae``
 (as VAELoader loads it), CLIPTextEncode and WanImageToVideo at ``--width``/``--height``/``--frames``.
-With ``--source minimodel`` the mini model's text map and linear VAE stand in for them (no download).
+With ``--source minimodel`` the mini model's text map and linear VAE encoder stand in for them (no download).
 The set is parsed and every image decoded before any model loads.
 
 Several GPUs or processes: ``torchrun --nproc-per-node N -m wan_w4a4 calibrate ...`` (``--nnodes`` for several
@@ -136,7 +136,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "per image, in sorted file-name order) or prompts.jsonl ({\"image\", \"prompt\", "
                          "\"negative\", \"seed\"} per line), encoded with --text-encoder and --vae at "
                          "--width/--height/--frames (with --source minimodel: with the mini model's text map and "
-                         "linear VAE); --items is then the set's size")
+                         "linear VAE encoder); --items is then the set's size")
     it.add_argument("--text-encoder", type=Path, default=None, metavar="FILE",
                     help="with --set: Wan's umT5 text encoder (.safetensors), loaded as CLIPLoader type 'wan'")
     it.add_argument("--vae", type=Path, default=None, metavar="FILE",
@@ -284,7 +284,7 @@ def check_set_args(args):
         given = [w for w, v in (("--text-encoder", args.text_encoder), ("--vae", args.vae)) if v is not None]
         if given:
             raise CalibrationSetError(f"{' and '.join(given)}: not used with --source minimodel (the mini model's "
-                                      "text map and linear VAE encode the set)")
+                                      "text map and linear VAE encoder encode the set)")
     else:
         for what, path in (("--text-encoder", args.text_encoder), ("--vae", args.vae)):
             if path is None:
