@@ -105,9 +105,9 @@ if triton is not None:
                      INV_S: tl.constexpr, TILE_MAX: tl.constexpr):
         """Row maxima of |x^| and the fp32 low-rank projection x^ @ L1 over columns [k_lo, k_hi). TILE_MAX: the
         maxima are kept elementwise over the K steps and reduced across the row once, at the end, else reduced at
-        every step. A maximum is exact in any order, so both give the same bits; on the H200 the first is 5-24 %
-        faster over K whole at many tokens and up to 2.7x slower over the short chunks of split plans and in the
-        one-launch kernel (kernels/README.md, session 19)."""
+        every step. A maximum is exact in any order, so both give the same bits; on the H200 the first took 8-10 %
+        less time over K whole at many tokens with the same programs, and up to 3.2x more over the short chunks of
+        split plans (kernels/README.md, session 19)."""
         rk = tl.arange(0, BK)
         rr = tl.arange(0, R_PAD)
         rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -481,7 +481,8 @@ def _check_plan(plan: QuantPlan, k: int, bk: int) -> None:
     stats_bk = plan.stats_bk or bk
     if (plan.kc % bk or plan.kc % stats_bk or stats_bk % nm.GROUP or plan.n_split != _cdiv(k, plan.kc)
             or (plan.one_launch and (plan.n_split != 1 or plan.stats_bk))):
-        raise ValueError(f"quantizer plan {plan} does not cover K = {k} in whole {bk}-column steps")
+        raise ValueError(f"quantizer plan {plan} does not cover K = {k} in whole {bk}-column steps (statistics: "
+                         f"{stats_bk}-column steps of whole {nm.GROUP}-column groups)")
 
 
 # Bytes of per-pass activation operands (int8 activations, scales, u) a W4A4 linear may hold at once.

@@ -109,6 +109,7 @@ def test_comfy_node_validate_rules_flag_what_they_should(tmp_path):
     (tmp_path / "bad.py").write_text("exec('x = 1')\ny = eval('1 + 1')\na = 1; b = 2\n")
     done = subprocess.run([sys.executable, "-m", "ruff", "check", ".", "-q", "--no-cache", "--select", VALIDATE_RULES],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "No module named ruff" not in done.stderr, "ruff comes with the test extras: pip install -e '.[test]'"
     assert done.returncode == 1 and all(rule in done.stdout for rule in VALIDATE_RULES.split(",")), done.stdout
 
 

@@ -191,8 +191,9 @@ def test_quantizer_plan_follows_the_measured_rule(m, k, one_launch, block_m, sta
     bk = tw._quant_bk(k)
     tw._check_plan(plan, k, bk)
     assert plan.n_split * plan.kc >= k and plan.kc % bk == 0
-    if not one_launch:  # a forced row count is kept
-        assert tw.quant_plan(m, k, block_m=32).block_m == 32
+    if not one_launch:  # a forced row count is kept, with the quantizing K step
+        forced = tw.quant_plan(m, k, block_m=32)
+        assert (forced.block_m, forced.stats_bk) == (32, 0)
     if plan.one_launch or m >= 16384:
         assert plan.n_split == 1
     if not plan.one_launch:  # the quantizing launch's own programs (QUANT_ROWS_QUANTIZING)
@@ -207,6 +208,6 @@ def test_a_plan_that_does_not_cover_k_is_refused():
     with pytest.raises(ValueError, match="does not cover"):
         tw._check_plan(tw.QuantPlan(32, 2, 384, True), 640, bk)  # one launch takes K whole
     with pytest.raises(ValueError, match="does not cover"):
-        tw._check_plan(tw.QuantPlan(64, 1, 640, stats_bk=96), 640, bk)  # statistics steps of whole groups only
+        tw._check_plan(tw.QuantPlan(64, 1, 640, stats_bk=32), 640, bk)  # statistics steps of whole groups only
     tw._check_plan(tw.QuantPlan(32, 2, 384), 640, bk)
     tw._check_plan(tw.QuantPlan(64, 1, 640, stats_bk=128), 640, bk)

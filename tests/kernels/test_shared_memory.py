@@ -90,6 +90,8 @@ def test_the_quantizer_fits_every_gpu(cc):
         (tw._act_stats_kernel, stats_sig,
          dict(BLOCK_M=tw.QUANT_BLOCK_M, BK=256, R_PAD=128, HAS_LR=True, DIRECT_U=False, INV_S=True)),
         (tw._act_stats_kernel, stats_sig,
+         dict(BLOCK_M=tw.QUANT_BLOCK_M, BK=256, R_PAD=128, HAS_LR=True, DIRECT_U=True, INV_S=True)),
+        (tw._act_stats_kernel, stats_sig,
          dict(BLOCK_M=tw.STATS_ROWS_WIDE, BK=tw.STATS_BK_WIDE, R_PAD=128, HAS_LR=True, DIRECT_U=True, INV_S=True)),
         (tw._act_quant_fused_kernel, dict(x, clip_ptr="*fp32", bin_ptr="*i64", xq_ptr="*i8", sx_ptr="*fp32",
                                           u_ptr="*bf16", M="i32", K="i32", R="i32", stride_xm="i32", shift="fp32",
