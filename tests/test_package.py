@@ -93,23 +93,26 @@ def test_registry_metadata():
 VALIDATE_RULES = "S102,S307,E702"
 
 
+def _validate_checks(cwd) -> subprocess.CompletedProcess:
+    """`comfy node validate`'s ruff run in ``cwd``."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", ".", "-q", "--no-cache", "--select", VALIDATE_RULES],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert "No module named ruff" not in done.stderr, "ruff comes with the test extras: pip install -e '.[test]'"
+    return done
+
+
 @pytest.mark.slow  # ruff over the whole checkout
 def test_comfy_node_validate_finds_nothing():
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
     assert _pyproject()["project"]["version"]
-    done = subprocess.run([sys.executable, "-m", "ruff", "check", ".", "-q", "--no-cache", "--select", VALIDATE_RULES],
-                          cwd=root, capture_output=True, text=True, timeout=300)
-    assert "No module named ruff" not in done.stderr, "ruff comes with the test extras: pip install -e '.[test]'"
+    done = _validate_checks(Path(__file__).resolve().parents[1])
     assert (done.returncode, done.stdout) == (0, ""), done.stdout + done.stderr
 
 
 def test_comfy_node_validate_rules_flag_what_they_should(tmp_path):
     """The same command on a file with each of the three findings reports all three (the check above can fail)."""
     (tmp_path / "bad.py").write_text("exec('x = 1')\ny = eval('1 + 1')\na = 1; b = 2\n")
-    done = subprocess.run([sys.executable, "-m", "ruff", "check", ".", "-q", "--no-cache", "--select", VALIDATE_RULES],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert "No module named ruff" not in done.stderr, "ruff comes with the test extras: pip install -e '.[test]'"
+    done = _validate_checks(tmp_path)
     assert done.returncode == 1 and all(rule in done.stdout for rule in VALIDATE_RULES.split(",")), done.stdout
 
 

@@ -1,16 +1,15 @@
 """``python -m wan_w4a4 demo`` end to end on the trained mini model, with the --quick budget
 (1 calibration item, 2 + 2 calibration steps, 2 bins, 1 held-out pair sampled with 4 steps; 20-45 s on CPU).
 
-Tolerances come from measured runs of exactly this configuration (CPU, 1 thread, 2026-11-30, the
-6-block experts after their fourth round on the fixed-amount world on two H200s, with their fine-tuned learned
-decoder): PSNR 32.1 dB, SSIM 0.946, latent relative error 0.185, mean velocity SQNR 19.3 dB against BF16. Each bound keeps the margin it had when set on the
-previous experts (2026-11-21: 31.7 dB / 0.913 / 0.159 / 20.8 dB against bounds 27.0 / 0.85 / 0.25 / 17.0,
-i.e. -4.7 dB, -0.063, +0.091, -3.8 dB). The bounds leave room for thread-count and platform rounding
+Tolerances come from measured runs of exactly this configuration (CPU, 1 thread, 2026-11-30, the 6-block experts
+after their fourth round on the fixed-amount world on two H200s, with their fine-tuned learned decoder): PSNR 32.1
+dB, SSIM 0.946, latent relative error 0.185, mean velocity SQNR 19.3 dB against BF16. Each bound keeps the margin it
+had when set on the previous experts (2026-11-21: 31.7 dB / 0.913 / 0.159 / 20.8 dB against bounds 27.0 / 0.85 / 0.25
+/ 17.0, i.e. -4.7 dB, -0.063, +0.091, -3.8 dB). The bounds leave room for thread-count and platform rounding
 differences (the first round's experts gave 30.7 / 0.948 / 0.189 / 18.8 on an Intel CPU and 30.9 / 0.947 / 0.192 /
-19.0 on an AMD one) while still failing if W4A4 were broken (RTN W4A4 without any of the method, on the
-benchmark's 8-step setting, `fidelity_cpu_quick.md`: 25.6 dB / 0.865 / 0.314 / 12.9 dB; each of the four bounds
-fails it)
-or if it silently ran BF16 (relative error 0, PSNR inf).
+19.0 on an AMD one) while still failing if W4A4 were broken (RTN W4A4 without any of the method, on the benchmark's
+8-step setting, `fidelity_cpu_quick.md`: 25.6 dB / 0.865 / 0.314 / 12.9 dB; each of the four bounds fails it) or if
+it silently ran BF16 (relative error 0, PSNR inf).
 PSNR and SSIM are in the decoder's pixel space. History of the measurement: 32.0 / 0.927 / 0.170 / 20.0 on
 the H200-trained experts with their first decoder, 34.0 / 0.958 with the seam-free retrained decoder, 33.8 /
 0.960 / 0.178 / 20.1 after the experts' continuation, 32.3 / 0.957 / 0.190 / 19.7 on the 6-block experts,
