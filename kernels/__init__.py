@@ -13,6 +13,9 @@ backend that cannot run raises :class:`BackendUnavailable` with its reason ("aut
 A CUDA input that falls back to the reference logs a warning with the reason, once per reason: the
 reference is orders of magnitude slower there (it does the integer product in float64).
 
+``addcmul(a, b, c)`` is ``torch.addcmul`` bit for bit, in one Triton pass (``triton_rowwise``) for the broadcast forms
+of a Wan block's modulation and residual updates on a GPU (``nodes/rowwise.py`` sends them here).
+
 Importing this package does not import Triton: the Triton module is imported on the first call
 that could use it (a CUDA input), and its import failure is remembered as the reason.
 """
@@ -141,5 +144,35 @@ def w4a4_linear(x: torch.Tensor, params: W4A4Params, bin_index: int | torch.Tens
     return _BACKENDS[select_backend(x, params, backend)].function()(x, params, bin_index)
 
 
-__all__ = ["BACKENDS", "BackendUnavailable", "ENV_VAR", "W4A4Params", "available_backends", "numerics",
-           "select_backend", "w4a4_linear"]
+_rowwise_import: tuple[object | None, str | None] | None = None
+
+
+def _rowwise_module():
+    """``triton_rowwise`` (or None and why it failed to import), imported once, on the first CUDA call."""
+    global _rowwise_import
+    if _rowwise_import is None:
+        try:
+            _rowwise_import = (importlib.import_module(".triton_rowwise", __name__), None)
+        except Exception as e:  # ImportError, or a Triton/driver failure at import time
+            _rowwise_import = (None, f"kernels.triton_rowwise failed to import: {type(e).__name__}: {e}")
+    return _rowwise_import
+
+
+def addcmul_reason(a, b, c) -> str | None:
+    """None when :func:`addcmul` runs this call in Triton (``triton_rowwise.rowwise_reason``), else why not."""
+    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in (a, b, c)):
+        return "not all operands are CUDA tensors"
+    module, why = _rowwise_module()
+    return why if module is None else module.rowwise_reason(a, b, c)
+
+
+def addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``torch.addcmul(a, b, c)``, bit for bit: one Triton pass where :func:`addcmul_reason` is None (a Wan block's
+    modulation and residual updates on a GPU), PyTorch otherwise."""
+    if addcmul_reason(a, b, c) is None:
+        return _rowwise_module()[0].addcmul(a, b, c)
+    return torch.addcmul(a, b, c)
+
+
+__all__ = ["BACKENDS", "BackendUnavailable", "ENV_VAR", "W4A4Params", "addcmul", "addcmul_reason",
+           "available_backends", "numerics", "select_backend", "w4a4_linear"]

@@ -31,7 +31,7 @@ from ..calibration import capture
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
 from . import attention as attn
-from . import chunking, ffn, lora
+from . import chunking, ffn, lora, rowwise
 from .hook import HOOK_KEY, TimestepBinHook, attach_hook
 from .ops import BinSelector, W4A4Linear, is_w4a4, layer_bytes, make_w4a4_ops, unclaimed
 
@@ -241,6 +241,7 @@ def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
     for name, module in modules.items():
         m.add_object_patch(PREFIX + name, module)
     ffn.attach_inplace_gelu(m, layers)
+    rowwise.attach(m)
     attach_hook(m, hook)
     chunking.attach_split(m, cond_batch)
     attn.attach(m, attention)
@@ -307,6 +308,7 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: st
     chunking.attach_split(model, cond_batch)
     attn.attach(model, attention)
     ffn.attach_inplace_gelu(model, layers)
+    rowwise.attach(model)
     _add_lora_callbacks(model)
     model.set_attachments(ATTACHMENT, W4A4Info(meta, str(path), tuple(layers), "checkpoint"))
     if hasattr(model, "cached_patcher_init"):

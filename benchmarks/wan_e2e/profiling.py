@@ -4,14 +4,15 @@ from __future__ import annotations
 
 # Kernel families of one model call, by kernel name (first match wins). W4A4: the pack's Triton kernels
 # (kernels/triton_w4a4.py); attention: PyTorch SDPA's flash / cuDNN / memory-efficient kernels; dense
-# GEMM: cuBLAS / CUTLASS (nvjet, sm90 xmma), which is every BF16 or FP8 Linear of ComfyUI.
+# GEMM: cuBLAS / CUTLASS (nvjet, sm90 xmma), which is every BF16 or FP8 Linear of ComfyUI; the pack's Triton addcmul
+# (kernels/triton_rowwise.py) counts with the elementwise work it replaces.
 KERNEL_FAMILIES = (
     ("W4A4 quantize (Triton)", ("_act_stats_kernel", "_act_quant_kernel")),
     ("W4A4 GEMM (Triton)", ("_gemm_i8", "_expand_kernel")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
     ("dense GEMM (cuBLAS/CUTLASS)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "cublas")),
     ("norm / elementwise / copies", ("elementwise", "vectorized", "reduce", "norm", "copy", "memcpy", "memset",
-                                     "cat", "index", "softmax")),
+                                     "cat", "index", "softmax", "addcmul")),
 )
 
 

@@ -11,7 +11,8 @@ Checks, printed as JSON:
 - GPU memory of a loaded W4A4 expert vs the BF16 one, and after switching between a BF16 clone and
   a W4A4 clone of the same model in both orders (no BF16 Linear left behind on the GPU);
 - lowvram: a partial load leaves some W4A4 layers on the CPU, and the output is unchanged;
-- the idle expert is offloaded while the other samples, and three identical runs do not grow memory.
+- the idle expert is offloaded while the other samples, and three identical runs do not grow memory;
+- the blocks' ``torch.addcmul`` calls in Triton at 20 480 tokens: how many, and the same bits as without.
 """
 from __future__ import annotations
 
@@ -204,6 +205,33 @@ def main(out_path=None):
         held.append(mib(allocated()))
     res["run_peak_mib"], res["run_held_mib"] = peaks, held
     res["loaded_models_after_runs"] = [type(lm.model.model).__name__ for lm in mm.current_loaded_models]
+
+    # 5. the blocks' torch.addcmul calls in Triton (nodes/rowwise.py) at 20 480 tokens (fewer stay PyTorch's): how
+    # many it answered in one model call, and the output bit for bit the one with it switched off
+    from wan_w4a4.nodes import rowwise
+    settle()
+    big = (1, 16, 5, 128, 128)  # 5 latent frames of 1024 x 1024 pixels
+    g = torch.Generator().manual_seed(SEED)
+    xin = torch.randn(big, generator=g).to(DEV)
+    sigma = torch.full((1,), 0.95, device=DEV)
+    concat = torch.zeros(1, 20, *big[2:], device=DEV)
+    m = shifted(w4["high"])
+    mm.load_models_gpu([m])
+    res["blocks"] = len(m.model.diffusion_model.blocks)
+    wrapper = rowwise.get(m)
+    # what sampling passes (comfy/sampler_helpers.py merges the patcher's wrappers into the transformer options)
+    options = {**m.model_options["transformer_options"], "wrappers": m.wrappers}
+    before = wrapper.taken
+    on = m.model.apply_model(xin, sigma, c_concat=concat, c_crossattn=pos[0][0].to(DEV), transformer_options=options)
+    res["rowwise_taken"] = wrapper.taken - before
+    os.environ[rowwise.ENV] = "0"
+    try:
+        off = m.model.apply_model(xin, sigma, c_concat=concat, c_crossattn=pos[0][0].to(DEV),
+                                  transformer_options=options)
+    finally:
+        del os.environ[rowwise.ENV]
+    res["rowwise_taken_when_off"] = wrapper.taken - before - res["rowwise_taken"]
+    res["rowwise_output_equal"] = bool(torch.equal(on, off))
     print(json.dumps(res, indent=1))
     if out_path:
         Path(out_path).write_text(json.dumps(res, indent=1))

@@ -42,3 +42,7 @@ def test_w4a4_in_comfyui_on_gpu(comfyui, tmp_path):
     # Identical runs do not grow memory.
     assert max(res["run_held_mib"]) - min(res["run_held_mib"]) < 1
     assert max(res["run_peak_mib"]) - min(res["run_peak_mib"]) < 1
+    # The blocks' addcmul calls (two modulations and two residual updates each) and the head's modulation in Triton
+    # during a large call, none when switched off, and the output bit for bit the same.
+    assert res["rowwise_taken"] == 4 * res["blocks"] + 1 and res["rowwise_taken_when_off"] == 0
+    assert res["rowwise_output_equal"]

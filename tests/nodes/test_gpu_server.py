@@ -63,12 +63,12 @@ def _lora(ckpt: Path, dst: Path, seed: int) -> None:
     save_file(t, str(dst))
 
 
-def _prompts() -> list[tuple[str, dict]]:
+def _prompts(graph: dict = GRAPH) -> list[tuple[str, dict]]:
     """(name, API graph): BF16, W4A4, W4A4 + LoRA (twice: the second run reloads the LoRA'd experts)."""
     out = []
     for name, w4a4, lora, seed in (("bf16", False, False, 7), ("w4a4", True, False, 7), ("w4a4_lora", True, True, 7),
                                    ("w4a4_lora_again", True, True, 8), ("bf16_lora_again", False, True, 8)):
-        g = two_expert_graph(name, seed=seed, high="gpu_wan_high.safetensors", low="gpu_wan_low.safetensors", **GRAPH)
+        g = two_expert_graph(name, seed=seed, high="gpu_wan_high.safetensors", low="gpu_wan_low.safetensors", **graph)
         models = {"high": ["2", 0], "low": ["3", 0]}
         for expert, node, sampling in (("high", "10", "4"), ("low", "11", "5")):
             if w4a4:
@@ -102,15 +102,19 @@ def gpu_models(tmp_path_factory):
     return root
 
 
+def _install(server, root: Path) -> None:
+    for f in root.glob("gpu_wan_*.safetensors"):
+        shutil.copy(f, server.models_dir / "diffusion_models")
+    for sub, pattern in (("w4a4", "gpu_high.safetensors"), ("w4a4", "gpu_low.safetensors"),
+                         ("loras", "gpu_lora_*.safetensors")):
+        (server.models_dir / sub).mkdir(exist_ok=True)
+        for f in root.glob(pattern):
+            shutil.copy(f, server.models_dir / sub)
+
+
 def _run_mode(start_server, root: Path, mode: str, tmp_path: Path) -> dict:
     with start_server(tmp_path / mode, *MODES[mode], cpu=False) as server:
-        for f in root.glob("gpu_wan_*.safetensors"):
-            shutil.copy(f, server.models_dir / "diffusion_models")
-        for sub, pattern in (("w4a4", "gpu_high.safetensors"), ("w4a4", "gpu_low.safetensors"),
-                             ("loras", "gpu_lora_*.safetensors")):
-            (server.models_dir / sub).mkdir(exist_ok=True)
-            for f in root.glob(pattern):
-                shutil.copy(f, server.models_dir / sub)
+        _install(server, root)
         latents = {name: _saved(server, server.run_prompt(g, timeout=600)) for name, g in _prompts()}
         return {"latents": latents, "log": server.log()}
 
@@ -195,3 +199,24 @@ def test_calibrate_node_in_main_py_on_gpu(start_comfy_server, gpu_models, tmp_pa
     db = nm.sqnr_db(ref.float(), calibrated.float())
     print(f"calibrated W4A4 vs BF16: {db:.1f} dB")
     assert db > W4A4_VS_BF16_FLOOR_DB and not torch.equal(ref, calibrated)
+
+
+# 5 latent frames of 32 x 32 tokens, cond and uncond in one call: 10 240 tokens, above nodes/rowwise.py's MIN_TOKENS
+ROWWISE_GRAPH = dict(GRAPH, width=512, height=512, length=17, steps=2, split=1)
+
+
+def test_blocks_addcmul_in_main_py_on_gpu(start_comfy_server, gpu_models, tmp_path, monkeypatch):
+    """The blocks' torch.addcmul calls in Triton (nodes/rowwise.py) under the real launcher's defaults: the server
+    says it ran them, and the W4A4 latent is bit for bit the one of a server started with WAN_W4A4_ROWWISE=0."""
+    graph = dict(_prompts(ROWWISE_GRAPH))["w4a4"]
+    runs = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("WAN_W4A4_ROWWISE", setting)
+        with start_comfy_server(tmp_path / f"rowwise_{setting}", cpu=False) as server:
+            _install(server, gpu_models)
+            runs[setting] = (_saved(server, server.run_prompt(graph, timeout=600)), server.log())
+    (on, log_on), (off, log_off) = runs["1"], runs["0"]
+    said = "ran in Triton (nodes/rowwise.py)"
+    assert said in log_on, log_on[-3000:]
+    assert said not in log_off
+    assert torch.equal(on, off)
