@@ -64,6 +64,8 @@ def rowwise_reason(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> str | N
         return "triton is not installed"
     if not all(isinstance(t, torch.Tensor) and t.is_cuda and t.device == b.device for t in (a, b, c)):
         return "the operands are not all on one CUDA device"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, c)):
+        return "an operand requires grad (the kernel has no backward)"
     return form_reason(a, b, c)
 
 

@@ -56,3 +56,9 @@ def test_other_forms_are_left_to_torch_and_say_why():
         assert reason and words in reason, (words, reason)
         assert torch.equal(kernels.addcmul(*args), torch.addcmul(*args))
     assert "CUDA" in kernels.addcmul_reason(x.cpu(), y, e[2])
+    w = y.clone().requires_grad_()
+    assert "grad" in kernels.addcmul_reason(x, w, e[2])
+    torch.addcmul(x, kernels.addcmul(x, w, e[2]), e[2]).sum().backward()  # torch's own call: autograd works
+    assert w.grad is not None
+    with torch.no_grad():
+        assert kernels.addcmul_reason(x, w, e[2]) is None
