@@ -222,14 +222,16 @@ def main(out_path=None):
     # what sampling passes (comfy/sampler_helpers.py merges the patcher's wrappers into the transformer options)
     options = {**m.model_options["transformer_options"], "wrappers": m.wrappers}
     before = wrapper.taken
-    on = m.model.apply_model(xin, sigma, c_concat=concat, c_crossattn=pos[0][0].to(DEV), transformer_options=options)
-    res["rowwise_taken"] = wrapper.taken - before
-    os.environ[rowwise.ENV] = "0"
-    try:
-        off = m.model.apply_model(xin, sigma, c_concat=concat, c_crossattn=pos[0][0].to(DEV),
-                                  transformer_options=options)
-    finally:
-        del os.environ[rowwise.ENV]
+    with torch.inference_mode():  # as ComfyUI's executor runs every node (the kernel leaves autograd to torch)
+        on = m.model.apply_model(xin, sigma, c_concat=concat, c_crossattn=pos[0][0].to(DEV),
+                                 transformer_options=options)
+        res["rowwise_taken"] = wrapper.taken - before
+        os.environ[rowwise.ENV] = "0"
+        try:
+            off = m.model.apply_model(xin, sigma, c_concat=concat, c_crossattn=pos[0][0].to(DEV),
+                                      transformer_options=options)
+        finally:
+            del os.environ[rowwise.ENV]
     res["rowwise_taken_when_off"] = wrapper.taken - before - res["rowwise_taken"]
     res["rowwise_output_equal"] = bool(torch.equal(on, off))
     print(json.dumps(res, indent=1))
