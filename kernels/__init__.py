@@ -41,19 +41,23 @@ class BackendUnavailable(RuntimeError):
     """A forced backend cannot run this call (the message says why)."""
 
 
-_triton_import: tuple[object | None, str | None] | None = None  # (module, import error), once per process
+_imports: dict[str, tuple[object | None, str | None]] = {}  # module name -> (module, import error), once per process
+
+
+def _lazy(name: str):
+    """``kernels.<name>`` (a Triton module), or (None, why it failed to import). Imported once, on first use."""
+    if name not in _imports:
+        try:
+            _imports[name] = (importlib.import_module(f".{name}", __name__), None)
+        except Exception as e:  # ImportError, or a Triton/driver failure at import time
+            _imports[name] = (None, f"kernels.{name} failed to import: {type(e).__name__}: {e}")
+            log.debug("%s", _imports[name][1])
+    return _imports[name]
 
 
 def _triton_module():
-    """The Triton backend module, or (None, why it failed to import). Imported once, lazily."""
-    global _triton_import
-    if _triton_import is None:
-        try:
-            _triton_import = (importlib.import_module(".triton_w4a4", __name__), None)
-        except Exception as e:  # ImportError, or a Triton/driver failure at import time
-            _triton_import = (None, f"kernels.triton_w4a4 failed to import: {type(e).__name__}: {e}")
-            log.debug("Triton backend unavailable: %s", _triton_import[1])
-    return _triton_import
+    """The Triton backend of the linear (``triton_w4a4``), or (None, why it failed to import)."""
+    return _lazy("triton_w4a4")
 
 
 def _triton_device_reason(device: torch.device) -> str | None:
@@ -144,18 +148,9 @@ def w4a4_linear(x: torch.Tensor, params: W4A4Params, bin_index: int | torch.Tens
     return _BACKENDS[select_backend(x, params, backend)].function()(x, params, bin_index)
 
 
-_rowwise_import: tuple[object | None, str | None] | None = None
-
-
 def _rowwise_module():
-    """``triton_rowwise`` (or None and why it failed to import), imported once, on the first CUDA call."""
-    global _rowwise_import
-    if _rowwise_import is None:
-        try:
-            _rowwise_import = (importlib.import_module(".triton_rowwise", __name__), None)
-        except Exception as e:  # ImportError, or a Triton/driver failure at import time
-            _rowwise_import = (None, f"kernels.triton_rowwise failed to import: {type(e).__name__}: {e}")
-    return _rowwise_import
+    """``triton_rowwise``, or (None, why it failed to import)."""
+    return _lazy("triton_rowwise")
 
 
 def addcmul_reason(a, b, c) -> str | None:

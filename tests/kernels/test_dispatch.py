@@ -31,7 +31,7 @@ def fake_triton(monkeypatch):
     mod.unsupported_reason = lambda x, p: mod.refusal
     mod.w4a4_linear = lambda x, p, b: calls.append((x, p, b)) or "triton-result"
     mod.calls = calls
-    monkeypatch.setattr(kernels, "_triton_import", (mod, None))
+    monkeypatch.setitem(kernels._imports, "triton_w4a4", (mod, None))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     return mod
 
@@ -126,7 +126,7 @@ def test_cuda_input_falls_back_when_the_kernel_refuses(layer, fake_triton, caplo
 
 
 def test_triton_module_that_fails_to_import(layer, monkeypatch):
-    monkeypatch.setattr(kernels, "_triton_import", None)
+    monkeypatch.delitem(kernels._imports, "triton_w4a4", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real_import = kernels.importlib.import_module
 
