@@ -2,18 +2,20 @@
 
 ComfyUI's Wan block (``WanAttentionBlock.forward``, both supported versions) builds the inputs of its self-attention
 and feed-forward as ``torch.addcmul(e0, norm(x), 1 + e1)`` and updates the residual stream as
-``torch.addcmul(x, y, e2)``, four calls per block with the e's broadcast over the tokens, which PyTorch's generic
+``torch.addcmul(x, y, e2)``, four calls per block (and one for the head's modulation) with the e's broadcast over
+the tokens, which PyTorch's generic
 elementwise kernel runs at 0.45-0.6x the bandwidth of ``kernels.addcmul`` (0.23x on 0.3.64's channels-first residual
 stream; ``kernels/triton_rowwise.py`` has the numbers).
 :class:`RowwiseAddcmul` is a keyed ``WrappersMP.APPLY_MODEL`` wrapper (like ``hook.py`` and ``chunking.py``): during
 a large model call it runs ComfyUI's own forward under a ``TorchFunctionMode`` that answers exactly those
 ``torch.addcmul`` calls with ``kernels.addcmul`` (the same bits: tests compare whole samples with and without) and
 passes every other call through untouched. ComfyUI's code is neither copied nor changed, and any ``addcmul`` of
-another form (other dtypes, shapes, ``value=``, ``out=``) is PyTorch's.
+another form (other dtypes, shapes, ``value=``, ``out=``, operands that need autograd: ComfyUI samples in inference
+mode) is PyTorch's.
 
-It stays out of: calls of fewer than ``MIN_TOKENS`` tokens (there the host's cost of the mode, every torch call of
-the model going through it, would show; the kernels' gain is in bandwidth), CPU inputs, models compiled with
-ComfyUI's ``torch.compile`` wrapper, and ``WAN_W4A4_ROWWISE=0`` (A/B measurements).
+It stays out of: calls of fewer than ``MIN_TOKENS`` tokens (every torch call of the model goes through the mode, a
+host cost that few tokens could expose, not measured; the kernel's gain is in bandwidth), CPU inputs, models compiled
+with ComfyUI's ``torch.compile`` wrapper, and ``WAN_W4A4_ROWWISE=0`` (A/B measurements).
 """
 from __future__ import annotations
 
