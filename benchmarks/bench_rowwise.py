@@ -10,23 +10,20 @@ and whether the outputs are equal (values and strides). Wan2.2-A14B's width, bf1
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import _checkout  # noqa: F401,E402  (makes ``import wan_w4a4`` work from a checkout)
 from wan_w4a4 import kernels  # noqa: E402
 
 DIM = 5120  # Wan2.2-A14B
 
 
 def main() -> None:
-    import triton.testing
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="32760,75600")
     args = ap.parse_args()
+    import triton.testing  # GPU machines only: after --help
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, C = {DIM}, bf16, one sample")
     print()
     print("| tokens | form | torch ms | kernels.addcmul ms | ratio | GB/s torch / ours | same bits and strides |")
