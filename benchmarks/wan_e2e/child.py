@@ -200,9 +200,10 @@ def load_expert(args, nodes, loader, i: int, cuda: bool):
         return (loader.load(names["w4a4"], spec["cond_batch"], args.attention)[0],
                 (f"WanW4A4LoadModel('{names['w4a4']}', cond_batch='{spec['cond_batch']}', "
                 f"attention='{args.attention}')"))
-    if args.source == "file":
-        return (nodes.UNETLoader().load_unet(names["bf16"], spec["weight_dtype"])[0],
-                f"UNETLoader('{names['bf16']}', '{spec['weight_dtype']}')")
+    if args.source == "file" or spec.get("file"):
+        file = names[spec.get("file", "bf16")]
+        return (nodes.UNETLoader().load_unet(file, spec["weight_dtype"])[0],
+                f"UNETLoader('{file}', '{spec['weight_dtype']}')")
     sd = random_state_dict(arch_of(args.arch), args.seed + 1 + i, torch.device("cuda" if cuda else "cpu"))
     opts = {}
     if spec["weight_dtype"].startswith("fp8_e4m3fn"):
@@ -246,10 +247,16 @@ def load_experts(args, nodes, cuda: bool) -> tuple[dict, dict]:
                 dm.eval()
                 how += " + diffusion_model.eval()"
             w = next(dm.parameters(), None)
+            # what the block Linears hold (fp8_scaled: 0.33's comfy-kitchen QuantizedTensor, 0.3.64's float8
+            # Parameter; W4A4 layers none), read without the W4A4 layer's refusing ``weight`` attribute
+            q = dm.blocks[0].self_attn.q._parameters.get("weight")
             loads[expert] = {"s": round(time.perf_counter() - t0, 2), "how": how,
                              "created_on": str(w.device) if w is not None else "?",
                              "model_size_gib": gib(experts[expert].model_size()),
                              "training_mode": dm.training,  # 0.3.64's fp8_e4m3fn_fast fp8 matmul needs False
+                             "block_weight": "none" if q is None else " ".join(
+                                 [type(q).__name__, str(q.dtype)] + [str(t.dtype) for t in q.__dict__.values()
+                                                                      if isinstance(t, torch.Tensor)]),
                              "host_rss_gib": host_rss_gib()}
             log.info("%s: %s expert loaded in %.1f s (%s, %.2f GiB)", name, expert, loads[expert]["s"], how,
                      loads[expert]["model_size_gib"])

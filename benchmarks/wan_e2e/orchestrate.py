@@ -197,8 +197,11 @@ def run_children(args, meta: dict, deadline: float | None) -> tuple[dict, dict]:
     timing; fills ``meta`` with what generation did and each child's wall time, and writes the JSON
     after each configuration so that a run stopped later keeps what finished."""
     calib_bf16 = args.calibrate and args.calib_source == "bf16"
-    need_bf16 = args.source == "file" and (any(not is_w4a4(c) for c in args.configs) or calib_bf16)
-    need_fp8 = args.calibrate and args.calib_source == "fp8_scaled"  # whatever --source says: a file is the source
+    need_bf16 = args.source == "file" and (any(not is_w4a4(c) and not CONFIGS[c].get("file") for c in args.configs)
+                                           or calib_bf16)
+    # whatever --source says, an fp8_scaled source is a file
+    need_fp8 = (args.calibrate and args.calib_source == "fp8_scaled") or any(
+        CONFIGS[c].get("file") == "fp8_scaled" for c in args.configs)
     need_w4a4 = any(is_w4a4(c) for c in args.configs)
     need_lora = any(CONFIGS[c].get("lora_rank") for c in args.configs)
     results, calib = {}, {}

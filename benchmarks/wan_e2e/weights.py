@@ -162,8 +162,10 @@ def bf16_header(shapes: dict, metadata: dict) -> bytes:
 
 # ComfyUI's fp8_scaled files (the official Wan2.2 ``*_fp8_scaled`` experts), as both supported versions
 # read them (calibration/capture.py, ``stored_weight``): a marker tensor ``scaled_fp8`` of the fp8 dtype
-# (empty: no fp8 matmuls asked for), every Linear weight (2-D ``.weight``) in float8_e4m3fn with a
-# float32 ``scale_weight`` = max|w| / 448 and ``scale_input`` = 1, everything else as it was.
+# (empty; a 2-element marker would ask both versions for 16-bit matmuls, any other size for fp8 matmuls
+# where the GPU has them: ComfyUI 0.3.64's model_detection, 0.33's utils.convert_old_quants), every Linear
+# weight (2-D ``.weight``) in float8_e4m3fn with a float32 ``scale_weight`` = max|w| / 448 and
+# ``scale_input`` = 1, everything else as it was.
 FP8_MAX = 448.0
 FP8_MARKER = "scaled_fp8"
 
