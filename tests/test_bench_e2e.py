@@ -172,6 +172,15 @@ def test_profile_summary_and_report():
     assert "| call wall time | 1050.0 |" in md and "Top kernels, w4a4" in md and "bf16" not in md
 
 
+def test_gpu_busy_is_the_union_of_kernel_intervals():
+    """The GPU's busy time in a profiled call: overlapping kernels (two streams) count once, gaps not at
+    all; span runs from the first start to the last end."""
+    busy_ms = _bench("profiling").busy_ms
+    assert busy_ms([]) == (0.0, 0.0)
+    assert busy_ms([(0, 1000), (500, 1500), (3000, 4000), (3200, 3300)]) == (2.5, 4.0)
+    assert busy_ms([(3000, 4000), (0, 1000)]) == (2.0, 4.0)
+
+
 def test_lora_cost_uses_exact_bytes():
     """The LoRA's cost is about its own size (0.571 GiB), so GiB to 3 decimals (+-1 MiB) cannot show it:
     with exact bytes recorded the report gives MiB from them; older runs keep the GiB numbers. The

@@ -85,7 +85,10 @@ class StepTimer:
             alloc0 = torch.cuda.memory_allocated() if self.cuda else None
             prof = None
             if self.cuda and key == self.profile_at and self.profile is None and self.calls:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                # WAN_BENCH_TRACE=<folder>: also the host side, and the call's Chrome trace written there
+                acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU]
+                                                                  if os.environ.get("WAN_BENCH_TRACE") else [])
+                prof = torch.profiler.profile(activities=acts)
                 prof.__enter__()
             t0 = time.perf_counter()
             out = executor(*args, **kwargs)
@@ -95,6 +98,10 @@ class StepTimer:
                 prof.__exit__(None, None, None)
                 self.profile = {"mode": self.mode, "stage": self.stage, "expert": expert, "batch": int(x.shape[0]),
                                 "wall_s": round(dt, 4), **kernel_profile(prof)}
+                if os.environ.get("WAN_BENCH_TRACE"):
+                    path = os.path.join(os.environ["WAN_BENCH_TRACE"], f"trace_{expert}_{os.getpid()}.json")
+                    prof.export_chrome_trace(path)
+                    self.profile["trace"] = path
             self.sample_device_used()
             sigma = float(t.reshape(-1)[0])
             self.calls.append({"mode": self.mode, "stage": self.stage, "expert": expert, "sigma": round(sigma, 5),

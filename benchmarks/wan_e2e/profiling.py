@@ -24,6 +24,32 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
+def busy_ms(intervals) -> tuple[float, float]:
+    """(union, span) in ms of kernel (start_us, end_us) intervals on any stream: the time the GPU ran
+    something, and the time from the first kernel's start to the last one's end. span - union is the
+    GPU's idle time inside the call (waiting for the host, or for a copy no kernel overlaps)."""
+    union, first, last, end = 0.0, None, None, None
+    for s, e in sorted(intervals):
+        first = s if first is None else first
+        last = e if last is None else max(last, e)
+        if end is None or s > end:
+            union += e - s
+            end = e
+        elif e > end:
+            union += e - end
+            end = e
+    return round(union / 1000, 2), round(((last - first) if first is not None else 0.0) / 1000, 2)
+
+
+def kernel_intervals(prof) -> list:
+    """(start_us, end_us) of every device event of a torch.profiler run (kernels and copies)."""
+    events = getattr(prof, "events", None)
+    if not callable(events):
+        return []
+    return [(e.time_range.start, e.time_range.end) for e in events()
+            if "CUDA" in str(getattr(e, "device_type", "")) and getattr(e, "time_range", None) is not None]
+
+
 def kernel_profile(prof, top: int = 15) -> dict:
     """GPU time of one profiled call: total, per kernel family, and the top kernels (self device time)."""
     kernels = []
@@ -40,7 +66,8 @@ def kernel_profile(prof, top: int = 15) -> dict:
         f["ms"] += k["ms"]
         f["calls"] += k["calls"]
     kernels.sort(key=lambda k: -k["ms"])
-    return {"gpu_ms": round(total, 2),
+    busy = busy_ms(kernel_intervals(prof))
+    return {"gpu_ms": round(total, 2), "gpu_busy_ms": busy[0], "gpu_span_ms": busy[1],
             "families": {f: {"ms": round(v["ms"], 2), "share": round(v["ms"] / total, 4), "calls": v["calls"]}
                          for f, v in sorted(families.items(), key=lambda kv: -kv[1]["ms"])},
             "top": [{**k, "family": kernel_family(k["name"]), "share": round(k["ms"] / total, 4)}

@@ -225,6 +225,10 @@ def profile_md(results: dict) -> str:
                                                   for x in cells) + " |")
     lines.append("| **all kernels** | " + " | ".join(f"**{prof[c]['gpu_ms']:.1f}**" for c in prof) + " |")
     lines.append("| call wall time | " + " | ".join(f"{1000 * prof[c]['wall_s']:.1f}" for c in prof) + " |")
+    if any("gpu_busy_ms" in prof[c] for c in prof):  # runs before the busy time was recorded have none
+        lines.append("| GPU busy (any stream) / first-to-last kernel | "
+                     + " | ".join(f"{prof[c].get('gpu_busy_ms', '–')} / {prof[c].get('gpu_span_ms', '–')}"
+                                  for c in prof) + " |")
     lines.append("| batch | " + " | ".join(str(prof[c]["batch"]) for c in prof) + " |")
     for c, p in prof.items():
         lines += ["", f"Top kernels, {c}:", "", "| kernel | family | calls | ms | share |", "|---|---|---|---|---|"]
