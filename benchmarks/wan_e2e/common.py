@@ -50,12 +50,11 @@ CONFIGS = {
     "fp8_fast_eval": {"loader": "UNETLoader", "weight_dtype": "fp8_e4m3fn_fast", "cond_batch": "batched",
                       "eval": True},
     # What most users run as fp8: ComfyUI's fp8_scaled file (the layout of the official Wan2.2
-    # ``*_fp8_scaled`` experts, weights.fp8_scaled_tensors) loaded with weight_dtype "default". Its marker
-    # asks for fp8 matmuls (weights.py), which ComfyUI 0.33 runs through comfy-kitchen's fp8 layout
-    # (per-tensor activation scale found per call) and 0.3.64 through its scaled fp8 ops in eval mode only,
-    # hence eval as for fp8_fast_eval. Always read from its file, as ComfyUI's loader reads it.
-    "fp8_scaled": {"loader": "UNETLoader", "weight_dtype": "default", "file": "fp8_scaled", "cond_batch": "batched",
-                   "eval": True},
+    # ``*_fp8_scaled`` experts, weights.fp8_scaled_tensors) loaded with weight_dtype "default", as a user
+    # loads it. Its marker asks for fp8 matmuls (weights.py), which ComfyUI 0.33 runs through comfy-kitchen's
+    # fp8 layout (per-tensor activation scale found per call) and 0.3.64 through its scaled fp8 ops, which
+    # (unlike its fp8_e4m3fn_fast) do not look at the training mode. Always read from its file.
+    "fp8_scaled": {"loader": "UNETLoader", "weight_dtype": "default", "file": "fp8_scaled", "cond_batch": "batched"},
     "w4a4": {"loader": "WanW4A4LoadModel", "weight_dtype": "w4a4 checkpoint", "cond_batch": "auto"},
     # references: the same cond/uncond split on BF16 (like for like), W4A4 without it
     "bf16_split": {"loader": "UNETLoader", "weight_dtype": "default", "cond_batch": "auto"},
