@@ -95,8 +95,8 @@ def test_bench_e2e_tiny_cpu(comfyui, tmp_path):
     assert p.returncode == 1  # a configuration without result is a failure of the run
 
     # The fp8_scaled configuration writes and reads its own file (no BF16 file needed), as a user loads it. One expert
-    # at a time, as the GPU runs: on the CPU ComfyUI 0.33's partial load of a second fp8_scaled model fails inside
-    # ComfyUI (ops._quantized_apply: "Cannot set version_counter for inference tensor").
+    # at a time, as the GPU runs: on the CPU, ComfyUI 0.33's default memory mode fails inside ComfyUI when it partially
+    # loads an fp8_scaled expert (ops._quantized_apply: "Cannot set version_counter for inference tensor").
     p = run_bench(comfyui, tmp_path / "work8", "--config", "fp8_scaled", "--memory", "one-expert",
                   "--json", str(out_json), "--results-md", "none")
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]

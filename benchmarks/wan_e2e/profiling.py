@@ -51,7 +51,8 @@ def kernel_intervals(prof) -> list:
 
 
 def kernel_profile(prof, top: int = 15) -> dict:
-    """GPU time of one profiled call: total, per kernel family, and the top kernels (self device time)."""
+    """GPU time of one profiled call: total, per kernel family, and the top kernels (self device time);
+    the busy time and span of its device events (``busy_ms``)."""
     kernels = []
     for e in prof.key_averages():
         t_us = getattr(e, "self_device_time_total", None)
