@@ -228,3 +228,38 @@ def test_a_dying_rank_stops_the_run_and_its_work_resumes_with_one_process(runs, 
     assert _same_state(out / "tiny_high.safetensors", runs[2] / "tiny_high.safetensors")
     assert _same_state(out / "tiny_low.safetensors", runs[1] / "tiny_low.safetensors")
     assert not work.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.comfyui
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL)")
+def test_two_gpus_give_the_states_of_one(comfyui, tiny_wan_checkpoints, tmp_path):
+    """The NCCL path: the same calibration on one GPU and on two (one process per GPU under torchrun) gives the
+    same clip choices and smoothing, and 4-bit codes that differ only where GPTQ sees the reordered Hessian sums
+    (the bound of the CPU test). Both runs are new processes: the test's own ComfyUI runs on the CPU."""
+    ck = tiny_wan_checkpoints
+    base = ["--high", str(ck["high"]), "--low", str(ck["low"]), *[f for f in FLAGS if f != "--cpu"]]
+    out = {n: tmp_path / f"gpus{n}" for n in (1, 2)}
+    for n in (1, 2):
+        r = _cli([*base, "--out", str(out[n])], comfyui, nproc=n)
+        assert r.returncode == 0, r.stderr[-3000:]
+        if n == 2:
+            assert "rank 0 of 2 (local rank 0): process group up (nccl)" in r.stderr, r.stderr[-3000:]
+    codes = differ = 0
+    for expert in ("high", "low"):
+        one, meta1 = fmt.load_state(out[1] / f"tiny_{expert}.safetensors")
+        two, meta2 = fmt.load_state(out[2] / f"tiny_{expert}.safetensors")
+        assert one.keys() == two.keys() and meta1 == meta2
+        for name, p in one.items():
+            q = two[name]
+            assert torch.equal(p.clip, q.clip), (expert, name)
+            assert torch.equal(p.smooth, q.smooth), (expert, name)
+            a, b = numerics.unpack_int4(p.qweight), numerics.unpack_int4(q.qweight)
+            codes += a.numel()
+            differ += int((a != b).sum())
+    print(f"\n4-bit codes that differ between 1 and 2 GPUs: {differ} of {codes} ({differ / codes:.2e})")
+    assert differ / codes <= MAX_CODE_DIFF
+    r1, r2 = (json.loads((out[n] / "tiny_report.json").read_text()) for n in (1, 2))
+    for expert in ("high", "low"):
+        assert r1["experts"][expert]["bin_rows"] == r2["experts"][expert]["bin_rows"]
+        assert r1["experts"][expert]["timesteps"] == r2["experts"][expert]["timesteps"]
