@@ -173,6 +173,21 @@ def test_profile_summary_and_report():
     assert "| call wall time | 1050.0 |" in md and "Top kernels, w4a4" in md and "bf16" not in md
 
 
+def test_profile_call_picks_the_stages_nth_call_and_never_the_process_first():
+    """--profile-call N: the N-th call of the stage (the default, 1, its first), or the next warm one when that
+    is the process's first call (which compiles the kernels); the report says which call it was."""
+    due = _bench("child").profile_due
+    assert [due(n, 1, True) for n in range(3)] == [True, True, True]  # the caller stops after one profile
+    assert not due(0, 1, False) and due(1, 1, True)
+    assert [due(n, 3, True) for n in range(4)] == [False, False, True, True]
+    md = _bench("report").profile_md({"w4a4": {"profile": {
+        "families": {}, "gpu_ms": 1.0, "top": [], "mode": "one-expert", "stage": "low", "call": 3, "expert": "low",
+        "batch": 1, "wall_s": 0.1}}})
+    assert "call 3 of the low stage" in md
+    with pytest.raises(SystemExit):
+        _bench("cli").parse_args(["--config", "w4a4", "--profile", "--profile-call", "0"])
+
+
 def test_gpu_busy_is_the_union_of_kernel_intervals():
     """The GPU's busy time in a profiled call: overlapping kernels (two streams) count once, gaps not at
     all; span runs from the first start to the last end."""

@@ -37,14 +37,22 @@ from .weights import bytes_lora_bf16, random_state_dict
 log = logging.getLogger(__name__)
 
 
+def profile_due(calls_before: int, profile_call: int, warm: bool) -> bool:
+    """Whether the next model call of the profiled stage runs under the profiler: call number ``profile_call``
+    (1-based) of the stage, or the first after it when that one was the process's first (``warm`` False: it
+    compiles the kernels; the stage's calls before it are ``calls_before``)."""
+    return warm and calls_before + 1 >= profile_call
+
+
 class StepTimer:
     """Keyed APPLY_MODEL wrapper: times every model call (cuda.synchronize before and after) and
     records, on the first call of each stage, which experts ComfyUI holds on the GPU."""
 
-    def __init__(self, cuda: bool, bases: dict, profile_at: tuple | None = None):
+    def __init__(self, cuda: bool, bases: dict, profile_at: tuple | None = None, profile_call: int = 1):
         self.cuda = cuda
         self.bases = bases  # expert -> BaseModel, to name ComfyUI's loaded models
-        self.profile_at = profile_at  # (mode, stage) whose first model call runs under torch.profiler
+        self.profile_at = profile_at  # (mode, stage) whose model call number profile_call runs under torch.profiler
+        self.profile_call = profile_call
         self.profile: dict | None = None
         self.calls: list[dict] = []
         self.mode = self.stage = None
@@ -84,7 +92,9 @@ class StepTimer:
             self._sync()
             alloc0 = torch.cuda.memory_allocated() if self.cuda else None
             prof = None
-            if self.cuda and key == self.profile_at and self.profile is None and self.calls:
+            in_stage = sum(1 for c in self.calls if (c["mode"], c["stage"]) == key)
+            if (self.cuda and key == self.profile_at and self.profile is None
+                    and profile_due(in_stage, self.profile_call, bool(self.calls))):
                 # WAN_BENCH_TRACE=<folder>: also the host side, and the call's Chrome trace written there
                 acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU]
                                                                   if os.environ.get("WAN_BENCH_TRACE") else [])
@@ -96,7 +106,8 @@ class StepTimer:
             dt = time.perf_counter() - t0
             if prof is not None:
                 prof.__exit__(None, None, None)
-                self.profile = {"mode": self.mode, "stage": self.stage, "expert": expert, "batch": int(x.shape[0]),
+                self.profile = {"mode": self.mode, "stage": self.stage, "call": in_stage + 1, "expert": expert,
+                                "batch": int(x.shape[0]),
                                 "wall_s": round(dt, 4), **kernel_profile(prof)}
                 if os.environ.get("WAN_BENCH_TRACE"):
                     path = os.path.join(os.environ["WAN_BENCH_TRACE"], f"trace_{expert}_{os.getpid()}.json")
@@ -354,8 +365,9 @@ def run_config(args, result: dict) -> dict:
     result["load_peak_alloc_gib"] = gib(torch.cuda.max_memory_allocated()) if cuda else None
 
     bases = {e: m.model for e, m in experts.items()}
-    # --profile: the first model call of the low stage in the last memory mode (a warm, late call)
-    timer = StepTimer(cuda, bases, profile_at=(modes[-1], "low") if args.profile else None)
+    # --profile: model call --profile-call (default the first) of the low stage in the last memory mode
+    timer = StepTimer(cuda, bases, profile_at=(modes[-1], "low") if args.profile else None,
+                      profile_call=args.profile_call)
     shifted = {}
     shift_node = nodes.NODE_CLASS_MAPPINGS["ModelSamplingSD3"]()
     for e, m in experts.items():

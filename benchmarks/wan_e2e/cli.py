@@ -45,6 +45,9 @@ def parse_args(argv=None, description: str = DESCRIPTION):
     p.add_argument("--profile", action="store_true",
                    help="profile one model call per configuration (torch.profiler, CUDA kernels): GPU time per "
                         "kernel family and the top kernels; that call is left out of the step times")
+    p.add_argument("--profile-call", type=int, default=1, metavar="N",
+                   help="with --profile: profile the N-th model call of the low stage (default 1, the stage's first, "
+                        "which also moves the expert's weights in; a later one shows a warm step's kernels)")
     c = p.add_argument_group("calibration timing")
     c.add_argument("--calibrate", action="store_true", help="also time calibration of both experts")
     c.add_argument("--calib-items", type=int, default=2)
@@ -83,6 +86,8 @@ def parse_args(argv=None, description: str = DESCRIPTION):
     for what, f in (("--frames", args.frames), ("--calib-frames", args.calib_frames)):
         if f < 1 or (f - 1) % 4:
             p.error(f"{what} must be 1 + 4k (Wan's temporal compression), got {f}")
+    if args.profile_call < 1:
+        p.error(f"--profile-call counts from 1, got {args.profile_call}")
     if args.steps < 2:
         p.error(f"--steps must be >= 2 so that each expert gets a step (split at t=900), got {args.steps}")
     args.memory = [m.strip() for m in args.memory.split(",") if m.strip()]

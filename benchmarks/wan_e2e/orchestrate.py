@@ -73,7 +73,7 @@ def child_cmd(args, kind: str, out_json: Path, config: str | None = None) -> lis
     if args.cpu:
         cmd.append("--cpu")
     if args.profile:
-        cmd.append("--profile")
+        cmd += ["--profile", "--profile-call", str(args.profile_call)]
     if args.dynamic_vram:
         cmd.append("--dynamic-vram")
     if config:

@@ -213,7 +213,8 @@ def profile_md(results: dict) -> str:
         return ""
     any_p = next(iter(prof.values()))
     fams = [f for f, _ in KERNEL_FAMILIES] + ["other"]
-    lines = [(f"Profile of one model call ({any_p['mode']} mode, first call of the {any_p['stage']} stage; "
+    which = "first call" if any_p.get("call", 1) == 1 else f"call {any_p['call']}"
+    lines = [(f"Profile of one model call ({any_p['mode']} mode, {which} of the {any_p['stage']} stage; "
              f"torch.profiler, CUDA kernels' self time; that call is not in the step times). Batch 2 = cond and "
              f"uncond in one call (a whole step), batch 1 = half a step (cond_batch split):"), "",
              "| kernel family | " + " | ".join(f"{c} ms (share)" for c in prof) + " |",
