@@ -152,6 +152,9 @@ SWEEP = [  # expand path (int8 GEMM); BK is the K step
     dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=5, async_wgmma=True),
     # the warp-specialised Gluon kernel (the default there: triton_w4a4.gemm_config)
     dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4, async_wgmma=True, warp_specialized=True),
+    # the ping-pong Gluon kernel (two consumer warpgroups taking tiles in turn), four and five stages
+    dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4, async_wgmma=True, ping_pong=True),
+    dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=5, async_wgmma=True, ping_pong=True),
 ]
 
 
@@ -209,6 +212,7 @@ def speed_table(sweep: bool):
                 tma_only = cfg.get("persistent") or cfg.get("async_wgmma")
                 for tma in ((True,) if tma_only else (False, True)):
                     kind = ("-persistent" if cfg.get("persistent")
+                            else "-pp" if cfg.get("async_wgmma") and tw.gg.ping_pong(cfg, tw._rank_pad(p.rank))
                             else "-ws" if cfg.get("async_wgmma") and tw.gg.warp_specialized(cfg, tw._rank_pad(p.rank))
                             else "-async" if cfg.get("async_wgmma") else "-tma" if tma else "")
                     tag = f"i8{kind} {cfg['BM']}x{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"

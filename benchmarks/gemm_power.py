@@ -16,9 +16,10 @@ tokens are left out. The configurations:
 - ``w4a4``: the pack's int8 GEMM over expanded weights, with its epilogue (scales, rank-32 low-rank, bias),
   in the row passes the layer runs (``pass_rows``), fp16 out, as ComfyUI loads Wan (benchmarks/RESULTS.md).
   The activation quantizer and the weight expansion are not included: this is the GEMM alone.
-  On an H200 it is the warp-specialised Gluon kernel with its MMAs in flight across K steps
-  (``kernels/gluon_gemm.py``); ``w4a4_async`` is its one-tile-per-program kernel, ``w4a4_ws3`` the first
-  with three stages;
+  On an H200 it is the warp-specialised Gluon kernel of 256 x 128 tiles with its MMAs in flight across K steps
+  (``kernels/gluon_gemm.py``; ``w4a4_ws`` the same), ``w4a4_ws3`` that with three stages, ``w4a4_async`` its
+  one-tile-per-program kernel; ``w4a4_pp`` / ``w4a4_pp5`` / ``w4a4_pp3``: the ping-pong kernel (two consumer
+  warpgroups taking 128 x 128 tiles in turn, ``WAN_W4A4_GEMM=pp``) with four / five / three stages;
 - ``w4a4_triton``: the same with Triton's tile kernel (what runs off Hopper, or with ``WAN_W4A4_GEMM=triton``);
 - ``w4a4_persistent``: the Triton kernel as a persistent kernel (a configuration option, not the default);
 - ``w4a4_async_bk64`` / ``w4a4_async_128``: the Gluon kernel with K steps of 64 (six stages) or 128-row tiles
@@ -33,9 +34,10 @@ tokens are left out. The configurations:
   Triton's mainloop itself reaches cuBLAS's work per clock on 8-bit operands.
 - ``gluon_int8_plain`` / ``gluon_fp8_plain``: the same for the Gluon kernel's mainloop (``gluon_gemm._mainloop``),
   whose loop on fp8 compiles to the instructions of Triton's fp8 loop: does int8 reach fp8's work per clock there?
-- ``*_rows`` (``w4a4_rows``, ``w4a4_async_rows``, ``gluon_int8_plain_rows``, ``gluon_fp8_plain_rows``): the same
-  kernels with their tiles stored in whole rows through shared memory (``gluon_gemm.STORE_ROWS``), as Triton's own
-  epilogue stores them, against each thread storing the wgmma layout's 4-byte pairs.
+- ``*_rows`` (``w4a4_rows``: the warp-specialised kernel, ``w4a4_async_rows``, ``gluon_int8_plain_rows``,
+  ``gluon_fp8_plain_rows``): the same kernels with their tiles stored in whole rows through shared memory
+  (``gluon_gemm.STORE_ROWS``), as Triton's own epilogue stores them, against each thread storing the wgmma layout's
+  4-byte pairs.
 
 nvidia-smi is sampled every 100 ms; the first second of each run is dropped. The table gives the TOP/s of the
 run's second half, the median SM clock and power, TOP/J, and the work per clock as a share of the dense peak
@@ -253,7 +255,7 @@ def block_functions(dev: str) -> dict:
     here = tw.async_wgmma_available(torch.cuda.get_device_capability(dev))
     kernels = {False: (_plain_tma_gemm(), tw.gemm_config(TOKENS))}
     if here:
-        kernels[True] = (_plain_gluon_gemm(), tw.gemm_config(TOKENS, async_wgmma=True))
+        kernels[True] = (_plain_gluon_gemm(), dict(gg.CONFIG, async_wgmma=True))  # the 256 x 128 tiles
     operands = {}
     for k, n in set(BLOCK):
         _, w8, _, (xq, _, _), _ = layers[(k, n)]
@@ -285,16 +287,22 @@ def block_functions(dev: str) -> dict:
              "w4a4_persistent": (w4a4(persistent=True), 1, 1.0), "fp8": (fp8, 2, 1.0), "fp16": (fp16, 2, 0.5),
              "triton_int8_plain": (plain(True), 1, 1.0), "triton_fp8_plain": (plain(False), 1, 1.0)}
     if here:  # the Gluon kernel's rows: Hopper only (off it they would time Triton's kernel under their names)
-        one_tile = dict(warp_specialized=False)  # gluon_gemm._gemm_i8_async_kernel
-        funcs.update({"w4a4_async_bk64": (w4a4(True, BK=64, num_stages=6, **one_tile), 1, 1.0),
-                      "w4a4_async_128": (w4a4(True, BM=128, num_stages=5, num_warps=4, **one_tile), 1, 1.0),
-                      "w4a4_async_128x2": (w4a4(True, BM=128, num_stages=3, num_warps=4, **one_tile), 1, 1.0),
+        ws = dict(gg.CONFIG, warp_specialized=True, ping_pong=False)  # gluon_gemm._gemm_i8_ws_kernel
+        one_tile = dict(gg.CONFIG, warp_specialized=False, ping_pong=False)  # gluon_gemm._gemm_i8_async_kernel
+        pp = dict(gg.PP_CONFIG, ping_pong=True)  # gluon_gemm._gemm_i8_pp_kernel
+        funcs.update({"w4a4_async_bk64": (w4a4(True, **dict(one_tile, BK=64, num_stages=6)), 1, 1.0),
+                      "w4a4_async_128": (w4a4(True, **dict(one_tile, BM=128, num_stages=5, num_warps=4)), 1, 1.0),
+                      "w4a4_async_128x2": (w4a4(True, **dict(one_tile, BM=128, num_stages=3, num_warps=4)), 1, 1.0),
                       "w4a4_async": (w4a4(True, **one_tile), 1, 1.0),
-                      "w4a4_ws3": (w4a4(True, num_stages=3), 1, 1.0),
+                      "w4a4_ws": (w4a4(True, **ws), 1, 1.0),
+                      "w4a4_ws3": (w4a4(True, **dict(ws, num_stages=3)), 1, 1.0),
+                      "w4a4_pp": (w4a4(True, **pp), 1, 1.0),
+                      "w4a4_pp5": (w4a4(True, **dict(pp, num_stages=5)), 1, 1.0),
+                      "w4a4_pp3": (w4a4(True, **dict(pp, num_stages=3)), 1, 1.0),
                       "gluon_int8_plain": (plain(True, gluon=True), 1, 1.0),
                       "gluon_fp8_plain": (plain(False, gluon=True), 1, 1.0),
-                      "w4a4_rows": (w4a4(True, store_rows=True), 1, 1.0),
-                      "w4a4_async_rows": (w4a4(True, store_rows=True, **one_tile), 1, 1.0),
+                      "w4a4_rows": (w4a4(True, **dict(ws, store_rows=True)), 1, 1.0),
+                      "w4a4_async_rows": (w4a4(True, **dict(one_tile, store_rows=True)), 1, 1.0),
                       "gluon_int8_plain_rows": (plain(True, gluon=True, rows=True), 1, 1.0),
                       "gluon_fp8_plain_rows": (plain(False, gluon=True, rows=True), 1, 1.0)})
     return funcs

@@ -14,13 +14,16 @@ ring for the next tile while the MMA warps run this tile's epilogue. The second 
 against the first's 72 %, and took 3 % off the GEMM in a Wan step (kernels/README.md, session 14), so it is the
 default wherever its shared memory fits (``warp_specialized``). Both store their output tiles in whole rows through
 shared memory (``STORE_ROWS``): 74 -> 81 % of the peak per clock for the warp-specialised kernel, 6 % less GEMM time
-in a Wan step (kernels/README.md, session 18).
+in a Wan step (kernels/README.md, session 18). A third, ``_gemm_i8_pp_kernel``, has two consumer warpgroups take
+128 x 128 tiles in turn (a ping-pong schedule: one's epilogue under the other's MMAs): 86-88 % of the peak per clock
+against 81 %, but 4 % fewer operations per joule, and under the H200's power cap 3 % more GEMM time in a Wan step, so
+it runs only with ``WAN_W4A4_GEMM=pp`` (kernels/README.md, session 22).
 
 Same function as the Triton kernels, bit for bit (tests/kernels/test_gluon_gemm.py): int8 x int8 -> exact
 int32, then the epilogue in ``triton_w4a4._epilogue``'s order: ((acc + offset * wsum) * sx) * sw, + u @ L2 as a
 bf16 wgmma accumulating into that fp32 tile, + bias. ``triton_w4a4.gemm`` launches it (``gemm_config`` says
 when); this module holds the kernel, its tiles and its TMA descriptors. ``python -m wan_w4a4.kernels.gluon_gemm``
-compiles both kernels for sm_90 without a GPU and prints the waits of their loops.
+compiles the kernels for sm_90 without a GPU and prints the waits of their loops.
 
 Hopper only: ``warpgroup_mma`` is sm_90's instruction (Blackwell has tcgen05 instead). Gluon is Triton's
 experimental dialect, used here as Triton 3.6 has it: with no Triton or an older one ``gluon`` is None, and a later
@@ -243,6 +246,79 @@ if gluon is not None:
         ], [1], [LOAD_REGS])
 
 
+    @gluon.jit
+    def _pp_mma_partition(a_smem, b_smem, ready, empty, order, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr,
+                          y_ptr, M, N, K, R, stride_ym, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                          GROUP_M: gl.constexpr, R_PAD: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr,
+                          OFFSET: gl.constexpr, STORE_ROWS: gl.constexpr, PART: gl.constexpr):
+        """One of the ping-pong kernel's two consumer warpgroups: this program's tiles of one parity (PART), each
+        mainloop after the other warpgroup's previous one, so the two run their mainloops in turn and each one's
+        epilogue overlaps the other's MMAs. The ring is shared: tile i of the program reads stages from i * k_tiles
+        on. The turn-taking (``order``) also keeps each wait on ``ready`` at most one phase ahead of the barrier,
+        which is what waits on a phase's parity need."""
+        STAGES: gl.constexpr = a_smem.type.shape[0]
+        nw: gl.constexpr = gl.num_warps()
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                             instr_shape=[16, BN, 32])
+        k_tiles = gl.cdiv(K, BK)
+        num_tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+        step = gl.num_programs(0)
+        n = 0  # this warpgroup's tiles so far
+        for tile in range(gl.program_id(0) + PART * step, num_tiles, 2 * step):
+            pid_m, pid_n = tile_of(tile, M, N, BM, BN, GROUP_M)
+            i = 2 * n + PART  # the tile's place in the program's sequence
+            if i > 0:  # the other warpgroup has issued the MMAs of tile i - 1: its turn is over
+                mbarrier.wait(order.index(PART), (i - 1) // 2 & 1)
+            c = i * k_tiles
+            acc = gl.zeros([BM, BN], gl.int32, acc_layout)
+            for ki in range(k_tiles):
+                st = c % STAGES
+                mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+                acc = warpgroup_mma(a_smem.index(st), b_smem.index(st).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=ki > 0)
+                c += 1
+            mbarrier.arrive(order.index(1 - PART), count=1)  # the other warpgroup's turn
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1)
+            _epilogue(acc, pid_m * BM, pid_n * BN, acc_layout, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr,
+                      y_ptr, M, N, R, stride_ym, BM, BN, R_PAD, HAS_LR, HAS_BIAS, OFFSET, STORE_ROWS)
+            n += 1
+
+    @gluon.jit
+    def _gemm_i8_pp_kernel(
+        a_desc, b_desc, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
+        M, N, K, R, stride_ym,
+        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, R_PAD: gl.constexpr,
+        HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, OFFSET: gl.constexpr, STAGES: gl.constexpr,
+        LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, STORE_ROWS: gl.constexpr = False,
+    ):
+        """The persistent warp-specialised kernel with a ping-pong schedule (CUTLASS's name for it on Hopper): two
+        consumer warpgroups, launched with ``num_warps=4`` (the first is the kernel's own warps, the second a
+        worker with ``MMA_REGS`` registers), each with its own BM x BN accumulator, take the program's tiles in turn
+        (``_pp_mma_partition``); the producer warp (``_ws_load_partition``, unchanged) loads every tile's K steps
+        into one ring in tile order. Same tiles' function, same epilogue, same bits."""
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(order.index(i), count=1)
+        gl.warp_specialize([
+            (_pp_mma_partition, (a_smem, b_smem, ready, empty, order, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr,
+                                 wsum_ptr, y_ptr, M, N, K, R, stride_ym, BM, BN, BK, GROUP_M, R_PAD, HAS_LR, HAS_BIAS,
+                                 OFFSET, STORE_ROWS, 0)),
+            (_pp_mma_partition, (a_smem, b_smem, ready, empty, order, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr,
+                                 wsum_ptr, y_ptr, M, N, K, R, stride_ym, BM, BN, BK, GROUP_M, R_PAD, HAS_LR, HAS_BIAS,
+                                 OFFSET, STORE_ROWS, 1)),
+            (_ws_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M)),
+        ], [4, 1], [MMA_REGS, LOAD_REGS])
+
+
 # Tiles of the kernels: 256 x 128 output tiles, K steps of 128, four stages of TMA loads in flight (192 KiB of
 # shared memory), two warpgroups. Measured best of the variants in benchmarks/gemm_power.py on the H200.
 CONFIG = dict(BM=256, BN=128, BK=128, GROUP_M=8, num_stages=4, num_warps=8)
@@ -251,6 +327,10 @@ CONFIG = dict(BM=256, BN=128, BK=128, GROUP_M=8, num_stages=4, num_warps=8)
 # _gemm_i8_async_kernel, which frees its stages before the epilogue. The producer warp needs 40 registers.
 WS_MAX_RANK_PAD = 32
 WS_LOAD_REGS = 40
+# The ping-pong kernel (_gemm_i8_pp_kernel): 128 x 128 tiles per consumer warpgroup, K steps of 128.
+PP_CONFIG = dict(BM=128, BN=128, BK=128, GROUP_M=8, num_stages=4, num_warps=4)
+PP_MMA_REGS = 232
+PP_MAX_RANK_PAD = 64
 
 
 # The epilogue's stores: False, each thread stores the values the wgmma layout gives it (two adjacent columns, 4
@@ -265,6 +345,13 @@ def store_rows(cfg: dict, ws: bool, out_dtype: torch.dtype) -> bool:
     """Whether a launch with ``cfg`` stores its tiles in whole rows (``STORE_ROWS``; ``cfg["store_rows"]``
     overrides), given the kernel (``ws``: warp-specialised) and the output dtype."""
     return bool(cfg.get("store_rows", STORE_ROWS)) and (not ws or out_dtype.itemsize <= 2)
+
+
+def ping_pong(cfg: dict, r_pad: int) -> bool:
+    """Whether a launch with ``cfg`` and low-rank padding ``r_pad`` runs the ping-pong kernel: its four stages and
+    both warpgroups' epilogue tiles fit Hopper's shared memory up to rank padding ``PP_MAX_RANK_PAD``, any output
+    dtype (compiled offline for sm_90)."""
+    return bool(cfg.get("ping_pong")) and r_pad <= PP_MAX_RANK_PAD
 
 
 def warp_specialized(cfg: dict, r_pad: int) -> bool:
@@ -282,9 +369,11 @@ def descriptors(xq: torch.Tensor, w8: torch.Tensor, cfg: dict):
 
 
 def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0, has_lr: bool = True,
-                    r_pad: int = 32, ws: bool = False, load_regs: int = WS_LOAD_REGS, store_rows: bool = False):
+                    r_pad: int = 32, ws: bool = False, load_regs: int = WS_LOAD_REGS, store_rows: bool = False,
+                    pp: bool = False, mma_regs: int = PP_MMA_REGS):
     """Compile for sm_90 without a GPU (Triton's ``triton.compile`` with an explicit target): the kernel's
-    TTGIR/PTX, to check what the pipeline became."""
+    TTGIR/PTX, to check what the pipeline became. ``ws``: the warp-specialised kernel; ``pp``: the ping-pong one
+    (``cfg`` its tiles, ``PP_CONFIG``)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -297,13 +386,15 @@ def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0
            "stride_ym": "i32"}
     const = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=r_pad, HAS_LR=has_lr,
                  HAS_BIAS=True, OFFSET=offset, STAGES=cfg["num_stages"], STORE_ROWS=store_rows)
-    if ws:
+    if ws or pp:
         const["LOAD_REGS"] = load_regs
+    if pp:
+        const["MMA_REGS"] = mma_regs
     for name in const:
         sig[name] = "constexpr"
     # What a launch on Wan's shapes specializes (Triton marks pointers and integers divisible by 16): without it the
     # stores would compile to one element each.
-    fn = _gemm_i8_ws_kernel if ws else _gemm_i8_async_kernel
+    fn = _gemm_i8_pp_kernel if pp else _gemm_i8_ws_kernel if ws else _gemm_i8_async_kernel
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
                for a in ("sx_ptr", "ws_ptr", "u_ptr", "l2_ptr", "bias_ptr", "wsum_ptr", "y_ptr", "M", "N", "K",
                          "stride_ym")}
@@ -314,12 +405,12 @@ def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0
 if __name__ == "__main__":  # pragma: no cover - needs Triton
     import re
 
-    for ws, offset in ((False, 0), (False, nm.UNSIGNED_OFFSET), (True, 0), (True, nm.UNSIGNED_OFFSET)):
-        c = compile_offline(offset=offset, ws=ws)
+    for kind, offset in ((k, o) for k in ("async", "ws", "pp") for o in (0, nm.UNSIGNED_OFFSET)):
+        c = compile_offline(PP_CONFIG if kind == "pp" else CONFIG, offset=offset, ws=kind == "ws", pp=kind == "pp")
         waits = re.findall(r"warp_group_dot_wait[^\n]*?pendings = (\d+)", c.asm["ttgir"])
         ptx = c.asm["ptx"]
         ptx_waits = re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)
         mmas = sorted(set(re.findall(r"wgmma.mma_async.sync.aligned.([\w.]+) ", ptx)))
-        name = "_gemm_i8_ws_kernel" if ws else "_gemm_i8_async_kernel"
+        name = f"_gemm_i8_{kind}_kernel"
         print(f"{name} OFFSET={offset}: TTGIR dot waits (pendings) {waits}; PTX wgmma.wait_group {ptx_waits}; "
               f"mma {mmas}; shared {c.metadata.shared} B")

@@ -25,7 +25,7 @@ Launches per layer (kernels/README.md has the measurements behind this shape):
    (a configuration option; not the default, see ``gemm_config``). On Hopper (sm_90), above 2048 tokens,
    a Gluon kernel of ``gluon_gemm`` runs instead: the same function with its MMAs kept in flight across K
    steps, warp-specialised where its shared memory fits (``async_wgmma_available``; ``WAN_W4A4_GEMM=triton``
-   turns it off).
+   turns it off, ``WAN_W4A4_GEMM=pp`` runs the ping-pong kernel instead).
 
 At video sizes steps 1 and 3 run in passes over the token rows (``pass_rows``): the int8
 activations, their scales and u are then held for one pass of rows, not for all tokens, while the
@@ -380,6 +380,8 @@ def gemm_config(m: int, async_wgmma: bool = False) -> dict:
     if m <= 2048:  # few row blocks: narrow tiles so that every SM gets work
         return dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
     if async_wgmma:  # with the Triton tiles of the same call, should this Triton fail to build the Gluon kernel
+        if gemm_choice() == "pp":
+            return dict(gg.PP_CONFIG, async_wgmma=True, ping_pong=True, fallback=gemm_config(m))
         return dict(gg.CONFIG, async_wgmma=True, warp_specialized=True, fallback=gemm_config(m))
     if m < 16384:
         return dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
@@ -396,18 +398,26 @@ def persistent_fits(rank: int, out_dtype: torch.dtype) -> bool:
     return _rank_pad(rank) <= PERSISTENT_MAX_RANK_PAD and out_dtype.itemsize <= 2
 
 
-GEMM_ENV = "WAN_W4A4_GEMM"  # "auto" (default): the Gluon kernel where async_wgmma_available; "triton": never
-GEMM_CHOICES = ("auto", "triton")
+# "auto" (default): the Gluon kernels where async_wgmma_available; "pp": the ping-pong Gluon kernel in place of the
+# warp-specialised one (A/B measurements: more work per clock, slower in a Wan step; kernels/README.md, session 22);
+# "triton": Triton's kernels only.
+GEMM_ENV = "WAN_W4A4_GEMM"
+GEMM_CHOICES = ("auto", "pp", "triton")
+
+
+def gemm_choice() -> str:
+    choice = os.environ.get(GEMM_ENV, "auto") or "auto"
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"${GEMM_ENV}={choice!r}: expected one of {', '.join(GEMM_CHOICES)}")
+    return choice
 
 
 def async_wgmma_available(capability: tuple[int, int]) -> bool:
     """Whether ``gemm`` may run the Gluon kernel (``gluon_gemm``) on a GPU of this compute capability: Hopper
     (sm_90, whose wgmma it issues), a Triton with Gluon (3.6 or later) that has built it, and ``$WAN_W4A4_GEMM``
     not "triton"."""
-    choice = os.environ.get(GEMM_ENV, "auto") or "auto"
-    if choice not in GEMM_CHOICES:
-        raise ValueError(f"${GEMM_ENV}={choice!r}: expected one of {', '.join(GEMM_CHOICES)}")
-    return choice == "auto" and gg.gluon is not None and not _gluon_failure and tuple(capability) == (9, 0)
+    return (gemm_choice() != "triton" and gg.gluon is not None and not _gluon_failure
+            and tuple(capability) == (9, 0))
 
 
 QUANT_BLOCK_M = 32
@@ -605,13 +615,23 @@ def _is_build_failure(e: BaseException) -> bool:
     return isinstance(e, TritonError) or (isinstance(e, RuntimeError) and "PassManager::run failed" in str(e))
 
 
-def _launch_gluon(xq, w8, cfg: dict, tiles: int, args: tuple, meta: dict, out_dtype: torch.dtype) -> bool:
+def _launch_gluon(xq, w8, cfg: dict, p: nm.W4A4Params, args: tuple, out_dtype: torch.dtype) -> bool:
     """Run the Gluon kernel; False (and one warning) when this Triton cannot build it."""
+    m = xq.shape[0]
+    if cfg.get("ping_pong") and not gg.ping_pong(cfg, _rank_pad(p.rank)):  # too wide a low-rank branch for it
+        cfg = dict(gg.CONFIG, async_wgmma=True, warp_specialized=True)
+    tiles, meta = _launch_meta(cfg, p, m)
     try:  # host-side Gluon API (layouts, descriptors): any failure here is this Triton's API, not the data's
         descriptors = gg.descriptors(xq, w8, cfg)
     except Exception as e:
         return _gluon_unbuildable(e)
     try:
+        if gg.ping_pong(cfg, meta["R_PAD"]):  # persistent, two consumer warpgroups taking tiles in turn
+            grid = min(_num_sms(_index(xq.device)), tiles)
+            gg._gemm_i8_pp_kernel[(grid,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
+                                           LOAD_REGS=gg.WS_LOAD_REGS, MMA_REGS=gg.PP_MMA_REGS,
+                                           STORE_ROWS=gg.store_rows(cfg, False, out_dtype))
+            return True
         ws = gg.warp_specialized(cfg, meta["R_PAD"])
         rows = gg.store_rows(cfg, ws, out_dtype)
         if ws:  # persistent: one program per SM walks the tiles
@@ -661,8 +681,7 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
     args = (*_epilogue_args(sx, u, p, wsum), y, m, n, k, r, y.stride(0))
     if tma and cfg.get("async_wgmma"):  # Hopper: the Gluon kernel (gemm_config)
         if gg.gluon is not None and not _gluon_failure:
-            tiles, meta = _launch_meta(cfg, p, m)
-            if _launch_gluon(xq, w8, cfg, tiles, args, meta, out_dtype):
+            if _launch_gluon(xq, w8, cfg, p, args, out_dtype):
                 return y
         cfg = cfg.get("fallback") or gemm_config(m)  # the same bits (tests/kernels/test_gluon_gemm.py)
     tiles, meta = _launch_meta(cfg, p, m)

@@ -36,8 +36,14 @@ def test_wan_w4a4_gemm_turns_the_gluon_kernel_off_and_rejects_other_values(monke
     assert not tw.async_wgmma_available((9, 0))
     monkeypatch.setenv(tw.GEMM_ENV, "auto")
     assert tw.async_wgmma_available((9, 0))
+    assert tw.gemm_config(32760, async_wgmma=True)["warp_specialized"]
+    monkeypatch.setenv(tw.GEMM_ENV, "pp")  # the ping-pong kernel instead of the warp-specialised one
+    assert tw.async_wgmma_available((9, 0))
+    pp = tw.gemm_config(32760, async_wgmma=True)
+    assert pp["ping_pong"] and {k: pp[k] for k in tw.gg.PP_CONFIG} == tw.gg.PP_CONFIG
+    assert tw.gemm_config(1024, async_wgmma=True) == tw.gemm_config(1024)  # few tokens: Triton's tiles still
     monkeypatch.setenv(tw.GEMM_ENV, "gluon")
-    with pytest.raises(ValueError, match="WAN_W4A4_GEMM='gluon'.*auto, triton"):
+    with pytest.raises(ValueError, match="WAN_W4A4_GEMM='gluon'.*auto, pp, triton"):
         tw.async_wgmma_available((9, 0))
 
 
@@ -127,7 +133,7 @@ def _host_only(monkeypatch, gluon_error):
     record = []
     for name in ("_gemm_i8_tma_kernel", "_gemm_i8_kernel", "_gemm_i8_persistent_kernel"):
         monkeypatch.setattr(tw, name, _Launches(name, record))
-    for name in ("_gemm_i8_async_kernel", "_gemm_i8_ws_kernel"):
+    for name in ("_gemm_i8_async_kernel", "_gemm_i8_ws_kernel", "_gemm_i8_pp_kernel"):
         monkeypatch.setattr(tw.gg, name, _Launches(name, record, gluon_error))
     monkeypatch.setattr(tw, "_num_sms", lambda index: SMS)
     monkeypatch.setattr(tw, "_gluon_failure", [])
@@ -203,6 +209,21 @@ def test_the_gluon_kernel_runs_in_every_row_pass_with_the_calls_tiles(monkeypatc
     record.clear()
     tw.w4a4_linear(x, p, torch.tensor(1))  # one pass of 785 tiles: one program per SM
     assert [(name, grid[0]) for name, grid, _ in record] == [("_gemm_i8_ws_kernel", SMS)]
+
+
+def test_the_ping_pong_kernel_when_asked_and_the_256_row_kernels_where_it_does_not_fit(monkeypatch):
+    record, p, x = _host_only(monkeypatch, None)
+    monkeypatch.setenv(tw.GEMM_ENV, "pp")
+    tw.w4a4_linear(x, p, torch.tensor(1))  # 40 000 x 640: 313 x 5 tiles of 128 x 128, one program per SM
+    assert [(name, grid[0]) for name, grid, _ in record] == [("_gemm_i8_pp_kernel", SMS)]
+    kw = record[0][2]
+    assert (kw["BM"], kw["BN"], kw["STAGES"], kw["num_warps"], kw["MMA_REGS"]) == (128, 128, 4, 4, tw.gg.PP_MMA_REGS)
+    record.clear()
+    tw.w4a4_linear(x, _with_rank(p, 100), torch.tensor(1))  # rank padding 128 > PP_MAX_RANK_PAD
+    assert [(name, kw["BM"], kw["R_PAD"]) for name, _, kw in record] == [("_gemm_i8_async_kernel", 256, 128)]
+    assert tw.gg.ping_pong(dict(ping_pong=True), tw.gg.PP_MAX_RANK_PAD)
+    assert not tw.gg.ping_pong(dict(ping_pong=True), 2 * tw.gg.PP_MAX_RANK_PAD)
+    assert not tw.gg.ping_pong(dict(tw.gg.CONFIG), 32)
 
 
 def test_a_wide_low_rank_branch_takes_the_one_tile_gluon_kernel(monkeypatch):

@@ -21,9 +21,11 @@ if tw.gg.gluon is None:
 
 GLUON = dict(tw.gg.CONFIG, async_wgmma=True)  # one tile per program, forced at every M (also below 2048 tokens)
 WS = dict(GLUON, warp_specialized=True)  # the persistent warp-specialised kernel, where it fits (rank padding <= 32)
+# the persistent ping-pong kernel (two consumer warpgroups taking tiles in turn), where it fits (rank padding <= 64)
+PP = dict(tw.gg.PP_CONFIG, async_wgmma=True, ping_pong=True)
 # Each of them with its tiles stored in whole rows through shared memory (gluon_gemm.STORE_ROWS), and without.
-CONFIGS = [dict(c, store_rows=rows) for rows in (False, True) for c in (GLUON, WS)]
-IDS = ["async", "ws", "async-rows", "ws-rows"]
+CONFIGS = [dict(c, store_rows=rows) for rows in (False, True) for c in (GLUON, WS, PP)]
+IDS = ["async", "ws", "pp", "async-rows", "ws-rows", "pp-rows"]
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +79,19 @@ def test_same_bits_for_other_outputs_and_ranks(out_dtype, rank, config):
     assert tw._gluon_failure == []
     assert torch.equal(out, ref)
     assert nm.sqnr_db(nm.w4a4_linear(x.float(), p, 1), out.float()) >= 40.0
+
+
+@pytest.mark.parametrize("k,n,unsigned", [(5120, 5120, False), (13824, 5120, True), (5120, 13824, False)])
+@pytest.mark.parametrize("stages", [3, 4, 5])
+def test_the_ping_pong_kernel_gives_the_same_bits_at_wan_sizes(k, n, unsigned, stages):
+    """Many tiles per program (8 269 x 5120: 65 x 40 tiles over one program per SM, both warpgroups taking turns
+    over long K loops), against the warp-specialised kernel it would replace."""
+    p, x = make(k, n, 8269, rank=32, unsigned=unsigned, seed=5)
+    xq, sx, u, w8, wsum = operands(p, x)
+    ref = tw.gemm(xq, sx, u, p, torch.float16, w8=w8, wsum=wsum, tma=True, config=WS)
+    out = tw.gemm(xq, sx, u, p, torch.float16, w8=w8, wsum=wsum, tma=True, config=dict(PP, num_stages=stages))
+    assert tw._gluon_failure == []
+    assert torch.equal(out, ref)
 
 
 def _gemm_kernels(fn) -> tuple[torch.Tensor, list[str]]:

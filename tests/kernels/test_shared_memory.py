@@ -79,6 +79,24 @@ def test_the_warp_specialised_kernel_takes_every_rank_padding_that_fits():
     assert compiled.metadata.shared > LIMIT[90]
 
 
+@pytest.mark.parametrize("out_dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("stages", [4, 5])
+def test_the_ping_pong_kernel_takes_every_rank_padding_that_fits(stages, out_dtype):
+    """PP_MAX_RANK_PAD: the ping-pong kernel (``WAN_W4A4_GEMM=pp``) fits Hopper with both warpgroups' epilogue tiles
+    up to that padding at four or five stages, rows staged for any output dtype; the next padding (x2) overflows, so
+    ``triton_w4a4._launch_gluon`` gives those calls the 256 x 128 kernels."""
+    gg = tw.gg
+    if gg.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    cfg = dict(gg.PP_CONFIG, num_stages=stages)
+    for r_pad in (16, 32, gg.PP_MAX_RANK_PAD):
+        fits = gg.compile_offline(cfg, out_dtype=out_dtype, offset=128, r_pad=r_pad, pp=True, store_rows=True)
+        assert fits.metadata.shared <= LIMIT[90], (r_pad, fits.metadata.shared)
+    wider = gg.compile_offline(cfg, out_dtype=out_dtype, offset=128, r_pad=2 * gg.PP_MAX_RANK_PAD, pp=True,
+                               store_rows=True)
+    assert wider.metadata.shared > LIMIT[90]
+
+
 @pytest.mark.parametrize("cc", [80, 86, 89, 90, 100, 120])
 def test_the_quantizer_fits_every_gpu(cc):
     """The quantizer's kernels with a tl.dot (the low-rank projection) at a folded LoRA's rank padding (128), the
