@@ -16,7 +16,7 @@ default wherever its shared memory fits (``warp_specialized``). Both store their
 shared memory (``STORE_ROWS``): 74 -> 81 % of the peak per clock for the warp-specialised kernel, 6 % less GEMM time
 in a Wan step (kernels/README.md, session 18). A third, ``_gemm_i8_pp_kernel``, has two consumer warpgroups take
 128 x 128 tiles in turn (a ping-pong schedule: one's epilogue under the other's MMAs): 86-88 % of the peak per clock
-against 81 %, but 4 % fewer operations per joule, and under the H200's power cap 3 % more GEMM time in a Wan step, so
+against 80-81 %, but 3-4 % fewer operations per joule, and under the H200's power cap 3 % more GEMM time in a Wan step, so
 it runs only with ``WAN_W4A4_GEMM=pp`` (kernels/README.md, session 22).
 
 Same function as the Triton kernels, bit for bit (tests/kernels/test_gluon_gemm.py): int8 x int8 -> exact
