@@ -16,8 +16,8 @@ default wherever its shared memory fits (``warp_specialized``). Both store their
 shared memory (``STORE_ROWS``): 74 -> 81 % of the peak per clock for the warp-specialised kernel, 6 % less GEMM time
 in a Wan step (kernels/README.md, session 18). A third, ``_gemm_i8_pp_kernel``, has two consumer warpgroups take
 128 x 128 tiles in turn (a ping-pong schedule: one's epilogue under the other's MMAs): 86-88 % of the peak per clock
-against 80-81 %, but 3-4 % fewer operations per joule, and under the H200's power cap 3 % more GEMM time in a Wan step, so
-it runs only with ``WAN_W4A4_GEMM=pp`` (kernels/README.md, session 22).
+against 80-81 %, but 3-4 % fewer operations per joule, and under the H200's power cap 3 % more GEMM time in a Wan
+step, so it runs only with ``WAN_W4A4_GEMM=pp`` (kernels/README.md, session 22).
 
 Same function as the Triton kernels, bit for bit (tests/kernels/test_gluon_gemm.py): int8 x int8 -> exact
 int32, then the epilogue in ``triton_w4a4._epilogue``'s order: ((acc + offset * wsum) * sx) * sw, + u @ L2 as a
@@ -190,6 +190,23 @@ if gluon is not None:
                 c += 1
 
     @gluon.jit
+    def _ring_tile(a_smem, b_smem, ready, empty, acc, c, k_tiles):
+        """One output tile's K steps from the producer's ring, starting at the ring's step ``c``: the wgmma of each
+        step as its stage arrives (``ready``), one step in flight, the stage of the retired step released to the
+        producer (``empty``). Returns (acc with the last step still in flight, the ring's next step); the caller
+        waits for it and releases the last stage."""
+        STAGES: gl.constexpr = a_smem.type.shape[0]
+        for ki in range(k_tiles):
+            st = c % STAGES
+            mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+            acc = warpgroup_mma(a_smem.index(st), b_smem.index(st).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            # step c - 1 has retired: its stage goes back to the producer (none before a tile's first step)
+            mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=ki > 0)
+            c += 1
+        return acc, c
+
+    @gluon.jit
     def _ws_mma_partition(a_smem, b_smem, ready, empty, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
                           M, N, K, R, stride_ym, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                           GROUP_M: gl.constexpr, R_PAD: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr,
@@ -205,15 +222,7 @@ if gluon is not None:
         c = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             pid_m, pid_n = tile_of(tile, M, N, BM, BN, GROUP_M)
-            acc = gl.zeros([BM, BN], gl.int32, acc_layout)
-            for ki in range(k_tiles):
-                st = c % STAGES
-                mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-                acc = warpgroup_mma(a_smem.index(st), b_smem.index(st).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                # step c - 1 has retired: its stage goes back to the producer (none before a tile's first step)
-                mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=ki > 0)
-                c += 1
+            acc, c = _ring_tile(a_smem, b_smem, ready, empty, gl.zeros([BM, BN], gl.int32, acc_layout), c, k_tiles)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1)
             _epilogue(acc, pid_m * BM, pid_n * BN, acc_layout, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr,
@@ -269,15 +278,8 @@ if gluon is not None:
             i = 2 * n + PART  # the tile's place in the program's sequence
             if i > 0:  # the other warpgroup has issued the MMAs of tile i - 1: its turn is over
                 mbarrier.wait(order.index(PART), (i - 1) // 2 & 1)
-            c = i * k_tiles
-            acc = gl.zeros([BM, BN], gl.int32, acc_layout)
-            for ki in range(k_tiles):
-                st = c % STAGES
-                mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-                acc = warpgroup_mma(a_smem.index(st), b_smem.index(st).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=ki > 0)
-                c += 1
+            acc, c = _ring_tile(a_smem, b_smem, ready, empty, gl.zeros([BM, BN], gl.int32, acc_layout), i * k_tiles,
+                                k_tiles)
             mbarrier.arrive(order.index(1 - PART), count=1)  # the other warpgroup's turn
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1)

@@ -173,20 +173,27 @@ def _same_state(a, b) -> bool:
     return _header_and_data(a) == _header_and_data(b)
 
 
-@pytest.mark.comfyui
-def test_two_processes_give_the_states_of_one(runs, comfy_nodes):
+def _codes_that_differ(one_dir, two_dir) -> tuple[int, int]:
+    """(4-bit codes that differ, codes) between the states of two runs, after checking that both hold the same
+    layers and metadata, the same clip choices and the same smoothing (from min / max: exact under MIN / MAX)."""
     codes = differ = 0
     for expert in ("high", "low"):
-        one, meta1 = fmt.load_state(runs[1] / f"tiny_{expert}.safetensors")
-        two, meta2 = fmt.load_state(runs[2] / f"tiny_{expert}.safetensors")
+        one, meta1 = fmt.load_state(one_dir / f"tiny_{expert}.safetensors")
+        two, meta2 = fmt.load_state(two_dir / f"tiny_{expert}.safetensors")
         assert one.keys() == two.keys() and meta1 == meta2
         for name, p in one.items():
             q = two[name]
-            assert torch.equal(p.clip, q.clip), (expert, name)  # identical clip choices
-            assert torch.equal(p.smooth, q.smooth), (expert, name)  # from min / max: exact under MIN / MAX
+            assert torch.equal(p.clip, q.clip), (expert, name)
+            assert torch.equal(p.smooth, q.smooth), (expert, name)
             a, b = numerics.unpack_int4(p.qweight), numerics.unpack_int4(q.qweight)
             codes += a.numel()
             differ += int((a != b).sum())
+    return differ, codes
+
+
+@pytest.mark.comfyui
+def test_two_processes_give_the_states_of_one(runs, comfy_nodes):
+    differ, codes = _codes_that_differ(runs[1], runs[2])
     share = differ / codes
     print(f"\n4-bit codes that differ between 1 and 2 processes: {differ} of {codes} ({share:.2e})")
     assert share <= MAX_CODE_DIFF
@@ -245,18 +252,7 @@ def test_two_gpus_give_the_states_of_one(comfyui, tiny_wan_checkpoints, tmp_path
         assert r.returncode == 0, r.stderr[-3000:]
         if n == 2:
             assert "rank 0 of 2 (local rank 0): process group up (nccl)" in r.stderr, r.stderr[-3000:]
-    codes = differ = 0
-    for expert in ("high", "low"):
-        one, meta1 = fmt.load_state(out[1] / f"tiny_{expert}.safetensors")
-        two, meta2 = fmt.load_state(out[2] / f"tiny_{expert}.safetensors")
-        assert one.keys() == two.keys() and meta1 == meta2
-        for name, p in one.items():
-            q = two[name]
-            assert torch.equal(p.clip, q.clip), (expert, name)
-            assert torch.equal(p.smooth, q.smooth), (expert, name)
-            a, b = numerics.unpack_int4(p.qweight), numerics.unpack_int4(q.qweight)
-            codes += a.numel()
-            differ += int((a != b).sum())
+    differ, codes = _codes_that_differ(out[1], out[2])
     print(f"\n4-bit codes that differ between 1 and 2 GPUs: {differ} of {codes} ({differ / codes:.2e})")
     assert differ / codes <= MAX_CODE_DIFF
     r1, r2 = (json.loads((out[n] / "tiny_report.json").read_text()) for n in (1, 2))
