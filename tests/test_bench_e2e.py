@@ -155,6 +155,8 @@ def test_profile_summary_and_report():
     bench = _bench("profiling")
     assert bench.kernel_family("_gemm_i8_tma_kernel") == "W4A4 GEMM (Triton)"
     assert bench.kernel_family("_act_quant_kernel") == "W4A4 quantize (Triton)"
+    assert bench.kernel_family("_act_quant_fused_kernel") == "W4A4 quantize (Triton)"  # few tokens: one launch
+    assert bench.kernel_family("_gemm_i8_pp_kernel") == "W4A4 GEMM (Triton)"
     assert bench.kernel_family("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
     assert bench.kernel_family("nvjet_tst_192x192_64x3_2x1_v_bz_coopA_TNT") == "dense GEMM (cuBLAS/CUTLASS)"
     assert bench.kernel_family("void at::native::vectorized_elementwise_kernel<4>") == "norm / elementwise / copies"

@@ -7,7 +7,7 @@ from __future__ import annotations
 # GEMM: cuBLAS / CUTLASS (nvjet, sm90 xmma), which is every BF16 or FP8 Linear of ComfyUI; the pack's Triton addcmul
 # (kernels/triton_rowwise.py) counts with the elementwise work it replaces.
 KERNEL_FAMILIES = (
-    ("W4A4 quantize (Triton)", ("_act_stats_kernel", "_act_quant_kernel")),
+    ("W4A4 quantize (Triton)", ("_act_stats_kernel", "_act_quant_kernel", "_act_quant_fused_kernel")),
     ("W4A4 GEMM (Triton)", ("_gemm_i8", "_expand_kernel")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
     ("dense GEMM (cuBLAS/CUTLASS)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "cublas")),
