@@ -16,8 +16,9 @@ default wherever its shared memory fits (``warp_specialized``). Both store their
 shared memory (``STORE_ROWS``): 74 -> 81 % of the peak per clock for the warp-specialised kernel, 6 % less GEMM time
 in a Wan step (kernels/README.md, session 18). A third, ``_gemm_i8_pp_kernel``, has two consumer warpgroups take
 128 x 128 tiles in turn (a ping-pong schedule: one's epilogue under the other's MMAs): 86-88 % of the peak per clock
-against 80-81 %, but 3-4 % fewer operations per joule, and under the H200's power cap 3 % more GEMM time in a Wan
-step, so it runs only with ``WAN_W4A4_GEMM=pp`` (kernels/README.md, session 22).
+against 80-81 %, but 3-4 % fewer operations per joule: in a Wan step on the H200 its own time fell 2 % while the
+rest of the call ran at a lower clock, and the step was no faster, so it runs only with ``WAN_W4A4_GEMM=pp``
+(kernels/README.md, session 22).
 
 Same function as the Triton kernels, bit for bit (tests/kernels/test_gluon_gemm.py): int8 x int8 -> exact
 int32, then the epilogue in ``triton_w4a4._epilogue``'s order: ((acc + offset * wsum) * sx) * sw, + u @ L2 as a

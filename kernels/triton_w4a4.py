@@ -399,7 +399,7 @@ def persistent_fits(rank: int, out_dtype: torch.dtype) -> bool:
 
 
 # "auto" (default): the Gluon kernels where async_wgmma_available; "pp": the ping-pong Gluon kernel in place of the
-# warp-specialised one (A/B measurements: more work per clock, slower in a Wan step; kernels/README.md, session 22);
+# warp-specialised one (A/B measurements: more work per clock, no faster Wan step; kernels/README.md, session 22);
 # "triton": Triton's kernels only.
 GEMM_ENV = "WAN_W4A4_GEMM"
 GEMM_CHOICES = ("auto", "pp", "triton")
