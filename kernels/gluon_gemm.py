@@ -351,9 +351,9 @@ def store_rows(cfg: dict, ws: bool, out_dtype: torch.dtype) -> bool:
 
 
 def ping_pong(cfg: dict, r_pad: int) -> bool:
-    """Whether a launch with ``cfg`` and low-rank padding ``r_pad`` runs the ping-pong kernel: its four stages and
-    both warpgroups' epilogue tiles fit Hopper's shared memory up to rank padding ``PP_MAX_RANK_PAD``, any output
-    dtype (compiled offline for sm_90)."""
+    """Whether a launch with ``cfg`` and low-rank padding ``r_pad`` runs the ping-pong kernel: its four or five
+    stages and both warpgroups' epilogue tiles fit Hopper's shared memory up to rank padding ``PP_MAX_RANK_PAD``, any
+    output dtype (compiled offline for sm_90: tests/kernels/test_shared_memory.py)."""
     return bool(cfg.get("ping_pong")) and r_pad <= PP_MAX_RANK_PAD
 
 
