@@ -17,7 +17,7 @@ shared memory (``STORE_ROWS``): 74 -> 81 % of the peak per clock for the warp-sp
 in a Wan step (kernels/README.md, session 18). A third, ``_gemm_i8_pp_kernel``, has two consumer warpgroups take
 128 x 128 tiles in turn (a ping-pong schedule: one's epilogue under the other's MMAs): 86-88 % of the peak per clock
 against 80-81 %, but 3-4 % fewer operations per joule: in a Wan step on the H200 its own time fell 2 % while the
-rest of the call ran at a lower clock, and the step was no faster, so it runs only with ``WAN_W4A4_GEMM=pp``
+same call's attention ran 2 % slower, and the step was 0.6-0.9 % slower, so it runs only with ``WAN_W4A4_GEMM=pp``
 (kernels/README.md, session 22).
 
 Same function as the Triton kernels, bit for bit (tests/kernels/test_gluon_gemm.py): int8 x int8 -> exact
