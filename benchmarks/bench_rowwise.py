@@ -5,7 +5,10 @@ update ``addcmul(x, y, e2)`` with x row-major, as ComfyUI 0.33 keeps it, and cha
 of each (``triton.testing.do_bench``: L2 flushed between calls), the achieved bandwidth over the bytes each must move,
 and whether the outputs are equal (values and strides). Wan2.2-A14B's width, bf16, one sample.
 
-    python benchmarks/bench_rowwise.py [--tokens 32760,75600]
+    python benchmarks/bench_rowwise.py [--tokens 32760,75600] [--tiles]
+
+``--tiles``: also each program shape of ``triton_rowwise.TILES`` and a few more on every form (the rule's choice is the
+``kernels.addcmul`` column).
 """
 from __future__ import annotations
 
@@ -22,7 +25,10 @@ DIM = 5120  # Wan2.2-A14B
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="32760,75600")
+    ap.add_argument("--tiles", action="store_true", help="also time each candidate program shape")
     args = ap.parse_args()
+    from wan_w4a4.kernels import triton_rowwise as trw
+    shapes = sorted(set(trw.TILES) | {(8, 512, 4), (2, 2048, 4), (4, 1024, 8), (16, 256, 4), (32, 128, 4)})
     import triton.testing  # GPU machines only: after --help
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, C = {DIM}, bf16, one sample")
     print()
@@ -46,6 +52,12 @@ def main() -> None:
             gb = bytes_per * L * DIM / 1e6
             print(f"| {L} | {name} | {t_ref:.3f} | {t_out:.3f} | {t_out / t_ref:.2f} | {gb / t_ref:.0f} / "
                   f"{gb / t_out:.0f} | {'yes' if same else 'NO'} |")
+            for shape in shapes if args.tiles else ():
+                out = trw.addcmul(*ops, program=shape)
+                same = torch.equal(ref, out) and ref.stride() == out.stride()
+                t = triton.testing.do_bench(lambda: trw.addcmul(*ops, program=shape), warmup=25, rep=200)
+                print(f"| {L} | {name}, program {shape} | - | {t:.3f} | {t / t_ref:.2f} | - / {gb / t:.0f} | "
+                      f"{'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":

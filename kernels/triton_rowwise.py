@@ -5,8 +5,8 @@ and of its feed-forward as ``addcmul(e0, norm(x), 1 + e1)`` and adds both result
 ``addcmul(x, y, e2)``, where the e's are one row per sample ([B, 1, C]) broadcast over the tokens. PyTorch runs these
 broadcasts in its generic elementwise kernel: at 480p x 81 (32 760 tokens, C = 5120, bf16) 0.43 ms for the modulation
 and 0.47 ms for the residual update (1.19 ms on ComfyUI 0.3.64, which keeps the residual stream channels-first);
-``addcmul`` here takes 0.20, 0.28 and 0.27 ms, 3.4-3.7 TB/s on the H200 (``benchmarks/bench_rowwise.py``,
-benchmarks/results/bench_rowwise_h200_2026-11-30.log).
+``addcmul`` here takes 0.17, 0.25 and 0.27 ms, 3.7-4.1 TB/s on the H200 (``benchmarks/bench_rowwise.py``,
+benchmarks/results/bench_rowwise_tiles_h200_2026-11-30.log), in programs shaped by the operands' layout (``tile``).
 
 Same bits as ``torch.addcmul(a, b, c)``: PyTorch computes ``a + 1 * b * c`` in fp32 and converts it to the output
 dtype; for 16-bit inputs ``b * c`` is exact in fp32 (two 8- or 11-bit significands), so the only fp32 rounding is that
@@ -25,6 +25,12 @@ except ImportError:  # pragma: no cover - machines without Triton
 
 DTYPES = (torch.bfloat16, torch.float16)
 BLOCK_L, BLOCK_C = 64, 64  # a program's tile of tokens x channels: coalesced along either (see _addcmul_kernel)
+# Where every full operand and the output are row-major (ComfyUI 0.33's block; 0.3.64's modulations): 4 tokens x 1024
+# channels, 4 warps. H200, 32 760 x 5120 bf16: modulation 0.195 -> 0.172 ms, residual update 0.273 -> 0.245 ms against
+# the square tile, same bits; the other shapes tried (2-32 tokens) within 1 %; on a channels-first operand the square
+# tile stays 4x faster (benchmarks/bench_rowwise.py --tiles; benchmarks/results/bench_rowwise_tiles_h200_2026-11-30.log).
+ROW_MAJOR_TILE = (4, 1024, 4)
+TILES = ((BLOCK_L, BLOCK_C, 4), ROW_MAJOR_TILE)  # the candidates bench_rowwise.py --tiles compares
 
 
 def _layout(t: torch.Tensor, shape: torch.Size) -> str | None:
@@ -107,16 +113,24 @@ if triton is not None:
         tl.store(out, (a + b * c).to(o_ptr.dtype.element_ty), mask=mask)
 
 
-def addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def tile(full: list[torch.Tensor]) -> tuple[int, int, int]:
+    """(tokens, channels, warps) of a program of ``_addcmul_kernel`` over these full operands and output: the
+    row-major tile where they all are row-major, else the square one that coalesces along either axis."""
+    return ROW_MAJOR_TILE if all(t.is_contiguous() for t in full) else (BLOCK_L, BLOCK_C, 4)
+
+
+def addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, program: tuple[int, int, int] | None = None):
     """``torch.addcmul(a, b, c)`` for operands that ``rowwise_reason`` accepts (it raises otherwise). The output takes
-    the layout of the first full operand, as PyTorch's elementwise kernels choose it (tests compare the strides)."""
+    the layout of the first full operand, as PyTorch's elementwise kernels choose it (tests compare the strides).
+    ``program``: (tokens, channels, warps) in place of ``tile``'s (benchmarks)."""
     reason = rowwise_reason(a, b, c)
     if reason:
         raise ValueError(f"addcmul on the Triton path: {reason}")
     B, L, C = b.shape
     a_row, c_row = _layout(a, b.shape) == "row", _layout(c, b.shape) == "row"
     out = torch.empty_like(b if a_row else a)
-    grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(C, BLOCK_C), B)
+    bl, bc, warps = program or tile([t for t, row in ((a, a_row), (b, False), (c, c_row), (out, False)) if not row])
+    grid = (triton.cdiv(L, bl), triton.cdiv(C, bc), B)
     _addcmul_kernel[grid](a, b, c, out, L, C, *a.stride(), *b.stride(), *c.stride(), *out.stride(),
-                          A_ROW=a_row, C_ROW=c_row, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, num_warps=4)
+                          A_ROW=a_row, C_ROW=c_row, BLOCK_L=bl, BLOCK_C=bc, num_warps=warps)
     return out

@@ -23,6 +23,15 @@ def test_cpu_calls_are_torchs_own():
     assert torch.equal(kernels.addcmul(x, y, e[2]), torch.addcmul(x, y, e[2]))
 
 
+def test_the_program_shape_follows_the_layout():
+    """Row-major operands get the row-major tile, any channels-first one the square tile that coalesces either way."""
+    from wan_w4a4.kernels import triton_rowwise as trw
+    x, y, e = _wan_operands(1, 40, 64, torch.bfloat16, "cpu")
+    x_cf = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert trw.tile([x, y, x]) == trw.ROW_MAJOR_TILE
+    assert trw.tile([x_cf, y, x_cf]) == trw.tile([x, y, x_cf]) == (trw.BLOCK_L, trw.BLOCK_C, 4)
+
+
 @pytest.mark.gpu  # (conftest skips these without CUDA and Triton)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,L,C", [(1, 32760, 640), (2, 1000, 5120), (1, 7, 1536), (3, 4099, 384)])
