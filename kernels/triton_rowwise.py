@@ -3,7 +3,7 @@
 A Wan block (ComfyUI's ``WanAttentionBlock.forward``, both supported versions) makes the input of its self-attention
 and of its feed-forward as ``addcmul(e0, norm(x), 1 + e1)`` and adds both results to the residual stream as
 ``addcmul(x, y, e2)``, where the e's are one row per sample ([B, 1, C]) broadcast over the tokens. PyTorch runs these
-broadcasts in its generic elementwise kernel: at 480p x 81 (32 760 tokens, C = 5120, bf16) 0.43 ms for the modulation
+broadcasts in its generic elementwise kernel: at 480p x 81 (32 760 tokens, C = 5120, bf16) 0.44 ms for the modulation
 and 0.47 ms for the residual update (1.19 ms on ComfyUI 0.3.64, which keeps the residual stream channels-first);
 ``addcmul`` here takes 0.17, 0.25 and 0.27 ms, 3.7-4.1 TB/s on the H200 (``benchmarks/bench_rowwise.py``,
 benchmarks/results/bench_rowwise_tiles_h200_2026-11-30.log), in programs shaped by the operands' layout (``tile``).
@@ -27,8 +27,9 @@ DTYPES = (torch.bfloat16, torch.float16)
 BLOCK_L, BLOCK_C = 64, 64  # a program's tile of tokens x channels: coalesced along either (see _addcmul_kernel)
 # Where every full operand and the output are row-major (ComfyUI 0.33's block; 0.3.64's modulations): 4 tokens x 1024
 # channels, 4 warps. H200, 32 760 x 5120 bf16: modulation 0.195 -> 0.172 ms, residual update 0.273 -> 0.245 ms against
-# the square tile, same bits; the other shapes tried (2-32 tokens) within 1 %; on a channels-first operand the square
-# tile stays 4x faster (benchmarks/bench_rowwise.py --tiles; benchmarks/results/bench_rowwise_tiles_h200_2026-11-30.log).
+# the square tile, same bits. The other shapes tried (2-32 tokens) were within -1.5 to +2.2 % of it (2 x 2048 the
+# fastest by 0.5-1.5 %, not taken: the tests and the step ran 4 x 1024); on a channels-first operand the square tile
+# stays 4x faster (benchmarks/bench_rowwise.py --tiles; benchmarks/results/bench_rowwise_tiles_h200_2026-11-30.log).
 ROW_MAJOR_TILE = (4, 1024, 4)
 TILES = ((BLOCK_L, BLOCK_C, 4), ROW_MAJOR_TILE)  # the candidates bench_rowwise.py --tiles compares
 
