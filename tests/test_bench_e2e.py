@@ -175,6 +175,23 @@ def test_profile_summary_and_report():
     assert "| call wall time | 1050.0 |" in md and "Top kernels, w4a4" in md and "bf16" not in md
 
 
+def test_host_profile_ranks_functions_by_own_time_and_the_report_lists_them():
+    """WAN_BENCH_PYPROF's summary: a pstats-shaped input, rows by own time, times in ms, file named by its
+    last two path parts; the report's table lists them under the configuration."""
+    host_profile = _bench("profiling").host_profile
+    stats = type("S", (), {"stats": {("/a/b/nodes/ops.py", 10, "w4a4_forward"): (400, 400, 0.002, 0.150, {}),
+                                     ("/x/comfy/ops.py", 337, "cast_bias_weight"): (400, 400, 0.030, 0.040, {}),
+                                     ("~", 0, "<built-in method torch.empty>"): (9, 9, 0.0001, 0.0001, {})}})()
+    rows = host_profile(stats, top=2)
+    assert rows == [{"function": "comfy/ops.py:337(cast_bias_weight)", "calls": 400, "own_ms": 30.0, "cum_ms": 40.0},
+                    {"function": "nodes/ops.py:10(w4a4_forward)", "calls": 400, "own_ms": 2.0, "cum_ms": 150.0}]
+    md = _bench("report").profile_md({"w4a4": {"profile": {
+        "families": {}, "gpu_ms": 1.0, "top": [], "mode": "one-expert", "stage": "low", "call": 2, "expert": "low",
+        "batch": 1, "wall_s": 0.1, "host_top": rows}}})
+    assert "Host functions of that call, w4a4" in md
+    assert "| `comfy/ops.py:337(cast_bias_weight)` | 400 | 30.0 | 40.0 |" in md
+
+
 def test_profile_call_picks_the_stages_nth_call_and_never_the_process_first():
     """--profile-call N: the N-th call of the stage (the default, 1, its first), or the next warm one when that
     is the process's first call (which compiles the kernels); the report says which call it was."""

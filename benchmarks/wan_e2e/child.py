@@ -3,11 +3,13 @@ then sampled through ComfyUI's own two-expert graph in each memory mode, with ev
 (cuda-synchronized), peak memory read per mode and, with --profile, one call under torch.profiler."""
 from __future__ import annotations
 
+import cProfile
 import gc
 import logging
 import math
 import os
 import platform
+import pstats
 import statistics
 import subprocess
 import time
@@ -31,7 +33,7 @@ from .common import (
     latent_shape,
     write_json,
 )
-from .profiling import kernel_profile
+from .profiling import host_profile, kernel_profile
 from .weights import bytes_lora_bf16, random_state_dict
 
 log = logging.getLogger(__name__)
@@ -100,15 +102,23 @@ class StepTimer:
                                                                   if os.environ.get("WAN_BENCH_TRACE") else [])
                 prof = torch.profiler.profile(activities=acts)
                 prof.__enter__()
+                # WAN_BENCH_PYPROF=1: also the host's Python functions of that call (cProfile, by own time)
+                pyprof = cProfile.Profile() if os.environ.get("WAN_BENCH_PYPROF") else None
+                if pyprof is not None:
+                    pyprof.enable()
             t0 = time.perf_counter()
             out = executor(*args, **kwargs)
             self._sync()
             dt = time.perf_counter() - t0
             if prof is not None:
+                if pyprof is not None:
+                    pyprof.disable()
                 prof.__exit__(None, None, None)
                 self.profile = {"mode": self.mode, "stage": self.stage, "call": in_stage + 1, "expert": expert,
                                 "batch": int(x.shape[0]),
                                 "wall_s": round(dt, 4), **kernel_profile(prof)}
+                if pyprof is not None:
+                    self.profile["host_top"] = host_profile(pstats.Stats(pyprof))
                 if os.environ.get("WAN_BENCH_TRACE"):
                     path = os.path.join(os.environ["WAN_BENCH_TRACE"], f"trace_{expert}_{os.getpid()}.json")
                     prof.export_chrome_trace(path)

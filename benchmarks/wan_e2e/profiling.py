@@ -74,3 +74,15 @@ def kernel_profile(prof, top: int = 15) -> dict:
             "top": [{**k, "family": kernel_family(k["name"]), "share": round(k["ms"] / total, 4)}
                     for k in kernels[:top]]}
 
+
+
+def host_profile(stats, top: int = 25) -> list[dict]:
+    """The host's functions of one profiled call from a ``pstats.Stats``-like object (its ``stats`` dict:
+    (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)), by own time: where the
+    Python side of the call spends its time when the GPU waits for it (cProfile adds its own cost per
+    call, so compare shares, not absolute times, with an unprofiled call)."""
+    rows = [{"function": f"{'/'.join(file.split('/')[-2:])}:{line}({name})",
+             "calls": int(nc), "own_ms": round(tt * 1000, 2), "cum_ms": round(ct * 1000, 2)}
+            for (file, line, name), (_, nc, tt, ct, _) in stats.stats.items()]
+    rows.sort(key=lambda r: -r["own_ms"])
+    return rows[:top]

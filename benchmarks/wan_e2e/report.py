@@ -236,6 +236,12 @@ def profile_md(results: dict) -> str:
         for k in p["top"][:10]:
             name = k["name"] if len(k["name"]) <= 90 else k["name"][:87] + "..."
             lines.append(f"| `{name}` | {k['family']} | {k['calls']} | {k['ms']:.1f} | {100 * k['share']:.1f} % |")
+    for c, p in prof.items():
+        if p.get("host_top"):
+            lines += ["", f"Host functions of that call, {c} (cProfile, by own time; cProfile slows the host):", "",
+                      "| function | calls | own ms | cumulative ms |", "|---|---|---|---|"]
+            lines += [f"| `{r['function']}` | {r['calls']} | {r['own_ms']:.1f} | {r['cum_ms']:.1f} |"
+                      for r in p["host_top"][:15]]
     return "\n".join(lines) + "\n"
 
 
