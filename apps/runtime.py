@@ -296,10 +296,22 @@ def enable_dynamic_vram(control=None, gpu_budget_gib: float | None = None) -> bo
     if not ok:
         logger.warning("comfy-aimdo did not initialise: legacy ModelPatcher")
         return False
+    setter = getattr(control, aimdo_log_setter(logging.getLogger().getEffectiveLevel()), None)
+    if setter is not None:
+        setter()
     mp.CoreModelPatcher = mp.ModelPatcherDynamic
     memory.aimdo_enabled = True
     logger.info("dynamic VRAM (comfy-aimdo) enabled, as ComfyUI's main.py does")
     return True
+
+
+def aimdo_log_setter(level: int) -> str:
+    """The comfy-aimdo control function that ComfyUI's ``main.py`` calls for its console log level once the
+    devices are up (``set_log_info`` at its default INFO). Without that call comfy-aimdo passes its debug
+    messages to Python's logging, which drops them after the call: about 20 000 per 400-Linear model call,
+    at one frame a large part of the host's time (benchmarks/RESULTS.md, twenty-seventh part)."""
+    return {logging.DEBUG: "set_log_debug", logging.WARNING: "set_log_warning", logging.ERROR: "set_log_error",
+            logging.CRITICAL: "set_log_critical"}.get(level, "set_log_info")
 
 
 def add_arguments(parser, device: bool = True) -> None:
