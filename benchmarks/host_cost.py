@@ -27,12 +27,11 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=5120, help="out features (default 5120)")
     args = ap.parse_args(argv)
     import triton
-    import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
     from wan_w4a4.kernels import triton_w4a4 as tw
 
     @triton.jit
-    def _empty(x_ptr, n, BLOCK: tl.constexpr):
+    def _empty(x_ptr, n):  # no tl annotation: Triton 3.6 resolves names in the module's globals, not main()'s
         pass
 
     w, p = make_random_layer(args.k, args.n, "cuda")
@@ -50,10 +49,14 @@ def main(argv=None) -> None:
         "gemm, pointer loads (given w8)": lambda: tw.gemm(xq, sx, u, p, torch.bfloat16, w8=w8, tma=False),
         "two TensorDescriptors": lambda: (TensorDescriptor.from_tensor(xq, [64, 128]),
                                           TensorDescriptor.from_tensor(w8, [128, 128])),
-        "an empty Triton launch": lambda: _empty[(1,)](x, 1, BLOCK=16),
+        "an empty Triton launch": lambda: _empty[(1,)](x, 3),
         "four torch.empty": lambda: [torch.empty((args.tokens, args.k), dtype=torch.int8, device="cuda")
                                      for _ in range(4)],
         "torch.cuda.get_device_capability": lambda: torch.cuda.get_device_capability(x.device),
+        "triton.cdiv on the host": lambda: triton.cdiv(args.tokens, 64),
+        "one Arena of the call's transients": lambda: tw.Arena(x.device, {
+            **tw.quant_sizes(args.tokens, args.k, p.rank, tw.quant_plan(args.tokens, args.k)),
+            **tw.weight_sizes(args.n, args.k, False)}) if hasattr(tw, "Arena") else None,
         "bf16 F.linear (reference)": lambda: torch.nn.functional.linear(x, w),
     }
     print(f"{torch.cuda.get_device_name()}, M={args.tokens} K={args.k} N={args.n}: wall time per call, back to back")

@@ -32,6 +32,8 @@ Triton that cannot build the kernel gets Triton's tile kernel after one warning 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import numerics as nm
@@ -365,10 +367,15 @@ def warp_specialized(cfg: dict, r_pad: int) -> bool:
 def descriptors(xq: torch.Tensor, w8: torch.Tensor, cfg: dict):
     """TMA descriptors of the int8 activations [M, K] and expanded weights [N, K] for the tiles of ``cfg`` (also of
     fp8 operands: the layouts depend only on the element width)."""
-    a_layout = gl.NVMMASharedLayout.get_default_for([cfg["BM"], cfg["BK"]], gl.int8)
-    b_layout = gl.NVMMASharedLayout.get_default_for([cfg["BN"], cfg["BK"]], gl.int8)
-    return (TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]], a_layout),
-            TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]], b_layout))
+    return (TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]], int8_layout(cfg["BM"], cfg["BK"])),
+            TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]], int8_layout(cfg["BN"], cfg["BK"])))
+
+
+@functools.lru_cache(maxsize=None)
+def int8_layout(rows: int, cols: int):
+    """The shared-memory layout of an int8 [rows, cols] TMA tile; made once per shape (``get_default_for`` is a
+    constexpr_function in Triton 3.6, called through ``ConstexprFunction.__call__`` as ``triton.cdiv`` is)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)
 
 
 def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0, has_lr: bool = True,
@@ -380,8 +387,7 @@ def compile_offline(cfg: dict = CONFIG, out_dtype: str = "fp16", offset: int = 0
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    a_layout = gl.NVMMASharedLayout.get_default_for([cfg["BM"], cfg["BK"]], gl.int8)
-    b_layout = gl.NVMMASharedLayout.get_default_for([cfg["BN"], cfg["BK"]], gl.int8)
+    a_layout, b_layout = int8_layout(cfg["BM"], cfg["BK"]), int8_layout(cfg["BN"], cfg["BK"])
     sig = {"a_desc": f"tensordesc<i8[{cfg['BM']}, {cfg['BK']}],{a_layout!r}>",
            "b_desc": f"tensordesc<i8[{cfg['BN']}, {cfg['BK']}],{b_layout!r}>",
            "sx_ptr": "*fp32", "ws_ptr": "*fp32", "u_ptr": "*bf16", "l2_ptr": "*bf16", "bias_ptr": "*fp32",

@@ -204,9 +204,10 @@ class W4A4Params:
     def num_bins(self) -> int:
         return self.clip.shape[0]
 
-    def inv_smooth(self) -> torch.Tensor:
-        # Kernels and reference multiply by this one tensor, so both see the same x^.
-        return torch.reciprocal(self.smooth.float())
+    def inv_smooth(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        # Kernels and reference multiply by this one tensor, so both see the same x^. ``out``: an fp32 [K]
+        # tensor to write it into (the kernels' one allocation per call).
+        return torch.reciprocal(self.smooth.float(), out=out)
 
     def residual(self) -> torch.Tensor:
         """Dequantized residual Q(R), fp32 [N, K], in the smoothed space."""

@@ -33,6 +33,11 @@ expanded weights and the output are made once. Each row's result depends only on
 the launch configuration, which every pass takes from the whole call: the passes give the same bits
 as one.
 
+The host side matters at few tokens, where a layer call has less GPU work than the host needs to launch it: a
+call's transients (one pass's activation operands, 1/s, the expanded weights) come from one allocation (``Arena``),
+and every kernel is launched through ``launch.launcher``, which skips Triton's per-call binder once a
+specialization has been launched (kernels/README.md, session 24).
+
 Notation: M tokens, K in, N out, R rank. Requires K % 128 == 0.
 """
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch
 
 from . import gluon_gemm as gg
 from . import numerics as nm
+from .launch import launcher
 from .tiles import scale_tile, tile_of
 
 log = logging.getLogger(__name__)
@@ -67,7 +73,7 @@ def unsupported_reason(x: torch.Tensor, p: nm.W4A4Params) -> str | None:
         return "triton is not installed"
     if not x.is_cuda:
         return f"input is on {x.device.type}, the Triton kernels need CUDA"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
+    if _capability(_index(x.device)) < (8, 0):
         return "needs compute capability >= 8.0 (int8 tensor cores through tl.dot)"
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"input dtype {x.dtype} is not supported"
@@ -364,7 +370,7 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------
 
 def _rank_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r)) if r else 16
+    return max(16, 1 << (r - 1).bit_length()) if r else 16  # triton.next_power_of_2, without Triton
 
 
 # Per-M-bucket configuration of the int8 GEMM. Chosen from benchmarks/bench_linear.py --sweep.
@@ -432,7 +438,10 @@ EXPAND_BN = 64
 
 
 def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # plain integers: the plans are tested without Triton
+    # Plain integers: the plans are tested without Triton, and in Triton 3.6 triton.cdiv is a constexpr_function
+    # whose host calls go through ConstexprFunction.__call__: 1.1-3.1 us each on the H200 machines
+    # (benchmarks/host_cost.py), and a layer call made 8 of them (benchmarks/RESULTS.md, twenty-seventh part).
+    return -(-a // b)
 
 
 def quant_split(m: int, k: int, bk: int, block_m: int = QUANT_BLOCK_M) -> tuple[int, int]:
@@ -520,11 +529,70 @@ def _quant_bk(k: int) -> int:
     return nm.GROUP * gpb
 
 
+# A call's transient operands come from one allocation, carved into aligned regions (``Arena``). Under the
+# cudaMallocAsync allocator that ComfyUI's main.py picks, a torch.empty took the host 5-10 us in host_cost.py and
+# 17 us inside a ComfyUI 0.33 model call with dynamic VRAM (cProfile's own time; benchmarks/RESULTS.md,
+# twenty-seventh part), and a two-launch layer call made eight or nine. The regions start on 256-byte boundaries:
+# every pointer a kernel gets is as aligned as a fresh allocation's (TMA needs 16 bytes; Triton specializes on it).
+ARENA_ALIGN = 256
+
+
+def arena_layout(sizes: dict[str, int], align: int = ARENA_ALIGN) -> tuple[dict[str, int], int]:
+    """(byte offset of each region, total bytes) for regions of ``sizes`` bytes, each starting on ``align``."""
+    offsets, end = {}, 0
+    for name, n in sizes.items():
+        offsets[name] = end
+        end += -(-n // align) * align
+    return offsets, end
+
+
+class Arena:
+    """One device allocation holding named regions (``arena_layout``); ``get`` views a region as a contiguous
+    tensor. The kernels of one call, and of its row passes, run in stream order, so a pass may reuse the
+    regions of the one before it, as the caching allocator would reuse their freed blocks."""
+
+    def __init__(self, device: torch.device, sizes: dict[str, int]):
+        self.sizes = sizes
+        self.offsets, total = arena_layout(sizes)
+        self.buf = torch.empty((max(total, 1),), dtype=torch.uint8, device=device)
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        if n > self.sizes[name]:
+            raise ValueError(f"arena region {name} holds {self.sizes[name]} bytes, {tuple(shape)} {dtype} needs {n}")
+        start = self.offsets[name]
+        return self.buf[start:start + n].view(dtype).view(shape)
+
+
+def quant_sizes(m: int, k: int, r: int, plan: QuantPlan, with_inv_s: bool = True) -> dict[str, int]:
+    """Bytes of what ``quantize`` writes for ``m`` rows under ``plan``: its outputs (int8 xq, fp32 scales, bf16
+    u), and for two launches the partial row maxima, fp32 partial projections (K split) and 1/s (unless the
+    caller holds it: ``with_inv_s`` False)."""
+    sizes = {"xq": m * k, "sx": 4 * m}
+    if r:
+        sizes["u"] = 2 * m * r
+    if not plan.one_launch:
+        sizes["rmax_part"] = 4 * plan.n_split * m
+        if r and plan.n_split > 1:
+            sizes["u_part"] = 4 * plan.n_split * m * _rank_pad(r)
+        if with_inv_s:
+            sizes["inv_s"] = 4 * k
+    return sizes
+
+
+def weight_sizes(n: int, k: int, with_sum: bool) -> dict[str, int]:
+    """Bytes of ``expand_weight``'s outputs: the int8 weights [N, K] and, ``with_sum``, their int32 row sums."""
+    return {"w8": n * k, **({"wsum": 4 * n} if with_sum else {})}
+
+
 def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan | None = None,
-             inv_smooth: torch.Tensor | None = None):
+             inv_smooth: torch.Tensor | None = None, arena: Arena | None = None):
     """Quantize activations: (xq int8 [M, K], sx fp32 [M], u bf16 [M, R] or None), in one launch or two
     (``quant_plan``). ``plan``: ``quant_plan`` of the whole call when this is one pass of its rows (the same
-    plan gives the same bits); ``inv_smooth``: ``p.inv_smooth()`` when the caller already has it."""
+    plan gives the same bits); ``inv_smooth``: ``p.inv_smooth()`` when the caller already has it; ``arena``:
+    where to write (regions of ``quant_sizes``; default: a new one)."""
     m, k = x2d.shape
     r = p.rank
     r_pad = _rank_pad(r)
@@ -534,9 +602,11 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     gpb = bk // nm.GROUP
     plan = plan or quant_plan(m, k)
     _check_plan(plan, k, bk)
-    xq = torch.empty((m, k), dtype=torch.int8, device=dev)
-    sx = torch.empty((m,), dtype=torch.float32, device=dev)
-    u = torch.empty((m, r), dtype=torch.bfloat16, device=dev) if r else sx
+    if arena is None:
+        arena = Arena(dev, quant_sizes(m, k, r, plan, inv_smooth is None))
+    xq = arena.get("xq", (m, k), torch.int8)
+    sx = arena.get("sx", (m,), torch.float32)
+    u = arena.get("u", (m, r), torch.bfloat16) if r else sx
     l1 = p.lr_down if r else x2d
     quant_meta = dict(QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned),
                       GROUP=nm.GROUP, GPB=gpb, R_PAD=r_pad,
@@ -547,35 +617,38 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     shift, inv_qf = float(p.act_shift), float(nm.inv_qf(p.act_unsigned))
     if plan.one_launch:  # the kernel divides by s itself: no 1/s launch
         smooth = p.smooth if p.smooth.dtype == torch.float32 else p.smooth.float()
-        _act_quant_fused_kernel[(triton.cdiv(m, plan.block_m),)](
+        launcher(_act_quant_fused_kernel)[(_cdiv(m, plan.block_m),)](
             x2d, smooth, l1, p.clip, bin_index, xq, sx, u, m, k, r, x2d.stride(0), shift, inv_qf,
             HAS_LR=bool(r), BK=bk, INV_S=False, BLOCK_M=plan.block_m, num_warps=4, **quant_meta)
         return xq, sx, (u if r else None)
     # The streaming first pass slows by a sixth when it divides (H200, 32 760 tokens): it multiplies by
     # a 1/s made here, or by the caller for all passes of a call.
-    inv_s = p.inv_smooth() if inv_smooth is None else inv_smooth
-    grid = (triton.cdiv(m, plan.block_m), plan.n_split)
-    rmax_part = torch.empty((plan.n_split, m), dtype=torch.float32, device=dev)
+    inv_s = inv_smooth if inv_smooth is not None else p.inv_smooth(out=arena.get("inv_s", (k,), torch.float32))
+    grid = (_cdiv(m, plan.block_m), plan.n_split)
+    rmax_part = arena.get("rmax_part", (plan.n_split, m), torch.float32)
     # One chunk: pass 1 writes u itself (bf16(0 + p) == bf16(p), the same values as summing one partial).
     direct_u = plan.n_split == 1
-    u_part = torch.empty((plan.n_split, m, r_pad), dtype=torch.float32, device=dev) if r and not direct_u else sx
-    _act_stats_kernel[grid](x2d, inv_s, l1, rmax_part, u_part, u, m, k, r, plan.kc, x2d.stride(0), shift,
+    u_part = arena.get("u_part", (plan.n_split, m, r_pad), torch.float32) if r and not direct_u else sx
+    launcher(_act_stats_kernel)[grid](x2d, inv_s, l1, rmax_part, u_part, u, m, k, r, plan.kc, x2d.stride(0), shift,
                             BLOCK_M=plan.block_m, BK=plan.stats_bk or bk, R_PAD=r_pad, HAS_LR=bool(r),
                             DIRECT_U=direct_u, INV_S=True, num_warps=4)
-    _act_quant_kernel[(triton.cdiv(m, plan.quant_rows), plan.n_split)](
+    launcher(_act_quant_kernel)[(_cdiv(m, plan.quant_rows), plan.n_split)](
         x2d, inv_s, p.clip, bin_index, rmax_part, u_part, xq, sx, u, m, k, r, plan.kc, plan.n_split, x2d.stride(0),
         shift, inv_qf, SUM_U=bool(r) and not direct_u, INV_S=True, BLOCK_M=plan.quant_rows,
         num_warps=plan.quant_warps, **quant_meta)
     return xq, sx, (u if r else None)
 
 
-def expand_weight(p: nm.W4A4Params, with_sum: bool = False):
+def expand_weight(p: nm.W4A4Params, with_sum: bool = False, arena: Arena | None = None):
     """Transient int8 operand q * f [N, K] of the packed weights (freed after the GEMM); ``with_sum``:
-    (w8, its int32 row sums), made by the same launch (plus the sums' zeroing)."""
+    (w8, its int32 row sums), made by the same launch (plus the sums' zeroing). ``arena``: where to write
+    (regions of ``weight_sizes``; default: a new one)."""
     n, k = p.out_features, p.in_features
-    w8 = torch.empty((n, k), dtype=torch.int8, device=p.qweight.device)
-    wsum = torch.zeros((n,), dtype=torch.int32, device=w8.device) if with_sum else w8
-    _expand_kernel[(triton.cdiv(n, EXPAND_BN), k // nm.PACK_TILE)](p.qweight, p.wfactor, w8, wsum, n, k,
+    if arena is None:
+        arena = Arena(p.qweight.device, weight_sizes(n, k, with_sum))
+    w8 = arena.get("w8", (n, k), torch.int8)
+    wsum = arena.get("wsum", (n,), torch.int32).zero_() if with_sum else w8
+    launcher(_expand_kernel)[(_cdiv(n, EXPAND_BN), k // nm.PACK_TILE)](p.qweight, p.wfactor, w8, wsum, n, k,
                                                                     BN=EXPAND_BN, WSUM=with_sum)
     return (w8, wsum) if with_sum else w8
 
@@ -591,13 +664,18 @@ def _index(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=8)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)  # 5 us of host time per call uncached (host_cost.py)
+
+
+@functools.lru_cache(maxsize=8)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _launch_meta(cfg: dict, p: nm.W4A4Params, m: int) -> tuple[int, dict]:
     """(number of output tiles, the constexpr arguments and warps) of a GEMM launch with the tiles of ``cfg``."""
-    tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(p.out_features, cfg["BN"])
+    tiles = _cdiv(m, cfg["BM"]) * _cdiv(p.out_features, cfg["BN"])
     return tiles, dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=_rank_pad(p.rank),
                        HAS_LR=bool(p.rank), HAS_BIAS=p.bias is not None, OFFSET=nm.act_offset(p.act_unsigned),
                        num_warps=cfg["num_warps"])
@@ -628,7 +706,7 @@ def _launch_gluon(xq, w8, cfg: dict, p: nm.W4A4Params, args: tuple, out_dtype: t
     try:
         if gg.ping_pong(cfg, meta["R_PAD"]):  # persistent, two consumer warpgroups taking tiles in turn
             grid = min(_num_sms(_index(xq.device)), tiles)
-            gg._gemm_i8_pp_kernel[(grid,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
+            launcher(gg._gemm_i8_pp_kernel)[(grid,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
                                            LOAD_REGS=gg.WS_LOAD_REGS, MMA_REGS=gg.PP_MMA_REGS,
                                            STORE_ROWS=gg.store_rows(cfg, False, out_dtype))
             return True
@@ -636,10 +714,10 @@ def _launch_gluon(xq, w8, cfg: dict, p: nm.W4A4Params, args: tuple, out_dtype: t
         rows = gg.store_rows(cfg, ws, out_dtype)
         if ws:  # persistent: one program per SM walks the tiles
             grid = min(_num_sms(_index(xq.device)), tiles)
-            gg._gemm_i8_ws_kernel[(grid,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
+            launcher(gg._gemm_i8_ws_kernel)[(grid,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
                                            LOAD_REGS=gg.WS_LOAD_REGS, STORE_ROWS=rows)
         else:
-            gg._gemm_i8_async_kernel[(tiles,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
+            launcher(gg._gemm_i8_async_kernel)[(tiles,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
                                                STORE_ROWS=rows)
         return True
     except Exception as e:
@@ -687,17 +765,17 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
     tiles, meta = _launch_meta(cfg, p, m)
     stages = cfg["num_stages"]
     if not tma:
-        _gemm_i8_kernel[(tiles,)](xq, w8, *args, **meta, num_stages=stages)
+        launcher(_gemm_i8_kernel)[(tiles,)](xq, w8, *args, **meta, num_stages=stages)
         return y
     from triton.tools.tensor_descriptor import TensorDescriptor
     a_desc = TensorDescriptor.from_tensor(xq, [cfg["BM"], cfg["BK"]])
     b_desc = TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]])
     if cfg.get("persistent") and persistent_fits(r, out_dtype):
         sms = _num_sms(_index(xq.device))
-        _gemm_i8_persistent_kernel[(min(sms, tiles),)](a_desc, b_desc, *args, NUM_SMS=sms, **meta,
+        launcher(_gemm_i8_persistent_kernel)[(min(sms, tiles),)](a_desc, b_desc, *args, NUM_SMS=sms, **meta,
                                                         num_stages=stages)
     else:
-        _gemm_i8_tma_kernel[(tiles,)](a_desc, b_desc, *args, **meta, num_stages=stages)
+        launcher(_gemm_i8_tma_kernel)[(tiles,)](a_desc, b_desc, *args, **meta, num_stages=stages)
     return y
 
 
@@ -729,7 +807,7 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {k}")
     if not isinstance(bin_index, torch.Tensor):
         bin_index = _bin_tensor(int(bin_index), x.device)
-    capability = torch.cuda.get_device_capability(x.device)
+    capability = _capability(_index(x.device))
     if tma is None:
         tma = tma_available(capability)
     x2d = x.reshape(-1, k)
@@ -738,18 +816,20 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
     m = x2d.shape[0]
     config = gemm_config(m, async_wgmma=tma and async_wgmma_available(capability))
     rows = pass_rows(m, k, p.rank, PASS_BYTES if pass_bytes is None else pass_bytes)
+    plan = quant_plan(m, k)
+    offset = bool(nm.act_offset(p.act_unsigned))
+    # One allocation for the call's transients (``Arena``): one pass's activation operands, 1/s, the expanded
+    # weights; the passes reuse the activation regions in stream order.
+    arena = Arena(x.device, {**quant_sizes(min(rows, m), k, p.rank, plan), **weight_sizes(p.out_features, k, offset)})
+    w8, wsum = expand_weight(p, with_sum=True, arena=arena) if offset else (expand_weight(p, arena=arena), None)
     if rows >= m:
-        xq, sx, u = quantize(x2d, p, bin_index)
-        y = gemm(xq, sx, u, p, x.dtype, tma=tma, config=config)
+        xq, sx, u = quantize(x2d, p, bin_index, plan, arena=arena)
+        y = gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum)
         return y.reshape(*x.shape[:-1], p.out_features)
     # Passes over the rows with the whole call's launch configuration (same bits as one pass).
-    plan = quant_plan(m, k)
-    w8, wsum = expand_weight(p, with_sum=True) if nm.act_offset(p.act_unsigned) else (expand_weight(p), None)
     y = torch.empty((m, p.out_features), dtype=x.dtype, device=x.device)
-    inv_smooth = None if plan.one_launch else p.inv_smooth()
+    inv_smooth = None if plan.one_launch else p.inv_smooth(out=arena.get("inv_s", (k,), torch.float32))
     for start in range(0, m, rows):
-        xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, plan, inv_smooth)
-        gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum,
-             out=y[start:start + rows])
-        del xq, sx, u  # before the next pass allocates its own
+        xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, plan, inv_smooth, arena=arena)
+        gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum, out=y[start:start + rows])
     return y.reshape(*x.shape[:-1], p.out_features)

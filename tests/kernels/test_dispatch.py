@@ -126,7 +126,9 @@ def test_cuda_input_falls_back_when_the_kernel_refuses(layer, fake_triton, caplo
 
 
 def test_triton_module_that_fails_to_import(layer, monkeypatch):
-    monkeypatch.delitem(kernels._imports, "triton_w4a4", raising=False)
+    # A copy of the import table: the failure recorded here must not outlive the test (a later GPU test in the
+    # same process would find the Triton backend "failed to import").
+    monkeypatch.setattr(kernels, "_imports", {k: v for k, v in kernels._imports.items() if k != "triton_w4a4"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real_import = kernels.importlib.import_module
 
@@ -211,3 +213,48 @@ def test_a_plan_that_does_not_cover_k_is_refused():
         tw._check_plan(tw.QuantPlan(64, 1, 640, stats_bk=32), 640, bk)  # statistics steps of whole groups only
     tw._check_plan(tw.QuantPlan(32, 2, 384), 640, bk)
     tw._check_plan(tw.QuantPlan(64, 1, 640, stats_bk=128), 640, bk)
+
+
+def test_the_arena_carves_aligned_regions_that_do_not_overlap():
+    """A call's transients come from one allocation (``triton_w4a4.Arena``): each region starts on a 256-byte
+    boundary, no two overlap, a view of a region's size or less is a contiguous tensor of its own dtype, and a
+    view larger than its region is refused."""
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    sizes = {"xq": 3120 * 5120, "sx": 4 * 3120, "u": 2 * 3120 * 32, "rmax_part": 4 * 5 * 3120, "inv_s": 4 * 5120,
+             "w8": 5120 * 5120, "wsum": 4 * 5120, "odd": 3}
+    offsets, total = tw.arena_layout(sizes)
+    spans = sorted((offsets[n], offsets[n] + b) for n, b in sizes.items())
+    assert all(o % tw.ARENA_ALIGN == 0 for o in offsets.values())
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert total == spans[-1][0] + tw.ARENA_ALIGN and total - sum(sizes.values()) < tw.ARENA_ALIGN * len(sizes)
+    arena = tw.Arena(torch.device("cpu"), sizes)
+    assert arena.buf.numel() == total
+    sx = arena.get("sx", (3120,), torch.float32)
+    u = arena.get("u", (1000, 32), torch.bfloat16)  # a ragged last pass takes fewer rows
+    assert sx.is_contiguous() and u.is_contiguous() and u.dtype == torch.bfloat16 and u.shape == (1000, 32)
+    assert sx.data_ptr() - arena.buf.data_ptr() == offsets["sx"] and u.data_ptr() - arena.buf.data_ptr() == offsets["u"]
+    sx.fill_(1.0)
+    u.fill_(2.0)
+    assert (arena.get("sx", (3120,), torch.float32) == 1.0).all()  # writing u did not touch sx
+    with pytest.raises(ValueError, match="region sx holds 12480 bytes"):
+        arena.get("sx", (3121,), torch.float32)
+
+
+@pytest.mark.parametrize("m,k,r,plan_kind", [(3120, 5120, 32, "split"), (32760, 5120, 32, "whole"),
+                                             (1024, 5120, 32, "one"), (1024, 13824, 0, "split")])
+def test_quantizer_regions_are_what_its_plan_writes(m, k, r, plan_kind):
+    """``quant_sizes``: the outputs always; partial maxima and 1/s for two launches; fp32 partial projections only
+    where K is split and there is a branch (one chunk writes u directly)."""
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    plan = tw.quant_plan(m, k)
+    assert {"one": plan.one_launch, "whole": not plan.one_launch and plan.n_split == 1,
+            "split": plan.n_split > 1}[plan_kind]
+    sizes = tw.quant_sizes(m, k, r, plan)
+    expect = {"xq": m * k, "sx": 4 * m, **({"u": 2 * m * r} if r else {})}
+    if not plan.one_launch:
+        expect.update(rmax_part=4 * plan.n_split * m, inv_s=4 * k)
+        if r and plan.n_split > 1:
+            expect["u_part"] = 4 * plan.n_split * m * tw._rank_pad(r)
+    assert sizes == expect
+    assert "inv_s" not in tw.quant_sizes(m, k, r, plan, with_inv_s=False)
+    assert tw.weight_sizes(5120, k, True) == {"w8": 5120 * k, "wsum": 4 * 5120}

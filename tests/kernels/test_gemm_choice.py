@@ -92,12 +92,7 @@ def test_an_ampere_or_ada_gpu_runs_the_pointer_gemm_with_the_same_bits(monkeypat
     x = (torch.randn(m, k, generator=g)).bfloat16().cuda()
     here, here_kernels = _gemm_kernels(lambda: kernels.w4a4_linear(x, p, 1, backend="triton"))
     real = torch.cuda.get_device_capability
-
-    def ada(device=None):
-        real(device)
-        return (8, 9)
-
-    monkeypatch.setattr(torch.cuda, "get_device_capability", ada)
+    monkeypatch.setattr(tw, "_capability", lambda index: (8, 9))  # what the layer's call reads
     out, names = _gemm_kernels(lambda: kernels.w4a4_linear(x, p, 1, backend="triton"))
     assert names and all("tma" not in s for s in names), names
     if tw.tma_available(real()):
@@ -138,16 +133,16 @@ def _host_only(monkeypatch, gluon_error):
     monkeypatch.setattr(tw, "_num_sms", lambda index: SMS)
     monkeypatch.setattr(tw, "_gluon_failure", [])
     monkeypatch.setattr(tw, "unsupported_reason", lambda x, p: None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(tw, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(tw, "_index", lambda device: 0)
     monkeypatch.delenv(tw.GEMM_ENV, raising=False)
 
-    def quantize(x2d, p, b, plan=None, inv_smooth=None):
+    def quantize(x2d, p, b, plan=None, inv_smooth=None, arena=None):
         m, k = x2d.shape
         return (torch.zeros(m, k, dtype=torch.int8), torch.zeros(m),
                 torch.zeros(m, p.rank, dtype=torch.bfloat16) if p.rank else None)
 
-    def expand_weight(p, with_sum=False):
+    def expand_weight(p, with_sum=False, arena=None):
         w8 = torch.zeros(p.out_features, p.in_features, dtype=torch.int8)
         return (w8, torch.zeros(p.out_features, dtype=torch.int32)) if with_sum else w8
 

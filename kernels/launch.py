@@ -1,0 +1,127 @@
+"""Launching compiled Triton kernels again without Triton's per-call binder (CUDA, Triton only).
+
+At one video frame a W4A4 layer call has less GPU work than the host needs to launch it, and with Triton 3.6
+most of that host time is ``JITFunction.run``: for each launch it specializes every argument (a native call
+each), builds and looks up a cache key, checks the kernel's globals, then calls the compiled kernel's launcher
+(benchmarks/RESULTS.md, twenty-seventh part: 1520 launches of a one-frame model call). ``launcher(fn)[grid](...)``
+does the first launch of each specialization through Triton and keeps the compiled kernel under a key of its
+own; later launches with the same key call that kernel's launcher directly, with the arguments in the kernel's
+order, as ``JITFunction.run`` does.
+
+The key holds what decides the compiled code, as Triton 3.6 specializes it (``native_specialize_impl``, read on
+its outputs): a constexpr parameter's value; a tensor's dtype and whether its address is a multiple of 16; an
+integer's 32/64-bit class, whether it is 1 (made a constant) and whether it is a multiple of 16; a TMA
+descriptor's type, dtype, block shape and layout; the launch options (``num_warps`` ...) and the device. A
+kernel with a typed or unspecialized parameter keeps Triton's path (``supported``). The bits cannot differ: the
+same compiled kernel runs with the same arguments (tests/kernels/test_launch.py compares both paths on a GPU).
+Only with Triton 3.6 (``TRITON_VERSION``); ``WAN_W4A4_FAST_LAUNCH=0`` turns it off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # GPU machines only; kernels/triton_w4a4.py imports this module where Triton is
+    import triton
+    from triton import knobs
+    from triton.runtime.driver import driver
+except ImportError:  # pragma: no cover - machines without Triton (``arg_key`` is tested there)
+    triton = knobs = driver = None
+
+# The Triton whose specialization and launcher this module follows (read in its source, measured on the H200).
+# Another version keeps Triton's own path: its ``CompiledKernel.run`` or its keys may differ.
+TRITON_VERSION = (3, 6)
+
+
+def triton_matches(version: str) -> bool:
+    try:
+        return tuple(int(v) for v in version.split(".")[:2]) == TRITON_VERSION
+    except ValueError:
+        return False
+
+ENV = "WAN_W4A4_FAST_LAUNCH"
+_I32 = (-(1 << 31), (1 << 31) - 1)
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip() not in ("0", "false", "no", "off")
+
+
+def arg_key(value, constexpr: bool):
+    """What of one argument decides the kernel Triton 3.6 compiles for it (see the module doc)."""
+    if constexpr:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return bool, value
+    if isinstance(value, int):
+        if value == 1:
+            return 1
+        kind = "i32" if _I32[0] <= value <= _I32[1] else ("u64" if value >= 1 << 63 else "i64")
+        return kind, value % 16 == 0
+    if isinstance(value, float):
+        return float
+    if value is None:
+        return None
+    base = getattr(value, "base", None)  # a host-side TMA descriptor (Triton's or Gluon's)
+    if isinstance(base, torch.Tensor) and hasattr(value, "block_shape"):
+        return type(value), base.dtype, tuple(value.block_shape), getattr(value, "layout", None)
+    raise TypeError(f"no launch key for an argument of type {type(value).__name__}")
+
+
+def supported(fn) -> bool:
+    """Whether ``fn`` is a Triton kernel whose parameters this module keys as Triton specializes them."""
+    params = getattr(fn, "params", None)
+    if params is None or not hasattr(fn, "device_caches") or triton is None or not triton_matches(triton.__version__):
+        return False
+    return all(p.is_constexpr or (not p.annotation and not p.do_not_specialize and not p.do_not_specialize_on_alignment)
+               for p in params)
+
+
+class Launcher:
+    """``Launcher(fn)[grid](*args, **kwargs)`` launches like ``fn[grid](*args, **kwargs)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.names = [p.name for p in fn.params]
+        self.constexpr = [p.is_constexpr for p in fn.params]
+        self.kernels: dict = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args, kwargs):
+        names = self.names
+        try:
+            values = [*args, *(kwargs[n] for n in names[len(args):])]
+        except KeyError:  # a parameter left to its default: Triton's binder fills it in
+            return self.fn[grid](*args, **kwargs)
+        device = driver.active.get_current_device()
+        key = (device, tuple(arg_key(v, c) for v, c in zip(values, self.constexpr)),
+               tuple((k, v) for k, v in kwargs.items() if k not in names))
+        kernel = self.kernels.get(key)
+        if kernel is None:  # compiles if needed, and launches; its compiled kernel serves the key from now on
+            kernel = self.fn[grid](*args, **kwargs)
+            self.kernels[key] = kernel
+            return kernel
+        stream = driver.active.get_current_stream(device)
+        g = (*grid, 1, 1)
+        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
+                   kernel.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
+                   knobs.runtime.launch_exit_hook, *values)
+        return kernel
+
+
+_launchers: dict[int, object] = {}  # id(kernel) -> its Launcher, or the kernel itself where unsupported
+
+
+def launcher(fn):
+    """The fast launcher of kernel ``fn``, or ``fn`` itself where it is off or unsupported (stand-ins included)."""
+    if not enabled():
+        return fn
+    got = _launchers.get(id(fn))
+    if got is None or getattr(got, "fn", got) is not fn:  # new, or another object under a reused id
+        got = _launchers[id(fn)] = Launcher(fn) if supported(fn) else fn
+    return got

@@ -1,0 +1,167 @@
+"""kernels/launch.py: the fast launcher keys a launch by what Triton specializes, and launches the same compiled
+kernel with the same arguments. CPU tests with a stand-in kernel; on a GPU, both paths give the same bits."""
+import pytest
+import torch
+
+from wan_w4a4.kernels import launch
+from wan_w4a4.kernels import numerics as nm
+
+
+class _Param:
+    def __init__(self, name, constexpr=False):
+        self.name, self.is_constexpr = name, constexpr
+        self.annotation = "constexpr" if constexpr else ""
+        self.do_not_specialize = self.do_not_specialize_on_alignment = False
+
+
+class _Compiled:
+    """A compiled kernel: records what its launcher gets."""
+
+    def __init__(self, record):
+        self.record, self.function, self.packed_metadata = record, "fn", "meta"
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, g0, g1, g2, stream, function, packed, launch_metadata, enter, exit_, *args):
+        self.record.append(("direct", (g0, g1, g2), stream, args))
+
+
+class _Kernel:
+    """A JITFunction's interface: params, device_caches, and ``[grid](...)`` that compiles (once per call here) and
+    launches through Triton's binder."""
+
+    def __init__(self):
+        self.params = [_Param("x_ptr"), _Param("n"), _Param("scale"), _Param("BLOCK", constexpr=True)]
+        self.device_caches = {}
+        self.record = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.record.append(("triton", grid, args, kwargs))
+            return _Compiled(self.record)
+        return run
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    monkeypatch.setattr(launch, "triton", type("T", (), {"__version__": "3.6.0"})())
+    class Active:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 1234
+
+    monkeypatch.setattr(launch, "driver", type("D", (), {"active": Active()})())
+    monkeypatch.setattr(launch, "knobs", type("K", (), {"runtime": type("R", (), {"launch_enter_hook": None,
+                                                                                  "launch_exit_hook": None})()})())
+    monkeypatch.delenv(launch.ENV, raising=False)
+
+
+def test_a_key_is_launched_once_through_triton_then_directly_with_the_arguments_in_order(fake_driver):
+    k = _Kernel()
+    fast = launch.launcher(k)
+    assert isinstance(fast, launch.Launcher) and launch.launcher(k) is fast
+    x = torch.zeros(64)
+    fast[(4,)](x, 37, 0.5, BLOCK=16, num_warps=4)
+    fast[(5, 2)](x, 53, 0.25, BLOCK=16, num_warps=4)  # same key: 37 and 53 are both i32, not multiples of 16
+    assert [r[0] for r in k.record] == ["triton", "direct"]
+    assert k.record[1][1:] == ((5, 2, 1), 1234, (x, 53, 0.25, 16))  # signature order, constexpr included
+    # Each of these decides another compiled kernel in Triton 3.6, so each goes through Triton first.
+    fast[(4,)](x, 48, 0.5, BLOCK=16, num_warps=4)  # a multiple of 16
+    fast[(4,)](x, 1, 0.5, BLOCK=16, num_warps=4)  # 1 is made a constant
+    fast[(4,)](x[1:], 37, 0.5, BLOCK=16, num_warps=4)  # an address that is not a multiple of 16
+    fast[(4,)](x, 37, 0.5, BLOCK=32, num_warps=4)  # a constexpr's value
+    fast[(4,)](x, 37, 0.5, BLOCK=16, num_warps=8)  # a launch option
+    fast[(4,)](x.half(), 37, 0.5, BLOCK=16, num_warps=4)  # a dtype
+    fast[(4,)](x, 1 << 40, 0.5, BLOCK=16, num_warps=4)  # a 64-bit integer
+    assert [r[0] for r in k.record[2:]] == ["triton"] * 7
+    fast[(4,)](x[4:], 21, 0.75, BLOCK=16, num_warps=4)  # 16-byte aligned again, i32: the first key
+    assert k.record[-1][0] == "direct"
+
+
+def test_a_parameter_left_to_its_default_takes_tritons_path(fake_driver):
+    k = _Kernel()
+    launch.launcher(k)[(1,)](torch.zeros(4), 3, 0.5)  # BLOCK not given
+    launch.launcher(k)[(1,)](torch.zeros(4), 3, 0.5)
+    assert [r[0] for r in k.record] == ["triton", "triton"]
+
+
+def test_stand_ins_unsupported_kernels_and_the_switch_keep_the_kernel_itself(fake_driver, monkeypatch):
+    stand_in = object()
+    assert launch.launcher(stand_in) is stand_in  # tests replace kernels with recorders: they stay as they are
+    k = _Kernel()
+    k.params[1].annotation = "i32"  # typed parameters are specialized differently: Triton's path
+    assert not launch.supported(k) and launch.launcher(k) is k
+    monkeypatch.setenv(launch.ENV, "0")
+    assert launch.launcher(_Kernel()).__class__ is _Kernel
+
+
+def test_only_the_triton_it_follows(fake_driver, monkeypatch):
+    assert launch.triton_matches("3.6.0") and launch.triton_matches("3.6.1+git") and not launch.triton_matches("3.7.0")
+    assert not launch.triton_matches("3.5.1") and not launch.triton_matches("main")
+    monkeypatch.setattr(launch, "triton", type("T", (), {"__version__": "3.7.0"})())
+    k = _Kernel()
+    assert not launch.supported(k) and launch.launcher(k) is k
+
+
+def test_argument_keys():
+    t = torch.zeros(8)
+    assert launch.arg_key(t, False) == (torch.float32, True) and launch.arg_key(t[1:], False) == (torch.float32, False)
+    assert launch.arg_key(1, False) == 1 and launch.arg_key(0, False) == ("i32", True)
+    assert launch.arg_key(17, False) == ("i32", False) and launch.arg_key(1 << 31, False) == ("i64", True)
+    assert launch.arg_key(1 << 63, False) == ("u64", True) and launch.arg_key(-5, False) == ("i32", False)
+    assert launch.arg_key(2.5, False) is float and launch.arg_key(None, False) is None
+    assert launch.arg_key(True, False) == (bool, True) and launch.arg_key(64, True) == 64
+    with pytest.raises(TypeError, match="str"):
+        launch.arg_key("x", False)
+
+
+def test_argument_keys_separate_what_triton_specializes():
+    """Against Triton 3.6's own specialization: two values with the same key get the same specialization."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    t = torch.zeros(64, dtype=torch.int8)
+    values = [t, t[1:], t[16:], t[3:], t.view(torch.bfloat16), 0, 1, 2, 16, 17, 32, (1 << 31) - 1, 1 << 31,
+              (1 << 31) + 16, 1 << 63, -5, -16, 1.5, 2.0, None]
+    specs = {}
+    for v in values:
+        spec = native_specialize_impl(CUDABackend, v, False, True, True)
+        specs.setdefault(launch.arg_key(v, False), set()).add(spec)
+    assert all(len(s) == 1 for s in specs.values()), specs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 37, 3120, 5000])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_the_fast_path_gives_tritons_bits(m, unsigned, monkeypatch):
+    """Same outputs with the fast launcher as with Triton's own, over inputs whose alignment and sizes change the
+    kernel Triton compiles (m = 1 is a constant; an input one element off a 16-byte boundary), in an order where a
+    wrong key would reuse a kernel compiled for other inputs; at 3120 and 5000 rows the quantizer splits K and
+    the GEMM is Gluon's on an H200."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    from wan_w4a4.kernels import triton_w4a4 as tw
+
+    g = torch.Generator().manual_seed(0)
+    k, n = 640, 384
+    p = nm.from_float(torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g),
+                      smooth=torch.rand(k, generator=g) + 0.5, lr_down=torch.randn(k, 32, generator=g) * 0.1,
+                      lr_up=torch.randn(32, n, generator=g) * 0.1, clip=torch.linspace(1.0, 0.6, 3), num_bins=3,
+                      act_unsigned=unsigned).to("cuda")
+    big = torch.randn(m * k + 8, generator=g).bfloat16().cuda()
+    if unsigned:
+        big = torch.nn.functional.gelu(big.float(), approximate="tanh").bfloat16()
+    inputs = [big[:m * k].view(m, k), big[1:1 + m * k].view(m, k), big[8:8 + m * k].view(m, k)]
+    assert [x.data_ptr() % 16 == 0 for x in inputs] == [True, False, True]
+    b = torch.tensor(1, device="cuda")
+    monkeypatch.setenv(launch.ENV, "0")
+    ref = [tw.w4a4_linear(x, p, b) for x in inputs]
+    monkeypatch.setenv(launch.ENV, "1")
+    for _ in range(2):  # the first round keys each launch through Triton, the second runs them directly
+        out = [tw.w4a4_linear(x, p, b) for x in inputs]
+        assert all(torch.equal(o, r) for o, r in zip(out, ref))
+    assert any(isinstance(v, launch.Launcher) and v.kernels for v in launch._launchers.values())
