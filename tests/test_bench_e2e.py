@@ -207,6 +207,24 @@ def test_profile_call_picks_the_stages_nth_call_and_never_the_process_first():
         _bench("cli").parse_args(["--config", "w4a4", "--profile", "--profile-call", "0"])
 
 
+def test_step_medians_leave_out_each_stages_first_step_and_the_warm_up():
+    """A stage's first step brings its expert to the GPU (seconds at one frame under dynamic VRAM): like the
+    process's first call and a profiled call, it is not a step time. Cond and uncond in two calls are one step."""
+    child = _bench("child")
+    timer = child.StepTimer(cuda=False, bases={})
+    calls = [("high", 1.0, 20.0, True, False), ("high", 0.9, 0.3, False, False), ("high", 0.8, 0.2, False, False),
+             ("low", 0.7, 3.5, False, False), ("low", 0.6, 0.7, False, True), ("low", 0.6, 0.1, False, False),
+             ("low", 0.5, 0.2, False, False), ("low", 0.5, 0.2, False, False)]
+    for stage, sigma, s, first, profiled in calls:
+        timer.calls.append({"mode": "one-expert", "stage": stage, "sigma": sigma, "t": 1000 * sigma, "s": s, "batch": 1,
+                            "first_of_process": first, "profiled": profiled})
+    high, low = timer.steps("one-expert", "high"), timer.steps("one-expert", "low")
+    assert [s["first_of_stage"] for s in low] == [True, False, False]
+    assert child.steady_step_times(high) == [0.3, 0.2]  # the process's first call is the stage's first step
+    assert child.steady_step_times(low) == [0.4]  # not the load (3.5), not the profiled step (0.7 + 0.1)
+    assert low[2]["s"] == 0.4 and low[2]["batches"] == [1, 1]
+
+
 def test_gpu_busy_is_the_union_of_kernel_intervals():
     """The GPU's busy time in a profiled call: overlapping kernels (two streams) count once, gaps not at
     all; span runs from the first start to the last end."""

@@ -144,7 +144,19 @@ class StepTimer:
                 s["batches"].append(c["batch"])
                 # profiled calls run slower (kernel tracing): left out of the step times like the warm-up
                 s["warmup"] = s["warmup"] or c["first_of_process"] or c.get("profiled", False)
-        return list(steps.values())
+        out = list(steps.values())
+        for i, s in enumerate(out):
+            s["first_of_stage"] = i == 0
+        return out
+
+
+def steady_step_times(steps: list[dict]) -> list[float]:
+    """The step times a stage's median is taken over: neither the warm-up (the process's first call, which compiles;
+    a profiled call) nor the stage's first step, in which ComfyUI brings the stage's expert to the GPU (under dynamic
+    VRAM its weights are faulted in during that step's calls: 3.4-5.6 s of a 0.15-0.5 s step at one 480p frame,
+    benchmarks/RESULTS.md, twenty-seventh part). Before 2026-11-30 (session 24) that first step was left out only
+    where it was also the process's first call or was profiled."""
+    return [s["s"] for s in steps if not (s["warmup"] or s.get("first_of_stage"))]
 
 
 def folded_lora_layers(dm) -> dict:
@@ -317,7 +329,7 @@ def sample_mode(ks, shifted: dict, latent: dict, split: int, sampler_args: dict,
             if cuda:
                 torch.cuda.synchronize()
             steps = timer.steps(mode, stage)
-            warm = [s["s"] for s in steps if not s["warmup"]]
+            warm = steady_step_times(steps)
             r["stages"][stage] = {
                 "wall_s": round(time.perf_counter() - t0, 3), "steps": steps,
                 "step_s_median": round(statistics.median(warm), 4) if warm else None,

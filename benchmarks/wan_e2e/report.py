@@ -280,7 +280,8 @@ def report_md(meta: dict, results: dict, calib: dict) -> str:
              ("- Peak GPU memory: `torch.cuda.max_memory_allocated/reserved` over the whole mode; the first mode of each "
              "configuration also covers loading (process start). Step time: median over the stage's steps of the "
              "model call(s) of one step (cond+uncond), cuda-synchronized, excluding the first model call of the "
-             "process (warm-up, Triton compilation). Sampling: wall time of the two KSamplerAdvanced calls, "
+             "process (warm-up, Triton compilation), the profiled call's step and each stage's first step (it "
+             "brings the stage's expert to the GPU). Sampling: wall time of the two KSamplerAdvanced calls, "
              "including ComfyUI moving the weights to the GPU. Host RSS: `ru_maxrss` of the configuration's process "
              "(loading both experts included). GPU used, driver: max of total − free (`cuda.mem_get_info`, what "
              "nvidia-smi shows) sampled after each model call: CUDA context and allocator cache included."),
