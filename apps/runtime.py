@@ -308,8 +308,8 @@ def enable_dynamic_vram(control=None, gpu_budget_gib: float | None = None) -> bo
 def aimdo_log_setter(level: int) -> str:
     """The comfy-aimdo control function that ComfyUI's ``main.py`` calls for its console log level once the
     devices are up (``set_log_info`` at its default INFO). Without that call comfy-aimdo passes its debug
-    messages to Python's logging, which drops them after the call: about 20 000 per 400-Linear model call,
-    at one frame a large part of the host's time (benchmarks/RESULTS.md, twenty-seventh part)."""
+    messages to Python's logging, which drops them after the call: 19 989 in a one-frame W4A4 model call and
+    9701 in BF16's, a large part of the host's time at that size (benchmarks/RESULTS.md, twenty-seventh part)."""
     return {logging.DEBUG: "set_log_debug", logging.WARNING: "set_log_warning", logging.ERROR: "set_log_error",
             logging.CRITICAL: "set_log_critical"}.get(level, "set_log_info")
 

@@ -29,6 +29,8 @@ try:  # GPU machines only; kernels/triton_w4a4.py imports this module where Trit
 except ImportError:  # pragma: no cover - machines without Triton (``arg_key`` is tested there)
     triton = knobs = driver = None
 
+ENV = "WAN_W4A4_FAST_LAUNCH"
+_I32 = (-(1 << 31), (1 << 31) - 1)
 # The Triton whose specialization and launcher this module follows (read in its source, measured on the H200).
 # Another version keeps Triton's own path: its ``CompiledKernel.run`` or its keys may differ.
 TRITON_VERSION = (3, 6)
@@ -39,9 +41,6 @@ def triton_matches(version: str) -> bool:
         return tuple(int(v) for v in version.split(".")[:2]) == TRITON_VERSION
     except ValueError:
         return False
-
-ENV = "WAN_W4A4_FAST_LAUNCH"
-_I32 = (-(1 << 31), (1 << 31) - 1)
 
 
 def enabled() -> bool:

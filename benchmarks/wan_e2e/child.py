@@ -153,7 +153,7 @@ class StepTimer:
 def steady_step_times(steps: list[dict]) -> list[float]:
     """The step times a stage's median is taken over: neither the warm-up (the process's first call, which compiles;
     a profiled call) nor the stage's first step, in which ComfyUI brings the stage's expert to the GPU (under dynamic
-    VRAM its weights are faulted in during that step's calls: 3.4-5.6 s of a 0.15-0.5 s step at one 480p frame,
+    VRAM its weights are faulted in during that step's calls: 2.6-5.6 s against 0.14-0.55 s steps at one 480p frame,
     benchmarks/RESULTS.md, twenty-seventh part). Before 2026-11-30 (session 24) that first step was left out only
     where it was also the process's first call or was profiled."""
     return [s["s"] for s in steps if not (s["warmup"] or s.get("first_of_stage"))]

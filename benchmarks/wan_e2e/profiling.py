@@ -75,7 +75,6 @@ def kernel_profile(prof, top: int = 15) -> dict:
                     for k in kernels[:top]]}
 
 
-
 def host_profile(stats, top: int = 25) -> list[dict]:
     """The host's functions of one profiled call from a ``pstats.Stats``-like object (its ``stats`` dict:
     (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)), by own time: where the
