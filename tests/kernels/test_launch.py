@@ -54,8 +54,9 @@ def fake_driver(monkeypatch):
             return 1234
 
     monkeypatch.setattr(launch, "driver", type("D", (), {"active": Active()})())
-    monkeypatch.setattr(launch, "knobs", type("K", (), {"runtime": type("R", (), {"launch_enter_hook": None,
-                                                                                  "launch_exit_hook": None})()})())
+    runtime = type("R", (), {"launch_enter_hook": None, "launch_exit_hook": None, "debug": False})()
+    compilation = type("C", (), {"instrumentation_mode": ""})()
+    monkeypatch.setattr(launch, "knobs", type("K", (), {"runtime": runtime, "compilation": compilation})())
     monkeypatch.delenv(launch.ENV, raising=False)
 
 
@@ -79,6 +80,12 @@ def test_a_key_is_launched_once_through_triton_then_directly_with_the_arguments_
     assert [r[0] for r in k.record[2:]] == ["triton"] * 7
     fast[(4,)](x[4:], 21, 0.75, BLOCK=16, num_warps=4)  # 16-byte aligned again, i32: the first key
     assert k.record[-1][0] == "direct"
+    launch.knobs.runtime.debug = True  # Triton compiles a debug kernel for the same arguments
+    fast[(4,)](x, 37, 0.5, BLOCK=16, num_warps=4)
+    assert k.record[-1][0] == "triton"
+    fast[(4,)](x, (1, 2), 0.5, BLOCK=16, num_warps=4)  # a tuple: no key here, Triton's own path every time
+    fast[(4,)](x, (1, 2), 0.5, BLOCK=16, num_warps=4)
+    assert [r[0] for r in k.record[-2:]] == ["triton", "triton"]
 
 
 def test_a_parameter_left_to_its_default_takes_tritons_path(fake_driver):
