@@ -135,5 +135,5 @@ def addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, program: tuple[in
     bl, bc, warps = program or tile([t for t, row in ((a, a_row), (b, False), (c, c_row), (out, False)) if not row])
     grid = (-(-L // bl), -(-C // bc), B)  # not triton.cdiv: a constexpr_function in Triton 3.6, 1-3 us per host call
     launcher(_addcmul_kernel)[grid](a, b, c, out, L, C, *a.stride(), *b.stride(), *c.stride(), *out.stride(),
-                          A_ROW=a_row, C_ROW=c_row, BLOCK_L=bl, BLOCK_C=bc, num_warps=warps)
+                                    A_ROW=a_row, C_ROW=c_row, BLOCK_L=bl, BLOCK_C=bc, num_warps=warps)
     return out

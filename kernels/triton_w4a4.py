@@ -546,45 +546,56 @@ def arena_layout(sizes: dict[str, int], align: int = ARENA_ALIGN) -> tuple[dict[
     return offsets, end
 
 
+Regions = dict  # name -> (shape, dtype) of a tensor a call writes
+
+
+def region_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
 class Arena:
     """One device allocation holding named regions (``arena_layout``); ``get`` views a region as a contiguous
-    tensor. The kernels of one call, and of its row passes, run in stream order, so a pass may reuse the
-    regions of the one before it, as the caching allocator would reuse their freed blocks."""
+    tensor, of its own shape or (a shorter row pass) a smaller one. The kernels of one call, and of its row passes,
+    run in stream order, so a pass may reuse the regions of the one before it, as the caching allocator would reuse
+    their freed blocks."""
 
-    def __init__(self, device: torch.device, sizes: dict[str, int]):
-        self.sizes = sizes
-        self.offsets, total = arena_layout(sizes)
+    def __init__(self, device: torch.device, regions: Regions):
+        self.regions = regions
+        self.offsets, total = arena_layout({name: region_bytes(*spec) for name, spec in regions.items()})
         self.buf = torch.empty((max(total, 1),), dtype=torch.uint8, device=device)
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
-        if n > self.sizes[name]:
-            raise ValueError(f"arena region {name} holds {self.sizes[name]} bytes, {tuple(shape)} {dtype} needs {n}")
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        full, dtype = self.regions[name]
+        shape = full if shape is None else shape
+        n, cap = region_bytes(shape, dtype), region_bytes(full, dtype)
+        if n > cap:
+            raise ValueError(f"arena region {name} holds {cap} bytes, {tuple(shape)} {dtype} needs {n}")
         start = self.offsets[name]
         return self.buf[start:start + n].view(dtype).view(shape)
 
 
-def quant_sizes(m: int, k: int, r: int, plan: QuantPlan, with_inv_s: bool = True) -> dict[str, int]:
-    """Bytes of what ``quantize`` writes for ``m`` rows under ``plan``: its outputs (int8 xq, fp32 scales, bf16
-    u), and for two launches the partial row maxima, fp32 partial projections (K split) and 1/s (unless the
-    caller holds it: ``with_inv_s`` False)."""
-    sizes = {"xq": m * k, "sx": 4 * m}
+def quant_regions(m: int, k: int, r: int, plan: QuantPlan, with_inv_s: bool = True) -> Regions:
+    """What ``quantize`` writes for ``m`` rows under ``plan``: its outputs (int8 xq, fp32 scales, bf16 u), and for
+    two launches the partial row maxima, fp32 partial projections (K split) and 1/s (unless the caller holds it:
+    ``with_inv_s`` False)."""
+    regions = {"xq": ((m, k), torch.int8), "sx": ((m,), torch.float32)}
     if r:
-        sizes["u"] = 2 * m * r
+        regions["u"] = ((m, r), torch.bfloat16)
     if not plan.one_launch:
-        sizes["rmax_part"] = 4 * plan.n_split * m
+        regions["rmax_part"] = ((plan.n_split, m), torch.float32)
         if r and plan.n_split > 1:
-            sizes["u_part"] = 4 * plan.n_split * m * _rank_pad(r)
+            regions["u_part"] = ((plan.n_split, m, _rank_pad(r)), torch.float32)
         if with_inv_s:
-            sizes["inv_s"] = 4 * k
-    return sizes
+            regions["inv_s"] = ((k,), torch.float32)
+    return regions
 
 
-def weight_sizes(n: int, k: int, with_sum: bool) -> dict[str, int]:
-    """Bytes of ``expand_weight``'s outputs: the int8 weights [N, K] and, ``with_sum``, their int32 row sums."""
-    return {"w8": n * k, **({"wsum": 4 * n} if with_sum else {})}
+def weight_regions(n: int, k: int, with_sum: bool) -> Regions:
+    """``expand_weight``'s outputs: the int8 weights [N, K] and, ``with_sum``, their int32 row sums."""
+    return {"w8": ((n, k), torch.int8), **({"wsum": ((n,), torch.int32)} if with_sum else {})}
 
 
 def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan | None = None,
@@ -592,7 +603,7 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     """Quantize activations: (xq int8 [M, K], sx fp32 [M], u bf16 [M, R] or None), in one launch or two
     (``quant_plan``). ``plan``: ``quant_plan`` of the whole call when this is one pass of its rows (the same
     plan gives the same bits); ``inv_smooth``: ``p.inv_smooth()`` when the caller already has it; ``arena``:
-    where to write (regions of ``quant_sizes``; default: a new one)."""
+    where to write (holding ``quant_regions`` of at least these rows; default: a new one)."""
     m, k = x2d.shape
     r = p.rank
     r_pad = _rank_pad(r)
@@ -602,11 +613,11 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     gpb = bk // nm.GROUP
     plan = plan or quant_plan(m, k)
     _check_plan(plan, k, bk)
-    if arena is None:
-        arena = Arena(dev, quant_sizes(m, k, r, plan, inv_smooth is None))
-    xq = arena.get("xq", (m, k), torch.int8)
-    sx = arena.get("sx", (m,), torch.float32)
-    u = arena.get("u", (m, r), torch.bfloat16) if r else sx
+    regions = quant_regions(m, k, r, plan, inv_smooth is None)
+    arena = arena or Arena(dev, regions)
+    out = {name: arena.get(name, shape) for name, (shape, _) in regions.items()}
+    xq, sx = out["xq"], out["sx"]
+    u = out.get("u", sx)
     l1 = p.lr_down if r else x2d
     quant_meta = dict(QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned),
                       GROUP=nm.GROUP, GPB=gpb, R_PAD=r_pad,
@@ -623,15 +634,15 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
         return xq, sx, (u if r else None)
     # The streaming first pass slows by a sixth when it divides (H200, 32 760 tokens): it multiplies by
     # a 1/s made here, or by the caller for all passes of a call.
-    inv_s = inv_smooth if inv_smooth is not None else p.inv_smooth(out=arena.get("inv_s", (k,), torch.float32))
+    inv_s = inv_smooth if inv_smooth is not None else p.inv_smooth(out=out["inv_s"])
     grid = (_cdiv(m, plan.block_m), plan.n_split)
-    rmax_part = arena.get("rmax_part", (plan.n_split, m), torch.float32)
+    rmax_part = out["rmax_part"]
     # One chunk: pass 1 writes u itself (bf16(0 + p) == bf16(p), the same values as summing one partial).
     direct_u = plan.n_split == 1
-    u_part = arena.get("u_part", (plan.n_split, m, r_pad), torch.float32) if r and not direct_u else sx
-    launcher(_act_stats_kernel)[grid](x2d, inv_s, l1, rmax_part, u_part, u, m, k, r, plan.kc, x2d.stride(0), shift,
-                            BLOCK_M=plan.block_m, BK=plan.stats_bk or bk, R_PAD=r_pad, HAS_LR=bool(r),
-                            DIRECT_U=direct_u, INV_S=True, num_warps=4)
+    u_part = out.get("u_part", sx)
+    launcher(_act_stats_kernel)[grid](
+        x2d, inv_s, l1, rmax_part, u_part, u, m, k, r, plan.kc, x2d.stride(0), shift, BLOCK_M=plan.block_m,
+        BK=plan.stats_bk or bk, R_PAD=r_pad, HAS_LR=bool(r), DIRECT_U=direct_u, INV_S=True, num_warps=4)
     launcher(_act_quant_kernel)[(_cdiv(m, plan.quant_rows), plan.n_split)](
         x2d, inv_s, p.clip, bin_index, rmax_part, u_part, xq, sx, u, m, k, r, plan.kc, plan.n_split, x2d.stride(0),
         shift, inv_qf, SUM_U=bool(r) and not direct_u, INV_S=True, BLOCK_M=plan.quant_rows,
@@ -642,14 +653,13 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
 def expand_weight(p: nm.W4A4Params, with_sum: bool = False, arena: Arena | None = None):
     """Transient int8 operand q * f [N, K] of the packed weights (freed after the GEMM); ``with_sum``:
     (w8, its int32 row sums), made by the same launch (plus the sums' zeroing). ``arena``: where to write
-    (regions of ``weight_sizes``; default: a new one)."""
+    (holding ``weight_regions``; default: a new one)."""
     n, k = p.out_features, p.in_features
-    if arena is None:
-        arena = Arena(p.qweight.device, weight_sizes(n, k, with_sum))
-    w8 = arena.get("w8", (n, k), torch.int8)
-    wsum = arena.get("wsum", (n,), torch.int32).zero_() if with_sum else w8
+    arena = arena or Arena(p.qweight.device, weight_regions(n, k, with_sum))
+    w8 = arena.get("w8")
+    wsum = arena.get("wsum").zero_() if with_sum else w8
     launcher(_expand_kernel)[(_cdiv(n, EXPAND_BN), k // nm.PACK_TILE)](p.qweight, p.wfactor, w8, wsum, n, k,
-                                                                    BN=EXPAND_BN, WSUM=with_sum)
+                                                                      BN=EXPAND_BN, WSUM=with_sum)
     return (w8, wsum) if with_sum else w8
 
 
@@ -707,18 +717,18 @@ def _launch_gluon(xq, w8, cfg: dict, p: nm.W4A4Params, args: tuple, out_dtype: t
         if gg.ping_pong(cfg, meta["R_PAD"]):  # persistent, two consumer warpgroups taking tiles in turn
             grid = min(_num_sms(_index(xq.device)), tiles)
             launcher(gg._gemm_i8_pp_kernel)[(grid,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
-                                           LOAD_REGS=gg.WS_LOAD_REGS, MMA_REGS=gg.PP_MMA_REGS,
-                                           STORE_ROWS=gg.store_rows(cfg, False, out_dtype))
+                                                     LOAD_REGS=gg.WS_LOAD_REGS, MMA_REGS=gg.PP_MMA_REGS,
+                                                     STORE_ROWS=gg.store_rows(cfg, False, out_dtype))
             return True
         ws = gg.warp_specialized(cfg, meta["R_PAD"])
         rows = gg.store_rows(cfg, ws, out_dtype)
         if ws:  # persistent: one program per SM walks the tiles
             grid = min(_num_sms(_index(xq.device)), tiles)
             launcher(gg._gemm_i8_ws_kernel)[(grid,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
-                                           LOAD_REGS=gg.WS_LOAD_REGS, STORE_ROWS=rows)
+                                                     LOAD_REGS=gg.WS_LOAD_REGS, STORE_ROWS=rows)
         else:
             launcher(gg._gemm_i8_async_kernel)[(tiles,)](*descriptors, *args, **meta, STAGES=cfg["num_stages"],
-                                               STORE_ROWS=rows)
+                                                         STORE_ROWS=rows)
         return True
     except Exception as e:
         if not _is_build_failure(e):
@@ -773,7 +783,7 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
     if cfg.get("persistent") and persistent_fits(r, out_dtype):
         sms = _num_sms(_index(xq.device))
         launcher(_gemm_i8_persistent_kernel)[(min(sms, tiles),)](a_desc, b_desc, *args, NUM_SMS=sms, **meta,
-                                                        num_stages=stages)
+                                                                  num_stages=stages)
     else:
         launcher(_gemm_i8_tma_kernel)[(tiles,)](a_desc, b_desc, *args, **meta, num_stages=stages)
     return y
@@ -820,7 +830,8 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
     offset = bool(nm.act_offset(p.act_unsigned))
     # One allocation for the call's transients (``Arena``): one pass's activation operands, 1/s, the expanded
     # weights; the passes reuse the activation regions in stream order.
-    arena = Arena(x.device, {**quant_sizes(min(rows, m), k, p.rank, plan), **weight_sizes(p.out_features, k, offset)})
+    arena = Arena(x.device, {**quant_regions(min(rows, m), k, p.rank, plan),
+                             **weight_regions(p.out_features, k, offset)})
     w8, wsum = expand_weight(p, with_sum=True, arena=arena) if offset else (expand_weight(p, arena=arena), None)
     if rows >= m:
         xq, sx, u = quantize(x2d, p, bin_index, plan, arena=arena)
@@ -828,7 +839,7 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
         return y.reshape(*x.shape[:-1], p.out_features)
     # Passes over the rows with the whole call's launch configuration (same bits as one pass).
     y = torch.empty((m, p.out_features), dtype=x.dtype, device=x.device)
-    inv_smooth = None if plan.one_launch else p.inv_smooth(out=arena.get("inv_s", (k,), torch.float32))
+    inv_smooth = None if plan.one_launch else p.inv_smooth(out=arena.get("inv_s"))
     for start in range(0, m, rows):
         xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, plan, inv_smooth, arena=arena)
         gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum, out=y[start:start + rows])

@@ -227,34 +227,39 @@ def test_the_arena_carves_aligned_regions_that_do_not_overlap():
     assert all(o % tw.ARENA_ALIGN == 0 for o in offsets.values())
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
     assert total == spans[-1][0] + tw.ARENA_ALIGN and total - sum(sizes.values()) < tw.ARENA_ALIGN * len(sizes)
-    arena = tw.Arena(torch.device("cpu"), sizes)
+    regions = {"xq": ((3120, 5120), torch.int8), "sx": ((3120,), torch.float32), "u": ((3120, 32), torch.bfloat16),
+               "rmax_part": ((5, 3120), torch.float32), "inv_s": ((5120,), torch.float32),
+               "w8": ((5120, 5120), torch.int8), "wsum": ((5120,), torch.int32), "odd": ((3,), torch.uint8)}
+    assert {n: tw.region_bytes(*spec) for n, spec in regions.items()} == sizes
+    arena = tw.Arena(torch.device("cpu"), regions)
     assert arena.buf.numel() == total
-    sx = arena.get("sx", (3120,), torch.float32)
-    u = arena.get("u", (1000, 32), torch.bfloat16)  # a ragged last pass takes fewer rows
+    sx = arena.get("sx")
+    u = arena.get("u", (1000, 32))  # a ragged last pass takes fewer rows
     assert sx.is_contiguous() and u.is_contiguous() and u.dtype == torch.bfloat16 and u.shape == (1000, 32)
+    assert sx.shape == (3120,) and sx.dtype == torch.float32
     assert sx.data_ptr() - arena.buf.data_ptr() == offsets["sx"] and u.data_ptr() - arena.buf.data_ptr() == offsets["u"]
     sx.fill_(1.0)
     u.fill_(2.0)
-    assert (arena.get("sx", (3120,), torch.float32) == 1.0).all()  # writing u did not touch sx
+    assert (arena.get("sx") == 1.0).all()  # writing u did not touch sx
     with pytest.raises(ValueError, match="region sx holds 12480 bytes"):
-        arena.get("sx", (3121,), torch.float32)
+        arena.get("sx", (3121,))
 
 
 @pytest.mark.parametrize("m,k,r,plan_kind", [(3120, 5120, 32, "split"), (32760, 5120, 32, "whole"),
                                              (1024, 5120, 32, "one"), (1024, 13824, 0, "split")])
 def test_quantizer_regions_are_what_its_plan_writes(m, k, r, plan_kind):
-    """``quant_sizes``: the outputs always; partial maxima and 1/s for two launches; fp32 partial projections only
+    """``quant_regions``: the outputs always; partial maxima and 1/s for two launches; fp32 partial projections only
     where K is split and there is a branch (one chunk writes u directly)."""
     from wan_w4a4.kernels import triton_w4a4 as tw
     plan = tw.quant_plan(m, k)
     assert {"one": plan.one_launch, "whole": not plan.one_launch and plan.n_split == 1,
             "split": plan.n_split > 1}[plan_kind]
-    sizes = tw.quant_sizes(m, k, r, plan)
-    expect = {"xq": m * k, "sx": 4 * m, **({"u": 2 * m * r} if r else {})}
+    f32 = torch.float32
+    expect = {"xq": ((m, k), torch.int8), "sx": ((m,), f32), **({"u": ((m, r), torch.bfloat16)} if r else {})}
     if not plan.one_launch:
-        expect.update(rmax_part=4 * plan.n_split * m, inv_s=4 * k)
+        expect.update(rmax_part=((plan.n_split, m), f32), inv_s=((k,), f32))
         if r and plan.n_split > 1:
-            expect["u_part"] = 4 * plan.n_split * m * tw._rank_pad(r)
-    assert sizes == expect
-    assert "inv_s" not in tw.quant_sizes(m, k, r, plan, with_inv_s=False)
-    assert tw.weight_sizes(5120, k, True) == {"w8": 5120 * k, "wsum": 4 * 5120}
+            expect["u_part"] = ((plan.n_split, m, tw._rank_pad(r)), f32)
+    assert tw.quant_regions(m, k, r, plan) == expect
+    assert "inv_s" not in tw.quant_regions(m, k, r, plan, with_inv_s=False)
+    assert tw.weight_regions(5120, k, True) == {"w8": ((5120, k), torch.int8), "wsum": ((5120,), torch.int32)}
