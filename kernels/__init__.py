@@ -76,13 +76,15 @@ def _triton_reason(x, params) -> str | None:
 
 
 def _triton_fn() -> Callable:
-    return _triton_module()[0].w4a4_linear
+    # select_backend has just run the kernel's own check (``_triton_reason``): the unchecked entry point,
+    # so that a layer call is checked once.
+    return _triton_module()[0].run_checked
 
 
 class _Backend(NamedTuple):
     device_reason: Callable  # (device) -> None if it can run there, else why not
     call_reason: Callable  # (x, params) -> None if it can run this call, else why not
-    function: Callable  # () -> the w4a4_linear(x, params, bin_index) to call (imports lazily)
+    function: Callable  # () -> the w4a4_linear(x, params, bin_index) to call once call_reason accepted (imports lazily)
 
 
 _BACKENDS = {

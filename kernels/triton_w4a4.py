@@ -4,8 +4,9 @@
 Launches per layer (kernels/README.md has the measurements behind this shape):
 
 1. Activation quantization, planned per call by ``quant_plan``:
-   - few tokens of a short K (<= 2048 x 8192): one launch, ``_act_quant_fused_kernel``, which takes the row
-     maxima and the low-rank input over all of K, then quantizes in a second sweep, dividing by s itself;
+   - few tokens of a short K (<= 4096 x 8192): one launch, ``_act_quant_fused_kernel``, which takes the row
+     maxima and the low-rank input over all of K, then quantizes in a second sweep, dividing by s itself; in a
+     layer call that launch also expands the weights (step 2), as ``_prologue_kernel``;
    - otherwise two, ``_act_stats_kernel`` then ``_act_quant_kernel``, over K chunks when there are few
      tokens so that every SM has work, multiplying by a 1/s made once per call.
    Pass 1 smooths x, takes the (partial) row maxima and the low-rank down projection
@@ -225,17 +226,16 @@ if triton is not None:
                      QMIN, QMAX, FMAX, OFFSET, BLOCK_M, GROUP, GPB, INV_S)
 
     @triton.jit
-    def _act_quant_fused_kernel(
-        x_ptr, s_ptr, l1_ptr, clip_ptr, bin_ptr, xq_ptr, sx_ptr, u_ptr,
+    def _fused_quant_block(
+        pid_m, x_ptr, s_ptr, l1_ptr, clip_ptr, bin_ptr, xq_ptr, sx_ptr, u_ptr,
         M, K, R, stride_xm, shift, inv_qf,
         QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, OFFSET: tl.constexpr,
         BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
         BK: tl.constexpr, INV_S: tl.constexpr,
     ):
-        """The whole quantizer in one launch (K not split): row maxima and u over all of K, then the
+        """The whole quantizer for row block ``pid_m`` (K not split): row maxima and u over all of K, then the
         quantization in a second sweep over the same rows - the same expressions as the split kernels,
         with no partial maxima or partial projections in memory."""
-        pid_m = tl.program_id(0)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
         x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
@@ -247,6 +247,19 @@ if triton is not None:
             _store_u(u_ptr, rm, m_mask, u_acc, R, R_PAD)
         _quant_range(x_rows, xq_ptr + rm[:, None].to(tl.int64) * K, s_ptr, m_mask, 0, K, rmax, scale, shift,
                      QMIN, QMAX, FMAX, OFFSET, BLOCK_M, GROUP, GPB, INV_S)
+
+    @triton.jit
+    def _act_quant_fused_kernel(
+        x_ptr, s_ptr, l1_ptr, clip_ptr, bin_ptr, xq_ptr, sx_ptr, u_ptr,
+        M, K, R, stride_xm, shift, inv_qf,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, OFFSET: tl.constexpr,
+        BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+        BK: tl.constexpr, INV_S: tl.constexpr,
+    ):
+        """The whole quantizer in one launch, one row block per program (``_fused_quant_block``)."""
+        _fused_quant_block(tl.program_id(0), x_ptr, s_ptr, l1_ptr, clip_ptr, bin_ptr, xq_ptr, sx_ptr, u_ptr,
+                           M, K, R, stride_xm, shift, inv_qf, QMIN, QMAX, FMAX, OFFSET, BLOCK_M, GROUP, GPB, R_PAD,
+                           HAS_LR, BK, INV_S)
 
     @triton.jit
     def _epilogue(acc, rm, rn, M, N, R, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr, stride_ym,
@@ -272,12 +285,10 @@ if triton is not None:
         return tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
 
     @triton.jit
-    def _expand_kernel(qw_ptr, wf_ptr, w8_ptr, wsum_ptr, N, K, BN: tl.constexpr, WSUM: tl.constexpr):
-        """4-bit weights -> transient int8 operand q * f [N, K] (one 128-wide K tile per program).
+    def _expand_tile(pid_n, kt, qw_ptr, wf_ptr, w8_ptr, wsum_ptr, N, K, BN: tl.constexpr, WSUM: tl.constexpr):
+        """4-bit weights -> int8 operand q * f for rows [pid_n * BN, +BN) of one 128-wide K tile ``kt``.
         WSUM: also add this tile's part of sum_k w8[n, k] into ``wsum`` (zeroed; int32 atomics, exact in
         any order), which restores unsigned activations' offset in the GEMM's epilogue."""
-        pid_n = tl.program_id(0)
-        kt = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
         rj = tl.arange(0, 64)
         n_mask = rn < N
@@ -293,6 +304,33 @@ if triton is not None:
         if WSUM:
             part = tl.sum(lo.to(tl.int32), axis=1) + tl.sum(hi.to(tl.int32), axis=1)
             tl.atomic_add(wsum_ptr + rn, part, mask=n_mask)
+
+    @triton.jit
+    def _expand_kernel(qw_ptr, wf_ptr, w8_ptr, wsum_ptr, N, K, BN: tl.constexpr, WSUM: tl.constexpr):
+        """4-bit weights -> transient int8 operand q * f [N, K] (``_expand_tile``; one 128-wide K tile per
+        program)."""
+        _expand_tile(tl.program_id(0), tl.program_id(1), qw_ptr, wf_ptr, w8_ptr, wsum_ptr, N, K, BN, WSUM)
+
+    @triton.jit
+    def _prologue_kernel(
+        x_ptr, s_ptr, l1_ptr, clip_ptr, bin_ptr, xq_ptr, sx_ptr, u_ptr, qw_ptr, wf_ptr, w8_ptr, wsum_ptr,
+        M, K, R, N, stride_xm, shift, inv_qf, QUANT_PROGRAMS,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, FMAX: tl.constexpr, OFFSET: tl.constexpr,
+        BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+        BK: tl.constexpr, INV_S: tl.constexpr, EXPAND_BN: tl.constexpr, WSUM: tl.constexpr,
+    ):
+        """Everything a one-launch call does before its GEMM, in one launch: the first ``QUANT_PROGRAMS``
+        programs quantize row blocks (``_fused_quant_block``), the others expand weight tiles (``_expand_tile``,
+        in ``_expand_kernel``'s order). The two parts share no data; each runs the same code as its own kernel."""
+        pid = tl.program_id(0)
+        if pid < QUANT_PROGRAMS:
+            _fused_quant_block(pid, x_ptr, s_ptr, l1_ptr, clip_ptr, bin_ptr, xq_ptr, sx_ptr, u_ptr,
+                               M, K, R, stride_xm, shift, inv_qf, QMIN, QMAX, FMAX, OFFSET, BLOCK_M, GROUP, GPB,
+                               R_PAD, HAS_LR, BK, INV_S)
+        else:
+            e = pid - QUANT_PROGRAMS
+            n_tiles = tl.cdiv(N, EXPAND_BN)
+            _expand_tile(e % n_tiles, e // n_tiles, qw_ptr, wf_ptr, w8_ptr, wsum_ptr, N, K, EXPAND_BN, WSUM)
 
     @triton.jit
     def _tma_tile(a_desc, b_desc, pid_m, pid_n, sx_ptr, ws_ptr, u_ptr, l2_ptr, bias_ptr, wsum_ptr, y_ptr,
@@ -467,10 +505,14 @@ class QuantPlan(NamedTuple):
     stats_bk: int = 0
 
 
-# Where one launch beats two (H200, benchmarks/bench_linear.py, kernels/README.md): few tokens of a short K.
-# There one launch also computes 1/s itself, which saves the host the most of a call's fixed work; with
-# many tokens or a long K, two launches are as fast or faster on the GPU and take a precomputed 1/s.
-ONE_LAUNCH_MAX_ROWS = 2048  # 16-row programs, so that a 1024-token call has 64 of them
+# Where one launch is as fast as two on the GPU: few tokens of a short K. There one launch also computes 1/s itself,
+# and joins the weight expansion (``quantize_and_expand``): two launches per layer call instead of four and 1/s's,
+# which is what a one-frame step is short of (the host's time; kernels/README.md, session 24). H200, whole layer
+# calls, quantizer and expansion in one launch against two quantizing launches (benchmarks/bench_few_tokens.py,
+# results/few_tokens_h200_2026-11-30_s25.log), ms: K = 5120, N = 5120: 0.199 / 0.201 at 3120 rows, 0.227 / 0.226 at
+# 4096; N = 13 824: 0.428 / 0.440 and 0.510 / 0.548; at 8192 rows 0.439 / 0.424 and 0.972 / 0.962. K = 13 824 (ffn.2):
+# slower at every row count measured (0.303 / 0.232 ms at 1024 rows, 0.516 / 0.454 at 3120).
+ONE_LAUNCH_MAX_ROWS = 4096  # 16-row programs, so that a 1024-token call has 64 of them
 ONE_LAUNCH_MAX_K = 8192
 # The statistics launch of two-launch plans with K whole (many tokens) and K <= 8192 (Wan's 5120): 64-row programs
 # over 128-column steps. H200, one 480p pass (16 384 x 5120): 69.4 -> 56.6 us, and 138.0 -> 104.5 us at 32 760 rows,
@@ -556,6 +598,15 @@ def region_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=256)
+def _arena_plan(items: tuple) -> tuple[dict[str, int], dict[str, int], int]:
+    """(offsets, bytes of each region, total bytes) of regions ``items`` (``Regions.items()``): a few
+    distinct layouts per model, computed once each instead of per call."""
+    sizes = {name: region_bytes(*spec) for name, spec in items}
+    offsets, total = arena_layout(sizes)
+    return offsets, sizes, total
+
+
 class Arena:
     """One device allocation holding named regions (``arena_layout``); ``get`` views a region as a contiguous
     tensor, of its own shape or (a shorter row pass) a smaller one. The kernels of one call, and of its row passes,
@@ -564,15 +615,18 @@ class Arena:
 
     def __init__(self, device: torch.device, regions: Regions):
         self.regions = regions
-        self.offsets, total = arena_layout({name: region_bytes(*spec) for name, spec in regions.items()})
+        self.offsets, self.sizes, total = _arena_plan(tuple(regions.items()))
         self.buf = torch.empty((max(total, 1),), dtype=torch.uint8, device=device)
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         full, dtype = self.regions[name]
-        shape = full if shape is None else shape
-        n, cap = region_bytes(shape, dtype), region_bytes(full, dtype)
-        if n > cap:
-            raise ValueError(f"arena region {name} holds {cap} bytes, {tuple(shape)} {dtype} needs {n}")
+        cap = self.sizes[name]
+        if shape is None or shape == full:
+            shape, n = full, cap
+        else:
+            n = region_bytes(shape, dtype)
+            if n > cap:
+                raise ValueError(f"arena region {name} holds {cap} bytes, {tuple(shape)} {dtype} needs {n}")
         start = self.offsets[name]
         return self.buf[start:start + n].view(dtype).view(shape)
 
@@ -598,6 +652,21 @@ def weight_regions(n: int, k: int, with_sum: bool) -> Regions:
     return {"w8": ((n, k), torch.int8), **({"wsum": ((n,), torch.int32)} if with_sum else {})}
 
 
+def _quant_meta(p: nm.W4A4Params, k: int) -> dict:
+    """The quantizing launches' constexpr arguments and options for layer ``p`` (K = ``k``)."""
+    qmin, qmax, fmax = nm.UNSIGNED if p.act_unsigned else nm.SIGNED
+    return dict(QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned), GROUP=nm.GROUP,
+                GPB=_quant_bk(k) // nm.GROUP, R_PAD=_rank_pad(p.rank),
+                # No fma contraction: round(v * inv) must round the product before the rounding
+                # trick adds 1.5 * 2**23, as torch does; fused, about one value in a few million
+                # lands on the other side of a tie (seen at 17000 x 256).
+                enable_fp_fusion=False)
+
+
+def _smooth32(p: nm.W4A4Params) -> torch.Tensor:
+    return p.smooth if p.smooth.dtype == torch.float32 else p.smooth.float()
+
+
 def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan | None = None,
              inv_smooth: torch.Tensor | None = None, arena: Arena | None = None):
     """Quantize activations: (xq int8 [M, K], sx fp32 [M], u bf16 [M, R] or None), in one launch or two
@@ -606,30 +675,20 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     where to write (holding ``quant_regions`` of at least these rows; default: a new one)."""
     m, k = x2d.shape
     r = p.rank
-    r_pad = _rank_pad(r)
-    qmin, qmax, fmax = nm.UNSIGNED if p.act_unsigned else nm.SIGNED
-    dev = x2d.device
     bk = _quant_bk(k)
-    gpb = bk // nm.GROUP
     plan = plan or quant_plan(m, k)
     _check_plan(plan, k, bk)
     regions = quant_regions(m, k, r, plan, inv_smooth is None)
-    arena = arena or Arena(dev, regions)
+    arena = arena or Arena(x2d.device, regions)
     out = {name: arena.get(name, shape) for name, (shape, _) in regions.items()}
     xq, sx = out["xq"], out["sx"]
     u = out.get("u", sx)
     l1 = p.lr_down if r else x2d
-    quant_meta = dict(QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned),
-                      GROUP=nm.GROUP, GPB=gpb, R_PAD=r_pad,
-                      # No fma contraction: round(v * inv) must round the product before the rounding
-                      # trick adds 1.5 * 2**23, as torch does; fused, about one value in a few million
-                      # lands on the other side of a tie (seen at 17000 x 256).
-                      enable_fp_fusion=False)
+    quant_meta = _quant_meta(p, k)
     shift, inv_qf = float(p.act_shift), float(nm.inv_qf(p.act_unsigned))
     if plan.one_launch:  # the kernel divides by s itself: no 1/s launch
-        smooth = p.smooth if p.smooth.dtype == torch.float32 else p.smooth.float()
         launcher(_act_quant_fused_kernel)[(_cdiv(m, plan.block_m),)](
-            x2d, smooth, l1, p.clip, bin_index, xq, sx, u, m, k, r, x2d.stride(0), shift, inv_qf,
+            x2d, _smooth32(p), l1, p.clip, bin_index, xq, sx, u, m, k, r, x2d.stride(0), shift, inv_qf,
             HAS_LR=bool(r), BK=bk, INV_S=False, BLOCK_M=plan.block_m, num_warps=4, **quant_meta)
         return xq, sx, (u if r else None)
     # The streaming first pass slows by a sixth when it divides (H200, 32 760 tokens): it multiplies by
@@ -642,7 +701,8 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     u_part = out.get("u_part", sx)
     launcher(_act_stats_kernel)[grid](
         x2d, inv_s, l1, rmax_part, u_part, u, m, k, r, plan.kc, x2d.stride(0), shift, BLOCK_M=plan.block_m,
-        BK=plan.stats_bk or bk, R_PAD=r_pad, HAS_LR=bool(r), DIRECT_U=direct_u, INV_S=True, num_warps=4)
+        BK=plan.stats_bk or bk, R_PAD=quant_meta["R_PAD"], HAS_LR=bool(r), DIRECT_U=direct_u, INV_S=True,
+        num_warps=4)
     launcher(_act_quant_kernel)[(_cdiv(m, plan.quant_rows), plan.n_split)](
         x2d, inv_s, p.clip, bin_index, rmax_part, u_part, xq, sx, u, m, k, r, plan.kc, plan.n_split, x2d.stride(0),
         shift, inv_qf, SUM_U=bool(r) and not direct_u, INV_S=True, BLOCK_M=plan.quant_rows,
@@ -661,6 +721,30 @@ def expand_weight(p: nm.W4A4Params, with_sum: bool = False, arena: Arena | None 
     launcher(_expand_kernel)[(_cdiv(n, EXPAND_BN), k // nm.PACK_TILE)](p.qweight, p.wfactor, w8, wsum, n, k,
                                                                       BN=EXPAND_BN, WSUM=with_sum)
     return (w8, wsum) if with_sum else w8
+
+
+def quantize_and_expand(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan,
+                        with_sum: bool, arena: Arena):
+    """``quantize`` under a one-launch ``plan`` and ``expand_weight`` in one launch (``_prologue_kernel``):
+    (xq, sx, u or None, w8, wsum or None), the same tensors as the two calls give. ``arena`` holds
+    ``quant_regions`` of these rows and ``weight_regions``."""
+    m, k = x2d.shape
+    n, r = p.out_features, p.rank
+    if not plan.one_launch:
+        raise ValueError(f"quantize_and_expand needs a one-launch plan, got {plan}")
+    bk = _quant_bk(k)
+    _check_plan(plan, k, bk)
+    xq, sx, w8 = arena.get("xq", (m, k)), arena.get("sx", (m,)), arena.get("w8")
+    u = arena.get("u", (m, r)) if r else sx
+    wsum = arena.get("wsum").zero_() if with_sum else w8
+    quant_programs = _cdiv(m, plan.block_m)
+    grid = (quant_programs + _cdiv(n, EXPAND_BN) * (k // nm.PACK_TILE),)
+    launcher(_prologue_kernel)[grid](
+        x2d, _smooth32(p), p.lr_down if r else x2d, p.clip, bin_index, xq, sx, u, p.qweight, p.wfactor, w8, wsum,
+        m, k, r, n, x2d.stride(0), float(p.act_shift), float(nm.inv_qf(p.act_unsigned)), quant_programs,
+        HAS_LR=bool(r), BK=bk, INV_S=False, BLOCK_M=plan.block_m, EXPAND_BN=EXPAND_BN, WSUM=with_sum, num_warps=4,
+        **_quant_meta(p, k))
+    return xq, sx, (u if r else None), w8, (wsum if with_sum else None)
 
 
 def _epilogue_args(sx, u, p, wsum):
@@ -801,17 +885,25 @@ def tma_available(capability: tuple[int, int]) -> bool:
 
 
 def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | None = None,
-                pass_bytes: int | None = None) -> torch.Tensor:
-    """Triton forward with the signature of ``numerics.w4a4_linear`` (what ``kernels.w4a4_linear`` calls).
+                pass_bytes: int | None = None, one_launch: bool | None = None) -> torch.Tensor:
+    """Triton forward with the signature of ``numerics.w4a4_linear``.
 
     ``bin_index``: a 0-d int64 tensor on the input's device (no host sync; what the timestep hook
     passes) or a Python int. ``tma``: GEMM tiles fetched by TMA (None, the default: where the GPU has it,
     ``tma_available``; False: pointer loads).
-    ``pass_bytes``: the per-pass budget of ``pass_rows`` (default ``PASS_BYTES``).
+    ``pass_bytes``: the per-pass budget of ``pass_rows`` (default ``PASS_BYTES``); ``one_launch``: force the
+    quantizer's kind (``quant_plan``; for benchmarks and tests).
     """
     reason = unsupported_reason(x, p)
     if reason:
         raise RuntimeError(f"W4A4 Triton kernel cannot run: {reason}")
+    return run_checked(x, p, bin_index, tma=tma, pass_bytes=pass_bytes, one_launch=one_launch)
+
+
+def run_checked(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | None = None,
+                pass_bytes: int | None = None, one_launch: bool | None = None) -> torch.Tensor:
+    """``w4a4_linear`` for a call that ``unsupported_reason`` has already accepted: what the dispatcher
+    (``kernels.w4a4_linear``) runs after its own check, so that a layer call is checked once."""
     k = p.in_features
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {k}")
@@ -826,12 +918,16 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
     m = x2d.shape[0]
     config = gemm_config(m, async_wgmma=tma and async_wgmma_available(capability))
     rows = pass_rows(m, k, p.rank, PASS_BYTES if pass_bytes is None else pass_bytes)
-    plan = quant_plan(m, k)
+    plan = quant_plan(m, k, one_launch)
     offset = bool(nm.act_offset(p.act_unsigned))
     # One allocation for the call's transients (``Arena``): one pass's activation operands, 1/s, the expanded
     # weights; the passes reuse the activation regions in stream order.
     arena = Arena(x.device, {**quant_regions(min(rows, m), k, p.rank, plan),
                              **weight_regions(p.out_features, k, offset)})
+    if rows >= m and plan.one_launch:  # few tokens: quantizer and expansion in one launch, then the GEMM
+        xq, sx, u, w8, wsum = quantize_and_expand(x2d, p, bin_index, plan, offset, arena)
+        y = gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum)
+        return y.reshape(*x.shape[:-1], p.out_features)
     w8, wsum = expand_weight(p, with_sum=True, arena=arena) if offset else (expand_weight(p, arena=arena), None)
     if rows >= m:
         xq, sx, u = quantize(x2d, p, bin_index, plan, arena=arena)

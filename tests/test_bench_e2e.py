@@ -156,6 +156,7 @@ def test_profile_summary_and_report():
     assert bench.kernel_family("_gemm_i8_tma_kernel") == "W4A4 GEMM (Triton)"
     assert bench.kernel_family("_act_quant_kernel") == "W4A4 quantize (Triton)"
     assert bench.kernel_family("_act_quant_fused_kernel") == "W4A4 quantize (Triton)"  # few tokens: one launch
+    assert bench.kernel_family("_prologue_kernel") == "W4A4 quantize (Triton)"  # ... joined with the expansion
     assert bench.kernel_family("_gemm_i8_pp_kernel") == "W4A4 GEMM (Triton)"
     assert bench.kernel_family("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
     assert bench.kernel_family("nvjet_tst_192x192_64x3_2x1_v_bz_coopA_TNT") == "dense GEMM (cuBLAS/CUTLASS)"
@@ -185,6 +186,8 @@ def test_host_profile_ranks_functions_by_own_time_and_the_report_lists_them():
     rows = host_profile(stats, top=2)
     assert rows == [{"function": "comfy/ops.py:337(cast_bias_weight)", "calls": 400, "own_ms": 30.0, "cum_ms": 40.0},
                     {"function": "nodes/ops.py:10(w4a4_forward)", "calls": 400, "own_ms": 2.0, "cum_ms": 150.0}]
+    assert [r["function"] for r in host_profile(stats, top=2, by="cum_ms")] == [
+        "nodes/ops.py:10(w4a4_forward)", "comfy/ops.py:337(cast_bias_weight)"]  # host_cum: by the time under each
     md = _bench("report").profile_md({"w4a4": {"profile": {
         "families": {}, "gpu_ms": 1.0, "top": [], "mode": "one-expert", "stage": "low", "call": 2, "expert": "low",
         "batch": 1, "wall_s": 0.1, "host_top": rows}}})

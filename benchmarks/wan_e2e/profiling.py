@@ -7,7 +7,9 @@ from __future__ import annotations
 # GEMM: cuBLAS / CUTLASS (nvjet, sm90 xmma), which is every BF16 or FP8 Linear of ComfyUI; the pack's Triton addcmul
 # (kernels/triton_rowwise.py) counts with the elementwise work it replaces.
 KERNEL_FAMILIES = (
-    ("W4A4 quantize (Triton)", ("_act_stats_kernel", "_act_quant_kernel", "_act_quant_fused_kernel")),
+    # _prologue_kernel (few tokens): the one-launch quantizer and the weight expansion in one kernel
+    ("W4A4 quantize (Triton)", ("_act_stats_kernel", "_act_quant_kernel", "_act_quant_fused_kernel",
+                                "_prologue_kernel")),
     ("W4A4 GEMM (Triton)", ("_gemm_i8", "_expand_kernel")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
     ("dense GEMM (cuBLAS/CUTLASS)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "cublas")),
@@ -75,13 +77,14 @@ def kernel_profile(prof, top: int = 15) -> dict:
                     for k in kernels[:top]]}
 
 
-def host_profile(stats, top: int = 25) -> list[dict]:
+def host_profile(stats, top: int = 25, by: str = "own_ms") -> list[dict]:
     """The host's functions of one profiled call from a ``pstats.Stats``-like object (its ``stats`` dict:
-    (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)), by own time: where the
+    (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)), by own time (``by``:
+    "cum_ms", by the time under each function, which places the time of a call tree): where the
     Python side of the call spends its time when the GPU waits for it (cProfile adds its own cost per
     call, so compare shares, not absolute times, with an unprofiled call)."""
     rows = [{"function": f"{'/'.join(file.split('/')[-2:])}:{line}({name})",
              "calls": int(nc), "own_ms": round(tt * 1000, 2), "cum_ms": round(ct * 1000, 2)}
             for (file, line, name), (_, nc, tt, ct, _) in stats.stats.items()]
-    rows.sort(key=lambda r: -r["own_ms"])
+    rows.sort(key=lambda r: -r[by])
     return rows[:top]

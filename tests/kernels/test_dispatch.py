@@ -28,8 +28,15 @@ def fake_triton(monkeypatch):
     """A stand-in Triton backend on a pretend CUDA machine: records calls, refuses when told to."""
     calls = []
     mod = types.SimpleNamespace(refusal=None)
-    mod.unsupported_reason = lambda x, p: mod.refusal
-    mod.w4a4_linear = lambda x, p, b: calls.append((x, p, b)) or "triton-result"
+    mod.checks = 0
+
+    def unsupported_reason(x, p):
+        mod.checks += 1
+        return mod.refusal
+
+    mod.unsupported_reason = unsupported_reason
+    mod.w4a4_linear = lambda x, p, b: pytest.fail("the dispatcher checks the call itself and runs run_checked")
+    mod.run_checked = lambda x, p, b: calls.append((x, p, b)) or "triton-result"
     mod.calls = calls
     monkeypatch.setitem(kernels._imports, "triton_w4a4", (mod, None))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -108,8 +115,10 @@ def test_cuda_input_prefers_triton(layer, fake_triton):
     x = cuda_input()
     assert kernels.available_backends("cuda") == {"reference": None, "triton": None}
     assert kernels.select_backend(x, layer) == "triton"
+    fake_triton.checks = 0
     assert kernels.w4a4_linear(x, layer, 1) == "triton-result"
     assert fake_triton.calls == [(x, layer, 1)]
+    assert fake_triton.checks == 1  # the kernel's own check runs once per layer call, in the dispatcher
 
 
 def test_cuda_input_falls_back_when_the_kernel_refuses(layer, fake_triton, caplog, monkeypatch):
@@ -180,7 +189,8 @@ def test_row_passes_fit_the_budget_in_whole_tiles(m, k, r):
 
 
 @pytest.mark.parametrize("m,k,one_launch,block_m,stats_bk", [
-    (1024, 5120, True, 16, 0), (2048, 5120, True, 16, 0), (8192, 5120, False, 32, 0), (12000, 5120, False, 32, 0),
+    (1024, 5120, True, 16, 0), (2048, 5120, True, 16, 0), (3120, 5120, True, 16, 0), (4096, 5120, True, 16, 0),
+    (4097, 5120, False, 32, 0), (8192, 5120, False, 32, 0), (12000, 5120, False, 32, 0), (3120, 13824, False, 32, 0),
     (32760, 5120, False, 64, 128), (75600, 5120, False, 64, 128), (1024, 13824, False, 32, 0),
     (8192, 13824, False, 32, 0), (32760, 13824, False, 32, 0), (1, 256, True, 16, 0)])
 def test_quantizer_plan_follows_the_measured_rule(m, k, one_launch, block_m, stats_bk):
@@ -245,7 +255,7 @@ def test_the_arena_carves_aligned_regions_that_do_not_overlap():
         arena.get("sx", (3121,))
 
 
-@pytest.mark.parametrize("m,k,r,plan_kind", [(3120, 5120, 32, "split"), (32760, 5120, 32, "whole"),
+@pytest.mark.parametrize("m,k,r,plan_kind", [(3120, 13824, 32, "split"), (32760, 5120, 32, "whole"),
                                              (1024, 5120, 32, "one"), (1024, 13824, 0, "split")])
 def test_quantizer_regions_are_what_its_plan_writes(m, k, r, plan_kind):
     """``quant_regions``: the outputs always; partial maxima and 1/s for two launches; fp32 partial projections only

@@ -125,6 +125,18 @@ def test_argument_keys():
         launch.arg_key("x", False)
 
 
+def test_a_launch_key_is_arg_key_of_each_argument():
+    """``args_key`` inlines ``arg_key``'s tensor and constexpr cases: the same key for every kind, a Parameter (a
+    tensor subclass) included, and the same refusal of an argument it cannot key."""
+    t = torch.zeros(8)
+    values = [t, t[1:], torch.nn.Parameter(torch.zeros(4), requires_grad=False), 1, 0, 17, 1 << 40, 2.5, None, True,
+              64, "constexpr string", (1, 2)]
+    constexpr = [False] * 10 + [True] * 3
+    assert launch.args_key(values, constexpr) == tuple(launch.arg_key(v, c) for v, c in zip(values, constexpr))
+    with pytest.raises(TypeError, match="str"):
+        launch.args_key([t, "x"], [False, False])
+
+
 def test_argument_keys_separate_what_triton_specializes():
     """Against Triton 3.6's own specialization: two values with the same key get the same specialization."""
     pytest.importorskip("triton", reason="Triton is not installed")

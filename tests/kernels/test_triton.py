@@ -91,6 +91,35 @@ def test_quantize_kernel_is_bit_exact(m, k, n, unsigned):
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 37, 300, 1000, 3120])
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("rank", [0, 32])
+def test_quantize_and_expand_is_the_two_launches_it_joins(m, k, n, unsigned, rank):
+    """``_prologue_kernel`` (the one-launch quantizer and the weight expansion in one launch) writes what
+    ``quantize`` and ``expand_weight`` write, bit for bit, and so the reference's operands; the layer's default
+    call at these rows takes it (``w4a4_linear``), with the same output as the separate launches."""
+    p = make_layer(k, n, unsigned=unsigned, rank=rank)
+    x = make_input(m, k, unsigned=unsigned)
+    b = torch.tensor(2, device=DEV)
+    plan = tw.quant_plan(m, k, one_launch=True)
+    regions = {**tw.quant_regions(m, k, rank, plan), **tw.weight_regions(n, k, unsigned)}
+    got = tw.quantize_and_expand(x, p, b, plan, unsigned, tw.Arena(x.device, regions))
+    arena = tw.Arena(x.device, regions)
+    w8 = tw.expand_weight(p, with_sum=unsigned, arena=arena)
+    want = (*tw.quantize(x, p, b, plan, arena=arena), *(w8 if unsigned else (w8, None)))
+    for name, g, w in zip(("xq", "sx", "u", "w8", "wsum"), got, want):
+        assert (g is None) == (w is None) and (g is None or torch.equal(g, w)), name
+    a_ref, s_ref = nm.quantize_activation(nm.smooth_input(x, p, p.inv_smooth()), p.clip[2], unsigned)
+    assert torch.equal(got[0], a_ref) and torch.equal(got[1], s_ref)
+    assert torch.equal(got[3], nm.int8_operand(nm.unpack_int4(p.qweight), p.wfactor))
+    cap = torch.cuda.get_device_capability()
+    tma = tw.tma_available(cap)
+    cfg = tw.gemm_config(m, async_wgmma=tma and tw.async_wgmma_available(cap))  # w4a4_linear's choice
+    y = tw.gemm(*want[:3], p, x.dtype, tma=tma, config=cfg, w8=want[3], wsum=want[4])
+    assert torch.equal(tw.w4a4_linear(x, p, b, one_launch=True), y)
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("m", [1, 37, 1000, 4099])
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
