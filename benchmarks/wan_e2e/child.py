@@ -118,7 +118,9 @@ class StepTimer:
                                 "batch": int(x.shape[0]),
                                 "wall_s": round(dt, 4), **kernel_profile(prof)}
                 if pyprof is not None:
-                    self.profile["host_top"] = host_profile(pstats.Stats(pyprof))
+                    stats = pstats.Stats(pyprof)
+                    self.profile["host_top"] = host_profile(stats)
+                    self.profile["host_cum"] = host_profile(stats, top=60, by="cum_ms")
                 if os.environ.get("WAN_BENCH_TRACE"):
                     path = os.path.join(os.environ["WAN_BENCH_TRACE"], f"trace_{expert}_{os.getpid()}.json")
                     prof.export_chrome_trace(path)
