@@ -25,6 +25,7 @@ from pathlib import Path
 import _checkout  # noqa: F401  (makes ``import wan_w4a4`` work from a checkout)
 import torch
 from wan_w4a4 import kernels
+from wan_w4a4.kernels import format as fmt
 from wan_w4a4.kernels import numerics as nm
 
 # (rows, K, N, unsigned activations, calls per one-frame model call)
@@ -48,8 +49,7 @@ def layer(k: int, n: int, unsigned: bool) -> dict:
     p = nm.from_float(w, torch.randn(n, device="cuda"), smooth=torch.rand(k, device="cuda") + 0.5,
                       lr_down=torch.randn(k, 32, device="cuda") * 0.02, lr_up=torch.randn(32, n, device="cuda") * 0.02,
                       clip=torch.tensor([1.0, 0.9, 0.8, 0.7], device="cuda"), num_bins=4, act_unsigned=unsigned)
-    return {f: getattr(p, f) for f in ("qweight", "wscale", "wfactor", "smooth", "lr_down", "lr_up", "clip", "bias",
-                                       "act_unsigned", "act_shift")}
+    return {f: getattr(p, f) for f in (*fmt.FIELDS, "act_unsigned", "act_shift")}
 
 
 def issue_us(package, x, p, b, calls: int) -> float:
