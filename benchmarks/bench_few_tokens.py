@@ -10,8 +10,11 @@ one-frame step is the host's (kernels/README.md, session 24). This compares, per
 - ``default``: what ``kernels.w4a4_linear`` (the layer's call) runs today;
 - bf16 ``F.linear`` with the same shape.
 
-``gpu`` is ``triton.testing.do_bench`` (the GPU's time); ``b2b`` is wall time per call of 200 calls issued back to
-back with one sync at the end (the larger of host and GPU time: where it exceeds ``gpu`` the call is host-bound).
+``gpu`` is the GPU's time per call: 50 calls queued while a sleep kernel holds the GPU, timed by events after the
+sleep, so the host's time per call is not in it (L2 warm, as inside a model call). The session 25 run
+(results/few_tokens_h200_2026-11-30_s25.log) timed this column with ``triton.testing.do_bench`` instead, whose
+events around each call include the host's time where a call is host-bound. ``b2b`` is wall time per call of 200
+calls issued back to back with one sync at the end (the larger of host and GPU time).
 ``prologue`` gives ``one launch``'s bits (checked here and in tests/kernels/test_triton.py). Prints a table; GPU only.
 
     python benchmarks/bench_few_tokens.py [--tokens 1024,2048,3120,4096,6240,8192] [--json out.json]
@@ -25,7 +28,7 @@ from pathlib import Path
 import _checkout  # noqa: F401  (makes ``import wan_w4a4`` work from a checkout)
 import torch
 import torch.nn.functional as F
-from bench_linear import RANK, SHAPES, back_to_back, bench
+from bench_linear import RANK, SHAPES, back_to_back
 from wan_w4a4 import kernels
 from wan_w4a4.kernels import numerics as nm
 
@@ -38,6 +41,26 @@ def make_layer(k: int, n: int):
                       lr_up=torch.randn(RANK, n, device="cuda") * 0.02,
                       clip=torch.tensor([1.0, 0.9, 0.8, 0.7], device="cuda"), num_bins=4, act_unsigned=k == 13824)
     return w.to(torch.bfloat16), p
+
+
+SLEEP_CYCLES = 400_000_000  # ~0.2 s on an H200: longer than the host needs to queue GPU_CALLS calls
+GPU_CALLS = 50
+
+
+def gpu_ms(fn, calls: int = GPU_CALLS) -> float:
+    """GPU time per call of ``fn``: ``calls`` calls queued behind a sleep kernel, timed by events on the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(SLEEP_CYCLES)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    if end.query():  # the sleep ended before the calls were queued: host gaps may be in the time
+        raise RuntimeError("the GPU's sleep ended before the calls were queued")
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def variants(x, p, b, w, bias):
@@ -91,14 +114,14 @@ def main(argv=None) -> None:
                     raise RuntimeError(f"{name} differs from {twin} at M={m}, K={k}, N={n}")
             row = dict(M=m, K=k, N=n)
             for name, fn in fns.items():
-                row[name] = dict(gpu_ms=bench(fn), b2b_ms=back_to_back(fn))
+                row[name] = dict(gpu_ms=gpu_ms(fn), b2b_ms=back_to_back(fn))
             rows.append(row)
             print(f"M={m:>5} K={k:>5} N={n:>5} | " + " | ".join(
                 f"{name} {v['gpu_ms']:.3f}/{v['b2b_ms']:.3f}" for name, v in row.items() if isinstance(v, dict)),
                 flush=True)
     names = [name for name, v in rows[0].items() if isinstance(v, dict)]
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}:"
-          " ms per layer call, gpu (do_bench) / b2b (back to back, 200 calls)")
+          " ms per layer call, gpu (queued behind a sleep, event-timed) / b2b (back to back, 200 calls)")
     print(f"{'M':>5} {'K x N':>13} | " + " | ".join(f"{name:>15}" for name in names))
     for r in rows:
         print(f"{r['M']:>5} {r['K']:>5} x {r['N']:<5} | " + " | ".join(

@@ -53,13 +53,18 @@ def layer(k: int, n: int, unsigned: bool) -> dict:
 
 
 def issue_us(package, x, p, b, calls: int) -> float:
-    """Host microseconds per layer call, issued while the GPU sleeps."""
+    """Host microseconds per layer call, issued while the GPU sleeps (an error if the sleep ended first: then the
+    host may have waited for the GPU, and the time would not be the host's alone)."""
     torch.cuda.synchronize()
     torch.cuda._sleep(SLEEP_CYCLES)
     t0 = time.perf_counter()
     for _ in range(calls):
         package.w4a4_linear(x, p, b)
     dt = time.perf_counter() - t0
+    issued = torch.cuda.Event()
+    issued.record()
+    if issued.query():  # everything queued has already run: the GPU woke up before the host was done
+        raise RuntimeError(f"the GPU's sleep ended before {calls} calls were issued: use fewer --calls")
     torch.cuda.synchronize()
     return dt * 1e6 / calls
 

@@ -509,11 +509,12 @@ class QuantPlan(NamedTuple):
 # (``quantize_and_expand``): two launches per layer call instead of four and 1/s's. A one-frame step is short of the
 # host's time, not the GPU's (kernels/README.md, sessions 24 and 25). H200, whole layer calls on their own, quantizer
 # and expansion in one launch against two quantizing launches (benchmarks/bench_few_tokens.py,
-# results/few_tokens_h200_2026-11-30_s25.log; its noise reached 10 %), ms: K = 5120, N = 5120: 0.199 / 0.201 at 3120
-# rows, 0.227 / 0.226 at 4096; N = 13 824: 0.428 / 0.440 and 0.510 / 0.548; at 8192 rows 0.439 / 0.424 and
-# 0.972 / 0.962. Inside a one-frame model call the joined launch cost the GPU 5.6 ms more than the launches it
-# replaces, and the host's time per call fell (benchmarks/RESULTS.md, twenty-eighth part). K = 13 824 (ffn.2): slower
-# at every row count measured (0.303 / 0.232 ms at 1024 rows, 0.516 / 0.454 at 3120).
+# results/few_tokens_h200_2026-11-30_s25.log; do_bench, so host time included where a call is host-bound; noise up
+# to 10 %), ms: K = 5120, N = 5120: 0.199 / 0.201 at 3120 rows, 0.227 / 0.226 at 4096; N = 13 824: 0.428 / 0.440 and
+# 0.510 / 0.548; at 8192 rows 0.439 / 0.424 and 0.972 / 0.962. Inside a one-frame model call the joined launch cost
+# the GPU 5.6 ms more than the launches it replaces, and the host's time per call fell (benchmarks/RESULTS.md,
+# twenty-eighth part). K = 13 824 (ffn.2): slower at every row count measured (0.303 / 0.232 ms at 1024 rows,
+# 0.516 / 0.454 at 3120).
 ONE_LAUNCH_MAX_ROWS = 4096  # 16-row programs, so that a 1024-token call has 64 of them
 ONE_LAUNCH_MAX_K = 8192
 # The statistics launch of two-launch plans with K whole (many tokens) and K <= 8192 (Wan's 5120): 64-row programs

@@ -273,3 +273,46 @@ def test_quantizer_regions_are_what_its_plan_writes(m, k, r, plan_kind):
     assert tw.quant_regions(m, k, r, plan) == expect
     assert "inv_s" not in tw.quant_regions(m, k, r, plan, with_inv_s=False)
     assert tw.weight_regions(5120, k, True) == {"w8": ((5120, k), torch.int8), "wsum": ((5120,), torch.int32)}
+
+
+@pytest.mark.parametrize("m,k,n,unsigned,pass_bytes,want", [
+    (3120, 5120, 512, False, None, ["quantize_and_expand", "gemm"]),  # a one-frame block Linear: the prologue
+    (4096, 5120, 512, False, None, ["quantize_and_expand", "gemm"]),
+    (1024, 5120, 512, True, None, ["quantize_and_expand", "gemm"]),  # unsigned: the prologue sums the rows too
+    (4097, 5120, 512, False, None, ["expand_weight", "quantize", "gemm"]),  # two quantizing launches
+    (1024, 13824, 512, True, None, ["expand_weight", "quantize", "gemm"]),  # ffn.2's K: two launches
+    (3120, 5120, 512, False, 1 << 22, ["expand_weight"] + ["quantize", "gemm"] * 4),  # row passes (of 1024)
+])
+def test_a_layer_call_takes_the_prologue_where_its_plan_is_one_launch_of_one_pass(monkeypatch, m, k, n, unsigned,
+                                                                                 pass_bytes, want):
+    """``run_checked``'s routing, host only (its kernels stand-ins that record the calls): quantizer and expansion
+    in one launch (``quantize_and_expand``) exactly where the call is one pass under a one-launch plan; the separate
+    launches otherwise. Both give the same bits (tests/kernels/test_triton.py, on a GPU)."""
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    calls = []
+
+    def record(name, result):
+        def fn(*args, **kwargs):
+            calls.append(name)
+            return result(*args, **kwargs)
+        return fn
+
+    def operands(x2d, *args, **kwargs):
+        return torch.zeros(x2d.shape, dtype=torch.int8), torch.zeros(x2d.shape[0]), None
+
+    monkeypatch.setattr(tw, "quantize_and_expand", record("quantize_and_expand", lambda x2d, p, b, plan, with_sum, a: (
+        *operands(x2d), torch.zeros(n, k, dtype=torch.int8), torch.zeros(n, dtype=torch.int32) if with_sum else None)))
+    monkeypatch.setattr(tw, "quantize", record("quantize", operands))
+    monkeypatch.setattr(tw, "expand_weight", record("expand_weight", lambda p, with_sum=False, arena=None: (
+        (torch.zeros(n, k, dtype=torch.int8), torch.zeros(n, dtype=torch.int32)) if with_sum
+        else torch.zeros(n, k, dtype=torch.int8))))
+    monkeypatch.setattr(tw, "gemm", record("gemm", lambda xq, sx, u, p, dtype, out=None, **kw: torch.zeros(
+        xq.shape[0], n, dtype=dtype)))
+    monkeypatch.setattr(tw, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(tw, "_index", lambda device: 0)
+    g = torch.Generator().manual_seed(0)
+    p = nm.from_float(torch.randn(n, k, generator=g) * 0.05, act_unsigned=unsigned)
+    if pass_bytes:
+        assert tw.pass_rows(m, k, p.rank, pass_bytes) == 1024
+    y = tw.run_checked(torch.zeros(m, k, dtype=torch.bfloat16), p, 0, pass_bytes=pass_bytes)
+    assert y.shape == (m, n) and calls == want

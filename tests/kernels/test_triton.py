@@ -96,8 +96,9 @@ def test_quantize_kernel_is_bit_exact(m, k, n, unsigned):
 @pytest.mark.parametrize("rank", [0, 32])
 def test_quantize_and_expand_is_the_two_launches_it_joins(m, k, n, unsigned, rank):
     """``_prologue_kernel`` (the one-launch quantizer and the weight expansion in one launch) writes what
-    ``quantize`` and ``expand_weight`` write, bit for bit, and so the reference's operands; the layer's default
-    call at these rows takes it (``w4a4_linear``), with the same output as the separate launches."""
+    ``quantize`` and ``expand_weight`` write, bit for bit, and so the reference's operands; a layer call under a
+    one-launch plan, which takes it, gives the separate launches' output (which calls take it by default:
+    test_dispatch.py's routing test)."""
     p = make_layer(k, n, unsigned=unsigned, rank=rank)
     x = make_input(m, k, unsigned=unsigned)
     b = torch.tensor(2, device=DEV)
