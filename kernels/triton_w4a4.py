@@ -666,8 +666,22 @@ def _quant_meta(p: nm.W4A4Params, k: int) -> dict:
                 enable_fp_fusion=False)
 
 
-def _smooth32(p: nm.W4A4Params) -> torch.Tensor:
-    return p.smooth if p.smooth.dtype == torch.float32 else p.smooth.float()
+def _carve(arena: Arena, regions: Regions) -> dict[str, torch.Tensor]:
+    """``regions`` (of at most the arena's rows) as tensors of ``arena``."""
+    return {name: arena.get(name, shape) for name, (shape, _) in regions.items()}
+
+
+def _fused_quant_args(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan,
+                      out: dict) -> dict:
+    """The arguments, by name, of one launch of ``_fused_quant_block`` over the rows of ``x2d`` into ``out``'s xq,
+    sx and u: ``_act_quant_fused_kernel``'s, and the quantizing part of ``_prologue_kernel``'s."""
+    m, k = x2d.shape
+    r = p.rank
+    return dict(x_ptr=x2d, s_ptr=p.smooth if p.smooth.dtype == torch.float32 else p.smooth.float(),
+                l1_ptr=p.lr_down if r else x2d, clip_ptr=p.clip, bin_ptr=bin_index, xq_ptr=out["xq"],
+                sx_ptr=out["sx"], u_ptr=out.get("u", out["sx"]), M=m, K=k, R=r, stride_xm=x2d.stride(0),
+                shift=float(p.act_shift), inv_qf=float(nm.inv_qf(p.act_unsigned)), HAS_LR=bool(r), BK=_quant_bk(k),
+                INV_S=False, BLOCK_M=plan.block_m, num_warps=4, **_quant_meta(p, k))
 
 
 def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan | None = None,
@@ -682,18 +696,15 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     plan = plan or quant_plan(m, k)
     _check_plan(plan, k, bk)
     regions = quant_regions(m, k, r, plan, inv_smooth is None)
-    arena = arena or Arena(x2d.device, regions)
-    out = {name: arena.get(name, shape) for name, (shape, _) in regions.items()}
+    out = _carve(arena or Arena(x2d.device, regions), regions)
+    if plan.one_launch:  # the kernel divides by s itself: no 1/s launch
+        launcher(_act_quant_fused_kernel)[(_cdiv(m, plan.block_m),)](**_fused_quant_args(x2d, p, bin_index, plan, out))
+        return out["xq"], out["sx"], out.get("u")
     xq, sx = out["xq"], out["sx"]
     u = out.get("u", sx)
     l1 = p.lr_down if r else x2d
     quant_meta = _quant_meta(p, k)
     shift, inv_qf = float(p.act_shift), float(nm.inv_qf(p.act_unsigned))
-    if plan.one_launch:  # the kernel divides by s itself: no 1/s launch
-        launcher(_act_quant_fused_kernel)[(_cdiv(m, plan.block_m),)](
-            x2d, _smooth32(p), l1, p.clip, bin_index, xq, sx, u, m, k, r, x2d.stride(0), shift, inv_qf,
-            HAS_LR=bool(r), BK=bk, INV_S=False, BLOCK_M=plan.block_m, num_warps=4, **quant_meta)
-        return xq, sx, (u if r else None)
     # The streaming first pass slows by a sixth when it divides (H200, 32 760 tokens): it multiplies by
     # a 1/s made here, or by the caller for all passes of a call.
     inv_s = inv_smooth if inv_smooth is not None else p.inv_smooth(out=out["inv_s"])
@@ -710,7 +721,7 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
         x2d, inv_s, p.clip, bin_index, rmax_part, u_part, xq, sx, u, m, k, r, plan.kc, plan.n_split, x2d.stride(0),
         shift, inv_qf, SUM_U=bool(r) and not direct_u, INV_S=True, BLOCK_M=plan.quant_rows,
         num_warps=plan.quant_warps, **quant_meta)
-    return xq, sx, (u if r else None)
+    return xq, sx, out.get("u")
 
 
 def expand_weight(p: nm.W4A4Params, with_sum: bool = False, arena: Arena | None = None):
@@ -735,19 +746,16 @@ def quantize_and_expand(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Te
     n, r = p.out_features, p.rank
     if not plan.one_launch:
         raise ValueError(f"quantize_and_expand needs a one-launch plan, got {plan}")
-    bk = _quant_bk(k)
-    _check_plan(plan, k, bk)
-    xq, sx, w8 = arena.get("xq", (m, k)), arena.get("sx", (m,)), arena.get("w8")
-    u = arena.get("u", (m, r)) if r else sx
+    _check_plan(plan, k, _quant_bk(k))
+    out = _carve(arena, quant_regions(m, k, r, plan))
+    w8 = arena.get("w8")
     wsum = arena.get("wsum").zero_() if with_sum else w8
     quant_programs = _cdiv(m, plan.block_m)
     grid = (quant_programs + _cdiv(n, EXPAND_BN) * (k // nm.PACK_TILE),)
-    launcher(_prologue_kernel)[grid](
-        x2d, _smooth32(p), p.lr_down if r else x2d, p.clip, bin_index, xq, sx, u, p.qweight, p.wfactor, w8, wsum,
-        m, k, r, n, x2d.stride(0), float(p.act_shift), float(nm.inv_qf(p.act_unsigned)), quant_programs,
-        HAS_LR=bool(r), BK=bk, INV_S=False, BLOCK_M=plan.block_m, EXPAND_BN=EXPAND_BN, WSUM=with_sum, num_warps=4,
-        **_quant_meta(p, k))
-    return xq, sx, (u if r else None), w8, (wsum if with_sum else None)
+    launcher(_prologue_kernel)[grid](**_fused_quant_args(x2d, p, bin_index, plan, out), qw_ptr=p.qweight,
+                                     wf_ptr=p.wfactor, w8_ptr=w8, wsum_ptr=wsum, N=n, QUANT_PROGRAMS=quant_programs,
+                                     EXPAND_BN=EXPAND_BN, WSUM=with_sum)
+    return out["xq"], out["sx"], out.get("u"), w8, (wsum if with_sum else None)
 
 
 def _epilogue_args(sx, u, p, wsum):

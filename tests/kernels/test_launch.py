@@ -88,6 +88,18 @@ def test_a_key_is_launched_once_through_triton_then_directly_with_the_arguments_
     assert [r[0] for r in k.record[-2:]] == ["triton", "triton"]
 
 
+def test_arguments_given_by_name_launch_in_the_signature_order(fake_driver):
+    """``_fused_quant_args`` hands the quantizing launches their arguments by name: the same key as positional
+    arguments, and the compiled kernel gets them in the signature's order."""
+    k = _Kernel()
+    fast = launch.launcher(k)
+    x = torch.zeros(64)
+    fast[(4,)](x, 37, 0.5, BLOCK=16, num_warps=4)
+    fast[(4,)](scale=0.25, BLOCK=16, n=53, x_ptr=x, num_warps=4)
+    assert [r[0] for r in k.record] == ["triton", "direct"]
+    assert k.record[1][3] == (x, 53, 0.25, 16)
+
+
 def test_a_parameter_left_to_its_default_takes_tritons_path(fake_driver):
     k = _Kernel()
     launch.launcher(k)[(1,)](torch.zeros(4), 3, 0.5)  # BLOCK not given
