@@ -29,6 +29,7 @@ import _checkout  # noqa: F401  (makes ``import wan_w4a4`` work from a checkout)
 import torch
 import torch.nn.functional as F
 from bench_linear import RANK, SHAPES, back_to_back
+from host_ab import behind_sleep
 from wan_w4a4 import kernels
 from wan_w4a4.kernels import numerics as nm
 
@@ -43,24 +44,13 @@ def make_layer(k: int, n: int):
     return w.to(torch.bfloat16), p
 
 
-SLEEP_CYCLES = 400_000_000  # ~0.2 s on an H200: longer than the host needs to queue GPU_CALLS calls
 GPU_CALLS = 50
 
 
 def gpu_ms(fn, calls: int = GPU_CALLS) -> float:
     """GPU time per call of ``fn``: ``calls`` calls queued behind a sleep kernel, timed by events on the GPU."""
     fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(SLEEP_CYCLES)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    if end.query():  # the sleep ended before the calls were queued: host gaps may be in the time
-        raise RuntimeError("the GPU's sleep ended before the calls were queued")
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
+    return behind_sleep(fn, calls, timed=True)[1] / calls
 
 
 def variants(x, p, b, w, bias):

@@ -31,7 +31,7 @@ from wan_w4a4.kernels import numerics as nm
 # (rows, K, N, unsigned activations, calls per one-frame model call)
 SHAPES = [(3120, 5120, 5120, False, 240), (1024, 5120, 5120, False, 80), (3120, 5120, 13824, False, 40),
           (3120, 13824, 5120, True, 40)]
-SLEEP_CYCLES = 400_000_000  # ~0.2 s on an H200: longer than issuing the calls of one measurement
+SLEEP_CYCLES = 400_000_000  # ~0.2 s on an H200: longer than the host needs to issue one measurement's calls
 
 
 def load_kernels(folder: Path, name: str = "wan_w4a4_other_kernels"):
@@ -52,21 +52,29 @@ def layer(k: int, n: int, unsigned: bool) -> dict:
     return {f: getattr(p, f) for f in (*fmt.FIELDS, "act_unsigned", "act_shift")}
 
 
-def issue_us(package, x, p, b, calls: int) -> float:
-    """Host microseconds per layer call, issued while the GPU sleeps (an error if the sleep ended first: then the
-    host may have waited for the GPU, and the time would not be the host's alone)."""
+def behind_sleep(fn, calls: int, timed: bool = False) -> tuple[float, float | None]:
+    """Queue ``calls`` calls of ``fn`` behind a sleep kernel: (host seconds to issue them, and with ``timed`` the
+    GPU's ms from the first call's start to the last one's end, with no host gap between them). An error if the
+    sleep ended before the last call was issued: then the host may have waited for the GPU."""
     torch.cuda.synchronize()
     torch.cuda._sleep(SLEEP_CYCLES)
+    start, end = torch.cuda.Event(enable_timing=timed), torch.cuda.Event(enable_timing=timed)
+    if timed:
+        start.record()
     t0 = time.perf_counter()
     for _ in range(calls):
-        package.w4a4_linear(x, p, b)
+        fn()
     dt = time.perf_counter() - t0
-    issued = torch.cuda.Event()
-    issued.record()
-    if issued.query():  # everything queued has already run: the GPU woke up before the host was done
-        raise RuntimeError(f"the GPU's sleep ended before {calls} calls were issued: use fewer --calls")
+    end.record()
+    if end.query():  # everything queued has already run: the GPU woke up before the host was done
+        raise RuntimeError(f"the GPU's sleep ended before {calls} calls were issued: use fewer calls")
     torch.cuda.synchronize()
-    return dt * 1e6 / calls
+    return dt, (start.elapsed_time(end) if timed else None)
+
+
+def issue_us(package, x, p, b, calls: int) -> float:
+    """Host microseconds per layer call, issued while the GPU sleeps."""
+    return behind_sleep(lambda: package.w4a4_linear(x, p, b), calls)[0] * 1e6 / calls
 
 
 def main(argv=None) -> None:

@@ -56,7 +56,7 @@ def main(argv=None) -> None:
         "triton.cdiv on the host": lambda: triton.cdiv(args.tokens, 64),
         "one Arena of the call's transients": lambda: tw.Arena(x.device, {
             **tw.quant_regions(args.tokens, args.k, p.rank, tw.quant_plan(args.tokens, args.k)),
-            **tw.weight_regions(args.n, args.k, False)}) if hasattr(tw, "Arena") else None,
+            **tw.weight_regions(args.n, args.k, False)}),
         "bf16 F.linear (reference)": lambda: torch.nn.functional.linear(x, w),
     }
     print(f"{torch.cuda.get_device_name()}, M={args.tokens} K={args.k} N={args.n}: wall time per call, back to back")
