@@ -77,8 +77,9 @@ def _triton_reason(x, params) -> str | None:
 
 def _triton_fn() -> Callable:
     # select_backend has just run the kernel's own check (``_triton_reason``): the unchecked entry point,
-    # so that a layer call is checked once.
-    return _triton_module()[0].run_checked
+    # so that a layer call is checked once; few-token calls replayed where they can be (``replay.py``).
+    module, _ = _lazy("replay")
+    return module.run if module is not None else _triton_module()[0].run_checked
 
 
 class _Backend(NamedTuple):

@@ -22,6 +22,7 @@ about 2700 sample values by a second reader (kernels/README.md, session 24). Onl
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -96,6 +97,47 @@ def supported(fn) -> bool:
                for p in params)
 
 
+def hooks_idle() -> bool:
+    """Whether no launch hook is set. Triton 3.6 holds them in ``knobs.runtime`` as ``HookChain``s, empty unless a
+    profiler adds one; with none, a launch is the same without them, and without the launch metadata a hook would
+    read (which ``CompiledKernel.launch_metadata`` builds for every launch once the hook is not None)."""
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+class Recorded(NamedTuple):
+    """One launch noted by ``record``: the compiled kernel, its grid and its argument values in the kernel's order."""
+    kernel: object
+    grid: tuple
+    values: list
+
+
+_recorded: list | None = None  # where ``record`` notes launches while it runs; None otherwise
+
+
+def record(fn) -> list[Recorded] | None:
+    """Run ``fn()`` and return the launches it made, or None when one of them went through Triton's own path
+    (then what it launched is not known here: ``kernels/replay.py`` must not replay it)."""
+    global _recorded
+    if _recorded is not None:
+        raise RuntimeError("launch.record does not nest")
+    _recorded = []
+    try:
+        fn()
+        got = _recorded
+    finally:
+        _recorded = None
+    return None if None in got else got
+
+
+def _note(kernel, grid, values) -> None:
+    """While ``record`` runs: note a launch (``kernel`` None: one this module cannot replay)."""
+    if _recorded is not None:
+        _recorded.append(None if kernel is None else Recorded(kernel, tuple(grid), values))
+
+
 class Launcher:
     """``Launcher(fn)[grid](*args, **kwargs)`` launches like ``fn[grid](*args, **kwargs)``."""
 
@@ -113,11 +155,13 @@ class Launcher:
         try:
             values = [*args, *(kwargs[n] for n in names[len(args):])]
         except KeyError:  # a parameter left to its default: Triton's binder fills it in
+            _note(None, grid, None)
             return self.fn[grid](*args, **kwargs)
         device = driver.active.get_current_device()
         try:
             key_of_args = args_key(values, self.constexpr)
         except TypeError:  # an argument kind this module does not key: Triton's own path
+            _note(None, grid, None)
             return self.fn[grid](*args, **kwargs)
         # JITFunction.run adds these two process-wide settings to every launch's options (Triton 3.6's jit.py)
         key = (device, key_of_args, tuple((k, v) for k, v in kwargs.items() if k not in names),
@@ -126,12 +170,17 @@ class Launcher:
         if kernel is None:  # compiles if needed, and launches; its compiled kernel serves the key from now on
             kernel = self.fn[grid](*args, **kwargs)
             self.kernels[key] = kernel
+            _note(kernel, grid, values)
             return kernel
         stream = driver.active.get_current_stream(device)
         g = (*grid, 1, 1)
-        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
-                   kernel.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
-                   knobs.runtime.launch_exit_hook, *values)
+        if hooks_idle():
+            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *values)
+        else:
+            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
+                       kernel.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
+                       knobs.runtime.launch_exit_hook, *values)
+        _note(kernel, grid, values)
         return kernel
 
 
@@ -141,8 +190,11 @@ _launchers: dict[int, object] = {}  # id(kernel) -> its Launcher, or the kernel 
 def launcher(fn):
     """The fast launcher of kernel ``fn``, or ``fn`` itself where it is off or unsupported (stand-ins included)."""
     if not enabled():
+        _note(None, (), None)
         return fn
     got = _launchers.get(id(fn))
     if got is None or getattr(got, "fn", got) is not fn:  # new, or another object under a reused id
         got = _launchers[id(fn)] = Launcher(fn) if supported(fn) else fn
+    if got is fn:  # Triton's own launch path: not noted
+        _note(None, (), None)
     return got

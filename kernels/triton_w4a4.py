@@ -614,12 +614,22 @@ class Arena:
     """One device allocation holding named regions (``arena_layout``); ``get`` views a region as a contiguous
     tensor, of its own shape or (a shorter row pass) a smaller one. The kernels of one call, and of its row passes,
     run in stream order, so a pass may reuse the regions of the one before it, as the caching allocator would reuse
-    their freed blocks."""
+    their freed blocks. ``buf``: a caller's allocation to carve instead of a new one (``replay.py``'s workspace)."""
 
-    def __init__(self, device: torch.device, regions: Regions):
+    def __init__(self, device: torch.device, regions: Regions, buf: torch.Tensor | None = None):
         self.regions = regions
         self.offsets, self.sizes, total = _arena_plan(tuple(regions.items()))
-        self.buf = torch.empty((max(total, 1),), dtype=torch.uint8, device=device)
+        if buf is None:
+            buf = torch.empty((max(total, 1),), dtype=torch.uint8, device=device)
+        elif buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < total or buf.data_ptr() % ARENA_ALIGN:
+            raise ValueError(f"arena buffer: {buf.numel()} {buf.dtype} from {buf.data_ptr():#x}, needs {total} "
+                             f"uint8 from a {ARENA_ALIGN}-byte boundary")
+        self.buf = buf
+
+    @staticmethod
+    def bytes_for(regions: Regions) -> int:
+        """Bytes of the one allocation that holds ``regions``."""
+        return _arena_plan(tuple(regions.items()))[2]
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         full, dtype = self.regions[name]
@@ -911,10 +921,28 @@ def w4a4_linear(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
     return run_checked(x, p, bin_index, tma=tma, pass_bytes=pass_bytes, one_launch=one_launch)
 
 
-def run_checked(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | None = None,
-                pass_bytes: int | None = None, one_launch: bool | None = None) -> torch.Tensor:
-    """``w4a4_linear`` for a call that ``unsupported_reason`` has already accepted: what the dispatcher
-    (``kernels.w4a4_linear``) runs after its own check, so that a layer call is checked once."""
+class CallPlan(NamedTuple):
+    """How ``run_checked`` runs one call: the input as rows, the bin as a device tensor, the GEMM's kind and tiles,
+    the rows per pass, the quantizer's plan, whether the activations are unsigned (offset), and the regions of the
+    call's one allocation (one pass's activation operands, 1/s, the expanded weights)."""
+    x2d: torch.Tensor
+    bin_index: torch.Tensor
+    tma: bool
+    config: dict
+    rows: int
+    plan: QuantPlan
+    offset: bool
+    regions: Regions
+
+    @property
+    def prologue(self) -> bool:
+        """Few tokens: quantizer and expansion in one launch (``quantize_and_expand``), then the GEMM."""
+        return self.rows >= self.x2d.shape[0] and self.plan.one_launch
+
+
+def call_plan(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | None = None,
+              pass_bytes: int | None = None, one_launch: bool | None = None) -> CallPlan:
+    """``run_checked``'s plan of a call (its arguments as there)."""
     k = p.in_features
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {k}")
@@ -931,23 +959,38 @@ def run_checked(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
     rows = pass_rows(m, k, p.rank, PASS_BYTES if pass_bytes is None else pass_bytes)
     plan = quant_plan(m, k, one_launch)
     offset = bool(nm.act_offset(p.act_unsigned))
-    # One allocation for the call's transients (``Arena``): one pass's activation operands, 1/s, the expanded
-    # weights; the passes reuse the activation regions in stream order.
-    arena = Arena(x.device, {**quant_regions(min(rows, m), k, p.rank, plan),
-                             **weight_regions(p.out_features, k, offset)})
-    if rows >= m and plan.one_launch:  # few tokens: quantizer and expansion in one launch, then the GEMM
-        xq, sx, u, w8, wsum = quantize_and_expand(x2d, p, bin_index, plan, offset, arena)
-        y = gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum)
-        return y.reshape(*x.shape[:-1], p.out_features)
+    regions = {**quant_regions(min(rows, m), k, p.rank, plan), **weight_regions(p.out_features, k, offset)}
+    return CallPlan(x2d, bin_index, tma, config, rows, plan, offset, regions)
+
+
+def prologue_call(c: CallPlan, p: nm.W4A4Params, arena: Arena, y: torch.Tensor) -> None:
+    """A few-token call (``c.prologue``): quantizer and expansion in one launch, then the GEMM into ``y`` [M, N]."""
+    xq, sx, u, w8, wsum = quantize_and_expand(c.x2d, p, c.bin_index, c.plan, c.offset, arena)
+    gemm(xq, sx, u, p, y.dtype, tma=c.tma, config=c.config, w8=w8, wsum=wsum, out=y)
+
+
+def run_checked(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | None = None,
+                pass_bytes: int | None = None, one_launch: bool | None = None) -> torch.Tensor:
+    """``w4a4_linear`` for a call that ``unsupported_reason`` has already accepted: what the dispatcher
+    (``kernels.w4a4_linear``) runs after its own check, so that a layer call is checked once."""
+    c = call_plan(x, p, bin_index, tma=tma, pass_bytes=pass_bytes, one_launch=one_launch)
+    x2d, bin_index, tma, config, rows, plan, offset = c.x2d, c.bin_index, c.tma, c.config, c.rows, c.plan, c.offset
+    m, n = x2d.shape[0], p.out_features
+    # One allocation for the call's transients (``Arena``); the passes reuse the activation regions in stream order.
+    arena = Arena(x.device, c.regions)
+    if c.prologue:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        prologue_call(c, p, arena, y)
+        return y.reshape(*x.shape[:-1], n)
     w8, wsum = expand_weight(p, with_sum=True, arena=arena) if offset else (expand_weight(p, arena=arena), None)
     if rows >= m:
         xq, sx, u = quantize(x2d, p, bin_index, plan, arena=arena)
         y = gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum)
-        return y.reshape(*x.shape[:-1], p.out_features)
+        return y.reshape(*x.shape[:-1], n)
     # Passes over the rows with the whole call's launch configuration (same bits as one pass).
-    y = torch.empty((m, p.out_features), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     inv_smooth = None if plan.one_launch else p.inv_smooth(out=arena.get("inv_s"))
     for start in range(0, m, rows):
         xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, plan, inv_smooth, arena=arena)
         gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum, out=y[start:start + rows])
-    return y.reshape(*x.shape[:-1], p.out_features)
+    return y.reshape(*x.shape[:-1], n)

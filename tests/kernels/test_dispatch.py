@@ -39,6 +39,8 @@ def fake_triton(monkeypatch):
     mod.run_checked = lambda x, p, b: calls.append((x, p, b)) or "triton-result"
     mod.calls = calls
     monkeypatch.setitem(kernels._imports, "triton_w4a4", (mod, None))
+    # replay.py wraps the real triton_w4a4; without it the dispatcher runs the backend's run_checked
+    monkeypatch.setitem(kernels._imports, "replay", (None, "the stand-in backend has no replay"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     return mod
 

@@ -3,65 +3,13 @@ kernel with the same arguments. CPU tests with a stand-in kernel; on a GPU, both
 import pytest
 import torch
 
+from launch_fakes import FakeCompiled, FakeKernel
 from wan_w4a4.kernels import launch
 from wan_w4a4.kernels import numerics as nm
 
 
-class _Param:
-    def __init__(self, name, constexpr=False):
-        self.name, self.is_constexpr = name, constexpr
-        self.annotation = "constexpr" if constexpr else ""
-        self.do_not_specialize = self.do_not_specialize_on_alignment = False
-
-
-class _Compiled:
-    """A compiled kernel: records what its launcher gets."""
-
-    def __init__(self, record):
-        self.record, self.function, self.packed_metadata = record, "fn", "meta"
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-    def run(self, g0, g1, g2, stream, function, packed, launch_metadata, enter, exit_, *args):
-        self.record.append(("direct", (g0, g1, g2), stream, args))
-
-
-class _Kernel:
-    """A JITFunction's interface: params, device_caches, and ``[grid](...)`` that compiles (once per call here) and
-    launches through Triton's binder."""
-
-    def __init__(self):
-        self.params = [_Param("x_ptr"), _Param("n"), _Param("scale"), _Param("BLOCK", constexpr=True)]
-        self.device_caches = {}
-        self.record = []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.record.append(("triton", grid, args, kwargs))
-            return _Compiled(self.record)
-        return run
-
-
-@pytest.fixture
-def fake_driver(monkeypatch):
-    monkeypatch.setattr(launch, "triton", type("T", (), {"__version__": "3.6.0"})())
-    class Active:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 1234
-
-    monkeypatch.setattr(launch, "driver", type("D", (), {"active": Active()})())
-    runtime = type("R", (), {"launch_enter_hook": None, "launch_exit_hook": None, "debug": False})()
-    compilation = type("C", (), {"instrumentation_mode": ""})()
-    monkeypatch.setattr(launch, "knobs", type("K", (), {"runtime": runtime, "compilation": compilation})())
-    monkeypatch.delenv(launch.ENV, raising=False)
-
-
 def test_a_key_is_launched_once_through_triton_then_directly_with_the_arguments_in_order(fake_driver):
-    k = _Kernel()
+    k = FakeKernel()
     fast = launch.launcher(k)
     assert isinstance(fast, launch.Launcher) and launch.launcher(k) is fast
     x = torch.zeros(64)
@@ -91,7 +39,7 @@ def test_a_key_is_launched_once_through_triton_then_directly_with_the_arguments_
 def test_arguments_given_by_name_launch_in_the_signature_order(fake_driver):
     """``_fused_quant_args`` hands the quantizing launches their arguments by name: the same key as positional
     arguments, and the compiled kernel gets them in the signature's order."""
-    k = _Kernel()
+    k = FakeKernel()
     fast = launch.launcher(k)
     x = torch.zeros(64)
     fast[(4,)](x, 37, 0.5, BLOCK=16, num_warps=4)
@@ -100,8 +48,70 @@ def test_arguments_given_by_name_launch_in_the_signature_order(fake_driver):
     assert k.record[1][3] == (x, 53, 0.25, 16)
 
 
+def test_record_notes_each_launch_with_its_compiled_kernel_grid_and_arguments(fake_driver):
+    k = FakeKernel()
+    x = torch.zeros(64)
+
+    def call():
+        launch.launcher(k)[(4,)](x, 37, 0.5, BLOCK=16, num_warps=4)  # compiles: Triton's binder
+        launch.launcher(k)[(5, 2)](scale=0.25, BLOCK=16, n=53, x_ptr=x, num_warps=4)  # direct
+
+    got = launch.record(call)
+    assert [r[0] for r in k.record] == ["triton", "direct"]
+    assert [(r.grid, r.values) for r in got] == [((4,), [x, 37, 0.5, 16]), ((5, 2), [x, 53, 0.25, 16])]
+    assert got[0].kernel is got[1].kernel  # the compiled kernel that serves the key
+    assert launch.record(lambda: None) == [] and launch._recorded is None
+
+
+def test_record_refuses_a_call_with_a_launch_it_cannot_note(fake_driver, monkeypatch):
+    """A launch through Triton's own path (a default left out, an unkeyed argument, an unsupported kernel, the
+    fast launcher off) makes the recording None: what it launched is not known."""
+    x = torch.zeros(4)
+    assert launch.record(lambda: launch.launcher(FakeKernel())[(1,)](x, 3, 0.5)) is None  # BLOCK left out
+    assert launch.record(lambda: launch.launcher(FakeKernel())[(1,)](x, (1, 2), 0.5, BLOCK=4)) is None
+    typed = FakeKernel()
+    typed.params[1].annotation = "i32"
+    assert launch.record(lambda: launch.launcher(typed)[(1,)](x, 3, 0.5, BLOCK=4)) is None
+    monkeypatch.setenv(launch.ENV, "0")
+    assert launch.record(lambda: launch.launcher(FakeKernel())[(1,)](x, 3, 0.5, BLOCK=4)) is None
+    with pytest.raises(ZeroDivisionError):
+        launch.record(lambda: 1 / 0)
+    assert launch._recorded is None  # an exception does not leave recording on
+
+
+def test_with_no_hooks_a_launch_passes_none_for_their_metadata(fake_driver):
+    """Triton 3.6 keeps empty ``HookChain``s in ``knobs.runtime``: with none set the launcher gets None for the
+    hooks and their metadata (the C launcher then calls nothing); with one set, both, as ``JITFunction.run`` does."""
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    seen = []
+
+    class Compiled(FakeCompiled):
+        def launch_metadata(self, grid, stream, *args):
+            return "metadata"
+
+        def run(self, g0, g1, g2, stream, function, packed, metadata, enter, exit_, *args):
+            seen.append((metadata, enter, exit_))
+
+    class Kernel(FakeKernel):
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: Compiled(self.record)
+
+    fast, x = launch.launcher(Kernel()), torch.zeros(4)
+    fast[(1,)](x, 3, 0.5, BLOCK=4)  # compiles (the stand-in launches nothing)
+    launch.knobs.runtime.launch_enter_hook, launch.knobs.runtime.launch_exit_hook = Chain([]), Chain([])
+    assert launch.hooks_idle()
+    fast[(1,)](x, 3, 0.5, BLOCK=4)
+    hook = launch.knobs.runtime.launch_enter_hook = Chain([print])
+    assert not launch.hooks_idle()
+    fast[(1,)](x, 3, 0.5, BLOCK=4)
+    assert seen == [(None, None, None), ("metadata", hook, launch.knobs.runtime.launch_exit_hook)]
+
+
 def test_a_parameter_left_to_its_default_takes_tritons_path(fake_driver):
-    k = _Kernel()
+    k = FakeKernel()
     launch.launcher(k)[(1,)](torch.zeros(4), 3, 0.5)  # BLOCK not given
     launch.launcher(k)[(1,)](torch.zeros(4), 3, 0.5)
     assert [r[0] for r in k.record] == ["triton", "triton"]
@@ -110,18 +120,18 @@ def test_a_parameter_left_to_its_default_takes_tritons_path(fake_driver):
 def test_stand_ins_unsupported_kernels_and_the_switch_keep_the_kernel_itself(fake_driver, monkeypatch):
     stand_in = object()
     assert launch.launcher(stand_in) is stand_in  # tests replace kernels with recorders: they stay as they are
-    k = _Kernel()
+    k = FakeKernel()
     k.params[1].annotation = "i32"  # typed parameters are specialized differently: Triton's path
     assert not launch.supported(k) and launch.launcher(k) is k
     monkeypatch.setenv(launch.ENV, "0")
-    assert launch.launcher(_Kernel()).__class__ is _Kernel
+    assert launch.launcher(FakeKernel()).__class__ is FakeKernel
 
 
 def test_only_the_triton_it_follows(fake_driver, monkeypatch):
     assert launch.triton_matches("3.6.0") and launch.triton_matches("3.6.1+git") and not launch.triton_matches("3.7.0")
     assert not launch.triton_matches("3.5.1") and not launch.triton_matches("main")
     monkeypatch.setattr(launch, "triton", type("T", (), {"__version__": "3.7.0"})())
-    k = _Kernel()
+    k = FakeKernel()
     assert not launch.supported(k) and launch.launcher(k) is k
 
 

@@ -1,0 +1,213 @@
+"""Few-token W4A4 calls replayed: a call's launches noted once per call signature, then re-issued with the new
+addresses (CUDA, Triton 3.6, the fast launcher on).
+
+Why: at one 480p frame a layer call has less GPU work than the host needs to issue it. With the fast launcher
+(``launch.py``) the host still spent 207 us per call of 3120 x 5120 x 5120 (``benchmarks/host_ab.py``,
+kernels/README.md, session 25): the dispatcher's plan, one allocation carved into five views, two launches keyed
+argument by argument (``launch.args_key``, about 35 arguments each), the GEMM's two TMA descriptors, and Triton's
+launcher reading each tensor's address and asking the driver about it. All of it but the addresses is the same for
+every call of a signature.
+
+How:
+- A call's signature is what its launches' arguments depend on besides addresses: the input's rows, row stride,
+  dtype, device and 16-byte alignment, the layer's shapes, dtypes and activation grid, the current stream, the
+  two Triton settings the launcher keys on, and what picks the GEMM (``WAN_W4A4_GEMM``, the device's compute
+  capability, whether the Gluon kernel failed to build).
+- The first call of a signature runs ``triton_w4a4.prologue_call``, the ordinary few-token path, into this
+  (device, stream)'s workspace, while ``launch.record`` notes each launch: the compiled kernel, its grid, its
+  arguments. Each tensor argument must be one of the call's own tensors (input rows, output, bin index, the
+  layer's tensors: a slot, filled per call with its address) or lie in the workspace (a fixed address; the GEMM's
+  TMA descriptors describe workspace regions, so they are kept as they are). Anything else, or a launch through
+  Triton's own path, and the signature is served by ``run_checked`` from then on.
+- Later calls of the signature allocate the output, read the addresses of the slots, and call each compiled
+  kernel's launcher with them (Triton's launcher takes an integer as a device pointer; so does CUDA-graph
+  capture, which checks a tensor's address with the driver otherwise: kernels/README.md, session 24).
+
+The same compiled kernels get the same arguments, so the bits are ``run_checked``'s (tests/kernels/test_replay.py,
+on a GPU, and the CPU tests of the slot map). Replayed: calls whose quantizer and weight expansion run in one
+launch (``CallPlan.prologue``: up to ``ONE_LAUNCH_MAX_ROWS`` rows of K <= ``ONE_LAUNCH_MAX_K``) on signed layers.
+Unsigned layers zero their weight row sums with a torch call before the launch, which a record of launches does not
+hold; they, and every larger call, take ``run_checked``.
+
+The workspace holds the transients of the largest replayed call of its stream (Wan2.2-A14B's ffn.0 at 4096 rows: 92
+MB) and stays allocated between calls, so that its addresses, and the recorded launches that point into it, stay
+valid; a call that needs more replaces it and forgets the recordings of the old one. ``release()`` frees it.
+Workspace and recordings are per (device, stream): calls on one stream run in order, so they can share it. At most
+``MAX_WORKSPACES`` streams keep one (ComfyUI samples on one stream); a fifth takes the place of the stream that
+recorded least recently.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from . import launch
+from . import numerics as nm
+from . import triton_w4a4 as tw
+
+ENV = "WAN_W4A4_REPLAY"  # "0" turns replay off (run_checked serves every call)
+FIELDS = ("qweight", "wscale", "wfactor", "smooth", "lr_down", "lr_up", "clip", "bias")  # the layer's tensors
+SOURCES = ("x", "y", "bin", *FIELDS)  # a call's own tensors, in the order of ``sources``
+
+
+class Launch(NamedTuple):
+    """One recorded launch: ``values`` its arguments with addresses for workspace tensors, ``slots`` the
+    (argument index, index in SOURCES) to fill per call."""
+    kernel: object
+    grid: tuple
+    values: tuple
+    slots: tuple
+
+
+class Replay(NamedTuple):
+    launches: tuple
+    used: tuple  # indices in SOURCES of the tensors the launches take
+    workspace: torch.Tensor  # kept alive with the recording that points into it
+
+
+_recordings: dict = {}  # signature -> Replay, or None: run_checked serves it
+_workspaces: dict = {}  # (device, stream) -> uint8 tensor
+
+
+def enabled() -> bool:
+    return (os.environ.get(ENV, "1").strip() not in ("0", "false", "no", "off") and launch.enabled()
+            and launch.triton is not None and launch.triton_matches(launch.triton.__version__))
+
+
+def release() -> None:
+    """Forget every recording and free the workspaces (the next call of each signature records again)."""
+    _recordings.clear()
+    _workspaces.clear()
+
+
+def sources(x2d: torch.Tensor, y: torch.Tensor, bin_index: torch.Tensor, p: nm.W4A4Params) -> tuple:
+    """The call's own tensors, in ``SOURCES``' order (the bias may be None)."""
+    return (x2d, y, bin_index, p.qweight, p.wscale, p.wfactor, p.smooth, p.lr_down, p.lr_up, p.clip, p.bias)
+
+
+def signature(x2d: torch.Tensor, p: nm.W4A4Params, stream: int) -> tuple:
+    """What a call's launch arguments depend on besides addresses (see the module doc)."""
+    b = p.bias
+    knobs = launch.knobs
+    device = x2d.device
+    return (x2d.shape, x2d.stride(0), x2d.dtype, device, x2d.data_ptr() % 16 == 0, stream,
+            p.qweight.shape, p.lr_down.shape, p.qweight.dtype, p.wscale.dtype, p.wfactor.dtype, p.smooth.dtype,
+            p.lr_down.dtype, p.lr_up.dtype, p.clip.dtype, None if b is None else b.dtype, p.act_unsigned,
+            p.act_shift, knobs.runtime.debug, knobs.compilation.instrumentation_mode, tw.gemm_choice(),
+            tw._capability(tw._index(device)), bool(tw._gluon_failure))
+
+
+def slot_map(values, own: tuple, workspace: torch.Tensor) -> tuple[tuple, tuple] | None:
+    """(argument values with workspace tensors as addresses, slots) of one recorded launch, or None when an
+    argument is a tensor that is neither one of the call's own (``own``, SOURCES' order) nor in ``workspace``."""
+    lo = workspace.data_ptr()
+    hi = lo + workspace.numel()
+    out, slots = [], []
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            where = next((j for j, t in enumerate(own) if t is v), None)
+            if where is not None:
+                slots.append((i, where))
+                out.append(None)
+                continue
+            if not lo <= v.data_ptr() < hi:
+                return None
+            out.append(v.data_ptr())
+            continue
+        base = getattr(v, "base", None)  # a TMA descriptor: only of a workspace region
+        if isinstance(base, torch.Tensor) and not lo <= base.data_ptr() < hi:
+            return None
+        out.append(v)
+    return tuple(out), tuple(slots)
+
+
+MAX_WORKSPACES = 4  # streams with a workspace at once; the least recently recorded one gives way
+
+
+def _forget(ws: torch.Tensor) -> None:
+    """Drop the recordings that point into workspace ``ws``."""
+    for sig in [s for s, r in _recordings.items() if r is not None and r.workspace is ws]:
+        del _recordings[sig]
+
+
+def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
+    key = (device, stream)
+    ws = _workspaces.pop(key, None)  # re-inserted last: the dict's order is the recording order
+    if ws is None and len(_workspaces) >= MAX_WORKSPACES:
+        _forget(_workspaces.pop(next(iter(_workspaces))))
+    if ws is None or ws.numel() < nbytes:
+        if ws is not None:
+            _forget(ws)
+        raw = torch.empty((nbytes + tw.ARENA_ALIGN,), dtype=torch.uint8, device=device)
+        start = -raw.data_ptr() % tw.ARENA_ALIGN  # 0 on CUDA, whose allocations are 512-byte aligned
+        ws = raw[start:start + nbytes]
+    _workspaces[key] = ws
+    return ws
+
+
+def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, stream: int) -> Replay | None:
+    """Run the call (into the workspace) and return its recording, or None if it cannot be replayed."""
+    ws = _workspace(c.x2d.device, stream, tw.Arena.bytes_for(c.regions))
+    own = sources(c.x2d, y, c.bin_index, p)
+    launches = launch.record(lambda: tw.prologue_call(c, p, tw.Arena(c.x2d.device, c.regions, buf=ws), y))
+    if not launches:
+        return None
+    replay = []
+    for r in launches:
+        mapped = slot_map(r.values, own, ws)
+        if mapped is None:
+            return None
+        replay.append(Launch(r.kernel, (*r.grid, 1, 1)[:3], *mapped))
+    used = tuple(sorted({j for r in replay for _, j in r.slots}))
+    if any(own[j].data_ptr() % 16 for j in used):  # recorded for a misaligned tensor: not what _replay issues
+        return None
+    return Replay(tuple(replay), used, ws)
+
+
+def _replay(rec: Replay, own: tuple, stream: int) -> bool:
+    """Issue the recorded launches with the addresses of ``own``; False (nothing issued) if one is misaligned."""
+    addresses = [0] * len(SOURCES)
+    for j in rec.used:
+        a = addresses[j] = own[j].data_ptr()
+        if a % 16:  # the kernels were compiled for 16-byte-aligned tensors
+            return False
+    for kernel, grid, values, slots in rec.launches:
+        args = list(values)
+        for i, j in slots:
+            args[i] = addresses[j]
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+                   *args)
+    return True
+
+
+def run(x: torch.Tensor, p: nm.W4A4Params, bin_index=0) -> torch.Tensor:
+    """``triton_w4a4.run_checked(x, p, bin_index)`` (a call ``unsupported_reason`` accepted), replayed where its
+    signature has been recorded (module doc)."""
+    if not enabled() or not launch.hooks_idle():  # a profiler's hooks want Triton's launch metadata
+        return tw.run_checked(x, p, bin_index)
+    k, n = p.in_features, p.out_features
+    x2d = x.reshape(-1, k) if x.shape[-1] == k else None
+    if x2d is None or x2d.stride(-1) != 1:
+        return tw.run_checked(x, p, bin_index)  # run_checked raises, or copies the input first
+    device = x.device
+    stream = launch.driver.active.get_current_stream(tw._index(device))
+    sig = signature(x2d, p, stream)
+    rec = _recordings.get(sig, False)
+    if rec is None:
+        return tw.run_checked(x, p, bin_index)
+    if rec is False:
+        c = tw.call_plan(x, p, bin_index)
+        if not c.prologue or c.offset:
+            _recordings[sig] = None
+            return tw.run_checked(x, p, bin_index)
+        y = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=device)
+        _recordings[sig] = _record(c, p, y, stream)
+        return y.reshape(*x.shape[:-1], n)
+    y = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=device)
+    if not isinstance(bin_index, torch.Tensor):
+        bin_index = tw._bin_tensor(int(bin_index), device)
+    if not _replay(rec, sources(x2d, y, bin_index, p), stream):
+        return tw.run_checked(x, p, bin_index)
+    return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,248 @@
+"""kernels/replay.py: a few-token call's launches recorded once per signature and replayed with the next call's
+addresses. CPU tests with stand-in kernels (which calls are recorded, what a replayed launch gets); on a GPU, replayed
+calls give ``run_checked``'s bits."""
+import pytest
+import torch
+
+from launch_fakes import FakeKernel
+from wan_w4a4.kernels import launch, replay
+from wan_w4a4.kernels import numerics as nm
+from wan_w4a4.kernels import triton_w4a4 as tw
+
+
+def _layer(k=256, n=128, rank=16, unsigned=False, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    p = nm.from_float(w, torch.randn(n, generator=g), smooth=torch.rand(k, generator=g) + 0.5,
+                      lr_down=torch.randn(k, rank, generator=g) * 0.02, lr_up=torch.randn(rank, n, generator=g) * 0.02,
+                      clip=torch.tensor([1.0, 0.9, 0.8, 0.7]), num_bins=4, act_unsigned=unsigned)
+    return p.to(device)
+
+
+# --- slot_map ------------------------------------------------------------------------------------
+
+def test_slot_map_turns_own_tensors_into_slots_and_workspace_tensors_into_addresses():
+    ws = torch.empty(4096, dtype=torch.uint8)
+    x, y = torch.zeros(8, 16), torch.zeros(8, 4)
+    own = (x, y, None)
+    region = ws[1024:2048].view(torch.int8)
+    desc = type("Desc", (), {"base": ws[256:512], "block_shape": [16, 16]})()
+    values, slots = replay.slot_map([x, region, 37, 0.5, y, desc, 64, None], own, ws)
+    assert slots == ((0, 0), (4, 1))
+    assert values == (None, ws.data_ptr() + 1024, 37, 0.5, None, desc, 64, None)
+
+
+def test_slot_map_refuses_a_tensor_neither_own_nor_in_the_workspace():
+    ws = torch.empty(4096, dtype=torch.uint8)
+    x = torch.zeros(8, 16)
+    assert replay.slot_map([x, torch.zeros(3)], (x,), ws) is None
+    assert replay.slot_map([x.clone()], (x,), ws) is None  # equal values, another tensor: not the call's own
+    outside = type("Desc", (), {"base": torch.zeros(64), "block_shape": [8]})()
+    assert replay.slot_map([x, outside], (x,), ws) is None  # a TMA descriptor of a tensor outside the workspace
+
+
+# --- run: which calls are recorded and replayed (stand-in kernels) ---------------------------------
+
+@pytest.fixture
+def stand_ins(fake_driver, monkeypatch):
+    """``replay.run`` on the CPU: the ordinary path is a recorder, the few-token path launches one stand-in kernel
+    with the call's tensors and a workspace region, as ``prologue_call`` launches its kernels."""
+    replay.release()
+    monkeypatch.delenv(replay.ENV, raising=False)
+    monkeypatch.delenv(tw.GEMM_ENV, raising=False)
+    monkeypatch.setattr(tw, "_index", lambda device: 0)
+    monkeypatch.setattr(tw, "_capability", lambda index: (9, 0))
+    kernel = FakeKernel(names=("x_ptr", "y_ptr", "bin_ptr", "w_ptr", "s_ptr", "xq_ptr", "m"))
+    calls = {"run_checked": 0, "prologue_call": 0}
+
+    def run_checked(x, p, bin_index=0, **kwargs):
+        calls["run_checked"] += 1
+        return torch.zeros(*x.shape[:-1], p.out_features, dtype=x.dtype)
+
+    def prologue_call(c, p, arena, y):
+        calls["prologue_call"] += 1
+        xq = arena.get("xq")
+        launch.launcher(kernel)[(c.x2d.shape[0], 2)](c.x2d, y, c.bin_index, p.qweight, p.smooth, xq,
+                                                     c.x2d.shape[0], BLOCK=16, num_warps=4)
+
+    monkeypatch.setattr(tw, "run_checked", run_checked)
+    monkeypatch.setattr(tw, "prologue_call", prologue_call)
+    yield kernel, calls
+    replay.release()
+
+
+def test_a_signed_few_token_call_is_recorded_once_then_replayed_with_the_new_addresses(stand_ins):
+    kernel, calls = stand_ins
+    p1, p2 = _layer(seed=1), _layer(seed=2)  # two layers of one signature
+    x1, x2 = torch.randn(2, 32, 256), torch.randn(64, 256)
+    y1 = replay.run(x1, p1, 1)
+    assert calls == {"run_checked": 0, "prologue_call": 1} and y1.shape == (2, 32, 128)
+    assert [r[0] for r in kernel.record] == ["triton"]
+    y2 = replay.run(x2, p2, torch.tensor(3))
+    assert calls == {"run_checked": 0, "prologue_call": 1}  # nothing of the ordinary path ran
+    (sig, rec), = replay._recordings.items()
+    ws = rec.workspace
+    xq_offset = tw.Arena(ws.device, tw.call_plan(x2, p2).regions, buf=ws).get("xq").data_ptr()
+    kind, grid, stream, args = kernel.record[-1]
+    assert kind == "direct" and grid == (64, 2, 1) and stream == 1234
+    # the second call's own tensors by address (its rows, its output, its bin, its layer), the workspace fixed
+    assert args[:6] == (x2.data_ptr(), y2.data_ptr(), args[2], p2.qweight.data_ptr(), p2.smooth.data_ptr(), xq_offset)
+    assert args[6:] == (64, 16)
+    assert args[2] != x1.data_ptr()
+    replay.run(x2, p2, torch.tensor(3))
+    assert [r[0] for r in kernel.record] == ["triton", "direct", "direct"]
+
+
+def test_unsigned_layers_larger_calls_and_the_switch_take_run_checked(stand_ins, monkeypatch):
+    kernel, calls = stand_ins
+    unsigned = _layer(unsigned=True)
+    for _ in range(2):
+        replay.run(torch.randn(16, 256), unsigned)
+    many = tw.ONE_LAUNCH_MAX_ROWS + 1
+    for _ in range(2):
+        replay.run(torch.randn(many, 256), _layer())
+    assert calls == {"run_checked": 4, "prologue_call": 0} and kernel.record == []
+    assert list(replay._recordings.values()) == [None, None]
+    monkeypatch.setenv(replay.ENV, "0")
+    replay.run(torch.randn(16, 256), _layer())
+    monkeypatch.setenv(launch.ENV, "0")  # no fast launcher, nothing to record with
+    monkeypatch.delenv(replay.ENV)
+    replay.run(torch.randn(16, 256), _layer())
+    assert calls == {"run_checked": 6, "prologue_call": 0}
+
+
+def test_a_call_it_does_not_replay_allocates_nothing_beside_run_checked(stand_ins, monkeypatch):
+    """The first call of a signature that is not replayed allocates no output of its own: at 480p x 81 an output
+    made and dropped there rose the step's peak (kernels/README.md, session 26)."""
+    kernel, calls = stand_ins
+    made = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(a) or real_empty(*a, **k))
+    for _ in range(2):
+        replay.run(torch.randn(tw.ONE_LAUNCH_MAX_ROWS + 1, 256), _layer())
+        replay.run(torch.randn(16, 256), _layer(unsigned=True))
+    assert calls["run_checked"] == 4 and made == []
+
+
+def test_a_profilers_hook_takes_run_checked(stand_ins):
+    kernel, calls = stand_ins
+    launch.knobs.runtime.launch_enter_hook = print
+    replay.run(torch.randn(16, 256), _layer())
+    assert calls == {"run_checked": 1, "prologue_call": 0}
+
+
+def test_a_call_with_a_foreign_tensor_or_a_misaligned_input_is_not_replayed(stand_ins, monkeypatch):
+    kernel, calls = stand_ins
+    p = _layer()
+
+    def foreign(c, p, arena, y):  # hands the kernel a tensor made during the call (as p.smooth.float() would be)
+        calls["prologue_call"] += 1
+        launch.launcher(kernel)[(1,)](c.x2d, y, c.bin_index, p.qweight, p.smooth.clone(), arena.get("xq"), 1,
+                                      BLOCK=16, num_warps=4)
+
+    aligned = tw.prologue_call
+    monkeypatch.setattr(tw, "prologue_call", foreign)
+    for _ in range(2):
+        replay.run(torch.randn(16, 256), p)
+    assert calls == {"run_checked": 1, "prologue_call": 1}  # the first call ran (and was not recorded)
+    monkeypatch.setattr(tw, "prologue_call", aligned)
+    base = torch.randn(32 * 256 + 1)
+    misaligned = base[1:].view(32, 256)  # 4 bytes past a 16-byte boundary: compiled for another alignment
+    assert misaligned.data_ptr() % 16
+    for _ in range(2):
+        replay.run(misaligned, p)
+    assert calls == {"run_checked": 2, "prologue_call": 2}
+    assert list(replay._recordings.values()) == [None, None]
+
+
+def test_a_larger_workspace_forgets_the_recordings_that_point_into_the_old_one(stand_ins):
+    kernel, calls = stand_ins
+    p = _layer()
+    replay.run(torch.randn(16, 256), p)
+    small = dict(replay._recordings)
+    replay.run(torch.randn(2048, 256), p)  # more rows: a larger workspace
+    assert calls["prologue_call"] == 2
+    assert not set(small) & set(replay._recordings)
+    replay.run(torch.randn(16, 256), p)  # recorded again, into the new workspace
+    assert calls["prologue_call"] == 3 and len(replay._recordings) == 2
+    assert len({id(r.workspace) for r in replay._recordings.values()}) == 1
+
+
+def test_at_most_max_workspaces_streams_keep_a_workspace(stand_ins, monkeypatch):
+    kernel, calls = stand_ins
+    p = _layer()
+    current = [0]
+    monkeypatch.setattr(launch.driver.active, "get_current_stream", lambda device: current[0])
+    for stream in range(1, replay.MAX_WORKSPACES + 3):
+        current[0] = stream
+        replay.run(torch.randn(16, 256), p)
+    assert [key[1] for key in replay._workspaces] == [3, 4, 5, 6]  # the first two gave way, with their recordings
+    assert len(replay._recordings) == replay.MAX_WORKSPACES
+    assert {id(r.workspace) for r in replay._recordings.values()} == {id(w) for w in replay._workspaces.values()}
+
+
+def test_the_dispatcher_runs_triton_calls_through_replay():
+    from wan_w4a4 import kernels
+    if kernels._lazy("replay")[0] is None:
+        pytest.skip(kernels._lazy("replay")[1])
+    assert kernels._triton_fn() is replay.run
+
+
+# --- GPU: replayed calls give run_checked's bits ---------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tw.triton is None, reason="needs a CUDA GPU and Triton")
+
+
+def _cuda_layers(k, n, rank, bias):
+    layers = [_layer(k, n, rank, device="cuda", seed=s) for s in (1, 2)]
+    for p in layers:
+        p.bias = p.bias if bias else None
+    return layers
+
+
+def _calls(layers):
+    """Four calls over two layers of one signature, bins as ints and as a device tensor."""
+    return [(layers[0], 0), (layers[1], 1), (layers[0], 3), (layers[1], torch.tensor(2, device="cuda"))]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("m,k,n,rank,bias,dtype", [
+    (1, 256, 384, 0, False, torch.bfloat16), (37, 512, 256, 32, True, torch.float16),
+    (1024, 5120, 5120, 32, True, torch.bfloat16), (3120, 5120, 5120, 32, True, torch.bfloat16),
+    (4096, 1024, 2048, 16, False, torch.float32), (3120, 5120, 13824, 32, True, torch.bfloat16)])
+def test_replayed_calls_give_run_checked_bits(m, k, n, rank, bias, dtype):
+    replay.release()
+    for i, (p, b) in enumerate(_calls(_cuda_layers(k, n, rank, bias))):
+        x = torch.randn(m, k, device="cuda", dtype=dtype) * (1 + i)
+        got, want = replay.run(x, p, b), tw.run_checked(x, p, b)
+        assert torch.equal(got, want), (i, (got.float() - want.float()).abs().max())
+    (rec,) = replay._recordings.values()
+    assert rec is not None and len(rec.launches) == 2  # quantizer + expansion, then the GEMM
+    replay.release()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_calls_it_does_not_replay_give_run_checked_bits_too():
+    """Unsigned layers, a two-launch quantizer (K = 13 824), a misaligned input, a side stream, the dispatcher."""
+    from wan_w4a4 import kernels
+    replay.release()
+    cases = [(_cuda_layers(5120, 1024, 32, True), 512, False), (_cuda_layers(13824, 512, 32, True), 512, False)]
+    unsigned = [_layer(1024, 512, 32, unsigned=True, device="cuda", seed=s) for s in (1, 2)]
+    cases.append((unsigned, 300, True))
+    side = torch.cuda.Stream()
+    for layers, m, gelu in cases:
+        for p, b in _calls(layers):
+            x = torch.randn(m, p.in_features, device="cuda", dtype=torch.bfloat16)
+            x = torch.nn.functional.gelu(x, approximate="tanh") if gelu else x
+            assert torch.equal(replay.run(x, p, b), tw.run_checked(x, p, b))
+            base = torch.randn(m * p.in_features + 1, device="cuda", dtype=torch.bfloat16)
+            misaligned = base[1:].view(m, p.in_features)
+            assert torch.equal(replay.run(misaligned, p, b), tw.run_checked(misaligned, p, b))
+            with torch.cuda.stream(side):
+                assert torch.equal(kernels.w4a4_linear(x, p, b), tw.run_checked(x, p, b))
+            side.synchronize()
+    recorded = [r is not None for r in replay._recordings.values()]
+    assert recorded.count(True) == 2  # the signed K = 5120 call, on both streams
+    replay.release()
