@@ -114,12 +114,27 @@ class Recorded(NamedTuple):
     values: list
 
 
+class Zeroed(NamedTuple):
+    """A tensor zeroed by ``zero_`` while ``record`` ran: a step of the call as much as a launch is."""
+    tensor: torch.Tensor
+
+
 _recorded: list | None = None  # where ``record`` notes launches while it runs; None otherwise
 
 
-def record(fn) -> list[Recorded] | None:
-    """Run ``fn()`` and return the launches it made, or None when one of them went through Triton's own path
-    (then what it launched is not known here: ``kernels/replay.py`` must not replay it)."""
+def zero_(t: torch.Tensor) -> torch.Tensor:
+    """``t.zero_()``, noted by ``record`` (the kernels' one torch call between launches: the weight row sums'
+    zeroing before the atomics that fill them)."""
+    t.zero_()
+    if _recorded is not None:
+        _recorded.append(Zeroed(t))
+    return t
+
+
+def record(fn) -> list | None:
+    """Run ``fn()`` and return the launches it made (``Recorded``) and the tensors it zeroed (``Zeroed``) in their
+    order, or None when a launch went through Triton's own path (then what it launched is not known here:
+    ``kernels/replay.py`` must not replay it)."""
     global _recorded
     if _recorded is not None:
         raise RuntimeError("launch.record does not nest")

@@ -13,28 +13,30 @@ How:
   dtype, device and 16-byte alignment, the layer's shapes, dtypes and activation grid, the current stream, the
   two Triton settings the launcher keys on, and what picks the GEMM (``WAN_W4A4_GEMM``, the device's compute
   capability, whether the Gluon kernel failed to build).
-- The first call of a signature runs ``triton_w4a4.prologue_call``, the ordinary few-token path, into this
-  (device, stream)'s workspace, while ``launch.record`` notes each launch: the compiled kernel, its grid, its
-  arguments. Each tensor argument must be one of the call's own tensors (input rows, output, bin index, the
-  layer's tensors: a slot, filled per call with its address) or lie in the workspace (a fixed address; the GEMM's
-  TMA descriptors describe workspace regions, so they are kept as they are). Anything else, or a launch through
-  Triton's own path, and the signature is served by ``run_checked`` from then on.
-- Later calls of the signature allocate the output, read the addresses of the slots, and call each compiled
-  kernel's launcher with them (Triton's launcher takes an integer as a device pointer; so does CUDA-graph
-  capture, which checks a tensor's address with the driver otherwise: kernels/README.md, session 24).
+- The first call of a signature runs ``triton_w4a4.one_pass_call``, the ordinary path of a call whose rows fit
+  one pass, into this (device, stream)'s workspace, while ``launch.record`` notes each launch (the compiled
+  kernel, its grid, its arguments) and each zeroing of a region (``launch.zero_``: the weight row sums of unsigned
+  layers, which the expansion's atomics fill). Each tensor argument must be one of the call's own tensors (input
+  rows, output, bin index, the layer's tensors: a slot, filled per call with its address) or lie in the workspace
+  (a fixed address; the GEMM's TMA descriptors describe workspace regions, so they are kept as they are). Anything
+  else, or a launch through Triton's own path, and the signature is served by ``run_checked`` from then on.
+- Later calls of the signature allocate the output, read the addresses of the slots, zero what was zeroed, and
+  call each compiled kernel's launcher with the addresses (Triton's launcher takes an integer as a device pointer,
+  and then skips its per-pointer driver query).
 
-The same compiled kernels get the same arguments, so the bits are ``run_checked``'s (tests/kernels/test_replay.py,
-on a GPU, and the CPU tests of the slot map). Replayed: calls whose quantizer and weight expansion run in one
-launch (``CallPlan.prologue``: up to ``ONE_LAUNCH_MAX_ROWS`` rows of K <= ``ONE_LAUNCH_MAX_K``) on signed layers.
-Unsigned layers zero their weight row sums with a torch call before the launch, which a record of launches does not
-hold; they, and every larger call, take ``run_checked``.
+The same compiled kernels get the same arguments, in the same order with the same zeroing, so the bits are
+``run_checked``'s (tests/kernels/test_replay.py, on a GPU, and the CPU tests of the slot map). Replayed: calls of up
+to ``ONE_LAUNCH_MAX_ROWS`` rows in one pass: the quantizer and the weight expansion in one launch where K <=
+``ONE_LAUNCH_MAX_K``, else (Wan's ffn.2, K = 13 824) the expansion, two quantizer launches that divide by s
+themselves (``DIVIDE_MAX_ROWS``: no 1/s made by a torch call) and the GEMM. Larger calls take ``run_checked``:
+their host time is small next to their GPU time.
 
-The workspace holds the transients of the largest replayed call of its stream (Wan2.2-A14B's ffn.0 at 4096 rows: 92
-MB) and stays allocated between calls, so that its addresses, and the recorded launches that point into it, stay
-valid; a call that needs more replaces it and forgets the recordings of the old one. ``release()`` frees it.
-Workspace and recordings are per (device, stream): calls on one stream run in order, so they can share it. At most
-``MAX_WORKSPACES`` streams keep one (ComfyUI samples on one stream); a fifth takes the place of the stream that
-recorded least recently.
+The workspace holds the transients of the largest replayed call of its stream (Wan2.2-A14B's ffn.2 at 4096 rows:
+131 MB; 117 MB at one 480p frame's 3120 rows) and stays allocated between calls, so that its addresses, and the
+recorded launches that point into it, stay valid; a call that needs more replaces it and forgets the recordings of
+the old one. ``release()`` frees it. Workspace and recordings are per (device, stream): calls on one stream run in
+order, so they can share it. At most ``MAX_WORKSPACES`` streams keep one (ComfyUI samples on one stream); a fifth
+takes the place of the stream that recorded least recently.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ class Launch(NamedTuple):
 
 
 class Replay(NamedTuple):
-    launches: tuple
+    steps: tuple  # Launch, or a workspace tensor to zero
     used: tuple  # indices in SOURCES of the tensors the launches take
     workspace: torch.Tensor  # kept alive with the recording that points into it
 
@@ -151,19 +153,24 @@ def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, stream: int) -> R
     """Run the call (into the workspace) and return its recording, or None if it cannot be replayed."""
     ws = _workspace(c.x2d.device, stream, tw.Arena.bytes_for(c.regions))
     own = sources(c.x2d, y, c.bin_index, p)
-    launches = launch.record(lambda: tw.prologue_call(c, p, tw.Arena(c.x2d.device, c.regions, buf=ws), y))
-    if not launches:
+    noted = launch.record(lambda: tw.one_pass_call(c, p, tw.Arena(c.x2d.device, c.regions, buf=ws), y))
+    if not noted:
         return None
-    replay = []
-    for r in launches:
+    steps = []
+    for r in noted:
+        if isinstance(r, launch.Zeroed):  # the weight row sums' zeroing: a workspace region, zeroed again per call
+            if slot_map([r.tensor], (), ws) is None:
+                return None
+            steps.append(r.tensor)
+            continue
         mapped = slot_map(r.values, own, ws)
         if mapped is None:
             return None
-        replay.append(Launch(r.kernel, (*r.grid, 1, 1)[:3], *mapped))
-    used = tuple(sorted({j for r in replay for _, j in r.slots}))
+        steps.append(Launch(r.kernel, (*r.grid, 1, 1)[:3], *mapped))
+    used = tuple(sorted({j for r in steps if isinstance(r, Launch) for _, j in r.slots}))
     if any(own[j].data_ptr() % 16 for j in used):  # recorded for a misaligned tensor: not what _replay issues
         return None
-    return Replay(tuple(replay), used, ws)
+    return Replay(tuple(steps), used, ws)
 
 
 def _replay(rec: Replay, own: tuple, stream: int) -> bool:
@@ -173,7 +180,11 @@ def _replay(rec: Replay, own: tuple, stream: int) -> bool:
         a = addresses[j] = own[j].data_ptr()
         if a % 16:  # the kernels were compiled for 16-byte-aligned tensors
             return False
-    for kernel, grid, values, slots in rec.launches:
+    for step in rec.steps:
+        if isinstance(step, torch.Tensor):
+            step.zero_()
+            continue
+        kernel, grid, values, slots = step
         args = list(values)
         for i, j in slots:
             args[i] = addresses[j]
@@ -199,7 +210,7 @@ def run(x: torch.Tensor, p: nm.W4A4Params, bin_index=0) -> torch.Tensor:
         return tw.run_checked(x, p, bin_index)
     if rec is False:
         c = tw.call_plan(x, p, bin_index)
-        if not c.prologue or c.offset:
+        if c.rows < c.x2d.shape[0] or c.x2d.shape[0] > tw.ONE_LAUNCH_MAX_ROWS:
             _recordings[sig] = None
             return tw.run_checked(x, p, bin_index)
         y = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=device)

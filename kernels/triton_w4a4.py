@@ -52,7 +52,7 @@ import torch
 
 from . import gluon_gemm as gg
 from . import numerics as nm
-from .launch import launcher
+from .launch import launcher, zero_
 from .tiles import scale_tile, tile_of
 
 log = logging.getLogger(__name__)
@@ -549,6 +549,16 @@ def _check_plan(plan: QuantPlan, k: int, bk: int) -> None:
                          f"{stats_bk}-column steps of whole {nm.GROUP}-column groups)")
 
 
+# Up to this many rows the two-launch quantizer divides by s itself (``INV_S`` False; ``div_rn``, the same bits as
+# ``torch.reciprocal``) instead of multiplying by a 1/s made by a torch call first: one step less per call, whose
+# host time counts at few tokens (kernels/README.md, session 26), and which ``replay.py`` would have to re-issue.
+DIVIDE_MAX_ROWS = ONE_LAUNCH_MAX_ROWS
+
+
+def kernels_divide(m: int) -> bool:
+    """Whether a ``quantize`` of ``m`` rows, given no 1/s, has its two launches divide by s (no 1/s region)."""
+    return m <= DIVIDE_MAX_ROWS
+
 # Bytes of per-pass activation operands (int8 activations, scales, u) a W4A4 linear may hold at once.
 # At 480p x 81 (32 760 tokens) one pass over Wan's ffn.2 (K = 13 824) would hold 453 MB next to the
 # 905 MB GELU output it reads; in four passes it holds 113 MB, so a linear is no longer where a step
@@ -681,13 +691,18 @@ def _carve(arena: Arena, regions: Regions) -> dict[str, torch.Tensor]:
     return {name: arena.get(name, shape) for name, (shape, _) in regions.items()}
 
 
+def _smooth_f32(p: nm.W4A4Params) -> torch.Tensor:
+    """s in fp32, for kernels that divide by it themselves (``INV_S`` False)."""
+    return p.smooth if p.smooth.dtype == torch.float32 else p.smooth.float()
+
+
 def _fused_quant_args(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan,
                       out: dict) -> dict:
     """The arguments, by name, of one launch of ``_fused_quant_block`` over the rows of ``x2d`` into ``out``'s xq,
     sx and u: ``_act_quant_fused_kernel``'s, and the quantizing part of ``_prologue_kernel``'s."""
     m, k = x2d.shape
     r = p.rank
-    return dict(x_ptr=x2d, s_ptr=p.smooth if p.smooth.dtype == torch.float32 else p.smooth.float(),
+    return dict(x_ptr=x2d, s_ptr=_smooth_f32(p),
                 l1_ptr=p.lr_down if r else x2d, clip_ptr=p.clip, bin_ptr=bin_index, xq_ptr=out["xq"],
                 sx_ptr=out["sx"], u_ptr=out.get("u", out["sx"]), M=m, K=k, R=r, stride_xm=x2d.stride(0),
                 shift=float(p.act_shift), inv_qf=float(nm.inv_qf(p.act_unsigned)), HAS_LR=bool(r), BK=_quant_bk(k),
@@ -705,7 +720,8 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     bk = _quant_bk(k)
     plan = plan or quant_plan(m, k)
     _check_plan(plan, k, bk)
-    regions = quant_regions(m, k, r, plan, inv_smooth is None)
+    divide = inv_smooth is None and kernels_divide(m)
+    regions = quant_regions(m, k, r, plan, inv_smooth is None and not divide)
     out = _carve(arena or Arena(x2d.device, regions), regions)
     if plan.one_launch:  # the kernel divides by s itself: no 1/s launch
         launcher(_act_quant_fused_kernel)[(_cdiv(m, plan.block_m),)](**_fused_quant_args(x2d, p, bin_index, plan, out))
@@ -716,8 +732,11 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     quant_meta = _quant_meta(p, k)
     shift, inv_qf = float(p.act_shift), float(nm.inv_qf(p.act_unsigned))
     # The streaming first pass slows by a sixth when it divides (H200, 32 760 tokens): it multiplies by
-    # a 1/s made here, or by the caller for all passes of a call.
-    inv_s = inv_smooth if inv_smooth is not None else p.inv_smooth(out=out["inv_s"])
+    # a 1/s made here, or by the caller for all passes of a call; up to DIVIDE_MAX_ROWS rows the kernels divide.
+    if divide:
+        inv_s = _smooth_f32(p)
+    else:
+        inv_s = inv_smooth if inv_smooth is not None else p.inv_smooth(out=out["inv_s"])
     grid = (_cdiv(m, plan.block_m), plan.n_split)
     rmax_part = out["rmax_part"]
     # One chunk: pass 1 writes u itself (bf16(0 + p) == bf16(p), the same values as summing one partial).
@@ -725,11 +744,11 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     u_part = out.get("u_part", sx)
     launcher(_act_stats_kernel)[grid](
         x2d, inv_s, l1, rmax_part, u_part, u, m, k, r, plan.kc, x2d.stride(0), shift, BLOCK_M=plan.block_m,
-        BK=plan.stats_bk or bk, R_PAD=quant_meta["R_PAD"], HAS_LR=bool(r), DIRECT_U=direct_u, INV_S=True,
+        BK=plan.stats_bk or bk, R_PAD=quant_meta["R_PAD"], HAS_LR=bool(r), DIRECT_U=direct_u, INV_S=not divide,
         num_warps=4)
     launcher(_act_quant_kernel)[(_cdiv(m, plan.quant_rows), plan.n_split)](
         x2d, inv_s, p.clip, bin_index, rmax_part, u_part, xq, sx, u, m, k, r, plan.kc, plan.n_split, x2d.stride(0),
-        shift, inv_qf, SUM_U=bool(r) and not direct_u, INV_S=True, BLOCK_M=plan.quant_rows,
+        shift, inv_qf, SUM_U=bool(r) and not direct_u, INV_S=not divide, BLOCK_M=plan.quant_rows,
         num_warps=plan.quant_warps, **quant_meta)
     return xq, sx, out.get("u")
 
@@ -741,7 +760,7 @@ def expand_weight(p: nm.W4A4Params, with_sum: bool = False, arena: Arena | None 
     n, k = p.out_features, p.in_features
     arena = arena or Arena(p.qweight.device, weight_regions(n, k, with_sum))
     w8 = arena.get("w8")
-    wsum = arena.get("wsum").zero_() if with_sum else w8
+    wsum = zero_(arena.get("wsum")) if with_sum else w8
     launcher(_expand_kernel)[(_cdiv(n, EXPAND_BN), k // nm.PACK_TILE)](p.qweight, p.wfactor, w8, wsum, n, k,
                                                                       BN=EXPAND_BN, WSUM=with_sum)
     return (w8, wsum) if with_sum else w8
@@ -759,7 +778,7 @@ def quantize_and_expand(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Te
     _check_plan(plan, k, _quant_bk(k))
     out = _carve(arena, quant_regions(m, k, r, plan))
     w8 = arena.get("w8")
-    wsum = arena.get("wsum").zero_() if with_sum else w8
+    wsum = zero_(arena.get("wsum")) if with_sum else w8
     quant_programs = _cdiv(m, plan.block_m)
     grid = (quant_programs + _cdiv(n, EXPAND_BN) * (k // nm.PACK_TILE),)
     launcher(_prologue_kernel)[grid](**_fused_quant_args(x2d, p, bin_index, plan, out), qw_ptr=p.qweight,
@@ -959,13 +978,20 @@ def call_plan(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | Non
     rows = pass_rows(m, k, p.rank, PASS_BYTES if pass_bytes is None else pass_bytes)
     plan = quant_plan(m, k, one_launch)
     offset = bool(nm.act_offset(p.act_unsigned))
-    regions = {**quant_regions(min(rows, m), k, p.rank, plan), **weight_regions(p.out_features, k, offset)}
+    one_pass_divides = rows >= m and kernels_divide(m)  # else 1/s is made once per call, in the arena
+    regions = {**quant_regions(min(rows, m), k, p.rank, plan, not one_pass_divides),
+               **weight_regions(p.out_features, k, offset)}
     return CallPlan(x2d, bin_index, tma, config, rows, plan, offset, regions)
 
 
-def prologue_call(c: CallPlan, p: nm.W4A4Params, arena: Arena, y: torch.Tensor) -> None:
-    """A few-token call (``c.prologue``): quantizer and expansion in one launch, then the GEMM into ``y`` [M, N]."""
-    xq, sx, u, w8, wsum = quantize_and_expand(c.x2d, p, c.bin_index, c.plan, c.offset, arena)
+def one_pass_call(c: CallPlan, p: nm.W4A4Params, arena: Arena, y: torch.Tensor) -> None:
+    """A call whose rows fit one pass (``c.rows`` >= M) into ``y`` [M, N]: quantizer and expansion in one launch
+    (``c.prologue``) or the expansion and the quantizer's launches, then the GEMM."""
+    if c.prologue:
+        xq, sx, u, w8, wsum = quantize_and_expand(c.x2d, p, c.bin_index, c.plan, c.offset, arena)
+    else:
+        w8, wsum = expand_weight(p, with_sum=True, arena=arena) if c.offset else (expand_weight(p, arena=arena), None)
+        xq, sx, u = quantize(c.x2d, p, c.bin_index, c.plan, arena=arena)
     gemm(xq, sx, u, p, y.dtype, tma=c.tma, config=c.config, w8=w8, wsum=wsum, out=y)
 
 
@@ -978,17 +1004,12 @@ def run_checked(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
     m, n = x2d.shape[0], p.out_features
     # One allocation for the call's transients (``Arena``); the passes reuse the activation regions in stream order.
     arena = Arena(x.device, c.regions)
-    if c.prologue:
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        prologue_call(c, p, arena, y)
-        return y.reshape(*x.shape[:-1], n)
-    w8, wsum = expand_weight(p, with_sum=True, arena=arena) if offset else (expand_weight(p, arena=arena), None)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if rows >= m:
-        xq, sx, u = quantize(x2d, p, bin_index, plan, arena=arena)
-        y = gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum)
+        one_pass_call(c, p, arena, y)
         return y.reshape(*x.shape[:-1], n)
     # Passes over the rows with the whole call's launch configuration (same bits as one pass).
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    w8, wsum = expand_weight(p, with_sum=True, arena=arena) if offset else (expand_weight(p, arena=arena), None)
     inv_smooth = None if plan.one_launch else p.inv_smooth(out=arena.get("inv_s"))
     for start in range(0, m, rows):
         xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, plan, inv_smooth, arena=arena)

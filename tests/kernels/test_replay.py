@@ -46,27 +46,27 @@ def test_slot_map_refuses_a_tensor_neither_own_nor_in_the_workspace():
 @pytest.fixture
 def stand_ins(fake_driver, monkeypatch):
     """``replay.run`` on the CPU: the ordinary path is a recorder, the few-token path launches one stand-in kernel
-    with the call's tensors and a workspace region, as ``prologue_call`` launches its kernels."""
+    with the call's tensors and a workspace region, as ``one_pass_call`` launches its kernels."""
     replay.release()
     monkeypatch.delenv(replay.ENV, raising=False)
     monkeypatch.delenv(tw.GEMM_ENV, raising=False)
     monkeypatch.setattr(tw, "_index", lambda device: 0)
     monkeypatch.setattr(tw, "_capability", lambda index: (9, 0))
     kernel = FakeKernel(names=("x_ptr", "y_ptr", "bin_ptr", "w_ptr", "s_ptr", "xq_ptr", "m"))
-    calls = {"run_checked": 0, "prologue_call": 0}
+    calls = {"run_checked": 0, "one_pass_call": 0}
 
     def run_checked(x, p, bin_index=0, **kwargs):
         calls["run_checked"] += 1
         return torch.zeros(*x.shape[:-1], p.out_features, dtype=x.dtype)
 
-    def prologue_call(c, p, arena, y):
-        calls["prologue_call"] += 1
+    def one_pass_call(c, p, arena, y):
+        calls["one_pass_call"] += 1
         xq = arena.get("xq")
         launch.launcher(kernel)[(c.x2d.shape[0], 2)](c.x2d, y, c.bin_index, p.qweight, p.smooth, xq,
                                                      c.x2d.shape[0], BLOCK=16, num_warps=4)
 
     monkeypatch.setattr(tw, "run_checked", run_checked)
-    monkeypatch.setattr(tw, "prologue_call", prologue_call)
+    monkeypatch.setattr(tw, "one_pass_call", one_pass_call)
     yield kernel, calls
     replay.release()
 
@@ -76,10 +76,10 @@ def test_a_signed_few_token_call_is_recorded_once_then_replayed_with_the_new_add
     p1, p2 = _layer(seed=1), _layer(seed=2)  # two layers of one signature
     x1, x2 = torch.randn(2, 32, 256), torch.randn(64, 256)
     y1 = replay.run(x1, p1, 1)
-    assert calls == {"run_checked": 0, "prologue_call": 1} and y1.shape == (2, 32, 128)
+    assert calls == {"run_checked": 0, "one_pass_call": 1} and y1.shape == (2, 32, 128)
     assert [r[0] for r in kernel.record] == ["triton"]
     y2 = replay.run(x2, p2, torch.tensor(3))
-    assert calls == {"run_checked": 0, "prologue_call": 1}  # nothing of the ordinary path ran
+    assert calls == {"run_checked": 0, "one_pass_call": 1}  # nothing of the ordinary path ran
     (sig, rec), = replay._recordings.items()
     ws = rec.workspace
     xq_offset = tw.Arena(ws.device, tw.call_plan(x2, p2).regions, buf=ws).get("xq").data_ptr()
@@ -93,22 +93,51 @@ def test_a_signed_few_token_call_is_recorded_once_then_replayed_with_the_new_add
     assert [r[0] for r in kernel.record] == ["triton", "direct", "direct"]
 
 
-def test_unsigned_layers_larger_calls_and_the_switch_take_run_checked(stand_ins, monkeypatch):
+def test_larger_calls_and_the_switch_take_run_checked(stand_ins, monkeypatch):
     kernel, calls = stand_ins
-    unsigned = _layer(unsigned=True)
-    for _ in range(2):
-        replay.run(torch.randn(16, 256), unsigned)
     many = tw.ONE_LAUNCH_MAX_ROWS + 1
     for _ in range(2):
         replay.run(torch.randn(many, 256), _layer())
-    assert calls == {"run_checked": 4, "prologue_call": 0} and kernel.record == []
+    wide = _layer(k=8192 * 8, n=128, rank=0)  # 4096 rows of K = 65 536 do not fit one pass
+    assert tw.pass_rows(4096, wide.in_features, 0) < 4096
+    for _ in range(2):
+        replay.run(torch.randn(4096, wide.in_features), wide)
+    assert calls == {"run_checked": 4, "one_pass_call": 0} and kernel.record == []
     assert list(replay._recordings.values()) == [None, None]
     monkeypatch.setenv(replay.ENV, "0")
     replay.run(torch.randn(16, 256), _layer())
     monkeypatch.setenv(launch.ENV, "0")  # no fast launcher, nothing to record with
     monkeypatch.delenv(replay.ENV)
     replay.run(torch.randn(16, 256), _layer())
-    assert calls == {"run_checked": 6, "prologue_call": 0}
+    assert calls == {"run_checked": 6, "one_pass_call": 0}
+
+
+def test_a_zeroed_workspace_region_is_zeroed_again_in_its_place_among_the_launches(stand_ins, monkeypatch):
+    """Unsigned layers zero their weight row sums (``launch.zero_``) before the expansion's atomics fill them: the
+    replay zeroes the same region at the same point."""
+    kernel, calls = stand_ins
+    order = []
+
+    def with_sums(c, p, arena, y):
+        calls["one_pass_call"] += 1
+        launch.zero_(arena.get("wsum"))
+        launch.launcher(kernel)[(1,)](c.x2d, y, c.bin_index, p.qweight, p.smooth, arena.get("wsum"), 1,
+                                      BLOCK=16, num_warps=4)
+
+    monkeypatch.setattr(tw, "one_pass_call", with_sums)
+    p = _layer(unsigned=True)
+    replay.run(torch.randn(16, 256), p)
+    (rec,) = replay._recordings.values()
+    zeroed, launched = rec.steps
+    assert isinstance(zeroed, torch.Tensor) and zeroed.dtype == torch.int32 and launched.kernel is not None
+    zeroed.fill_(7)
+    real_zero = torch.Tensor.zero_
+    monkeypatch.setattr(torch.Tensor, "zero_", lambda t: order.append("zero") or real_zero(t))
+    kernel.record.clear()
+    replay.run(torch.randn(16, 256), p)
+    assert (zeroed == 0).all() and order == ["zero"] and [r[0] for r in kernel.record] == ["direct"]
+    assert kernel.record[0][3][5] == zeroed.data_ptr() and calls["one_pass_call"] == 1
+    assert replay.slot_map([zeroed], (), rec.workspace) is not None
 
 
 def test_a_call_it_does_not_replay_allocates_nothing_beside_run_checked(stand_ins, monkeypatch):
@@ -120,15 +149,14 @@ def test_a_call_it_does_not_replay_allocates_nothing_beside_run_checked(stand_in
     monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(a) or real_empty(*a, **k))
     for _ in range(2):
         replay.run(torch.randn(tw.ONE_LAUNCH_MAX_ROWS + 1, 256), _layer())
-        replay.run(torch.randn(16, 256), _layer(unsigned=True))
-    assert calls["run_checked"] == 4 and made == []
+    assert calls["run_checked"] == 2 and made == []
 
 
 def test_a_profilers_hook_takes_run_checked(stand_ins):
     kernel, calls = stand_ins
     launch.knobs.runtime.launch_enter_hook = print
     replay.run(torch.randn(16, 256), _layer())
-    assert calls == {"run_checked": 1, "prologue_call": 0}
+    assert calls == {"run_checked": 1, "one_pass_call": 0}
 
 
 def test_a_call_with_a_foreign_tensor_or_a_misaligned_input_is_not_replayed(stand_ins, monkeypatch):
@@ -136,22 +164,22 @@ def test_a_call_with_a_foreign_tensor_or_a_misaligned_input_is_not_replayed(stan
     p = _layer()
 
     def foreign(c, p, arena, y):  # hands the kernel a tensor made during the call (as p.smooth.float() would be)
-        calls["prologue_call"] += 1
+        calls["one_pass_call"] += 1
         launch.launcher(kernel)[(1,)](c.x2d, y, c.bin_index, p.qweight, p.smooth.clone(), arena.get("xq"), 1,
                                       BLOCK=16, num_warps=4)
 
-    aligned = tw.prologue_call
-    monkeypatch.setattr(tw, "prologue_call", foreign)
+    aligned = tw.one_pass_call
+    monkeypatch.setattr(tw, "one_pass_call", foreign)
     for _ in range(2):
         replay.run(torch.randn(16, 256), p)
-    assert calls == {"run_checked": 1, "prologue_call": 1}  # the first call ran (and was not recorded)
-    monkeypatch.setattr(tw, "prologue_call", aligned)
+    assert calls == {"run_checked": 1, "one_pass_call": 1}  # the first call ran (and was not recorded)
+    monkeypatch.setattr(tw, "one_pass_call", aligned)
     base = torch.randn(32 * 256 + 1)
     misaligned = base[1:].view(32, 256)  # 4 bytes past a 16-byte boundary: compiled for another alignment
     assert misaligned.data_ptr() % 16
     for _ in range(2):
         replay.run(misaligned, p)
-    assert calls == {"run_checked": 2, "prologue_call": 2}
+    assert calls == {"run_checked": 2, "one_pass_call": 2}
     assert list(replay._recordings.values()) == [None, None]
 
 
@@ -161,10 +189,10 @@ def test_a_larger_workspace_forgets_the_recordings_that_point_into_the_old_one(s
     replay.run(torch.randn(16, 256), p)
     small = dict(replay._recordings)
     replay.run(torch.randn(2048, 256), p)  # more rows: a larger workspace
-    assert calls["prologue_call"] == 2
+    assert calls["one_pass_call"] == 2
     assert not set(small) & set(replay._recordings)
     replay.run(torch.randn(16, 256), p)  # recorded again, into the new workspace
-    assert calls["prologue_call"] == 3 and len(replay._recordings) == 2
+    assert calls["one_pass_call"] == 3 and len(replay._recordings) == 2
     assert len({id(r.workspace) for r in replay._recordings.values()}) == 1
 
 
@@ -193,8 +221,8 @@ def test_the_dispatcher_runs_triton_calls_through_replay():
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tw.triton is None, reason="needs a CUDA GPU and Triton")
 
 
-def _cuda_layers(k, n, rank, bias):
-    layers = [_layer(k, n, rank, device="cuda", seed=s) for s in (1, 2)]
+def _cuda_layers(k, n, rank, bias, unsigned=False):
+    layers = [_layer(k, n, rank, unsigned=unsigned, device="cuda", seed=s) for s in (1, 2)]
     for p in layers:
         p.bias = p.bias if bias else None
     return layers
@@ -205,44 +233,51 @@ def _calls(layers):
     return [(layers[0], 0), (layers[1], 1), (layers[0], 3), (layers[1], torch.tensor(2, device="cuda"))]
 
 
+def _input(m, k, dtype, unsigned, scale=1.0):
+    x = torch.randn(m, k, device="cuda", dtype=dtype) * scale
+    return torch.nn.functional.gelu(x, approximate="tanh") if unsigned else x
+
+
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("m,k,n,rank,bias,dtype", [
-    (1, 256, 384, 0, False, torch.bfloat16), (37, 512, 256, 32, True, torch.float16),
-    (1024, 5120, 5120, 32, True, torch.bfloat16), (3120, 5120, 5120, 32, True, torch.bfloat16),
-    (4096, 1024, 2048, 16, False, torch.float32), (3120, 5120, 13824, 32, True, torch.bfloat16)])
-def test_replayed_calls_give_run_checked_bits(m, k, n, rank, bias, dtype):
+@pytest.mark.parametrize("m,k,n,rank,bias,dtype,unsigned,steps", [
+    (1, 256, 384, 0, False, torch.bfloat16, False, 2), (37, 512, 256, 32, True, torch.float16, False, 2),
+    (1024, 5120, 5120, 32, True, torch.bfloat16, False, 2), (3120, 5120, 5120, 32, True, torch.bfloat16, False, 2),
+    (4096, 1024, 2048, 16, False, torch.float32, False, 2), (3120, 5120, 13824, 32, True, torch.bfloat16, False, 2),
+    # two quantizer launches (K > ONE_LAUNCH_MAX_K); unsigned: the row sums zeroed first
+    (3120, 13824, 5120, 32, True, torch.bfloat16, True, 5), (512, 13824, 1024, 0, False, torch.float16, False, 4),
+    (300, 1024, 512, 32, True, torch.bfloat16, True, 3), (4096, 13824, 5120, 32, True, torch.bfloat16, True, 5)])
+def test_replayed_calls_give_run_checked_bits(m, k, n, rank, bias, dtype, unsigned, steps):
     replay.release()
-    for i, (p, b) in enumerate(_calls(_cuda_layers(k, n, rank, bias))):
-        x = torch.randn(m, k, device="cuda", dtype=dtype) * (1 + i)
+    for i, (p, b) in enumerate(_calls(_cuda_layers(k, n, rank, bias, unsigned))):
+        x = _input(m, k, dtype, unsigned, 1 + i)
         got, want = replay.run(x, p, b), tw.run_checked(x, p, b)
         assert torch.equal(got, want), (i, (got.float() - want.float()).abs().max())
     (rec,) = replay._recordings.values()
-    assert rec is not None and len(rec.launches) == 2  # quantizer + expansion, then the GEMM
+    # one launch for the quantizer and expansion, or zeroing + expansion + two quantizer launches; then the GEMM
+    assert rec is not None and len(rec.steps) == steps
     replay.release()
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_calls_it_does_not_replay_give_run_checked_bits_too():
-    """Unsigned layers, a two-launch quantizer (K = 13 824), a misaligned input, a side stream, the dispatcher."""
+    """More rows than ONE_LAUNCH_MAX_ROWS, a misaligned input; calls on a side stream through the dispatcher."""
     from wan_w4a4 import kernels
     replay.release()
-    cases = [(_cuda_layers(5120, 1024, 32, True), 512, False), (_cuda_layers(13824, 512, 32, True), 512, False)]
-    unsigned = [_layer(1024, 512, 32, unsigned=True, device="cuda", seed=s) for s in (1, 2)]
-    cases.append((unsigned, 300, True))
     side = torch.cuda.Stream()
-    for layers, m, gelu in cases:
+    for layers, m, unsigned in [(_cuda_layers(5120, 1024, 32, True), 5000, False),
+                                (_cuda_layers(1024, 512, 32, True, unsigned=True), 300, True)]:
         for p, b in _calls(layers):
-            x = torch.randn(m, p.in_features, device="cuda", dtype=torch.bfloat16)
-            x = torch.nn.functional.gelu(x, approximate="tanh") if gelu else x
+            x = _input(m, p.in_features, torch.bfloat16, unsigned)
             assert torch.equal(replay.run(x, p, b), tw.run_checked(x, p, b))
-            base = torch.randn(m * p.in_features + 1, device="cuda", dtype=torch.bfloat16)
+            base = _input(m * p.in_features + 1, 1, torch.bfloat16, unsigned)
             misaligned = base[1:].view(m, p.in_features)
+            assert misaligned.data_ptr() % 16
             assert torch.equal(replay.run(misaligned, p, b), tw.run_checked(misaligned, p, b))
             with torch.cuda.stream(side):
                 assert torch.equal(kernels.w4a4_linear(x, p, b), tw.run_checked(x, p, b))
             side.synchronize()
     recorded = [r is not None for r in replay._recordings.values()]
-    assert recorded.count(True) == 2  # the signed K = 5120 call, on both streams
+    assert recorded.count(True) == 2  # the 300-row calls, on both streams; not 5000 rows, nor a misaligned input
     replay.release()
