@@ -37,7 +37,9 @@ as one.
 The host side matters at few tokens, where a layer call has less GPU work than the host needs to launch it: a
 call's transients (one pass's activation operands, 1/s, the expanded weights) come from one allocation (``Arena``),
 and every kernel is launched through ``launch.launcher``, which skips Triton's per-call binder once a
-specialization has been launched (kernels/README.md, session 24).
+specialization has been launched (kernels/README.md, session 24). ``replay.py`` goes further for calls of up to
+``ONE_LAUNCH_MAX_ROWS`` rows in one pass: ``one_pass_call``'s launches are recorded once per call signature and
+re-issued with the next call's addresses (session 26).
 
 Notation: M tokens, K in, N out, R rank. Requires K % 128 == 0.
 """
