@@ -14,14 +14,17 @@ integer's 32/64-bit class, whether it is 1 (made a constant) and whether it is a
 descriptor's type, dtype, block shape and layout; the launch options (``num_warps`` ...), the device, and the
 two settings ``JITFunction.run`` adds to them (``knobs.runtime.debug``, ``knobs.compilation.instrumentation_mode``).
 A kernel with a typed or unspecialized parameter, and a launch with an argument of another kind, keep Triton's
-path. The bits cannot differ: the same compiled kernel runs with the same arguments (tests/kernels/test_launch.py
-compares both paths on a GPU). The key was checked against Triton 3.6's source and ``native_specialize_impl`` on
-about 2700 sample values by a second reader (kernels/README.md, session 24). Only with Triton 3.6
-(``TRITON_VERSION``); ``WAN_W4A4_FAST_LAUNCH=0`` turns it off.
+path. A direct launch skips two things ``JITFunction.run`` also does on every launch: its ``pre_run_hooks`` (the
+pack sets none) and the check that the globals a kernel read at compile time still hold their values (the pack does
+not change them). The bits cannot differ: the same compiled kernel runs with the same arguments
+(tests/kernels/test_launch.py compares both paths on a GPU). The key was checked against Triton 3.6's source and
+``native_specialize_impl`` on about 2700 sample values by a second reader (kernels/README.md, session 24). Only with
+Triton 3.6 (``TRITON_VERSION``); ``WAN_W4A4_FAST_LAUNCH=0`` turns it off.
 """
 from __future__ import annotations
 
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -34,6 +37,7 @@ except ImportError:  # pragma: no cover - machines without Triton (``arg_key`` i
     triton = knobs = driver = None
 
 ENV = "WAN_W4A4_FAST_LAUNCH"
+ALIGN = 16  # Triton 3.6 specializes a tensor argument on whether its address is a multiple of this
 _I32 = (-(1 << 31), (1 << 31) - 1)
 # The Triton whose specialization and launcher this module follows (read in its source, measured on the H200).
 # Another version keeps Triton's own path: its ``CompiledKernel.run`` or its keys may differ.
@@ -56,7 +60,7 @@ def arg_key(value, constexpr: bool):
     if constexpr:
         return value
     if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
+        return value.dtype, value.data_ptr() % ALIGN == 0
     if isinstance(value, bool):
         return bool, value
     if isinstance(value, int):
@@ -82,7 +86,7 @@ def args_key(values, constexpr) -> tuple:
         if c:
             key.append(v)
         elif type(v) is torch.Tensor:
-            key.append((v.dtype, v.data_ptr() % 16 == 0))
+            key.append((v.dtype, v.data_ptr() % ALIGN == 0))
         else:
             key.append(arg_key(v, False))
     return tuple(key)
@@ -119,15 +123,16 @@ class Zeroed(NamedTuple):
     tensor: torch.Tensor
 
 
-_recorded: list | None = None  # where ``record`` notes launches while it runs; None otherwise
+_state = threading.local()  # .recorded: where ``record`` notes launches while it runs in this thread
 
 
 def zero_(t: torch.Tensor) -> torch.Tensor:
     """``t.zero_()``, noted by ``record`` (the kernels' one torch call between launches: the weight row sums'
     zeroing before the atomics that fill them)."""
     t.zero_()
-    if _recorded is not None:
-        _recorded.append(Zeroed(t))
+    recorded = getattr(_state, "recorded", None)
+    if recorded is not None:
+        recorded.append(Zeroed(t))
     return t
 
 
@@ -135,22 +140,21 @@ def record(fn) -> list | None:
     """Run ``fn()`` and return the launches it made (``Recorded``) and the tensors it zeroed (``Zeroed``) in their
     order, or None when a launch went through Triton's own path (then what it launched is not known here:
     ``kernels/replay.py`` must not replay it)."""
-    global _recorded
-    if _recorded is not None:
+    if getattr(_state, "recorded", None) is not None:
         raise RuntimeError("launch.record does not nest")
-    _recorded = []
+    _state.recorded = got = []
     try:
         fn()
-        got = _recorded
     finally:
-        _recorded = None
+        _state.recorded = None
     return None if None in got else got
 
 
 def _note(kernel, grid, values) -> None:
     """While ``record`` runs: note a launch (``kernel`` None: one this module cannot replay)."""
-    if _recorded is not None:
-        _recorded.append(None if kernel is None else Recorded(kernel, tuple(grid), values))
+    recorded = getattr(_state, "recorded", None)
+    if recorded is not None:
+        recorded.append(None if kernel is None else Recorded(kernel, tuple(grid), values))
 
 
 class Launcher:

@@ -10,37 +10,40 @@ every call of a signature.
 
 How:
 - A call's signature is what its launches' arguments depend on besides addresses: the input's rows, row stride,
-  dtype, device and 16-byte alignment, the layer's shapes, dtypes and activation grid, the current stream, the
-  two Triton settings the launcher keys on, and what picks the GEMM (``WAN_W4A4_GEMM``, the device's compute
-  capability, whether the Gluon kernel failed to build).
+  dtype, device and 16-byte alignment, the bin index's dtype and device, the layer's shapes, dtypes and activation
+  grid, the two Triton settings the launcher keys on, what picks the GEMM (``WAN_W4A4_GEMM``, the device's compute
+  capability, whether the Gluon kernel failed to build), and where it runs: the current device, stream and host
+  thread, whose workspace the recording points into.
 - The first call of a signature runs ``triton_w4a4.one_pass_call``, the ordinary path of a call whose rows fit
-  one pass, into this (device, stream)'s workspace, while ``launch.record`` notes each launch (the compiled
-  kernel, its grid, its arguments) and each zeroing of a region (``launch.zero_``: the weight row sums of unsigned
-  layers, which the expansion's atomics fill). Each tensor argument must be one of the call's own tensors (input
-  rows, output, bin index, the layer's tensors: a slot, filled per call with its address) or lie in the workspace
-  (a fixed address; the GEMM's TMA descriptors describe workspace regions, so they are kept as they are). Anything
-  else, or a launch through Triton's own path, and the signature is served by ``run_checked`` from then on.
+  one pass, into the workspace of its (device, stream, thread), while ``launch.record`` notes each launch (the
+  compiled kernel, its grid, its arguments) and each zeroing of a region (``launch.zero_``: the weight row sums of
+  unsigned layers, which the expansion's atomics fill). Each tensor argument must be one of the call's own tensors
+  (input rows, output, bin index, the layer's tensors: a slot, filled per call with its address) or lie in the
+  workspace (a fixed address; the GEMM's TMA descriptors describe workspace regions, so they are kept as they are).
+  Anything else, or a launch through Triton's own path, and the signature is served by ``run_checked`` from then on.
 - Later calls of the signature allocate the output, read the addresses of the slots, zero what was zeroed, and
   call each compiled kernel's launcher with the addresses (Triton's launcher takes an integer as a device pointer,
   and then skips its per-pointer driver query).
 
 The same compiled kernels get the same arguments, in the same order with the same zeroing, so the bits are
-``run_checked``'s (tests/kernels/test_replay.py, on a GPU, and the CPU tests of the slot map). Replayed: calls of up
-to ``ONE_LAUNCH_MAX_ROWS`` rows in one pass: the quantizer and the weight expansion in one launch where K <=
+``run_checked``'s (tests/kernels/test_replay_calls.py: on a GPU, and on the CPU the slot map, with stand-in kernels
+and with the real launch paths where Triton is installed). Replayed (``CallPlan.replayable``): calls of up to
+``ONE_LAUNCH_MAX_ROWS`` rows in one pass: the quantizer and the weight expansion in one launch where K <=
 ``ONE_LAUNCH_MAX_K``, else (Wan's ffn.2, K = 13 824) the expansion, two quantizer launches that divide by s
 themselves (``DIVIDE_MAX_ROWS``: no 1/s made by a torch call) and the GEMM. Larger calls take ``run_checked``:
 their host time is small next to their GPU time.
 
 The workspace holds the transients of the largest replayed call of its stream (Wan2.2-A14B's ffn.2 at 4096 rows:
-131 MB; 117 MB at one 480p frame's 3120 rows) and stays allocated between calls, so that its addresses, and the
+130 MB; 117 MB at one 480p frame's 3120 rows) and stays allocated between calls, so that its addresses, and the
 recorded launches that point into it, stay valid; a call that needs more replaces it and forgets the recordings of
-the old one. ``release()`` frees it. Workspace and recordings are per (device, stream): calls on one stream run in
-order, so they can share it. At most ``MAX_WORKSPACES`` streams keep one (ComfyUI samples on one stream); a fifth
-takes the place of the stream that recorded least recently.
+the old one. ``release()`` frees it. Workspace and recordings are per (device, stream, host thread): calls that one
+thread issues on one stream run in order, so they can share it. At most ``MAX_WORKSPACES`` keep one (ComfyUI
+samples on one stream from one thread); a fifth takes the place of the one that recorded least recently.
 """
 from __future__ import annotations
 
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -67,10 +70,11 @@ class Replay(NamedTuple):
     steps: tuple  # Launch, or a workspace tensor to zero
     used: tuple  # indices in SOURCES of the tensors the launches take
     workspace: torch.Tensor  # kept alive with the recording that points into it
+    cuda: bool  # whether it was recorded on a GPU (the CPU tests record stand-in kernels)
 
 
 _recordings: dict = {}  # signature -> Replay, or None: run_checked serves it
-_workspaces: dict = {}  # (device, stream) -> uint8 tensor
+_workspaces: dict = {}  # (device, stream, host thread) -> uint8 tensor
 
 
 def enabled() -> bool:
@@ -89,12 +93,14 @@ def sources(x2d: torch.Tensor, y: torch.Tensor, bin_index: torch.Tensor, p: nm.W
     return (x2d, y, bin_index, p.qweight, p.wscale, p.wfactor, p.smooth, p.lr_down, p.lr_up, p.clip, p.bias)
 
 
-def signature(x2d: torch.Tensor, p: nm.W4A4Params, stream: int) -> tuple:
-    """What a call's launch arguments depend on besides addresses (see the module doc)."""
+def signature(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, where: tuple) -> tuple:
+    """What a call's launch arguments depend on besides addresses (see the module doc). ``where``: (device index,
+    stream, host thread): the workspace the call's recording points into."""
     b = p.bias
     knobs = launch.knobs
     device = x2d.device
-    return (x2d.shape, x2d.stride(0), x2d.dtype, device, x2d.data_ptr() % 16 == 0, stream,
+    return (x2d.shape, x2d.stride(0), x2d.dtype, device, x2d.data_ptr() % launch.ALIGN == 0, where,
+            bin_index.dtype, bin_index.device,
             p.qweight.shape, p.lr_down.shape, p.qweight.dtype, p.wscale.dtype, p.wfactor.dtype, p.smooth.dtype,
             p.lr_down.dtype, p.lr_up.dtype, p.clip.dtype, None if b is None else b.dtype, p.act_unsigned,
             p.act_shift, knobs.runtime.debug, knobs.compilation.instrumentation_mode, tw.gemm_choice(),
@@ -125,7 +131,7 @@ def slot_map(values, own: tuple, workspace: torch.Tensor) -> tuple[tuple, tuple]
     return tuple(out), tuple(slots)
 
 
-MAX_WORKSPACES = 4  # streams with a workspace at once; the least recently recorded one gives way
+MAX_WORKSPACES = 4  # (stream, thread)s with a workspace at once; the least recently recorded one gives way
 
 
 def _forget(ws: torch.Tensor) -> None:
@@ -134,24 +140,25 @@ def _forget(ws: torch.Tensor) -> None:
         del _recordings[sig]
 
 
-def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
-    key = (device, stream)
-    ws = _workspaces.pop(key, None)  # re-inserted last: the dict's order is the recording order
+def _workspace(device: torch.device, where: tuple, nbytes: int) -> torch.Tensor:
+    ws = _workspaces.pop(where, None)  # re-inserted last: the dict's order is the recording order
     if ws is None and len(_workspaces) >= MAX_WORKSPACES:
         _forget(_workspaces.pop(next(iter(_workspaces))))
     if ws is None or ws.numel() < nbytes:
         if ws is not None:
             _forget(ws)
+            ws = None  # freed before the larger one is made
         raw = torch.empty((nbytes + tw.ARENA_ALIGN,), dtype=torch.uint8, device=device)
         start = -raw.data_ptr() % tw.ARENA_ALIGN  # 0 on CUDA, whose allocations are 512-byte aligned
         ws = raw[start:start + nbytes]
-    _workspaces[key] = ws
+    _workspaces[where] = ws
     return ws
 
 
-def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, stream: int) -> Replay | None:
-    """Run the call (into the workspace) and return its recording, or None if it cannot be replayed."""
-    ws = _workspace(c.x2d.device, stream, tw.Arena.bytes_for(c.regions))
+def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> Replay | bool | None:
+    """Run the call (into the workspace) and return its recording; None if its signature cannot be replayed, False if
+    this call's tensors could not (a misaligned layer tensor: the next call of the signature records again)."""
+    ws = _workspace(c.x2d.device, where, tw.Arena.bytes_for(c.regions))
     own = sources(c.x2d, y, c.bin_index, p)
     noted = launch.record(lambda: tw.one_pass_call(c, p, tw.Arena(c.x2d.device, c.regions, buf=ws), y))
     if not noted:
@@ -168,17 +175,20 @@ def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, stream: int) -> R
             return None
         steps.append(Launch(r.kernel, (*r.grid, 1, 1)[:3], *mapped))
     used = tuple(sorted({j for r in steps if isinstance(r, Launch) for _, j in r.slots}))
-    if any(own[j].data_ptr() % 16 for j in used):  # recorded for a misaligned tensor: not what _replay issues
-        return None
-    return Replay(tuple(steps), used, ws)
+    misaligned = [SOURCES[j] for j in used if own[j].data_ptr() % launch.ALIGN]
+    if misaligned:  # compiled for a misaligned tensor, which _replay does not issue; the input's is in the signature
+        return None if "x" in misaligned else False
+    return Replay(tuple(steps), used, ws, ws.is_cuda)
 
 
 def _replay(rec: Replay, own: tuple, stream: int) -> bool:
-    """Issue the recorded launches with the addresses of ``own``; False (nothing issued) if one is misaligned."""
+    """Issue the recorded launches with the addresses of ``own``; False (nothing issued) if one is misaligned or not
+    on a GPU (``run_checked`` then runs the call, and Triton's launcher reports a host tensor)."""
     addresses = [0] * len(SOURCES)
     for j in rec.used:
-        a = addresses[j] = own[j].data_ptr()
-        if a % 16:  # the kernels were compiled for 16-byte-aligned tensors
+        t = own[j]
+        a = addresses[j] = t.data_ptr()
+        if a % launch.ALIGN or t.is_cuda != rec.cuda:  # the kernels were compiled for aligned tensors
             return False
     for step in rec.steps:
         if isinstance(step, torch.Tensor):
@@ -203,22 +213,26 @@ def run(x: torch.Tensor, p: nm.W4A4Params, bin_index=0) -> torch.Tensor:
     if x2d is None or x2d.stride(-1) != 1:
         return tw.run_checked(x, p, bin_index)  # run_checked raises, or copies the input first
     device = x.device
-    stream = launch.driver.active.get_current_stream(tw._index(device))
-    sig = signature(x2d, p, stream)
+    if not isinstance(bin_index, torch.Tensor):
+        bin_index = tw._bin_tensor(int(bin_index), device)
+    index = launch.driver.active.get_current_device()  # where the launcher launches, as launch.Launcher does
+    stream = launch.driver.active.get_current_stream(index)
+    where = (index, stream, threading.get_ident())
+    sig = signature(x2d, p, bin_index, where)
     rec = _recordings.get(sig, False)
     if rec is None:
         return tw.run_checked(x, p, bin_index)
     if rec is False:
         c = tw.call_plan(x, p, bin_index)
-        if c.rows < c.x2d.shape[0] or c.x2d.shape[0] > tw.ONE_LAUNCH_MAX_ROWS:
+        if not c.replayable:
             _recordings[sig] = None
             return tw.run_checked(x, p, bin_index)
         y = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=device)
-        _recordings[sig] = _record(c, p, y, stream)
+        rec = _record(c, p, y, where)
+        if rec is not False:
+            _recordings[sig] = rec
         return y.reshape(*x.shape[:-1], n)
     y = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=device)
-    if not isinstance(bin_index, torch.Tensor):
-        bin_index = tw._bin_tensor(int(bin_index), device)
     if not _replay(rec, sources(x2d, y, bin_index, p), stream):
         return tw.run_checked(x, p, bin_index)
     return y.reshape(*x.shape[:-1], n)

@@ -561,6 +561,7 @@ def kernels_divide(m: int) -> bool:
     """Whether a ``quantize`` of ``m`` rows, given no 1/s, has its two launches divide by s (no 1/s region)."""
     return m <= DIVIDE_MAX_ROWS
 
+
 # Bytes of per-pass activation operands (int8 activations, scales, u) a W4A4 linear may hold at once.
 # At 480p x 81 (32 760 tokens) one pass over Wan's ffn.2 (K = 13 824) would hold 453 MB next to the
 # 905 MB GELU output it reads; in four passes it holds 113 MB, so a linear is no longer where a step
@@ -960,6 +961,17 @@ class CallPlan(NamedTuple):
         """Few tokens: quantizer and expansion in one launch (``quantize_and_expand``), then the GEMM."""
         return self.rows >= self.x2d.shape[0] and self.plan.one_launch
 
+    @property
+    def replayable(self) -> bool:
+        """One pass whose only torch call between launches is the row sums' zeroing (``launch.zero_``): what
+        ``replay.py`` may record. Beyond ``DIVIDE_MAX_ROWS`` rows ``quantize`` makes 1/s with a torch call."""
+        return _one_pass_divides(self.rows, self.x2d.shape[0])
+
+
+def _one_pass_divides(rows: int, m: int) -> bool:
+    """A call of ``m`` rows in one pass of up to ``rows`` whose quantizer divides by s itself (no 1/s region)."""
+    return rows >= m and kernels_divide(m)
+
 
 def call_plan(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | None = None,
               pass_bytes: int | None = None, one_launch: bool | None = None) -> CallPlan:
@@ -980,8 +992,7 @@ def call_plan(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | Non
     rows = pass_rows(m, k, p.rank, PASS_BYTES if pass_bytes is None else pass_bytes)
     plan = quant_plan(m, k, one_launch)
     offset = bool(nm.act_offset(p.act_unsigned))
-    one_pass_divides = rows >= m and kernels_divide(m)  # else 1/s is made once per call, in the arena
-    regions = {**quant_regions(min(rows, m), k, p.rank, plan, not one_pass_divides),
+    regions = {**quant_regions(min(rows, m), k, p.rank, plan, not _one_pass_divides(rows, m)),
                **weight_regions(p.out_features, k, offset)}
     return CallPlan(x2d, bin_index, tma, config, rows, plan, offset, regions)
 

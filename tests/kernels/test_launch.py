@@ -60,7 +60,23 @@ def test_record_notes_each_launch_with_its_compiled_kernel_grid_and_arguments(fa
     assert [r[0] for r in k.record] == ["triton", "direct"]
     assert [(r.grid, r.values) for r in got] == [((4,), [x, 37, 0.5, 16]), ((5, 2), [x, 53, 0.25, 16])]
     assert got[0].kernel is got[1].kernel  # the compiled kernel that serves the key
-    assert launch.record(lambda: None) == [] and launch._recorded is None
+    assert launch.record(lambda: None) == [] and launch._state.recorded is None
+
+
+def test_a_recording_holds_only_its_own_threads_launches(fake_driver):
+    import threading
+    k, x = FakeKernel(), torch.zeros(4)
+    inner = []
+
+    def call():
+        launch.launcher(k)[(1,)](x, 3, 0.5, BLOCK=4)
+        other = threading.Thread(target=lambda: inner.append(
+            launch.record(lambda: launch.launcher(k)[(2,)](x, 5, 0.5, BLOCK=4))))  # records too: no nesting error
+        other.start()
+        other.join()
+
+    got = launch.record(call)
+    assert [r.grid for r in got] == [(1,)] and [[r.grid for r in g] for g in inner] == [[(2,)]]
 
 
 def test_record_refuses_a_call_with_a_launch_it_cannot_note(fake_driver, monkeypatch):
@@ -76,7 +92,7 @@ def test_record_refuses_a_call_with_a_launch_it_cannot_note(fake_driver, monkeyp
     assert launch.record(lambda: launch.launcher(FakeKernel())[(1,)](x, 3, 0.5, BLOCK=4)) is None
     with pytest.raises(ZeroDivisionError):
         launch.record(lambda: 1 / 0)
-    assert launch._recorded is None  # an exception does not leave recording on
+    assert launch._state.recorded is None  # an exception does not leave recording on
 
 
 def test_with_no_hooks_a_launch_passes_none_for_their_metadata(fake_driver):

@@ -1,6 +1,9 @@
 """kernels/replay.py: a few-token call's launches recorded once per signature and replayed with the next call's
 addresses. CPU tests with stand-in kernels (which calls are recorded, what a replayed launch gets); on a GPU, replayed
 calls give ``run_checked``'s bits."""
+import dataclasses
+import threading
+
 import pytest
 import torch
 
@@ -78,7 +81,8 @@ def test_a_signed_few_token_call_is_recorded_once_then_replayed_with_the_new_add
     y1 = replay.run(x1, p1, 1)
     assert calls == {"run_checked": 0, "one_pass_call": 1} and y1.shape == (2, 32, 128)
     assert [r[0] for r in kernel.record] == ["triton"]
-    y2 = replay.run(x2, p2, torch.tensor(3))
+    b2 = torch.tensor(3)
+    y2 = replay.run(x2, p2, b2)
     assert calls == {"run_checked": 0, "one_pass_call": 1}  # nothing of the ordinary path ran
     (sig, rec), = replay._recordings.items()
     ws = rec.workspace
@@ -86,9 +90,9 @@ def test_a_signed_few_token_call_is_recorded_once_then_replayed_with_the_new_add
     kind, grid, stream, args = kernel.record[-1]
     assert kind == "direct" and grid == (64, 2, 1) and stream == 1234
     # the second call's own tensors by address (its rows, its output, its bin, its layer), the workspace fixed
-    assert args[:6] == (x2.data_ptr(), y2.data_ptr(), args[2], p2.qweight.data_ptr(), p2.smooth.data_ptr(), xq_offset)
+    assert args[:6] == (x2.data_ptr(), y2.data_ptr(), b2.data_ptr(), p2.qweight.data_ptr(), p2.smooth.data_ptr(),
+                        xq_offset)
     assert args[6:] == (64, 16)
-    assert args[2] != x1.data_ptr()
     replay.run(x2, p2, torch.tensor(3))
     assert [r[0] for r in kernel.record] == ["triton", "direct", "direct"]
 
@@ -183,6 +187,49 @@ def test_a_call_with_a_foreign_tensor_or_a_misaligned_input_is_not_replayed(stan
     assert list(replay._recordings.values()) == [None, None]
 
 
+def test_a_misaligned_or_host_layer_tensor_takes_run_checked_for_that_call(stand_ins):
+    """The kernels were compiled for 16-byte-aligned tensors on the recording's device: a call whose layer tensor is
+    not (a view one byte into a buffer, or a tensor of another device kind) runs the ordinary path, nothing issued."""
+    kernel, calls = stand_ins
+    p = _layer()
+    replay.run(torch.randn(16, 256), p)  # recorded
+    launched = len(kernel.record)
+    buf = torch.empty(p.qweight.numel() + 1, dtype=torch.uint8)
+    odd = dataclasses.replace(p, qweight=buf[1:].view(p.qweight.shape).copy_(p.qweight))
+    assert odd.qweight.data_ptr() % 16 and replay.signature(torch.randn(16, 256), odd, torch.tensor(0), (0, 1234, 0)) \
+        == replay.signature(torch.randn(16, 256), p, torch.tensor(0), (0, 1234, 0))  # same signature
+    replay.run(torch.randn(16, 256), odd)
+    assert calls == {"run_checked": 1, "one_pass_call": 1} and len(kernel.record) == launched
+    (rec,) = replay._recordings.values()
+    replay._recordings[next(iter(replay._recordings))] = rec._replace(cuda=True)  # as if recorded on a GPU
+    replay.run(torch.randn(16, 256), p)
+    assert calls == {"run_checked": 2, "one_pass_call": 1} and len(kernel.record) == launched
+
+
+def test_a_misaligned_layer_tensor_at_recording_records_again_next_call(stand_ins):
+    kernel, calls = stand_ins
+    p = _layer()
+    buf = torch.empty(p.smooth.numel() * 4 + 4, dtype=torch.uint8)
+    odd = dataclasses.replace(p, smooth=buf[4:].view(torch.float32).copy_(p.smooth))
+    replay.run(torch.randn(16, 256), odd)
+    assert replay._recordings == {}  # not cached: the layer's tensors are not in the signature
+    replay.run(torch.randn(16, 256), p)
+    assert calls == {"run_checked": 0, "one_pass_call": 2} and list(replay._recordings.values())[0] is not None
+
+
+def test_bin_tensors_of_another_dtype_and_threads_get_their_own_recordings(stand_ins):
+    """The bin index's dtype is a kernel argument's type; a host thread has its own workspace (two threads issuing
+    on one stream would interleave their calls' launches)."""
+    kernel, calls = stand_ins
+    p = _layer()
+    replay.run(torch.randn(16, 256), p, torch.tensor(1))
+    replay.run(torch.randn(16, 256), p, torch.tensor(1, dtype=torch.int32))
+    other = threading.Thread(target=lambda: replay.run(torch.randn(16, 256), p, torch.tensor(1)))
+    other.start()
+    other.join()
+    assert calls["one_pass_call"] == 3 and len(replay._recordings) == 3 and len(replay._workspaces) == 2
+
+
 def test_a_larger_workspace_forgets_the_recordings_that_point_into_the_old_one(stand_ins):
     kernel, calls = stand_ins
     p = _layer()
@@ -207,6 +254,53 @@ def test_at_most_max_workspaces_streams_keep_a_workspace(stand_ins, monkeypatch)
     assert [key[1] for key in replay._workspaces] == [3, 4, 5, 6]  # the first two gave way, with their recordings
     assert len(replay._recordings) == replay.MAX_WORKSPACES
     assert {id(r.workspace) for r in replay._recordings.values()} == {id(w) for w in replay._workspaces.values()}
+
+
+@pytest.mark.parametrize("m,k,n,rank,unsigned,bias", [
+    (1, 256, 384, 0, False, False), (37, 512, 256, 32, True, True), (3000, 5120, 1024, 32, False, True),
+    (100, 13824, 512, 0, True, False), (3000, 13824, 512, 32, True, True), (4096, 13824, 512, 32, False, True)])
+def test_the_real_one_pass_paths_take_only_own_tensors_and_workspace_regions(monkeypatch, m, k, n, rank, unsigned,
+                                                                             bias):
+    """``triton_w4a4.one_pass_call`` on the CPU with Triton installed (its host code: plans, regions, arguments, the
+    GEMM's TMA descriptors; the launches noted, not run): every tensor a launch gets is one of the call's own or a
+    workspace region, only workspace regions are zeroed, and no 1/s region is made (``CallPlan.replayable``)."""
+    pytest.importorskip("triton", reason="Triton is not installed (GPU machines, or a CPU wheel for this test)")
+    monkeypatch.setattr(tw, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(tw, "_index", lambda device: 0)
+    monkeypatch.setattr(tw, "_num_sms", lambda index: 132)
+
+    class Noting:  # a launcher that notes the launch in the kernel's argument order and runs nothing
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def go(*args, **kwargs):
+                names = self.fn.arg_names
+                launch._note(self.fn, grid, [*args, *(kwargs[name] for name in names[len(args):])])
+            return go
+
+    monkeypatch.setattr(tw, "launcher", Noting)
+    p = _layer(k, n, rank, unsigned)
+    p.bias = p.bias if bias else None
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    c = tw.call_plan(x, p, 1)
+    assert c.replayable and "inv_s" not in c.regions
+    ws = replay._workspace(x.device, (0, 0, 0), tw.Arena.bytes_for(c.regions))
+    y = torch.empty(m, n, dtype=x.dtype)
+    noted = launch.record(lambda: tw.one_pass_call(c, p, tw.Arena(x.device, c.regions, buf=ws), y))
+    own = replay.sources(c.x2d, y, c.bin_index, p)
+    zeroed = [r for r in noted if isinstance(r, launch.Zeroed)]
+    assert len(zeroed) == int(unsigned) and all(replay.slot_map([r.tensor], (), ws) for r in zeroed)
+    launches = [r for r in noted if not isinstance(r, launch.Zeroed)]
+    assert len(launches) == (2 if c.prologue else 4)
+    used = set()
+    for r in launches:
+        mapped = replay.slot_map(r.values, own, ws)
+        assert mapped is not None, r.kernel
+        used |= {replay.SOURCES[j] for _, j in mapped[1]}
+    assert {"x", "y", "bin", "qweight", "wscale", "wfactor", "smooth", "clip"} <= used
+    assert ("lr_down" in used) == bool(rank) and ("bias" in used) == bias
+    replay.release()
 
 
 def test_the_dispatcher_runs_triton_calls_through_replay():
