@@ -123,14 +123,21 @@ class Zeroed(NamedTuple):
     tensor: torch.Tensor
 
 
-_state = threading.local()  # .recorded: where ``record`` notes launches while it runs in this thread
+class _State(threading.local):
+    """Per host thread: ``recorded``, where ``record`` notes launches while it runs (None otherwise). A class
+    attribute, so that reading it in a thread that never recorded costs no caught AttributeError (about 1 us per
+    launch, measured by a second reader, against 0.1-0.2 us)."""
+    recorded = None
+
+
+_state = _State()
 
 
 def zero_(t: torch.Tensor) -> torch.Tensor:
     """``t.zero_()``, noted by ``record`` (the kernels' one torch call between launches: the weight row sums'
     zeroing before the atomics that fill them)."""
     t.zero_()
-    recorded = getattr(_state, "recorded", None)
+    recorded = _state.recorded
     if recorded is not None:
         recorded.append(Zeroed(t))
     return t
@@ -140,7 +147,7 @@ def record(fn) -> list | None:
     """Run ``fn()`` and return the launches it made (``Recorded``) and the tensors it zeroed (``Zeroed``) in their
     order, or None when a launch went through Triton's own path (then what it launched is not known here:
     ``kernels/replay.py`` must not replay it)."""
-    if getattr(_state, "recorded", None) is not None:
+    if _state.recorded is not None:
         raise RuntimeError("launch.record does not nest")
     _state.recorded = got = []
     try:
@@ -152,7 +159,7 @@ def record(fn) -> list | None:
 
 def _note(kernel, grid, values) -> None:
     """While ``record`` runs: note a launch (``kernel`` None: one this module cannot replay)."""
-    recorded = getattr(_state, "recorded", None)
+    recorded = _state.recorded
     if recorded is not None:
         recorded.append(None if kernel is None else Recorded(kernel, tuple(grid), values))
 

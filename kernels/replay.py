@@ -38,7 +38,8 @@ The workspace holds the transients of the largest replayed call of its stream (W
 recorded launches that point into it, stay valid; a call that needs more replaces it and forgets the recordings of
 the old one. ``release()`` frees it. Workspace and recordings are per (device, stream, host thread): calls that one
 thread issues on one stream run in order, so they can share it. At most ``MAX_WORKSPACES`` keep one (ComfyUI
-samples on one stream from one thread); a fifth takes the place of the one that recorded least recently.
+samples on one stream from one thread); a fifth takes the place of the one that recorded least recently, so a host
+that starts a thread per request holds at most four workspaces of threads that have ended.
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ class Replay(NamedTuple):
 
 _recordings: dict = {}  # signature -> Replay, or None: run_checked serves it
 _workspaces: dict = {}  # (device, stream, host thread) -> uint8 tensor
+_lock = threading.Lock()  # held while a recording is made and stored (replays only read the dict)
 
 
 def enabled() -> bool:
@@ -84,8 +86,9 @@ def enabled() -> bool:
 
 def release() -> None:
     """Forget every recording and free the workspaces (the next call of each signature records again)."""
-    _recordings.clear()
-    _workspaces.clear()
+    with _lock:
+        _recordings.clear()
+        _workspaces.clear()
 
 
 def sources(x2d: torch.Tensor, y: torch.Tensor, bin_index: torch.Tensor, p: nm.W4A4Params) -> tuple:
@@ -227,10 +230,13 @@ def run(x: torch.Tensor, p: nm.W4A4Params, bin_index=0) -> torch.Tensor:
         if not c.replayable:
             _recordings[sig] = None
             return tw.run_checked(x, p, bin_index)
+        if any(t is not None and t.data_ptr() % launch.ALIGN for t in sources(x2d, x2d, bin_index, p)[3:]):
+            return tw.run_checked(x, p, bin_index)  # a misaligned layer tensor: this call only (not in the signature)
         y = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=device)
-        rec = _record(c, p, y, where)
-        if rec is not False:
-            _recordings[sig] = rec
+        with _lock:
+            rec = _record(c, p, y, where)
+            if rec is not False:
+                _recordings[sig] = rec
         return y.reshape(*x.shape[:-1], n)
     y = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=device)
     if not _replay(rec, sources(x2d, y, bin_index, p), stream):

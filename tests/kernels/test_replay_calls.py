@@ -206,15 +206,40 @@ def test_a_misaligned_or_host_layer_tensor_takes_run_checked_for_that_call(stand
     assert calls == {"run_checked": 2, "one_pass_call": 1} and len(kernel.record) == launched
 
 
-def test_a_misaligned_layer_tensor_at_recording_records_again_next_call(stand_ins):
+def test_a_misaligned_layer_tensor_is_left_to_run_checked_and_not_recorded(stand_ins):
+    """Layer tensors are not in the signature: a misaligned one sends that call to ``run_checked`` and leaves the
+    signature unrecorded, so the next aligned call records it."""
     kernel, calls = stand_ins
     p = _layer()
     buf = torch.empty(p.smooth.numel() * 4 + 4, dtype=torch.uint8)
     odd = dataclasses.replace(p, smooth=buf[4:].view(torch.float32).copy_(p.smooth))
     replay.run(torch.randn(16, 256), odd)
-    assert replay._recordings == {}  # not cached: the layer's tensors are not in the signature
+    assert replay._recordings == {} and calls == {"run_checked": 1, "one_pass_call": 0}
     replay.run(torch.randn(16, 256), p)
-    assert calls == {"run_checked": 0, "one_pass_call": 2} and list(replay._recordings.values())[0] is not None
+    assert calls == {"run_checked": 1, "one_pass_call": 1} and list(replay._recordings.values())[0] is not None
+
+
+def test_the_workspace_is_the_launchers_current_devices_and_a_larger_one_replaces_it_after_freeing_it(
+        stand_ins, monkeypatch):
+    """The stream (and the workspace's key) is the launcher's current device's, as ``launch.Launcher`` launches
+    there; a larger workspace is made after the old one is freed, so the two are never held at once."""
+    import weakref
+    kernel, calls = stand_ins
+    monkeypatch.setattr(launch.driver.active, "get_current_device", lambda: 3)
+    seen = []
+    monkeypatch.setattr(launch.driver.active, "get_current_stream", lambda device: seen.append(device) or 1234)
+    p = _layer()
+    replay.run(torch.randn(16, 256), p)
+    (key,) = replay._workspaces
+    assert key[:2] == (3, 1234) and seen and set(seen) == {3}
+    old = weakref.ref(replay._workspaces[key])
+    alive_at_allocation = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (k.get("dtype") == torch.uint8  # the workspace's
+                                                         and alive_at_allocation.append(old() is not None))
+                        or real_empty(*a, **k))
+    replay.run(torch.randn(2048, 256), p)  # needs a larger workspace
+    assert old() is None and alive_at_allocation == [False]
 
 
 def test_bin_tensors_of_another_dtype_and_threads_get_their_own_recordings(stand_ins):
