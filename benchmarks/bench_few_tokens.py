@@ -63,8 +63,7 @@ def variants(x, p, b, w, bias):
             plan = tw.quant_plan(m, k, one_launch)
             arena = tw.Arena(x.device, {**tw.quant_regions(m, k, p.rank, plan),
                                         **tw.weight_regions(p.out_features, k, offset)})
-            w8, wsum = (tw.expand_weight(p, with_sum=True, arena=arena) if offset
-                        else (tw.expand_weight(p, arena=arena), None))
+            w8, wsum = tw.expanded(p, offset, arena)
             xq, sx, u = tw.quantize(x, p, b, plan, arena=arena)
             return tw.gemm(xq, sx, u, p, x.dtype, tma=True, config=tw.gemm_config(m, async_wgmma=True), w8=w8,
                            wsum=wsum)

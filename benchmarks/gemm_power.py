@@ -217,7 +217,7 @@ def block_functions(dev: str) -> dict:
         p = nm.from_float(w, torch.randn(n, device=dev), smooth=torch.rand(k, device=dev) + 0.5,
                           lr_down=torch.randn(k, 32, device=dev) * 0.02, lr_up=torch.randn(32, n, device=dev) * 0.02,
                           clip=torch.tensor([1.0, 0.9], device=dev), num_bins=2, act_unsigned=unsigned)
-        w8, wsum = tw.expand_weight(p, with_sum=True) if unsigned else (tw.expand_weight(p), None)
+        w8, wsum = tw.expanded(p, unsigned)
         x = torch.randn(TOKENS, k, device=dev, dtype=torch.float16)
         if unsigned:
             x = F.gelu(x, approximate="tanh")

@@ -23,6 +23,7 @@ Triton 3.6 (``TRITON_VERSION``); ``WAN_W4A4_FAST_LAUNCH=0`` turns it off.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import NamedTuple
@@ -44,7 +45,8 @@ _I32 = (-(1 << 31), (1 << 31) - 1)
 TRITON_VERSION = (3, 6)
 
 
-def triton_matches(version: str) -> bool:
+@functools.lru_cache(maxsize=8)
+def triton_matches(version: str) -> bool:  # cached: replay.enabled() asks on every layer call
     try:
         return tuple(int(v) for v in version.split(".")[:2]) == TRITON_VERSION
     except ValueError:

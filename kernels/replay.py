@@ -91,9 +91,14 @@ def release() -> None:
         _workspaces.clear()
 
 
+def layer_tensors(p: nm.W4A4Params) -> tuple:
+    """The layer's tensors, in ``FIELDS``' order (the bias may be None)."""
+    return (p.qweight, p.wscale, p.wfactor, p.smooth, p.lr_down, p.lr_up, p.clip, p.bias)
+
+
 def sources(x2d: torch.Tensor, y: torch.Tensor, bin_index: torch.Tensor, p: nm.W4A4Params) -> tuple:
-    """The call's own tensors, in ``SOURCES``' order (the bias may be None)."""
-    return (x2d, y, bin_index, p.qweight, p.wscale, p.wfactor, p.smooth, p.lr_down, p.lr_up, p.clip, p.bias)
+    """The call's own tensors, in ``SOURCES``' order."""
+    return (x2d, y, bin_index, *layer_tensors(p))
 
 
 def signature(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, where: tuple) -> tuple:
@@ -158,9 +163,8 @@ def _workspace(device: torch.device, where: tuple, nbytes: int) -> torch.Tensor:
     return ws
 
 
-def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> Replay | bool | None:
-    """Run the call (into the workspace) and return its recording; None if its signature cannot be replayed, False if
-    this call's tensors could not (a misaligned layer tensor: the next call of the signature records again)."""
+def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> Replay | None:
+    """Run the call (into the workspace) and return its recording, or None if its signature cannot be replayed."""
     ws = _workspace(c.x2d.device, where, tw.Arena.bytes_for(c.regions))
     own = sources(c.x2d, y, c.bin_index, p)
     noted = launch.record(lambda: tw.one_pass_call(c, p, tw.Arena(c.x2d.device, c.regions, buf=ws), y))
@@ -178,9 +182,8 @@ def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> 
             return None
         steps.append(Launch(r.kernel, (*r.grid, 1, 1)[:3], *mapped))
     used = tuple(sorted({j for r in steps if isinstance(r, Launch) for _, j in r.slots}))
-    misaligned = [SOURCES[j] for j in used if own[j].data_ptr() % launch.ALIGN]
-    if misaligned:  # compiled for a misaligned tensor, which _replay does not issue; the input's is in the signature
-        return None if "x" in misaligned else False
+    if any(own[j].data_ptr() % launch.ALIGN for j in used):  # compiled for a misaligned input: not what _replay
+        return None  # issues (the input's alignment is in the signature; run() sends other tensors' elsewhere)
     return Replay(tuple(steps), used, ws, ws.is_cuda)
 
 
@@ -230,13 +233,11 @@ def run(x: torch.Tensor, p: nm.W4A4Params, bin_index=0) -> torch.Tensor:
         if not c.replayable:
             _recordings[sig] = None
             return tw.run_checked(x, p, bin_index)
-        if any(t is not None and t.data_ptr() % launch.ALIGN for t in sources(x2d, x2d, bin_index, p)[3:]):
-            return tw.run_checked(x, p, bin_index)  # a misaligned layer tensor: this call only (not in the signature)
+        if any(t is not None and t.data_ptr() % launch.ALIGN for t in (bin_index, *layer_tensors(p))):
+            return tw.run_checked(x, p, bin_index)  # misaligned: this call only (these are not in the signature)
         y = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=device)
         with _lock:
-            rec = _record(c, p, y, where)
-            if rec is not False:
-                _recordings[sig] = rec
+            _recordings[sig] = _record(c, p, y, where)
         return y.reshape(*x.shape[:-1], n)
     y = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=device)
     if not _replay(rec, sources(x2d, y, bin_index, p), stream):

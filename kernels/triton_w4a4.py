@@ -769,6 +769,12 @@ def expand_weight(p: nm.W4A4Params, with_sum: bool = False, arena: Arena | None 
     return (w8, wsum) if with_sum else w8
 
 
+def expanded(p: nm.W4A4Params, with_sum: bool, arena: Arena | None = None):
+    """``expand_weight`` as the pair a GEMM takes: (w8, its row sums where ``with_sum`` (unsigned layers), else
+    None)."""
+    return expand_weight(p, with_sum=True, arena=arena) if with_sum else (expand_weight(p, arena=arena), None)
+
+
 def quantize_and_expand(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan,
                         with_sum: bool, arena: Arena):
     """``quantize`` under a one-launch ``plan`` and ``expand_weight`` in one launch (``_prologue_kernel``):
@@ -890,7 +896,7 @@ def gemm(xq, sx, u, p: nm.W4A4Params, out_dtype, *, config: dict | None = None, 
         y = out
     offset = nm.act_offset(p.act_unsigned)
     if w8 is None:
-        w8, wsum = expand_weight(p, with_sum=True) if offset else (expand_weight(p), None)
+        w8, wsum = expanded(p, bool(offset))
     elif offset and wsum is None:  # a caller's own w8 (benchmarks, tests): sum it here
         wsum = w8.sum(1, dtype=torch.int32)
     args = (*_epilogue_args(sx, u, p, wsum), y, m, n, k, r, y.stride(0))
@@ -1003,7 +1009,7 @@ def one_pass_call(c: CallPlan, p: nm.W4A4Params, arena: Arena, y: torch.Tensor) 
     if c.prologue:
         xq, sx, u, w8, wsum = quantize_and_expand(c.x2d, p, c.bin_index, c.plan, c.offset, arena)
     else:
-        w8, wsum = expand_weight(p, with_sum=True, arena=arena) if c.offset else (expand_weight(p, arena=arena), None)
+        w8, wsum = expanded(p, c.offset, arena)
         xq, sx, u = quantize(c.x2d, p, c.bin_index, c.plan, arena=arena)
     gemm(xq, sx, u, p, y.dtype, tma=c.tma, config=c.config, w8=w8, wsum=wsum, out=y)
 
@@ -1022,7 +1028,7 @@ def run_checked(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
         one_pass_call(c, p, arena, y)
         return y.reshape(*x.shape[:-1], n)
     # Passes over the rows with the whole call's launch configuration (same bits as one pass).
-    w8, wsum = expand_weight(p, with_sum=True, arena=arena) if offset else (expand_weight(p, arena=arena), None)
+    w8, wsum = expanded(p, offset, arena)
     inv_smooth = None if plan.one_launch else p.inv_smooth(out=arena.get("inv_s"))
     for start in range(0, m, rows):
         xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, plan, inv_smooth, arena=arena)

@@ -50,7 +50,7 @@ def make(k, n, m, *, rank, unsigned, seed=0):
 
 def operands(p, x):
     xq, sx, u = tw.quantize(x, p, torch.tensor(1, device="cuda"))
-    w8, wsum = tw.expand_weight(p, with_sum=True) if p.act_unsigned else (tw.expand_weight(p), None)
+    w8, wsum = tw.expanded(p, p.act_unsigned)
     return xq, sx, u, w8, wsum
 
 
