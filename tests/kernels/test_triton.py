@@ -106,8 +106,8 @@ def test_quantize_and_expand_is_the_two_launches_it_joins(m, k, n, unsigned, ran
     regions = {**tw.quant_regions(m, k, rank, plan), **tw.weight_regions(n, k, unsigned)}
     got = tw.quantize_and_expand(x, p, b, plan, unsigned, tw.Arena(x.device, regions))
     arena = tw.Arena(x.device, regions)
-    w8 = tw.expand_weight(p, with_sum=unsigned, arena=arena)
-    want = (*tw.quantize(x, p, b, plan, arena=arena), *(w8 if unsigned else (w8, None)))
+    w8_wsum = tw.expanded(p, unsigned, arena)
+    want = (*tw.quantize(x, p, b, plan, arena=arena), *w8_wsum)
     for name, g, w in zip(("xq", "sx", "u", "w8", "wsum"), got, want):
         assert (g is None) == (w is None) and (g is None or torch.equal(g, w)), name
     a_ref, s_ref = nm.quantize_activation(nm.smooth_input(x, p, p.inv_smooth()), p.clip[2], unsigned)
