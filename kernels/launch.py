@@ -166,6 +166,65 @@ def _note(kernel, grid, values) -> None:
         recorded.append(None if kernel is None else Recorded(kernel, tuple(grid), values))
 
 
+BASE_ARGS = 13  # what Triton 3.6's C launcher takes before the kernel's arguments (driver.py's _BASE_ARGS_FORMAT)
+
+
+def _tensordesc_expander():
+    """Triton 3.6's ``make_tensordesc_arg``: a host TMA descriptor as the C launcher's arguments (the encoded
+    ``CUtensorMap``, then shape and strides), or None where that module or its constant is not as read."""
+    try:
+        from triton.backends.nvidia import driver as nvidia
+    except ImportError:
+        return None
+    if getattr(nvidia, "_BASE_ARGS_FORMAT_LEN", None) != BASE_ARGS:
+        return None
+    return getattr(nvidia, "make_tensordesc_arg", None)
+
+
+def bind(kernel, grid, values, stream, expand=None) -> tuple | None:
+    """A launch of compiled ``kernel`` as a call of its C launcher: (the launcher, its whole argument list, where
+    each of ``values`` lands in that list: None for a TMA descriptor, which is encoded here, once). None where the
+    compiled kernel's launcher is not Triton 3.6's ``CudaLauncher`` as read, or needs scratch memory per launch
+    (then ``kernel.run`` must launch it).
+
+    Why: ``CudaLauncher.__call__`` and the wrapper Triton puts around a launcher with TMA descriptor parameters
+    (``wrap_handle_tensordesc``) are Python run per launch; the wrapper also encodes each descriptor anew
+    (``cuTensorMapEncodeTiled``). For a launch whose descriptors describe memory that stays where it is (the
+    replay workspace, ``replay.py``) the encoded descriptor is the same every time. The arguments are those
+    ``CudaLauncher.__call__`` gives the launcher with no hooks (``hooks_idle``) and no scratch memory, so the same
+    compiled kernel gets the same arguments."""
+    run = getattr(kernel, "run", None)
+    fn = getattr(run, "launch", None)
+    if fn is None or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    descs, meta = frozenset(), ()
+    code = getattr(fn, "__code__", None)
+    if code is not None:  # Triton's Python wrapper ``inner``, closing over the C launcher and the descriptors' places
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+        fn, descs, meta = cells.get("launcher"), cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
+        if fn is None or getattr(fn, "__code__", None) is not None or descs is None or meta is None:
+            return None
+        expand = expand or _tensordesc_expander()
+        if expand is None:
+            return None
+    g = (*grid, 1, 1)
+    args = [g[0], g[1], g[2], stream, kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+            kernel.packed_metadata, None, None, None]
+    places = []
+    for i, v in enumerate(values):
+        if i in descs:
+            args.extend(expand(v, meta[len([d for d in descs if d < i])]))
+            places.append(None)
+        elif hasattr(v, "block_shape"):  # a descriptor the launcher does not expand: not as read
+            return None
+        else:
+            places.append(len(args))
+            args.append(v)
+    if len(descs) != places.count(None):  # a descriptor index past the arguments: not as read
+        return None
+    return fn, tuple(args), tuple(places)
+
+
 class Launcher:
     """``Launcher(fn)[grid](*args, **kwargs)`` launches like ``fn[grid](*args, **kwargs)``."""
 

@@ -23,7 +23,9 @@ How:
   Anything else, or a launch through Triton's own path, and the signature is served by ``run_checked`` from then on.
 - Later calls of the signature allocate the output, read the addresses of the slots, zero what was zeroed, and
   call each compiled kernel's launcher with the addresses (Triton's launcher takes an integer as a device pointer,
-  and then skips its per-pointer driver query).
+  and then skips its per-pointer driver query). Where the launcher is Triton 3.6's as read, the recording holds its C
+  function and whole argument list (``launch.bind``: stream and workspace addresses fixed, the GEMM's TMA descriptors
+  encoded once), so a replayed launch runs no Python of Triton's.
 
 The same compiled kernels get the same arguments, in the same order with the same zeroing, so the bits are
 ``run_checked``'s (tests/kernels/test_replay_calls.py: on a GPU, and on the CPU the slot map, with stand-in kernels
@@ -67,8 +69,17 @@ class Launch(NamedTuple):
     slots: tuple
 
 
+class Direct(NamedTuple):
+    """One recorded launch bound to its kernel's C launcher (``launch.bind``): ``args`` the launcher's whole
+    argument list (stream and workspace addresses fixed, TMA descriptors encoded once), ``slots`` the (place in
+    ``args``, index in SOURCES) to fill per call."""
+    fn: object
+    args: tuple
+    slots: tuple
+
+
 class Replay(NamedTuple):
-    steps: tuple  # Launch, or a workspace tensor to zero
+    steps: tuple  # Direct or Launch, or a workspace tensor to zero
     used: tuple  # indices in SOURCES of the tensors the launches take
     workspace: torch.Tensor  # kept alive with the recording that points into it
     cuda: bool  # whether it was recorded on a GPU (the CPU tests record stand-in kernels)
@@ -180,8 +191,15 @@ def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> 
         mapped = slot_map(r.values, own, ws)
         if mapped is None:
             return None
-        steps.append(Launch(r.kernel, (*r.grid, 1, 1)[:3], *mapped))
-    used = tuple(sorted({j for r in steps if isinstance(r, Launch) for _, j in r.slots}))
+        values, slots = mapped
+        grid = (*r.grid, 1, 1)[:3]
+        bound = launch.bind(r.kernel, grid, values, where[1])
+        if bound is None:
+            steps.append(Launch(r.kernel, grid, values, slots))
+        else:
+            fn, args, places = bound
+            steps.append(Direct(fn, args, tuple((places[i], j) for i, j in slots)))
+    used = tuple(sorted({j for r in steps if not isinstance(r, torch.Tensor) for _, j in r.slots}))
     if any(own[j].data_ptr() % launch.ALIGN for j in used):  # compiled for a misaligned input: not what _replay
         return None  # issues (the input's alignment is in the signature; run() sends other tensors' elsewhere)
     return Replay(tuple(steps), used, ws, ws.is_cuda)
@@ -197,6 +215,12 @@ def _replay(rec: Replay, own: tuple, stream: int) -> bool:
         if a % launch.ALIGN or t.is_cuda != rec.cuda:  # the kernels were compiled for aligned tensors
             return False
     for step in rec.steps:
+        if type(step) is Direct:
+            args = list(step.args)
+            for i, j in step.slots:
+                args[i] = addresses[j]
+            step.fn(*args)
+            continue
         if isinstance(step, torch.Tensor):
             step.zero_()
             continue

@@ -3,7 +3,7 @@ kernel with the same arguments. CPU tests with a stand-in kernel; on a GPU, both
 import pytest
 import torch
 
-from launch_fakes import FakeCompiled, FakeKernel
+from launch_fakes import FakeCompiled, FakeDesc, FakeKernel, fake_expand
 from wan_w4a4.kernels import launch
 from wan_w4a4.kernels import numerics as nm
 
@@ -124,6 +124,43 @@ def test_with_no_hooks_a_launch_passes_none_for_their_metadata(fake_driver):
     assert not launch.hooks_idle()
     fast[(1,)](x, 3, 0.5, BLOCK=4)
     assert seen == [(None, None, None), ("metadata", hook, launch.knobs.runtime.launch_exit_hook)]
+
+
+@pytest.mark.parametrize("descs", [(), (1,), (0, 3)])
+def test_bind_gives_the_c_launcher_what_kernel_run_gives_it(monkeypatch, descs):
+    """``launch.bind``'s argument list is the one ``CudaLauncher.__call__`` (and the descriptor wrapper) passes the C
+    launcher for the same launch with no hooks: the same values in the same places, descriptors expanded in place."""
+    monkeypatch.setattr(launch, "_tensordesc_expander", lambda: fake_expand)
+    record = []
+    kernel = FakeCompiled(record, c_launcher=descs)
+    base = torch.zeros(64, 32)
+    values = [7, torch.zeros(3), 0.5, 4096, None, "constexpr"]
+    for i in descs:
+        values[i] = FakeDesc(base[8 * i:], [8, 32])
+    kernel.run(5, 2, 1, 1234, kernel.function, kernel.packed_metadata, None, None, None, *values)
+    fn, args, places = launch.bind(kernel, (5, 2), values, 1234)
+    fn(*args)
+    assert record[0] == record[1] == ("c", args) and record[0][0] == "c"
+    assert len(args) == launch.BASE_ARGS + len(values) + 4 * len(descs)  # a 2-d descriptor: map, shape, strides
+    assert [p is None for p in places] == [i in descs for i in range(len(values))]
+    assert all(args[p] is values[i] for i, p in enumerate(places) if p is not None)
+    assert args[:launch.BASE_ARGS] == (5, 2, 1, 1234, "fn", False, True, None, None, "meta", None, None, None)
+
+
+def test_bind_refuses_what_it_does_not_read_as_triton_36s_launcher(monkeypatch):
+    monkeypatch.setattr(launch, "_tensordesc_expander", lambda: fake_expand)
+    values = [torch.zeros(3), FakeDesc(torch.zeros(8, 8), [8, 8])]
+    assert launch.bind(FakeCompiled([]), (1,), values[:1], 0) is None  # a launcher with no C function to take
+    assert launch.bind(FakeCompiled([], c_launcher=()), (1,), values, 0) is None  # a descriptor not expanded
+    scratch = FakeCompiled([], c_launcher=(1,))
+    scratch.run.global_scratch_size = 128  # scratch memory is allocated per launch
+    assert launch.bind(scratch, (1,), values, 0) is None
+    python_fn = FakeCompiled([], c_launcher=(1,))
+    python_fn.run.launch = lambda *args: None  # a wrapper of another shape than Triton's ``inner``
+    assert launch.bind(python_fn, (1,), values, 0) is None
+    monkeypatch.setattr(launch, "_tensordesc_expander", lambda: None)  # Triton's driver module is not as read
+    assert launch.bind(FakeCompiled([], c_launcher=(1,)), (1,), values, 0) is None
+    assert launch.bind(FakeCompiled([], c_launcher=()), (1,), values[:1], 0) is not None  # no descriptors to encode
 
 
 def test_a_parameter_left_to_its_default_takes_tritons_path(fake_driver):

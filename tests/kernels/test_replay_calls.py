@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from launch_fakes import FakeKernel
+from launch_fakes import FakeDesc, FakeKernel, fake_expand
 from wan_w4a4.kernels import launch, replay
 from wan_w4a4.kernels import numerics as nm
 from wan_w4a4.kernels import triton_w4a4 as tw
@@ -95,6 +95,38 @@ def test_a_signed_few_token_call_is_recorded_once_then_replayed_with_the_new_add
     assert args[6:] == (64, 16)
     replay.run(x2, p2, torch.tensor(3))
     assert [r[0] for r in kernel.record] == ["triton", "direct", "direct"]
+
+
+def test_a_launch_bound_to_its_c_launcher_is_replayed_with_the_arguments_kernel_run_would_give(stand_ins,
+                                                                                                    monkeypatch):
+    """Where the compiled kernel's launcher is Triton's (``launch.bind``), the recording holds the C launcher and its
+    argument list, the workspace's TMA descriptor encoded once; a replayed call gives the C launcher exactly what
+    ``kernel.run`` gives it for the same call's addresses."""
+    _, calls = stand_ins
+    monkeypatch.setattr(launch, "_tensordesc_expander", lambda: fake_expand)
+    kernel = FakeKernel(names=("x_ptr", "y_ptr", "desc", "w_ptr", "m"), c_launcher=(2,))
+
+    def with_desc(c, p, arena, y):
+        calls["one_pass_call"] += 1
+        desc = FakeDesc(arena.get("xq"), [16, 64])
+        launch.launcher(kernel)[(3, 2)](c.x2d, y, desc, p.qweight, c.x2d.shape[0], BLOCK=16, num_warps=4)
+
+    monkeypatch.setattr(tw, "one_pass_call", with_desc)
+    p1, p2 = _layer(seed=1), _layer(seed=2)
+    replay.run(torch.randn(64, 256), p1)
+    (rec,) = replay._recordings.values()
+    (step,) = rec.steps
+    assert type(step) is replay.Direct
+    x2 = torch.randn(64, 256)
+    kernel.record.clear()
+    y2 = replay.run(x2, p2)
+    (got,) = kernel.record
+    compiled = FakeKernel(c_launcher=(2,))[(1,)]()  # a launcher of the same kind, fed by kernel.run
+    compiled.record.clear()
+    xq = tw.Arena(rec.workspace.device, tw.call_plan(x2, p2).regions, buf=rec.workspace).get("xq")
+    compiled.run(3, 2, 1, 1234, "fn", "meta", None, None, None, x2.data_ptr(), y2.data_ptr(), FakeDesc(xq, [16, 64]),
+                 p2.qweight.data_ptr(), 64, 16)
+    assert got == compiled.record[0] and calls == {"run_checked": 0, "one_pass_call": 1}
 
 
 def test_larger_calls_and_the_switch_take_run_checked(stand_ins, monkeypatch):
@@ -375,6 +407,8 @@ def test_replayed_calls_give_run_checked_bits(m, k, n, rank, bias, dtype, unsign
     (rec,) = replay._recordings.values()
     # one launch for the quantizer and expansion, or zeroing + expansion + two quantizer launches; then the GEMM
     assert rec is not None and len(rec.steps) == steps
+    # every launch bound to Triton's C launcher (launch.bind), the GEMM's TMA descriptors encoded once
+    assert all(isinstance(s, (torch.Tensor, replay.Direct)) for s in rec.steps), rec.steps
     replay.release()
 
 
