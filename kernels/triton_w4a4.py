@@ -587,6 +587,20 @@ def _quant_bk(k: int) -> int:
     return nm.GROUP * gpb
 
 
+# The one-launch quantizer (alone, or in ``_prologue_kernel``) quantizes in 512-column steps where K allows. Its
+# programs each sweep a 16-row block's whole K twice, so a call's time is one program's latency: fewer, wider steps
+# shorten it. H200, the prologue at one 480p frame's shapes, GPU time per call with 4 / 8 groups per step (50 calls
+# queued behind a sleep, L2 warm): 74.0 -> 63.0 us at 3120 x 5120 x 5120, 53.7 -> 44.3 at 1024 rows, 82.9 -> 79.3 at
+# 3120 x 5120 x 13 824; the same bits (a group's factor and values depend on that group only).
+# benchmarks/results/prologue_sweep_h200_2026-12-01_s27.log: more warps, wider statistics steps and 32-row programs
+# were slower there; 4 pipeline stages 66.4 us at the first shape and slower at the third.
+ONE_LAUNCH_GPB = 8
+
+
+def _one_launch_gpb(k: int) -> int:
+    return ONE_LAUNCH_GPB if k % (nm.GROUP * ONE_LAUNCH_GPB) == 0 else _quant_bk(k) // nm.GROUP
+
+
 # A call's transient operands come from one allocation, carved into aligned regions (``Arena``). Under the
 # cudaMallocAsync allocator that ComfyUI's main.py picks, a torch.empty took the host 5-10 us in host_cost.py and
 # 17 us inside a ComfyUI 0.33 model call with dynamic VRAM (cProfile's own time; benchmarks/RESULTS.md,
@@ -709,7 +723,8 @@ def _fused_quant_args(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tens
                 l1_ptr=p.lr_down if r else x2d, clip_ptr=p.clip, bin_ptr=bin_index, xq_ptr=out["xq"],
                 sx_ptr=out["sx"], u_ptr=out.get("u", out["sx"]), M=m, K=k, R=r, stride_xm=x2d.stride(0),
                 shift=float(p.act_shift), inv_qf=float(nm.inv_qf(p.act_unsigned)), HAS_LR=bool(r), BK=_quant_bk(k),
-                INV_S=False, BLOCK_M=plan.block_m, num_warps=4, **_quant_meta(p, k))
+                INV_S=False, BLOCK_M=plan.block_m, num_warps=4,
+                **{**_quant_meta(p, k), "GPB": _one_launch_gpb(k)})
 
 
 def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan | None = None,

@@ -214,6 +214,22 @@ def test_quantizer_plan_follows_the_measured_rule(m, k, one_launch, block_m, sta
         assert (plan.quant_rows, plan.quant_warps) == (16, 8)
 
 
+@pytest.mark.parametrize("k,gpb", [(5120, 8), (13824, 8), (1024, 8), (768, 4), (640, 2), (128, 2)])
+def test_the_one_launch_quantizer_steps_over_eight_groups_where_k_allows(k, gpb):
+    """``_fused_quant_block`` (one-launch quantizer, prologue) quantizes in steps of ``ONE_LAUNCH_GPB`` groups where K
+    is a multiple of them (measured faster, same bits: kernels/README.md, session 27), else in the two-launch
+    quantizer's steps; its K loop has no mask, so a step must divide K."""
+    from wan_w4a4.kernels import numerics as nm
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    assert tw._one_launch_gpb(k) == gpb and k % (nm.GROUP * gpb) == 0
+    p = nm.from_float(torch.randn(64, k) * 0.02, None, smooth=torch.rand(k) + 0.5, lr_down=torch.zeros(k, 0),
+                      lr_up=torch.zeros(0, 64), clip=torch.ones(1), num_bins=1)
+    x = torch.randn(3, k)
+    out = {"xq": torch.empty(3, k, dtype=torch.int8), "sx": torch.empty(3)}
+    args = tw._fused_quant_args(x, p, torch.tensor(0), tw.quant_plan(3, k, one_launch=True), out)
+    assert args["GPB"] == gpb and args["BK"] == tw._quant_bk(k)  # the statistics' steps are unchanged
+
+
 def test_a_plan_that_does_not_cover_k_is_refused():
     from wan_w4a4.kernels import triton_w4a4 as tw
     bk = tw._quant_bk(640)

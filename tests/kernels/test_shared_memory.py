@@ -101,7 +101,7 @@ def test_the_ping_pong_kernel_takes_every_rank_padding_that_fits(stages, out_dty
 def test_the_quantizer_fits_every_gpu(cc):
     """The quantizer's kernels with a tl.dot (the low-rank projection) at a folded LoRA's rank padding (128), the
     statistics kernel also with its wide programs (``quant_plan``: many tokens of K <= 8192), and the one-launch
-    quantizer joined with the weight expansion (``_prologue_kernel``)."""
+    quantizer joined with the weight expansion (``_prologue_kernel``), in its widest steps (``ONE_LAUNCH_GPB``)."""
     x = dict(x_ptr="*fp16", s_ptr="*fp32", l1_ptr="*bf16")
     stats_sig = dict(x, rmax_part_ptr="*fp32", u_part_ptr="*fp32", u_ptr="*bf16", M="i32", K="i32", R="i32", KC="i32",
                      stride_xm="i32", shift="fp32")
@@ -115,14 +115,14 @@ def test_the_quantizer_fits_every_gpu(cc):
         (tw._act_quant_fused_kernel, dict(x, clip_ptr="*fp32", bin_ptr="*i64", xq_ptr="*i8", sx_ptr="*fp32",
                                           u_ptr="*bf16", M="i32", K="i32", R="i32", stride_xm="i32", shift="fp32",
                                           inv_qf="fp32"),
-         dict(QMIN=-8, QMAX=7, FMAX=16, OFFSET=0, BLOCK_M=16, GROUP=64, GPB=4, R_PAD=128, HAS_LR=True, BK=256,
-              INV_S=False)),
+         dict(QMIN=-8, QMAX=7, FMAX=16, OFFSET=0, BLOCK_M=16, GROUP=64, GPB=tw.ONE_LAUNCH_GPB, R_PAD=128,
+              HAS_LR=True, BK=256, INV_S=False)),
         (tw._prologue_kernel, dict(x, clip_ptr="*fp32", bin_ptr="*i64", xq_ptr="*i8", sx_ptr="*fp32", u_ptr="*bf16",
                                    qw_ptr="*u8", wf_ptr="*u8", w8_ptr="*i8", wsum_ptr="*i32", M="i32", K="i32",
                                    R="i32", N="i32", stride_xm="i32", shift="fp32", inv_qf="fp32",
                                    QUANT_PROGRAMS="i32"),
-         dict(QMIN=0, QMAX=15, FMAX=16, OFFSET=128, BLOCK_M=16, GROUP=64, GPB=4, R_PAD=128, HAS_LR=True, BK=256,
-              INV_S=False, EXPAND_BN=tw.EXPAND_BN, WSUM=True)),
+         dict(QMIN=0, QMAX=15, FMAX=16, OFFSET=128, BLOCK_M=16, GROUP=64, GPB=tw.ONE_LAUNCH_GPB, R_PAD=128,
+              HAS_LR=True, BK=256, INV_S=False, EXPAND_BN=tw.EXPAND_BN, WSUM=True)),
     ]
     for kernel, sig, const in kernels:
         sig = dict(sig, **{name: "constexpr" for name in const})
