@@ -151,6 +151,15 @@ def w4a4_linear(x: torch.Tensor, params: W4A4Params, bin_index: int | torch.Tens
     return _BACKENDS[select_backend(x, params, backend)].function()(x, params, bin_index)
 
 
+def release_workspaces() -> None:
+    """Free what the Triton backend keeps between layer calls: ``replay.py``'s workspaces (up to 130 MB per stream and
+    host thread) and its recordings, which point into them (the next few-token call of each signature records
+    again). Nothing to do, and nothing imported, where no call has loaded that module."""
+    module = _imports.get("replay", (None, None))[0]
+    if module is not None:
+        module.release()
+
+
 def _rowwise_module():
     """``triton_rowwise``, or (None, why it failed to import)."""
     return _lazy("triton_rowwise")
@@ -173,4 +182,4 @@ def addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["BACKENDS", "BackendUnavailable", "ENV_VAR", "W4A4Params", "addcmul", "addcmul_reason",
-           "available_backends", "numerics", "select_backend", "w4a4_linear"]
+           "available_backends", "numerics", "release_workspaces", "select_backend", "w4a4_linear"]

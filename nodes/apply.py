@@ -27,6 +27,7 @@ import uuid
 
 import torch
 
+from .. import kernels
 from ..calibration import capture
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
@@ -211,10 +212,19 @@ def clear_folded_patches(patcher, unpatch_all=True, *args) -> None:
         lora.clear_folds(w4a4_layers(patcher).values())
 
 
-def _add_lora_callbacks(model) -> None:
+def release_kernel_workspaces(patcher, *args) -> None:
+    """ON_DETACH: when ComfyUI unloads a W4A4 model, the memory the kernels keep between its layer calls goes with it
+    (``kernels.release_workspaces``); a model still loaded records its few-token calls again on its next call."""
+    kernels.release_workspaces()
+
+
+def _add_callbacks(model) -> None:
+    """The load and unload callbacks of a W4A4 model: LoRA folding (``lora.py``) and the kernels' workspaces."""
     cb = _callbacks()
-    for kind, fn in ((cb.ON_LOAD, fold_weight_patches), (cb.ON_DETACH, clear_folded_patches)):
+    for kind in (cb.ON_LOAD, cb.ON_DETACH):
         model.remove_callbacks_with_key(kind, HOOK_KEY)
+    for kind, fn in ((cb.ON_LOAD, fold_weight_patches), (cb.ON_DETACH, clear_folded_patches),
+                     (cb.ON_DETACH, release_kernel_workspaces)):
         model.add_callback_with_key(kind, HOOK_KEY, fn)
 
 
@@ -245,7 +255,7 @@ def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
     attach_hook(m, hook)
     chunking.attach_split(m, cond_batch)
     attn.attach(m, attention)
-    _add_lora_callbacks(m)
+    _add_callbacks(m)
     m.set_attachments(ATTACHMENT, W4A4Info(meta, source, tuple(layers), "state"))
     m.size = max(0, model.model_size() - replaced + sum(layer_bytes(x) for x in modules.values()))
     m.patches_uuid = uuid.uuid4()  # see the module doc
@@ -309,7 +319,7 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: st
     attn.attach(model, attention)
     ffn.attach_inplace_gelu(model, layers)
     rowwise.attach(model)
-    _add_lora_callbacks(model)
+    _add_callbacks(model)
     model.set_attachments(ATTACHMENT, W4A4Info(meta, str(path), tuple(layers), "checkpoint"))
     if hasattr(model, "cached_patcher_init"):
         model.cached_patcher_init = (load_w4a4_checkpoint, (str(path), model_options, cond_batch, attention))

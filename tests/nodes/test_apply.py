@@ -100,6 +100,30 @@ def test_apply_again_while_another_w4a4_clone_is_loaded(env):
     assert type(base.model.diffusion_model.blocks[0].self_attn.q).__name__ == "Linear"
 
 
+def test_unloading_a_w4a4_model_frees_the_kernels_workspaces(env):
+    """ComfyUI's unload (``ModelPatcher.detach``) frees what the kernels keep between layer calls, replay.py's
+    resident workspaces and the recordings that point into them, with the model."""
+    import sys
+
+    import comfy.model_management
+    import comfy.patcher_extension as pe
+
+    model = env.node("WanW4A4ApplyState").apply(env.unet("high"), "tiny_high.safetensors")[0]
+    (release,) = [f for f in model.get_all_callbacks(pe.CallbacksMP.ON_DETACH)
+                  if f.__name__ == "release_kernel_workspaces"]
+    kernels = sys.modules[release.__module__].kernels  # the pack as ComfyUI loaded it (tests import it apart)
+    replay, why = kernels._lazy("replay")
+    if replay is None:
+        pytest.skip(why)
+    comfy.model_management.load_models_gpu([model])
+    try:
+        replay._workspaces[(0, 0, 0)] = torch.empty(256, dtype=torch.uint8)  # as a few-token call leaves them
+        replay._recordings[("a signature",)] = None
+    finally:
+        comfy.model_management.unload_all_models()
+    assert replay._workspaces == {} and replay._recordings == {}
+
+
 @pytest.mark.parametrize("steps,scheduler,shift,cfg", [
     (4, "simple", 8.0, 3.5), pytest.param(5, "beta", 5.0, 1.0, marks=pytest.mark.slow)])  # the second: W4A4 runs
 def test_hook_log_matches_sigmas(env, steps, scheduler, shift, cfg):
