@@ -167,35 +167,44 @@ def _note(kernel, grid, values) -> None:
 
 
 BASE_ARGS = 13  # what Triton 3.6's C launcher takes before the kernel's arguments (driver.py's _BASE_ARGS_FORMAT)
+_BASE_FORMAT = "iiiKKppOOOOOO"  # grid, stream, function, cooperative and PDL flags, scratch, metadata, hooks
 
 
-def _tensordesc_expander():
-    """Triton 3.6's ``make_tensordesc_arg``: a host TMA descriptor as the C launcher's arguments (the encoded
-    ``CUtensorMap``, then shape and strides), or None where that module or its constant is not as read."""
+@functools.lru_cache(maxsize=1)
+def _triton_nvidia() -> tuple | None:
+    """(Triton 3.6's ``CudaLauncher`` class, its ``make_tensordesc_arg``), or None where Triton's NVIDIA driver module
+    is absent or its launcher's leading arguments are not as read (``bind`` then binds nothing)."""
     try:
         from triton.backends.nvidia import driver as nvidia
     except ImportError:
         return None
-    if getattr(nvidia, "_BASE_ARGS_FORMAT_LEN", None) != BASE_ARGS:
+    if getattr(nvidia, "_BASE_ARGS_FORMAT", None) != _BASE_FORMAT or len(_BASE_FORMAT) != BASE_ARGS:
         return None
-    return getattr(nvidia, "make_tensordesc_arg", None)
+    cls, expand = getattr(nvidia, "CudaLauncher", None), getattr(nvidia, "make_tensordesc_arg", None)
+    return None if cls is None or expand is None else (cls, expand)
 
 
-def bind(kernel, grid, values, stream, expand=None) -> tuple | None:
+def bind(kernel, grid, values, stream) -> tuple | None:
     """A launch of compiled ``kernel`` as a call of its C launcher: (the launcher, its whole argument list, where
     each of ``values`` lands in that list: None for a TMA descriptor, which is encoded here, once). None where the
     compiled kernel's launcher is not Triton 3.6's ``CudaLauncher`` as read, or needs scratch memory per launch
     (then ``kernel.run`` must launch it).
 
     Why: ``CudaLauncher.__call__`` and the wrapper Triton puts around a launcher with TMA descriptor parameters
-    (``wrap_handle_tensordesc``) are Python run per launch; the wrapper also encodes each descriptor anew
-    (``cuTensorMapEncodeTiled``). For a launch whose descriptors describe memory that stays where it is (the
-    replay workspace, ``replay.py``) the encoded descriptor is the same every time. The arguments are those
-    ``CudaLauncher.__call__`` gives the launcher with no hooks (``hooks_idle``) and no scratch memory, so the same
-    compiled kernel gets the same arguments."""
+    (``wrap_handle_tensordesc``) are Python run per launch, and the wrapper encodes each descriptor anew. On the
+    H200 a replayed GEMM launch took 11.7 us of host time that way and the prologue's 6.1 us; bound, 4.5 and 4.6 us
+    (benchmarks/results/hostparts_h200_2026-12-01_s27.log, kernels/README.md session 27). For a launch whose
+    descriptors describe memory that stays where it is (the replay workspace, ``replay.py``) the encoded descriptor
+    is the same every time. The arguments are those ``CudaLauncher.__call__`` gives the launcher with no hooks
+    (``hooks_idle``) and no scratch memory, so the same compiled kernel gets the same arguments."""
+    nvidia = _triton_nvidia()
     run = getattr(kernel, "run", None)
+    if nvidia is None or not isinstance(run, nvidia[0]):
+        return None
     fn = getattr(run, "launch", None)
-    if fn is None or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+    flags = [getattr(run, name, None) for name in ("launch_cooperative_grid", "launch_pdl")]
+    if (fn is None or None in flags or getattr(run, "global_scratch_size", 1)
+            or getattr(run, "profile_scratch_size", 1)):
         return None
     descs, meta = frozenset(), ()
     code = getattr(fn, "__code__", None)
@@ -204,12 +213,9 @@ def bind(kernel, grid, values, stream, expand=None) -> tuple | None:
         fn, descs, meta = cells.get("launcher"), cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
         if fn is None or getattr(fn, "__code__", None) is not None or descs is None or meta is None:
             return None
-        expand = expand or _tensordesc_expander()
-        if expand is None:
-            return None
+    expand = nvidia[1]
     g = (*grid, 1, 1)
-    args = [g[0], g[1], g[2], stream, kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
-            kernel.packed_metadata, None, None, None]
+    args = [g[0], g[1], g[2], stream, kernel.function, *flags, None, None, kernel.packed_metadata, None, None, None]
     places = []
     for i, v in enumerate(values):
         if i in descs:

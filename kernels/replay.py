@@ -87,7 +87,9 @@ class Replay(NamedTuple):
 
 _recordings: dict = {}  # signature -> Replay, or None: run_checked serves it
 _workspaces: dict = {}  # (device, stream, host thread) -> uint8 tensor
-_lock = threading.Lock()  # held while a recording is made and stored (replays only read the dict)
+# Held while a recording is made and stored (replays only read the dict). Re-entrant: an unload may run in the same
+# thread while a recording is made (a model dropped by the garbage collector), and release() must not wait on itself.
+_lock = threading.RLock()
 
 
 def enabled() -> bool:

@@ -692,11 +692,12 @@ def weight_regions(n: int, k: int, with_sum: bool) -> Regions:
     return {"w8": ((n, k), torch.int8), **({"wsum": ((n,), torch.int32)} if with_sum else {})}
 
 
-def _quant_meta(p: nm.W4A4Params, k: int) -> dict:
-    """The quantizing launches' constexpr arguments and options for layer ``p`` (K = ``k``)."""
+def _quant_meta(p: nm.W4A4Params, k: int, gpb: int | None = None) -> dict:
+    """The quantizing launches' constexpr arguments and options for layer ``p`` (K = ``k``); ``gpb``: groups per
+    quantizing step (default: the two-launch quantizer's, ``_quant_bk``)."""
     qmin, qmax, fmax = nm.UNSIGNED if p.act_unsigned else nm.SIGNED
     return dict(QMIN=qmin, QMAX=qmax, FMAX=fmax, OFFSET=nm.act_offset(p.act_unsigned), GROUP=nm.GROUP,
-                GPB=_quant_bk(k) // nm.GROUP, R_PAD=_rank_pad(p.rank),
+                GPB=gpb or _quant_bk(k) // nm.GROUP, R_PAD=_rank_pad(p.rank),
                 # No fma contraction: round(v * inv) must round the product before the rounding
                 # trick adds 1.5 * 2**23, as torch does; fused, about one value in a few million
                 # lands on the other side of a tie (seen at 17000 x 256).
@@ -723,8 +724,7 @@ def _fused_quant_args(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tens
                 l1_ptr=p.lr_down if r else x2d, clip_ptr=p.clip, bin_ptr=bin_index, xq_ptr=out["xq"],
                 sx_ptr=out["sx"], u_ptr=out.get("u", out["sx"]), M=m, K=k, R=r, stride_xm=x2d.stride(0),
                 shift=float(p.act_shift), inv_qf=float(nm.inv_qf(p.act_unsigned)), HAS_LR=bool(r), BK=_quant_bk(k),
-                INV_S=False, BLOCK_M=plan.block_m, num_warps=4,
-                **{**_quant_meta(p, k), "GPB": _one_launch_gpb(k)})
+                INV_S=False, BLOCK_M=plan.block_m, num_warps=4, **_quant_meta(p, k, _one_launch_gpb(k)))
 
 
 def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan: QuantPlan | None = None,

@@ -9,9 +9,10 @@
   quantized layers never exist in memory.
 - ``checkpoint_tensors(model)``: what ``Save W4A4 checkpoint`` writes.
 
-Both kinds of W4A4 model carry two keyed ModelPatcher callbacks (key ``hook.HOOK_KEY``) that let
-ComfyUI's LoRA nodes reach the W4A4 layers: ON_LOAD folds the loading patcher's LoRA patches into the
-layers' low-rank branch, ON_DETACH drops them again (``lora.py``).
+Both kinds of W4A4 model carry three keyed ModelPatcher callbacks (key ``hook.HOOK_KEY``). Two let ComfyUI's
+LoRA nodes reach the W4A4 layers: ON_LOAD folds the loading patcher's LoRA patches into the layers' low-rank
+branch, ON_DETACH drops them again (``lora.py``). A second ON_DETACH frees the kernels' replay workspaces when
+ComfyUI unloads the model (``kernels.release_workspaces``).
 
 The patched clone gets a fresh ``patches_uuid``: when it replaces a loaded clone of the same BF16
 model on the GPU (or the other way round), ComfyUI then unloads and reloads the weights instead of
@@ -212,10 +213,14 @@ def clear_folded_patches(patcher, unpatch_all=True, *args) -> None:
         lora.clear_folds(w4a4_layers(patcher).values())
 
 
-def release_kernel_workspaces(patcher, *args) -> None:
+def release_kernel_workspaces(patcher, unpatch_all=True, *args) -> None:
     """ON_DETACH: when ComfyUI unloads a W4A4 model, the memory the kernels keep between its layer calls goes with it
-    (``kernels.release_workspaces``); a model still loaded records its few-token calls again on its next call."""
-    kernels.release_workspaces()
+    (``kernels.release_workspaces``); a model still loaded records its few-token calls again on its next call.
+    Only on an unload: ``LoadedModel.model_unload`` detaches with ``unpatch_all`` True, while a clone that is dropped
+    (``ModelPatcher.__del__``) or replaced by another clone of its model detaches with False, and the loaded model's
+    workspaces are still in use then."""
+    if unpatch_all:
+        kernels.release_workspaces()
 
 
 def _add_callbacks(model) -> None:

@@ -221,7 +221,9 @@ def test_the_one_launch_quantizer_steps_over_eight_groups_where_k_allows(k, gpb)
     quantizer's steps; its K loop has no mask, so a step must divide K."""
     from wan_w4a4.kernels import numerics as nm
     from wan_w4a4.kernels import triton_w4a4 as tw
-    assert tw._one_launch_gpb(k) == gpb and k % (nm.GROUP * gpb) == 0
+    assert tw._one_launch_gpb(k) == gpb
+    for kk in range(nm.PACK_TILE, 16384 + 1, nm.PACK_TILE):  # every K the layout allows, up to 16 384
+        assert kk % (nm.GROUP * tw._one_launch_gpb(kk)) == 0, kk
     p = nm.from_float(torch.randn(64, k) * 0.02, None, smooth=torch.rand(k) + 0.5, lr_down=torch.zeros(k, 0),
                       lr_up=torch.zeros(0, 64), clip=torch.ones(1), num_bins=1)
     x = torch.randn(3, k)

@@ -3,7 +3,7 @@ kernel with the same arguments. CPU tests with a stand-in kernel; on a GPU, both
 import pytest
 import torch
 
-from launch_fakes import FakeCompiled, FakeDesc, FakeKernel, fake_expand
+from launch_fakes import FakeCompiled, FakeCudaLauncher, FakeDesc, FakeKernel, fake_expand
 from wan_w4a4.kernels import launch
 from wan_w4a4.kernels import numerics as nm
 
@@ -130,7 +130,7 @@ def test_with_no_hooks_a_launch_passes_none_for_their_metadata(fake_driver):
 def test_bind_gives_the_c_launcher_what_kernel_run_gives_it(monkeypatch, descs):
     """``launch.bind``'s argument list is the one ``CudaLauncher.__call__`` (and the descriptor wrapper) passes the C
     launcher for the same launch with no hooks: the same values in the same places, descriptors expanded in place."""
-    monkeypatch.setattr(launch, "_tensordesc_expander", lambda: fake_expand)
+    monkeypatch.setattr(launch, "_triton_nvidia", lambda: (FakeCudaLauncher, fake_expand))
     record = []
     kernel = FakeCompiled(record, c_launcher=descs)
     base = torch.zeros(64, 32)
@@ -148,19 +148,54 @@ def test_bind_gives_the_c_launcher_what_kernel_run_gives_it(monkeypatch, descs):
 
 
 def test_bind_refuses_what_it_does_not_read_as_triton_36s_launcher(monkeypatch):
-    monkeypatch.setattr(launch, "_tensordesc_expander", lambda: fake_expand)
+    monkeypatch.setattr(launch, "_triton_nvidia", lambda: (FakeCudaLauncher, fake_expand))
     values = [torch.zeros(3), FakeDesc(torch.zeros(8, 8), [8, 8])]
     assert launch.bind(FakeCompiled([]), (1,), values[:1], 0) is None  # a launcher with no C function to take
     assert launch.bind(FakeCompiled([], c_launcher=()), (1,), values, 0) is None  # a descriptor not expanded
     scratch = FakeCompiled([], c_launcher=(1,))
     scratch.run.global_scratch_size = 128  # scratch memory is allocated per launch
     assert launch.bind(scratch, (1,), values, 0) is None
+    no_flags = FakeCompiled([], c_launcher=())
+    del no_flags.run.launch_pdl  # a launcher of another shape than CudaLauncher
+    assert launch.bind(no_flags, (1,), values[:1], 0) is None
     python_fn = FakeCompiled([], c_launcher=(1,))
     python_fn.run.launch = lambda *args: None  # a wrapper of another shape than Triton's ``inner``
     assert launch.bind(python_fn, (1,), values, 0) is None
-    monkeypatch.setattr(launch, "_tensordesc_expander", lambda: None)  # Triton's driver module is not as read
-    assert launch.bind(FakeCompiled([], c_launcher=(1,)), (1,), values, 0) is None
+    profile = FakeCompiled([], c_launcher=())
+    profile.run.profile_scratch_size = 64
+    assert launch.bind(profile, (1,), values[:1], 0) is None
     assert launch.bind(FakeCompiled([], c_launcher=()), (1,), values[:1], 0) is not None  # no descriptors to encode
+    monkeypatch.setattr(launch, "_triton_nvidia", lambda: None)  # Triton's NVIDIA driver module is not as read
+    assert launch.bind(FakeCompiled([], c_launcher=()), (1,), values[:1], 0) is None
+    monkeypatch.setattr(launch, "_triton_nvidia", lambda: (type("OtherLauncher", (), {}), fake_expand))
+    assert launch.bind(FakeCompiled([], c_launcher=()), (1,), values[:1], 0) is None  # another backend's launcher
+
+
+def test_bind_gives_what_tritons_own_launcher_code_gives_its_c_function():
+    """Against Triton 3.6's own Python (``CudaLauncher.__call__`` and ``wrap_handle_tensordesc``, on the CPU where a
+    Triton wheel is installed), with a stand-in for the compiled C function: ``bind``'s argument list is the one that
+    code passes, a host TMA descriptor expanded in its place (without the encoding metadata, which needs a GPU)."""
+    nvidia = pytest.importorskip("triton.backends.nvidia.driver", reason="Triton is not installed")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from launch_fakes import FakeCFunction
+    if launch._triton_nvidia() is None:
+        pytest.skip("this Triton's launcher is not the one bind reads")
+    record = []
+    signature = {"x_ptr": "*fp16", "desc": "tensordesc<int8[16, 64]>", "n": "i32", "BLOCK": "constexpr"}
+    run = object.__new__(nvidia.CudaLauncher)  # its attributes as CudaLauncher.__init__ sets them, no compile
+    run.launch = nvidia.wrap_handle_tensordesc(FakeCFunction(record), signature, None)
+    run.global_scratch_size = run.profile_scratch_size = 0
+    run.global_scratch_align = run.profile_scratch_align = 1
+    run.launch_cooperative_grid, run.launch_pdl, run.num_ctas = False, True, 1
+    kernel = type("Compiled", (), {"run": run, "function": 77, "packed_metadata": (4, 1, 0)})()
+    desc = TensorDescriptor.from_tensor(torch.zeros(64, 64, dtype=torch.int8), [16, 64])
+    values = [123456, desc, 3120, 16]
+    run(2, 3, 1, 99, kernel.function, kernel.packed_metadata, None, None, None, *values)
+    fn, args, places = launch.bind(kernel, (2, 3), values, 99)
+    fn(*args)
+    assert record[0] == record[1] and record[0][0] == "c"
+    assert places[1] is None and [args[p] for p in (places[0], places[2], places[3])] == [123456, 3120, 16]
 
 
 def test_a_parameter_left_to_its_default_takes_tritons_path(fake_driver):

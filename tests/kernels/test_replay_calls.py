@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from launch_fakes import FakeDesc, FakeKernel, fake_expand
+from launch_fakes import FakeCudaLauncher, FakeDesc, FakeKernel, fake_expand
 from wan_w4a4.kernels import launch, replay
 from wan_w4a4.kernels import numerics as nm
 from wan_w4a4.kernels import triton_w4a4 as tw
@@ -103,7 +103,7 @@ def test_a_launch_bound_to_its_c_launcher_is_replayed_with_the_arguments_kernel_
     argument list, the workspace's TMA descriptor encoded once; a replayed call gives the C launcher exactly what
     ``kernel.run`` gives it for the same call's addresses."""
     _, calls = stand_ins
-    monkeypatch.setattr(launch, "_tensordesc_expander", lambda: fake_expand)
+    monkeypatch.setattr(launch, "_triton_nvidia", lambda: (FakeCudaLauncher, fake_expand))
     kernel = FakeKernel(names=("x_ptr", "y_ptr", "desc", "w_ptr", "m"), c_launcher=(2,))
 
     def with_desc(c, p, arena, y):
@@ -186,6 +186,24 @@ def test_a_call_it_does_not_replay_allocates_nothing_beside_run_checked(stand_in
     for _ in range(2):
         replay.run(torch.randn(tw.ONE_LAUNCH_MAX_ROWS + 1, 256), _layer())
     assert calls["run_checked"] == 2 and made == []
+
+
+def test_release_in_a_thread_that_holds_the_recording_lock_does_not_wait_on_itself(monkeypatch):
+    """A model the garbage collector drops while this thread makes a recording can reach ``release`` (through
+    ComfyUI's unload callbacks): the lock is re-entrant, so that call returns."""
+    done = []
+
+    def body():
+        with replay._lock:
+            replay.release()
+            done.append(True)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(10)
+    if not done:  # the thread waits on itself and holds the lock: give the other tests a new one
+        monkeypatch.setattr(replay, "_lock", threading.RLock())
+    assert done
 
 
 def test_a_profilers_hook_takes_run_checked(stand_ins):

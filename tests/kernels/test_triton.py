@@ -23,6 +23,8 @@ from wan_w4a4.kernels import triton_w4a4 as tw  # noqa: E402  (after the skip: n
 DEV = "cuda"
 # Wan2.2 shapes scaled down by 20 / 27 (dim 5120 -> 256, ffn 13824 -> 640): K, N multiples of 128.
 SHAPES = [(256, 256), (256, 640), (640, 256)]
+# Where the one-launch quantizer takes its widest steps (ONE_LAUNCH_GPB groups: K a multiple of 512, as Wan's 5120).
+WIDE_STEPS = [(1024, 256)]
 
 
 def make_layer(k, n, *, rank=32, bins=3, unsigned=False, seed=0):
@@ -69,7 +71,7 @@ def plans(m, k):
     return out
 
 
-@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("k,n", SHAPES + WIDE_STEPS)
 @pytest.mark.parametrize("m", [1, 37, 300, 1000, 17000])
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_quantize_kernel_is_bit_exact(m, k, n, unsigned):
@@ -90,7 +92,7 @@ def test_quantize_kernel_is_bit_exact(m, k, n, unsigned):
             assert (u.float() - u_ref).abs().max() <= 1e-2 * u_ref.abs().max() + 1e-3, name
 
 
-@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("k,n", SHAPES + WIDE_STEPS)
 @pytest.mark.parametrize("m", [1, 37, 300, 1000, 3120])
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("rank", [0, 32])

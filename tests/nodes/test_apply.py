@@ -124,6 +124,39 @@ def test_unloading_a_w4a4_model_frees_the_kernels_workspaces(env):
     assert replay._workspaces == {} and replay._recordings == {}
 
 
+def test_a_dropped_w4a4_clone_leaves_the_loaded_models_workspaces(env):
+    """A clone dropped while another is loaded (``ModelPatcher.__del__`` detaches it with ``unpatch_all`` False)
+    frees nothing: the loaded model's calls still use the workspaces. The unload does."""
+    import gc
+    import sys
+
+    import comfy.model_management
+    import comfy.patcher_extension as pe
+
+    base = env.unet("high")
+    apply = env.node("WanW4A4ApplyState").apply
+    model, dropped = apply(base, "tiny_high.safetensors")[0], apply(base, "tiny_high.safetensors")[0]
+    (release,) = [f for f in model.get_all_callbacks(pe.CallbacksMP.ON_DETACH)
+                  if f.__name__ == "release_kernel_workspaces"]
+    kernels = sys.modules[release.__module__].kernels
+    replay, why = kernels._lazy("replay")
+    if replay is None:
+        pytest.skip(why)
+    comfy.model_management.load_models_gpu([model])
+    try:
+        replay._workspaces[(0, 0, 0)] = torch.empty(256, dtype=torch.uint8)
+        detached = []
+        dropped.add_callback(pe.CallbacksMP.ON_DETACH,
+                             lambda patcher, unpatch_all=True, *a: detached.append(unpatch_all))
+        del dropped
+        gc.collect()
+        assert detached == [False]  # it was detached, as a dropped clone
+        assert list(replay._workspaces) == [(0, 0, 0)]
+    finally:
+        comfy.model_management.unload_all_models()
+    assert replay._workspaces == {}
+
+
 @pytest.mark.parametrize("steps,scheduler,shift,cfg", [
     (4, "simple", 8.0, 3.5), pytest.param(5, "beta", 5.0, 1.0, marks=pytest.mark.slow)])  # the second: W4A4 runs
 def test_hook_log_matches_sigmas(env, steps, scheduler, shift, cfg):
