@@ -166,8 +166,10 @@ def _note(kernel, grid, values) -> None:
         recorded.append(None if kernel is None else Recorded(kernel, tuple(grid), values))
 
 
-BASE_ARGS = 13  # what Triton 3.6's C launcher takes before the kernel's arguments (driver.py's _BASE_ARGS_FORMAT)
-_BASE_FORMAT = "iiiKKppOOOOOO"  # grid, stream, function, cooperative and PDL flags, scratch, metadata, hooks
+# What Triton 3.6's C launcher takes before the kernel's arguments (driver.py's _BASE_ARGS_FORMAT): grid, stream,
+# function, cooperative and PDL flags, two scratch buffers, packed and launch metadata, two hooks.
+_BASE_FORMAT = "iiiKKppOOOOOO"
+BASE_ARGS = len(_BASE_FORMAT)
 
 
 @functools.lru_cache(maxsize=1)
@@ -178,7 +180,7 @@ def _triton_nvidia() -> tuple | None:
         from triton.backends.nvidia import driver as nvidia
     except ImportError:
         return None
-    if getattr(nvidia, "_BASE_ARGS_FORMAT", None) != _BASE_FORMAT or len(_BASE_FORMAT) != BASE_ARGS:
+    if getattr(nvidia, "_BASE_ARGS_FORMAT", None) != _BASE_FORMAT:
         return None
     cls, expand = getattr(nvidia, "CudaLauncher", None), getattr(nvidia, "make_tensordesc_arg", None)
     return None if cls is None or expand is None else (cls, expand)
@@ -218,8 +220,8 @@ def bind(kernel, grid, values, stream) -> tuple | None:
     args = [g[0], g[1], g[2], stream, kernel.function, *flags, None, None, kernel.packed_metadata, None, None, None]
     places = []
     for i, v in enumerate(values):
-        if i in descs:
-            args.extend(expand(v, meta[len([d for d in descs if d < i])]))
+        if i in descs:  # meta holds the descriptors' encodings in argument order
+            args.extend(expand(v, meta[places.count(None)]))
             places.append(None)
         elif hasattr(v, "block_shape"):  # a descriptor the launcher does not expand: not as read
             return None

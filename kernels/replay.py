@@ -60,26 +60,18 @@ FIELDS = ("qweight", "wscale", "wfactor", "smooth", "lr_down", "lr_up", "clip", 
 SOURCES = ("x", "y", "bin", *FIELDS)  # a call's own tensors, in the order of ``sources``
 
 
-class Launch(NamedTuple):
-    """One recorded launch: ``values`` its arguments with addresses for workspace tensors, ``slots`` the
-    (argument index, index in SOURCES) to fill per call."""
-    kernel: object
-    grid: tuple
-    values: tuple
-    slots: tuple
-
-
-class Direct(NamedTuple):
-    """One recorded launch bound to its kernel's C launcher (``launch.bind``): ``args`` the launcher's whole
-    argument list (stream and workspace addresses fixed, TMA descriptors encoded once), ``slots`` the (place in
-    ``args``, index in SOURCES) to fill per call."""
+class Call(NamedTuple):
+    """One recorded launch as a call ``fn(*args)``: the kernel's C launcher with its whole argument list where
+    ``launch.bind`` binds it (stream and workspace addresses fixed, TMA descriptors encoded once), else the compiled
+    kernel's ``run`` with what ``launch.Launcher`` passes it. ``slots``: the (place in ``args``, index in SOURCES) to
+    fill per call."""
     fn: object
     args: tuple
     slots: tuple
 
 
 class Replay(NamedTuple):
-    steps: tuple  # Direct or Launch, or a workspace tensor to zero
+    steps: tuple  # Call, or a workspace tensor to zero
     used: tuple  # indices in SOURCES of the tensors the launches take
     workspace: torch.Tensor  # kept alive with the recording that points into it
     cuda: bool  # whether it was recorded on a GPU (the CPU tests record stand-in kernels)
@@ -197,17 +189,19 @@ def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> 
         grid = (*r.grid, 1, 1)[:3]
         bound = launch.bind(r.kernel, grid, values, where[1])
         if bound is None:
-            steps.append(Launch(r.kernel, grid, values, slots))
+            k = r.kernel  # its run, as launch.Launcher calls it with no hooks set (run() checks launch.hooks_idle)
+            head = (*grid, where[1], k.function, k.packed_metadata, None, None, None)
+            steps.append(Call(k.run, (*head, *values), tuple((len(head) + i, j) for i, j in slots)))
         else:
             fn, args, places = bound
-            steps.append(Direct(fn, args, tuple((places[i], j) for i, j in slots)))
+            steps.append(Call(fn, args, tuple((places[i], j) for i, j in slots)))
     used = tuple(sorted({j for r in steps if not isinstance(r, torch.Tensor) for _, j in r.slots}))
     if any(own[j].data_ptr() % launch.ALIGN for j in used):  # compiled for a misaligned input: not what _replay
         return None  # issues (the input's alignment is in the signature; run() sends other tensors' elsewhere)
     return Replay(tuple(steps), used, ws, ws.is_cuda)
 
 
-def _replay(rec: Replay, own: tuple, stream: int) -> bool:
+def _replay(rec: Replay, own: tuple) -> bool:
     """Issue the recorded launches with the addresses of ``own``; False (nothing issued) if one is misaligned or not
     on a GPU (``run_checked`` then runs the call, and Triton's launcher reports a host tensor)."""
     addresses = [0] * len(SOURCES)
@@ -217,21 +211,13 @@ def _replay(rec: Replay, own: tuple, stream: int) -> bool:
         if a % launch.ALIGN or t.is_cuda != rec.cuda:  # the kernels were compiled for aligned tensors
             return False
     for step in rec.steps:
-        if type(step) is Direct:
-            args = list(step.args)
-            for i, j in step.slots:
-                args[i] = addresses[j]
-            step.fn(*args)
-            continue
         if isinstance(step, torch.Tensor):
             step.zero_()
             continue
-        kernel, grid, values, slots = step
-        args = list(values)
-        for i, j in slots:
+        args = list(step.args)
+        for i, j in step.slots:
             args[i] = addresses[j]
-        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
-                   *args)
+        step.fn(*args)
     return True
 
 
@@ -266,6 +252,6 @@ def run(x: torch.Tensor, p: nm.W4A4Params, bin_index=0) -> torch.Tensor:
             _recordings[sig] = _record(c, p, y, where)
         return y.reshape(*x.shape[:-1], n)
     y = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=device)
-    if not _replay(rec, sources(x2d, y, bin_index, p), stream):
+    if not _replay(rec, sources(x2d, y, bin_index, p)):
         return tw.run_checked(x, p, bin_index)
     return y.reshape(*x.shape[:-1], n)

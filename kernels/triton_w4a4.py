@@ -588,12 +588,13 @@ def _quant_bk(k: int) -> int:
 
 
 # The one-launch quantizer (alone, or in ``_prologue_kernel``) quantizes in 512-column steps where K allows. Its
-# programs each sweep a 16-row block's whole K twice, so a call's time is one program's latency: fewer, wider steps
-# shorten it. H200, the prologue at one 480p frame's shapes, GPU time per call with 4 / 8 groups per step (50 calls
-# queued behind a sleep, L2 warm): 74.0 -> 63.0 us at 3120 x 5120 x 5120, 53.7 -> 44.3 at 1024 rows, 82.9 -> 79.3 at
-# 3120 x 5120 x 13 824; the same bits (a group's factor and values depend on that group only).
-# benchmarks/results/prologue_sweep_h200_2026-12-01_s27.log: more warps, wider statistics steps and 32-row programs
-# were slower there; 4 pipeline stages 66.4 us at the first shape and slower at the third.
+# programs each sweep a 16-row block's whole K twice; the timings fit a call that lasts one program's latency, which
+# fewer, wider steps shorten (not measured directly). H200, the prologue at one 480p frame's shapes, GPU time per
+# call with 4 / 8 groups per step (50 calls queued behind a sleep, L2 warm): 74.0 -> 63.0 us at 3120 x 5120 x 5120,
+# 53.7 -> 44.3 at 1024 rows, 82.9 -> 79.3 at 3120 x 5120 x 13 824; the same bits (a group's factor and values depend
+# on that group only). benchmarks/results/prologue_sweep_h200_2026-12-01_s27.log: more warps, wider statistics steps
+# and 32-row programs (with 8 warps) were slower there; 4 pipeline stages 66.4 us at the first shape and slower at
+# the third.
 ONE_LAUNCH_GPB = 8
 
 
