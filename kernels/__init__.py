@@ -160,6 +160,27 @@ def release_workspaces() -> None:
         module.release()
 
 
+def capture_ready(device: torch.device) -> bool:
+    """Whether few-token Triton calls on ``device`` can be captured in a CUDA graph now: they are replayed from
+    integer addresses (``replay.capturable``). Imports Triton only for a CUDA device."""
+    if device.type != "cuda" or _triton_device_reason(device) is not None:
+        return False
+    module, _ = _lazy("replay")
+    return module is not None and module.capturable()
+
+
+def held_workspaces() -> tuple[torch.Tensor, ...]:
+    """The workspaces replayed calls write into now (``replay.workspaces``); empty where none was made."""
+    module = _imports.get("replay", (None, None))[0]
+    return module.workspaces() if module is not None else ()
+
+
+def recordings_dropped() -> int:
+    """How many replay recordings have been forgotten so far (``replay.dropped``); 0 where none was made."""
+    module = _imports.get("replay", (None, None))[0]
+    return module.dropped() if module is not None else 0
+
+
 def _rowwise_module():
     """``triton_rowwise``, or (None, why it failed to import)."""
     return _lazy("triton_rowwise")
@@ -182,4 +203,5 @@ def addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["BACKENDS", "BackendUnavailable", "ENV_VAR", "W4A4Params", "addcmul", "addcmul_reason",
-           "available_backends", "numerics", "release_workspaces", "select_backend", "w4a4_linear"]
+           "available_backends", "capture_ready", "held_workspaces", "numerics", "recordings_dropped",
+           "release_workspaces", "select_backend", "w4a4_linear"]

@@ -79,6 +79,7 @@ class Replay(NamedTuple):
 
 _recordings: dict = {}  # signature -> Replay, or None: run_checked serves it
 _workspaces: dict = {}  # (device, stream, host thread) -> uint8 tensor
+_dropped = 0  # recordings forgotten so far (``dropped``)
 # Held while a recording is made and stored (replays only read the dict). Re-entrant: an unload may run in the same
 # thread while a recording is made (a model dropped by the garbage collector), and release() must not wait on itself.
 _lock = threading.RLock()
@@ -91,9 +92,33 @@ def enabled() -> bool:
 
 def release() -> None:
     """Forget every recording and free the workspaces (the next call of each signature records again)."""
+    global _dropped
     with _lock:
+        _dropped += sum(r is not None for r in _recordings.values())
         _recordings.clear()
         _workspaces.clear()
+
+
+def dropped() -> int:
+    """How many recordings have been forgotten so far: a stream's first calls outgrow its workspace (each larger one
+    forgets the recordings in the smaller), one stream gives way to another, or ``release``. A recording forgotten
+    is made again on its signature's next call, which Triton launches with tensors."""
+    return _dropped
+
+
+def workspaces() -> tuple[torch.Tensor, ...]:
+    """The workspaces that recordings point into now (a CUDA graph that captured replayed calls holds these, so that
+    memory is not given to anything else while the graph may replay; ``nodes/graphs.py``)."""
+    with _lock:
+        return tuple(_workspaces.values())
+
+
+def capturable() -> bool:
+    """Whether a call replayed now launches from integer addresses only: replay is on and no profiler's launch hooks
+    are set (``run``). Triton's launcher checks each tensor argument's pointer with the driver, which fails for memory
+    that cudaMallocAsync hands out inside a CUDA graph capture (``kernels/README.md``, session 24); an integer is
+    passed as it is."""
+    return enabled() and launch.hooks_idle()
 
 
 def layer_tensors(p: nm.W4A4Params) -> tuple:
@@ -149,8 +174,11 @@ MAX_WORKSPACES = 4  # (stream, thread)s with a workspace at once; the least rece
 
 def _forget(ws: torch.Tensor) -> None:
     """Drop the recordings that point into workspace ``ws``."""
-    for sig in [s for s, r in _recordings.items() if r is not None and r.workspace is ws]:
+    global _dropped
+    gone = [s for s, r in _recordings.items() if r is not None and r.workspace is ws]
+    for sig in gone:
         del _recordings[sig]
+    _dropped += len(gone)
 
 
 def _workspace(device: torch.device, where: tuple, nbytes: int) -> torch.Tensor:

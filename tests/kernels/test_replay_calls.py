@@ -208,9 +208,11 @@ def test_release_in_a_thread_that_holds_the_recording_lock_does_not_wait_on_itse
 
 def test_a_profilers_hook_takes_run_checked(stand_ins):
     kernel, calls = stand_ins
+    assert replay.capturable()
     launch.knobs.runtime.launch_enter_hook = print
     replay.run(torch.randn(16, 256), _layer())
     assert calls == {"run_checked": 1, "one_pass_call": 0}
+    assert not replay.capturable()  # Triton's launcher with tensors: not inside a capture (nodes/graphs.py)
 
 
 def test_a_call_with_a_foreign_tensor_or_a_misaligned_input_is_not_replayed(stand_ins, monkeypatch):
@@ -310,9 +312,12 @@ def test_a_larger_workspace_forgets_the_recordings_that_point_into_the_old_one(s
     p = _layer()
     replay.run(torch.randn(16, 256), p)
     small = dict(replay._recordings)
+    dropped = replay.dropped()
     replay.run(torch.randn(2048, 256), p)  # more rows: a larger workspace
     assert calls["one_pass_call"] == 2
     assert not set(small) & set(replay._recordings)
+    assert replay.dropped() == dropped + 1  # counted: nodes/graphs.py runs eagerly until nothing is forgotten
+    assert replay.workspaces() == tuple(replay._workspaces.values()) and len(replay.workspaces()) == 1
     replay.run(torch.randn(16, 256), p)  # recorded again, into the new workspace
     assert calls["one_pass_call"] == 3 and len(replay._recordings) == 2
     assert len({id(r.workspace) for r in replay._recordings.values()}) == 1
@@ -328,6 +333,9 @@ def test_at_most_max_workspaces_streams_keep_a_workspace(stand_ins, monkeypatch)
         replay.run(torch.randn(16, 256), p)
     assert [key[1] for key in replay._workspaces] == [3, 4, 5, 6]  # the first two gave way, with their recordings
     assert len(replay._recordings) == replay.MAX_WORKSPACES
+    dropped = replay.dropped()
+    replay.release()
+    assert replay.dropped() == dropped + replay.MAX_WORKSPACES and replay.workspaces() == ()
     assert {id(r.workspace) for r in replay._recordings.values()} == {id(w) for w in replay._workspaces.values()}
 
 
@@ -453,3 +461,16 @@ def test_calls_it_does_not_replay_give_run_checked_bits_too():
     recorded = [r is not None for r in replay._recordings.values()]
     assert recorded.count(True) == 2  # the 300-row calls, on both streams; not 5000 rows, nor a misaligned input
     replay.release()
+
+
+def test_the_dispatchers_entry_points_read_the_replay_state(stand_ins):
+    """``kernels.capture_ready``, ``held_workspaces`` and ``recordings_dropped``: what nodes/graphs.py reads."""
+    import wan_w4a4.kernels as kernels
+
+    assert kernels._lazy("replay")[0] is replay
+    assert not kernels.capture_ready(torch.device("cpu"))
+    replay.run(torch.randn(16, 256), _layer())
+    assert kernels.held_workspaces() == replay.workspaces() != ()
+    dropped = kernels.recordings_dropped()
+    replay.release()
+    assert kernels.recordings_dropped() == dropped + 1 and kernels.held_workspaces() == ()
