@@ -11,8 +11,9 @@
 
 Both kinds of W4A4 model carry three keyed ModelPatcher callbacks (key ``hook.HOOK_KEY``). Two let ComfyUI's
 LoRA nodes reach the W4A4 layers: ON_LOAD folds the loading patcher's LoRA patches into the layers' low-rank
-branch, ON_DETACH drops them again (``lora.py``). A second ON_DETACH frees the kernels' replay workspaces when
-ComfyUI unloads the model (``kernels.release_workspaces``).
+branch, ON_DETACH drops them again (``lora.py``). A second ON_DETACH frees the blocks' CUDA graphs (``graphs.py``,
+installed as ComfyUI block replacements) and then the kernels' replay workspaces when ComfyUI unloads the model
+(``kernels.release_workspaces``).
 
 The patched clone gets a fresh ``patches_uuid``: when it replaces a loaded clone of the same BF16
 model on the GPU (or the other way round), ComfyUI then unloads and reloads the weights instead of
@@ -33,7 +34,7 @@ from ..calibration import capture
 from ..kernels import format as fmt
 from ..kernels import numerics as nm
 from . import attention as attn
-from . import chunking, ffn, lora, rowwise
+from . import chunking, ffn, graphs, lora, rowwise
 from .hook import HOOK_KEY, TimestepBinHook, attach_hook
 from .ops import BinSelector, W4A4Linear, is_w4a4, layer_bytes, make_w4a4_ops, unclaimed
 
@@ -220,6 +221,7 @@ def release_kernel_workspaces(patcher, unpatch_all=True, *args) -> None:
     (``ModelPatcher.__del__``) or replaced by another clone of its model detaches with False, and the loaded model's
     workspaces are still in use then."""
     if unpatch_all:
+        graphs.drop(patcher)  # before the workspaces: its graphs' launches point into them
         kernels.release_workspaces()
 
 
@@ -257,6 +259,7 @@ def apply_w4a4_state(model, layers: dict[str, nm.W4A4Params], meta: fmt.StateMet
         m.add_object_patch(PREFIX + name, module)
     ffn.attach_inplace_gelu(m, layers)
     rowwise.attach(m)
+    graphs.attach(m)
     attach_hook(m, hook)
     chunking.attach_split(m, cond_batch)
     attn.attach(m, attention)
@@ -324,6 +327,7 @@ def load_w4a4_checkpoint(path, model_options: dict | None = None, cond_batch: st
     attn.attach(model, attention)
     ffn.attach_inplace_gelu(model, layers)
     rowwise.attach(model)
+    graphs.attach(model)
     _add_callbacks(model)
     model.set_attachments(ATTACHMENT, W4A4Info(meta, str(path), tuple(layers), "checkpoint"))
     if hasattr(model, "cached_patcher_init"):

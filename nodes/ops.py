@@ -399,6 +399,26 @@ class W4A4Core:
         """ComfyUI's dynamic VRAM holds this layer (a virtual VRAM range ``_v``) and must bring it to ``device``."""
         return self.w4a4_qt and hasattr(self, "_v") and device.type != "cpu" and self.weight.device != device
 
+    def held_tensors(self, device: torch.device) -> list[torch.Tensor] | None:
+        """The tensors ``w4a4_forward`` reads on ``device`` that outlive the call (a CUDA graph of the forward reads
+        them again at every replay: ``graphs.py``), or None where the forward would copy them there for this call
+        only (an offloaded layer) or where ComfyUI's dynamic VRAM has not yet placed them (no ``_v_weight``)."""
+        if self.weight_function or self.bias_function:
+            return None
+        if self.w4a4_qt:
+            if self._streamed(device):
+                weight, bias = self.__dict__.get("_v_weight"), self.__dict__.get("_v_bias")
+                if not ql.is_w4a4_weight(weight):
+                    return None
+            else:
+                weight, bias = self.weight, self.bias
+            tensors = [*ql.static_tensors(weight).values(), bias, self._clip_on(device), *(self._lora or ()),
+                       self._lora_bias]
+        else:
+            tensors = [getattr(self, f) for f in TENSOR_FIELDS]
+        tensors = [t for t in tensors if t is not None]
+        return tensors if all(t.device == device for t in tensors) else None
+
     # torch.compile (ComfyUI's TorchCompileModel node) compiles the rest of the model and calls this
     # eagerly: the Triton kernels are already fused, and tracing the dispatcher would only add graph
     # breaks and recompiles (checked on the CPU: same output with and without compile).

@@ -167,6 +167,14 @@ def folded_lora_layers(dm) -> dict:
     return {"layers": len(ranks), "ranks": sorted(set(ranks))}
 
 
+def block_graph_counts(model) -> dict | None:
+    """The W4A4 model's block graphs (nodes/graphs.py): captures, replays, eager calls and why; None for other
+    models."""
+    dit = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    sets = {id(p.graphs): p.graphs for p in dit.values() if hasattr(getattr(p, "graphs", None), "counts")}
+    return next(iter(sets.values())).counts() if len(sets) == 1 else None
+
+
 def conditioning(args, arch):
     """(positive, negative, latent) as WanImageToVideo sets them, with random context and image latent."""
     import node_helpers
@@ -428,6 +436,7 @@ def run_config(args, result: dict) -> dict:
                  name, mode, r["sampling_s"], r["peak_alloc_gib"], r["peak_reserved_gib"],
                  r["experts_resident_in_low_stage"])
     result["calls"] = timer.calls
+    result["block_graphs"] = {e: block_graph_counts(m) for e, m in shifted.items()}
     if args.profile:
         result["profile"] = timer.profile or {"error": "no model call was profiled (CPU run, or no warm call)"}
     result["host_peak_rss_gib"] = host_peak_rss_gib()

@@ -1,0 +1,412 @@
+"""A few-token model call's Wan blocks replayed as CUDA graphs, on W4A4 models.
+
+Why: at one 480p frame the GPU work of a W4A4 model call (about 122 ms) is less than BF16's, yet the step was often
+slower, because the host issued the call's thousands of launches no faster than the GPU ran them
+(``kernels/README.md``, sessions 24-27). A graph issues one block's launches in one call.
+
+How (ComfyUI's supported block replacement, ``patches_replace["dit"][("double_block", i)]``, read by
+``WanModel.forward_orig`` on both supported versions): :class:`BlockPatch` receives block ``i``'s arguments and
+ComfyUI's ``original_block``. Per input signature (shapes, strides, dtypes of x, context, e0 and the RoPE table) a
+:class:`GraphSet` keeps static copies of those four inputs and, per block, a graph that runs ``original_block`` on
+them and writes the block's output into the static x. The first eligible call of a block runs it eagerly on a side
+stream (Triton compiles, ``kernels/replay.py`` records its calls on that stream) and captures it; later calls copy
+inputs that changed into the static buffers and replay. Between blocks x stays in the static buffer; the last block
+returns a copy.
+
+The same kernels get the same arguments, so a replayed block gives the eager block's bits
+(``tests/nodes/test_gpu_graphs.py``). What a graph reads without its inputs is checked before each replay:
+- every tensor the block's modules hold (W4A4 layers: ``W4A4Core.held_tensors``) by address and shape, so a reload,
+  a LoRA folded again or a moved weight captures again;
+- under ComfyUI 0.33's dynamic VRAM, that each streamed module (``_v``) is resident (``comfy_aimdo``'s fault
+  signature, as ``comfy.ops.cast_modules_with_vbar`` checks it); it stays pinned while the replay is queued;
+- the bin index is a device tensor that the timestep hook fills in place (``ops.BinSelector``): the graph reads it.
+
+A call is left to ComfyUI's eager block (``reason`` says why) when: graphs are off (``WAN_W4A4_BLOCK_GRAPHS=0``,
+ComfyUI's ``--disable-cuda-graphs``), the input is not on a GPU, it has more than ``MAX_TOKENS`` tokens (larger calls
+are the GPU's, not the host's), autograd records, the model is compiled (ComfyUI's ``torch.compile`` wrapper), an
+attention patch or another node's attention override is set, a block tensor is offloaded or not resident, or the
+kernels cannot be captured now (``kernels.capture_ready``: a profiler's launch hooks, replay off). A capture that
+fails leaves that signature eager, with a warning.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import os
+import sys
+import traceback
+import weakref
+from typing import NamedTuple
+
+import torch
+
+from .. import kernels
+from .ops import is_w4a4
+
+GRAPHS_KEY = "wan_w4a4.block_graphs"
+ENV = "WAN_W4A4_BLOCK_GRAPHS"  # "0" or "off": every block eager
+# Few-token calls up to 4096 rows are replayed from integer addresses (kernels/triton_w4a4.py ONE_LAUNCH_MAX_ROWS),
+# which a capture under cudaMallocAsync needs (kernels.capture_ready); a model call's block Linears have
+# batch x tokens rows.
+MAX_TOKENS = 4096
+WARMUPS = 3  # eager runs before a capture at most (``GraphSet._capture``)
+MAX_SIGNATURES = 2  # input signatures with graphs at once per model; the oldest gives way
+INPUTS = ("img", "txt", "vec", "pe")  # the block arguments forward_orig passes (x, context, e0, freqs)
+ATTENTION_PATCHES = ("attn1_patch", "attn2_patch")  # run inside WanAttentionBlock.forward from transformer_options
+COMPILE_KEY = "torch.compile"  # ComfyUI's set_torch_compile_wrapper key (comfy_api/torch_helpers)
+log = logging.getLogger(__name__)
+
+
+def enabled() -> bool:
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    cli = sys.modules.get("comfy.cli_args")
+    return not getattr(getattr(cli, "args", None), "disable_cuda_graphs", False)
+
+
+def _own_override(value) -> bool:
+    # attention.py's CudnnFirst, duck-typed: inside ComfyUI the pack is imported under its folder name
+    return type(value).__name__ == "CudnnFirst"
+
+
+def reason(args: dict) -> str | None:
+    """None when block arguments ``args`` may run as a graph, else why not (checks that need no block)."""
+    x = args["img"]
+    if not enabled():
+        return "off"
+    if not all(args.get(k) is None or isinstance(args[k], torch.Tensor) for k in INPUTS):
+        return "an input that is not a tensor"
+    options = args.get("transformer_options") or {}
+    if any(COMPILE_KEY in per_type for per_type in options.get("wrappers", {}).values()):
+        return "compiled"
+    patches = options.get("patches", {})
+    if any(patches.get(k) for k in ATTENTION_PATCHES):
+        return "attention patches"
+    override = options.get("optimized_attention_override")
+    if override is not None and not _own_override(override):
+        return "another attention override"
+    if x.ndim != 3 or x.shape[0] * x.shape[1] > MAX_TOKENS:
+        return f"more than {MAX_TOKENS} tokens"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "autograd"
+    if not x.is_cuda:
+        return "not on a GPU"
+    if not kernels.capture_ready(x.device):
+        return "kernels not capturable now"
+    return None
+
+
+def _vbar():
+    """comfy_aimdo.model_vbar where ComfyUI's dynamic VRAM runs (0.33+), else None."""
+    return sys.modules.get("comfy_aimdo.model_vbar")
+
+
+def block_tensors(block: torch.nn.Module, device: torch.device) -> list[torch.Tensor] | None:
+    """Every tensor the block's forward reads that outlives a call, or None if one is not on ``device`` for good (an
+    offloaded module, a weight function that recomputes a weight per call, a streamed module not yet placed)."""
+    out = []
+    for m in block.modules():
+        if is_w4a4(m):
+            held = m.held_tensors(device)
+            if held is None:
+                return None
+            out += held
+            continue
+        if getattr(m, "weight_function", None) or getattr(m, "bias_function", None):
+            return None
+        streamed = hasattr(m, "_v")
+        for name, t in (*m._parameters.items(), *m._buffers.items()):
+            if t is None:
+                continue
+            if streamed and name in ("weight", "bias"):
+                t = m.__dict__.get("_v_" + name)
+                if t is None or type(t) not in (torch.Tensor, torch.nn.Parameter):
+                    return None
+            if t.device != device:
+                return None
+            out.append(t)
+    return out
+
+
+def fingerprint(tensors: list[torch.Tensor]) -> tuple:
+    return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
+
+
+def fault_in(block: torch.nn.Module) -> tuple[bool, list]:
+    """Under dynamic VRAM: (every streamed module of the block resident, the modules pinned by the check). The caller
+    unpins them (:func:`unpin`) once the work that reads them is queued, as ``comfy.ops.uncast_bias_weight`` does."""
+    vbar = _vbar()
+    streamed = [m for m in block.modules() if hasattr(m, "_v")]
+    if not streamed:
+        return True, []
+    if vbar is None:
+        return False, []
+    pinned, resident = [], True
+    for m in streamed:
+        signature = vbar.vbar_fault(m._v)
+        if signature is not None:
+            pinned.append(m)
+        if signature is None or not vbar.vbar_signature_compare(signature, getattr(m, "_v_signature", None)):
+            resident = False
+    return resident, pinned
+
+
+def unpin(pinned: list) -> None:
+    vbar = _vbar()
+    for m in pinned:
+        vbar.vbar_unpin(m._v)
+
+
+def tokens(args: dict) -> int:
+    return args["img"].shape[0] * args["img"].shape[1]
+
+
+def signature(args: dict) -> tuple:
+    """The inputs' shapes, strides, dtypes and devices, and whether the pack's attention override is set (clones of
+    one model may differ in it, and on ComfyUI 0.33 they share one :class:`GraphSet`)."""
+    override = (args.get("transformer_options") or {}).get("optimized_attention_override")
+    return (*(None if args.get(k) is None else (tuple(args[k].shape), args[k].stride(), args[k].dtype,
+                                               args[k].device) for k in INPUTS), override is not None)
+
+
+class Captured(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    fingerprint: tuple  # of the block's tensors at capture
+    workspaces: tuple  # the kernels' workspaces the graph's launches point into (kept alive with it)
+
+
+class Statics:
+    """One input signature's static inputs and its blocks' graphs."""
+
+    def __init__(self, args: dict):
+        # x contiguous: ComfyUI 0.33 hands the first block a transposed view, which the block makes contiguous
+        # (``x.contiguous()``), and every later block a contiguous tensor; a transposed static x would cost each
+        # graphed block two transposing copies. The others keep their layout: every block reads them as they come.
+        self.buffers = {k: None if args.get(k) is None else (torch.empty if k == "img" else torch.empty_strided)(
+            *((args[k].shape,) if k == "img" else (args[k].shape, args[k].stride())), dtype=args[k].dtype,
+            device=args[k].device) for k in INPUTS}
+        self.sources = dict.fromkeys(INPUTS)  # the tensors last copied in (held, so their memory is not reused)
+        self.graphs: dict[int, Captured] = {}
+
+    def load(self, args: dict) -> None:
+        """Copy the arguments that are not already in the buffers (x between graphed blocks is)."""
+        for k in INPUTS:
+            src, dst = args.get(k), self.buffers[k]
+            if src is None or src is dst or src is self.sources[k]:
+                continue
+            dst.copy_(src)
+            self.sources[k] = None if k == "img" else src
+
+    def args(self, args: dict) -> dict:
+        return {**args, **{k: v for k, v in self.buffers.items() if v is not None}}
+
+
+class GraphSet:
+    """The graphs of one patched model (ModelPatcher). ComfyUI 0.3.64 deep-copies ``model_options`` per clone, and a
+    clone gets its own, empty set (``__deepcopy__``); 0.33 copies only its dicts and lists, so clones share one set,
+    and a clone whose tensors differ (another LoRA) captures again (the fingerprint)."""
+
+    def __init__(self, blocks):
+        self._blocks = weakref.ref(blocks)
+        self.num_blocks = len(blocks)
+        self.statics: dict[tuple, Statics] = {}
+        self.failed: set[tuple] = set()
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.pool = None
+        self.captures = self.replays = self.eager = 0
+        self.why = collections.Counter()  # why calls ran eagerly
+        self.logged = set()
+
+    def __deepcopy__(self, memo):
+        blocks = self._blocks()
+        return GraphSet(blocks) if blocks is not None else copy.copy(self)
+
+    def drop(self) -> None:
+        """Free every graph and static buffer (an unloaded model; ``apply.release_kernel_workspaces``)."""
+        if self.statics and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # a replay may still be queued: its memory goes back to the allocator here
+        self.statics.clear()
+        self.failed.clear()
+
+    def block(self, i: int):
+        blocks = self._blocks()
+        return None if blocks is None else blocks[i]
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        s = self.streams.get(device)
+        if s is None:
+            s = self.streams[device] = torch.cuda.Stream(device=device)
+        return s
+
+    def _statics(self, key: tuple, args: dict) -> Statics:
+        st = self.statics.pop(key, None)  # re-inserted last: the dict's order is the use order
+        if st is None:
+            if len(self.statics) >= MAX_SIGNATURES and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # as in drop
+            while len(self.statics) >= MAX_SIGNATURES:
+                self.statics.pop(next(iter(self.statics)))
+            st = Statics(args)
+        self.statics[key] = st
+        return st
+
+    def _log_once(self, what: str, message: str, *a) -> None:
+        if what not in self.logged:
+            self.logged.add(what)
+            log.info(message, *a)
+
+    def run(self, i: int, args: dict, original) -> dict:
+        why = reason(args)
+        block = self.block(i) if why is None else None
+        key = signature(args) if block is not None else None
+        if block is None or key in self.failed:
+            return self._eager(args, original, why or ("failed before" if block is not None else "no block"))
+        device = args["img"].device
+        resident, pinned = fault_in(block)
+        tensors = block_tensors(block, device) if resident else None
+        if tensors is None:
+            unpin(pinned)
+            return self._eager(args, original, "not resident" if not resident else "a tensor not held on the GPU")
+        try:
+            st = self._statics(key, args)
+            print_ = fingerprint(tensors)
+            st.load(args)
+            entry = st.graphs.get(i)
+            if entry is not None and entry.fingerprint == print_:
+                entry.graph.replay()
+                self.replays += 1
+                self._log_once("replay", "W4A4: Wan blocks replayed as CUDA graphs (%d-token calls; nodes/graphs.py)",
+                               tokens(args))
+            else:
+                st.graphs.pop(i, None)
+                captured, out = self._capture(i, st, args, original, device, print_)
+                if captured is None:  # the output of its eager run, on the side stream
+                    self.failed.add(key)
+                    self.statics.pop(key, None)
+                    self.eager += 1
+                    self.why["capture failed"] += 1
+                    return {"img": out}
+                st.graphs[i] = captured
+                self.captures += 1
+        finally:
+            unpin(pinned)
+        x = st.buffers["img"]
+        return {"img": x.clone() if i == self.num_blocks - 1 else x}
+
+    def _eager(self, args: dict, original, why: str) -> dict:
+        self.eager += 1
+        self.why[why] += 1
+        return original(args)
+
+    def counts(self) -> dict:
+        """Captures, replays and eager calls so far, and why calls ran eagerly (for logs and benchmarks)."""
+        return {"captures": self.captures, "replays": self.replays, "eager": self.eager, "why": dict(self.why)}
+
+    def _capture(self, i: int, st: Statics, args: dict, original, device: torch.device, print_: tuple):
+        """Run block ``i`` eagerly on the side stream (Triton compiles and ``kernels/replay.py`` records there) and
+        capture it there: (the graph, the static x holding the eager output: a capture queues nothing), or, with a
+        warning, (None, the eager output) if the capture failed."""
+        stream = self._stream(device)
+        current = torch.cuda.current_stream(device)
+        static_args = st.args(args)
+
+        def body():
+            out = original(static_args)["img"]
+            if out is not st.buffers["img"]:
+                st.buffers["img"].copy_(out)
+
+        stream.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        pool = self._pool()
+        failure = None
+        with torch.cuda.stream(stream):
+            # Eagerly until no replay recording is forgotten: the first calls on a stream outgrow its workspace, and
+            # a call whose recording was forgotten would record again inside the capture, launching with tensors.
+            for _ in range(WARMUPS):
+                dropped = kernels.recordings_dropped()
+                out = original(static_args)["img"]
+                if kernels.recordings_dropped() == dropped:
+                    break
+            graph.capture_begin(*(() if pool is None else (pool,)), capture_error_mode="thread_local")
+            try:
+                body()
+            except Exception as e:  # an operation that cannot be captured: this signature stays eager
+                failure = "".join(traceback.format_exception(e))
+                # The tensors the capture allocated are held by the traceback's frames: free them while capturing.
+                # Freed after the capture, memory of a graph that never ran is an invalid argument to the
+                # allocator, and PyTorch aborts the process from a destructor.
+                traceback.clear_frames(e.__traceback__)
+                del e
+            try:
+                graph.capture_end()
+            except Exception as e:
+                failure = failure or "".join(traceback.format_exception(e))
+        if failure is not None:
+            current.wait_stream(stream)
+            out.record_stream(current)  # made on the side stream, used on the current one
+            log.warning("W4A4: block %d of %d-token calls could not be captured in a CUDA graph; these calls run "
+                        "eagerly (nodes/graphs.py):\n%s", i, tokens(args), failure)
+            return None, out
+        with torch.cuda.stream(stream):
+            st.buffers["img"].copy_(out)  # this call's output: the eager one (the capture ran nothing)
+        current.wait_stream(stream)
+        self._log_once("capture", "W4A4: capturing the Wan blocks of %d-token calls as CUDA graphs (nodes/graphs.py)",
+                       tokens(args))
+        return Captured(graph, print_, kernels.held_workspaces()), st.buffers["img"]
+
+    def _pool(self):
+        # One memory pool for the model's graphs under PyTorch's own allocator: a block's transients are freed
+        # inside its capture, so the next block's capture reuses them (the graphs replay one after the other on one
+        # stream). cudaMallocAsync shares graph memory itself between graphs launched into one stream.
+        if torch.cuda.memory.get_allocator_backend() != "native":
+            return None
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return self.pool
+
+
+class BlockPatch:
+    """The ``patches_replace["dit"][("double_block", i)]`` entry of block ``i``: runs it through the model's
+    :class:`GraphSet`."""
+
+    def __init__(self, graphs: GraphSet, index: int):
+        self.graphs, self.index = graphs, index
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        return self.graphs.run(self.index, args, extra["original_block"])
+
+    def __repr__(self):
+        return f"BlockPatch({self.index})"
+
+
+def attach(model) -> bool:
+    """Install the block patches on ModelPatcher ``model`` (a Wan model with ``diffusion_model.blocks``); blocks that
+    another node already replaces are left to it. True if any was installed."""
+    blocks = getattr(getattr(model.model, "diffusion_model", None), "blocks", None)
+    if blocks is None:
+        return False
+    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    graphs = GraphSet(blocks)
+    installed = False
+    for i in range(len(blocks)):
+        current = replace.get(("double_block", i))
+        if current is not None and type(getattr(current, "graphs", None)).__name__ != "GraphSet":
+            continue
+        model.set_model_patch_replace(BlockPatch(graphs, i), "dit", "double_block", i)
+        installed = True
+    return installed
+
+
+def get(model) -> GraphSet | None:
+    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for patch in replace.values():
+        graphs = getattr(patch, "graphs", None)
+        if type(graphs).__name__ == "GraphSet":
+            return graphs
+    return None
+
+
+def drop(model) -> None:
+    graphs = get(model)
+    if graphs is not None:
+        graphs.drop()

@@ -1,0 +1,226 @@
+"""nodes/graphs.py on the CPU: where the block patches go, when a call stays eager, what a graph's replay is checked
+against. The graphs themselves run on a GPU (``test_gpu_server.py::test_block_graphs_in_main_py_on_gpu``)."""
+from __future__ import annotations
+
+import copy
+import sys
+import types
+
+import pytest
+import torch
+
+from wan_w4a4.nodes import graphs as g
+
+pytestmark = pytest.mark.comfyui
+
+
+def _graphs_module(model):
+    """nodes/graphs.py as ComfyUI loaded the pack (the tests import it apart, as wan_w4a4)."""
+    patch = next(iter(_replace(model).values()))
+    return sys.modules[type(patch).__module__]
+
+
+def _replace(model) -> dict:
+    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+
+
+def test_apply_puts_one_block_patch_on_every_block(env):
+    base = env.unet("high")
+    model = env.apply(base, "tiny_high.safetensors")
+    blocks = model.model.diffusion_model.blocks
+    replace = _replace(model)
+    assert set(replace) == {("double_block", i) for i in range(len(blocks))}
+    sets = {id(p.graphs) for p in replace.values()}
+    assert len(sets) == 1 and [p.index for p in replace.values()] == list(range(len(blocks)))
+    assert _replace(base) == {}  # the BF16 model is not touched
+    # A clone keeps the patches. ComfyUI 0.3.64 deep-copies model_options per clone (a fresh, empty set: below),
+    # 0.33 shares the objects in it (one set; a clone with other tensors captures again: the fingerprint).
+    clone = model.clone()
+    assert set(_replace(clone)) == set(replace)
+    graphs = next(iter(replace.values())).graphs
+    graphs.statics[("a signature",)] = object()
+    fresh = copy.deepcopy(graphs)
+    assert fresh is not graphs and fresh.statics == {} and fresh.num_blocks == len(blocks)
+    assert fresh.block(0) is blocks[0]
+    graphs.statics.clear()
+
+
+def test_another_nodes_block_replacement_is_kept(env):
+    base = env.unet("high")
+
+    def theirs(args, extra):
+        return extra["original_block"](args)
+
+    base.set_model_patch_replace(theirs, "dit", "double_block", 1)
+    model = env.apply(base, "tiny_high.safetensors")
+    replace = _replace(model)
+    assert replace[("double_block", 1)] is theirs
+    assert all(type(p).__name__ == "BlockPatch" for k, p in replace.items() if k != ("double_block", 1))
+
+
+def test_comfyui_runs_the_blocks_through_the_patches(env):
+    """On the CPU every block call is left eager, through the patch: ComfyUI's forward_orig calls it."""
+    model = env.shifted(env.apply(env.unet("high"), "tiny_high.safetensors"))
+    graphs = next(iter(_replace(model).values())).graphs
+    _, out = env.two_expert(model, model, steps=2, split=1)
+    calls = 2  # one model call per step (cond and uncond batched)
+    assert graphs.eager == calls * graphs.num_blocks
+    assert graphs.captures == graphs.replays == 0 and not graphs.statics
+    assert torch.isfinite(out).all()
+
+
+def _args(tokens=8, dim=16, device="cpu", **options):
+    x = torch.zeros(1, tokens, dim, device=device)
+    return {"img": x, "txt": torch.zeros(1, 4, dim), "vec": torch.zeros(1, 6, dim), "pe": torch.zeros(1, tokens, 1, 4),
+            "transformer_options": options}
+
+
+class CudnnFirst:  # named as attention.py's override: the pack's own
+    pass
+
+
+def test_reasons_a_call_stays_eager(monkeypatch):
+    monkeypatch.delenv(g.ENV, raising=False)
+    assert g.reason(_args()) == "not on a GPU"
+    assert g.reason(_args(tokens=g.MAX_TOKENS + 1)) == f"more than {g.MAX_TOKENS} tokens"
+    assert g.reason(_args(wrappers={"apply_model": {g.COMPILE_KEY: [object()]}})) == "compiled"
+    assert g.reason(_args(patches={"attn2_patch": [lambda a: a]})) == "attention patches"
+    assert g.reason(_args(patches={"attn1_patch": []})) == "not on a GPU"  # an empty list patches nothing
+    assert g.reason(_args(optimized_attention_override=lambda *a, **k: None)) == "another attention override"
+    assert g.reason(_args(optimized_attention_override=CudnnFirst())) == "not on a GPU"
+    a = _args()
+    a["pe"] = (a["pe"], a["pe"])
+    assert g.reason(a) == "an input that is not a tensor"
+    x = _args()
+    x["img"].requires_grad_(True)
+    assert g.reason(x) == "autograd"
+    with torch.inference_mode():
+        assert g.reason(_args()) == "not on a GPU"
+    monkeypatch.setenv(g.ENV, "0")
+    assert g.reason(_args()) == "off"
+    monkeypatch.delenv(g.ENV)
+    cli = types.SimpleNamespace(args=types.SimpleNamespace(disable_cuda_graphs=True))  # ComfyUI 0.33's flag
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli)
+    assert g.reason(_args()) == "off"
+
+
+def _w4a4_block(env):
+    model = env.apply(env.unet("high"), "tiny_high.safetensors")
+    return model, model.model.diffusion_model.blocks[0]
+
+
+def test_a_blocks_tensors_are_its_layers_and_parameters(env):
+    model, block = _w4a4_block(env)
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([model])  # object patches applied: the block holds the W4A4 layers
+    try:
+        graphs = _graphs_module(model)
+        cpu = torch.device("cpu")
+        tensors = graphs.block_tensors(block, cpu)
+        ids = {id(t) for t in tensors}
+        layers = [m for m in block.modules() if graphs.is_w4a4(m)]
+        assert layers and all(id(t) in ids for m in layers for t in m.held_tensors(cpu))
+        assert id(block.modulation) in ids
+        assert graphs.block_tensors(block, torch.device("meta")) is None  # not on that device: no graph
+
+        q = block.self_attn.q
+        before = graphs.fingerprint(tensors)
+        k, n = q.in_features, q.out_features
+        q.set_lora(torch.randn(k, 2).bfloat16(), torch.randn(2, n).bfloat16(), None, "tag")  # a fold: new tensors
+        try:
+            assert graphs.fingerprint(graphs.block_tensors(block, cpu)) != before
+        finally:
+            q.clear_lora()
+        assert graphs.fingerprint(graphs.block_tensors(block, cpu)) == before
+
+        norm = block.norm3
+        norm.weight_function = [lambda w: w]  # recomputed per call: nothing a graph could keep
+        try:
+            assert graphs.block_tensors(block, cpu) is None
+        finally:
+            norm.weight_function = []
+        norm._v = object()  # streamed by dynamic VRAM, not yet placed
+        try:
+            assert graphs.block_tensors(block, cpu) is None
+            placed = torch.ones_like(norm.weight)
+            norm._v_weight, norm._v_bias = placed, torch.zeros_like(norm.bias)
+            ids = {id(t) for t in graphs.block_tensors(block, cpu)}
+            assert id(placed) in ids and id(norm.weight) not in ids
+        finally:
+            for a in ("_v", "_v_weight", "_v_bias"):
+                norm.__dict__.pop(a, None)
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+class FakeVbar:
+    def __init__(self, resident: dict):
+        self.resident, self.unpinned = resident, []
+
+    def vbar_fault(self, v):
+        return None if self.resident[v] is None else ("sig", v)
+
+    def vbar_signature_compare(self, signature, stored):
+        return signature is not None and self.resident[signature[1]] and stored == "placed"
+
+    def vbar_unpin(self, v):
+        self.unpinned.append(v)
+
+
+def test_fault_in_checks_every_streamed_module(monkeypatch):
+    block = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert g.fault_in(block) == (True, [])  # nothing streamed
+    for i, m in enumerate(block[:2]):
+        m._v, m._v_signature = f"v{i}", "placed"
+    monkeypatch.setitem(sys.modules, "comfy_aimdo.model_vbar", None)
+    assert g.fault_in(block) == (False, [])  # streamed, and no comfy_aimdo: never replayed
+    vbar = FakeVbar({"v0": True, "v1": True})
+    monkeypatch.setitem(sys.modules, "comfy_aimdo.model_vbar", vbar)
+    ok, pinned = g.fault_in(block)
+    assert ok and pinned == [block[0], block[1]]
+    g.unpin(pinned)
+    assert vbar.unpinned == ["v0", "v1"]
+    vbar.resident["v1"] = False  # faulted, but its content is not the placed one
+    assert g.fault_in(block) == (False, [block[0], block[1]])
+    vbar.resident["v1"] = None  # could not be faulted in at all
+    assert g.fault_in(block) == (False, [block[0]])
+
+
+def test_static_inputs_copy_only_what_changed():
+    a = _args()
+    st = g.Statics(a)
+    a["img"].fill_(1.0)
+    a["txt"].fill_(2.0)
+    st.load(a)
+    assert torch.equal(st.buffers["img"], a["img"]) and torch.equal(st.buffers["txt"], a["txt"])
+    a["txt"].fill_(3.0)  # the same tensor again (the next block of one model call): not copied again
+    st.load(a)
+    assert st.buffers["txt"].eq(2.0).all()
+    b = dict(a, img=st.buffers["img"], txt=a["txt"].clone())  # x as the previous graph left it; a new context
+    st.load(b)
+    assert st.buffers["txt"].eq(3.0).all()
+    assert g.signature(a) == g.signature(b) != g.signature(_args(tokens=4))
+
+
+def test_unloading_drops_the_graphs(env):
+    import comfy.model_management
+
+    model = env.apply(env.unet("high"), "tiny_high.safetensors")
+    graphs = next(iter(_replace(model).values())).graphs
+    comfy.model_management.load_models_gpu([model])
+    try:
+        graphs.statics[("a signature",)] = object()  # as a captured call leaves them
+    finally:
+        comfy.model_management.unload_all_models()
+    assert graphs.statics == {}
+
+
+def test_the_static_x_is_contiguous():
+    a = _args()
+    a["img"] = torch.randn(1, 16, 8).transpose(1, 2)  # as ComfyUI 0.33 hands the first block x
+    a["txt"] = torch.randn(1, 16, 4).transpose(1, 2)
+    st = g.Statics(a)
+    assert st.buffers["img"].is_contiguous() and st.buffers["img"].shape == a["img"].shape
+    assert st.buffers["txt"].stride() == a["txt"].stride()  # the others as they come
+    st.load(a)
+    assert torch.equal(st.buffers["img"], a["img"]) and torch.equal(st.buffers["txt"], a["txt"])
