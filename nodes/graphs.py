@@ -25,7 +25,8 @@ A call is left to ComfyUI's eager block (``reason`` says why) when: graphs are o
 ComfyUI's ``--disable-cuda-graphs``), the input is not on a GPU, it has more than ``MAX_TOKENS`` tokens (larger calls
 are the GPU's, not the host's), autograd records, the model is compiled (ComfyUI's ``torch.compile`` wrapper), an
 attention patch or another node's attention override is set, a block tensor is offloaded or not resident, or the
-kernels cannot be captured now (``kernels.capture_ready``: a profiler's launch hooks, replay off). A capture that
+kernels cannot be captured now (``kernels.capture_ready``: a profiler's launch hooks, replay off), or a block not yet
+captured when fewer than ``MIN_CALLS_LEFT`` calls of the sampling run remain (:func:`calls_left`). A capture that
 fails leaves that signature eager, with a warning.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import NamedTuple
 import torch
 
 from .. import kernels
+from .hook import step_of
 from .ops import is_w4a4
 
 GRAPHS_KEY = "wan_w4a4.block_graphs"
@@ -51,6 +53,10 @@ ENV = "WAN_W4A4_BLOCK_GRAPHS"  # "0" or "off": every block eager
 # batch x tokens rows.
 MAX_TOKENS = 4096
 WARMUPS = 3  # eager runs before a capture at most (``GraphSet._capture``)
+# A capture takes one step, 0.09-0.42 s more than a replayed one at one 480p frame on the H200, and a replay saved at
+# most about 0.1 s of a step there (benchmarks/RESULTS.md, thirty-first part): no capture for fewer calls (a turbo
+# LoRA's two steps per expert would pay it and replay nothing). A floor, not a measured optimum.
+MIN_CALLS_LEFT = 2
 MAX_SIGNATURES = 2  # input signatures with graphs at once per model; the oldest gives way
 INPUTS = ("img", "txt", "vec", "pe")  # the block arguments forward_orig passes (x, context, e0, freqs)
 ATTENTION_PATCHES = ("attn1_patch", "attn2_patch")  # run inside WanAttentionBlock.forward from transformer_options
@@ -158,6 +164,19 @@ def unpin(pinned: list) -> None:
         vbar.vbar_unpin(m._v)
 
 
+def calls_left(options: dict) -> int | None:
+    """The model calls the sampler makes after the current one, counted as its remaining steps: ComfyUI's
+    ``transformer_options["sample_sigmas"]`` is the schedule slice it runs and ``["sigmas"]`` the current sigma
+    (``hook.step_of`` finds the step). A step that makes more calls (cond and uncond apart, second-order samplers)
+    counts once, so this is a floor; None where either is missing. Reads the sigma on the host, a device sync: only
+    for a call that would capture."""
+    now = options.get("sigmas")
+    if not isinstance(now, torch.Tensor) or now.numel() == 0:
+        return None
+    where = step_of(float(now.detach().reshape(-1)[0].float().item()), options.get("sample_sigmas"))
+    return None if where is None else where[1] - 1 - where[0]
+
+
 def tokens(args: dict) -> int:
     return args["img"].shape[0] * args["img"].shape[1]
 
@@ -216,6 +235,7 @@ class GraphSet:
         self.pool = None
         self.captures = self.replays = self.eager = 0
         self.why = collections.Counter()  # why calls ran eagerly
+        self._left = None  # (the sigmas tensor of the model call, calls_left of it)
         self.logged = set()
 
     def __deepcopy__(self, memo):
@@ -267,11 +287,17 @@ class GraphSet:
         if tensors is None:
             unpin(pinned)
             return self._eager(args, original, "not resident" if not resident else "a tensor not held on the GPU")
+        print_ = fingerprint(tensors)
+        st = self.statics.get(key)
+        entry = st.graphs.get(i) if st is not None else None
+        if entry is None or entry.fingerprint != print_:
+            left = self._calls_left(args.get("transformer_options") or {})
+            if left is not None and left < MIN_CALLS_LEFT:
+                unpin(pinned)
+                return self._eager(args, original, "too few calls left to capture")
         try:
             st = self._statics(key, args)
-            print_ = fingerprint(tensors)
             st.load(args)
-            entry = st.graphs.get(i)
             if entry is not None and entry.fingerprint == print_:
                 entry.graph.replay()
                 self.replays += 1
@@ -292,6 +318,13 @@ class GraphSet:
             unpin(pinned)
         x = st.buffers["img"]
         return {"img": x.clone() if i == self.num_blocks - 1 else x}
+
+    def _calls_left(self, options: dict) -> int | None:
+        """:func:`calls_left`, once per model call (the blocks of one call share its ``sigmas`` tensor)."""
+        now = options.get("sigmas")
+        if self._left is None or self._left[0] is not now:
+            self._left = (now, calls_left(options))
+        return self._left[1]
 
     def _eager(self, args: dict, original, why: str) -> dict:
         self.eager += 1

@@ -224,3 +224,79 @@ def test_the_static_x_is_contiguous():
     assert st.buffers["txt"].stride() == a["txt"].stride()  # the others as they come
     st.load(a)
     assert torch.equal(st.buffers["img"], a["img"]) and torch.equal(st.buffers["txt"], a["txt"])
+
+
+def test_calls_left_counts_the_steps_after_the_current_one():
+    sample = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.0])  # four steps
+    assert g.calls_left({"sample_sigmas": sample, "sigmas": torch.tensor([1.0])}) == 3
+    assert g.calls_left({"sample_sigmas": sample, "sigmas": torch.tensor([0.6, 0.6])}) == 1
+    assert g.calls_left({"sample_sigmas": sample, "sigmas": torch.tensor([0.4])}) == 0
+    assert g.calls_left({"sigmas": torch.tensor([0.4])}) is None and g.calls_left({}) is None
+
+
+class FakeGraph:
+    def __init__(self, body):
+        self.body, self.replayed = body, 0
+
+    def replay(self):
+        self.replayed += 1
+        self.body()
+
+
+def _fake_gpu(monkeypatch):
+    """GraphSet.run on the CPU: every check passes, and a 'capture' keeps the block's body to run at 'replay'."""
+    monkeypatch.setattr(g, "reason", lambda args: None)
+    monkeypatch.setattr(g, "fault_in", lambda block: (True, []))
+    held = [torch.ones(3)]
+    monkeypatch.setattr(g, "block_tensors", lambda block, device: list(held))
+    runs = []
+
+    def capture(self, i, st, args, original, device, print_):
+        static_args = st.args(args)
+
+        def body():
+            st.buffers["img"].copy_(original(static_args)["img"])
+        body()  # the eager run: this call's output
+        runs.append(i)
+        return g.Captured(FakeGraph(body), print_, ()), st.buffers["img"]
+
+    monkeypatch.setattr(g.GraphSet, "_capture", capture)
+    return held, runs
+
+
+def test_a_block_is_captured_once_replayed_after_and_captured_again_when_its_tensors_change(monkeypatch):
+    held, captured = _fake_gpu(monkeypatch)
+    blocks = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+    graphs = g.GraphSet(blocks)
+    calls = []
+
+    def original(i):
+        def run(args):
+            calls.append(i)
+            return {"img": args["img"] * 2 + i}
+        return run
+
+    def model_call(x, **options):
+        a = _args(**options)
+        a["img"] = x
+        for i in range(2):
+            a = dict(a, img=graphs.run(i, a, original(i))["img"])
+        return a["img"]
+
+    x = torch.randn(1, 8, 16)
+    want = (x * 2 + 0) * 2 + 1
+    assert torch.equal(model_call(x), want)  # captured: the eager runs' output
+    assert captured == [0, 1] and graphs.captures == 2
+    y = torch.randn(1, 8, 16)
+    out = model_call(y)
+    assert torch.equal(out, (y * 2) * 2 + 1) and graphs.replays == 2 and captured == [0, 1]
+    assert out is not graphs.statics[g.signature(_args())].buffers["img"]  # the last block returns a copy
+    held[0] = torch.ones(3)  # another tensor in the block (a LoRA folded again): captured again
+    assert torch.equal(model_call(x), want) and captured == [0, 1, 0, 1]
+    sample = torch.tensor([1.0, 0.5, 0.0])
+    held[0] = torch.zeros(3)
+    # the sampler's last step: no capture, both blocks eager (the old graphs do not fit the new tensors)
+    eager = graphs.eager
+    assert torch.equal(model_call(x, sample_sigmas=sample, sigmas=torch.tensor([0.5])), want)
+    assert captured == [0, 1, 0, 1] and graphs.eager == eager + 2
+    assert graphs.why["too few calls left to capture"] == 2
