@@ -160,19 +160,20 @@ def release_workspaces() -> None:
         module.release()
 
 
-def capture_ready(device: torch.device) -> bool:
-    """Whether few-token Triton calls on ``device`` can be captured in a CUDA graph now: they are replayed from
-    integer addresses (``replay.capturable``). Imports Triton only for a CUDA device."""
+def capture_ready(device: torch.device, rows: int) -> bool:
+    """Whether Triton calls of up to ``rows`` rows on ``device`` can be captured in a CUDA graph now: they are replayed
+    from integer addresses (``replay.capturable``). Imports Triton only for a CUDA device."""
     if device.type != "cuda" or _triton_device_reason(device) is not None:
         return False
     module, _ = _lazy("replay")
-    return module is not None and module.capturable()
+    return module is not None and module.capturable(rows)
 
 
-def held_workspaces() -> tuple[torch.Tensor, ...]:
-    """The workspaces replayed calls write into now (``replay.workspaces``); empty where none was made."""
+def held_workspaces(stream: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The workspaces replayed calls write into now, or only ``stream``'s (``replay.workspaces``); empty where none
+    was made."""
     module = _imports.get("replay", (None, None))[0]
-    return module.workspaces() if module is not None else ()
+    return module.workspaces(stream) if module is not None else ()
 
 
 def recordings_dropped() -> int:

@@ -106,19 +106,21 @@ def dropped() -> int:
     return _dropped
 
 
-def workspaces() -> tuple[torch.Tensor, ...]:
-    """The workspaces that recordings point into now (a CUDA graph that captured replayed calls holds these, so that
-    memory is not given to anything else while the graph may replay; ``nodes/graphs.py``)."""
+def workspaces(stream: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The workspaces that recordings point into now, or only the one of ``stream`` (a raw CUDA stream). A CUDA graph
+    that captured replayed calls holds its stream's, so that memory is not given to anything else while the graph may
+    replay (``nodes/graphs.py``)."""
     with _lock:
-        return tuple(_workspaces.values())
+        return tuple(ws for where, ws in _workspaces.items() if stream is None or where[1] == stream)
 
 
-def capturable() -> bool:
-    """Whether a call replayed now launches from integer addresses only: replay is on and no profiler's launch hooks
-    are set (``run``). Triton's launcher checks each tensor argument's pointer with the driver, which fails for memory
-    that cudaMallocAsync hands out inside a CUDA graph capture (``kernels/README.md``, session 24); an integer is
-    passed as it is."""
-    return enabled() and launch.hooks_idle()
+def capturable(rows: int) -> bool:
+    """Whether calls of up to ``rows`` rows replayed now launch from integer addresses only: replay is on, no profiler's
+    launch hooks are set, and such calls are replayable (one pass whose quantizer divides by s itself,
+    ``triton_w4a4.kernels_divide``). Triton's launcher checks each tensor argument's pointer with the driver, which
+    fails for memory that cudaMallocAsync hands out inside a CUDA graph capture (``kernels/README.md``, session 24); an
+    integer is passed as it is."""
+    return enabled() and launch.hooks_idle() and tw.kernels_divide(rows)
 
 
 def layer_tensors(p: nm.W4A4Params) -> tuple:

@@ -6,28 +6,38 @@ slower, because the host issued the call's thousands of launches no faster than 
 
 How (ComfyUI's supported block replacement, ``patches_replace["dit"][("double_block", i)]``, read by
 ``WanModel.forward_orig`` on both supported versions): :class:`BlockPatch` receives block ``i``'s arguments and
-ComfyUI's ``original_block``. Per input signature (shapes, strides, dtypes of x, context, e0 and the RoPE table) a
-:class:`GraphSet` keeps static copies of those four inputs and, per block, a graph that runs ``original_block`` on
-them and writes the block's output into the static x. The first eligible call of a block runs it eagerly on a side
-stream (Triton compiles, ``kernels/replay.py`` records its calls on that stream) and captures it; later calls copy
-inputs that changed into the static buffers and replay. Between blocks x stays in the static buffer; the last block
+ComfyUI's ``original_block``. Per input signature (:func:`signature`) a :class:`GraphSet` keeps static copies of the
+four inputs (x, context, e0, the RoPE table) and, per block, a graph that runs ``original_block`` on them and writes
+the block's output into the static x. The first eligible call of a block runs it eagerly on a side stream (Triton
+compiles, ``kernels/replay.py`` records its calls on that stream) and captures it; later calls copy inputs that
+changed into the static buffers and replay. Between graphed blocks x stays in the static buffer; the last block
 returns a copy.
 
 The same kernels get the same arguments, so a replayed block gives the eager block's bits
-(``tests/nodes/test_gpu_graphs.py``). What a graph reads without its inputs is checked before each replay:
-- every tensor the block's modules hold (W4A4 layers: ``W4A4Core.held_tensors``) by address and shape, so a reload,
-  a LoRA folded again or a moved weight captures again;
+(``tests/nodes/test_gpu_server.py::test_block_graphs_in_main_py_on_gpu``). What a graph reads besides its inputs is
+checked before each replay (:func:`fingerprint`):
+- every tensor the block's modules hold (W4A4 layers: ``W4A4Core.held_tensors``, with the bin index) by address,
+  shape, stride and dtype, and the block's modules and instance ``forward`` patches by identity, so a LoRA folded
+  again, a moved weight or another clone's object patches capture again (an unload frees the graphs:
+  ``apply.release_kernel_workspaces``);
+- ComfyUI's ``block_wrap`` closes over the block and ``context_img_len`` only (:func:`wrapped_block`; Wan variants
+  whose wrapper closes over per-call tensors stay eager);
 - under ComfyUI 0.33's dynamic VRAM, that each streamed module (``_v``) is resident (``comfy_aimdo``'s fault
-  signature, as ``comfy.ops.cast_modules_with_vbar`` checks it); it stays pinned while the replay is queued;
+  signature, as ``comfy.ops.cast_modules_with_vbar`` checks it); pinned until the replay is queued, as
+  ``comfy.ops.uncast_bias_weight`` unpins after queueing;
 - the bin index is a device tensor that the timestep hook fills in place (``ops.BinSelector``): the graph reads it.
 
 A call is left to ComfyUI's eager block (``reason`` says why) when: graphs are off (``WAN_W4A4_BLOCK_GRAPHS=0``,
-ComfyUI's ``--disable-cuda-graphs``), the input is not on a GPU, it has more than ``MAX_TOKENS`` tokens (larger calls
-are the GPU's, not the host's), autograd records, the model is compiled (ComfyUI's ``torch.compile`` wrapper), an
-attention patch or another node's attention override is set, a block tensor is offloaded or not resident, or the
-kernels cannot be captured now (``kernels.capture_ready``: a profiler's launch hooks, replay off), or a block not yet
-captured when fewer than ``MIN_CALLS_LEFT`` calls of the sampling run remain (:func:`calls_left`). A capture that
-fails leaves that signature eager, with a warning.
+ComfyUI's ``--disable-cuda-graphs``), the model is compiled, an attention patch or another node's attention override
+is set, autograd records, the input is not on a GPU, its rows (batch x tokens of x or of the context) are more than
+the kernels replay (``kernels.capture_ready``: 4096; larger calls are the GPU's, not the host's), a profiler's launch
+hooks are set, a block tensor is offloaded or not resident, or, for a block not yet captured, fewer than
+``MIN_CALLS_LEFT`` calls of the sampling run remain (:func:`calls_left`) or comfy-kitchen's Triton backend is on (its
+RoPE launches Triton with tensors). A capture that fails leaves that signature eager, with a warning.
+
+Memory: the static inputs, the graphs' memory (one pool per model under PyTorch's allocator; cudaMallocAsync shares
+graph memory between graphs launched into one stream) and the side stream's replay workspace: 0.48 GiB at one 480p
+frame (``benchmarks/RESULTS.md``, thirty-first part), not seen by ComfyUI's memory planning.
 """
 from __future__ import annotations
 
@@ -45,13 +55,9 @@ import torch
 from .. import kernels
 from .hook import step_of
 from .ops import is_w4a4
+from .rowwise import compiled
 
-GRAPHS_KEY = "wan_w4a4.block_graphs"
 ENV = "WAN_W4A4_BLOCK_GRAPHS"  # "0" or "off": every block eager
-# Few-token calls up to 4096 rows are replayed from integer addresses (kernels/triton_w4a4.py ONE_LAUNCH_MAX_ROWS),
-# which a capture under cudaMallocAsync needs (kernels.capture_ready); a model call's block Linears have
-# batch x tokens rows.
-MAX_TOKENS = 4096
 WARMUPS = 3  # eager runs before a capture at most (``GraphSet._capture``)
 # A capture takes one step, 0.09-0.42 s more than a replayed one at one 480p frame on the H200, and a replay saved at
 # most about 0.1 s of a step there (benchmarks/RESULTS.md, thirty-first part): no capture for fewer calls (a turbo
@@ -60,7 +66,7 @@ MIN_CALLS_LEFT = 2
 MAX_SIGNATURES = 2  # input signatures with graphs at once per model; the oldest gives way
 INPUTS = ("img", "txt", "vec", "pe")  # the block arguments forward_orig passes (x, context, e0, freqs)
 ATTENTION_PATCHES = ("attn1_patch", "attn2_patch")  # run inside WanAttentionBlock.forward from transformer_options
-COMPILE_KEY = "torch.compile"  # ComfyUI's set_torch_compile_wrapper key (comfy_api/torch_helpers)
+WRAP_FREEVARS = {"block", "context_img_len"}  # what forward_orig's block_wrap closes over (both versions)
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +82,12 @@ def _own_override(value) -> bool:
     return type(value).__name__ == "CudnnFirst"
 
 
+def rows(args: dict) -> int:
+    """The rows of the block's largest Linear calls: batch x tokens of x, or of the context (cross-attention k, v)."""
+    x, ctx = args["img"], args.get("txt")
+    return max(x.shape[0] * x.shape[1], ctx.shape[0] * ctx.shape[1] if ctx is not None and ctx.ndim == 3 else 0)
+
+
 def reason(args: dict) -> str | None:
     """None when block arguments ``args`` may run as a graph, else why not (checks that need no block)."""
     x = args["img"]
@@ -84,7 +96,7 @@ def reason(args: dict) -> str | None:
     if not all(args.get(k) is None or isinstance(args[k], torch.Tensor) for k in INPUTS):
         return "an input that is not a tensor"
     options = args.get("transformer_options") or {}
-    if any(COMPILE_KEY in per_type for per_type in options.get("wrappers", {}).values()):
+    if compiled(options):
         return "compiled"
     patches = options.get("patches", {})
     if any(patches.get(k) for k in ATTENTION_PATCHES):
@@ -92,15 +104,35 @@ def reason(args: dict) -> str | None:
     override = options.get("optimized_attention_override")
     if override is not None and not _own_override(override):
         return "another attention override"
-    if x.ndim != 3 or x.shape[0] * x.shape[1] > MAX_TOKENS:
-        return f"more than {MAX_TOKENS} tokens"
+    if x.ndim != 3:
+        return "not a Wan block's [batch, tokens, channels] input"
     if torch.is_grad_enabled() and x.requires_grad:
         return "autograd"
     if not x.is_cuda:
         return "not on a GPU"
-    if not kernels.capture_ready(x.device):
-        return "kernels not capturable now"
+    if not kernels.capture_ready(x.device, rows(args)):
+        return "the kernels cannot be captured now (more rows than they replay, replay off, or launch hooks set)"
     return None
+
+
+def wrapped_block(original) -> tuple[object, object] | None:
+    """(the block, ``context_img_len``) that ComfyUI's ``block_wrap`` closes over, or None if it closes over anything
+    else (a Wan variant's per-call tensors, which a graph would keep from its capture) or is not a plain closure."""
+    code, cells = getattr(original, "__code__", None), getattr(original, "__closure__", None)
+    if code is None or cells is None or not set(code.co_freevars) <= WRAP_FREEVARS or "block" not in code.co_freevars:
+        return None
+    bound = {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+    return bound["block"], bound.get("context_img_len")
+
+
+def kitchen_triton() -> bool:
+    """comfy-kitchen's Triton backend is on (ComfyUI's ``--enable-triton-backend``): its RoPE would run in Triton
+    inside the block, launched with tensors."""
+    ck = sys.modules.get("comfy_kitchen")
+    if ck is None or not hasattr(ck, "list_backends"):
+        return False
+    t = ck.list_backends().get("triton", {})
+    return bool(t.get("available")) and not t.get("disabled")
 
 
 def _vbar():
@@ -135,8 +167,11 @@ def block_tensors(block: torch.nn.Module, device: torch.device) -> list[torch.Te
     return out
 
 
-def fingerprint(tensors: list[torch.Tensor]) -> tuple:
-    return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
+def fingerprint(block: torch.nn.Module, tensors: list[torch.Tensor]) -> tuple:
+    """What a graph of ``block`` reads besides its inputs: its tensors (:func:`block_tensors`) by address, shape, stride
+    and dtype; its modules and their instance ``forward`` patches by identity (a clone's object patches)."""
+    return (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors),
+            tuple((id(m), id(m.__dict__.get("forward"))) for m in block.modules()))
 
 
 def fault_in(block: torch.nn.Module) -> tuple[bool, list]:
@@ -181,18 +216,21 @@ def tokens(args: dict) -> int:
     return args["img"].shape[0] * args["img"].shape[1]
 
 
-def signature(args: dict) -> tuple:
-    """The inputs' shapes, strides, dtypes and devices, and whether the pack's attention override is set (clones of
-    one model may differ in it, and on ComfyUI 0.33 they share one :class:`GraphSet`)."""
+def signature(args: dict, context_img_len=None) -> tuple:
+    """The inputs' shapes, dtypes and devices, their strides but x's (the static x is contiguous, :class:`Statics`:
+    block 0's transposed x and the later blocks' contiguous one share it), ``context_img_len``, and whether the pack's
+    attention override is set (clones of one model may differ in it, and on ComfyUI 0.33 they share one
+    :class:`GraphSet`)."""
     override = (args.get("transformer_options") or {}).get("optimized_attention_override")
-    return (*(None if args.get(k) is None else (tuple(args[k].shape), args[k].stride(), args[k].dtype,
-                                               args[k].device) for k in INPUTS), override is not None)
+    return (*(None if args.get(k) is None else (tuple(args[k].shape), None if k == "img" else args[k].stride(),
+                                               args[k].dtype, args[k].device) for k in INPUTS),
+            context_img_len, override is not None)
 
 
 class Captured(NamedTuple):
     graph: torch.cuda.CUDAGraph
-    fingerprint: tuple  # of the block's tensors at capture
-    workspaces: tuple  # the kernels' workspaces the graph's launches point into (kept alive with it)
+    fingerprint: tuple  # of the block at capture (:func:`fingerprint`)
+    workspaces: tuple  # the side stream's replay workspace, which the graph's launches point into (kept alive)
 
 
 class Statics:
@@ -232,7 +270,6 @@ class GraphSet:
         self.statics: dict[tuple, Statics] = {}
         self.failed: set[tuple] = set()
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.pool = None
         self.captures = self.replays = self.eager = 0
         self.why = collections.Counter()  # why calls ran eagerly
         self._left = None  # (the sigmas tensor of the model call, calls_left of it)
@@ -277,28 +314,36 @@ class GraphSet:
 
     def run(self, i: int, args: dict, original) -> dict:
         why = reason(args)
-        block = self.block(i) if why is None else None
-        key = signature(args) if block is not None else None
-        if block is None or key in self.failed:
-            return self._eager(args, original, why or ("failed before" if block is not None else "no block"))
+        wrapped = wrapped_block(original) if why is None else None
+        block = self.block(i) if wrapped is not None else None
+        if why is None and (block is None or wrapped[0] is not block):
+            why = "ComfyUI's block wrapper holds more than this model's block"
+        key = signature(args, wrapped[1]) if why is None else None
+        if why is None and key in self.failed:
+            why = "capture failed before"
+        if why is not None:
+            return self._eager(args, original, why)
         device = args["img"].device
         resident, pinned = fault_in(block)
         tensors = block_tensors(block, device) if resident else None
         if tensors is None:
             unpin(pinned)
             return self._eager(args, original, "not resident" if not resident else "a tensor not held on the GPU")
-        print_ = fingerprint(tensors)
+        print_ = fingerprint(block, tensors)
         st = self.statics.get(key)
         entry = st.graphs.get(i) if st is not None else None
-        if entry is None or entry.fingerprint != print_:
+        replay = entry is not None and entry.fingerprint == print_
+        if not replay:
             left = self._calls_left(args.get("transformer_options") or {})
-            if left is not None and left < MIN_CALLS_LEFT:
+            why = ("too few calls left to capture" if left is not None and left < MIN_CALLS_LEFT
+                   else "comfy-kitchen's Triton backend" if kitchen_triton() else None)
+            if why is not None:
                 unpin(pinned)
-                return self._eager(args, original, "too few calls left to capture")
+                return self._eager(args, original, why)
         try:
             st = self._statics(key, args)
             st.load(args)
-            if entry is not None and entry.fingerprint == print_:
+            if replay:
                 entry.graph.replay()
                 self.replays += 1
                 self._log_once("replay", "W4A4: Wan blocks replayed as CUDA graphs (%d-token calls; nodes/graphs.py)",
@@ -308,6 +353,7 @@ class GraphSet:
                 captured, out = self._capture(i, st, args, original, device, print_)
                 if captured is None:  # the output of its eager run, on the side stream
                     self.failed.add(key)
+                    torch.cuda.synchronize()  # the signature's other graphs may still be queued (as in drop)
                     self.statics.pop(key, None)
                     self.eager += 1
                     self.why["capture failed"] += 1
@@ -350,30 +396,17 @@ class GraphSet:
 
         stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
-        pool = self._pool()
-        failure = None
         with torch.cuda.stream(stream):
             # Eagerly until no replay recording is forgotten: the first calls on a stream outgrow its workspace, and
             # a call whose recording was forgotten would record again inside the capture, launching with tensors.
             for _ in range(WARMUPS):
                 dropped = kernels.recordings_dropped()
                 out = original(static_args)["img"]
-                if kernels.recordings_dropped() == dropped:
+                settled = kernels.recordings_dropped() == dropped
+                if settled:
                     break
-            graph.capture_begin(*(() if pool is None else (pool,)), capture_error_mode="thread_local")
-            try:
-                body()
-            except Exception as e:  # an operation that cannot be captured: this signature stays eager
-                failure = "".join(traceback.format_exception(e))
-                # The tensors the capture allocated are held by the traceback's frames: free them while capturing.
-                # Freed after the capture, memory of a graph that never ran is an invalid argument to the
-                # allocator, and PyTorch aborts the process from a destructor.
-                traceback.clear_frames(e.__traceback__)
-                del e
-            try:
-                graph.capture_end()
-            except Exception as e:
-                failure = failure or "".join(traceback.format_exception(e))
+            failure = (capture(graph, body, self._pool()) if settled else
+                       f"replay recordings were still being forgotten after {WARMUPS} eager runs")
         if failure is not None:
             current.wait_stream(stream)
             out.record_stream(current)  # made on the side stream, used on the current one
@@ -385,17 +418,55 @@ class GraphSet:
         current.wait_stream(stream)
         self._log_once("capture", "W4A4: capturing the Wan blocks of %d-token calls as CUDA graphs (nodes/graphs.py)",
                        tokens(args))
-        return Captured(graph, print_, kernels.held_workspaces()), st.buffers["img"]
+        return Captured(graph, print_, kernels.held_workspaces(stream.cuda_stream)), st.buffers["img"]
 
     def _pool(self):
-        # One memory pool for the model's graphs under PyTorch's own allocator: a block's transients are freed
-        # inside its capture, so the next block's capture reuses them (the graphs replay one after the other on one
-        # stream). cudaMallocAsync shares graph memory itself between graphs launched into one stream.
+        """The memory pool of the model's live graphs under PyTorch's own allocator (a block's transients are freed
+        inside its capture, so the next block's capture reuses them: the graphs replay one after the other on one
+        stream), a new one where none lives (PyTorch frees a pool with its last graph). None under cudaMallocAsync,
+        which shares graph memory itself between graphs launched into one stream."""
         if torch.cuda.memory.get_allocator_backend() != "native":
             return None
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        return self.pool
+        for st in self.statics.values():
+            for c in st.graphs.values():
+                return c.graph.pool()
+        return torch.cuda.graph_pool_handle()
+
+
+def _clear(e: BaseException) -> None:
+    """Free what an exception's frames hold, through its chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
+
+
+def capture(graph: torch.cuda.CUDAGraph, body, pool) -> str | None:
+    """Capture ``body`` into ``graph`` on the current stream; None, or why it failed (the traceback). The tensors a
+    failed body allocated are held by its exception's frames, so the exception is dropped (an interrupt, raised again
+    after the capture has ended, with its frames cleared) before the capture ends. Freed after the capture, memory of
+    a graph that never ran is an invalid argument to cudaMallocAsync, and PyTorch aborts the process from a destructor
+    (``benchmarks/results/*s28_graphs_attempt1.log``, where the capture ended while the exception propagated)."""
+    try:
+        graph.capture_begin(*(() if pool is None else (pool,)), capture_error_mode="thread_local")
+    except Exception as e:
+        return "".join(traceback.format_exception(e))
+    failure, interrupt = None, None
+    try:
+        body()
+    except BaseException as e:  # an operation that cannot be captured: this signature stays eager
+        failure = "".join(traceback.format_exception(e))
+        interrupt = None if isinstance(e, Exception) else e
+        _clear(e)
+        del e
+    try:
+        graph.capture_end()
+    except Exception as e:
+        failure = failure or "".join(traceback.format_exception(e))
+    if interrupt is not None:
+        raise interrupt
+    return failure
 
 
 class BlockPatch:

@@ -400,9 +400,10 @@ class W4A4Core:
         return self.w4a4_qt and hasattr(self, "_v") and device.type != "cpu" and self.weight.device != device
 
     def held_tensors(self, device: torch.device) -> list[torch.Tensor] | None:
-        """The tensors ``w4a4_forward`` reads on ``device`` that outlive the call (a CUDA graph of the forward reads
-        them again at every replay: ``graphs.py``), or None where the forward would copy them there for this call
-        only (an offloaded layer) or where ComfyUI's dynamic VRAM has not yet placed them (no ``_v_weight``)."""
+        """The tensors ``w4a4_forward`` reads on ``device`` that outlive the call, the bin index among them (a CUDA
+        graph of the forward reads them again at every replay: ``graphs.py``), or None where the forward would copy
+        them there for this call only (an offloaded layer) or where ComfyUI's dynamic VRAM has not yet placed them
+        (no ``_v_weight``)."""
         if self.weight_function or self.bias_function:
             return None
         if self.w4a4_qt:
@@ -416,6 +417,8 @@ class W4A4Core:
                        self._lora_bias]
         else:
             tensors = [getattr(self, f) for f in TENSOR_FIELDS]
+        if self.bin_selector is not None:
+            tensors.append(self.bin_selector.index(device))
         tensors = [t for t in tensors if t is not None]
         return tensors if all(t.device == device for t in tensors) else None
 

@@ -38,6 +38,13 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
+def compiled(transformer_options: dict) -> bool:
+    """This model call runs under ComfyUI's ``torch.compile`` wrapper (its APPLY_MODEL wrappers reach
+    ``transformer_options["wrappers"]``, merged there by ``comfy/sampler_helpers.py``), or torch is compiling."""
+    wrappers = transformer_options.get("wrappers", {})
+    return any(COMPILE_KEY in per_type for per_type in wrappers.values()) or torch.compiler.is_compiling()
+
+
 class _AddcmulMode(torch.overrides.TorchFunctionMode):
     """Answers ``torch.addcmul(a, b, c)`` with ``kernels.addcmul`` where that takes the call; counts what it took."""
 
@@ -61,10 +68,7 @@ class RowwiseAddcmul:
         self.taken = 0  # addcmul calls it answered (for tests and logs)
 
     def active(self, x: torch.Tensor, transformer_options: dict, patch_size) -> bool:
-        if not enabled() or not x.is_cuda:
-            return False
-        wrappers = transformer_options.get("wrappers", {})
-        if any(COMPILE_KEY in per_type for per_type in wrappers.values()):
+        if not enabled() or not x.is_cuda or compiled(transformer_options):
             return False
         return x.shape[0] * tokens_per_sample(x, patch_size) >= self.min_tokens
 

@@ -208,11 +208,12 @@ def test_release_in_a_thread_that_holds_the_recording_lock_does_not_wait_on_itse
 
 def test_a_profilers_hook_takes_run_checked(stand_ins):
     kernel, calls = stand_ins
-    assert replay.capturable()
+    assert replay.capturable(tw.ONE_LAUNCH_MAX_ROWS)
+    assert not replay.capturable(tw.ONE_LAUNCH_MAX_ROWS + 1)  # run_checked's passes: not replayed
     launch.knobs.runtime.launch_enter_hook = print
     replay.run(torch.randn(16, 256), _layer())
     assert calls == {"run_checked": 1, "one_pass_call": 0}
-    assert not replay.capturable()  # Triton's launcher with tensors: not inside a capture (nodes/graphs.py)
+    assert not replay.capturable(16)  # Triton's launcher with tensors: not inside a capture (nodes/graphs.py)
 
 
 def test_a_call_with_a_foreign_tensor_or_a_misaligned_input_is_not_replayed(stand_ins, monkeypatch):
@@ -333,10 +334,11 @@ def test_at_most_max_workspaces_streams_keep_a_workspace(stand_ins, monkeypatch)
         replay.run(torch.randn(16, 256), p)
     assert [key[1] for key in replay._workspaces] == [3, 4, 5, 6]  # the first two gave way, with their recordings
     assert len(replay._recordings) == replay.MAX_WORKSPACES
+    assert {id(r.workspace) for r in replay._recordings.values()} == {id(w) for w in replay._workspaces.values()}
+    assert replay.workspaces(5) == (replay._workspaces[next(k for k in replay._workspaces if k[1] == 5)],)
     dropped = replay.dropped()
     replay.release()
     assert replay.dropped() == dropped + replay.MAX_WORKSPACES and replay.workspaces() == ()
-    assert {id(r.workspace) for r in replay._recordings.values()} == {id(w) for w in replay._workspaces.values()}
 
 
 @pytest.mark.parametrize("m,k,n,rank,unsigned,bias", [
@@ -468,7 +470,7 @@ def test_the_dispatchers_entry_points_read_the_replay_state(stand_ins):
     import wan_w4a4.kernels as kernels
 
     assert kernels._lazy("replay")[0] is replay
-    assert not kernels.capture_ready(torch.device("cpu"))
+    assert not kernels.capture_ready(torch.device("cpu"), 16)
     replay.run(torch.randn(16, 256), _layer())
     assert kernels.held_workspaces() == replay.workspaces() != ()
     dropped = kernels.recordings_dropped()

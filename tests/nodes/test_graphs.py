@@ -82,8 +82,11 @@ class CudnnFirst:  # named as attention.py's override: the pack's own
 def test_reasons_a_call_stays_eager(monkeypatch):
     monkeypatch.delenv(g.ENV, raising=False)
     assert g.reason(_args()) == "not on a GPU"
-    assert g.reason(_args(tokens=g.MAX_TOKENS + 1)) == f"more than {g.MAX_TOKENS} tokens"
-    assert g.reason(_args(wrappers={"apply_model": {g.COMPILE_KEY: [object()]}})) == "compiled"
+    flat = _args()
+    flat["img"] = flat["img"][0]
+    assert g.reason(flat) == "not a Wan block's [batch, tokens, channels] input"
+    assert g.rows(_args(tokens=8)) == 8 and g.rows(dict(_args(tokens=2), txt=torch.zeros(2, 5, 16))) == 10
+    assert g.reason(_args(wrappers={"apply_model": {"torch.compile": [object()]}})) == "compiled"
     assert g.reason(_args(patches={"attn2_patch": [lambda a: a]})) == "attention patches"
     assert g.reason(_args(patches={"attn1_patch": []})) == "not on a GPU"  # an empty list patches nothing
     assert g.reason(_args(optimized_attention_override=lambda *a, **k: None)) == "another attention override"
@@ -124,14 +127,21 @@ def test_a_blocks_tensors_are_its_layers_and_parameters(env):
         assert graphs.block_tensors(block, torch.device("meta")) is None  # not on that device: no graph
 
         q = block.self_attn.q
-        before = graphs.fingerprint(tensors)
+        before = graphs.fingerprint(block, tensors)
         k, n = q.in_features, q.out_features
         q.set_lora(torch.randn(k, 2).bfloat16(), torch.randn(2, n).bfloat16(), None, "tag")  # a fold: new tensors
         try:
-            assert graphs.fingerprint(graphs.block_tensors(block, cpu)) != before
+            assert graphs.fingerprint(block, graphs.block_tensors(block, cpu)) != before
         finally:
             q.clear_lora()
-        assert graphs.fingerprint(graphs.block_tensors(block, cpu)) == before
+        assert graphs.fingerprint(block, graphs.block_tensors(block, cpu)) == before
+        block.self_attn.forward = lambda *a, **k: None  # another clone's object patch on a module's forward
+        try:
+            assert graphs.fingerprint(block, graphs.block_tensors(block, cpu)) != before
+        finally:
+            del block.self_attn.forward
+        assert graphs.fingerprint(block, graphs.block_tensors(block, cpu)) == before
+        assert id(q.bin_selector.index(cpu)) in {id(t) for t in q.held_tensors(cpu)}  # the bin the graph reads
 
         norm = block.norm3
         norm.weight_function = [lambda w: w]  # recomputed per call: nothing a graph could keep
@@ -246,6 +256,7 @@ class FakeGraph:
 def _fake_gpu(monkeypatch):
     """GraphSet.run on the CPU: every check passes, and a 'capture' keeps the block's body to run at 'replay'."""
     monkeypatch.setattr(g, "reason", lambda args: None)
+    monkeypatch.setattr(g, "kitchen_triton", lambda: False)
     monkeypatch.setattr(g, "fault_in", lambda block: (True, []))
     held = [torch.ones(3)]
     monkeypatch.setattr(g, "block_tensors", lambda block, device: list(held))
@@ -264,17 +275,31 @@ def _fake_gpu(monkeypatch):
     return held, runs
 
 
+class Affine(torch.nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x, context_img_len=None):
+        return x * 2 + self.k
+
+
+def block_wrap_of(block, context_img_len=None):
+    """A closure like forward_orig's ``block_wrap``: over the block and ``context_img_len`` only."""
+    def block_wrap(args):
+        out = {}
+        out["img"] = block(args["img"], context_img_len)
+        return out
+    return block_wrap
+
+
 def test_a_block_is_captured_once_replayed_after_and_captured_again_when_its_tensors_change(monkeypatch):
     held, captured = _fake_gpu(monkeypatch)
-    blocks = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+    blocks = torch.nn.ModuleList([Affine(0), Affine(1)])
     graphs = g.GraphSet(blocks)
-    calls = []
 
     def original(i):
-        def run(args):
-            calls.append(i)
-            return {"img": args["img"] * 2 + i}
-        return run
+        return block_wrap_of(blocks[i])
 
     def model_call(x, **options):
         a = _args(**options)
@@ -300,3 +325,110 @@ def test_a_block_is_captured_once_replayed_after_and_captured_again_when_its_ten
     assert torch.equal(model_call(x, sample_sigmas=sample, sigmas=torch.tensor([0.5])), want)
     assert captured == [0, 1, 0, 1] and graphs.eager == eager + 2
     assert graphs.why["too few calls left to capture"] == 2
+
+
+def test_a_wrapper_that_holds_more_than_the_block_stays_eager(monkeypatch):
+    _fake_gpu(monkeypatch)
+    blocks = torch.nn.ModuleList([Affine(0)])
+    graphs = g.GraphSet(blocks)
+    audio = torch.ones(1)
+    block = blocks[0]
+
+    def humo_wrap(args):  # as Wan variants' wrappers close over per-call tensors beside the block
+        return {"img": block(args["img"]) + audio.sum()}
+
+    x = torch.randn(1, 8, 16)
+    assert torch.equal(graphs.run(0, dict(_args(), img=x), humo_wrap)["img"], x * 2 + 1)
+    assert graphs.captures == 0 and graphs.why["ComfyUI's block wrapper holds more than this model's block"] == 1
+    other = Affine(0)  # a wrapper around another model's block (a clone around another model, on 0.33)
+    graphs.run(0, dict(_args(), img=x), block_wrap_of(other))
+    assert graphs.captures == 0 and graphs.why["ComfyUI's block wrapper holds more than this model's block"] == 2
+    assert g.wrapped_block(block_wrap_of(blocks[0], 257)) == (blocks[0], 257)
+
+
+def test_the_signature_leaves_out_xs_layout_and_keeps_context_img_len():
+    a, b = _args(), _args()
+    b["img"] = torch.zeros(1, 16, 8).transpose(1, 2)  # block 0's x on ComfyUI 0.33
+    assert g.signature(a) == g.signature(b)
+    assert g.signature(a, 257) != g.signature(a)
+    c = _args()
+    c["txt"] = torch.zeros(1, 16, 4).transpose(1, 2)
+    assert g.signature(c) != g.signature(a)  # the other inputs are read as they come
+
+
+def test_comfyuis_block_wrapper_holds_the_block_and_context_img_len_only(env, monkeypatch):
+    """The closure check against the real forward_orig of this ComfyUI: a plain W4A4 model's blocks pass it."""
+    model = env.shifted(env.apply(env.unet("high"), "tiny_high.safetensors"))
+    patch = next(iter(_replace(model).values()))
+    graphs_module = sys.modules[type(patch).__module__]
+    seen = []
+    real = type(patch).__call__
+
+    def spy(self, args, extra):
+        seen.append((self.index, graphs_module.wrapped_block(extra["original_block"])))
+        return real(self, args, extra)
+
+    monkeypatch.setattr(type(patch), "__call__", spy)
+    env.two_expert(model, model, steps=1, split=1)
+    blocks = model.model.diffusion_model.blocks
+    assert seen and all(w is not None and w[0] is blocks[i] for i, w in seen)
+
+
+class FakeCapture:
+    def __init__(self):
+        self.began = self.ended = 0
+        self.check = None
+
+    def capture_begin(self, *a, **k):
+        self.began += 1
+
+    def capture_end(self):
+        if self.check is not None:
+            self.check()
+        self.ended += 1
+
+
+def test_a_failed_capture_frees_what_it_allocated_before_it_ends():
+    import weakref
+    made = []
+
+    def body():
+        t = torch.ones(4)
+        made.append(weakref.ref(t))
+        raise ValueError("cannot be captured")
+
+    graph = FakeCapture()
+    freed_at_end = []
+    graph.check = lambda: freed_at_end.append(made[0]() is None)
+    failure = g.capture(graph, body, None)
+    assert "cannot be captured" in failure and graph.ended == 1 and freed_at_end == [True]
+    assert g.capture(FakeCapture(), lambda: None, None) is None
+
+    def interrupted():
+        t = torch.ones(4)
+        made[:] = [weakref.ref(t)]
+        raise KeyboardInterrupt
+    graph = FakeCapture()
+    freed_at_end.clear()
+    graph.check = lambda: freed_at_end.append(made[0]() is None)
+    with pytest.raises(KeyboardInterrupt):
+        g.capture(graph, interrupted, None)
+    # the capture ended before the interrupt went on, and what the body allocated was freed first
+    assert graph.ended == 1 and freed_at_end == [True]
+
+
+def test_kitchen_triton_reads_comfy_kitchens_backends(monkeypatch):
+    on = types.SimpleNamespace(list_backends=lambda: {"triton": {"available": True, "disabled": False}})
+    off = types.SimpleNamespace(list_backends=lambda: {"triton": {"available": True, "disabled": True}})
+    monkeypatch.setitem(sys.modules, "comfy_kitchen", on)
+    assert g.kitchen_triton()
+    monkeypatch.setitem(sys.modules, "comfy_kitchen", off)
+    assert not g.kitchen_triton()
+
+
+def test_graphed_calls_stay_below_the_addcmul_mode():
+    """nodes/rowwise.py's mode launches Triton with tensors, which a capture cannot take: its calls must be larger
+    than any the kernels replay (kernels.capture_ready)."""
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    from wan_w4a4.nodes import rowwise
+    assert rowwise.MIN_TOKENS > tw.DIVIDE_MAX_ROWS
