@@ -27,13 +27,17 @@ checked before each replay (:func:`fingerprint`):
   ``comfy.ops.uncast_bias_weight`` unpins after queueing;
 - the bin index is a device tensor that the timestep hook fills in place (``ops.BinSelector``): the graph reads it.
 
-A call is left to ComfyUI's eager block (``reason`` says why) when: graphs are off (``WAN_W4A4_BLOCK_GRAPHS=0``,
-ComfyUI's ``--disable-cuda-graphs``), the model is compiled, an attention patch or another node's attention override
-is set, autograd records, the input is not on a GPU, its rows (batch x tokens of x or of the context) are more than
-the kernels replay (``kernels.capture_ready``: 4096; larger calls are the GPU's, not the host's), a profiler's launch
-hooks are set, a block tensor is offloaded or not resident, or, for a block not yet captured, fewer than
-``MIN_CALLS_LEFT`` calls of the sampling run remain (:func:`calls_left`) or comfy-kitchen's Triton backend is on (its
-RoPE launches Triton with tensors). A capture that fails leaves that signature eager, with a warning.
+A call is left to ComfyUI's eager block (``reason`` says why) when:
+- graphs are off. By default they are on only where ComfyUI streams the model with dynamic VRAM (0.33's default
+  launch, the one GPU-tested); ``WAN_W4A4_BLOCK_GRAPHS=1`` turns them on elsewhere, ``=0`` off everywhere, as does
+  ComfyUI's ``--disable-cuda-graphs``;
+- the model is compiled, an attention patch or another node's attention override is set, or autograd records;
+- the input is not on a GPU, or its rows (batch x tokens of x or of the context) are more than the kernels replay
+  (``kernels.capture_ready``: 4096; larger calls are the GPU's, not the host's), or a profiler's launch hooks are set;
+- a block tensor is offloaded or not resident;
+- for a block not yet captured: fewer than ``MIN_CALLS_LEFT`` calls of the sampling run remain (:func:`calls_left`),
+  or comfy-kitchen's Triton backend is on (its RoPE launches Triton with tensors).
+A capture that fails leaves that signature eager, with a warning.
 
 Memory: the static inputs, the graphs' memory (one pool per model under PyTorch's allocator; cudaMallocAsync shares
 graph memory between graphs launched into one stream) and the side stream's replay workspace: 0.48 GiB at one 480p
@@ -57,7 +61,9 @@ from .hook import step_of
 from .ops import is_w4a4
 from .rowwise import compiled
 
-ENV = "WAN_W4A4_BLOCK_GRAPHS"  # "0" or "off": every block eager
+# Unset or "auto": graphs where ComfyUI streams the model with dynamic VRAM (0.33's default launch: the one GPU-tested,
+# benchmarks/RESULTS.md thirty-first part); "1" or "on": wherever a call is eligible; "0" or "off": every block eager.
+ENV = "WAN_W4A4_BLOCK_GRAPHS"
 WARMUPS = 3  # eager runs before a capture at most (``GraphSet._capture``)
 # A capture takes one step, 0.09-0.42 s more than a replayed one at one 480p frame on the H200, and a replay saved at
 # most about 0.1 s of a step there (benchmarks/RESULTS.md, thirty-first part): no capture for fewer calls (a turbo
@@ -70,11 +76,17 @@ WRAP_FREEVARS = {"block", "context_img_len"}  # what forward_orig's block_wrap c
 log = logging.getLogger(__name__)
 
 
-def enabled() -> bool:
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "off", "false", "no"):
-        return False
+def enabled(options: dict) -> bool:
+    """Graphs for a model call with ``transformer_options`` ``options`` (``ENV``; ComfyUI 0.33's
+    ``--disable-cuda-graphs`` turns them off). ComfyUI 0.33 sets ``options["prefetch_dynamic_vbars"]`` to whether the
+    model's patcher streams it with dynamic VRAM (``BaseModel.apply_model``)."""
     cli = sys.modules.get("comfy.cli_args")
-    return not getattr(getattr(cli, "args", None), "disable_cuda_graphs", False)
+    if getattr(getattr(cli, "args", None), "disable_cuda_graphs", False):
+        return False
+    setting = os.environ.get(ENV, "auto").strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        return False
+    return setting in ("1", "on", "true", "yes") or bool(options.get("prefetch_dynamic_vbars"))
 
 
 def _own_override(value) -> bool:
@@ -91,11 +103,11 @@ def rows(args: dict) -> int:
 def reason(args: dict) -> str | None:
     """None when block arguments ``args`` may run as a graph, else why not (checks that need no block)."""
     x = args["img"]
-    if not enabled():
+    options = args.get("transformer_options") or {}
+    if not enabled(options):
         return "off"
     if not all(args.get(k) is None or isinstance(args[k], torch.Tensor) for k in INPUTS):
         return "an input that is not a tensor"
-    options = args.get("transformer_options") or {}
     if compiled(options):
         return "compiled"
     patches = options.get("patches", {})

@@ -79,8 +79,19 @@ class CudnnFirst:  # named as attention.py's override: the pack's own
     pass
 
 
-def test_reasons_a_call_stays_eager(monkeypatch):
+def test_graphs_are_on_by_default_where_comfyui_streams_the_model(monkeypatch):
     monkeypatch.delenv(g.ENV, raising=False)
+    assert g.reason(_args()) == "off"  # no dynamic VRAM: only with WAN_W4A4_BLOCK_GRAPHS=1
+    assert g.reason(_args(prefetch_dynamic_vbars=False)) == "off"
+    assert g.reason(_args(prefetch_dynamic_vbars=True)) == "not on a GPU"
+    monkeypatch.setenv(g.ENV, "1")
+    assert g.reason(_args()) == "not on a GPU"
+    monkeypatch.setenv(g.ENV, "0")
+    assert g.reason(_args(prefetch_dynamic_vbars=True)) == "off"
+
+
+def test_reasons_a_call_stays_eager(monkeypatch):
+    monkeypatch.setenv(g.ENV, "1")
     assert g.reason(_args()) == "not on a GPU"
     flat = _args()
     flat["img"] = flat["img"][0]
@@ -101,7 +112,7 @@ def test_reasons_a_call_stays_eager(monkeypatch):
         assert g.reason(_args()) == "not on a GPU"
     monkeypatch.setenv(g.ENV, "0")
     assert g.reason(_args()) == "off"
-    monkeypatch.delenv(g.ENV)
+    monkeypatch.setenv(g.ENV, "1")
     cli = types.SimpleNamespace(args=types.SimpleNamespace(disable_cuda_graphs=True))  # ComfyUI 0.33's flag
     monkeypatch.setitem(sys.modules, "comfy.cli_args", cli)
     assert g.reason(_args()) == "off"
