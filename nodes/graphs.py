@@ -181,9 +181,10 @@ def block_tensors(block: torch.nn.Module, device: torch.device) -> list[torch.Te
 
 def fingerprint(block: torch.nn.Module, tensors: list[torch.Tensor]) -> tuple:
     """What a graph of ``block`` reads besides its inputs: its tensors (:func:`block_tensors`) by address, shape, stride
-    and dtype; its modules and their instance ``forward`` patches by identity (a clone's object patches)."""
+    and dtype; its modules and their instance ``forward`` patches (a clone's object patches), held and compared by
+    identity (modules and functions compare so), so that another object cannot take a freed one's place."""
     return (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors),
-            tuple((id(m), id(m.__dict__.get("forward"))) for m in block.modules()))
+            tuple((m, m.__dict__.get("forward")) for m in block.modules()))
 
 
 def fault_in(block: torch.nn.Module) -> tuple[bool, list]:
@@ -346,9 +347,10 @@ class GraphSet:
         entry = st.graphs.get(i) if st is not None else None
         replay = entry is not None and entry.fingerprint == print_
         if not replay:
-            left = self._calls_left(args.get("transformer_options") or {})
-            why = ("too few calls left to capture" if left is not None and left < MIN_CALLS_LEFT
-                   else "comfy-kitchen's Triton backend" if kitchen_triton() else None)
+            why = "comfy-kitchen's Triton backend" if kitchen_triton() else None
+            if why is None:
+                left = self._calls_left(args.get("transformer_options") or {})  # a host sync: only where due
+                why = "too few calls left to capture" if left is not None and left < MIN_CALLS_LEFT else None
             if why is not None:
                 unpin(pinned)
                 return self._eager(args, original, why)

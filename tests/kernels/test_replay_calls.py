@@ -465,12 +465,15 @@ def test_calls_it_does_not_replay_give_run_checked_bits_too():
     replay.release()
 
 
-def test_the_dispatchers_entry_points_read_the_replay_state(stand_ins):
+def test_the_dispatchers_entry_points_read_the_replay_state(stand_ins, monkeypatch):
     """``kernels.capture_ready``, ``held_workspaces`` and ``recordings_dropped``: what nodes/graphs.py reads."""
     import wan_w4a4.kernels as kernels
 
     assert kernels._lazy("replay")[0] is replay
     assert not kernels.capture_ready(torch.device("cpu"), 16)
+    monkeypatch.setattr(kernels, "_triton_device_reason", lambda device: None)  # as on a GPU with Triton
+    cuda = torch.device("cuda")
+    assert kernels.capture_ready(cuda, tw.ONE_LAUNCH_MAX_ROWS) and not kernels.capture_ready(cuda, 5000)
     replay.run(torch.randn(16, 256), _layer())
     assert kernels.held_workspaces() == replay.workspaces() != ()
     dropped = kernels.recordings_dropped()

@@ -329,12 +329,16 @@ def test_a_block_is_captured_once_replayed_after_and_captured_again_when_its_ten
     assert out is not graphs.statics[g.signature(_args())].buffers["img"]  # the last block returns a copy
     held[0] = torch.ones(3)  # another tensor in the block (a LoRA folded again): captured again
     assert torch.equal(model_call(x), want) and captured == [0, 1, 0, 1]
-    sample = torch.tensor([1.0, 0.5, 0.0])
+    sample = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    held[0] = torch.ones(3)  # two calls left after this one: captured (the server test's stages capture so)
+    assert torch.equal(model_call(x, sample_sigmas=sample, sigmas=torch.tensor([0.75])), want)
+    assert captured == [0, 1, 0, 1, 0, 1]
     held[0] = torch.zeros(3)
+    sample = torch.tensor([1.0, 0.5, 0.25, 0.0])  # one call left: not captured
     # the sampler's last step: no capture, both blocks eager (the old graphs do not fit the new tensors)
     eager = graphs.eager
     assert torch.equal(model_call(x, sample_sigmas=sample, sigmas=torch.tensor([0.5])), want)
-    assert captured == [0, 1, 0, 1] and graphs.eager == eager + 2
+    assert captured == [0, 1, 0, 1, 0, 1] and graphs.eager == eager + 2
     assert graphs.why["too few calls left to capture"] == 2
 
 
@@ -376,13 +380,18 @@ def test_comfyuis_block_wrapper_holds_the_block_and_context_img_len_only(env, mo
     real = type(patch).__call__
 
     def spy(self, args, extra):
-        seen.append((self.index, graphs_module.wrapped_block(extra["original_block"])))
+        seen.append((self.index, graphs_module.wrapped_block(extra["original_block"]),
+                     "prefetch_dynamic_vbars" in args["transformer_options"]))
         return real(self, args, extra)
 
     monkeypatch.setattr(type(patch), "__call__", spy)
     env.two_expert(model, model, steps=1, split=1)
     blocks = model.model.diffusion_model.blocks
-    assert seen and all(w is not None and w[0] is blocks[i] for i, w in seen)
+    assert seen and all(w is not None and w[0] is blocks[i] for i, w, _ in seen)
+    # ComfyUI 0.33 says in every block's options whether dynamic VRAM streams the model (graphs.enabled reads it)
+    import comfy.model_patcher
+    dynamic_comfy = hasattr(comfy.model_patcher, "ModelPatcherDynamic")
+    assert all(has == dynamic_comfy for _, _, has in seen)
 
 
 class FakeCapture:
@@ -435,6 +444,10 @@ def test_kitchen_triton_reads_comfy_kitchens_backends(monkeypatch):
     assert g.kitchen_triton()
     monkeypatch.setitem(sys.modules, "comfy_kitchen", off)
     assert not g.kitchen_triton()
+    real = pytest.importorskip("comfy_kitchen")
+    monkeypatch.setitem(sys.modules, "comfy_kitchen", real)
+    want = real.list_backends()["triton"]
+    assert g.kitchen_triton() == (want["available"] and not want["disabled"])
 
 
 def test_graphed_calls_stay_below_the_addcmul_mode():
