@@ -246,6 +246,12 @@ class Captured(NamedTuple):
     workspaces: tuple  # the side stream's replay workspace, which the graph's launches point into (kept alive)
 
 
+def _empty_like(t: torch.Tensor, contiguous: bool) -> torch.Tensor:
+    if contiguous:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+
+
 class Statics:
     """One input signature's static inputs and its blocks' graphs."""
 
@@ -253,9 +259,7 @@ class Statics:
         # x contiguous: ComfyUI 0.33 hands the first block a transposed view, which the block makes contiguous
         # (``x.contiguous()``), and every later block a contiguous tensor; a transposed static x would cost each
         # graphed block two transposing copies. The others keep their layout: every block reads them as they come.
-        self.buffers = {k: None if args.get(k) is None else (torch.empty if k == "img" else torch.empty_strided)(
-            *((args[k].shape,) if k == "img" else (args[k].shape, args[k].stride())), dtype=args[k].dtype,
-            device=args[k].device) for k in INPUTS}
+        self.buffers = {k: None if args.get(k) is None else _empty_like(args[k], contiguous=k == "img") for k in INPUTS}
         self.sources = dict.fromkeys(INPUTS)  # the tensors last copied in (held, so their memory is not reused)
         self.graphs: dict[int, Captured] = {}
 
@@ -503,7 +507,7 @@ def attach(model) -> bool:
     blocks = getattr(getattr(model.model, "diffusion_model", None), "blocks", None)
     if blocks is None:
         return False
-    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    replace = replacements(model)
     graphs = GraphSet(blocks)
     installed = False
     for i in range(len(blocks)):
@@ -515,9 +519,14 @@ def attach(model) -> bool:
     return installed
 
 
+def replacements(model) -> dict:
+    """ModelPatcher ``model``'s DiT block replacements: (kind, index) -> patch."""
+    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+
+
 def get(model) -> GraphSet | None:
-    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for patch in replace.values():
+    """The model's :class:`GraphSet` (duck-typed: the pack may be imported under another name), or None."""
+    for patch in replacements(model).values():
         graphs = getattr(patch, "graphs", None)
         if type(graphs).__name__ == "GraphSet":
             return graphs

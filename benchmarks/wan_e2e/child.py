@@ -170,9 +170,10 @@ def folded_lora_layers(dm) -> dict:
 def block_graph_counts(model) -> dict | None:
     """The W4A4 model's block graphs (nodes/graphs.py): captures, replays, eager calls and why; None for other
     models."""
-    dit = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    sets = {id(p.graphs): p.graphs for p in dit.values() if hasattr(getattr(p, "graphs", None), "counts")}
-    return next(iter(sets.values())).counts() if len(sets) == 1 else None
+    from wan_w4a4.nodes import graphs
+
+    found = graphs.get(model)
+    return found.counts() if found is not None else None
 
 
 def conditioning(args, arch):

@@ -21,7 +21,7 @@ def _graphs_module(model):
 
 
 def _replace(model) -> dict:
-    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    return g.replacements(model)
 
 
 def test_apply_puts_one_block_patch_on_every_block(env):
