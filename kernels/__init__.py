@@ -152,7 +152,7 @@ def w4a4_linear(x: torch.Tensor, params: W4A4Params, bin_index: int | torch.Tens
 
 
 def release_workspaces() -> None:
-    """Free what the Triton backend keeps between layer calls: ``replay.py``'s workspaces (up to 130 MB per stream and
+    """Free what the Triton backend keeps between layer calls: ``replay.py``'s workspaces (up to 188 MB per stream and
     host thread) and its recordings, which point into them (the next few-token call of each signature records
     again). Nothing to do, and nothing imported, where no call has loaded that module."""
     module = _imports.get("replay", (None, None))[0]
@@ -191,6 +191,10 @@ def addcmul_reason(a, b, c) -> str | None:
     """None when :func:`addcmul` runs this call in Triton (``triton_rowwise.rowwise_reason``), else why not."""
     if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in (a, b, c)):
         return "not all operands are CUDA tensors"
+    if torch.cuda.is_current_stream_capturing():  # nodes/graphs.py captures blocks of up to 8192 rows, which
+        # nodes/rowwise.py's mode reaches at 8192: Triton's launcher checks each tensor's pointer with the driver,
+        # which fails inside a capture under cudaMallocAsync (replay.capturable)
+        return "a CUDA graph capture is under way on the current stream"
     module, why = _rowwise_module()
     return why if module is None else module.rowwise_reason(a, b, c)
 

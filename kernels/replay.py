@@ -30,18 +30,19 @@ How:
 The same compiled kernels get the same arguments, in the same order with the same zeroing, so the bits are
 ``run_checked``'s (tests/kernels/test_replay_calls.py: on a GPU, and on the CPU the slot map, with stand-in kernels
 and with the real launch paths where Triton is installed). Replayed (``CallPlan.replayable``): calls of up to
-``ONE_LAUNCH_MAX_ROWS`` rows in one pass: the quantizer and the weight expansion in one launch where K <=
-``ONE_LAUNCH_MAX_K``, else (Wan's ffn.2, K = 13 824) the expansion, two quantizer launches that divide by s
-themselves (``DIVIDE_MAX_ROWS``: no 1/s made by a torch call) and the GEMM. Larger calls take ``run_checked``:
-their host time is small next to their GPU time.
+``DIVIDE_MAX_ROWS`` rows (8192) in one pass: up to ``ONE_LAUNCH_MAX_ROWS`` (4096) rows of K <= ``ONE_LAUNCH_MAX_K``,
+the quantizer and the weight expansion in one launch; else (more rows, or Wan's ffn.2, K = 13 824) the expansion,
+two quantizer launches that divide by s themselves (no 1/s made by a torch call); then the GEMM. Larger calls take
+``run_checked``: their host time is small next to their GPU time.
 
-The workspace holds the transients of the largest replayed call of its stream (Wan2.2-A14B's ffn.2 at 4096 rows:
-130 MB; 117 MB at one 480p frame's 3120 rows) and stays allocated between calls, so that its addresses, and the
-recorded launches that point into it, stay valid; a call that needs more replaces it and forgets the recordings of
-the old one. ``release()`` frees it. Workspace and recordings are per (device, stream, host thread): calls that one
-thread issues on one stream run in order, so they can share it. At most ``MAX_WORKSPACES`` keep one (ComfyUI
-samples on one stream from one thread); a fifth takes the place of the one that recorded least recently, so a host
-that starts a thread per request holds at most four workspaces of threads that have ended.
+The workspace holds the transients of the largest replayed call of its stream (Wan2.2-A14B's ffn.2 at rank 32: 117
+MB at one 480p frame's 3120 rows, 174 MB at one 720p frame's 7200, 188 MB at 8192) and stays allocated between
+calls, so that its addresses, and the recorded launches that point into it, stay valid; a call that needs more
+replaces it and forgets the recordings of the old one. ``release()`` frees it. Workspace and recordings are per
+(device, stream, host thread): calls that one thread issues on one stream run in order, so they can share it. At
+most ``MAX_WORKSPACES`` keep one (ComfyUI samples on one stream from one thread); a fifth takes the place of the one
+that recorded least recently, so a host that starts a thread per request holds at most four workspaces of threads
+that have ended.
 """
 from __future__ import annotations
 

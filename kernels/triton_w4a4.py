@@ -38,7 +38,7 @@ The host side matters at few tokens, where a layer call has less GPU work than t
 call's transients (one pass's activation operands, 1/s, the expanded weights) come from one allocation (``Arena``),
 and every kernel is launched through ``launch.launcher``, which skips Triton's per-call binder once a
 specialization has been launched (kernels/README.md, session 24). ``replay.py`` goes further for calls of up to
-``ONE_LAUNCH_MAX_ROWS`` rows in one pass: ``one_pass_call``'s launches are recorded once per call signature and
+``DIVIDE_MAX_ROWS`` rows in one pass: ``one_pass_call``'s launches are recorded once per call signature and
 re-issued with the next call's addresses (session 26).
 
 Notation: M tokens, K in, N out, R rank. Requires K % 128 == 0.
@@ -554,7 +554,12 @@ def _check_plan(plan: QuantPlan, k: int, bk: int) -> None:
 # Up to this many rows the two-launch quantizer divides by s itself (``INV_S`` False; ``div_rn``, the same bits as
 # ``torch.reciprocal``) instead of multiplying by a 1/s made by a torch call first: one step less per call, whose
 # host time counts at few tokens (kernels/README.md, session 26), and which ``replay.py`` would have to re-issue.
-DIVIDE_MAX_ROWS = ONE_LAUNCH_MAX_ROWS
+# So this is also the most rows ``replay.py`` replays, and ``nodes/graphs.py`` captures. 8192 (4096 until session 29):
+# one 720p frame (7200 rows with ComfyUI's cond and uncond in one call) and two 480p latent frames (6240) were
+# host-bound without replay on ComfyUI 0.33 (H200: the GPU busy 256 / 223 ms of model calls of 533 / 579 ms,
+# benchmarks/RESULTS.md, thirty-second part); and 8192 rows of Wan's ffn.2 (K = 13 824) fit one pass of PASS_BYTES
+# up to rank 1278, so that these calls are one pass (``CallPlan.replayable``).
+DIVIDE_MAX_ROWS = 8192
 
 
 def kernels_divide(m: int) -> bool:

@@ -33,7 +33,7 @@ A call is left to ComfyUI's eager block (``reason`` says why) when:
   ComfyUI's ``--disable-cuda-graphs``;
 - the model is compiled, an attention patch or another node's attention override is set, or autograd records;
 - the input is not on a GPU, or its rows (batch x tokens of x or of the context) are more than the kernels replay
-  (``kernels.capture_ready``: 4096; larger calls are the GPU's, not the host's), or a profiler's launch hooks are set;
+  (``kernels.capture_ready``: 8192; larger calls are the GPU's, not the host's), or a profiler's launch hooks are set;
 - a block tensor is offloaded or not resident;
 - for a block not yet captured: fewer than ``MIN_CALLS_LEFT`` calls of the sampling run remain (:func:`calls_left`),
   or comfy-kitchen's Triton backend is on (its RoPE launches Triton with tensors).

@@ -131,7 +131,7 @@ def test_a_launch_bound_to_its_c_launcher_is_replayed_with_the_arguments_kernel_
 
 def test_larger_calls_and_the_switch_take_run_checked(stand_ins, monkeypatch):
     kernel, calls = stand_ins
-    many = tw.ONE_LAUNCH_MAX_ROWS + 1
+    many = tw.DIVIDE_MAX_ROWS + 1
     for _ in range(2):
         replay.run(torch.randn(many, 256), _layer())
     wide = _layer(k=8192 * 8, n=128, rank=0)  # 4096 rows of K = 65 536 do not fit one pass
@@ -184,7 +184,7 @@ def test_a_call_it_does_not_replay_allocates_nothing_beside_run_checked(stand_in
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(a) or real_empty(*a, **k))
     for _ in range(2):
-        replay.run(torch.randn(tw.ONE_LAUNCH_MAX_ROWS + 1, 256), _layer())
+        replay.run(torch.randn(tw.DIVIDE_MAX_ROWS + 1, 256), _layer())
     assert calls["run_checked"] == 2 and made == []
 
 
@@ -208,8 +208,8 @@ def test_release_in_a_thread_that_holds_the_recording_lock_does_not_wait_on_itse
 
 def test_a_profilers_hook_takes_run_checked(stand_ins):
     kernel, calls = stand_ins
-    assert replay.capturable(tw.ONE_LAUNCH_MAX_ROWS)
-    assert not replay.capturable(tw.ONE_LAUNCH_MAX_ROWS + 1)  # run_checked's passes: not replayed
+    assert replay.capturable(tw.DIVIDE_MAX_ROWS)
+    assert not replay.capturable(tw.DIVIDE_MAX_ROWS + 1)  # a 1/s made by a torch call: not replayed
     launch.knobs.runtime.launch_enter_hook = print
     replay.run(torch.randn(16, 256), _layer())
     assert calls == {"run_checked": 1, "one_pass_call": 0}
@@ -343,7 +343,8 @@ def test_at_most_max_workspaces_streams_keep_a_workspace(stand_ins, monkeypatch)
 
 @pytest.mark.parametrize("m,k,n,rank,unsigned,bias", [
     (1, 256, 384, 0, False, False), (37, 512, 256, 32, True, True), (3000, 5120, 1024, 32, False, True),
-    (100, 13824, 512, 0, True, False), (3000, 13824, 512, 32, True, True), (4096, 13824, 512, 32, False, True)])
+    (100, 13824, 512, 0, True, False), (3000, 13824, 512, 32, True, True), (4096, 13824, 512, 32, False, True),
+    (7200, 5120, 512, 32, False, True), (8192, 13824, 512, 32, True, True)])
 def test_the_real_one_pass_paths_take_only_own_tensors_and_workspace_regions(monkeypatch, m, k, n, rank, unsigned,
                                                                              bias):
     """``triton_w4a4.one_pass_call`` on the CPU with Triton installed (its host code: plans, regions, arguments, the
@@ -425,7 +426,10 @@ def _input(m, k, dtype, unsigned, scale=1.0):
     (4096, 1024, 2048, 16, False, torch.float32, False, 2), (3120, 5120, 13824, 32, True, torch.bfloat16, False, 2),
     # two quantizer launches (K > ONE_LAUNCH_MAX_K); unsigned: the row sums zeroed first
     (3120, 13824, 5120, 32, True, torch.bfloat16, True, 5), (512, 13824, 1024, 0, False, torch.float16, False, 4),
-    (300, 1024, 512, 32, True, torch.bfloat16, True, 3), (4096, 13824, 5120, 32, True, torch.bfloat16, True, 5)])
+    (300, 1024, 512, 32, True, torch.bfloat16, True, 3), (4096, 13824, 5120, 32, True, torch.bfloat16, True, 5),
+    # more rows than ONE_LAUNCH_MAX_ROWS: expansion, two quantizer launches, the GEMM (one 720p frame's 7200 rows)
+    (7200, 5120, 5120, 32, True, torch.bfloat16, False, 4), (7200, 13824, 5120, 32, True, torch.bfloat16, True, 5),
+    (8192, 5120, 13824, 32, False, torch.float16, False, 4)])
 def test_replayed_calls_give_run_checked_bits(m, k, n, rank, bias, dtype, unsigned, steps):
     replay.release()
     for i, (p, b) in enumerate(_calls(_cuda_layers(k, n, rank, bias, unsigned))):
@@ -444,11 +448,11 @@ def test_replayed_calls_give_run_checked_bits(m, k, n, rank, bias, dtype, unsign
 @pytest.mark.gpu
 @needs_gpu
 def test_calls_it_does_not_replay_give_run_checked_bits_too():
-    """More rows than ONE_LAUNCH_MAX_ROWS, a misaligned input; calls on a side stream through the dispatcher."""
+    """More rows than DIVIDE_MAX_ROWS, a misaligned input; calls on a side stream through the dispatcher."""
     from wan_w4a4 import kernels
     replay.release()
     side = torch.cuda.Stream()
-    for layers, m, unsigned in [(_cuda_layers(5120, 1024, 32, True), 5000, False),
+    for layers, m, unsigned in [(_cuda_layers(5120, 1024, 32, True), tw.DIVIDE_MAX_ROWS + 808, False),
                                 (_cuda_layers(1024, 512, 32, True, unsigned=True), 300, True)]:
         for p, b in _calls(layers):
             x = _input(m, p.in_features, torch.bfloat16, unsigned)
@@ -461,7 +465,7 @@ def test_calls_it_does_not_replay_give_run_checked_bits_too():
                 assert torch.equal(kernels.w4a4_linear(x, p, b), tw.run_checked(x, p, b))
             side.synchronize()
     recorded = [r is not None for r in replay._recordings.values()]
-    assert recorded.count(True) == 2  # the 300-row calls, on both streams; not 5000 rows, nor a misaligned input
+    assert recorded.count(True) == 2  # the 300-row calls, on both streams; not 9000 rows, nor a misaligned input
     replay.release()
 
 
@@ -473,7 +477,7 @@ def test_the_dispatchers_entry_points_read_the_replay_state(stand_ins, monkeypat
     assert not kernels.capture_ready(torch.device("cpu"), 16)
     monkeypatch.setattr(kernels, "_triton_device_reason", lambda device: None)  # as on a GPU with Triton
     cuda = torch.device("cuda")
-    assert kernels.capture_ready(cuda, tw.ONE_LAUNCH_MAX_ROWS) and not kernels.capture_ready(cuda, 5000)
+    assert kernels.capture_ready(cuda, tw.DIVIDE_MAX_ROWS) and not kernels.capture_ready(cuda, tw.DIVIDE_MAX_ROWS + 1)
     replay.run(torch.randn(16, 256), _layer())
     assert kernels.held_workspaces() == replay.workspaces() != ()
     dropped = kernels.recordings_dropped()

@@ -71,3 +71,20 @@ def test_other_forms_are_left_to_torch_and_say_why():
     assert w.grad is not None
     with torch.no_grad():
         assert kernels.addcmul_reason(x, w, e[2]) is None
+
+
+@pytest.mark.gpu
+def test_a_capture_takes_torchs_call():
+    """Inside a CUDA graph capture the call is PyTorch's (Triton's launcher would check pointers there), and the
+    replayed graph gives the eager Triton pass's bits."""
+    x, y, e = _wan_operands(2, 4099, 384, torch.bfloat16, "cuda")
+    want = kernels.addcmul(x, y, e[2])
+    assert kernels.addcmul_reason(x, y, e[2]) is None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        reason = kernels.addcmul_reason(x, y, e[2])
+        out = kernels.addcmul(x, y, e[2])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert reason == "a CUDA graph capture is under way on the current stream"
+    assert torch.equal(out, want)

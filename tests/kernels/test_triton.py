@@ -72,7 +72,7 @@ def plans(m, k):
 
 
 @pytest.mark.parametrize("k,n", SHAPES + WIDE_STEPS)
-@pytest.mark.parametrize("m", [1, 37, 300, 1000, 17000])
+@pytest.mark.parametrize("m", [1, 37, 300, 1000, 7200, 17000])
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_quantize_kernel_is_bit_exact(m, k, n, unsigned):
     """Every plan (see triton_w4a4.quant_plan): few rows -> several K chunks, statistics and u summed
