@@ -191,9 +191,9 @@ def addcmul_reason(a, b, c) -> str | None:
     """None when :func:`addcmul` runs this call in Triton (``triton_rowwise.rowwise_reason``), else why not."""
     if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in (a, b, c)):
         return "not all operands are CUDA tensors"
-    if torch.cuda.is_current_stream_capturing():  # nodes/graphs.py captures blocks of up to 8192 rows, which
-        # nodes/rowwise.py's mode reaches at 8192: Triton's launcher checks each tensor's pointer with the driver,
-        # which fails inside a capture under cudaMallocAsync (replay.capturable)
+    if torch.cuda.is_current_stream_capturing():  # Triton's launcher checks each tensor's pointer with the
+        # driver, which fails inside a capture under cudaMallocAsync (replay.capturable); nodes/graphs.py captures
+        # calls of fewer rows than nodes/rowwise.py's mode takes, this holds for any other capture
         return "a CUDA graph capture is under way on the current stream"
     module, why = _rowwise_module()
     return why if module is None else module.rowwise_reason(a, b, c)

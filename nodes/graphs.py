@@ -32,8 +32,8 @@ A call is left to ComfyUI's eager block (``reason`` says why) when:
   launch, the one GPU-tested); ``WAN_W4A4_BLOCK_GRAPHS=1`` turns them on elsewhere, ``=0`` off everywhere, as does
   ComfyUI's ``--disable-cuda-graphs``;
 - the model is compiled, an attention patch or another node's attention override is set, or autograd records;
-- the input is not on a GPU, or its rows (batch x tokens of x or of the context) are more than the kernels replay
-  (``kernels.capture_ready``: 8192; larger calls are the GPU's, not the host's), or a profiler's launch hooks are set;
+- the input is not on a GPU, or its rows (batch x tokens of x or of the context) are more than ``MAX_ROWS``, or
+  the kernels cannot be captured now (``kernels.capture_ready``: replay off, or a profiler's launch hooks set);
 - a block tensor is offloaded or not resident;
 - for a block not yet captured: fewer than ``MIN_CALLS_LEFT`` calls of the sampling run remain (:func:`calls_left`),
   or comfy-kitchen's Triton backend is on (its RoPE launches Triton with tensors).
@@ -70,6 +70,12 @@ WARMUPS = 3  # eager runs before a capture at most (``GraphSet._capture``)
 # LoRA's two steps per expert would pay it and replay nothing). A floor, not a measured optimum.
 MIN_CALLS_LEFT = 2
 MAX_SIGNATURES = 2  # input signatures with graphs at once per model; the oldest gives way
+# Rows per call (batch x tokens) up to which blocks are captured: one 480p frame (3120) and calls up to the kernels'
+# one-launch quantizer. Above, the GPU's work outlasts the host's once the kernels replay their calls (up to 8192
+# rows, ``kernels.capture_ready``): at one 720p frame (7200 rows, H200, ComfyUI 0.33 defaults) the steps were
+# 0.273 / 0.270 s with graphs and 0.270 / 0.270 s without, and the graphs held 0.76 GiB more device memory
+# (benchmarks/RESULTS.md, thirty-second part).
+MAX_ROWS = 4096
 INPUTS = ("img", "txt", "vec", "pe")  # the block arguments forward_orig passes (x, context, e0, freqs)
 ATTENTION_PATCHES = ("attn1_patch", "attn2_patch")  # run inside WanAttentionBlock.forward from transformer_options
 WRAP_FREEVARS = {"block", "context_img_len"}  # what forward_orig's block_wrap closes over (both versions)
@@ -120,10 +126,12 @@ def reason(args: dict) -> str | None:
         return "not a Wan block's [batch, tokens, channels] input"
     if torch.is_grad_enabled() and x.requires_grad:
         return "autograd"
+    if rows(args) > MAX_ROWS:
+        return "more rows than graphs pay for"
     if not x.is_cuda:
         return "not on a GPU"
     if not kernels.capture_ready(x.device, rows(args)):
-        return "the kernels cannot be captured now (more rows than they replay, replay off, or launch hooks set)"
+        return "the kernels cannot be captured now (replay off, or launch hooks set)"
     return None
 
 

@@ -97,6 +97,9 @@ def test_reasons_a_call_stays_eager(monkeypatch):
     flat["img"] = flat["img"][0]
     assert g.reason(flat) == "not a Wan block's [batch, tokens, channels] input"
     assert g.rows(_args(tokens=8)) == 8 and g.rows(dict(_args(tokens=2), txt=torch.zeros(2, 5, 16))) == 10
+    assert g.reason(_args(tokens=g.MAX_ROWS)) == "not on a GPU"
+    assert g.reason(_args(tokens=g.MAX_ROWS + 1)) == "more rows than graphs pay for"
+    assert g.reason(dict(_args(), txt=torch.zeros(2, g.MAX_ROWS // 2 + 1, 16))) == "more rows than graphs pay for"
     assert g.reason(_args(wrappers={"apply_model": {"torch.compile": [object()]}})) == "compiled"
     assert g.reason(_args(patches={"attn2_patch": [lambda a: a]})) == "attention patches"
     assert g.reason(_args(patches={"attn1_patch": []})) == "not on a GPU"  # an empty list patches nothing
