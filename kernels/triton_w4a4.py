@@ -554,7 +554,7 @@ def _check_plan(plan: QuantPlan, k: int, bk: int) -> None:
 # Up to this many rows the two-launch quantizer divides by s itself (``INV_S`` False; ``div_rn``, the same bits as
 # ``torch.reciprocal``) instead of multiplying by a 1/s made by a torch call first: one step less per call, whose
 # host time counts at few tokens (kernels/README.md, session 26), and which ``replay.py`` would have to re-issue.
-# So this is also the most rows ``replay.py`` replays, and ``nodes/graphs.py`` captures. 8192 (4096 until session 29):
+# So this is also the most rows ``replay.py`` replays (``replay.capturable``). 8192 (4096 until session 29):
 # one 720p frame (7200 rows with ComfyUI's cond and uncond in one call) and two 480p latent frames (6240) were
 # host-bound without replay on ComfyUI 0.33 (H200: the GPU busy 256 / 223 ms of model calls of 533 / 579 ms,
 # benchmarks/RESULTS.md, thirty-second part); and 8192 rows of Wan's ffn.2 (K = 13 824) fit one pass of PASS_BYTES
