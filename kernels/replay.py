@@ -32,8 +32,8 @@ The same compiled kernels get the same arguments, in the same order with the sam
 and with the real launch paths where Triton is installed). Replayed (``CallPlan.replayable``): calls of up to
 ``DIVIDE_MAX_ROWS`` rows (8192) in one pass: up to ``ONE_LAUNCH_MAX_ROWS`` (4096) rows of K <= ``ONE_LAUNCH_MAX_K``,
 the quantizer and the weight expansion in one launch; else (more rows, or Wan's ffn.2, K = 13 824) the expansion,
-two quantizer launches that divide by s themselves (no 1/s made by a torch call); then the GEMM. Larger calls take
-``run_checked``: their host time is small next to their GPU time.
+two quantizer launches that divide by s themselves (no 1/s made by a torch call); then the GEMM. Larger calls, and
+calls in several passes, take ``run_checked`` (a 1/s made by a torch call, the passes' views of x and y).
 
 The workspace holds the transients of the largest replayed call of its stream (Wan2.2-A14B's ffn.2 at rank 32: 117
 MB at one 480p frame's 3120 rows, 174 MB at one 720p frame's 7200, 188 MB at 8192) and stays allocated between
@@ -117,10 +117,11 @@ def workspaces(stream: int | None = None) -> tuple[torch.Tensor, ...]:
 
 def capturable(rows: int) -> bool:
     """Whether calls of up to ``rows`` rows replayed now launch from integer addresses only: replay is on, no profiler's
-    launch hooks are set, and such calls are replayable (one pass whose quantizer divides by s itself,
-    ``triton_w4a4.kernels_divide``). Triton's launcher checks each tensor argument's pointer with the driver, which
-    fails for memory that cudaMallocAsync hands out inside a CUDA graph capture (``kernels/README.md``, session 24); an
-    integer is passed as it is."""
+    launch hooks are set, and such calls are replayable where they are one pass (their quantizer divides by s
+    itself, ``triton_w4a4.kernels_divide``; a layer too wide for one pass, ``triton_w4a4.pass_rows``, is not).
+    Triton's launcher checks each tensor argument's pointer with the driver, which fails for memory that
+    cudaMallocAsync hands out inside a CUDA graph capture (``kernels/README.md``, session 24); an integer is
+    passed as it is."""
     return enabled() and launch.hooks_idle() and tw.kernels_divide(rows)
 
 

@@ -8,7 +8,8 @@ Launches per layer (kernels/README.md has the measurements behind this shape):
      maxima and the low-rank input over all of K, then quantizes in a second sweep, dividing by s itself; in a
      layer call that launch also expands the weights (step 2), as ``_prologue_kernel``;
    - otherwise two, ``_act_stats_kernel`` then ``_act_quant_kernel``, over K chunks when there are few
-     tokens so that every SM has work, multiplying by a 1/s made once per call.
+     tokens so that every SM has work, dividing by s themselves up to ``DIVIDE_MAX_ROWS`` rows, above that
+     multiplying by a 1/s made once per call.
    Pass 1 smooths x, takes the (partial) row maxima and the low-rank down projection
    u = bf16(bf16(x^) @ L1); pass 2 picks each group's integer factor, rounds to 4-bit values and writes
    the int8 operand q * f (minus 128 for unsigned inputs, restored exactly in the GEMM's epilogue). The
@@ -558,7 +559,9 @@ def _check_plan(plan: QuantPlan, k: int, bk: int) -> None:
 # one 720p frame (7200 rows with ComfyUI's cond and uncond in one call) and two 480p latent frames (6240) were
 # host-bound without replay on ComfyUI 0.33 (H200: the GPU busy 256 / 223 ms of model calls of 533 / 579 ms,
 # benchmarks/RESULTS.md, thirty-second part); and 8192 rows of Wan's ffn.2 (K = 13 824) fit one pass of PASS_BYTES
-# up to rank 1278, so that these calls are one pass (``CallPlan.replayable``).
+# up to rank 1278, so that these calls are one pass (``CallPlan.replayable``). Where replay is off (another Triton,
+# WAN_W4A4_REPLAY=0, a profiler's hooks) calls of 4097-8192 rows still divide: 9-10 % more quantizer time, about 1 %
+# of a model call's GPU time (same source).
 DIVIDE_MAX_ROWS = 8192
 
 

@@ -336,3 +336,26 @@ def test_a_layer_call_takes_the_prologue_where_its_plan_is_one_launch_of_one_pas
         assert tw.pass_rows(m, k, p.rank, pass_bytes) == 1024
     y = tw.run_checked(torch.zeros(m, k, dtype=torch.bfloat16), p, 0, pass_bytes=pass_bytes)
     assert y.shape == (m, n) and calls == want
+
+
+def _shaped_layer(n: int, k: int, rank: int) -> nm.W4A4Params:
+    """A layer of these shapes (zeros): what a call's plan reads."""
+    return nm.W4A4Params(qweight=torch.zeros(n, k // 2, dtype=torch.uint8), wscale=torch.zeros(n),
+                         wfactor=torch.ones(n, k // nm.GROUP, dtype=torch.uint8), smooth=torch.ones(k),
+                         lr_down=torch.zeros(k, rank, dtype=torch.bfloat16),
+                         lr_up=torch.zeros(rank, n, dtype=torch.bfloat16), clip=torch.ones(4))
+
+
+@pytest.mark.parametrize("m,k,rank,replayable", [
+    (4096, 5120, 32, True), (6240, 5120, 32, True), (7200, 13824, 32, True), (8192, 13824, 1278, True),
+    (8192, 13824, 1279, False), (8193, 5120, 32, False)])
+def test_calls_of_up_to_8192_rows_in_one_pass_are_replayable(monkeypatch, m, k, rank, replayable):
+    """Two 480p latent frames (6240 rows with cond and uncond), one 720p frame (7200) and 8192 rows of Wan's ffn.2 up
+    to rank 1278 are one pass whose quantizer divides by s itself (no 1/s region): what ``replay.py`` records. Above
+    8192 rows, or in two passes, a 1/s is made by a torch call (kernels/README.md, session 29)."""
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    monkeypatch.setattr(tw, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(tw, "_index", lambda device: 0)
+    c = tw.call_plan(torch.zeros(m, k, dtype=torch.bfloat16), _shaped_layer(256, k, rank))
+    assert c.replayable == replayable and ("inv_s" not in c.regions) == replayable
+    assert (c.rows >= m) == (rank <= 1278)  # one pass

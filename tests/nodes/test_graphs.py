@@ -100,6 +100,10 @@ def test_reasons_a_call_stays_eager(monkeypatch):
     assert g.reason(_args(tokens=g.MAX_ROWS)) == "not on a GPU"
     assert g.reason(_args(tokens=g.MAX_ROWS + 1)) == "more rows than graphs pay for"
     assert g.reason(dict(_args(), txt=torch.zeros(2, g.MAX_ROWS // 2 + 1, 16))) == "more rows than graphs pay for"
+    # one 720p frame (cond and uncond): the kernels' replay alone is as fast, graphs cost memory (graphs.MAX_ROWS)
+    assert g.reason(_args(tokens=7200)) == "more rows than graphs pay for"
+    from wan_w4a4.nodes import rowwise
+    assert g.MAX_ROWS < rowwise.MIN_TOKENS  # rowwise's Triton launches stay out of captured calls
     assert g.reason(_args(wrappers={"apply_model": {"torch.compile": [object()]}})) == "compiled"
     assert g.reason(_args(patches={"attn2_patch": [lambda a: a]})) == "attention patches"
     assert g.reason(_args(patches={"attn1_patch": []})) == "not on a GPU"  # an empty list patches nothing
