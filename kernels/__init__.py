@@ -60,6 +60,12 @@ def _triton_module():
     return _lazy("triton_w4a4")
 
 
+def _loaded(name: str):
+    """Module ``name`` where a call has already imported it, else None (imports nothing: the state it keeps exists
+    only once it has run)."""
+    return _imports.get(name, (None, None))[0]
+
+
 def _triton_device_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"needs a CUDA device, got {device.type}"
@@ -156,7 +162,7 @@ def release_workspaces() -> None:
     188 MB for Wan's ffn.2 at 8192 rows and rank 32) and its recordings, which point into them (the next
     few-token call of each signature records again). Nothing to do, and nothing imported, where no call has
     loaded that module."""
-    module = _imports.get("replay", (None, None))[0]
+    module = _loaded("replay")
     if module is not None:
         module.release()
 
@@ -173,13 +179,13 @@ def capture_ready(device: torch.device, rows: int) -> bool:
 def held_workspaces(stream: int | None = None) -> tuple[torch.Tensor, ...]:
     """The workspaces replayed calls write into now, or only ``stream``'s (``replay.workspaces``); empty where none
     was made."""
-    module = _imports.get("replay", (None, None))[0]
+    module = _loaded("replay")
     return module.workspaces(stream) if module is not None else ()
 
 
 def recordings_dropped() -> int:
     """How many replay recordings have been forgotten so far (``replay.dropped``); 0 where none was made."""
-    module = _imports.get("replay", (None, None))[0]
+    module = _loaded("replay")
     return module.dropped() if module is not None else 0
 
 

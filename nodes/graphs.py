@@ -524,7 +524,7 @@ def attach(model) -> bool:
     installed = False
     for i in range(len(blocks)):
         current = replace.get(("double_block", i))
-        if current is not None and type(getattr(current, "graphs", None)).__name__ != "GraphSet":
+        if current is not None and _graph_set(current) is None:
             continue
         model.set_model_patch_replace(BlockPatch(graphs, i), "dit", "double_block", i)
         installed = True
@@ -536,13 +536,16 @@ def replacements(model) -> dict:
     return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
 
 
+def _graph_set(patch) -> GraphSet | None:
+    """The :class:`GraphSet` a block replacement runs through, None for another node's (duck-typed: the pack may be
+    imported under another name)."""
+    graphs = getattr(patch, "graphs", None)
+    return graphs if type(graphs).__name__ == "GraphSet" else None
+
+
 def get(model) -> GraphSet | None:
-    """The model's :class:`GraphSet` (duck-typed: the pack may be imported under another name), or None."""
-    for patch in replacements(model).values():
-        graphs = getattr(patch, "graphs", None)
-        if type(graphs).__name__ == "GraphSet":
-            return graphs
-    return None
+    """The model's :class:`GraphSet`, or None."""
+    return next((g for g in map(_graph_set, replacements(model).values()) if g is not None), None)
 
 
 def drop(model) -> None:
