@@ -125,6 +125,14 @@ class Zeroed(NamedTuple):
     tensor: torch.Tensor
 
 
+class Computed(NamedTuple):
+    """A tensor written by ``compute_`` while ``record`` ran: ``fn(*sources, out=tensor)``, a torch call of the
+    kernels from the layer's tensors into a region they read (1/s, where the quantizer does not divide)."""
+    tensor: torch.Tensor
+    fn: object
+    sources: tuple
+
+
 class _State(threading.local):
     """Per host thread: ``recorded``, where ``record`` notes launches while it runs (None otherwise). A class
     attribute, so that reading it in a thread that never recorded costs no caught AttributeError (about 1 us per
@@ -145,10 +153,20 @@ def zero_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def compute_(fn, out: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+    """``fn(*sources, out=out)``, noted by ``record``: the kernels' other torch call between launches, the same call
+    made again on a replay with that call's own ``sources``."""
+    fn(*sources, out=out)
+    recorded = _state.recorded
+    if recorded is not None:
+        recorded.append(Computed(out, fn, sources))
+    return out
+
+
 def record(fn) -> list | None:
-    """Run ``fn()`` and return the launches it made (``Recorded``) and the tensors it zeroed (``Zeroed``) in their
-    order, or None when a launch went through Triton's own path (then what it launched is not known here:
-    ``kernels/replay.py`` must not replay it)."""
+    """Run ``fn()`` and return the launches it made (``Recorded``) and the tensors it zeroed (``Zeroed``) or
+    computed (``Computed``) in their order, or None when a launch went through Triton's own path (then what it
+    launched is not known here: ``kernels/replay.py`` must not replay it)."""
     if _state.recorded is not None:
         raise RuntimeError("launch.record does not nest")
     _state.recorded = got = []

@@ -205,9 +205,7 @@ class W4A4Params:
         return self.clip.shape[0]
 
     def inv_smooth(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        # Kernels and reference multiply by this one tensor, so both see the same x^. ``out``: an fp32 [K]
-        # tensor to write it into (the kernels' one allocation per call).
-        return torch.reciprocal(self.smooth.float(), out=out)
+        return reciprocal_smooth(self.smooth, out=out)
 
     def residual(self) -> torch.Tensor:
         """Dequantized residual Q(R), fp32 [N, K], in the smoothed space."""
@@ -222,6 +220,13 @@ class W4A4Params:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
                                             for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def reciprocal_smooth(smooth: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """1/s in fp32. Kernels and reference multiply by this one tensor, so both see the same x^ (the kernels that
+    divide by s themselves round as this does). ``out``: an fp32 [K] tensor to write it into (a region of the
+    kernels' one allocation per call)."""
+    return torch.reciprocal(smooth.float(), out=out)
 
 
 def smooth_input(x2d: torch.Tensor, p: W4A4Params, inv_smooth: torch.Tensor | None = None) -> torch.Tensor:

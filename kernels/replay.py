@@ -14,29 +14,34 @@ How:
   grid, the two Triton settings the launcher keys on, what picks the GEMM (``WAN_W4A4_GEMM``, the device's compute
   capability, whether the Gluon kernel failed to build), and where it runs: the current device, stream and host
   thread, whose workspace the recording points into.
-- The first call of a signature runs ``triton_w4a4.one_pass_call``, the ordinary path of a call whose rows fit
-  one pass, into the workspace of its (device, stream, thread), while ``launch.record`` notes each launch (the
-  compiled kernel, its grid, its arguments) and each zeroing of a region (``launch.zero_``: the weight row sums of
-  unsigned layers, which the expansion's atomics fill). Each tensor argument must be one of the call's own tensors
-  (input rows, output, bin index, the layer's tensors: a slot, filled per call with its address) or lie in the
-  workspace (a fixed address; the GEMM's TMA descriptors describe workspace regions, so they are kept as they are).
-  Anything else, or a launch through Triton's own path, and the signature is served by ``run_checked`` from then on.
-- Later calls of the signature allocate the output, read the addresses of the slots, zero what was zeroed, and
-  call each compiled kernel's launcher with the addresses (Triton's launcher takes an integer as a device pointer,
-  and then skips its per-pointer driver query). Where the launcher is Triton 3.6's as read, the recording holds its C
+- The first call of a signature runs ``triton_w4a4.call_into``, the ordinary path of a call, into the workspace of
+  its (device, stream, thread), while ``launch.record`` notes each launch (the compiled kernel, its grid, its
+  arguments), each zeroing of a region (``launch.zero_``: the weight row sums of unsigned layers, which the
+  expansion's atomics fill) and each region a torch call computes from the layer's tensors (``launch.compute_``: 1/s,
+  where the quantizer does not divide by s itself). Each tensor argument must be one of the call's own tensors (input
+  rows, output, bin index, the layer's tensors: a slot, filled per call with its address), a pass's rows of the input
+  or output (a slot with a byte offset: the signature fixes the input's shape and row stride, so a pass starts at the
+  same offset in every call), or lie in the workspace (a fixed address; the GEMM's TMA descriptors describe workspace
+  regions, so they are kept as they are). Anything else, or a launch through Triton's own path, and the signature is
+  served by ``run_checked`` from then on.
+- Later calls of the signature allocate the output, read the addresses of the slots, zero what was zeroed, compute
+  what was computed from their own layer tensors, and call each compiled kernel's launcher with the addresses
+  (Triton's launcher takes an integer as a device pointer, and then skips its per-pointer driver query). Where the launcher is Triton 3.6's as read, the recording holds its C
   function and whole argument list (``launch.bind``: stream and workspace addresses fixed, the GEMM's TMA descriptors
   encoded once), so a replayed launch runs no Python of Triton's.
 
-The same compiled kernels get the same arguments, in the same order with the same zeroing, so the bits are
-``run_checked``'s (tests/kernels/test_replay_calls.py: on a GPU, and on the CPU the slot map, with stand-in kernels
-and with the real launch paths where Triton is installed). Replayed (``CallPlan.replayable``): calls of up to
-``DIVIDE_MAX_ROWS`` rows (8192) in one pass: up to ``ONE_LAUNCH_MAX_ROWS`` (4096) rows of K <= ``ONE_LAUNCH_MAX_K``,
-the quantizer and the weight expansion in one launch; else (more rows, or Wan's ffn.2, K = 13 824) the expansion,
-two quantizer launches that divide by s themselves (no 1/s made by a torch call); then the GEMM. Larger calls, and
-calls in several passes, take ``run_checked`` (a 1/s made by a torch call, the passes' views of x and y).
+The same compiled kernels get the same arguments, in the same order with the same zeroing and torch calls, so the
+bits are ``run_checked``'s (tests/kernels/test_replay_calls.py: on a GPU, and on the CPU the slot map, with stand-in
+kernels and with the real launch paths where Triton is installed). Replayed (``CallPlan.replayable``): calls of up to
+``REPLAY_MAX_ROWS`` rows (16 384). Up to ``ONE_LAUNCH_MAX_ROWS`` (4096) rows of K <= ``ONE_LAUNCH_MAX_K``, the
+quantizer and the weight expansion in one launch; else (more rows, or Wan's ffn.2, K = 13 824) the expansion and two
+quantizer launches, which divide by s themselves in a call of up to ``DIVIDE_MAX_ROWS`` rows (8192) in one pass and
+else read a 1/s made first; then the GEMM, per pass where the operands of all rows would not fit ``PASS_BYTES``.
+Larger calls take ``run_checked``: the GPU sets their step.
 
 The workspace holds the transients of the largest replayed call of its stream (Wan2.2-A14B's ffn.2 at rank 32: 117
-MB at one 480p frame's 3120 rows, 174 MB at one 720p frame's 7200, 188 MB at 8192) and stays allocated between
+MB at one 480p frame's 3120 rows, 174 MB at one 720p frame's 7200, 188 MB at 8192 and at 16 384, in two passes of
+8192) and stays allocated between
 calls, so that its addresses, and the recorded launches that point into it, stay valid; a call that needs more
 replaces it and forgets the recordings of the old one. ``release()`` frees it. Workspace and recordings are per
 (device, stream, host thread): calls that one thread issues on one stream run in order, so they can share it. At
@@ -64,15 +69,23 @@ SOURCES = ("x", "y", "bin", *FIELDS)  # a call's own tensors, in the order of ``
 class Call(NamedTuple):
     """One recorded launch as a call ``fn(*args)``: the kernel's C launcher with its whole argument list where
     ``launch.bind`` binds it (stream and workspace addresses fixed, TMA descriptors encoded once), else the compiled
-    kernel's ``run`` with what ``launch.Launcher`` passes it. ``slots``: the (place in ``args``, index in SOURCES) to
-    fill per call."""
+    kernel's ``run`` with what ``launch.Launcher`` passes it. ``slots``: the (place in ``args``, index in SOURCES,
+    byte offset) to fill per call with that tensor's address plus the offset."""
     fn: object
     args: tuple
     slots: tuple
 
 
+class Compute(NamedTuple):
+    """A recorded ``launch.compute_``: ``fn(*(the call's SOURCES at ``sources``), out=out)``, ``out`` a workspace
+    region."""
+    fn: object
+    out: torch.Tensor
+    sources: tuple
+
+
 class Replay(NamedTuple):
-    steps: tuple  # Call, or a workspace tensor to zero
+    steps: tuple  # Call, Compute, or a workspace tensor to zero
     used: tuple  # indices in SOURCES of the tensors the launches take
     workspace: torch.Tensor  # kept alive with the recording that points into it
     cuda: bool  # whether it was recorded on a GPU (the CPU tests record stand-in kernels)
@@ -117,12 +130,11 @@ def workspaces(stream: int | None = None) -> tuple[torch.Tensor, ...]:
 
 def capturable(rows: int) -> bool:
     """Whether calls of up to ``rows`` rows replayed now launch from integer addresses only: replay is on, no profiler's
-    launch hooks are set, and such calls are replayable where they are one pass (their quantizer divides by s
-    itself, ``triton_w4a4.kernels_divide``; a layer too wide for one pass, ``triton_w4a4.pass_rows``, is not).
-    Triton's launcher checks each tensor argument's pointer with the driver, which fails for memory that
-    cudaMallocAsync hands out inside a CUDA graph capture (``kernels/README.md``, session 24); an integer is
-    passed as it is."""
-    return enabled() and launch.hooks_idle() and tw.kernels_divide(rows)
+    launch hooks are set, and such calls are replayed (``CallPlan.replayable``: up to ``triton_w4a4.REPLAY_MAX_ROWS``;
+    their torch calls, the row sums' zeroing and 1/s, write workspace regions). Triton's launcher checks each tensor
+    argument's pointer with the driver, which fails for memory that cudaMallocAsync hands out inside a CUDA graph
+    capture (``kernels/README.md``, session 24); an integer is passed as it is."""
+    return enabled() and launch.hooks_idle() and rows <= tw.REPLAY_MAX_ROWS
 
 
 def layer_tensors(p: nm.W4A4Params) -> tuple:
@@ -149,17 +161,40 @@ def signature(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, wher
             tw._capability(tw._index(device)), bool(tw._gluon_failure))
 
 
+VIEWED = (0, 1)  # indices in SOURCES whose rows a pass takes as a view: x, y
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from ``t``'s first element to the end of its last."""
+    return (sum((d - 1) * s for d, s in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else 0
+
+
+def _view_of(v: torch.Tensor, own: tuple) -> tuple[int, int] | None:
+    """(index in SOURCES, byte offset) where ``v`` is a view within the input's or the output's bytes, with their
+    dtype and row stride (a pass's rows), else None."""
+    for j in VIEWED:
+        t = own[j] if j < len(own) else None
+        if not isinstance(t, torch.Tensor) or v.dtype != t.dtype or v.stride() != t.stride() or v.device != t.device:
+            continue
+        offset = v.data_ptr() - t.data_ptr()
+        if 0 <= offset and offset + _extent(v) <= _extent(t):
+            return j, offset
+    return None
+
+
 def slot_map(values, own: tuple, workspace: torch.Tensor) -> tuple[tuple, tuple] | None:
     """(argument values with workspace tensors as addresses, slots) of one recorded launch, or None when an
-    argument is a tensor that is neither one of the call's own (``own``, SOURCES' order) nor in ``workspace``."""
+    argument is a tensor that is neither one of the call's own (``own``, SOURCES' order), nor a pass's view of the
+    input or output (``_view_of``), nor in ``workspace``."""
     lo = workspace.data_ptr()
     hi = lo + workspace.numel()
     out, slots = [], []
     for i, v in enumerate(values):
         if isinstance(v, torch.Tensor):
             where = next((j for j, t in enumerate(own) if t is v), None)
-            if where is not None:
-                slots.append((i, where))
+            view = (where, 0) if where is not None else _view_of(v, own)
+            if view is not None:
+                slots.append((i, *view))
                 out.append(None)
                 continue
             if not lo <= v.data_ptr() < hi:
@@ -204,7 +239,7 @@ def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> 
     """Run the call (into the workspace) and return its recording, or None if its signature cannot be replayed."""
     ws = _workspace(c.x2d.device, where, tw.Arena.bytes_for(c.regions))
     own = sources(c.x2d, y, c.bin_index, p)
-    noted = launch.record(lambda: tw.one_pass_call(c, p, tw.Arena(c.x2d.device, c.regions, buf=ws), y))
+    noted = launch.record(lambda: tw.call_into(c, p, tw.Arena(c.x2d.device, c.regions, buf=ws), y))
     if not noted:
         return None
     steps = []
@@ -213,6 +248,12 @@ def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> 
             if slot_map([r.tensor], (), ws) is None:
                 return None
             steps.append(r.tensor)
+            continue
+        if isinstance(r, launch.Computed):  # 1/s: a workspace region, computed again from the call's own layer
+            found = [next((j for j, t in enumerate(own) if t is s), None) for s in r.sources]
+            if slot_map([r.tensor], (), ws) is None or None in found:
+                return None
+            steps.append(Compute(r.fn, r.tensor, tuple(found)))
             continue
         mapped = slot_map(r.values, own, ws)
         if mapped is None:
@@ -223,13 +264,16 @@ def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> 
         if bound is None:
             k = r.kernel  # its run, as launch.Launcher calls it with no hooks set (run() checks launch.hooks_idle)
             head = (*grid, where[1], k.function, k.packed_metadata, None, None, None)
-            steps.append(Call(k.run, (*head, *values), tuple((len(head) + i, j) for i, j in slots)))
+            steps.append(Call(k.run, (*head, *values), tuple((len(head) + i, j, o) for i, j, o in slots)))
         else:
             fn, args, places = bound
-            steps.append(Call(fn, args, tuple((places[i], j) for i, j in slots)))
-    used = tuple(sorted({j for r in steps if not isinstance(r, torch.Tensor) for _, j in r.slots}))
+            steps.append(Call(fn, args, tuple((places[i], j, o) for i, j, o in slots)))
+    used = tuple(sorted({j for r in steps if type(r) is Call for _, j, _ in r.slots}
+                        | {j for r in steps if type(r) is Compute for j in r.sources}))
     if any(own[j].data_ptr() % launch.ALIGN for j in used):  # compiled for a misaligned input: not what _replay
         return None  # issues (the input's alignment is in the signature; run() sends other tensors' elsewhere)
+    if any(o % launch.ALIGN for r in steps if type(r) is Call for _, _, o in r.slots):
+        return None  # a pass's rows compiled for another alignment than the call's input (not from PASS_ROW_TILE)
     return Replay(tuple(steps), used, ws, ws.is_cuda)
 
 
@@ -246,9 +290,12 @@ def _replay(rec: Replay, own: tuple) -> bool:
         if isinstance(step, torch.Tensor):
             step.zero_()
             continue
+        if type(step) is Compute:
+            step.fn(*(own[j] for j in step.sources), out=step.out)
+            continue
         args = list(step.args)
-        for i, j in step.slots:
-            args[i] = addresses[j]
+        for i, j, offset in step.slots:
+            args[i] = addresses[j] + offset
         step.fn(*args)
     return True
 

@@ -39,8 +39,8 @@ The host side matters at few tokens, where a layer call has less GPU work than t
 call's transients (one pass's activation operands, 1/s, the expanded weights) come from one allocation (``Arena``),
 and every kernel is launched through ``launch.launcher``, which skips Triton's per-call binder once a
 specialization has been launched (kernels/README.md, session 24). ``replay.py`` goes further for calls of up to
-``DIVIDE_MAX_ROWS`` rows in one pass: ``one_pass_call``'s launches are recorded once per call signature and
-re-issued with the next call's addresses (session 26).
+``REPLAY_MAX_ROWS`` rows: ``call_into``'s launches are recorded once per call signature and re-issued with the next
+call's addresses (session 26).
 
 Notation: M tokens, K in, N out, R rank. Requires K % 128 == 0.
 """
@@ -55,7 +55,7 @@ import torch
 
 from . import gluon_gemm as gg
 from . import numerics as nm
-from .launch import launcher, zero_
+from .launch import compute_, launcher, zero_
 from .tiles import scale_tile, tile_of
 
 log = logging.getLogger(__name__)
@@ -559,7 +559,7 @@ def _check_plan(plan: QuantPlan, k: int, bk: int) -> None:
 # one 720p frame (7200 rows with ComfyUI's cond and uncond in one call) and two 480p latent frames (6240) were
 # host-bound without replay on ComfyUI 0.33 (H200: the GPU busy 256 / 223 ms of model calls of 533 / 579 ms,
 # benchmarks/RESULTS.md, thirty-second part); and 8192 rows of Wan's ffn.2 (K = 13 824) fit one pass of PASS_BYTES
-# up to rank 1278, so that these calls are one pass (``CallPlan.replayable``). Where replay is off (another Triton,
+# up to rank 1278, so that these calls are one pass. Where replay is off (another Triton,
 # WAN_W4A4_REPLAY=0, a profiler's hooks) calls of 4097-8192 rows still divide: 9-10 % more quantizer time, about 1 %
 # of a model call's GPU time (same source).
 DIVIDE_MAX_ROWS = 8192
@@ -568,6 +568,22 @@ DIVIDE_MAX_ROWS = 8192
 def kernels_divide(m: int) -> bool:
     """Whether a ``quantize`` of ``m`` rows, given no 1/s, has its two launches divide by s (no 1/s region)."""
     return m <= DIVIDE_MAX_ROWS
+
+
+# Calls of up to this many rows are recorded and replayed (``CallPlan.replayable``, ``replay.py``), in one pass or
+# several, their 1/s made by a noted torch call (``launch.compute_``) above DIVIDE_MAX_ROWS. Up to here the host may
+# set the step: eager calls of 6240-7200 rows took 0.370-0.587 s per step on about 35.5 ms of GPU work per 1000 rows
+# (H200, ComfyUI 0.33; benchmarks/RESULTS.md, thirty-second part), so calls up to somewhere between 10 000 and
+# 16 000 rows (480p x 17 frames is 15 600 with cond and uncond, 720p x 5 is 14 400) were likely host-bound. Above it
+# the GPU sets the step and replay would only keep the workspace allocated between calls: at 480p x 81 (32 760 rows
+# per call) that path stays as measured. Up to here the workspace stays within the 188 MB of 8192 rows of ffn.2:
+# 16 384 rows of ffn.2 are two passes of 8192 (PASS_BYTES).
+REPLAY_MAX_ROWS = 16384
+
+
+def _inv_smooth_into(p: nm.W4A4Params, out: torch.Tensor) -> torch.Tensor:
+    """1/s into ``out`` (a region of the call's allocation), by a torch call ``replay.py`` re-issues."""
+    return compute_(nm.reciprocal_smooth, out, p.smooth)
 
 
 # Bytes of per-pass activation operands (int8 activations, scales, u) a W4A4 linear may hold at once.
@@ -763,7 +779,7 @@ def quantize(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, plan:
     if divide:
         inv_s = _smooth_f32(p)
     else:
-        inv_s = inv_smooth if inv_smooth is not None else p.inv_smooth(out=out["inv_s"])
+        inv_s = inv_smooth if inv_smooth is not None else _inv_smooth_into(p, out["inv_s"])
     grid = (_cdiv(m, plan.block_m), plan.n_split)
     rmax_part = out["rmax_part"]
     # One chunk: pass 1 writes u itself (bf16(0 + p) == bf16(p), the same values as summing one partial).
@@ -993,9 +1009,9 @@ class CallPlan(NamedTuple):
 
     @property
     def replayable(self) -> bool:
-        """One pass whose only torch call between launches is the row sums' zeroing (``launch.zero_``): what
-        ``replay.py`` may record. Beyond ``DIVIDE_MAX_ROWS`` rows ``quantize`` makes 1/s with a torch call."""
-        return _one_pass_divides(self.rows, self.x2d.shape[0])
+        """What ``replay.py`` may record: up to ``REPLAY_MAX_ROWS`` rows, in one pass or several. Between launches
+        only noted torch calls run (``launch.zero_``, ``launch.compute_``)."""
+        return self.x2d.shape[0] <= REPLAY_MAX_ROWS
 
 
 def _one_pass_divides(rows: int, m: int) -> bool:
@@ -1027,6 +1043,21 @@ def call_plan(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | Non
     return CallPlan(x2d, bin_index, tma, config, rows, plan, offset, regions)
 
 
+def call_into(c: CallPlan, p: nm.W4A4Params, arena: Arena, y: torch.Tensor) -> None:
+    """The call of plan ``c`` into ``y`` [M, N]: in one pass (``one_pass_call``) or in passes over the rows with the
+    whole call's launch configuration (the same bits as one pass), sharing the expanded weights and 1/s."""
+    x2d, rows, plan = c.x2d, c.rows, c.plan
+    m = x2d.shape[0]
+    if rows >= m:
+        one_pass_call(c, p, arena, y)
+        return
+    w8, wsum = expanded(p, c.offset, arena)
+    inv_smooth = None if plan.one_launch else _inv_smooth_into(p, arena.get("inv_s"))
+    for start in range(0, m, rows):
+        xq, sx, u = quantize(x2d[start:start + rows], p, c.bin_index, plan, inv_smooth, arena=arena)
+        gemm(xq, sx, u, p, y.dtype, tma=c.tma, config=c.config, w8=w8, wsum=wsum, out=y[start:start + rows])
+
+
 def one_pass_call(c: CallPlan, p: nm.W4A4Params, arena: Arena, y: torch.Tensor) -> None:
     """A call whose rows fit one pass (``c.rows`` >= M) into ``y`` [M, N]: quantizer and expansion in one launch
     (``c.prologue``) or the expansion and the quantizer's launches, then the GEMM."""
@@ -1043,18 +1074,8 @@ def run_checked(x: torch.Tensor, p: nm.W4A4Params, bin_index=0, *, tma: bool | N
     """``w4a4_linear`` for a call that ``unsupported_reason`` has already accepted: what the dispatcher
     (``kernels.w4a4_linear``) runs after its own check, so that a layer call is checked once."""
     c = call_plan(x, p, bin_index, tma=tma, pass_bytes=pass_bytes, one_launch=one_launch)
-    x2d, bin_index, tma, config, rows, plan, offset = c.x2d, c.bin_index, c.tma, c.config, c.rows, c.plan, c.offset
-    m, n = x2d.shape[0], p.out_features
+    n = p.out_features
     # One allocation for the call's transients (``Arena``); the passes reuse the activation regions in stream order.
-    arena = Arena(x.device, c.regions)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if rows >= m:
-        one_pass_call(c, p, arena, y)
-        return y.reshape(*x.shape[:-1], n)
-    # Passes over the rows with the whole call's launch configuration (same bits as one pass).
-    w8, wsum = expanded(p, offset, arena)
-    inv_smooth = None if plan.one_launch else p.inv_smooth(out=arena.get("inv_s"))
-    for start in range(0, m, rows):
-        xq, sx, u = quantize(x2d[start:start + rows], p, bin_index, plan, inv_smooth, arena=arena)
-        gemm(xq, sx, u, p, x.dtype, tma=tma, config=config, w8=w8, wsum=wsum, out=y[start:start + rows])
+    y = torch.empty((c.x2d.shape[0], n), dtype=x.dtype, device=x.device)
+    call_into(c, p, Arena(x.device, c.regions), y)
     return y.reshape(*x.shape[:-1], n)

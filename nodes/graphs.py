@@ -71,12 +71,10 @@ WARMUPS = 3  # eager runs before a capture at most (``GraphSet._capture``)
 MIN_CALLS_LEFT = 2
 MAX_SIGNATURES = 2  # input signatures with graphs at once per model; the oldest gives way
 # Rows per call (batch x tokens) up to which blocks are captured: one 480p frame (3120) and calls up to the kernels'
-# one-launch quantizer. Above, the GPU's work outlasts the host's once the kernels replay their calls (up to 8192
-# rows, ``kernels.capture_ready``): at one 720p frame (7200 rows, H200, ComfyUI 0.33 defaults) the steps were 0.273 /
+# one-launch quantizer. Above, the GPU's work outlasts the host's once the kernels replay their calls
+# (``kernels.capture_ready``): at one 720p frame (7200 rows, H200, ComfyUI 0.33 defaults) the steps were 0.273 /
 # 0.270 s with graphs and 0.270 / 0.270 s without, and the graphs held 0.76 GiB more device memory
-# (benchmarks/RESULTS.md, thirty-second part). ``kernels.capture_ready`` checks the rows of a one-pass call; at 4096
-# rows only K >= 32 768 (at rank 32) or, at ffn.2's K, a rank above 9470 would need two passes
-# (``triton_w4a4.pass_rows``), and a capture that fails leaves its signature eager. It stays below
+# (benchmarks/RESULTS.md, thirty-second part); a capture that fails leaves its signature eager. It stays below
 # ``rowwise.MIN_TOKENS``, whose Triton launches a capture cannot take.
 MAX_ROWS = 4096
 INPUTS = ("img", "txt", "vec", "pe")  # the block arguments forward_orig passes (x, context, e0, freqs)

@@ -346,16 +346,20 @@ def _shaped_layer(n: int, k: int, rank: int) -> nm.W4A4Params:
                          lr_up=torch.zeros(rank, n, dtype=torch.bfloat16), clip=torch.ones(4))
 
 
-@pytest.mark.parametrize("m,k,rank,replayable", [
+@pytest.mark.parametrize("m,k,rank,divides", [
     (4096, 5120, 32, True), (6240, 5120, 32, True), (7200, 13824, 32, True), (8192, 13824, 1278, True),
-    (8192, 13824, 1279, False), (8193, 5120, 32, False)])
-def test_calls_of_up_to_8192_rows_in_one_pass_are_replayable(monkeypatch, m, k, rank, replayable):
+    (8192, 13824, 1279, False), (8193, 5120, 32, False), (9360, 5120, 32, False), (14400, 13824, 32, False),
+    (16384, 13824, 32, False)])
+def test_calls_of_up_to_16384_rows_are_replayable_and_up_to_8192_in_one_pass_divide(monkeypatch, m, k, rank, divides):
     """Two 480p latent frames (6240 rows with cond and uncond), one 720p frame (7200) and 8192 rows of Wan's ffn.2 up
-    to rank 1278 are one pass whose quantizer divides by s itself (no 1/s region): what ``replay.py`` records. Above
-    8192 rows, or in two passes, a 1/s is made by a torch call (kernels/README.md, session 29)."""
+    to rank 1278 are one pass whose quantizer divides by s itself (no 1/s region). Above 8192 rows, or in two passes,
+    1/s is made first by a torch call that ``replay.py`` re-issues (kernels/README.md, sessions 29 and 30). All of
+    them are replayed, up to ``REPLAY_MAX_ROWS``."""
     from wan_w4a4.kernels import triton_w4a4 as tw
     monkeypatch.setattr(tw, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(tw, "_index", lambda device: 0)
     c = tw.call_plan(torch.zeros(m, k, dtype=torch.bfloat16), _shaped_layer(256, k, rank))
-    assert c.replayable == replayable and ("inv_s" not in c.regions) == replayable
-    assert (c.rows >= m) == (rank <= 1278)  # one pass
+    assert c.replayable and ("inv_s" not in c.regions) == divides
+    assert tw.kernels_divide(m) == (m <= 8192) and tw.REPLAY_MAX_ROWS == 16384
+    if m <= 8192:
+        assert (c.rows >= m) == (rank <= 1278)  # one pass

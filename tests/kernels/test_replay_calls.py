@@ -31,8 +31,27 @@ def test_slot_map_turns_own_tensors_into_slots_and_workspace_tensors_into_addres
     region = ws[1024:2048].view(torch.int8)
     desc = type("Desc", (), {"base": ws[256:512], "block_shape": [16, 16]})()
     values, slots = replay.slot_map([x, region, 37, 0.5, y, desc, 64, None], own, ws)
-    assert slots == ((0, 0), (4, 1))
+    assert slots == ((0, 0, 0), (4, 1, 0))
     assert values == (None, ws.data_ptr() + 1024, 37, 0.5, None, desc, 64, None)
+
+
+def test_slot_map_turns_a_passs_rows_of_the_input_or_output_into_slots_with_their_byte_offset():
+    """``triton_w4a4.call_into`` hands each pass its rows of x and y as views: slots of x and y with the view's
+    offset in bytes, which a later call of the signature (the same shape and row stride) adds to its own address."""
+    ws = torch.empty(4096, dtype=torch.uint8)
+    x = torch.zeros(12, 16)[:, :8]  # rows of a wider buffer: row stride 16
+    y = torch.zeros(12, 4, dtype=torch.bfloat16)
+    w = torch.zeros(12, 8)
+    own = (x, y, None, w)
+    values, slots = replay.slot_map([x[4:8], y[8:], x[:4], y], own, ws)
+    assert slots == ((0, 0, 4 * 16 * 4), (1, 1, 8 * 4 * 2), (2, 0, 0), (3, 1, 0)) and values == (None,) * 4
+    assert replay.slot_map([w[4:]], own, ws) is None  # the layer's tensors are taken whole, never as views
+    assert replay.slot_map([x.contiguous()[4:]], own, ws) is None  # another tensor of the same values
+    assert replay.slot_map([x[4:].t()], own, ws) is None  # another row stride
+    assert replay.slot_map([x[4:].view(torch.int32)], own, ws) is None  # another dtype
+    assert replay.slot_map([torch.zeros(12, 16)[:, 8:]], own, ws) is None
+    wider = torch.zeros(12, 16)
+    assert replay.slot_map([wider[4:, :8]], (wider[:8, :8], y), ws) is None  # past the call's own rows
 
 
 def test_slot_map_refuses_a_tensor_neither_own_nor_in_the_workspace():
@@ -48,28 +67,28 @@ def test_slot_map_refuses_a_tensor_neither_own_nor_in_the_workspace():
 
 @pytest.fixture
 def stand_ins(fake_driver, monkeypatch):
-    """``replay.run`` on the CPU: the ordinary path is a recorder, the few-token path launches one stand-in kernel
-    with the call's tensors and a workspace region, as ``one_pass_call`` launches its kernels."""
+    """``replay.run`` on the CPU: the ordinary path is a recorder, the replayed path launches one stand-in kernel
+    with the call's tensors and a workspace region, as ``call_into`` launches its kernels."""
     replay.release()
     monkeypatch.delenv(replay.ENV, raising=False)
     monkeypatch.delenv(tw.GEMM_ENV, raising=False)
     monkeypatch.setattr(tw, "_index", lambda device: 0)
     monkeypatch.setattr(tw, "_capability", lambda index: (9, 0))
     kernel = FakeKernel(names=("x_ptr", "y_ptr", "bin_ptr", "w_ptr", "s_ptr", "xq_ptr", "m"))
-    calls = {"run_checked": 0, "one_pass_call": 0}
+    calls = {"run_checked": 0, "call_into": 0}
 
     def run_checked(x, p, bin_index=0, **kwargs):
         calls["run_checked"] += 1
         return torch.zeros(*x.shape[:-1], p.out_features, dtype=x.dtype)
 
-    def one_pass_call(c, p, arena, y):
-        calls["one_pass_call"] += 1
+    def call_into(c, p, arena, y):
+        calls["call_into"] += 1
         xq = arena.get("xq")
         launch.launcher(kernel)[(c.x2d.shape[0], 2)](c.x2d, y, c.bin_index, p.qweight, p.smooth, xq,
                                                      c.x2d.shape[0], BLOCK=16, num_warps=4)
 
     monkeypatch.setattr(tw, "run_checked", run_checked)
-    monkeypatch.setattr(tw, "one_pass_call", one_pass_call)
+    monkeypatch.setattr(tw, "call_into", call_into)
     yield kernel, calls
     replay.release()
 
@@ -79,11 +98,11 @@ def test_a_signed_few_token_call_is_recorded_once_then_replayed_with_the_new_add
     p1, p2 = _layer(seed=1), _layer(seed=2)  # two layers of one signature
     x1, x2 = torch.randn(2, 32, 256), torch.randn(64, 256)
     y1 = replay.run(x1, p1, 1)
-    assert calls == {"run_checked": 0, "one_pass_call": 1} and y1.shape == (2, 32, 128)
+    assert calls == {"run_checked": 0, "call_into": 1} and y1.shape == (2, 32, 128)
     assert [r[0] for r in kernel.record] == ["triton"]
     b2 = torch.tensor(3)
     y2 = replay.run(x2, p2, b2)
-    assert calls == {"run_checked": 0, "one_pass_call": 1}  # nothing of the ordinary path ran
+    assert calls == {"run_checked": 0, "call_into": 1}  # nothing of the ordinary path ran
     (sig, rec), = replay._recordings.items()
     ws = rec.workspace
     xq_offset = tw.Arena(ws.device, tw.call_plan(x2, p2).regions, buf=ws).get("xq").data_ptr()
@@ -107,11 +126,11 @@ def test_a_launch_bound_to_its_c_launcher_is_replayed_with_the_arguments_kernel_
     kernel = FakeKernel(names=("x_ptr", "y_ptr", "desc", "w_ptr", "m"), c_launcher=(2,))
 
     def with_desc(c, p, arena, y):
-        calls["one_pass_call"] += 1
+        calls["call_into"] += 1
         desc = FakeDesc(arena.get("xq"), [16, 64])
         launch.launcher(kernel)[(3, 2)](c.x2d, y, desc, p.qweight, c.x2d.shape[0], BLOCK=16, num_warps=4)
 
-    monkeypatch.setattr(tw, "one_pass_call", with_desc)
+    monkeypatch.setattr(tw, "call_into", with_desc)
     p1, p2 = _layer(seed=1), _layer(seed=2)
     replay.run(torch.randn(64, 256), p1)
     (rec,) = replay._recordings.values()
@@ -126,26 +145,72 @@ def test_a_launch_bound_to_its_c_launcher_is_replayed_with_the_arguments_kernel_
     xq = tw.Arena(rec.workspace.device, tw.call_plan(x2, p2).regions, buf=rec.workspace).get("xq")
     compiled.run(3, 2, 1, 1234, "fn", "meta", None, None, None, x2.data_ptr(), y2.data_ptr(), FakeDesc(xq, [16, 64]),
                  p2.qweight.data_ptr(), 64, 16)
-    assert got == compiled.record[0] and calls == {"run_checked": 0, "one_pass_call": 1}
+    assert got == compiled.record[0] and calls == {"run_checked": 0, "call_into": 1}
 
 
 def test_larger_calls_and_the_switch_take_run_checked(stand_ins, monkeypatch):
     kernel, calls = stand_ins
-    many = tw.DIVIDE_MAX_ROWS + 1
+    many = tw.REPLAY_MAX_ROWS + 1
     for _ in range(2):
         replay.run(torch.randn(many, 256), _layer())
-    wide = _layer(k=8192 * 8, n=128, rank=0)  # 4096 rows of K = 65 536 do not fit one pass
-    assert tw.pass_rows(4096, wide.in_features, 0) < 4096
-    for _ in range(2):
-        replay.run(torch.randn(4096, wide.in_features), wide)
-    assert calls == {"run_checked": 4, "one_pass_call": 0} and kernel.record == []
-    assert list(replay._recordings.values()) == [None, None]
+    assert calls == {"run_checked": 2, "call_into": 0} and kernel.record == []
+    assert list(replay._recordings.values()) == [None]
     monkeypatch.setenv(replay.ENV, "0")
     replay.run(torch.randn(16, 256), _layer())
     monkeypatch.setenv(launch.ENV, "0")  # no fast launcher, nothing to record with
     monkeypatch.delenv(replay.ENV)
     replay.run(torch.randn(16, 256), _layer())
-    assert calls == {"run_checked": 6, "one_pass_call": 0}
+    assert calls == {"run_checked": 4, "call_into": 0}
+
+
+def test_calls_in_passes_and_calls_up_to_replay_max_rows_are_recorded_and_replayed(stand_ins):
+    kernel, calls = stand_ins
+    wide = _layer(k=8192 * 8, n=128, rank=0)  # 4096 rows of K = 65 536 do not fit one pass
+    assert tw.pass_rows(4096, wide.in_features, 0) < 4096
+    for layer, m in [(wide, 4096), (_layer(), tw.REPLAY_MAX_ROWS)]:
+        for _ in range(2):
+            replay.run(torch.randn(m, layer.in_features), layer)
+    assert calls == {"run_checked": 0, "call_into": 2} and [r[0] for r in kernel.record] == ["triton"] + ["direct"] * 3
+    assert None not in replay._recordings.values()
+
+
+def test_a_computed_workspace_region_is_computed_again_from_the_calls_own_layer(stand_ins, monkeypatch):
+    """Above ``DIVIDE_MAX_ROWS`` rows the quantizer reads a 1/s made by a torch call (``launch.compute_``): the replay
+    makes it again, from the replayed call's own s, into the same region, before the launch that reads it."""
+    kernel, calls = stand_ins
+
+    def with_inv_s(c, p, arena, y):
+        calls["call_into"] += 1
+        inv_s = launch.compute_(nm.reciprocal_smooth, arena.get("inv_s"), p.smooth)
+        launch.launcher(kernel)[(1,)](c.x2d, y, c.bin_index, p.qweight, inv_s, arena.get("xq"), 1,
+                                      BLOCK=16, num_warps=4)
+
+    monkeypatch.setattr(tw, "call_into", with_inv_s)
+    m = tw.DIVIDE_MAX_ROWS + 1
+    p1, p2 = _layer(seed=1), _layer(seed=2)
+    replay.run(torch.randn(m, 256), p1)
+    (rec,) = replay._recordings.values()
+    computed, launched = rec.steps
+    assert type(computed) is replay.Compute and computed.sources == (replay.SOURCES.index("smooth"),)
+    assert torch.equal(computed.out, p1.inv_smooth()) and type(launched) is replay.Call
+    assert not torch.equal(p1.smooth, p2.smooth)
+    kernel.record.clear()
+    replay.run(torch.randn(m, 256), p2)
+    assert torch.equal(computed.out, p2.inv_smooth()) and calls["call_into"] == 1
+    assert kernel.record[0][3][4] == computed.out.data_ptr() and kernel.record[0][3][3] == p2.qweight.data_ptr()
+
+
+def test_a_computation_from_a_tensor_not_the_calls_own_is_not_replayed(stand_ins, monkeypatch):
+    kernel, calls = stand_ins
+
+    def from_a_copy(c, p, arena, y):  # 1/s of a tensor made during the call: its replay could not find it
+        calls["call_into"] += 1
+        launch.compute_(nm.reciprocal_smooth, arena.get("inv_s"), p.smooth.clone())
+
+    monkeypatch.setattr(tw, "call_into", from_a_copy)
+    for _ in range(2):
+        replay.run(torch.randn(tw.DIVIDE_MAX_ROWS + 1, 256), _layer())
+    assert calls == {"run_checked": 1, "call_into": 1} and list(replay._recordings.values()) == [None]
 
 
 def test_a_zeroed_workspace_region_is_zeroed_again_in_its_place_among_the_launches(stand_ins, monkeypatch):
@@ -155,12 +220,12 @@ def test_a_zeroed_workspace_region_is_zeroed_again_in_its_place_among_the_launch
     order = []
 
     def with_sums(c, p, arena, y):
-        calls["one_pass_call"] += 1
+        calls["call_into"] += 1
         launch.zero_(arena.get("wsum"))
         launch.launcher(kernel)[(1,)](c.x2d, y, c.bin_index, p.qweight, p.smooth, arena.get("wsum"), 1,
                                       BLOCK=16, num_warps=4)
 
-    monkeypatch.setattr(tw, "one_pass_call", with_sums)
+    monkeypatch.setattr(tw, "call_into", with_sums)
     p = _layer(unsigned=True)
     replay.run(torch.randn(16, 256), p)
     (rec,) = replay._recordings.values()
@@ -172,7 +237,7 @@ def test_a_zeroed_workspace_region_is_zeroed_again_in_its_place_among_the_launch
     kernel.record.clear()
     replay.run(torch.randn(16, 256), p)
     assert (zeroed == 0).all() and order == ["zero"] and [r[0] for r in kernel.record] == ["direct"]
-    assert kernel.record[0][3][5] == zeroed.data_ptr() and calls["one_pass_call"] == 1
+    assert kernel.record[0][3][5] == zeroed.data_ptr() and calls["call_into"] == 1
     assert replay.slot_map([zeroed], (), rec.workspace) is not None
 
 
@@ -184,7 +249,7 @@ def test_a_call_it_does_not_replay_allocates_nothing_beside_run_checked(stand_in
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(a) or real_empty(*a, **k))
     for _ in range(2):
-        replay.run(torch.randn(tw.DIVIDE_MAX_ROWS + 1, 256), _layer())
+        replay.run(torch.randn(tw.REPLAY_MAX_ROWS + 1, 256), _layer())
     assert calls["run_checked"] == 2 and made == []
 
 
@@ -208,11 +273,11 @@ def test_release_in_a_thread_that_holds_the_recording_lock_does_not_wait_on_itse
 
 def test_a_profilers_hook_takes_run_checked(stand_ins):
     kernel, calls = stand_ins
-    assert replay.capturable(tw.DIVIDE_MAX_ROWS)
-    assert not replay.capturable(tw.DIVIDE_MAX_ROWS + 1)  # a 1/s made by a torch call: not replayed
+    assert replay.capturable(tw.REPLAY_MAX_ROWS)
+    assert not replay.capturable(tw.REPLAY_MAX_ROWS + 1)  # not replayed
     launch.knobs.runtime.launch_enter_hook = print
     replay.run(torch.randn(16, 256), _layer())
-    assert calls == {"run_checked": 1, "one_pass_call": 0}
+    assert calls == {"run_checked": 1, "call_into": 0}
     assert not replay.capturable(16)  # Triton's launcher with tensors: not inside a capture (nodes/graphs.py)
 
 
@@ -221,22 +286,22 @@ def test_a_call_with_a_foreign_tensor_or_a_misaligned_input_is_not_replayed(stan
     p = _layer()
 
     def foreign(c, p, arena, y):  # hands the kernel a tensor made during the call (as p.smooth.float() would be)
-        calls["one_pass_call"] += 1
+        calls["call_into"] += 1
         launch.launcher(kernel)[(1,)](c.x2d, y, c.bin_index, p.qweight, p.smooth.clone(), arena.get("xq"), 1,
                                       BLOCK=16, num_warps=4)
 
-    aligned = tw.one_pass_call
-    monkeypatch.setattr(tw, "one_pass_call", foreign)
+    aligned = tw.call_into
+    monkeypatch.setattr(tw, "call_into", foreign)
     for _ in range(2):
         replay.run(torch.randn(16, 256), p)
-    assert calls == {"run_checked": 1, "one_pass_call": 1}  # the first call ran (and was not recorded)
-    monkeypatch.setattr(tw, "one_pass_call", aligned)
+    assert calls == {"run_checked": 1, "call_into": 1}  # the first call ran (and was not recorded)
+    monkeypatch.setattr(tw, "call_into", aligned)
     base = torch.randn(32 * 256 + 1)
     misaligned = base[1:].view(32, 256)  # 4 bytes past a 16-byte boundary: compiled for another alignment
     assert misaligned.data_ptr() % 16
     for _ in range(2):
         replay.run(misaligned, p)
-    assert calls == {"run_checked": 2, "one_pass_call": 2}
+    assert calls == {"run_checked": 2, "call_into": 2}
     assert list(replay._recordings.values()) == [None, None]
 
 
@@ -252,11 +317,11 @@ def test_a_misaligned_or_host_layer_tensor_takes_run_checked_for_that_call(stand
     assert odd.qweight.data_ptr() % 16 and replay.signature(torch.randn(16, 256), odd, torch.tensor(0), (0, 1234, 0)) \
         == replay.signature(torch.randn(16, 256), p, torch.tensor(0), (0, 1234, 0))  # same signature
     replay.run(torch.randn(16, 256), odd)
-    assert calls == {"run_checked": 1, "one_pass_call": 1} and len(kernel.record) == launched
+    assert calls == {"run_checked": 1, "call_into": 1} and len(kernel.record) == launched
     (rec,) = replay._recordings.values()
     replay._recordings[next(iter(replay._recordings))] = rec._replace(cuda=True)  # as if recorded on a GPU
     replay.run(torch.randn(16, 256), p)
-    assert calls == {"run_checked": 2, "one_pass_call": 1} and len(kernel.record) == launched
+    assert calls == {"run_checked": 2, "call_into": 1} and len(kernel.record) == launched
 
 
 def test_a_misaligned_layer_tensor_is_left_to_run_checked_and_not_recorded(stand_ins):
@@ -267,9 +332,9 @@ def test_a_misaligned_layer_tensor_is_left_to_run_checked_and_not_recorded(stand
     buf = torch.empty(p.smooth.numel() * 4 + 4, dtype=torch.uint8)
     odd = dataclasses.replace(p, smooth=buf[4:].view(torch.float32).copy_(p.smooth))
     replay.run(torch.randn(16, 256), odd)
-    assert replay._recordings == {} and calls == {"run_checked": 1, "one_pass_call": 0}
+    assert replay._recordings == {} and calls == {"run_checked": 1, "call_into": 0}
     replay.run(torch.randn(16, 256), p)
-    assert calls == {"run_checked": 1, "one_pass_call": 1} and list(replay._recordings.values())[0] is not None
+    assert calls == {"run_checked": 1, "call_into": 1} and list(replay._recordings.values())[0] is not None
 
 
 def test_the_workspace_is_the_launchers_current_devices_and_a_larger_one_replaces_it_after_freeing_it(
@@ -305,7 +370,7 @@ def test_bin_tensors_of_another_dtype_and_threads_get_their_own_recordings(stand
     other = threading.Thread(target=lambda: replay.run(torch.randn(16, 256), p, torch.tensor(1)))
     other.start()
     other.join()
-    assert calls["one_pass_call"] == 3 and len(replay._recordings) == 3 and len(replay._workspaces) == 2
+    assert calls["call_into"] == 3 and len(replay._recordings) == 3 and len(replay._workspaces) == 2
 
 
 def test_a_larger_workspace_forgets_the_recordings_that_point_into_the_old_one(stand_ins):
@@ -315,12 +380,12 @@ def test_a_larger_workspace_forgets_the_recordings_that_point_into_the_old_one(s
     small = dict(replay._recordings)
     dropped = replay.dropped()
     replay.run(torch.randn(2048, 256), p)  # more rows: a larger workspace
-    assert calls["one_pass_call"] == 2
+    assert calls["call_into"] == 2
     assert not set(small) & set(replay._recordings)
     assert replay.dropped() == dropped + 1  # counted: nodes/graphs.py runs eagerly until nothing is forgotten
     assert replay.workspaces() == tuple(replay._workspaces.values()) and len(replay.workspaces()) == 1
     replay.run(torch.randn(16, 256), p)  # recorded again, into the new workspace
-    assert calls["one_pass_call"] == 3 and len(replay._recordings) == 2
+    assert calls["call_into"] == 3 and len(replay._recordings) == 2
     assert len({id(r.workspace) for r in replay._recordings.values()}) == 1
 
 
@@ -344,12 +409,16 @@ def test_at_most_max_workspaces_streams_keep_a_workspace(stand_ins, monkeypatch)
 @pytest.mark.parametrize("m,k,n,rank,unsigned,bias", [
     (1, 256, 384, 0, False, False), (37, 512, 256, 32, True, True), (3000, 5120, 1024, 32, False, True),
     (100, 13824, 512, 0, True, False), (3000, 13824, 512, 32, True, True), (4096, 13824, 512, 32, False, True),
-    (7200, 5120, 512, 32, False, True), (8192, 13824, 512, 32, True, True)])
-def test_the_real_one_pass_paths_take_only_own_tensors_and_workspace_regions(monkeypatch, m, k, n, rank, unsigned,
-                                                                             bias):
-    """``triton_w4a4.one_pass_call`` on the CPU with Triton installed (its host code: plans, regions, arguments, the
-    GEMM's TMA descriptors; the launches noted, not run): every tensor a launch gets is one of the call's own or a
-    workspace region, only workspace regions are zeroed, and no 1/s region is made (``CallPlan.replayable``)."""
+    (7200, 5120, 512, 32, False, True), (8192, 13824, 512, 32, True, True),
+    # a 1/s made by a torch call: more rows than DIVIDE_MAX_ROWS (480p x 9 frames: 9360), or passes
+    (9360, 5120, 512, 32, False, True), (8192, 13824, 512, 1279, True, True), (14400, 13824, 512, 32, True, True),
+    (16384, 13824, 512, 32, False, False)])
+def test_the_real_call_paths_take_only_own_tensors_their_rows_and_workspace_regions(monkeypatch, m, k, n, rank,
+                                                                                    unsigned, bias):
+    """``triton_w4a4.call_into`` on the CPU with Triton installed (its host code: plans, regions, arguments, the
+    GEMM's TMA descriptors; the launches noted, not run): every tensor a launch gets is one of the call's own, a
+    pass's rows of x or y, or a workspace region; only workspace regions are zeroed; 1/s is computed into a workspace
+    region from the layer's s, where the quantizer does not divide (``CallPlan.replayable``)."""
     pytest.importorskip("triton", reason="Triton is not installed (GPU machines, or a CPU wheel for this test)")
     monkeypatch.setattr(tw, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(tw, "_index", lambda device: 0)
@@ -370,22 +439,37 @@ def test_the_real_one_pass_paths_take_only_own_tensors_and_workspace_regions(mon
     p.bias = p.bias if bias else None
     x = torch.randn(m, k, dtype=torch.bfloat16)
     c = tw.call_plan(x, p, 1)
-    assert c.replayable and "inv_s" not in c.regions
+    starts = range(0, m, c.rows)
+    divides = len(starts) == 1 and m <= tw.DIVIDE_MAX_ROWS
+    assert c.replayable and ("inv_s" in c.regions) == (not divides) and (len(starts) > 1) == (m >= 14400 or rank > 1278)
     ws = replay._workspace(x.device, (0, 0, 0), tw.Arena.bytes_for(c.regions))
+    assert ws.numel() <= 188 << 20  # no more than 8192 rows of ffn.2 at rank 32 (REPLAY_MAX_ROWS) unless wider
     y = torch.empty(m, n, dtype=x.dtype)
-    noted = launch.record(lambda: tw.one_pass_call(c, p, tw.Arena(x.device, c.regions, buf=ws), y))
+    noted = launch.record(lambda: tw.call_into(c, p, tw.Arena(x.device, c.regions, buf=ws), y))
     own = replay.sources(c.x2d, y, c.bin_index, p)
     zeroed = [r for r in noted if isinstance(r, launch.Zeroed)]
     assert len(zeroed) == int(unsigned) and all(replay.slot_map([r.tensor], (), ws) for r in zeroed)
-    launches = [r for r in noted if not isinstance(r, launch.Zeroed)]
-    assert len(launches) == (2 if c.prologue else 4)
-    used = set()
+    computed = [r for r in noted if isinstance(r, launch.Computed)]
+    assert len(computed) == int(not divides)
+    for r in computed:
+        assert r.fn is nm.reciprocal_smooth and len(r.sources) == 1 and r.sources[0] is p.smooth
+        assert replay.slot_map([r.tensor], (), ws) is not None and r.tensor.shape == (k,)
+    launches = [r for r in noted if isinstance(r, launch.Recorded)]
+    assert len(launches) == ((2 if c.prologue else 4) if len(starts) == 1 else 1 + 3 * len(starts))
+    used, offsets = set(), {"x": set(), "y": set()}
     for r in launches:
         mapped = replay.slot_map(r.values, own, ws)
         assert mapped is not None, r.kernel
-        used |= {replay.SOURCES[j] for _, j in mapped[1]}
-    assert {"x", "y", "bin", "qweight", "wscale", "wfactor", "smooth", "clip"} <= used
+        for _, j, offset in mapped[1]:
+            name = replay.SOURCES[j]
+            used.add(name)
+            assert offset == 0 or name in offsets
+            if name in offsets:
+                offsets[name].add(offset)
+    assert {"x", "y", "bin", "qweight", "wscale", "wfactor", "clip"} <= used
+    assert ("smooth" in used) == divides  # else the kernels read 1/s
     assert ("lr_down" in used) == bool(rank) and ("bias" in used) == bias
+    assert offsets == {"x": {s * k * 2 for s in starts}, "y": {s * n * 2 for s in starts}}  # each pass's rows
     replay.release()
 
 
@@ -429,7 +513,10 @@ def _input(m, k, dtype, unsigned, scale=1.0):
     (300, 1024, 512, 32, True, torch.bfloat16, True, 3), (4096, 13824, 5120, 32, True, torch.bfloat16, True, 5),
     # more rows than ONE_LAUNCH_MAX_ROWS: expansion, two quantizer launches, the GEMM (one 720p frame's 7200 rows)
     (7200, 5120, 5120, 32, True, torch.bfloat16, False, 4), (7200, 13824, 5120, 32, True, torch.bfloat16, True, 5),
-    (8192, 5120, 13824, 32, False, torch.float16, False, 4)])
+    (8192, 5120, 13824, 32, False, torch.float16, False, 4),
+    # more rows than DIVIDE_MAX_ROWS or several passes: 1/s computed first (480p x 9 frames: 9360 rows)
+    (9360, 5120, 5120, 32, True, torch.bfloat16, False, 5), (14400, 13824, 5120, 32, True, torch.bfloat16, True, 9),
+    (16384, 5120, 13824, 32, False, torch.float16, False, 5), (8192, 13824, 1024, 1279, True, torch.bfloat16, True, 9)])
 def test_replayed_calls_give_run_checked_bits(m, k, n, rank, bias, dtype, unsigned, steps):
     replay.release()
     for i, (p, b) in enumerate(_calls(_cuda_layers(k, n, rank, bias, unsigned))):
@@ -437,7 +524,8 @@ def test_replayed_calls_give_run_checked_bits(m, k, n, rank, bias, dtype, unsign
         got, want = replay.run(x, p, b), tw.run_checked(x, p, b)
         assert torch.equal(got, want), (i, (got.float() - want.float()).abs().max())
     (rec,) = replay._recordings.values()
-    # one launch for the quantizer and expansion, or zeroing + expansion + two quantizer launches; then the GEMM
+    # one launch for the quantizer and expansion, or zeroing + expansion + two quantizer launches; then the GEMM;
+    # where the quantizer does not divide, 1/s before the quantizer; in passes, the quantizer and the GEMM per pass
     assert rec is not None and len(rec.steps) == steps
     # every launch bound to Triton's C launcher (launch.bind), not to the compiled kernel's run
     cuda_launcher = launch._triton_nvidia()[0]
@@ -448,11 +536,11 @@ def test_replayed_calls_give_run_checked_bits(m, k, n, rank, bias, dtype, unsign
 @pytest.mark.gpu
 @needs_gpu
 def test_calls_it_does_not_replay_give_run_checked_bits_too():
-    """More rows than DIVIDE_MAX_ROWS, a misaligned input; calls on a side stream through the dispatcher."""
+    """More rows than REPLAY_MAX_ROWS, a misaligned input; calls on a side stream through the dispatcher."""
     from wan_w4a4 import kernels
     replay.release()
     side = torch.cuda.Stream()
-    for layers, m, unsigned in [(_cuda_layers(5120, 1024, 32, True), tw.DIVIDE_MAX_ROWS + 808, False),
+    for layers, m, unsigned in [(_cuda_layers(5120, 1024, 32, True), tw.REPLAY_MAX_ROWS + 808, False),
                                 (_cuda_layers(1024, 512, 32, True, unsigned=True), 300, True)]:
         for p, b in _calls(layers):
             x = _input(m, p.in_features, torch.bfloat16, unsigned)
@@ -465,7 +553,7 @@ def test_calls_it_does_not_replay_give_run_checked_bits_too():
                 assert torch.equal(kernels.w4a4_linear(x, p, b), tw.run_checked(x, p, b))
             side.synchronize()
     recorded = [r is not None for r in replay._recordings.values()]
-    assert recorded.count(True) == 2  # the 300-row calls, on both streams; not 9000 rows, nor a misaligned input
+    assert recorded.count(True) == 2  # the 300-row calls, on both streams; not 17 192 rows, nor a misaligned input
     replay.release()
 
 
@@ -477,7 +565,7 @@ def test_the_dispatchers_entry_points_read_the_replay_state(stand_ins, monkeypat
     assert not kernels.capture_ready(torch.device("cpu"), 16)
     monkeypatch.setattr(kernels, "_triton_device_reason", lambda device: None)  # as on a GPU with Triton
     cuda = torch.device("cuda")
-    assert kernels.capture_ready(cuda, tw.DIVIDE_MAX_ROWS) and not kernels.capture_ready(cuda, tw.DIVIDE_MAX_ROWS + 1)
+    assert kernels.capture_ready(cuda, tw.REPLAY_MAX_ROWS) and not kernels.capture_ready(cuda, tw.REPLAY_MAX_ROWS + 1)
     replay.run(torch.randn(16, 256), _layer())
     assert kernels.held_workspaces() == replay.workspaces() != ()
     dropped = kernels.recordings_dropped()
