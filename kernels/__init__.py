@@ -159,7 +159,7 @@ def w4a4_linear(x: torch.Tensor, params: W4A4Params, bin_index: int | torch.Tens
 
 def release_workspaces() -> None:
     """Free what the Triton backend keeps between layer calls: ``replay.py``'s workspaces (per stream and host thread;
-    188 MB for Wan's ffn.2 at 8192-16 384 rows and rank 32) and its recordings, which point into them (the next
+    at most 208 MB, Wan's ffn.2 at rank 32 and 9661 rows) and its recordings, which point into them (the next
     few-token call of each signature records again). Nothing to do, and nothing imported, where no call has
     loaded that module."""
     module = _loaded("replay")

@@ -26,9 +26,10 @@ How:
   served by ``run_checked`` from then on.
 - Later calls of the signature allocate the output, read the addresses of the slots, zero what was zeroed, compute
   what was computed from their own layer tensors, and call each compiled kernel's launcher with the addresses
-  (Triton's launcher takes an integer as a device pointer, and then skips its per-pointer driver query). Where the launcher is Triton 3.6's as read, the recording holds its C
-  function and whole argument list (``launch.bind``: stream and workspace addresses fixed, the GEMM's TMA descriptors
-  encoded once), so a replayed launch runs no Python of Triton's.
+  (Triton's launcher takes an integer as a device pointer, and then skips its per-pointer driver query). Where the
+  launcher is Triton 3.6's as read, the recording holds its C function and whole argument list (``launch.bind``:
+  stream and workspace addresses fixed, the GEMM's TMA descriptors encoded once), so a replayed launch runs no Python
+  of Triton's.
 
 The same compiled kernels get the same arguments, in the same order with the same zeroing and torch calls, so the
 bits are ``run_checked``'s (tests/kernels/test_replay_calls.py: on a GPU, and on the CPU the slot map, with stand-in
@@ -40,9 +41,9 @@ else read a 1/s made first; then the GEMM, per pass where the operands of all ro
 Larger calls take ``run_checked``: the GPU sets their step.
 
 The workspace holds the transients of the largest replayed call of its stream (Wan2.2-A14B's ffn.2 at rank 32: 117
-MB at one 480p frame's 3120 rows, 174 MB at one 720p frame's 7200, 188 MB at 8192 and at 16 384, in two passes of
-8192) and stays allocated between
-calls, so that its addresses, and the recorded launches that point into it, stay valid; a call that needs more
+MB at one 480p frame's 3120 rows, 174 MB at one 720p frame's 7200, 188 MB at 8192, 203 MB at 480p x 9 frames' 9360,
+at most 208 MB at 9661 rows, the most one pass of ``PASS_BYTES`` holds beside the 70.8 MB of expanded weights; in two
+passes above) and stays allocated between calls, so that its addresses, and the recorded launches that point into it, stay valid; a call that needs more
 replaces it and forgets the recordings of the old one. ``release()`` frees it. Workspace and recordings are per
 (device, stream, host thread): calls that one thread issues on one stream run in order, so they can share it. At
 most ``MAX_WORKSPACES`` keep one (ComfyUI samples on one stream from one thread); a fifth takes the place of the one

@@ -85,7 +85,27 @@ def unsupported_reason(x: torch.Tensor, p: nm.W4A4Params) -> str | None:
         return f"in_features {p.in_features} is not a multiple of {nm.PACK_TILE}"
     if p.qweight.device != x.device:
         return f"layer tensors are on {p.qweight.device}, input on {x.device}"
+    widest = max_rank_pad(_capability(_index(x.device)))
+    if _rank_pad(p.rank) > widest:
+        return (f"its low-rank branch has rank {p.rank} (a folded LoRA's included); the quantizer's shared memory on "
+                f"this GPU holds at most rank {widest}")
     return None
+
+
+# The widest low-rank branch (its rank padded to a power of two, ``_rank_pad``) whose kernels fit the GPU's shared
+# memory per block: the quantizer's statistics and one-launch kernels pipeline L1 tiles [BK, R_PAD]. Compiled offline
+# as a launch specializes them (tests/kernels/test_shared_memory.py, whose sizes are the ones the H200 reported:
+# 238 592 and 288 768 bytes at rank 256), every kernel fits at these paddings and the quantizer overflows at twice
+# them: Triton's OutOfResources at the first call. A folded LoRA widens the branch by its rank (rank 32 and a rank-64
+# LoRA: 96, padded to 128); a wider layer is refused here, so the dispatcher runs it on the torch reference and warns.
+MAX_RANK_PAD = {(9, 0): 128, (10, 0): 128, (10, 3): 128,  # 227 KiB per block: H100/H200, B200/B300
+                (8, 0): 64, (8, 7): 64}  # 163 KiB: A100, Orin
+
+
+def max_rank_pad(capability: tuple[int, int]) -> int:
+    """The widest padded rank the kernels take on a GPU of this compute capability (else 32: 99 KiB per block, as on
+    RTX 30, 40 and 50)."""
+    return MAX_RANK_PAD.get(tuple(capability), 32)
 
 
 if triton is not None:
@@ -576,8 +596,8 @@ def kernels_divide(m: int) -> bool:
 # (H200, ComfyUI 0.33; benchmarks/RESULTS.md, thirty-second part), so calls up to somewhere between 10 000 and
 # 16 000 rows (480p x 17 frames is 15 600 with cond and uncond, 720p x 5 is 14 400) were likely host-bound. Above it
 # the GPU sets the step and replay would only keep the workspace allocated between calls: at 480p x 81 (32 760 rows
-# per call) that path stays as measured. Up to here the workspace stays within the 188 MB of 8192 rows of ffn.2:
-# 16 384 rows of ffn.2 are two passes of 8192 (PASS_BYTES).
+# per call) that path stays as measured. Measured since (benchmarks/RESULTS.md, thirty-third part): 480p x 9 frames
+# (9360 rows) went from 1.08 / 1.17x BF16's step to 0.76 / 0.74x, and 480p x 17 was GPU-bound before (0.71x both).
 REPLAY_MAX_ROWS = 16384
 
 

@@ -1,8 +1,9 @@
 """Shared memory of the GEMM and quantizer kernels on GPUs we cannot run here, compiled offline (Triton's compiler
 with an explicit target needs no GPU): every tile configuration that ``gemm_config`` can choose must fit the
 per-block limit of the GPU that would run it, or that GPU fails at the first large call with Triton's
-OutOfResources. The widest case is taken: a folded LoRA's rank padding (128) and fp32 output. Skips without Triton
-(CI)."""
+OutOfResources. The widest cases are taken: fp32 output, the GEMMs at a folded LoRA's rank padding of 128, the
+quantizer at each GPU's ``max_rank_pad``, every argument specialized as Wan's shapes specialize it. Skips without
+Triton (CI)."""
 import pytest
 import torch
 
@@ -21,11 +22,21 @@ EPILOGUE = dict(sx_ptr="*fp32", ws_ptr="*fp32", u_ptr="*bf16", l2_ptr="*bf16", b
                 y_ptr="*fp32", M="i32", N="i32", K="i32", R="i32", stride_ym="i32")
 
 
+def _aligned(kernel, sig: dict) -> dict:
+    """Every pointer and integer argument specialized as a launch on Wan's shapes specializes it (Triton marks those
+    divisible by 16; a rank of 96 or 128 is): then the compiler may pipeline the loads it could not otherwise, and the
+    kernel takes the most shared memory (a rank-256 branch fit Hopper at rank 200 and overflowed at 256 on the H200,
+    kernels/README.md, session 30)."""
+    return {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+            for name, kind in sig.items() if kind.startswith("*") or kind == "i32"}
+
+
 def _shared(kernel, operands: dict, cfg: dict, cc: int, r_pad: int, **const) -> int:
     const = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], R_PAD=r_pad, HAS_LR=True,
                  HAS_BIAS=True, OFFSET=128, **const)
     sig = dict(operands, **EPILOGUE, **{name: "constexpr" for name in const})
-    compiled = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", cc, 32),
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs=const, attrs=_aligned(kernel, sig)),
+                              target=GPUTarget("cuda", cc, 32),
                               options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return compiled.metadata.shared
 
@@ -97,35 +108,70 @@ def test_the_ping_pong_kernel_takes_every_rank_padding_that_fits(stages, out_dty
     assert wider.metadata.shared > LIMIT[90]
 
 
-@pytest.mark.parametrize("cc", [80, 86, 89, 90, 100, 120])
-def test_the_quantizer_fits_every_gpu(cc):
-    """The quantizer's kernels with a tl.dot (the low-rank projection) at a folded LoRA's rank padding (128), the
-    statistics kernel also with its wide programs (``quant_plan``: many tokens of K <= 8192), and the one-launch
-    quantizer joined with the weight expansion (``_prologue_kernel``), in its widest steps (``ONE_LAUNCH_GPB``)."""
+def _quantizer_kernels(r_pad: int) -> list:
+    """(kernel, signature, constexprs) of the quantizer's kernels with a tl.dot (the low-rank projection) at rank
+    padding ``r_pad``: the statistics kernel, also with its wide programs (``quant_plan``: many tokens of K <= 8192),
+    the one-launch quantizer and the same joined with the weight expansion (``_prologue_kernel``), in its widest steps
+    (``ONE_LAUNCH_GPB``)."""
     x = dict(x_ptr="*fp16", s_ptr="*fp32", l1_ptr="*bf16")
     stats_sig = dict(x, rmax_part_ptr="*fp32", u_part_ptr="*fp32", u_ptr="*bf16", M="i32", K="i32", R="i32", KC="i32",
                      stride_xm="i32", shift="fp32")
-    kernels = [
+    return [
         (tw._act_stats_kernel, stats_sig,
-         dict(BLOCK_M=tw.QUANT_BLOCK_M, BK=256, R_PAD=128, HAS_LR=True, DIRECT_U=False, INV_S=True)),
+         dict(BLOCK_M=tw.QUANT_BLOCK_M, BK=256, R_PAD=r_pad, HAS_LR=True, DIRECT_U=False, INV_S=True)),
         (tw._act_stats_kernel, stats_sig,
-         dict(BLOCK_M=tw.QUANT_BLOCK_M, BK=256, R_PAD=128, HAS_LR=True, DIRECT_U=True, INV_S=True)),
+         dict(BLOCK_M=tw.QUANT_BLOCK_M, BK=256, R_PAD=r_pad, HAS_LR=True, DIRECT_U=True, INV_S=True)),
         (tw._act_stats_kernel, stats_sig,
-         dict(BLOCK_M=tw.STATS_ROWS_WIDE, BK=tw.STATS_BK_WIDE, R_PAD=128, HAS_LR=True, DIRECT_U=True, INV_S=True)),
+         dict(BLOCK_M=tw.STATS_ROWS_WIDE, BK=tw.STATS_BK_WIDE, R_PAD=r_pad, HAS_LR=True, DIRECT_U=True, INV_S=True)),
         (tw._act_quant_fused_kernel, dict(x, clip_ptr="*fp32", bin_ptr="*i64", xq_ptr="*i8", sx_ptr="*fp32",
                                           u_ptr="*bf16", M="i32", K="i32", R="i32", stride_xm="i32", shift="fp32",
                                           inv_qf="fp32"),
-         dict(QMIN=-8, QMAX=7, FMAX=16, OFFSET=0, BLOCK_M=16, GROUP=64, GPB=tw.ONE_LAUNCH_GPB, R_PAD=128,
+         dict(QMIN=-8, QMAX=7, FMAX=16, OFFSET=0, BLOCK_M=16, GROUP=64, GPB=tw.ONE_LAUNCH_GPB, R_PAD=r_pad,
               HAS_LR=True, BK=256, INV_S=False)),
         (tw._prologue_kernel, dict(x, clip_ptr="*fp32", bin_ptr="*i64", xq_ptr="*i8", sx_ptr="*fp32", u_ptr="*bf16",
                                    qw_ptr="*u8", wf_ptr="*u8", w8_ptr="*i8", wsum_ptr="*i32", M="i32", K="i32",
                                    R="i32", N="i32", stride_xm="i32", shift="fp32", inv_qf="fp32",
                                    QUANT_PROGRAMS="i32"),
-         dict(QMIN=0, QMAX=15, FMAX=16, OFFSET=128, BLOCK_M=16, GROUP=64, GPB=tw.ONE_LAUNCH_GPB, R_PAD=128,
+         dict(QMIN=0, QMAX=15, FMAX=16, OFFSET=128, BLOCK_M=16, GROUP=64, GPB=tw.ONE_LAUNCH_GPB, R_PAD=r_pad,
               HAS_LR=True, BK=256, INV_S=False, EXPAND_BN=tw.EXPAND_BN, WSUM=True)),
     ]
-    for kernel, sig, const in kernels:
-        sig = dict(sig, **{name: "constexpr" for name in const})
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", cc, 32),
-                                  options=dict(num_warps=4, enable_fp_fusion=False))
-        assert compiled.metadata.shared <= LIMIT[cc], f"sm_{cc}: {kernel.__name__} {compiled.metadata.shared} B"
+
+
+def _quantizer_shared(kernel, sig: dict, const: dict, cc: int) -> int:
+    sig = dict(sig, **{name: "constexpr" for name in const})
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs=const, attrs=_aligned(kernel, sig)),
+                              target=GPUTarget("cuda", cc, 32), options=dict(num_warps=4, enable_fp_fusion=False))
+    return compiled.metadata.shared
+
+
+def _gemm_shared(cc: int, m: int, r_pad: int) -> int:
+    """Shared memory of the GEMM that ``triton_w4a4.gemm`` launches for ``m`` tokens on ``cc`` at rank padding
+    ``r_pad`` and fp32 output: on sm_90 the Gluon one-tile kernel (wider paddings than the persistent and
+    warp-specialised kernels take), elsewhere Triton's TMA tile or pointer-load kernel."""
+    if cc == 90:
+        cfg = tw.gemm_config(m, async_wgmma=True)
+        rows = tw.gg.store_rows(cfg, False, torch.float32)
+        return tw.gg.compile_offline(cfg, out_dtype="fp32", offset=128, r_pad=r_pad, store_rows=rows).metadata.shared
+    cfg = tw.gemm_config(m, async_wgmma=False)
+    if tw.tma_available((cc // 10, cc % 10)):
+        operands = dict(a_desc=f"tensordesc<i8[{cfg['BM']}, {cfg['BK']}]>",
+                        b_desc=f"tensordesc<i8[{cfg['BN']}, {cfg['BK']}]>")
+        return _shared(tw._gemm_i8_tma_kernel, operands, cfg, cc, r_pad=r_pad)
+    return _shared(tw._gemm_i8_kernel, dict(a_ptr="*i8", b_ptr="*i8"), cfg, cc, r_pad=r_pad)
+
+
+@pytest.mark.parametrize("cc", [80, 86, 89, 90, 100, 120])
+def test_max_rank_pad_is_the_widest_branch_that_every_kernel_fits(cc):
+    """``triton_w4a4.max_rank_pad``: at that padding every quantizer kernel and the GEMM of each token bucket fit the
+    GPU's shared memory; at twice it a kernel a call takes overflows, so ``unsupported_reason`` must refuse wider
+    branches before Triton's OutOfResources (on the H200, rank 256: kernels/README.md, session 30). Rank 32, the
+    branch calibration makes, fits every GPU."""
+    if cc == 90 and tw.gg.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    widest = tw.max_rank_pad((cc // 10, cc % 10))
+    sizes = {}
+    for r_pad in (widest, 2 * widest):
+        sizes[r_pad] = [_quantizer_shared(*k, cc) for k in _quantizer_kernels(r_pad)]
+        sizes[r_pad] += [_gemm_shared(cc, m, r_pad) for m in TOKENS]
+    assert max(sizes[widest]) <= LIMIT[cc], (cc, widest, sizes[widest])
+    assert max(sizes[2 * widest]) > LIMIT[cc], (cc, 2 * widest, sizes[2 * widest])

@@ -226,12 +226,32 @@ def test_row_passes_bound_the_activation_operands():
     assert peaks["one"] - peaks["passes"] >= (m - rows) * k  # the int8 activations of all but one pass
 
 
-@pytest.mark.parametrize("rank", [0, 16, 48, 96])
-def test_any_rank(rank):
-    """LoRAs widen the low-rank branch, so every rank must work (padded in the kernel)."""
+@pytest.mark.parametrize("m", [77, 9000])
+@pytest.mark.parametrize("rank", [0, 16, 48, 96, 128])
+def test_any_rank(rank, m):
+    """LoRAs widen the low-rank branch, so every rank the GPU's shared memory holds must work (padded in the kernel;
+    ``max_rank_pad``: 128 on Hopper, a rank-32 branch with a LoRA of rank up to 96 folded)."""
+    if tw._rank_pad(rank) > tw.max_rank_pad(torch.cuda.get_device_capability()):
+        pytest.skip(f"rank {rank} is wider than this GPU's kernels take")
     p = make_layer(256, 640, rank=rank)
-    x = make_input(77, 256)
+    x = make_input(m, 256)
     assert_close_output(nm.w4a4_linear(x, p, 1), tw.w4a4_linear(x, p, 1))
+
+
+def test_a_branch_wider_than_the_gpu_holds_runs_on_the_reference():
+    """A rank whose padding is over ``max_rank_pad`` is refused with the reason before any kernel runs (Triton's
+    OutOfResources otherwise, at the first call); the dispatcher runs that layer on the reference instead."""
+    from wan_w4a4 import kernels
+    widest = tw.max_rank_pad(torch.cuda.get_device_capability())
+    p = make_layer(256, 640, rank=widest + 1)
+    x = make_input(77, 256)
+    why = tw.unsupported_reason(x, p)
+    assert why is not None and f"rank {widest + 1}" in why and f"at most rank {widest}" in why
+    with pytest.raises(RuntimeError, match="at most rank"):
+        tw.w4a4_linear(x, p, 1)
+    assert kernels.select_backend(x, p) == "reference"
+    assert torch.equal(kernels.w4a4_linear(x, p, 1), nm.w4a4_linear(x, p, 1))
+    assert tw.unsupported_reason(x, make_layer(256, 640, rank=widest)) is None
 
 
 @pytest.mark.parametrize("m", [1, 513, 4099])
