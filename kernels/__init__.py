@@ -167,6 +167,14 @@ def release_workspaces() -> None:
         module.release()
 
 
+def widest_rank(device: torch.device) -> int | None:
+    """The widest low-rank branch (a layer's own rank and its folded LoRAs') the Triton kernels take on ``device``
+    (``triton_w4a4.max_rank_pad``); None where they do not run there. Imports Triton only for a CUDA device."""
+    if device.type != "cuda" or _triton_device_reason(device) is not None:
+        return None
+    return _triton_module()[0].max_rank_pad(torch.cuda.get_device_capability(device))
+
+
 def capture_ready(device: torch.device, rows: int) -> bool:
     """Whether Triton calls of up to ``rows`` rows on ``device`` can be captured in a CUDA graph now: they are replayed
     from integer addresses (``replay.capturable``). Imports Triton only for a CUDA device."""

@@ -38,6 +38,7 @@ import logging
 
 import torch
 
+from .. import kernels
 from .ops import w4a4_modules
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,24 @@ def install_folds(patcher, source: str = "W4A4") -> dict[str, LayerFold | None]:
         log.info("%s: LoRA folded into %d W4A4 layers (%d patches, +%d rank max, %.1f MB)", source, len(folded),
                  sum(f.loras for f in folded.values()), max(f.rank for f in folded.values()),
                  sum(f.nbytes() for f in folded.values()) / 2**20)
+        warn_wide(getattr(patcher, "load_device", None), {n: modules[n] for n in folded}, source)
     return plan
+
+
+def warn_wide(device, modules: dict, source: str) -> list[str]:
+    """Warn, once per fold, about layers whose branch (own rank plus the LoRAs') is wider than the Triton kernels take
+    on ``device`` (``kernels.widest_rank``): the dispatcher runs them on the slow torch reference. Returns their
+    names."""
+    widest = kernels.widest_rank(torch.device(device)) if device is not None else None
+    wide = {n: m.base_rank + m.lora_rank for n, m in modules.items()}
+    wide = {n: r for n, r in wide.items() if widest is not None and r > widest}
+    if wide:
+        name, rank = max(wide.items(), key=lambda item: item[1])
+        log.warning("%s: with the LoRA, %d W4A4 layers have a low-rank branch wider than the kernels take on %s "
+                    "(at most rank %d; %s has %d), so they run on the slow torch reference. A LoRA of lower rank "
+                    "keeps them on the kernels (kernels/README.md, session 30).", source, len(wide), device, widest,
+                    name, rank)
+    return sorted(wide)
 
 
 def clear_folds(modules) -> None:

@@ -363,3 +363,18 @@ def test_calls_of_up_to_16384_rows_are_replayable_and_up_to_8192_in_one_pass_div
     assert tw.kernels_divide(m) == (m <= 8192) and tw.REPLAY_MAX_ROWS == 16384
     if m <= 8192:
         assert (c.rows >= m) == (rank <= 1278)  # one pass
+
+
+def test_widest_rank_is_the_kernels_limit_where_they_run(monkeypatch):
+    """``kernels.widest_rank``: None off CUDA or without Triton; on a GPU ``triton_w4a4.max_rank_pad`` of its compute
+    capability (what nodes/lora.py warns against at fold time)."""
+    import wan_w4a4.kernels as kernels
+    from wan_w4a4.kernels import triton_w4a4 as tw
+    assert kernels.widest_rank(torch.device("cpu")) is None
+    monkeypatch.setattr(kernels, "_triton_device_reason", lambda device: "no Triton here")
+    assert kernels.widest_rank(torch.device("cuda")) is None
+    monkeypatch.setattr(kernels, "_triton_device_reason", lambda device: None)
+    monkeypatch.setattr(kernels, "_triton_module", lambda: (tw, None))
+    for capability, widest in [((9, 0), 128), ((10, 0), 128), ((8, 0), 64), ((8, 6), 32), ((8, 9), 32), ((12, 0), 32)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert kernels.widest_rank(torch.device("cuda", 0)) == widest == tw.max_rank_pad(capability)

@@ -350,6 +350,42 @@ def test_install_folds_keeps_no_second_copy(comfy_nodes):
     assert fold.up.untyped_storage().data_ptr() == layer.lora_up.untyped_storage().data_ptr()
 
 
+def test_a_fold_wider_than_the_kernels_take_is_named_in_a_warning(comfy_nodes, monkeypatch, caplog):
+    """A LoRA that widens a layer's branch beyond ``kernels.widest_rank`` of the load device sends that layer to the
+    torch reference (the dispatcher's check): the fold says so when the model loads, with the widest layer."""
+    import types
+    n, k = 192, 256
+    layers = {}
+    root = torch.nn.Module()
+    root.blocks = torch.nn.ModuleList([torch.nn.Module()])
+    root.blocks[0].ffn = torch.nn.ModuleList()
+    patches = {}
+    for i, rank in enumerate((4, 24)):
+        p, _ = _random_layer(n, k, False, seed=7 + i)
+        layers[i] = W4A4Linear(p, f"blocks.0.ffn.{i}")
+        root.blocks[0].ffn.append(layers[i])
+        up, down = _factors(n, k, rank, seed=31 + i)
+        patches[f"diffusion_model.blocks.0.ffn.{i}.weight"] = [(1.0, _lora_adapter(up, down), 1.0, None, None)]
+    base = layers[0].base_rank
+    seen = []
+    monkeypatch.setattr(lora_mod.kernels, "widest_rank", lambda device: seen.append(device) or base + 16)
+    patcher = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=root), patches_uuid="u1",
+                                    patches=patches, load_device=torch.device("cuda", 0))
+    with caplog.at_level(logging.WARNING, logger=lora_mod.log.name):
+        lora_mod.install_folds(patcher)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert seen == [torch.device("cuda", 0)] and len(warnings) == 1, warnings
+    assert "1 W4A4 layers" in warnings[0] and f"at most rank {base + 16}" in warnings[0]
+    assert f"blocks.0.ffn.1 has {base + 24}" in warnings[0] and "slow torch reference" in warnings[0]
+    caplog.clear()
+    monkeypatch.setattr(lora_mod.kernels, "widest_rank", lambda device: base + 24)  # both fit: nothing to say
+    assert lora_mod.warn_wide(torch.device("cuda"), {n: m for n, m in zip("ab", layers.values())}, "W4A4") == []
+    monkeypatch.setattr(lora_mod.kernels, "widest_rank", lambda device: None)  # no Triton kernels there
+    assert lora_mod.warn_wide(torch.device("cpu"), {"a": layers[1]}, "W4A4") == []
+    assert lora_mod.warn_wide(None, {"a": layers[1]}, "W4A4") == []
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_install_folds_one_layer_at_a_time(comfy_nodes, monkeypatch):
     """After every layer is checked, each layer's fold is computed and installed before the next one's
     is computed: the device never holds the folds of all layers next to the joined buffers (at real size
