@@ -160,7 +160,7 @@ def w4a4_linear(x: torch.Tensor, params: W4A4Params, bin_index: int | torch.Tens
 def release_workspaces() -> None:
     """Free what the Triton backend keeps between layer calls: ``replay.py``'s workspaces (per stream and host thread;
     at most 208 MB, Wan's ffn.2 at rank 32 and 9661 rows) and its recordings, which point into them (the next
-    few-token call of each signature records again). Nothing to do, and nothing imported, where no call has
+    call of each signature records again). Nothing to do, and nothing imported, where no call has
     loaded that module."""
     module = _loaded("replay")
     if module is not None:
@@ -172,7 +172,8 @@ def widest_rank(device: torch.device) -> int | None:
     (``triton_w4a4.max_rank_pad``); None where they do not run there. Imports Triton only for a CUDA device."""
     if device.type != "cuda" or _triton_device_reason(device) is not None:
         return None
-    return _triton_module()[0].max_rank_pad(torch.cuda.get_device_capability(device))
+    tw = _triton_module()[0]
+    return tw.max_rank_pad(tw._capability(tw._index(device)))
 
 
 def capture_ready(device: torch.device, rows: int) -> bool:

@@ -43,12 +43,12 @@ Larger calls take ``run_checked``: the GPU sets their step.
 The workspace holds the transients of the largest replayed call of its stream (Wan2.2-A14B's ffn.2 at rank 32: 117
 MB at one 480p frame's 3120 rows, 174 MB at one 720p frame's 7200, 188 MB at 8192, 203 MB at 480p x 9 frames' 9360,
 at most 208 MB at 9661 rows, the most one pass of ``PASS_BYTES`` holds beside the 70.8 MB of expanded weights; in two
-passes above) and stays allocated between calls, so that its addresses, and the recorded launches that point into it, stay valid; a call that needs more
-replaces it and forgets the recordings of the old one. ``release()`` frees it. Workspace and recordings are per
-(device, stream, host thread): calls that one thread issues on one stream run in order, so they can share it. At
-most ``MAX_WORKSPACES`` keep one (ComfyUI samples on one stream from one thread); a fifth takes the place of the one
-that recorded least recently, so a host that starts a thread per request holds at most four workspaces of threads
-that have ended.
+passes above) and stays allocated between calls, so that its addresses, and the recorded launches that point into
+it, stay valid; a call that needs more replaces it and forgets the recordings of the old one. ``release()`` frees
+it. Workspace and recordings are per (device, stream, host thread): calls that one thread issues on one stream run
+in order, so they can share it. At most ``MAX_WORKSPACES`` keep one (ComfyUI samples on one stream from one
+thread); a fifth takes the place of the one that recorded least recently, so a host that starts a thread per request
+holds at most four workspaces of threads that have ended.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class Compute(NamedTuple):
 
 class Replay(NamedTuple):
     steps: tuple  # Call, Compute, or a workspace tensor to zero
-    used: tuple  # indices in SOURCES of the tensors the launches take
+    used: tuple  # indices in SOURCES of the tensors the launches and the computed regions take
     workspace: torch.Tensor  # kept alive with the recording that points into it
     cuda: bool  # whether it was recorded on a GPU (the CPU tests record stand-in kernels)
 
@@ -135,7 +135,7 @@ def capturable(rows: int) -> bool:
     their torch calls, the row sums' zeroing and 1/s, write workspace regions). Triton's launcher checks each tensor
     argument's pointer with the driver, which fails for memory that cudaMallocAsync hands out inside a CUDA graph
     capture (``kernels/README.md``, session 24); an integer is passed as it is."""
-    return enabled() and launch.hooks_idle() and rows <= tw.REPLAY_MAX_ROWS
+    return enabled() and launch.hooks_idle() and tw.replayed(rows)
 
 
 def layer_tensors(p: nm.W4A4Params) -> tuple:
@@ -273,8 +273,6 @@ def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> 
                         | {j for r in steps if type(r) is Compute for j in r.sources}))
     if any(own[j].data_ptr() % launch.ALIGN for j in used):  # compiled for a misaligned input: not what _replay
         return None  # issues (the input's alignment is in the signature; run() sends other tensors' elsewhere)
-    if any(o % launch.ALIGN for r in steps if type(r) is Call for _, _, o in r.slots):
-        return None  # a pass's rows compiled for another alignment than the call's input (not from PASS_ROW_TILE)
     return Replay(tuple(steps), used, ws, ws.is_cuda)
 
 
@@ -323,7 +321,8 @@ def run(x: torch.Tensor, p: nm.W4A4Params, bin_index=0) -> torch.Tensor:
     if rec is False:
         c = tw.call_plan(x, p, bin_index)
         if not c.replayable:
-            _recordings[sig] = None
+            with _lock:  # _forget walks the dict under the lock
+                _recordings[sig] = None
             return tw.run_checked(x, p, bin_index)
         if any(t is not None and t.data_ptr() % launch.ALIGN for t in (bin_index, *layer_tensors(p))):
             return tw.run_checked(x, p, bin_index)  # misaligned: this call only (these are not in the signature)

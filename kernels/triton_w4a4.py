@@ -8,8 +8,8 @@ Launches per layer (kernels/README.md has the measurements behind this shape):
      maxima and the low-rank input over all of K, then quantizes in a second sweep, dividing by s itself; in a
      layer call that launch also expands the weights (step 2), as ``_prologue_kernel``;
    - otherwise two, ``_act_stats_kernel`` then ``_act_quant_kernel``, over K chunks when there are few
-     tokens so that every SM has work, dividing by s themselves up to ``DIVIDE_MAX_ROWS`` rows, above that
-     multiplying by a 1/s made once per call.
+     tokens so that every SM has work, dividing by s themselves in a call of up to ``DIVIDE_MAX_ROWS`` rows in
+     one pass, else (more rows, or passes) multiplying by a 1/s made once per call.
    Pass 1 smooths x, takes the (partial) row maxima and the low-rank down projection
    u = bf16(bf16(x^) @ L1); pass 2 picks each group's integer factor, rounds to 4-bit values and writes
    the int8 operand q * f (minus 128 for unsigned inputs, restored exactly in the GEMM's epilogue). The
@@ -77,7 +77,8 @@ def unsupported_reason(x: torch.Tensor, p: nm.W4A4Params) -> str | None:
         return "triton is not installed"
     if not x.is_cuda:
         return f"input is on {x.device.type}, the Triton kernels need CUDA"
-    if _capability(_index(x.device)) < (8, 0):
+    capability = _capability(_index(x.device))
+    if capability < (8, 0):
         return "needs compute capability >= 8.0 (int8 tensor cores through tl.dot)"
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"input dtype {x.dtype} is not supported"
@@ -85,7 +86,7 @@ def unsupported_reason(x: torch.Tensor, p: nm.W4A4Params) -> str | None:
         return f"in_features {p.in_features} is not a multiple of {nm.PACK_TILE}"
     if p.qweight.device != x.device:
         return f"layer tensors are on {p.qweight.device}, input on {x.device}"
-    widest = max_rank_pad(_capability(_index(x.device)))
+    widest = max_rank_pad(capability)
     if _rank_pad(p.rank) > widest:
         return (f"its low-rank branch has rank {p.rank} (a folded LoRA's included); the quantizer's shared memory on "
                 f"this GPU holds at most rank {widest}")
@@ -574,14 +575,12 @@ def _check_plan(plan: QuantPlan, k: int, bk: int) -> None:
 
 # Up to this many rows the two-launch quantizer divides by s itself (``INV_S`` False; ``div_rn``, the same bits as
 # ``torch.reciprocal``) instead of multiplying by a 1/s made by a torch call first: one step less per call, whose
-# host time counts at few tokens (kernels/README.md, session 26), and which ``replay.py`` would have to re-issue.
-# So this is also the most rows ``replay.py`` replays (``replay.capturable``). 8192 (4096 until session 29):
+# host time counts at few tokens (kernels/README.md, session 26). 8192 (4096 until session 29, when replay needed
+# calls without a torch call between launches; since session 30 it re-issues the 1/s call, ``launch.compute_``):
 # one 720p frame (7200 rows with ComfyUI's cond and uncond in one call) and two 480p latent frames (6240) were
-# host-bound without replay on ComfyUI 0.33 (H200: the GPU busy 256 / 223 ms of model calls of 533 / 579 ms,
-# benchmarks/RESULTS.md, thirty-second part); and 8192 rows of Wan's ffn.2 (K = 13 824) fit one pass of PASS_BYTES
-# up to rank 1278, so that these calls are one pass. Where replay is off (another Triton,
-# WAN_W4A4_REPLAY=0, a profiler's hooks) calls of 4097-8192 rows still divide: 9-10 % more quantizer time, about 1 %
-# of a model call's GPU time (same source).
+# host-bound before replay reached them (benchmarks/RESULTS.md, thirty-second part). Dividing costs 9-10 % more
+# quantizer time, about 1 % of a model call's GPU time there (same source); whether a replayed 1/s call costs less
+# between 4097 and 8192 rows is not measured.
 DIVIDE_MAX_ROWS = 8192
 
 
@@ -599,6 +598,11 @@ def kernels_divide(m: int) -> bool:
 # per call) that path stays as measured. Measured since (benchmarks/RESULTS.md, thirty-third part): 480p x 9 frames
 # (9360 rows) went from 1.08 / 1.17x BF16's step to 0.76 / 0.74x, and 480p x 17 was GPU-bound before (0.71x both).
 REPLAY_MAX_ROWS = 16384
+
+
+def replayed(m: int) -> bool:
+    """Whether ``replay.py`` records and replays a call of ``m`` rows."""
+    return m <= REPLAY_MAX_ROWS
 
 
 def _inv_smooth_into(p: nm.W4A4Params, out: torch.Tensor) -> torch.Tensor:
@@ -1031,7 +1035,7 @@ class CallPlan(NamedTuple):
     def replayable(self) -> bool:
         """What ``replay.py`` may record: up to ``REPLAY_MAX_ROWS`` rows, in one pass or several. Between launches
         only noted torch calls run (``launch.zero_``, ``launch.compute_``)."""
-        return self.x2d.shape[0] <= REPLAY_MAX_ROWS
+        return replayed(self.x2d.shape[0])
 
 
 def _one_pass_divides(rows: int, m: int) -> bool:

@@ -349,7 +349,7 @@ def _shaped_layer(n: int, k: int, rank: int) -> nm.W4A4Params:
 @pytest.mark.parametrize("m,k,rank,divides", [
     (4096, 5120, 32, True), (6240, 5120, 32, True), (7200, 13824, 32, True), (8192, 13824, 1278, True),
     (8192, 13824, 1279, False), (8193, 5120, 32, False), (9360, 5120, 32, False), (14400, 13824, 32, False),
-    (16384, 13824, 32, False)])
+    (16384, 13824, 32, False), (16385, 5120, 32, False), (32760, 13824, 32, False)])
 def test_calls_of_up_to_16384_rows_are_replayable_and_up_to_8192_in_one_pass_divide(monkeypatch, m, k, rank, divides):
     """Two 480p latent frames (6240 rows with cond and uncond), one 720p frame (7200) and 8192 rows of Wan's ffn.2 up
     to rank 1278 are one pass whose quantizer divides by s itself (no 1/s region). Above 8192 rows, or in two passes,
@@ -359,8 +359,7 @@ def test_calls_of_up_to_16384_rows_are_replayable_and_up_to_8192_in_one_pass_div
     monkeypatch.setattr(tw, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(tw, "_index", lambda device: 0)
     c = tw.call_plan(torch.zeros(m, k, dtype=torch.bfloat16), _shaped_layer(256, k, rank))
-    assert c.replayable and ("inv_s" not in c.regions) == divides
-    assert tw.kernels_divide(m) == (m <= 8192) and tw.REPLAY_MAX_ROWS == 16384
+    assert c.replayable == (m <= 16384) and ("inv_s" not in c.regions) == divides
     if m <= 8192:
         assert (c.rows >= m) == (rank <= 1278)  # one pass
 
@@ -376,5 +375,5 @@ def test_widest_rank_is_the_kernels_limit_where_they_run(monkeypatch):
     monkeypatch.setattr(kernels, "_triton_device_reason", lambda device: None)
     monkeypatch.setattr(kernels, "_triton_module", lambda: (tw, None))
     for capability, widest in [((9, 0), 128), ((10, 0), 128), ((8, 0), 64), ((8, 6), 32), ((8, 9), 32), ((12, 0), 32)]:
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(tw, "_capability", lambda index, c=capability: c)
         assert kernels.widest_rank(torch.device("cuda", 0)) == widest == tw.max_rank_pad(capability)

@@ -174,6 +174,30 @@ def test_calls_in_passes_and_calls_up_to_replay_max_rows_are_recorded_and_replay
     assert None not in replay._recordings.values()
 
 
+def test_a_call_in_passes_replays_each_passs_rows_at_their_offset(stand_ins, monkeypatch):
+    """A call in passes hands each pass its rows of x and y as views (``triton_w4a4.call_into``): the replay gives
+    each launch the new call's addresses plus that pass's byte offset."""
+    kernel, calls = stand_ins
+
+    def in_passes(c, p, arena, y):
+        calls["call_into"] += 1
+        m = c.x2d.shape[0]
+        for start in range(0, m, 96):
+            launch.launcher(kernel)[(1,)](c.x2d[start:start + 96], y[start:start + 96], c.bin_index, p.qweight,
+                                          p.smooth, arena.get("xq"), min(96, m - start), BLOCK=16, num_warps=4)
+
+    monkeypatch.setattr(tw, "call_into", in_passes)
+    p1, p2 = _layer(seed=1), _layer(seed=2)
+    replay.run(torch.randn(200, 256), p1)
+    kernel.record.clear()
+    x2 = torch.randn(200, 256)
+    y2 = replay.run(x2, p2)
+    assert calls == {"run_checked": 0, "call_into": 1}
+    got = [(args[0], args[1], args[3], args[6]) for _, _, _, args in kernel.record]
+    assert got == [(x2.data_ptr() + s * 256 * 4, y2.data_ptr() + s * 128 * 4, p2.qweight.data_ptr(), min(96, 200 - s))
+                   for s in (0, 96, 192)]
+
+
 def test_a_computed_workspace_region_is_computed_again_from_the_calls_own_layer(stand_ins, monkeypatch):
     """Above ``DIVIDE_MAX_ROWS`` rows the quantizer reads a 1/s made by a torch call (``launch.compute_``): the replay
     makes it again, from the replayed call's own s, into the same region, before the launch that reads it."""

@@ -14,9 +14,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from wan_w4a4.kernels import triton_w4a4 as tw  # noqa: E402
 
-# Maximum dynamic shared memory per block (CUDA C++ Programming Guide, compute capabilities table): A100 163 KiB;
-# RTX 30 / RTX 40 / RTX 50 99 KiB; H100/H200 and B200 227 KiB.
-LIMIT = {80: 163 << 10, 86: 99 << 10, 89: 99 << 10, 90: 227 << 10, 100: 227 << 10, 120: 99 << 10}
+# Maximum dynamic shared memory per block (CUDA C++ Programming Guide, compute capabilities table): A100 and Orin
+# (sm_87) 163 KiB; RTX 30 / RTX 40 / RTX 50 99 KiB; H100/H200, B200 and B300 (sm_103) 227 KiB.
+LIMIT = {80: 163 << 10, 86: 99 << 10, 87: 163 << 10, 89: 99 << 10, 90: 227 << 10, 100: 227 << 10, 103: 227 << 10,
+         120: 99 << 10}
 TOKENS = (1024, 8192, 32760)  # one per tile configuration of gemm_config
 EPILOGUE = dict(sx_ptr="*fp32", ws_ptr="*fp32", u_ptr="*bf16", l2_ptr="*bf16", bias_ptr="*fp32", wsum_ptr="*i32",
                 y_ptr="*fp32", M="i32", N="i32", K="i32", R="i32", stride_ym="i32")
@@ -160,7 +161,7 @@ def _gemm_shared(cc: int, m: int, r_pad: int) -> int:
     return _shared(tw._gemm_i8_kernel, dict(a_ptr="*i8", b_ptr="*i8"), cfg, cc, r_pad=r_pad)
 
 
-@pytest.mark.parametrize("cc", [80, 86, 89, 90, 100, 120])
+@pytest.mark.parametrize("cc", [80, 86, 87, 89, 90, 100, 103, 120])
 def test_max_rank_pad_is_the_widest_branch_that_every_kernel_fits(cc):
     """``triton_w4a4.max_rank_pad``: at that padding every quantizer kernel and the GEMM of each token bucket fit the
     GPU's shared memory; at twice it a kernel a call takes overflows, so ``unsupported_reason`` must refuse wider
