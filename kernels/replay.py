@@ -165,6 +165,11 @@ def signature(x2d: torch.Tensor, p: nm.W4A4Params, bin_index: torch.Tensor, wher
 VIEWED = (0, 1)  # indices in SOURCES whose rows a pass takes as a view: x, y
 
 
+def _own(v: torch.Tensor, own: tuple) -> int | None:
+    """The index in SOURCES of the call's own tensor ``v`` (the object itself), else None."""
+    return next((j for j, t in enumerate(own) if t is v), None)
+
+
 def _extent(t: torch.Tensor) -> int:
     """Bytes from ``t``'s first element to the end of its last."""
     return (sum((d - 1) * s for d, s in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else 0
@@ -192,7 +197,7 @@ def slot_map(values, own: tuple, workspace: torch.Tensor) -> tuple[tuple, tuple]
     out, slots = [], []
     for i, v in enumerate(values):
         if isinstance(v, torch.Tensor):
-            where = next((j for j, t in enumerate(own) if t is v), None)
+            where = _own(v, own)
             view = (where, 0) if where is not None else _view_of(v, own)
             if view is not None:
                 slots.append((i, *view))
@@ -251,7 +256,7 @@ def _record(c: tw.CallPlan, p: nm.W4A4Params, y: torch.Tensor, where: tuple) -> 
             steps.append(r.tensor)
             continue
         if isinstance(r, launch.Computed):  # 1/s: a workspace region, computed again from the call's own layer
-            found = [next((j for j, t in enumerate(own) if t is s), None) for s in r.sources]
+            found = [_own(s, own) for s in r.sources]
             if slot_map([r.tensor], (), ws) is None or None in found:
                 return None
             steps.append(Compute(r.fn, r.tensor, tuple(found)))

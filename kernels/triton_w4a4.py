@@ -590,13 +590,11 @@ def kernels_divide(m: int) -> bool:
 
 
 # Calls of up to this many rows are recorded and replayed (``CallPlan.replayable``, ``replay.py``), in one pass or
-# several, their 1/s made by a noted torch call (``launch.compute_``) above DIVIDE_MAX_ROWS. Up to here the host may
-# set the step: eager calls of 6240-7200 rows took 0.370-0.587 s per step on about 35.5 ms of GPU work per 1000 rows
-# (H200, ComfyUI 0.33; benchmarks/RESULTS.md, thirty-second part), so calls up to somewhere between 10 000 and
-# 16 000 rows (480p x 17 frames is 15 600 with cond and uncond, 720p x 5 is 14 400) were likely host-bound. Above it
-# the GPU sets the step and replay would only keep the workspace allocated between calls: at 480p x 81 (32 760 rows
-# per call) that path stays as measured. Measured since (benchmarks/RESULTS.md, thirty-third part): 480p x 9 frames
-# (9360 rows) went from 1.08 / 1.17x BF16's step to 0.76 / 0.74x, and 480p x 17 was GPU-bound before (0.71x both).
+# several, their 1/s made by a noted torch call (``launch.compute_``) above DIVIDE_MAX_ROWS. Below it the host could
+# set the step: replayed, 480p x 9 frames (9360 rows with cond and uncond) went from 1.08 / 1.17x BF16's step to
+# 0.76 / 0.74x, while at 480p x 17 (15 600 rows) the GPU already set it, 0.71x before and after (H200, ComfyUI 0.33;
+# benchmarks/RESULTS.md, thirty-third part). Above it replay would only keep the workspace allocated between calls;
+# 480p x 81 (32 760 rows per call) keeps ``run_checked``, as measured before.
 REPLAY_MAX_ROWS = 16384
 
 

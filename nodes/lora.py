@@ -244,8 +244,9 @@ def warn_wide(device, modules: dict, source: str) -> list[str]:
     on ``device`` (``kernels.widest_rank``): the dispatcher runs them on the slow torch reference. Returns their
     names."""
     widest = kernels.widest_rank(torch.device(device)) if device is not None else None
-    wide = {n: m.base_rank + m.lora_rank for n, m in modules.items()}
-    wide = {n: r for n, r in wide.items() if widest is not None and r > widest}
+    if widest is None:
+        return []
+    wide = {n: m.base_rank + m.lora_rank for n, m in modules.items() if m.base_rank + m.lora_rank > widest}
     if wide:
         name, rank = max(wide.items(), key=lambda item: item[1])
         log.warning("%s: with the LoRA, %d W4A4 layers have a low-rank branch wider than the kernels take on %s "
